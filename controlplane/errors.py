@@ -1,0 +1,77 @@
+"""The control plane's error tree; each class knows its gRPC status code.
+
+Errors are raised in the domain (model, store) and converted to gRPC statuses
+at one boundary, the servicers in ``service.py``::
+
+    ControlPlaneError                 INTERNAL
+     ├── InvalidArgumentError         INVALID_ARGUMENT   bad input; nothing written
+     ├── NotFoundError                NOT_FOUND
+     ├── ConflictError                ABORTED            compare-and-set mismatch
+     ├── FailedPreconditionError      FAILED_PRECONDITION
+     ├── UnavailableError             UNAVAILABLE        etcd unreachable
+     └── NotImplementedYetError       UNIMPLEMENTED      a part of the API not built yet
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class ControlPlaneError(Exception):
+    """Base of every error the control plane raises on purpose."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgumentError(ControlPlaneError):
+    """Input that breaks a rule. The message names the field and the rule."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, field: str, rule: str) -> None:
+        super().__init__(f"{field}: {rule}")
+        self.field = field
+        self.rule = rule
+
+
+class NotFoundError(ControlPlaneError):
+    """The named record does not exist."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class ConflictError(ControlPlaneError):
+    """A compare-and-set write found another mod revision than expected."""
+
+    code = grpc.StatusCode.ABORTED
+
+    def __init__(self, key: str, expected: int, current: int) -> None:
+        super().__init__(
+            f"{key} changed: expected mod revision {expected}, current mod revision {current}"
+            + (" (the key does not exist)" if current == 0 else "")
+        )
+        self.key = key
+        self.expected = expected
+        self.current = current
+
+
+class FailedPreconditionError(ControlPlaneError):
+    """The request is valid but the state does not allow it."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class UnavailableError(ControlPlaneError):
+    """etcd did not answer in time; the outcome of a write may be unknown."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class NotImplementedYetError(ControlPlaneError):
+    """A part of the v1 API that is declared but not built yet."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED

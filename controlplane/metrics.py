@@ -1,0 +1,67 @@
+"""Prometheus metrics of the control server; every metric takes a registry.
+
+Names are ``controlplane_*`` with ``_total`` / ``_seconds`` suffixes. Tests build
+:class:`ServerMetrics` on a fresh ``CollectorRegistry`` and read samples with
+``registry.get_sample_value``.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_RPC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class ServerMetrics:
+    """Every metric the control server exports, registered on one registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.rpcs = Counter(
+            "controlplane_rpcs_total",
+            "RPCs handled, by method and status code.",
+            ["method", "code"],
+            registry=registry,
+        )
+        self.rpc_seconds = Histogram(
+            "controlplane_rpc_duration_seconds",
+            "Time to handle an RPC, by method.",
+            ["method"],
+            buckets=_RPC_BUCKETS,
+            registry=registry,
+        )
+        self.etcd_seconds = Histogram(
+            "controlplane_etcd_operation_duration_seconds",
+            "Time of one etcd operation, by operation and outcome.",
+            ["operation", "outcome"],
+            buckets=_RPC_BUCKETS,
+            registry=registry,
+        )
+        self.invalid_records = Counter(
+            "controlplane_invalid_records_total",
+            "Records in etcd that did not parse or broke a rule, by kind (each read counts).",
+            ["kind"],
+            registry=registry,
+        )
+        self.active_mitigations = Gauge(
+            "controlplane_active_mitigations",
+            "Records in force, by kind (flag, shedding, pin).",
+            ["kind"],
+            registry=registry,
+        )
+        self.audit_deleted = Counter(
+            "controlplane_audit_records_deleted_total",
+            "Audit records removed by the retention period.",
+            registry=registry,
+        )
+        self.changes = Counter(
+            "controlplane_changes_total",
+            "Changes written, by action (flag.set, pin.clear, ...).",
+            ["action"],
+            registry=registry,
+        )
+        self.etcd_up = Gauge(
+            "controlplane_etcd_up",
+            "1 when the last etcd operation or health probe succeeded, else 0.",
+            registry=registry,
+        )

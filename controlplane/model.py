@@ -1,0 +1,811 @@
+"""Domain types, validation, and the one bridge between protobuf, domain and JSON.
+
+Everything the server stores is a frozen dataclass defined here. Each has three
+forms: the protobuf message of the API (``to_proto`` / ``*_from_proto``), the
+domain object, and the JSON record stored in etcd (``to_record`` /
+``*_from_record``), readable with ``etcdctl``. Validation happens when a
+domain object is built from outside input (a request or a stored record), so
+a domain object is always valid.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeAlias
+
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from controlplane.api.v1 import types_pb2 as pb
+from controlplane.errors import InvalidArgumentError
+
+GLOBAL_SCOPE = "global"
+MAX_RECORD_BYTES = 64 * 1024
+MAX_REASON_CHARS = 1024
+MAX_ACTOR_CHARS = 256
+MAX_JSON_DEPTH = 32
+MAX_TTL = timedelta(days=90)
+
+_SERVICE_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_FLAG_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")
+_VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+_INCIDENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}")
+
+FlagValue: TypeAlias = bool | float | str | dict[str, Any]
+
+
+class RecordError(ValueError):
+    """A stored record that does not parse or breaks a rule (hand-edited in etcd)."""
+
+
+class Tier(enum.IntEnum):
+    """Criticality tiers, most important first (values match the protobuf enum)."""
+
+    CRITICAL_PLUS = 1
+    CRITICAL = 2
+    SHEDDABLE_PLUS = 3
+    SHEDDABLE = 4
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate_service(value: str, field_name: str = "service") -> str:
+    """Return ``value`` if it is a service name (a DNS label, not ``global``)."""
+    if not value:
+        raise InvalidArgumentError(field_name, "is required")
+    if value == GLOBAL_SCOPE:
+        raise InvalidArgumentError(
+            field_name, f"{GLOBAL_SCOPE!r} is the scope of every service, not a service name"
+        )
+    if not _SERVICE_RE.fullmatch(value):
+        raise InvalidArgumentError(
+            field_name,
+            f"{_show(value)} is not a service name: a DNS label of 1-63 characters "
+            "a-z, 0-9 and '-', starting and ending with a letter or digit",
+        )
+    return value
+
+
+def validate_scope(value: str, field_name: str = "scope") -> str:
+    """Return ``value`` if it is ``global`` or a service name."""
+    if value == GLOBAL_SCOPE:
+        return value
+    if not value:
+        raise InvalidArgumentError(field_name, f"is required ({GLOBAL_SCOPE!r} or a service name)")
+    return validate_service(value, field_name)
+
+
+def validate_flag_name(value: str, field_name: str = "name") -> str:
+    """Return ``value`` if it matches ``[a-z0-9][a-z0-9._-]{0,127}``."""
+    if not value:
+        raise InvalidArgumentError(field_name, "is required")
+    if not _FLAG_RE.fullmatch(value):
+        raise InvalidArgumentError(
+            field_name,
+            f"{_show(value)} is not a flag name: 1-128 characters a-z, 0-9, '.', '_' "
+            "and '-', starting with a letter or digit",
+        )
+    return value
+
+
+def validate_version(value: str, field_name: str = "version") -> str:
+    """Return ``value`` if it is a version label such as ``v1.4.2``."""
+    if not value:
+        raise InvalidArgumentError(field_name, "is required")
+    if not _VERSION_RE.fullmatch(value):
+        raise InvalidArgumentError(
+            field_name,
+            f"{_show(value)} is not a version: 1-128 characters A-Z, a-z, 0-9, '.', '_', "
+            "'+' and '-', starting with a letter or digit",
+        )
+    return value
+
+
+def validate_percent(value: float, field_name: str = "percent") -> float:
+    """Return ``value`` if it is a finite percentage from 0 to 100."""
+    if not math.isfinite(value) or not 0.0 <= value <= 100.0:
+        raise InvalidArgumentError(field_name, f"{value!r} is out of range: must be 0 to 100")
+    return float(value)
+
+
+def _show(value: str) -> str:
+    return repr(value if len(value) <= 80 else value[:77] + "...")
+
+
+def _check_text(value: str, field_name: str, limit: int) -> str:
+    if len(value) > limit:
+        raise InvalidArgumentError(field_name, f"is {len(value)} characters, over {limit}")
+    if any(ord(c) < 32 and c not in "\t" for c in value):
+        raise InvalidArgumentError(field_name, "must not contain control characters")
+    return value
+
+
+def validate_json_object(value: Any, field_name: str = "value") -> dict[str, Any]:
+    """Return ``value`` if it is a JSON object of bounded depth with finite numbers."""
+    if not isinstance(value, dict):
+        raise InvalidArgumentError(field_name, "a JSON value must be an object ({...})")
+    _check_json(value, field_name, 1)
+    return value
+
+
+def _check_json(value: Any, field_name: str, depth: int) -> None:
+    if depth > MAX_JSON_DEPTH:
+        raise InvalidArgumentError(field_name, f"JSON is nested deeper than {MAX_JSON_DEPTH}")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise InvalidArgumentError(field_name, "JSON object keys must be strings")
+            _check_json(v, field_name, depth + 1)
+    elif isinstance(value, list):
+        for v in value:
+            _check_json(v, field_name, depth + 1)
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidArgumentError(field_name, "JSON numbers must be finite")
+    elif value is not None and not isinstance(value, bool | int | str):
+        raise InvalidArgumentError(field_name, f"{type(value).__name__} is not a JSON value")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_json_object(text: str, field_name: str = "value") -> dict[str, Any]:
+    """Parse ``text`` as a JSON object (no NaN or Infinity) and validate it."""
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidArgumentError(field_name, f"is not valid JSON: {exc}") from None
+    return validate_json_object(value, field_name)
+
+
+def validate_flag_value(value: Any, field_name: str = "value") -> FlagValue:
+    """Return ``value`` as a flag value: bool, finite number, string or JSON object."""
+    if isinstance(value, bool | str):
+        return value
+    if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise InvalidArgumentError(field_name, "a number value must be finite")
+        return float(value)
+    if isinstance(value, dict):
+        return validate_json_object(value, field_name)
+    raise InvalidArgumentError(
+        field_name, "is required: a bool, a number, a string or a JSON object"
+    )
+
+
+def value_key(value: FlagValue) -> str:
+    """A canonical text of a flag value: equal values, equal texts (true != 1)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return _dump(int(value))
+    return _dump(value)
+
+
+def describe_value(value: FlagValue | None) -> str:
+    """The value as a person reads it: ``false``, ``30``, ``read-only``, ``{...}``."""
+    if value is None:
+        return "(none)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return _number_text(value)
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _number_text(value: float) -> str:
+    return str(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)
+
+
+# ---------------------------------------------------------------- time
+
+
+def utcnow() -> datetime:
+    """Now, timezone-aware in UTC."""
+    return datetime.now(UTC)
+
+
+def format_time(value: datetime) -> str:
+    """ISO 8601 in UTC with microseconds and a ``Z``."""
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(text: str) -> datetime:
+    """Parse a time written by :func:`format_time` (any ISO 8601 with a zone)."""
+    value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if value.tzinfo is None:
+        raise ValueError(f"time {text!r} has no time zone")
+    return value.astimezone(UTC)
+
+
+def timestamp_to_datetime(ts: timestamp_pb2.Timestamp) -> datetime:
+    """A protobuf Timestamp as an aware UTC datetime."""
+    return datetime.fromtimestamp(ts.seconds, UTC) + timedelta(microseconds=ts.nanos // 1000)
+
+
+def datetime_to_timestamp(value: datetime) -> timestamp_pb2.Timestamp:
+    """An aware datetime as a protobuf Timestamp."""
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(value.astimezone(UTC))
+    return ts
+
+
+# ---------------------------------------------------------------- write options
+
+
+@dataclass(frozen=True, slots=True)
+class WriteOptions:
+    """What every mitigation write carries besides its payload."""
+
+    reason: str
+    incident: str = ""
+    actor: str = "unknown"
+    actor_authenticated: bool = False
+    expires_at: datetime | None = None
+    expected_mod_revision: int | None = None
+    dry_run: bool = False
+
+
+def write_options_from_proto(
+    msg: pb.WriteOptions, *, now: datetime, allow_expiry: bool = True
+) -> WriteOptions:
+    """Validate a request's write options."""
+    reason = msg.reason.strip()
+    if not reason:
+        raise InvalidArgumentError(
+            "options.reason", "is required: say why (it goes to the audit trail)"
+        )
+    _check_text(reason, "options.reason", MAX_REASON_CHARS)
+    incident = msg.incident.strip()
+    if incident and not _INCIDENT_RE.fullmatch(incident):
+        raise InvalidArgumentError(
+            "options.incident",
+            f"{_show(incident)} is not an incident id: 1-64 characters A-Z, a-z, 0-9, "
+            "'.', '_', ':', '/' and '-'",
+        )
+    actor = _check_text(msg.actor.strip(), "options.actor", MAX_ACTOR_CHARS) or "unknown"
+    expires_at: datetime | None = None
+    has_ttl = msg.HasField("ttl")
+    has_until = msg.HasField("expires_at")
+    if has_ttl and has_until:
+        raise InvalidArgumentError("options", "give ttl or expires_at, not both")
+    if (has_ttl or has_until) and not allow_expiry:
+        raise InvalidArgumentError("options", "this write cannot expire (no ttl or expires_at)")
+    if has_ttl:
+        ttl = msg.ttl.ToTimedelta()
+        if ttl <= timedelta(0):
+            raise InvalidArgumentError("options.ttl", "must be positive")
+        if ttl > MAX_TTL:
+            raise InvalidArgumentError("options.ttl", f"must be at most {MAX_TTL.days} days")
+        expires_at = now + ttl
+    elif has_until:
+        try:
+            expires_at = timestamp_to_datetime(msg.expires_at)
+        except (ValueError, OverflowError):
+            raise InvalidArgumentError("options.expires_at", "is not a valid time") from None
+        if expires_at <= now:
+            raise InvalidArgumentError(
+                "options.expires_at", f"{format_time(expires_at)} is not in the future"
+            )
+        if expires_at - now > MAX_TTL:
+            raise InvalidArgumentError(
+                "options.expires_at", f"must be at most {MAX_TTL.days} days ahead"
+            )
+    expected: int | None = None
+    if msg.HasField("expected_mod_revision"):
+        expected = msg.expected_mod_revision
+        if expected < 0:
+            raise InvalidArgumentError(
+                "options.expected_mod_revision", "must be 0 (key absent) or a positive revision"
+            )
+    return WriteOptions(
+        reason=reason,
+        incident=incident,
+        actor=actor,
+        expires_at=expires_at,
+        expected_mod_revision=expected,
+        dry_run=msg.dry_run,
+    )
+
+
+# ---------------------------------------------------------------- records
+
+
+@dataclass(frozen=True, slots=True)
+class Meta:
+    """Who set a record, why and when."""
+
+    actor: str
+    reason: str
+    set_at: datetime
+    incident: str = ""
+    actor_authenticated: bool = False
+    expires_at: datetime | None = None
+    bundle_id: str = ""
+
+    @classmethod
+    def from_options(cls, opts: WriteOptions, now: datetime, bundle_id: str = "") -> Meta:
+        return cls(
+            actor=opts.actor,
+            actor_authenticated=opts.actor_authenticated,
+            reason=opts.reason,
+            incident=opts.incident,
+            set_at=now,
+            expires_at=opts.expires_at,
+            bundle_id=bundle_id,
+        )
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "actor": self.actor,
+            "actor_authenticated": self.actor_authenticated,
+            "reason": self.reason,
+            "incident": self.incident,
+            "set_at": format_time(self.set_at),
+            "expires_at": format_time(self.expires_at) if self.expires_at else None,
+            "bundle_id": self.bundle_id,
+        }
+
+    @classmethod
+    def from_record(cls, data: Mapping[str, Any]) -> Meta:
+        expires = data.get("expires_at")
+        return cls(
+            actor=_req_str(data, "actor"),
+            actor_authenticated=bool(data.get("actor_authenticated", False)),
+            reason=_req_str(data, "reason"),
+            incident=str(data.get("incident") or ""),
+            set_at=parse_time(_req_str(data, "set_at")),
+            expires_at=parse_time(expires) if expires else None,
+            bundle_id=str(data.get("bundle_id") or ""),
+        )
+
+    def to_proto(self, mod_revision: int = 0) -> pb.Meta:
+        msg = pb.Meta(
+            actor=self.actor,
+            actor_authenticated=self.actor_authenticated,
+            reason=self.reason,
+            incident=self.incident,
+            set_at=datetime_to_timestamp(self.set_at),
+            mod_revision=mod_revision,
+            bundle_id=self.bundle_id,
+        )
+        if self.expires_at is not None:
+            msg.expires_at.CopyFrom(datetime_to_timestamp(self.expires_at))
+        return msg
+
+
+def _req_str(data: Mapping[str, Any], key: str) -> str:
+    value = data.get(key)
+    if not isinstance(value, str):
+        raise RecordError(f"field {key!r} must be a string")
+    return value
+
+
+def _req(data: Mapping[str, Any], key: str) -> Any:
+    if key not in data:
+        raise RecordError(f"field {key!r} is missing")
+    return data[key]
+
+
+@dataclass(frozen=True, slots=True)
+class Flag:
+    """A kill switch or degradation mode for one scope."""
+
+    scope: str
+    name: str
+    value: FlagValue
+    meta: Meta
+    replaced: Flag | None = None
+
+    def to_record(self) -> dict[str, Any]:
+        value: Any = self.value
+        if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+            value = int(value)
+        return {
+            "kind": "flag",
+            "scope": self.scope,
+            "name": self.name,
+            "value": value,
+            "meta": self.meta.to_record(),
+            "replaced": self.replaced.to_record() if self.replaced else None,
+        }
+
+    @classmethod
+    def from_record(cls, data: Mapping[str, Any]) -> Flag:
+        _expect_kind(data, "flag")
+        replaced = data.get("replaced")
+        return cls(
+            scope=_valid(validate_scope, _req_str(data, "scope")),
+            name=_valid(validate_flag_name, _req_str(data, "name")),
+            value=_valid(validate_flag_value, _req(data, "value")),
+            meta=Meta.from_record(_req(data, "meta")),
+            replaced=cls.from_record(replaced) if replaced else None,
+        )
+
+    def to_proto(self, mod_revision: int = 0) -> pb.Flag:
+        msg = pb.Flag(
+            scope=self.scope,
+            name=self.name,
+            value=flag_value_to_proto(self.value),
+            meta=self.meta.to_proto(mod_revision),
+        )
+        if self.replaced is not None:
+            msg.replaced.CopyFrom(self.replaced.to_proto())
+        return msg
+
+
+@dataclass(frozen=True, slots=True)
+class Shedding:
+    """A load-shedding level for one service."""
+
+    service: str
+    tier: Tier
+    percent: float
+    meta: Meta
+    replaced: Shedding | None = None
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "kind": "shedding",
+            "service": self.service,
+            "tier": self.tier.name,
+            "percent": self.percent,
+            "meta": self.meta.to_record(),
+            "replaced": self.replaced.to_record() if self.replaced else None,
+        }
+
+    @classmethod
+    def from_record(cls, data: Mapping[str, Any]) -> Shedding:
+        _expect_kind(data, "shedding")
+        tier_name = _req_str(data, "tier")
+        if tier_name not in Tier.__members__:
+            raise RecordError(f"unknown tier {tier_name!r}")
+        percent = _req(data, "percent")
+        if isinstance(percent, bool) or not isinstance(percent, int | float):
+            raise RecordError("field 'percent' must be a number")
+        replaced = data.get("replaced")
+        return cls(
+            service=_valid(validate_service, _req_str(data, "service")),
+            tier=Tier[tier_name],
+            percent=_valid(validate_percent, float(percent)),
+            meta=Meta.from_record(_req(data, "meta")),
+            replaced=cls.from_record(replaced) if replaced else None,
+        )
+
+    def to_proto(self, mod_revision: int = 0) -> pb.Shedding:
+        msg = pb.Shedding(
+            service=self.service,
+            tier=self.tier.value,  # type: ignore[arg-type]
+            percent=self.percent,
+            meta=self.meta.to_proto(mod_revision),
+        )
+        if self.replaced is not None:
+            msg.replaced.CopyFrom(self.replaced.to_proto())
+        return msg
+
+    def describe(self) -> str:
+        return f"{self.tier.name} {_number_text(self.percent)}%"
+
+
+@dataclass(frozen=True, slots=True)
+class PinHistory:
+    """The pin a pin replaced, kept for the record."""
+
+    version: str
+    actor: str
+    reason: str
+    set_at: datetime
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "actor": self.actor,
+            "reason": self.reason,
+            "set_at": format_time(self.set_at),
+        }
+
+    @classmethod
+    def from_record(cls, data: Mapping[str, Any]) -> PinHistory:
+        return cls(
+            version=_req_str(data, "version"),
+            actor=_req_str(data, "actor"),
+            reason=_req_str(data, "reason"),
+            set_at=parse_time(_req_str(data, "set_at")),
+        )
+
+    def to_proto(self) -> pb.PinHistory:
+        return pb.PinHistory(
+            version=self.version,
+            actor=self.actor,
+            reason=self.reason,
+            set_at=datetime_to_timestamp(self.set_at),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Pin:
+    """A service pinned to a known-good version."""
+
+    service: str
+    version: str
+    meta: Meta
+    previous: PinHistory | None = None
+    replaced: Pin | None = None
+
+    def history(self) -> PinHistory:
+        return PinHistory(self.version, self.meta.actor, self.meta.reason, self.meta.set_at)
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "kind": "pin",
+            "service": self.service,
+            "version": self.version,
+            "meta": self.meta.to_record(),
+            "previous": self.previous.to_record() if self.previous else None,
+            "replaced": self.replaced.to_record() if self.replaced else None,
+        }
+
+    @classmethod
+    def from_record(cls, data: Mapping[str, Any]) -> Pin:
+        _expect_kind(data, "pin")
+        previous = data.get("previous")
+        replaced = data.get("replaced")
+        return cls(
+            service=_valid(validate_service, _req_str(data, "service")),
+            version=_valid(validate_version, _req_str(data, "version")),
+            meta=Meta.from_record(_req(data, "meta")),
+            previous=PinHistory.from_record(previous) if previous else None,
+            replaced=cls.from_record(replaced) if replaced else None,
+        )
+
+    def to_proto(self, mod_revision: int = 0) -> pb.Pin:
+        msg = pb.Pin(
+            service=self.service, version=self.version, meta=self.meta.to_proto(mod_revision)
+        )
+        if self.previous is not None:
+            msg.previous.CopyFrom(self.previous.to_proto())
+        if self.replaced is not None:
+            msg.replaced.CopyFrom(self.replaced.to_proto())
+        return msg
+
+
+@dataclass(frozen=True, slots=True)
+class KnownGood:
+    """A version the deploy pipeline verified and marked as a rollback target."""
+
+    service: str
+    version: str
+    meta: Meta
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "kind": "known_good",
+            "service": self.service,
+            "version": self.version,
+            "meta": self.meta.to_record(),
+        }
+
+    @classmethod
+    def from_record(cls, data: Mapping[str, Any]) -> KnownGood:
+        _expect_kind(data, "known_good")
+        return cls(
+            service=_valid(validate_service, _req_str(data, "service")),
+            version=_valid(validate_version, _req_str(data, "version")),
+            meta=Meta.from_record(_req(data, "meta")),
+        )
+
+    def to_proto(self, mod_revision: int = 0) -> pb.KnownGood:
+        return pb.KnownGood(
+            service=self.service, version=self.version, meta=self.meta.to_proto(mod_revision)
+        )
+
+
+Record: TypeAlias = Flag | Shedding | Pin | KnownGood
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One change, as the post-mortem reads it. Written in the change's transaction."""
+
+    id: str
+    time: datetime
+    actor: str
+    action: str
+    kind: str
+    scope: str
+    name: str
+    key: str
+    reason: str
+    incident: str = ""
+    actor_authenticated: bool = False
+    before: dict[str, Any] | None = None
+    after: dict[str, Any] | None = None
+    bundle_id: str = ""
+    expires_at: datetime | None = None
+    revision: int = field(default=0, compare=False)
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "kind": "audit",
+            "id": self.id,
+            "time": format_time(self.time),
+            "actor": self.actor,
+            "actor_authenticated": self.actor_authenticated,
+            "action": self.action,
+            "record_kind": self.kind,
+            "scope": self.scope,
+            "name": self.name,
+            "key": self.key,
+            "reason": self.reason,
+            "incident": self.incident,
+            "before": self.before,
+            "after": self.after,
+            "bundle_id": self.bundle_id,
+            "expires_at": format_time(self.expires_at) if self.expires_at else None,
+        }
+
+    @classmethod
+    def from_record(cls, data: Mapping[str, Any], revision: int = 0) -> AuditEntry:
+        _expect_kind(data, "audit")
+        expires = data.get("expires_at")
+        return cls(
+            id=_req_str(data, "id"),
+            time=parse_time(_req_str(data, "time")),
+            actor=_req_str(data, "actor"),
+            actor_authenticated=bool(data.get("actor_authenticated", False)),
+            action=_req_str(data, "action"),
+            kind=_req_str(data, "record_kind"),
+            scope=_req_str(data, "scope"),
+            name=str(data.get("name") or ""),
+            key=_req_str(data, "key"),
+            reason=_req_str(data, "reason"),
+            incident=str(data.get("incident") or ""),
+            before=data.get("before"),
+            after=data.get("after"),
+            bundle_id=str(data.get("bundle_id") or ""),
+            expires_at=parse_time(expires) if expires else None,
+            revision=revision,
+        )
+
+    def to_proto(self) -> pb.AuditEntry:
+        msg = pb.AuditEntry(
+            id=self.id,
+            revision=self.revision,
+            time=datetime_to_timestamp(self.time),
+            actor=self.actor,
+            actor_authenticated=self.actor_authenticated,
+            action=self.action,
+            kind=self.kind,
+            scope=self.scope,
+            name=self.name,
+            reason=self.reason,
+            incident=self.incident,
+            before_json=_dump(self.before) if self.before is not None else "",
+            after_json=_dump(self.after) if self.after is not None else "",
+            bundle_id=self.bundle_id,
+        )
+        if self.expires_at is not None:
+            msg.expires_at.CopyFrom(datetime_to_timestamp(self.expires_at))
+        return msg
+
+
+def _expect_kind(data: Mapping[str, Any], kind: str) -> None:
+    if not isinstance(data, Mapping):
+        raise RecordError("record must be a JSON object")
+    if data.get("kind") != kind:
+        raise RecordError(f"field 'kind' must be {kind!r}, not {data.get('kind')!r}")
+
+
+def _valid(check: Any, value: Any) -> Any:
+    try:
+        return check(value)
+    except InvalidArgumentError as exc:
+        raise RecordError(exc.message) from None
+
+
+def _dump(data: Any) -> str:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def encode_record(data: dict[str, Any], field_name: str = "value") -> bytes:
+    """Serialize a record for etcd, enforcing the 64 KiB limit."""
+    raw = _dump(data).encode()
+    if len(raw) > MAX_RECORD_BYTES:
+        raise InvalidArgumentError(
+            field_name, f"the record is {len(raw)} bytes, over the {MAX_RECORD_BYTES} byte limit"
+        )
+    return raw
+
+
+def decode_record(raw: bytes) -> dict[str, Any]:
+    """Parse a stored record's JSON (structure only; the type's from_record validates)."""
+    try:
+        data = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise RecordError(f"not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise RecordError("record must be a JSON object")
+    return data
+
+
+# ---------------------------------------------------------------- protobuf bridges
+
+
+def flag_value_from_proto(msg: pb.FlagValue, field_name: str = "value") -> FlagValue:
+    """Validate a request's flag value."""
+    kind = msg.WhichOneof("kind")
+    if kind == "bool_value":
+        return msg.bool_value
+    if kind == "number_value":
+        return validate_flag_value(msg.number_value, field_name)
+    if kind == "string_value":
+        return msg.string_value
+    if kind == "json_value":
+        return parse_json_object(msg.json_value, field_name)
+    raise InvalidArgumentError(
+        field_name, "is required: a bool, a number, a string or a JSON object"
+    )
+
+
+def flag_value_to_proto(value: FlagValue) -> pb.FlagValue:
+    """A flag value as the API's oneof."""
+    if isinstance(value, bool):
+        return pb.FlagValue(bool_value=value)
+    if isinstance(value, float | int):
+        return pb.FlagValue(number_value=float(value))
+    if isinstance(value, str):
+        return pb.FlagValue(string_value=value)
+    return pb.FlagValue(json_value=_dump(value))
+
+
+def tier_from_proto(value: int, field_name: str = "tier") -> Tier:
+    """A request's tier; unspecified means SHEDDABLE."""
+    if value == pb.TIER_UNSPECIFIED:
+        return Tier.SHEDDABLE
+    try:
+        return Tier(value)
+    except ValueError:
+        names = ", ".join(Tier.__members__)
+        raise InvalidArgumentError(field_name, f"unknown tier {value}: one of {names}") from None
+
+
+def duration_to_proto(value: timedelta) -> duration_pb2.Duration:
+    """A timedelta as a protobuf Duration."""
+    msg = duration_pb2.Duration()
+    msg.FromTimedelta(value)
+    return msg
+
+
+def same_expiry(a: Meta | None, b: Meta | None) -> bool:
+    """Whether two records expire at the same time (both never, or the same instant)."""
+    return (a.expires_at if a else None) == (b.expires_at if b else None)
+
+
+def with_meta(record: Record, meta: Meta) -> Record:
+    """A copy of ``record`` with other metadata."""
+    return replace(record, meta=meta)
+
+
+__all__ = [
+    "GLOBAL_SCOPE",
+    "MAX_RECORD_BYTES",
+    "AuditEntry",
+    "Flag",
+    "FlagValue",
+    "KnownGood",
+    "Meta",
+    "Pin",
+    "PinHistory",
+    "Record",
+    "RecordError",
+    "Shedding",
+    "Tier",
+    "WriteOptions",
+]

@@ -1,0 +1,430 @@
+"""The control server: build, start and stop; health, reflection, metrics, logs.
+
+``controlplane serve`` runs it. Options come from the command line, else the
+environment (``CONTROLPLANE_LISTEN``, ``CONTROLPLANE_ETCD``, ...), else the
+defaults below. Without ``--etcd`` it starts an embedded etcd under
+``--data-dir`` (for development; production points at an etcd cluster).
+
+Lifecycle of :class:`ControlServer`: ``await start()`` once (binds the port,
+``address`` then says where), ``await stop(grace)`` is idempotent and lets
+in-flight RPCs finish for ``grace`` seconds. Health (``grpc.health.v1``) is
+SERVING while etcd answers and NOT_SERVING while it does not; the server keeps
+running and recovers by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import click
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+
+from controlplane import __version__
+from controlplane.api.v1 import agent_pb2, agent_pb2_grpc, mitigation_pb2, mitigation_pb2_grpc
+from controlplane.embedded_etcd import EmbeddedEtcd
+from controlplane.errors import ControlPlaneError
+from controlplane.metrics import ServerMetrics
+from controlplane.service import AgentServicer, MitigationServicer
+from controlplane.store import DEFAULT_PREFIX, Store
+
+log = structlog.get_logger("controlplane.server")
+
+_SERVER_OPTIONS: list[tuple[str, Any]] = [
+    # With the defaults, thousands of agents reconnecting at once get CANCELLED.
+    ("grpc.server.max_pending_requests", 20000),
+    ("grpc.server.max_pending_requests_hard_limit", 40000),
+    ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+]
+
+SERVICE_NAMES = (
+    mitigation_pb2.DESCRIPTOR.services_by_name["MitigationService"].full_name,
+    agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
+)
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    """Everything the server is told; see ``controlplane serve --help``."""
+
+    listen: str = "127.0.0.1:50051"
+    etcd: list[str] = field(default_factory=list)  # empty: embedded etcd
+    prefix: str = DEFAULT_PREFIX
+    metrics: str | None = "127.0.0.1:9464"  # None: no metrics endpoint
+    etcd_timeout: float = 2.0
+    audit_retention: timedelta = timedelta(days=30)
+    data_dir: Path = Path(".controlplane")
+    embedded_etcd_client_port: int = 2379
+    embedded_etcd_peer_port: int = 2380
+    health_interval: float = 1.0
+    maintenance_interval: float = 60.0
+
+
+class ControlServer:
+    """One control-server process: gRPC services over one store."""
+
+    def __init__(self, config: ServerConfig, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = ServerMetrics(self.registry)
+        self.etcd: EmbeddedEtcd | None = None
+        self.store: Store | None = None
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+        self.metrics_port = 0
+        self._server: grpc.aio.Server | None = None
+        self._metrics_server: Any = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._serving: bool | None = None
+        self._health_wakeup = asyncio.Event()
+        self._started = False
+        self._stopped = False
+
+    @property
+    def address(self) -> str:
+        """``host:port`` the gRPC server listens on (after start)."""
+        host = self.config.listen.rpartition(":")[0]
+        return f"{host}:{self.port}"
+
+    @property
+    def etcd_endpoints(self) -> list[str]:
+        """The etcd endpoints in use (the embedded one's when embedded)."""
+        if self.etcd is not None:
+            return [self.etcd.endpoint]
+        return list(self.config.etcd)
+
+    async def start(self) -> None:
+        """Start etcd (if embedded), the store, the gRPC server and the background tasks."""
+        if self._started:
+            raise RuntimeError("ControlServer.start() called twice")
+        self._started = True
+        config = self.config
+        if not config.etcd:
+            self.etcd = EmbeddedEtcd(
+                config.data_dir / "etcd",
+                client_port=config.embedded_etcd_client_port,
+                peer_port=config.embedded_etcd_peer_port,
+            )
+            await asyncio.to_thread(self.etcd.start)
+            log.info(
+                "embedded_etcd_started",
+                endpoint=self.etcd.endpoint,
+                data_dir=str(config.data_dir / "etcd"),
+            )
+        self.store = Store(
+            self.etcd_endpoints,
+            config.prefix,
+            etcd_timeout=config.etcd_timeout,
+            metrics=self.metrics,
+            on_etcd_health=self._on_etcd_health,
+        )
+        await self.store.connect()
+
+        server = grpc.aio.server(options=_SERVER_OPTIONS)
+        mitigation_pb2_grpc.add_MitigationServiceServicer_to_server(
+            MitigationServicer(self.store, self.metrics), server
+        )
+        agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(self.metrics), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        self.port = server.add_insecure_port(config.listen)
+        if self.port == 0:
+            raise ControlPlaneError(f"could not listen on {config.listen}")
+        self._server = server
+        await self._set_serving(False)
+        await server.start()
+
+        if config.metrics:
+            host, _, port = config.metrics.rpartition(":")
+            self._metrics_server, _thread = start_http_server(
+                int(port), addr=host or "127.0.0.1", registry=self.registry
+            )
+            self.metrics_port = int(self._metrics_server.server_port)
+
+        self._tasks.append(asyncio.create_task(self._health_loop(), name="health"))
+        self._tasks.append(asyncio.create_task(self._maintenance_loop(), name="maintenance"))
+        log.info(
+            "server_started",
+            version=__version__,
+            address=self.address,
+            etcd=self.etcd_endpoints,
+            embedded_etcd=self.etcd is not None,
+            prefix=config.prefix,
+            metrics=f"{config.metrics.rpartition(':')[0]}:{self.metrics_port}"
+            if config.metrics
+            else None,
+            authentication="off (loopback only)",
+        )
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop serving, let in-flight RPCs finish for ``grace`` s, stop etcd. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._server is not None:
+            await self.health.enter_graceful_shutdown()
+            await self._server.stop(grace)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+        if self.store is not None:
+            await self.store.close()
+        if self.etcd is not None:
+            await asyncio.to_thread(self.etcd.stop)
+        log.info("server_stopped")
+
+    async def wait_for_termination(self) -> None:
+        """Block until the gRPC server ends."""
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    # -- health -------------------------------------------------------------
+
+    def _on_etcd_health(self, ok: bool) -> None:
+        if not ok:
+            self._health_wakeup.set()
+        if ok != self._serving and not self._stopped:
+            task = asyncio.get_running_loop().create_task(self._set_serving(ok))
+            self._tasks.append(task)
+
+    async def _set_serving(self, ok: bool) -> None:
+        if self._stopped and ok:
+            return
+        self._serving = ok
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if ok
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, status)
+
+    async def _health_loop(self) -> None:
+        assert self.store is not None
+        while True:
+            try:
+                with self.store.budget(self.config.etcd_timeout):
+                    await self.store.ping()
+                ok = True
+            except ControlPlaneError:
+                ok = False
+            if ok != self._serving:
+                await self._set_serving(ok)
+                log.info("health_changed", serving=ok)
+            self._health_wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._health_wakeup.wait(), self.config.health_interval)
+
+    async def _maintenance_loop(self) -> None:
+        """Audit retention and the active-mitigations gauge, on every replica.
+
+        Retention is one range delete of old audit keys, idempotent, so replicas
+        running it at the same time do no harm.
+        """
+        assert self.store is not None
+        while True:
+            try:
+                with self.store.budget(max(self.config.etcd_timeout, 10.0)):
+                    await self.store.enforce_retention(self.config.audit_retention)
+                    for kind, count in (await self.store.count_active()).items():
+                        self.metrics.active_mitigations.labels(kind).set(count)
+            except ControlPlaneError as exc:
+                log.warning("maintenance_failed", error=exc.message)
+            await asyncio.sleep(self.config.maintenance_interval)
+
+
+# ---------------------------------------------------------------- logging
+
+
+def configure_logging(fmt: str = "json", level: int = logging.INFO) -> None:
+    """structlog to stderr: JSON lines (default) or a console format for people."""
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
+# ---------------------------------------------------------------- command line
+
+
+def parse_duration(text: str) -> timedelta:
+    """``30s``, ``15m``, ``2h``, ``30d`` or combinations such as ``1h30m``."""
+    import re
+
+    match = re.fullmatch(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", text.strip())
+    if not text.strip() or match is None:
+        raise ValueError(f"{text!r} is not a duration (e.g. 30s, 15m, 2h, 30d, 1h30m)")
+    days, hours, minutes, seconds = (int(g) if g else 0 for g in match.groups())
+    return timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+
+
+class _Duration(click.ParamType):
+    name = "duration"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> timedelta:
+        if isinstance(value, timedelta):
+            return value
+        try:
+            return parse_duration(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="controlplane")
+def main() -> None:
+    """The compensating-actions control server."""
+
+
+@main.command()
+@click.option(
+    "--listen",
+    envvar="CONTROLPLANE_LISTEN",
+    default="127.0.0.1:50051",
+    show_default=True,
+    help="gRPC address.",
+)
+@click.option(
+    "--etcd",
+    envvar="CONTROLPLANE_ETCD",
+    default="",
+    help="Comma-separated etcd endpoints (host:port); absent: an embedded etcd under --data-dir.",
+)
+@click.option(
+    "--prefix",
+    envvar="CONTROLPLANE_PREFIX",
+    default=DEFAULT_PREFIX,
+    show_default=True,
+    help="etcd key prefix.",
+)
+@click.option(
+    "--metrics",
+    envvar="CONTROLPLANE_METRICS",
+    default="127.0.0.1:9464",
+    show_default=True,
+    help="Prometheus endpoint address; 'off' disables it.",
+)
+@click.option(
+    "--log-format",
+    envvar="CONTROLPLANE_LOG_FORMAT",
+    type=click.Choice(["json", "console"]),
+    default="json",
+    show_default=True,
+)
+@click.option(
+    "--etcd-timeout",
+    envvar="CONTROLPLANE_ETCD_TIMEOUT",
+    type=_Duration(),
+    default="2s",
+    show_default=True,
+    help="Longest wait for etcd per RPC, before UNAVAILABLE.",
+)
+@click.option(
+    "--audit-retention",
+    envvar="CONTROLPLANE_AUDIT_RETENTION",
+    type=_Duration(),
+    default="30d",
+    show_default=True,
+    help="How long audit records are kept.",
+)
+@click.option(
+    "--data-dir",
+    envvar="CONTROLPLANE_DATA_DIR",
+    type=click.Path(path_type=Path),
+    default=Path(".controlplane"),
+    show_default=True,
+    help="Embedded etcd's data.",
+)
+@click.option(
+    "--embedded-etcd-port",
+    envvar="CONTROLPLANE_EMBEDDED_ETCD_PORT",
+    type=int,
+    default=2379,
+    show_default=True,
+    help="Client port of the embedded etcd (0: any free port).",
+)
+def serve(
+    listen: str,
+    etcd: str,
+    prefix: str,
+    metrics: str,
+    log_format: str,
+    etcd_timeout: timedelta,
+    audit_retention: timedelta,
+    data_dir: Path,
+    embedded_etcd_port: int,
+) -> None:
+    """Run the control server until SIGTERM or SIGINT."""
+    configure_logging(log_format)
+    if etcd_timeout <= timedelta(0):
+        raise click.BadParameter("must be positive", param_hint="--etcd-timeout")
+    config = ServerConfig(
+        listen=listen,
+        etcd=[e.strip() for e in etcd.split(",") if e.strip()],
+        prefix=prefix if prefix.endswith("/") else prefix + "/",
+        metrics=None if metrics in ("", "off") else metrics,
+        etcd_timeout=etcd_timeout.total_seconds(),
+        audit_retention=audit_retention,
+        data_dir=data_dir,
+        embedded_etcd_client_port=embedded_etcd_port,
+        embedded_etcd_peer_port=0 if embedded_etcd_port == 0 else embedded_etcd_port + 1,
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(config))
+
+
+async def _serve(config: ServerConfig) -> None:
+    server = ControlServer(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await server.start()
+        click.echo(
+            f"control server listening on {server.address} (etcd {', '.join(server.etcd_endpoints)}"
+            f"{', embedded' if server.etcd else ''}; prefix {config.prefix}; "
+            "authentication off: loopback only)",
+            err=True,
+        )
+        await stop.wait()
+        log.info("shutdown_requested")
+    finally:
+        await server.stop(grace=5.0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,415 @@
+"""grpc.aio servicers: validate the request, call the store, map errors. Thin.
+
+Every method runs inside :func:`_rpc`, which gives etcd the smaller of
+``etcd_timeout`` and the call's own deadline, converts
+:class:`~controlplane.errors.ControlPlaneError` to its status code (an
+``ABORTED`` carries the current mod revision in the trailing metadata
+``current-mod-revision``), counts the call by method and code, and logs one
+``rpc`` event with method, code, duration and actor.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any, TypeVar
+
+import grpc
+import structlog
+
+from controlplane import model
+from controlplane.api.v1 import agent_pb2, agent_pb2_grpc, mitigation_pb2_grpc
+from controlplane.api.v1 import mitigation_pb2 as mpb
+from controlplane.api.v1 import types_pb2 as pb
+from controlplane.errors import (
+    ConflictError,
+    ControlPlaneError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    NotImplementedYetError,
+)
+from controlplane.metrics import ServerMetrics
+from controlplane.model import GLOBAL_SCOPE
+from controlplane.store import Store, WriteOutcome
+
+log = structlog.get_logger("controlplane.rpc")
+
+MAX_HISTORY_LIMIT = 1000
+DEFAULT_HISTORY_LIMIT = 100
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Handler = Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]
+
+
+def _rpc(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
+    method = fn.__name__
+
+    @functools.wraps(fn)
+    async def wrapper(
+        self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
+    ) -> Resp:
+        start = time.perf_counter()
+        options = getattr(request, "options", None)
+        actor = getattr(options, "actor", "") if options is not None else ""
+        error: ControlPlaneError | None = None
+        remaining = context.time_remaining()
+        budget = (
+            self.store.etcd_timeout
+            if remaining is None
+            else min(self.store.etcd_timeout, remaining)
+        )
+        try:
+            with self.store.budget(budget):
+                response = await fn(self, request, context)
+        except ControlPlaneError as exc:
+            error = exc
+        except Exception:
+            log.exception("rpc_failed", method=method)
+            error = ControlPlaneError("internal error (logged on the server)")
+        code = grpc.StatusCode.OK if error is None else error.code
+        duration = time.perf_counter() - start
+        metrics: ServerMetrics = self.metrics
+        metrics.rpcs.labels(method, code.name).inc()
+        metrics.rpc_seconds.labels(method).observe(duration)
+        log.info(
+            "rpc",
+            method=method,
+            code=code.name,
+            duration_ms=round(duration * 1000, 3),
+            actor=actor or None,
+            error=error.message if error is not None else None,
+        )
+        if error is None:
+            return response
+        trailing: tuple[tuple[str, str], ...] = ()
+        if isinstance(error, ConflictError):
+            trailing = (("current-mod-revision", str(error.current)),)
+        await context.abort(error.code, error.message, trailing_metadata=trailing)
+        raise AssertionError("context.abort returned")  # pragma: no cover
+
+    return wrapper
+
+
+def _result(outcome: WriteOutcome[Any]) -> pb.WriteResult:
+    return pb.WriteResult(
+        changed=outcome.changed,
+        dry_run=outcome.dry_run,
+        revision=outcome.revision,
+        mod_revision=outcome.mod_revision,
+        overridden_by=list(outcome.overridden_by),
+        audit_id=outcome.audit_id,
+        summary=outcome.summary,
+    )
+
+
+def _record(record: Any, mod_revision: int = 0) -> Any:
+    return record.to_proto(mod_revision) if record is not None else None
+
+
+def _write_pair(outcome: WriteOutcome[Any]) -> dict[str, Any]:
+    """The result, the record now in force and the one before, as response fields."""
+    return {
+        "result": _result(outcome),
+        "current": _record(outcome.record, outcome.mod_revision),
+        "previous": _record(outcome.previous),
+    }
+
+
+class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
+    """What on-call engineers, runbooks and deploy pipelines call."""
+
+    def __init__(self, store: Store, metrics: ServerMetrics) -> None:
+        self.store = store
+        self.metrics = metrics
+
+    @staticmethod
+    def _options(msg: pb.WriteOptions, *, allow_expiry: bool = True) -> model.WriteOptions:
+        return model.write_options_from_proto(msg, now=model.utcnow(), allow_expiry=allow_expiry)
+
+    # -- flags ---------------------------------------------------------------
+
+    @_rpc
+    async def SetFlag(self, request: mpb.SetFlagRequest, context: Any) -> mpb.SetFlagResponse:
+        scope = model.validate_scope(request.scope)
+        name = model.validate_flag_name(request.name)
+        value = model.flag_value_from_proto(request.value)
+        outcome = await self.store.set_flag(scope, name, value, self._options(request.options))
+        w = _write_pair(outcome)
+        return mpb.SetFlagResponse(result=w["result"], flag=w["current"], previous=w["previous"])
+
+    @_rpc
+    async def GetFlag(self, request: mpb.GetFlagRequest, context: Any) -> mpb.GetFlagResponse:
+        scope = model.validate_scope(request.scope)
+        name = model.validate_flag_name(request.name)
+        if request.effective and scope != GLOBAL_SCOPE:
+            stored = await self.store.get_effective_flag(scope, name)
+            where = f"for {scope} (nor globally)"
+        else:
+            stored = await self.store.get_flag(scope, name)
+            where = "globally" if scope == GLOBAL_SCOPE else f"for {scope}"
+        if stored is None:
+            raise NotFoundError(f"flag {name} is not set {where}")
+        hidden = await self.store.services_overriding(name) if scope == GLOBAL_SCOPE else []
+        return mpb.GetFlagResponse(
+            flag=stored.record.to_proto(stored.mod_revision), overridden_by=hidden
+        )
+
+    @_rpc
+    async def ListFlags(self, request: mpb.ListFlagsRequest, context: Any) -> mpb.ListFlagsResponse:
+        scope = model.validate_scope(request.scope) if request.scope else ""
+        flags, revision = await self.store.list_flags(scope, effective=request.effective)
+        return mpb.ListFlagsResponse(
+            flags=[f.record.to_proto(f.mod_revision) for f in flags], revision=revision
+        )
+
+    @_rpc
+    async def ClearFlag(self, request: mpb.ClearFlagRequest, context: Any) -> mpb.ClearFlagResponse:
+        scope = model.validate_scope(request.scope)
+        name = model.validate_flag_name(request.name)
+        opts = self._options(request.options, allow_expiry=False)
+        outcome = await self.store.clear_flag(scope, name, opts, all_layers=request.all_layers)
+        return mpb.ClearFlagResponse(
+            result=_result(outcome),
+            removed=_record(outcome.previous) if outcome.changed else None,
+            restored=_record(outcome.restored, outcome.mod_revision),
+        )
+
+    # -- shedding --------------------------------------------------------------
+
+    @_rpc
+    async def SetShedding(
+        self, request: mpb.SetSheddingRequest, context: Any
+    ) -> mpb.SetSheddingResponse:
+        service = model.validate_service(request.service)
+        tier = model.tier_from_proto(request.tier)
+        percent = model.validate_percent(request.percent)
+        outcome = await self.store.set_shedding(
+            service, tier, percent, self._options(request.options)
+        )
+        w = _write_pair(outcome)
+        return mpb.SetSheddingResponse(
+            result=w["result"], shedding=w["current"], previous=w["previous"]
+        )
+
+    @_rpc
+    async def GetShedding(
+        self, request: mpb.GetSheddingRequest, context: Any
+    ) -> mpb.GetSheddingResponse:
+        service = model.validate_service(request.service)
+        stored = await self.store.get_shedding(service)
+        if stored is None:
+            raise NotFoundError(f"{service} has no shedding level set")
+        return mpb.GetSheddingResponse(shedding=stored.record.to_proto(stored.mod_revision))
+
+    @_rpc
+    async def ListShedding(
+        self, request: mpb.ListSheddingRequest, context: Any
+    ) -> mpb.ListSheddingResponse:
+        rows, revision = await self.store.list_shedding()
+        return mpb.ListSheddingResponse(
+            shedding=[r.record.to_proto(r.mod_revision) for r in rows], revision=revision
+        )
+
+    @_rpc
+    async def ClearShedding(
+        self, request: mpb.ClearSheddingRequest, context: Any
+    ) -> mpb.ClearSheddingResponse:
+        service = model.validate_service(request.service)
+        opts = self._options(request.options, allow_expiry=False)
+        outcome = await self.store.clear_shedding(service, opts, all_layers=request.all_layers)
+        return mpb.ClearSheddingResponse(
+            result=_result(outcome),
+            removed=_record(outcome.previous) if outcome.changed else None,
+            restored=_record(outcome.restored, outcome.mod_revision),
+        )
+
+    # -- pins and known-good -------------------------------------------------------
+
+    @_rpc
+    async def PinVersion(
+        self, request: mpb.PinVersionRequest, context: Any
+    ) -> mpb.PinVersionResponse:
+        service = model.validate_service(request.service)
+        version = model.validate_version(request.version)
+        outcome = await self.store.pin(service, version, self._options(request.options))
+        w = _write_pair(outcome)
+        return mpb.PinVersionResponse(result=w["result"], pin=w["current"], previous=w["previous"])
+
+    @_rpc
+    async def GetPin(self, request: mpb.GetPinRequest, context: Any) -> mpb.GetPinResponse:
+        service = model.validate_service(request.service)
+        stored = await self.store.get_pin(service)
+        if stored is None:
+            raise NotFoundError(f"{service} is not pinned")
+        return mpb.GetPinResponse(pin=stored.record.to_proto(stored.mod_revision))
+
+    @_rpc
+    async def ListPins(self, request: mpb.ListPinsRequest, context: Any) -> mpb.ListPinsResponse:
+        rows, revision = await self.store.list_pins()
+        return mpb.ListPinsResponse(
+            pins=[r.record.to_proto(r.mod_revision) for r in rows], revision=revision
+        )
+
+    @_rpc
+    async def UnpinVersion(
+        self, request: mpb.UnpinVersionRequest, context: Any
+    ) -> mpb.UnpinVersionResponse:
+        service = model.validate_service(request.service)
+        opts = self._options(request.options, allow_expiry=False)
+        outcome = await self.store.unpin(service, opts, all_layers=request.all_layers)
+        return mpb.UnpinVersionResponse(
+            result=_result(outcome),
+            removed=_record(outcome.previous) if outcome.changed else None,
+            restored=_record(outcome.restored, outcome.mod_revision),
+        )
+
+    @_rpc
+    async def MarkKnownGood(
+        self, request: mpb.MarkKnownGoodRequest, context: Any
+    ) -> mpb.MarkKnownGoodResponse:
+        service = model.validate_service(request.service)
+        version = model.validate_version(request.version)
+        opts = self._options(request.options, allow_expiry=False)
+        outcome = await self.store.mark_known_good(service, version, opts)
+        return mpb.MarkKnownGoodResponse(
+            result=_result(outcome), known_good=_record(outcome.record, outcome.mod_revision)
+        )
+
+    @_rpc
+    async def UnmarkKnownGood(
+        self, request: mpb.UnmarkKnownGoodRequest, context: Any
+    ) -> mpb.UnmarkKnownGoodResponse:
+        service = model.validate_service(request.service)
+        version = model.validate_version(request.version)
+        opts = self._options(request.options, allow_expiry=False)
+        outcome = await self.store.unmark_known_good(service, version, opts)
+        return mpb.UnmarkKnownGoodResponse(
+            result=_result(outcome),
+            removed=_record(outcome.previous) if outcome.changed else None,
+        )
+
+    @_rpc
+    async def ListKnownGood(
+        self, request: mpb.ListKnownGoodRequest, context: Any
+    ) -> mpb.ListKnownGoodResponse:
+        service = model.validate_service(request.service)
+        marks = await self.store.list_known_good(service)
+        return mpb.ListKnownGoodResponse(
+            known_good=[m.record.to_proto(m.mod_revision) for m in marks]
+        )
+
+    @_rpc
+    async def Rollback(self, request: mpb.RollbackRequest, context: Any) -> mpb.RollbackResponse:
+        service = model.validate_service(request.service)
+        opts = self._options(request.options)
+        if request.current_version:
+            model.validate_version(request.current_version, "current_version")
+        pin = await self.store.get_pin(service)
+        current = pin.record.version if pin is not None else request.current_version
+        if not current:
+            raise FailedPreconditionError(
+                f"{service} is not pinned, so its current version is unknown: name the "
+                "version it runs (current_version)"
+            )
+        marks = await self.store.list_known_good(service)
+        target = next((m.record.version for m in marks if m.record.version != current), None)
+        if target is None:
+            have = ", ".join(m.record.version for m in marks) or "none"
+            raise FailedPreconditionError(
+                f"nothing to roll back to: {service} has no known-good version other than "
+                f"{current} (known-good: {have})"
+            )
+        outcome = await self.store.pin(service, target, opts)
+        return mpb.RollbackResponse(
+            result=_result(outcome),
+            pin=_record(outcome.record, outcome.mod_revision),
+            from_version=current,
+        )
+
+    # -- bundles (the semantics issue) ------------------------------------------------
+
+    @_rpc
+    async def ApplyBundle(self, request: Any, context: Any) -> Any:
+        raise NotImplementedYetError("bundles are not implemented yet: nothing was written")
+
+    @_rpc
+    async def RevertBundle(self, request: Any, context: Any) -> Any:
+        raise NotImplementedYetError("bundles are not implemented yet: nothing was written")
+
+    @_rpc
+    async def ListBundles(self, request: Any, context: Any) -> Any:
+        raise NotImplementedYetError("bundles are not implemented yet")
+
+    @_rpc
+    async def GetBundle(self, request: Any, context: Any) -> Any:
+        raise NotImplementedYetError("bundles are not implemented yet")
+
+    # -- status, history, watch, wait ----------------------------------------------------
+
+    @_rpc
+    async def GetStatus(self, request: Any, context: Any) -> Any:
+        raise NotImplementedYetError(
+            "status needs the agents' stream, which is not implemented yet; "
+            "use GetFlag / ListFlags / GetShedding / GetPin"
+        )
+
+    @_rpc
+    async def ListHistory(
+        self, request: mpb.ListHistoryRequest, context: Any
+    ) -> mpb.ListHistoryResponse:
+        service = model.validate_service(request.service) if request.service else ""
+        if request.limit < 0 or request.limit > MAX_HISTORY_LIMIT:
+            raise InvalidArgumentError("limit", f"must be 0 (default) to {MAX_HISTORY_LIMIT}")
+        since = _time_or_none(request, "since")
+        until = _time_or_none(request, "until")
+        if since and until and since > until:
+            raise InvalidArgumentError("since", "is after until")
+        entries = await self.store.list_history(
+            service=service,
+            incident=request.incident.strip(),
+            since=since,
+            until=until,
+            limit=request.limit or DEFAULT_HISTORY_LIMIT,
+        )
+        return mpb.ListHistoryResponse(entries=[e.to_proto() for e in entries])
+
+    async def WatchChanges(self, request: Any, context: Any) -> None:
+        self.metrics.rpcs.labels("WatchChanges", "UNIMPLEMENTED").inc()
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED, "watch needs the fan-out hub, not implemented yet"
+        )
+
+    @_rpc
+    async def WaitApplied(self, request: Any, context: Any) -> Any:
+        raise NotImplementedYetError(
+            "wait needs the agents' acknowledgements, which are not implemented yet"
+        )
+
+
+def _time_or_none(request: Any, field_name: str) -> datetime | None:
+    if not request.HasField(field_name):
+        return None
+    try:
+        return model.timestamp_to_datetime(getattr(request, field_name))
+    except (ValueError, OverflowError):
+        raise InvalidArgumentError(field_name, "is not a valid time") from None
+
+
+class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
+    """The agents' Sync stream (the agents issue builds it)."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self.metrics = metrics
+
+    async def Sync(self, request_iterator: Any, context: Any) -> None:
+        self.metrics.rpcs.labels("Sync", "UNIMPLEMENTED").inc()
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED, "the agents' Sync stream is not implemented yet"
+        )
+
+
+__all__ = ["AgentServicer", "MitigationServicer", "agent_pb2"]
