@@ -719,7 +719,8 @@ def encode_record(data: dict[str, Any], field_name: str = "value") -> bytes:
     raw = _dump(data).encode()
     if len(raw) > MAX_RECORD_BYTES:
         raise InvalidArgumentError(
-            field_name, f"the record is {len(raw)} bytes, over the {MAX_RECORD_BYTES} byte limit"
+            field_name,
+            f"the record is {len(raw)} bytes, over the 64 KiB ({MAX_RECORD_BYTES} bytes) limit",
         )
     return raw
 

@@ -38,6 +38,7 @@ import asyncio
 import contextlib
 import contextvars
 import ipaddress
+import random
 import secrets
 import socket
 import time
@@ -78,7 +79,7 @@ log = structlog.get_logger("controlplane.store")
 R = TypeVar("R", Flag, Shedding, Pin, KnownGood)
 
 DEFAULT_PREFIX = "/controlplane/v1/"
-_MAX_CAS_ATTEMPTS = 8
+_MAX_CAS_ATTEMPTS = 16
 _HISTORY_PAGE = 512
 _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     # gRPC's own reconnect backoff grows to 120 s; etcd coming back must be
@@ -130,6 +131,12 @@ class _Decision(Generic[R]):
     summary: str
     changed: bool = True
     restored: R | None = None
+
+
+@dataclass(slots=True)
+class _KeyLock:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
 
 
 @dataclass(slots=True)
@@ -236,6 +243,7 @@ class Store:
         self._kv: Any = None
         self._maintenance: Any = None
         self._last_good: dict[str, Any] = {}
+        self._key_locks: dict[str, _KeyLock] = {}
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -464,7 +472,30 @@ class Store:
         *,
         overridden_by: Callable[[], Any] | None = None,
     ) -> WriteOutcome[Any]:
-        for _attempt in range(_MAX_CAS_ATTEMPTS):
+        # Writers of one key in this process take turns, so that a burst of
+        # last-writer-wins writes does not lose compare-and-set races to itself;
+        # races with other replicas are retried with jittered backoff.
+        lock = self._key_locks.setdefault(key.path, _KeyLock())
+        lock.users += 1
+        try:
+            async with lock.lock:
+                return await self._mutate_locked(key, opts, decide, overridden_by=overridden_by)
+        finally:
+            lock.users -= 1
+            if lock.users == 0:
+                self._key_locks.pop(key.path, None)
+
+    async def _mutate_locked(
+        self,
+        key: _Key,
+        opts: WriteOptions,
+        decide: Callable[[Any], _Decision[Any]],
+        *,
+        overridden_by: Callable[[], Any] | None = None,
+    ) -> WriteOutcome[Any]:
+        for attempt in range(_MAX_CAS_ATTEMPTS):
+            if attempt:
+                await asyncio.sleep(random.uniform(0, min(0.2, 0.005 * 2**attempt)))
             current, mod_revision = await self._read(key)
             expected = opts.expected_mod_revision
             if expected is not None and expected != mod_revision:
