@@ -1,0 +1,277 @@
+"""Operating the server: bad records, retention, etcd outages, health, reflection, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import grpc
+import pytest
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client import CollectorRegistry
+
+from controlplane.api.v1 import agent_pb2, agent_pb2_grpc, mitigation_pb2_grpc
+from controlplane.api.v1 import mitigation_pb2 as m
+from controlplane.api.v1 import types_pb2 as t
+from controlplane.embedded_etcd import EmbeddedEtcd
+from controlplane.server import ControlServer
+from controlplane.store import new_audit_id
+from tests.helpers.raw_etcd import RawEtcd
+from tests.integration.conftest import server_config
+
+Stub = mitigation_pb2_grpc.MitigationServiceStub
+
+
+def opts(reason: str = "test") -> t.WriteOptions:
+    return t.WriteOptions(reason=reason, actor="oncall")
+
+
+async def wait_until(predicate: Any, timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll an async predicate until it holds (an external process's state)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if await predicate():
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def test_corrupt_record_keeps_last_good_value_logs_and_counts(
+    server: ControlServer, stub: Stub, raw_etcd: RawEtcd, prefix: str
+) -> None:
+    await stub.SetFlag(
+        m.SetFlagRequest(
+            scope="checkout", name="new-ui", value=t.FlagValue(bool_value=False), options=opts()
+        )
+    )
+    await raw_etcd.put(prefix + "flags/checkout/new-ui", b'{"kind": "flag", "value": tru')
+    # Never had a good value: treated as absent.
+    await raw_etcd.put(prefix + "flags/checkout/typo", b"not json at all")
+    # Valid JSON that breaks a rule (percent over 100).
+    bad_shed = {
+        "kind": "shedding",
+        "service": "checkout",
+        "tier": "SHEDDABLE",
+        "percent": 150,
+        "meta": {"actor": "x", "reason": "y", "set_at": "2026-01-01T00:00:00Z"},
+    }
+    await raw_etcd.put(prefix + "shedding/checkout", json.dumps(bad_shed).encode())
+
+    with structlog.testing.capture_logs() as logs:
+        got = await stub.GetFlag(m.GetFlagRequest(scope="checkout", name="new-ui"))
+        listed = await stub.ListFlags(m.ListFlagsRequest(scope="checkout"))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.GetShedding(m.GetSheddingRequest(service="checkout"))
+
+    # A kill switch must not turn a feature back on because of a typo.
+    assert got.flag.value.bool_value is False
+    assert [f.name for f in listed.flags] == ["new-ui"]
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    invalid = [e for e in logs if e["event"] == "record_invalid"]
+    assert {e["key"].rsplit("/", 1)[-1] for e in invalid} >= {"new-ui", "typo", "checkout"}
+    assert all(e["log_level"] == "error" for e in invalid)
+    registry = server.registry
+    assert registry.get_sample_value("controlplane_invalid_records_total", {"kind": "flag"}) == 3
+    assert (
+        registry.get_sample_value("controlplane_invalid_records_total", {"kind": "shedding"}) == 1
+    )
+
+    # Fixing the record heals it.
+    fixed = await stub.SetFlag(
+        m.SetFlagRequest(
+            scope="checkout", name="typo", value=t.FlagValue(string_value="ok"), options=opts()
+        )
+    )
+    assert fixed.result.changed
+    got = await stub.GetFlag(m.GetFlagRequest(scope="checkout", name="typo"))
+    assert got.flag.value.string_value == "ok"
+
+
+async def test_retention_removes_old_audit_records_only(
+    etcd: EmbeddedEtcd, prefix: str, raw_etcd: RawEtcd
+) -> None:
+    old = datetime.now(UTC) - timedelta(days=31)
+    old_key = f"{prefix}audit/{new_audit_id(old)}"
+    await raw_etcd.put(old_key, b'{"kind": "audit"}')
+    config = server_config(
+        etcd.endpoint, prefix, audit_retention=timedelta(days=30), maintenance_interval=0.2
+    )
+    srv = ControlServer(config, registry=CollectorRegistry())
+    await srv.start()
+    try:
+        async with grpc.aio.insecure_channel(srv.address) as ch:
+            stub = mitigation_pb2_grpc.MitigationServiceStub(ch)
+            resp = await stub.SetFlag(
+                m.SetFlagRequest(
+                    scope="global", name="x", value=t.FlagValue(bool_value=True), options=opts()
+                )
+            )
+
+        async def old_gone() -> bool:
+            return await raw_etcd.get(old_key) is None
+
+        await wait_until(old_gone, what="the old audit record to be removed")
+        assert await raw_etcd.get(f"{prefix}audit/{resp.result.audit_id}") is not None
+        assert srv.registry.get_sample_value("controlplane_audit_records_deleted_total") == 1
+
+        async def gauge_counts_the_flag() -> bool:
+            value = srv.registry.get_sample_value(
+                "controlplane_active_mitigations", {"kind": "flag"}
+            )
+            return value == 1
+
+        await wait_until(gauge_counts_the_flag, what="the active-mitigations gauge")
+    finally:
+        await srv.stop(grace=0)
+
+
+@pytest.fixture
+async def fragile_server(fresh_etcd: EmbeddedEtcd) -> AsyncIterator[ControlServer]:
+    config = server_config(fresh_etcd.endpoint, "/controlplane/v1/", etcd_timeout=1.0)
+    srv = ControlServer(config, registry=CollectorRegistry())
+    await srv.start()
+    yield srv
+    await srv.stop(grace=0)
+
+
+async def health_status(channel: grpc.aio.Channel, service: str = "") -> int:
+    stub = health_pb2_grpc.HealthStub(channel)
+    resp = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+    return int(resp.status)
+
+
+@pytest.mark.etcd_fault
+async def test_etcd_down_gives_unavailable_fast_not_serving_then_recovers(
+    fragile_server: ControlServer, fresh_etcd: EmbeddedEtcd
+) -> None:
+    async with grpc.aio.insecure_channel(fragile_server.address) as ch:
+        stub = mitigation_pb2_grpc.MitigationServiceStub(ch)
+        request = m.SetFlagRequest(
+            scope="checkout", name="kill", value=t.FlagValue(bool_value=True), options=opts()
+        )
+        await stub.SetFlag(request)
+
+        async def serving() -> bool:
+            return await health_status(ch) == health_pb2.HealthCheckResponse.SERVING
+
+        async def not_serving() -> bool:
+            return await health_status(ch) == health_pb2.HealthCheckResponse.NOT_SERVING
+
+        await wait_until(serving, what="SERVING")
+
+        fresh_etcd.stop()
+        start = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.SetFlag(request, timeout=10)
+        elapsed = time.monotonic() - start
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "etcd is unreachable" in (info.value.details() or "")
+        # The server gives etcd at most --etcd-timeout (1 s here), with room for a busy VM.
+        assert elapsed < 3.0
+        # A call deadline shorter than --etcd-timeout wins.
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.GetFlag(m.GetFlagRequest(scope="checkout", name="kill"), timeout=0.3)
+        assert info.value.code() in (
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+        )
+        await wait_until(not_serving, what="NOT_SERVING")
+        svc_status = await health_status(ch, "controlplane.api.v1.MitigationService")
+        assert svc_status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert fragile_server.registry.get_sample_value("controlplane_etcd_up") == 0
+
+        fresh_etcd.restart()
+        await wait_until(serving, what="SERVING again after etcd restart")
+        got = await stub.GetFlag(m.GetFlagRequest(scope="checkout", name="kill"), timeout=5)
+        assert got.flag.value.bool_value is True
+
+
+async def test_reflection_lists_the_services(
+    server: ControlServer, channel: grpc.aio.Channel
+) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+
+    async def requests() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+
+    names: set[str] = set()
+    async for resp in stub.ServerReflectionInfo(requests()):
+        names |= {s.name for s in resp.list_services_response.service}
+    assert {
+        "controlplane.api.v1.MitigationService",
+        "controlplane.api.v1.AgentService",
+        "grpc.health.v1.Health",
+    } <= names
+
+
+async def test_rpc_metrics_and_one_log_event_per_rpc(server: ControlServer, stub: Stub) -> None:
+    with structlog.testing.capture_logs() as logs:
+        await stub.SetFlag(
+            m.SetFlagRequest(
+                scope="global", name="x", value=t.FlagValue(bool_value=True), options=opts()
+            )
+        )
+        with pytest.raises(grpc.aio.AioRpcError):
+            await stub.SetShedding(m.SetSheddingRequest(service="c", percent=150, options=opts()))
+    rpc_events = [e for e in logs if e["event"] == "rpc"]
+    assert [(e["method"], e["code"], e["actor"]) for e in rpc_events] == [
+        ("SetFlag", "OK", "oncall"),
+        ("SetShedding", "INVALID_ARGUMENT", "oncall"),
+    ]
+    assert all(e["duration_ms"] >= 0 for e in rpc_events)
+    changes = [e for e in logs if e["event"] == "change_written"]
+    assert [c["action"] for c in changes] == ["flag.set"]
+    reg = server.registry
+    assert reg.get_sample_value("controlplane_rpcs_total", {"method": "SetFlag", "code": "OK"}) == 1
+    assert (
+        reg.get_sample_value(
+            "controlplane_rpcs_total", {"method": "SetShedding", "code": "INVALID_ARGUMENT"}
+        )
+        == 1
+    )
+    assert (
+        reg.get_sample_value("controlplane_rpc_duration_seconds_count", {"method": "SetFlag"}) == 1
+    )
+    assert (
+        reg.get_sample_value(
+            "controlplane_etcd_operation_duration_seconds_count",
+            {"operation": "txn", "outcome": "ok"},
+        )
+        == 1
+    )
+
+
+async def test_parts_not_built_yet_answer_unimplemented(
+    stub: Stub, channel: grpc.aio.Channel
+) -> None:
+    calls = [
+        stub.ApplyBundle(m.ApplyBundleRequest(name="b", options=opts())),
+        stub.RevertBundle(m.RevertBundleRequest(bundle_id="x", options=opts())),
+        stub.ListBundles(m.ListBundlesRequest()),
+        stub.GetBundle(m.GetBundleRequest(bundle_id="x")),
+        stub.GetStatus(m.GetStatusRequest(service="checkout")),
+        stub.WaitApplied(m.WaitAppliedRequest(service="checkout", revision=1)),
+    ]
+    for call in calls:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert "not implemented yet" in (info.value.details() or "")
+
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        async for _ in stub.WatchChanges(m.WatchChangesRequest()):
+            pass
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+    sync = agent_pb2_grpc.AgentServiceStub(channel).Sync()
+    await sync.write(agent_pb2.SyncRequest(hello=agent_pb2.Hello(service="checkout")))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await sync.read()
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
