@@ -82,7 +82,7 @@ class ControlServer:
         self.metrics = ServerMetrics(self.registry)
         self.etcd: EmbeddedEtcd | None = None
         self.store: Store | None = None
-        self.health = health.aio.HealthServicer()
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.port = 0
         self.metrics_port = 0
         self._server: grpc.aio.Server | None = None
@@ -137,7 +137,9 @@ class ControlServer:
         mitigation_pb2_grpc.add_MitigationServiceServicer_to_server(
             MitigationServicer(self.store, self.metrics), server
         )
-        agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(self.metrics), server)
+        agent_pb2_grpc.add_AgentServiceServicer_to_server(
+            AgentServicer(self.metrics), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -291,7 +293,7 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
 
 
-class _Duration(click.ParamType):
+class _Duration(click.ParamType):  # type: ignore[type-arg]
     name = "duration"
 
     def convert(self, value: Any, param: Any, ctx: Any) -> timedelta:

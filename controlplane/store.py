@@ -259,7 +259,7 @@ class Store:
         """Close the channel. Idempotent."""
         channel, self._channel = self._channel, None
         if channel is not None:
-            await channel.close()
+            await channel.close(grace=None)
 
     @contextlib.contextmanager
     def budget(self, seconds: float) -> Iterator[None]:
@@ -495,7 +495,7 @@ class Store:
     ) -> WriteOutcome[Any]:
         for attempt in range(_MAX_CAS_ATTEMPTS):
             if attempt:
-                await asyncio.sleep(random.uniform(0, min(0.2, 0.005 * 2**attempt)))
+                await asyncio.sleep(random.uniform(0, min(0.2, 0.005 * 2**attempt)))  # noqa: S311 (jitter)
             current, mod_revision = await self._read(key)
             expected = opts.expected_mod_revision
             if expected is not None and expected != mod_revision:

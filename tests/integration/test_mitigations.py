@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -155,7 +155,8 @@ async def test_compare_and_set(stub: Stub, raw_etcd: RawEtcd, prefix: str) -> No
         await set_flag(stub, "checkout", "kill", boolean(False), expected_mod_revision=0)
     assert info.value.code() == grpc.StatusCode.ABORTED
     assert f"current mod revision {rev}" in (info.value.details() or "")
-    trailing = dict(info.value.trailing_metadata() or ())
+    # grpc.aio gives a Metadata of (key, value) pairs; the type stubs say otherwise.
+    trailing: dict[str, Any] = dict(cast(Any, info.value.trailing_metadata()) or ())
     assert trailing.get("current-mod-revision") == str(rev)
 
     with pytest.raises(grpc.aio.AioRpcError) as info:

@@ -24,7 +24,7 @@ def read_until(proc: subprocess.Popen[str], pattern: str, timeout: float = 60.0)
     """Read the process's stderr line by line until ``pattern`` matches."""
     assert proc.stderr is not None
     deadline = time.monotonic() + timeout
-    seen = []
+    seen: list[str] = []
     while time.monotonic() < deadline:
         line = proc.stderr.readline()
         if not line:

@@ -32,14 +32,14 @@ def opts(reason: str = "test") -> t.WriteOptions:
     return t.WriteOptions(reason=reason, actor="oncall")
 
 
-async def wait_until(predicate: Any, timeout: float = 10.0, what: str = "condition") -> None:
+async def wait_until(predicate: Any, within: float = 10.0, what: str = "condition") -> None:
     """Poll an async predicate until it holds (an external process's state)."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while True:
         if await predicate():
             return
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            raise AssertionError(f"timed out after {within}s waiting for {what}")
         await asyncio.sleep(0.05)
 
 
@@ -159,10 +159,10 @@ async def test_etcd_down_gives_unavailable_fast_not_serving_then_recovers(
         await stub.SetFlag(request)
 
         async def serving() -> bool:
-            return await health_status(ch) == health_pb2.HealthCheckResponse.SERVING
+            return bool(await health_status(ch) == health_pb2.HealthCheckResponse.SERVING)
 
         async def not_serving() -> bool:
-            return await health_status(ch) == health_pb2.HealthCheckResponse.NOT_SERVING
+            return bool(await health_status(ch) == health_pb2.HealthCheckResponse.NOT_SERVING)
 
         await wait_until(serving, what="SERVING")
 

@@ -84,11 +84,11 @@ def test_write_options_validation() -> None:
         model.write_options_from_proto(pb.WriteOptions(reason="x"), now=NOW).expected_mod_revision
         is None
     )
-    with pytest.raises(InvalidArgumentError, match="options.reason"):
+    with pytest.raises(InvalidArgumentError, match=r"options\.reason"):
         model.write_options_from_proto(pb.WriteOptions(), now=NOW)
     with pytest.raises(InvalidArgumentError, match="control characters"):
         model.write_options_from_proto(pb.WriteOptions(reason="a\nb"), now=NOW)
-    with pytest.raises(InvalidArgumentError, match="options.ttl"):
+    with pytest.raises(InvalidArgumentError, match=r"options\.ttl"):
         model.write_options_from_proto(
             pb.WriteOptions(reason="x", ttl=duration_pb2.Duration(seconds=91 * 86400)), now=NOW
         )
