@@ -1,0 +1,824 @@
+"""cpctl: input parsing, exit codes, output shapes, and calls against a real in-process server.
+
+The servers here are real ``grpc.server`` instances on port 0 serving a hand-written
+MitigationService (our own API), so what the CLI sends and how it reacts to each status code
+go over the wire; nothing is patched.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+from collections.abc import Callable, Iterator, Mapping
+from concurrent import futures
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import click
+import grpc
+import pytest
+from click.testing import CliRunner, Result
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from controlplane import _cli_format as fmt
+from controlplane.api.v1 import mitigation_pb2, mitigation_pb2_grpc, types_pb2
+from controlplane.cli import (
+    ExitCode,
+    cli,
+    exit_code_for_status,
+    parse_duration,
+    parse_flag_value,
+    parse_percent,
+    parse_since,
+    parse_time,
+)
+
+NOW = datetime(2026, 11, 26, 17, 30, tzinfo=UTC)
+# The CLI must not pick up the settings of whoever runs the tests.
+CLEAN_ENV: Mapping[str, str | None] = {
+    "CPCTL_SERVER": None,
+    "CPCTL_ACTOR": None,
+    "CPCTL_JSON": None,
+    "CPCTL_TIMEOUT": None,
+}
+
+
+def _ts(moment: datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+def run(*args: str, stdin: str | None = None) -> Result:
+    return CliRunner().invoke(cli, list(args), input=stdin, env=CLEAN_ENV, prog_name="cpctl")
+
+
+# ---- flag values ----
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("true", True),
+        ("false", False),
+        ("False", False),
+        ("TRUE", True),
+        ("42", 42),
+        ("-7", -7),
+        ("0.5", 0.5),
+        ("-.25", -0.25),
+        ("1e3", 1000.0),
+        ("read-only", "read-only"),
+        ("", ""),
+        ("yes", "yes"),
+        ("nan", "nan"),
+        ("inf", "inf"),
+        ("1_000", "1_000"),
+        ("0x10", "0x10"),
+        ("[1, 2]", "[1, 2]"),
+        ('{"mode": "lite", "n": 2}', {"mode": "lite", "n": 2}),
+    ],
+)
+def test_parse_flag_value(text: str, expected: Any) -> None:
+    value = parse_flag_value(text)
+    assert value == expected
+    # True == 1 and 1 == 1.0 in Python: the type is part of the answer.
+    assert type(value) is type(expected)
+
+
+@pytest.mark.parametrize("text", ["true", "42", "{not json", "@somefile", ""])
+def test_parse_flag_value_string_forced(text: str) -> None:
+    assert parse_flag_value(text, force_string=True) == text
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("{not json", r"VALUE is not valid JSON: .* at line 1 column 2"),
+        ('{"a": 1} trailing', r"VALUE is not valid JSON: Extra data"),
+        ('{"a": NaN}', r"VALUE is not valid JSON: NaN"),
+        ("9007199254740993", r"too large to store exactly"),
+        ("1e999", r"out of range"),
+        ("@", r"'@' needs a file name"),
+        ("@/nonexistent/value.json", r"cannot read /nonexistent/value.json: No such file"),
+    ],
+)
+def test_parse_flag_value_rejects(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_flag_value(text)
+
+
+def test_parse_flag_value_from_file(tmp_path: Path) -> None:
+    good = tmp_path / "mode.json"
+    good.write_text('{"mode": "read-only", "limit": 5}', encoding="utf-8")
+    assert parse_flag_value(f"@{good}") == {"mode": "read-only", "limit": 5}
+
+    array = tmp_path / "array.json"
+    array.write_text("[1, 2]", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"array.json must hold a JSON object .*not list"):
+        parse_flag_value(f"@{array}")
+
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"mode": ', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"file .*broken.json is not valid JSON"):
+        parse_flag_value(f"@{broken}")
+
+
+# ---- durations, times, percentages ----
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("30s", timedelta(seconds=30)),
+        ("15m", timedelta(minutes=15)),
+        ("90m", timedelta(minutes=90)),
+        ("2h", timedelta(hours=2)),
+        ("7d", timedelta(days=7)),
+        ("500ms", timedelta(milliseconds=500)),
+        ("1h30m", timedelta(hours=1, minutes=30)),
+        ("1d2h3m4s5ms", timedelta(days=1, hours=2, minutes=3, seconds=4, milliseconds=5)),
+        ("0s", timedelta(0)),
+    ],
+)
+def test_parse_duration(text: str, expected: timedelta) -> None:
+    assert parse_duration(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "30", "1.5h", "h", "30 m", " 30m", "1m1h", "1h1h", "-5m", "5M", "30min", "1w", "PT30M"],
+)
+def test_parse_duration_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="is not a duration") as info:
+        parse_duration(text)
+    message = str(info.value)
+    assert repr(text) in message
+    assert "ms, s, m, h or d" in message
+    assert "1h30m" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2026-11-26T18:00Z", datetime(2026, 11, 26, 18, 0, tzinfo=UTC)),
+        ("2026-11-26T18:00:00+02:00", datetime(2026, 11, 26, 16, 0, tzinfo=UTC)),
+        ("2026-11-26T18:00", datetime(2026, 11, 26, 18, 0, tzinfo=UTC)),
+        ("2026-11-26", datetime(2026, 11, 26, tzinfo=UTC)),
+    ],
+)
+def test_parse_time(text: str, expected: datetime) -> None:
+    moment = parse_time(text)
+    assert moment == expected
+    assert moment.utcoffset() == timedelta(0)
+
+
+@pytest.mark.parametrize("text", ["tomorrow", "2026-13-01", "18:00", "", "26/11/2026"])
+def test_parse_time_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="is not a time") as info:
+        parse_time(text)
+    assert repr(text) in str(info.value)
+    assert "ISO 8601" in str(info.value)
+
+
+def test_parse_since() -> None:
+    assert parse_since("2h", NOW) == NOW - timedelta(hours=2)
+    assert parse_since("1h30m", NOW) == NOW - timedelta(minutes=90)
+    assert parse_since("2026-11-25T09:00Z", NOW) == datetime(2026, 11, 25, 9, tzinfo=UTC)
+    with pytest.raises(ValueError, match=r"neither a duration .* nor a time") as info:
+        parse_since("2 hours", NOW)
+    assert "ISO 8601" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"), [("0", 0.0), ("50", 50.0), ("50%", 50.0), ("12.5", 12.5), ("100", 100.0)]
+)
+def test_parse_percent(text: str, expected: float) -> None:
+    assert parse_percent(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("150", "PERCENT must be between 0 and 100, got 150"),
+        ("-1", "PERCENT must be between 0 and 100, got -1"),
+        ("100.01", "PERCENT must be between 0 and 100"),
+        ("half", "PERCENT must be a number from 0 to 100, got 'half'"),
+        ("nan", "PERCENT must be a number"),
+    ],
+)
+def test_parse_percent_rejects(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_percent(text)
+
+
+# ---- exit codes ----
+
+EXIT_BY_STATUS = {
+    grpc.StatusCode.OK: 1,
+    grpc.StatusCode.CANCELLED: 1,
+    grpc.StatusCode.UNKNOWN: 1,
+    grpc.StatusCode.INVALID_ARGUMENT: 3,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 6,
+    grpc.StatusCode.NOT_FOUND: 5,
+    grpc.StatusCode.ALREADY_EXISTS: 4,
+    grpc.StatusCode.PERMISSION_DENIED: 7,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 1,
+    grpc.StatusCode.FAILED_PRECONDITION: 11,
+    grpc.StatusCode.ABORTED: 4,
+    grpc.StatusCode.OUT_OF_RANGE: 3,
+    grpc.StatusCode.UNIMPLEMENTED: 12,
+    grpc.StatusCode.INTERNAL: 1,
+    grpc.StatusCode.UNAVAILABLE: 6,
+    grpc.StatusCode.DATA_LOSS: 1,
+    grpc.StatusCode.UNAUTHENTICATED: 7,
+}
+
+
+def test_every_status_code_has_an_expected_exit_code() -> None:
+    assert set(EXIT_BY_STATUS) == set(grpc.StatusCode)
+
+
+@pytest.mark.parametrize("status", list(grpc.StatusCode), ids=lambda s: s.name)
+def test_exit_code_for_status(status: grpc.StatusCode) -> None:
+    assert exit_code_for_status(status) == EXIT_BY_STATUS[status]
+
+
+def test_exit_codes_are_the_documented_numbers_and_listed_in_help() -> None:
+    assert {code.name: int(code) for code in ExitCode} == {
+        "OK": 0,
+        "ERROR": 1,
+        "USAGE": 2,
+        "INVALID": 3,
+        "CONFLICT": 4,
+        "NOT_FOUND": 5,
+        "UNAVAILABLE": 6,
+        "PERMISSION_DENIED": 7,
+        "WAIT_TIMEOUT": 8,
+        "WAIT_NO_INSTANCES": 9,
+        "REJECTED": 10,
+        "FAILED_PRECONDITION": 11,
+        "UNIMPLEMENTED": 12,
+        "INTERRUPTED": 130,
+    }
+    result = run("--help")
+    assert result.exit_code == 0
+    for code in ExitCode:
+        assert re.search(rf"^\s+{int(code)}  \S", result.stdout, re.MULTILINE), code
+
+
+# ---- JSON and human output of responses ----
+
+
+def _flag(value: types_pb2.FlagValue, **meta: Any) -> types_pb2.Flag:
+    return types_pb2.Flag(scope="checkout", name="new-ui", value=value, meta=types_pb2.Meta(**meta))
+
+
+def _set_flag_response(
+    *, changed: bool = True, dry_run: bool = False, expiring: bool = False
+) -> mitigation_pb2.SetFlagResponse:
+    previous = _flag(
+        types_pb2.FlagValue(bool_value=True),
+        actor="deploy-bot",
+        actor_authenticated=True,
+        reason="launch",
+        set_at=_ts(NOW - timedelta(days=14)),
+        mod_revision=700,
+    )
+    flag = _flag(
+        types_pb2.FlagValue(bool_value=False),
+        actor="sre-1",
+        reason="errors after deploy",
+        incident="INC-42",
+        set_at=_ts(NOW),
+        mod_revision=812,
+    )
+    if expiring:
+        flag.meta.expires_at.CopyFrom(_ts(NOW + timedelta(minutes=30)))
+        flag.replaced.CopyFrom(previous)
+    return mitigation_pb2.SetFlagResponse(
+        result=types_pb2.WriteResult(
+            changed=changed,
+            dry_run=dry_run,
+            revision=812 if changed else 0,
+            mod_revision=812,
+            overridden_by=["billing", "search"],
+            audit_id="audit-1",
+            summary="flag new-ui = false (was true)",
+        ),
+        flag=flag,
+        previous=previous,
+    )
+
+
+def test_json_shape_of_set_flag_response() -> None:
+    document = json.loads(fmt.dumps(fmt.to_plain(_set_flag_response(expiring=True))))
+    previous = {
+        "scope": "checkout",
+        "name": "new-ui",
+        "value": True,
+        "meta": {
+            "actor": "deploy-bot",
+            "actor_authenticated": True,
+            "reason": "launch",
+            "incident": "",
+            "set_at": "2026-11-12T17:30:00Z",
+            "expires_at": None,
+            "mod_revision": 700,
+            "bundle_id": "",
+        },
+        "replaced": None,
+    }
+    assert document == {
+        "result": {
+            "changed": True,
+            "dry_run": False,
+            "revision": 812,
+            "mod_revision": 812,
+            "overridden_by": ["billing", "search"],
+            "audit_id": "audit-1",
+            "summary": "flag new-ui = false (was true)",
+        },
+        "flag": {
+            "scope": "checkout",
+            "name": "new-ui",
+            "value": False,
+            "meta": {
+                "actor": "sre-1",
+                "actor_authenticated": False,
+                "reason": "errors after deploy",
+                "incident": "INC-42",
+                "set_at": "2026-11-26T17:30:00Z",
+                "expires_at": "2026-11-26T18:00:00Z",
+                "mod_revision": 812,
+                "bundle_id": "",
+            },
+            "replaced": previous,
+        },
+        "previous": previous,
+    }
+    assert list(document) == ["result", "flag", "previous"]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (types_pb2.FlagValue(number_value=50), 50),
+        (types_pb2.FlagValue(number_value=0.25), 0.25),
+        (types_pb2.FlagValue(string_value="read-only"), "read-only"),
+        (
+            types_pb2.FlagValue(json_value='{"mode":"lite","n":[1,2]}'),
+            {"mode": "lite", "n": [1, 2]},
+        ),
+        (types_pb2.FlagValue(), None),
+    ],
+)
+def test_json_flag_value_is_a_plain_value(value: types_pb2.FlagValue, expected: Any) -> None:
+    document = json.loads(fmt.dumps(fmt.to_plain(types_pb2.Flag(name="x", value=value))))
+    assert document["value"] == expected
+    assert type(document["value"]) is type(expected)
+
+
+def test_json_audit_entry_carries_records_as_objects() -> None:
+    entry = types_pb2.AuditEntry(
+        id="a1", revision=9, before_json="", after_json='{"value": false}', time=_ts(NOW)
+    )
+    document = json.loads(fmt.dumps(fmt.to_plain(entry)))
+    assert document["before"] is None
+    assert document["after"] == {"value": False}
+    assert document["time"] == "2026-11-26T17:30:00Z"
+    assert "after_json" not in document
+
+
+@pytest.mark.parametrize("name", list(fmt.JSON_SHAPES))
+def test_documented_json_shapes_match_the_output(name: str) -> None:
+    message = getattr(types_pb2, name)()
+    assert tuple(fmt.to_plain(message)) == fmt.JSON_SHAPES[name]
+
+
+def test_human_line_of_a_set_flag() -> None:
+    rendered = fmt.render_flag_set(fmt.to_plain(_set_flag_response()), NOW)
+    assert list(rendered.lines) == ["checkout: flag new-ui = false (was true) · rev 812"]
+    assert list(rendered.warnings) == [
+        "warning: 2 service(s) keep their own flag new-ui and do not see this global change: "
+        "billing, search"
+    ]
+
+
+def test_human_line_of_a_time_boxed_set_flag() -> None:
+    rendered = fmt.render_flag_set(fmt.to_plain(_set_flag_response(expiring=True)), NOW)
+    assert list(rendered.lines) == [
+        "checkout: flag new-ui = false (was true) · rev 812"
+        " · expires 2026-11-26T18:00:00Z (in 30m), then true"
+    ]
+
+
+def test_human_line_of_an_unchanged_and_of_a_dry_run_set_flag() -> None:
+    unchanged = fmt.render_flag_set(fmt.to_plain(_set_flag_response(changed=False)), NOW)
+    assert list(unchanged.lines) == ["checkout: flag new-ui = false · unchanged"]
+    dry = fmt.render_flag_set(fmt.to_plain(_set_flag_response(changed=False, dry_run=True)), NOW)
+    assert list(dry.lines) == [
+        "dry run: would set checkout: flag new-ui = false (was true) · nothing written"
+    ]
+
+
+def test_human_line_of_a_shedding_change() -> None:
+    response = mitigation_pb2.SetSheddingResponse(
+        result=types_pb2.WriteResult(changed=True, revision=813),
+        shedding=types_pb2.Shedding(service="checkout", tier=types_pb2.SHEDDABLE_PLUS, percent=50),
+    )
+    rendered = fmt.render_shed_set(fmt.to_plain(response), NOW)
+    assert list(rendered.lines) == ["checkout: shedding SHEDDABLE_PLUS 50% (was off) · rev 813"]
+
+
+def test_human_lines_of_clears() -> None:
+    nothing = mitigation_pb2.ClearSheddingResponse(result=types_pb2.WriteResult())
+    rendered = fmt.render_shed_clear(fmt.to_plain(nothing), NOW, "checkout")
+    assert list(rendered.lines) == ["checkout: shedding off · unchanged"]
+
+    layered = mitigation_pb2.ClearFlagResponse(
+        result=types_pb2.WriteResult(changed=True, revision=900),
+        removed=_flag(types_pb2.FlagValue(bool_value=False)),
+        restored=_flag(types_pb2.FlagValue(bool_value=True)),
+    )
+    rendered = fmt.render_flag_clear(fmt.to_plain(layered), NOW, "checkout", "new-ui")
+    assert list(rendered.lines) == [
+        "checkout: flag new-ui cleared (was false); true applies again · rev 900"
+    ]
+
+
+def test_times_keep_fractions_in_json_and_drop_them_for_people() -> None:
+    moment = NOW + timedelta(microseconds=250_000)
+    document = json.loads(fmt.dumps(fmt.to_plain(types_pb2.Meta(set_at=_ts(moment)))))
+    assert document["set_at"] == "2026-11-26T17:30:00.250000Z"
+    assert fmt.format_time(moment, NOW - timedelta(hours=2)) == "2026-11-26T17:30:00Z (in 2h)"
+    assert fmt.format_time(moment, NOW + timedelta(days=1, hours=3)) == (
+        "2026-11-26T17:30:00Z (1d2h ago)"
+    )
+
+
+def test_list_is_an_aligned_table() -> None:
+    response = mitigation_pb2.ListFlagsResponse(
+        flags=[
+            types_pb2.Flag(
+                scope="global",
+                name="new-ui",
+                value=types_pb2.FlagValue(bool_value=True),
+                meta=types_pb2.Meta(actor="deploy-bot", reason="launch", mod_revision=7),
+            ),
+            types_pb2.Flag(
+                scope="payments-api",
+                name="checkout.mode",
+                value=types_pb2.FlagValue(string_value="read-only"),
+                meta=types_pb2.Meta(
+                    actor="sre-1",
+                    reason="db failover\nsecond line",
+                    mod_revision=1234,
+                    expires_at=_ts(NOW + timedelta(hours=2)),
+                ),
+            ),
+        ]
+    )
+    lines = list(fmt.render_flag_list(fmt.to_plain(response), NOW).lines)
+    assert len(lines) == 3
+    header = lines[0]
+    for column in ("NAME", "VALUE", "EXPIRES", "REV", "ACTOR", "REASON"):
+        start = header.index(column)
+        assert all(line[start - 2 : start] == "  " for line in lines), column
+        assert all(line[start] != " " for line in lines), column
+    assert '"read-only"' in lines[2]
+    assert "2026-11-26T19:30:00Z (in 2h)" in lines[2]
+    assert lines[2].endswith("db failover\\nsecond line")
+
+
+# ---- commands against a real in-process server ----
+
+
+class FakeMitigation(mitigation_pb2_grpc.MitigationServiceServicer):
+    """MitigationService with GetFlag and SetFlag over a dict; everything else UNIMPLEMENTED."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.set_requests: list[mitigation_pb2.SetFlagRequest] = []
+        self.flags: dict[tuple[str, str], types_pb2.Flag] = {}
+        self.revision = 812
+
+    def GetFlag(
+        self, request: mitigation_pb2.GetFlagRequest, context: grpc.ServicerContext
+    ) -> mitigation_pb2.GetFlagResponse:
+        self.calls.append("GetFlag")
+        flag = self.flags.get((request.scope, request.name))
+        if flag is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"flag {request.scope}/{request.name}: none")
+        return mitigation_pb2.GetFlagResponse(flag=flag)
+
+    def SetFlag(
+        self, request: mitigation_pb2.SetFlagRequest, context: grpc.ServicerContext
+    ) -> mitigation_pb2.SetFlagResponse:
+        self.calls.append("SetFlag")
+        self.set_requests.append(request)
+        key = (request.scope, request.name)
+        previous = self.flags.get(key)
+        current = previous.meta.mod_revision if previous is not None else 0
+        options = request.options
+        if options.HasField("expected_mod_revision") and options.expected_mod_revision != current:
+            context.abort(
+                grpc.StatusCode.ABORTED,
+                f"expected mod revision {options.expected_mod_revision}, current {current}",
+            )
+        changed = previous is None or previous.value != request.value
+        flag = types_pb2.Flag(
+            scope=request.scope,
+            name=request.name,
+            value=request.value,
+            meta=types_pb2.Meta(actor=options.actor, reason=options.reason, mod_revision=current),
+        )
+        result = types_pb2.WriteResult(dry_run=options.dry_run, mod_revision=current)
+        if changed and not options.dry_run:
+            self.revision += 1
+            flag.meta.mod_revision = result.revision = result.mod_revision = self.revision
+            result.changed = True
+            self.flags[key] = flag
+        return mitigation_pb2.SetFlagResponse(result=result, flag=flag, previous=previous)
+
+
+@dataclass
+class Server:
+    address: str
+    servicer: FakeMitigation
+
+
+@pytest.fixture
+def start_server() -> Iterator[Callable[[], Server]]:
+    """Start real gRPC servers on 127.0.0.1:0; all are stopped after the test."""
+    servers: list[grpc.Server] = []
+
+    def start() -> Server:
+        servicer = FakeMitigation()
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        add_servicer: Any = mitigation_pb2_grpc.add_MitigationServiceServicer_to_server
+        add_servicer(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        servers.append(server)
+        return Server(f"127.0.0.1:{port}", servicer)
+
+    yield start
+    for server in servers:
+        server.stop(grace=None)
+
+
+@pytest.fixture
+def server(start_server: Callable[[], Server]) -> Server:
+    started = start_server()
+    started.servicer.flags[("checkout", "new-ui")] = types_pb2.Flag(
+        scope="checkout",
+        name="new-ui",
+        value=types_pb2.FlagValue(bool_value=False),
+        meta=types_pb2.Meta(actor="sre-1", reason="errors after deploy", mod_revision=812),
+    )
+    return started
+
+
+def closed_address() -> str:
+    """A loopback address nothing listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_fails_over_to_the_next_server(server: Server) -> None:
+    result = run(
+        "--server", f"{closed_address()},{server.address}", "flag", "get", "checkout", "new-ui"
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0] == "checkout: flag new-ui = false"
+    assert server.servicer.calls == ["GetFlag"]
+
+
+def test_fails_over_with_json_output(server: Server) -> None:
+    servers = f"{closed_address()},{server.address}"
+    result = run("--json", "--server", servers, "flag", "get", "checkout", "new-ui")
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert document["flag"]["value"] is False
+    assert document["flag"]["meta"]["mod_revision"] == 812
+    assert document["overridden_by"] == []
+    assert result.stderr == ""
+
+
+def test_no_server_reachable_exits_6_naming_each_server() -> None:
+    first, second = closed_address(), closed_address()
+    result = run("--server", f"{first},{second}", "flag", "get", "checkout", "new-ui")
+    assert result.exit_code == 6
+    assert "error: no server reachable" in result.stderr
+    assert first in result.stderr
+    assert second in result.stderr
+    assert result.stdout == ""
+
+
+def test_only_unavailable_fails_over(start_server: Callable[[], Server], server: Server) -> None:
+    empty = start_server()
+    result = run("--server", f"{empty.address},{server.address}", "flag", "get", "checkout", "x")
+    assert result.exit_code == 5
+    assert "error: flag checkout/x: none" in result.stderr
+    assert empty.servicer.calls == ["GetFlag"]
+    assert server.servicer.calls == []
+
+
+def test_error_as_json_on_stderr(server: Server) -> None:
+    result = run("--json", "--server", server.address, "flag", "get", "checkout", "missing")
+    assert result.exit_code == 5
+    assert result.stdout == ""
+    assert json.loads(result.stderr) == {
+        "error": {"code": "NOT_FOUND", "message": "flag checkout/missing: none", "exit_code": 5}
+    }
+
+
+def test_unimplemented_rpc_exits_12(server: Server) -> None:
+    result = run(
+        "--json", "--server", server.address, "rollback", "checkout", "--reason", "bad release"
+    )
+    assert result.exit_code == 12
+    assert json.loads(result.stderr)["error"]["code"] == "UNIMPLEMENTED"
+    assert result.stdout == ""
+
+
+def test_missing_reason_is_a_usage_error_before_any_call(server: Server) -> None:
+    result = run("--server", server.address, "flag", "set", "checkout", "new-ui", "true")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: --reason is required: say why")
+    assert "cpctl flag set [OPTIONS] SCOPE NAME VALUE" in result.stderr
+    assert result.stdout == ""
+    assert server.servicer.calls == []
+
+
+@pytest.mark.parametrize("reason", ["", "   "])
+def test_blank_reason_is_missing(server: Server, reason: str) -> None:
+    result = run(
+        "--json", "--server", server.address, "pin", "set", "checkout", "v1", "--reason", reason
+    )
+    assert result.exit_code == 2
+    error = json.loads(result.stderr)["error"]
+    assert error["code"] == "USAGE"
+    assert error["exit_code"] == 2
+    assert error["message"].startswith("--reason is required: say why")
+    assert server.servicer.calls == []
+
+
+def test_shed_percent_out_of_range_exits_3_before_any_call(server: Server) -> None:
+    result = run(
+        "--server", server.address, "shed", "set", "checkout", "150", "--reason", "overload"
+    )
+    assert result.exit_code == 3
+    assert "error: PERCENT must be between 0 and 100, got 150" in result.stderr
+    assert server.servicer.calls == []
+
+
+def test_invalid_json_value_exits_3_before_any_call(server: Server) -> None:
+    result = run(
+        "--server", server.address, "flag", "set", "global", "limits", "{max: 5}", "--reason", "x"
+    )
+    assert result.exit_code == 3
+    assert "error: VALUE is not valid JSON" in result.stderr
+    assert server.servicer.calls == []
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--ttl", "90"], ["Invalid value for '--ttl'", "'90' is not a duration", "1h30m"]),
+        (["--ttl", "0m"], ["Invalid value for '--ttl'", "must be longer than zero"]),
+        (["--until", "tonight"], ["Invalid value for '--until'", "ISO 8601"]),
+        (["--ttl", "30m", "--until", "2099-01-01T00:00Z"], ["--ttl and --until", "give one"]),
+        (["--expect-revision", "-1"], ["Invalid value for '--expect-revision'"]),
+    ],
+)
+def test_bad_write_options_are_usage_errors(
+    server: Server, args: list[str], expected: list[str]
+) -> None:
+    result = run(
+        "--server", server.address, "flag", "set", "checkout", "new-ui", "false",
+        "--reason", "errors", *args,
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    for text in expected:
+        assert text in result.stderr
+    assert server.servicer.calls == []
+
+
+def test_until_in_the_past_is_invalid_input(server: Server) -> None:
+    result = run(
+        "--server", server.address, "flag", "set", "checkout", "new-ui", "false",
+        "--reason", "errors", "--until", "2020-01-01T00:00Z",
+    )  # fmt: skip
+    assert result.exit_code == 3
+    assert "error: --until 2020-01-01T00:00:00Z is in the past" in result.stderr
+    assert server.servicer.calls == []
+
+
+@pytest.mark.parametrize("value", ["5", "1.5s", "abc", "0s"])
+def test_bad_timeout_names_the_global_option(value: str) -> None:
+    result = run("--json", "--timeout", value, "flag", "list")
+    assert result.exit_code == 2
+    error = json.loads(result.stderr)["error"]
+    assert error["code"] == "USAGE"
+    assert "--timeout" in error["message"]
+
+
+def test_write_options_reach_the_server(server: Server) -> None:
+    result = run(
+        "--server", server.address, "--actor", "sre-1", "flag", "set", "checkout", "new-ui",
+        "true", "--reason", "recovered", "--incident", "INC-42", "--ttl", "1h30m",
+        "--expect-revision", "812",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ("checkout: flag new-ui = true (was false) · rev 813\n")
+    (request,) = server.servicer.set_requests
+    assert request.value.WhichOneof("kind") == "bool_value"
+    assert request.value.bool_value is True
+    options = request.options
+    assert (options.reason, options.incident, options.actor) == ("recovered", "INC-42", "sre-1")
+    assert options.ttl.ToTimedelta() == timedelta(minutes=90)
+    assert not options.HasField("expires_at")
+    assert options.HasField("expected_mod_revision")
+    assert options.expected_mod_revision == 812
+    assert options.dry_run is False
+
+
+def test_expect_revision_zero_is_sent_and_absence_is_not(server: Server) -> None:
+    base = ["--server", server.address, "flag", "set", "global", "limits", "5", "--reason", "r"]
+    assert run(*base, "--expect-revision", "0", "--dry-run").exit_code == 0
+    assert run(*base, "--until", "2099-01-01T10:00+02:00").exit_code == 0
+    with_zero, without = server.servicer.set_requests
+    assert with_zero.options.HasField("expected_mod_revision")
+    assert with_zero.options.expected_mod_revision == 0
+    assert with_zero.options.dry_run is True
+    assert with_zero.value.WhichOneof("kind") == "number_value"
+    assert with_zero.value.number_value == 5.0
+    assert not without.options.HasField("expected_mod_revision")
+    assert without.options.expires_at.ToDatetime(tzinfo=UTC) == datetime(2099, 1, 1, 8, tzinfo=UTC)
+
+
+def test_json_object_value_is_sent_canonical(server: Server, tmp_path: Path) -> None:
+    path = tmp_path / "limits.json"
+    path.write_text('{"rps": 50, "burst": 10}', encoding="utf-8")
+    result = run(
+        "--json", "--server", server.address, "flag", "set", "global", "limits", f"@{path}",
+        "--reason", "protect the database",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (request,) = server.servicer.set_requests
+    assert request.value.json_value == '{"burst":10,"rps":50}'
+    document = json.loads(result.stdout)
+    assert document["flag"]["value"] == {"burst": 10, "rps": 50}
+    assert document["result"]["changed"] is True
+    assert document["previous"] is None
+
+
+def test_value_from_stdin(server: Server) -> None:
+    result = run(
+        "--server", server.address, "flag", "set", "global", "mode", "@-", "--reason", "r",
+        stdin='{"mode": "lite"}',
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert server.servicer.set_requests[0].value.json_value == '{"mode":"lite"}'
+
+
+def test_rerun_prints_unchanged_and_exits_0(server: Server) -> None:
+    args = ["--server", server.address, "flag", "set", "checkout", "new-ui", "false"]
+    result = run(*args, "--reason", "again")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "checkout: flag new-ui = false · unchanged\n"
+
+
+def test_conflict_exits_4_with_a_hint(server: Server) -> None:
+    result = run(
+        "--server", server.address, "flag", "set", "checkout", "new-ui", "true",
+        "--reason", "r", "--expect-revision", "3",
+    )  # fmt: skip
+    assert result.exit_code == 4
+    assert "error: expected mod revision 3, current 812" in result.stderr
+    assert "--expect-revision" in result.stderr.splitlines()[1]
+
+
+def test_help_does_not_import_grpc() -> None:
+    # Only checks the CLI modules themselves: importing them must not pull in gRPC stubs.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import controlplane.cli; "
+        "print(any(m == 'grpc' or m.startswith('controlplane.api') for m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_commands_are_listed_in_incident_order() -> None:
+    assert isinstance(cli, click.Group)
+    ctx = click.Context(cli)
+    assert cli.list_commands(ctx) == ["flag", "shed", "pin", "known-good", "rollback", "history"]
