@@ -137,9 +137,7 @@ class ControlServer:
         mitigation_pb2_grpc.add_MitigationServiceServicer_to_server(
             MitigationServicer(self.store, self.metrics), server
         )
-        agent_pb2_grpc.add_AgentServiceServicer_to_server(
-            AgentServicer(self.metrics), server
-        )
+        agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(self.metrics), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server

@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that print the figures in BENCHMARKS.md (``make bench``)."""
