@@ -15,11 +15,11 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeAlias
 
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import timestamp_pb2
 
 from controlplane.api.v1 import types_pb2 as pb
 from controlplane.errors import InvalidArgumentError
@@ -775,23 +775,6 @@ def tier_from_proto(value: int, field_name: str = "tier") -> Tier:
     except ValueError:
         names = ", ".join(Tier.__members__)
         raise InvalidArgumentError(field_name, f"unknown tier {value}: one of {names}") from None
-
-
-def duration_to_proto(value: timedelta) -> duration_pb2.Duration:
-    """A timedelta as a protobuf Duration."""
-    msg = duration_pb2.Duration()
-    msg.FromTimedelta(value)
-    return msg
-
-
-def same_expiry(a: Meta | None, b: Meta | None) -> bool:
-    """Whether two records expire at the same time (both never, or the same instant)."""
-    return (a.expires_at if a else None) == (b.expires_at if b else None)
-
-
-def with_meta(record: Record, meta: Meta) -> Record:
-    """A copy of ``record`` with other metadata."""
-    return replace(record, meta=meta)
 
 
 __all__ = [

@@ -20,7 +20,7 @@ import grpc
 import structlog
 
 from controlplane import model
-from controlplane.api.v1 import agent_pb2, agent_pb2_grpc, mitigation_pb2_grpc
+from controlplane.api.v1 import agent_pb2_grpc, mitigation_pb2_grpc
 from controlplane.api.v1 import mitigation_pb2 as mpb
 from controlplane.api.v1 import types_pb2 as pb
 from controlplane.errors import (
@@ -412,4 +412,4 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         )
 
 
-__all__ = ["AgentServicer", "MitigationServicer", "agent_pb2"]
+__all__ = ["AgentServicer", "MitigationServicer"]

@@ -55,7 +55,6 @@ from controlplane import model
 from controlplane.errors import (
     ConflictError,
     ControlPlaneError,
-    InvalidArgumentError,
     NotImplementedYetError,
     UnavailableError,
 )
@@ -888,8 +887,3 @@ class Store:
             response = await self._range(start, _range_end(start), count_only=True)
             counts[kind] = int(response.count)
         return counts
-
-    def validate_prefix_free(self, value: str, field_name: str) -> None:
-        """Reject text that could escape the key layout (defence in depth)."""
-        if "/" in value or "\0" in value:
-            raise InvalidArgumentError(field_name, "must not contain '/' or NUL")

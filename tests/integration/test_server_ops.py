@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 from controlplane.api.v1 import agent_pb2, agent_pb2_grpc, mitigation_pb2_grpc
 from controlplane.api.v1 import mitigation_pb2 as m
 from controlplane.api.v1 import types_pb2 as t
-from controlplane.embedded_etcd import EmbeddedEtcd
+from controlplane.embedded_etcd import EmbeddedEtcd, free_port
 from controlplane.server import ControlServer
 from controlplane.store import new_audit_id
 from tests.helpers.raw_etcd import RawEtcd
@@ -191,6 +191,28 @@ async def test_etcd_down_gives_unavailable_fast_not_serving_then_recovers(
         await wait_until(serving, what="SERVING again after etcd restart")
         got = await stub.GetFlag(m.GetFlagRequest(scope="checkout", name="kill"), timeout=5)
         assert got.flag.value.bool_value is True
+
+
+async def test_several_etcd_endpoints_fail_over_to_a_live_member(
+    etcd: EmbeddedEtcd, prefix: str, raw_etcd: RawEtcd
+) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    srv = ControlServer(server_config(dead, prefix), registry=CollectorRegistry())
+    srv.config.etcd = [dead, etcd.endpoint]
+    await srv.start()
+    try:
+        async with grpc.aio.insecure_channel(srv.address) as ch:
+            stub = mitigation_pb2_grpc.MitigationServiceStub(ch)
+            resp = await stub.SetFlag(
+                m.SetFlagRequest(
+                    scope="global", name="kill", value=t.FlagValue(bool_value=True), options=opts()
+                ),
+                timeout=10,
+            )
+        assert resp.result.changed
+        assert await raw_etcd.get(prefix + "flags/global/kill") is not None
+    finally:
+        await srv.stop(grace=0)
 
 
 async def test_reflection_lists_the_services(
