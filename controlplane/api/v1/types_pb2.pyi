@@ -139,7 +139,7 @@ class KnownGood(_message.Message):
     def __init__(self, service: _Optional[str] = ..., version: _Optional[str] = ..., meta: _Optional[_Union[Meta, _Mapping]] = ...) -> None: ...
 
 class WriteResult(_message.Message):
-    __slots__ = ("changed", "dry_run", "revision", "mod_revision", "overridden_by", "audit_id", "summary")
+    __slots__ = ("changed", "dry_run", "revision", "mod_revision", "overridden_by", "audit_id", "summary", "would_change")
     CHANGED_FIELD_NUMBER: _ClassVar[int]
     DRY_RUN_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
@@ -147,6 +147,7 @@ class WriteResult(_message.Message):
     OVERRIDDEN_BY_FIELD_NUMBER: _ClassVar[int]
     AUDIT_ID_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    WOULD_CHANGE_FIELD_NUMBER: _ClassVar[int]
     changed: bool
     dry_run: bool
     revision: int
@@ -154,7 +155,8 @@ class WriteResult(_message.Message):
     overridden_by: _containers.RepeatedScalarFieldContainer[str]
     audit_id: str
     summary: str
-    def __init__(self, changed: _Optional[bool] = ..., dry_run: _Optional[bool] = ..., revision: _Optional[int] = ..., mod_revision: _Optional[int] = ..., overridden_by: _Optional[_Iterable[str]] = ..., audit_id: _Optional[str] = ..., summary: _Optional[str] = ...) -> None: ...
+    would_change: bool
+    def __init__(self, changed: _Optional[bool] = ..., dry_run: _Optional[bool] = ..., revision: _Optional[int] = ..., mod_revision: _Optional[int] = ..., overridden_by: _Optional[_Iterable[str]] = ..., audit_id: _Optional[str] = ..., summary: _Optional[str] = ..., would_change: _Optional[bool] = ...) -> None: ...
 
 class AuditEntry(_message.Message):
     __slots__ = ("id", "revision", "time", "actor", "actor_authenticated", "action", "kind", "scope", "name", "reason", "incident", "before_json", "after_json", "bundle_id", "expires_at")
