@@ -44,6 +44,7 @@ JSON_SHAPES: dict[str, tuple[str, ...]] = {
         "overridden_by",
         "audit_id",
         "summary",
+        "would_change",
     ),
     "Meta": (
         "actor",
@@ -249,8 +250,13 @@ def _write_line(
     same: str,
     expiry: str = "",
 ) -> str:
-    """The one-line confirmation of a write: done, unchanged, or dry run."""
+    """The one-line confirmation of a write: done, unchanged, or dry run.
+
+    A dry run reports what the server says it would do (``would_change``).
+    """
     if result.get("dry_run"):
+        if not result.get("would_change"):
+            return f"dry run: unchanged (nothing would change) · {same}"
         return f"dry run: would {would}{expiry} · nothing written"
     if not result.get("changed"):
         return f"{same} · unchanged"

@@ -1,6 +1,7 @@
 """``cpctl``: change and inspect mitigations from a terminal or a runbook.
 
-Layout: parsing of user input (values, durations, times) and the exit-code table first, then
+Layout: parsing of user input (values; durations and times come from ``_durations``, shared
+with the server) and the exit-code table first, then
 ``App`` (the server list, failover and the calls), then the click commands. A command
 parses its arguments, builds one request, calls ``App.call`` and hands the plain response
 to ``_respond`` with a renderer from ``_cli_format``; adding a command means adding those
@@ -41,6 +42,7 @@ import click
 
 from controlplane import __version__
 from controlplane import _cli_format as fmt
+from controlplane._durations import DURATION_FORMS, TIME_FORMS, parse_duration, parse_time
 
 if TYPE_CHECKING:
     import grpc
@@ -88,7 +90,8 @@ _EXIT_CODE_HELP: dict[ExitCode, str] = {
     ExitCode.INVALID: "invalid input (INVALID_ARGUMENT, OUT_OF_RANGE, or caught before sending)",
     ExitCode.CONFLICT: "conflict: --expect-revision did not match (ABORTED, ALREADY_EXISTS)",
     ExitCode.NOT_FOUND: "not found (NOT_FOUND)",
-    ExitCode.UNAVAILABLE: "no server reachable (UNAVAILABLE, DEADLINE_EXCEEDED)",
+    ExitCode.UNAVAILABLE: "server or its etcd unavailable, or too slow (UNAVAILABLE, "
+    "DEADLINE_EXCEEDED)",
     ExitCode.PERMISSION_DENIED: "permission denied (PERMISSION_DENIED, UNAUTHENTICATED)",
     ExitCode.WAIT_TIMEOUT: "--wait timed out with the change only partly applied",
     ExitCode.WAIT_NO_INSTANCES: "--wait with no connected instance",
@@ -112,13 +115,12 @@ _EXIT_BY_STATUS: dict[str, ExitCode] = {
     "UNIMPLEMENTED": ExitCode.UNIMPLEMENTED,
 }
 
-# Shown under the error line (not in --json output).
+# Shown under the error line (not in --json output), unless the error carries its own hint.
 _HINTS: dict[str, str] = {
     "ABORTED": "the record changed since it was read: look at it with `get` and retry with "
     "its current revision in --expect-revision",
     "UNAVAILABLE": "is the server running? check --server / CPCTL_SERVER",
-    "DEADLINE_EXCEEDED": "the server did not answer in time (--timeout); a write may or may "
-    "not have been applied: check with `get` before retrying",
+    "DEADLINE_EXCEEDED": "the server did not answer in time (--timeout)",
     "UNIMPLEMENTED": "this server does not support that yet",
     "PERMISSION_DENIED": "your credentials do not allow this",
     "UNAUTHENTICATED": "your credentials do not allow this",
@@ -133,9 +135,13 @@ def exit_code_for_status(code: grpc.StatusCode) -> ExitCode:
 class CliError(click.ClickException):
     """An error with a status-like code name (``ABORTED``, ``INVALID_ARGUMENT``, ...)."""
 
-    def __init__(self, code: str, message: str, exit_code: ExitCode) -> None:
+    def __init__(
+        self, code: str, message: str, exit_code: ExitCode, *, hint: str | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
+        # Shown under the error line instead of the code's entry in _HINTS.
+        self.hint = hint
         # click declares exit_code per class; ours varies per instance and click reads it
         # from the instance.
         self.exit_code = int(exit_code)  # type: ignore[misc]
@@ -246,62 +252,14 @@ def parse_percent(text: str) -> float:
     return percent
 
 
-_DURATION_RE = re.compile(
-    r"(?:(?P<d>\d+)d)?(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m(?!s))?(?:(?P<s>\d+)s)?(?:(?P<ms>\d+)ms)?"
-)
-DURATION_FORMS = (
-    "a whole number with a unit ms, s, m, h or d, or several from the largest unit down "
-    "(500ms, 30s, 15m, 2h, 1h30m, 7d)"
-)
-
-
-def parse_duration(text: str) -> timedelta:
-    """Parse ``30s``, ``15m``, ``1h30m``, ``500ms``, ``7d`` (units in that order, once each).
-
-    Raises:
-        ValueError: anything else; the message shows the accepted forms.
-    """
-    match = _DURATION_RE.fullmatch(text)
-    if not text or match is None:
-        raise ValueError(f"{text!r} is not a duration: use {DURATION_FORMS}")
-    parts = {unit: int(value) for unit, value in match.groupdict().items() if value is not None}
-    try:
-        return timedelta(
-            days=parts.get("d", 0),
-            hours=parts.get("h", 0),
-            minutes=parts.get("m", 0),
-            seconds=parts.get("s", 0),
-            milliseconds=parts.get("ms", 0),
-        )
-    except OverflowError as e:
-        raise ValueError(f"duration {text!r} is too large") from e
-
-
-TIME_FORMS = (
-    "ISO 8601 such as 2026-11-26T18:00Z, 2026-11-26T18:00:00+01:00 or 2026-11-26; "
-    "a time without an offset is UTC"
-)
-
-
-def parse_time(text: str) -> datetime:
-    """Parse an ISO 8601 time (``Z`` allowed); no offset means UTC. Returns UTC.
-
-    Raises:
-        ValueError: not an ISO 8601 time; the message shows the accepted forms.
-    """
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a time: use {TIME_FORMS}") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC)
-
-
 def parse_since(text: str, now: datetime) -> datetime:
     """A point in time given as a duration back from ``now`` (``2h``) or an ISO 8601 time."""
-    if text[:1].isdigit() and _DURATION_RE.fullmatch(text):
+    try:
         return now - parse_duration(text)
+    except ValueError:
+        pass
+    except OverflowError:
+        raise ValueError(f"{text!r} is too long ago") from None
     try:
         return parse_time(text)
     except ValueError:
@@ -373,9 +331,11 @@ class App:
     def call(self, rpc: str, request: Message) -> dict[str, Any]:
         """Call MitigationService.<rpc> and return the response in plain form.
 
-        Tries the servers in order, starting with the one that last answered; moves on to
-        the next only on UNAVAILABLE (the server could not be reached or could not reach
-        etcd). Each attempt has its own deadline (--timeout).
+        Tries the servers in order, starting with the one that last answered, and moves on
+        to the next only when a server could not be reached at all (see
+        ``_never_reached``): an error a server answered is final, so a write that may have
+        been applied is never sent a second time. Each attempt has its own deadline
+        (--timeout).
 
         Raises:
             CliError: the call failed; the exit code follows ``exit_code_for_status``.
@@ -387,6 +347,7 @@ class App:
         order = self.servers
         if self._last_good is not None:
             order = [self._last_good, *(s for s in self.servers if s != self._last_good)]
+        write = _is_write(request)
         # The generated stub is untyped; responses go straight to fmt.to_plain.
         stub_class: Any = mitigation_pb2_grpc.MitigationServiceStub
         failures: list[str] = []
@@ -396,10 +357,10 @@ class App:
                 response = getattr(stub, rpc)(request, timeout=self.timeout.total_seconds())
             except grpc.RpcError as e:
                 code, details = e.code(), e.details() or ""
-                if code == grpc.StatusCode.UNAVAILABLE:
+                if code == grpc.StatusCode.UNAVAILABLE and _never_reached(details, write=write):
                     failures.append(f"{target}: {details or code.name}")
                     continue
-                raise CliError(code.name, details or code.name, exit_code_for_status(code)) from e
+                raise _call_error(target, code, details, write=write) from e
             self._last_good = target
             return fmt.to_plain(response)
         raise CliError(
@@ -421,6 +382,67 @@ class App:
         channels, self._channels = self._channels, {}
         for channel in channels.values():
             channel.close()
+
+
+# UNAVAILABLE details our server sends (controlplane.store): it was reached and answered,
+# but its etcd did not; a write may have been committed all the same.
+_SERVER_UNAVAILABLE_PREFIXES = ("etcd is unreachable", "etcd refused")
+# gRPC's own details (lowercased) when it had no connection to send the call on: the server
+# never saw it. Anything else from gRPC (a connection lost mid-call) may come after it did.
+_NOT_CONNECTED_MARKERS = (
+    "failed to connect to all addresses",
+    "errors resolving",
+    "dns resolution failed",
+    "name resolution",
+)
+OUTCOME_UNKNOWN = (
+    "the write may or may not have been applied: check with `get` or `history` before retrying"
+)
+
+
+def _is_write(request: Message) -> bool:
+    """Whether ``request`` may change something: it has WriteOptions and is no dry run."""
+    field = request.DESCRIPTOR.fields_by_name.get("options")
+    if field is None or field.message_type is None:
+        return False
+    if field.message_type.full_name != "controlplane.api.v1.WriteOptions":
+        return False
+    return not getattr(request, "options").dry_run  # noqa: B009
+
+
+def _never_reached(details: str, *, write: bool) -> bool:
+    """Whether an UNAVAILABLE call never reached a server, so the next one may be tried.
+
+    An UNAVAILABLE our server sends (it could not use its etcd) means it was reached. Any
+    other UNAVAILABLE comes from gRPC itself: for a read that is enough; a write moves on
+    only when gRPC says it never had a connection, since a connection lost mid-call may
+    have delivered it.
+    """
+    if details.startswith(_SERVER_UNAVAILABLE_PREFIXES):
+        return False
+    if not write:
+        return True
+    lowered = details.lower()
+    return any(marker in lowered for marker in _NOT_CONNECTED_MARKERS)
+
+
+def _call_error(target: str, code: grpc.StatusCode, details: str, *, write: bool) -> CliError:
+    """The error for a failed call that is not tried on another server."""
+    message = details or code.name
+    hint: str | None = None
+    if code.name == "UNAVAILABLE":
+        message = f"{target}: {message}"
+        if details.startswith(_SERVER_UNAVAILABLE_PREFIXES):
+            hint = "the server answered but could not use its etcd: not tried on another server"
+        else:
+            hint = "the connection to the server was lost during the call"
+        if write:
+            hint += f"; {OUTCOME_UNKNOWN}"
+    elif code.name == "DEADLINE_EXCEEDED":
+        message = f"{target}: {message}"
+        if write:
+            hint = "no answer within --timeout, so not tried on another server; " + OUTCOME_UNKNOWN
+    return CliError(code.name, message, exit_code_for_status(code), hint=hint)
 
 
 def _respond(
@@ -655,8 +677,11 @@ def _report(error: click.ClickException, as_json: bool) -> int:
     if isinstance(error, click.UsageError) and error.ctx is not None:
         click.echo(f"usage: {error.ctx.get_usage().removeprefix('Usage: ')}", err=True)
         click.echo(f"see: {error.ctx.command_path} --help", err=True)
-    elif code in _HINTS:
-        click.echo(f"hint: {_HINTS[code]}", err=True)
+    else:
+        hint = error.hint if isinstance(error, CliError) else None
+        hint = hint or _HINTS.get(code)
+        if hint:
+            click.echo(f"hint: {hint}", err=True)
     return error.exit_code
 
 
@@ -672,7 +697,7 @@ def _report(error: click.ClickException, as_json: bool) -> int:
     show_default=True,
     show_envvar=True,
     metavar="HOST:PORT[,...]",
-    help="Control server(s); a comma-separated list is tried in order when one is unavailable.",
+    help="Control server(s); a comma-separated list is tried in order when one cannot be reached.",
 )
 @click.option(
     "--actor",

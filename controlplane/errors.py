@@ -9,6 +9,7 @@ at one boundary, the servicers in ``service.py``::
      ├── ConflictError                ABORTED            compare-and-set mismatch
      ├── FailedPreconditionError      FAILED_PRECONDITION
      ├── UnavailableError             UNAVAILABLE        etcd unreachable
+     ├── DeadlineExceededError        DEADLINE_EXCEEDED  the caller's deadline ran out first
      └── NotImplementedYetError       UNIMPLEMENTED      a part of the API not built yet
 """
 
@@ -69,6 +70,12 @@ class UnavailableError(ControlPlaneError):
     """etcd did not answer in time; the outcome of a write may be unknown."""
 
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceededError(ControlPlaneError):
+    """The caller's own deadline, shorter than the etcd timeout, ran out first."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 class NotImplementedYetError(ControlPlaneError):

@@ -200,6 +200,11 @@ def describe_value(value: FlagValue | None) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
+def describe_shedding(tier: Tier, percent: float) -> str:
+    """A shedding level as a person reads it: ``SHEDDABLE_PLUS 50%``."""
+    return f"{tier.name} {_number_text(percent)}%"
+
+
 def _number_text(value: float) -> str:
     return str(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)
 
@@ -491,7 +496,7 @@ class Shedding:
         return msg
 
     def describe(self) -> str:
-        return f"{self.tier.name} {_number_text(self.percent)}%"
+        return describe_shedding(self.tier, self.percent)
 
 
 @dataclass(frozen=True, slots=True)
@@ -714,13 +719,15 @@ def _dump(data: Any) -> str:
     return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def encode_record(data: dict[str, Any], field_name: str = "value") -> bytes:
-    """Serialize a record for etcd, enforcing the 64 KiB limit."""
+def encode_record(
+    data: dict[str, Any], field_name: str = "value", limit: int = MAX_RECORD_BYTES
+) -> bytes:
+    """Serialize a record for etcd, enforcing the 64 KiB limit (or ``limit``)."""
     raw = _dump(data).encode()
-    if len(raw) > MAX_RECORD_BYTES:
+    if len(raw) > limit:
         raise InvalidArgumentError(
             field_name,
-            f"the record is {len(raw)} bytes, over the 64 KiB ({MAX_RECORD_BYTES} bytes) limit",
+            f"the record is {len(raw)} bytes, over the {limit // 1024} KiB ({limit} bytes) limit",
         )
     return raw
 

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -36,8 +37,9 @@ from controlplane.api.v1 import agent_pb2, agent_pb2_grpc, mitigation_pb2, mitig
 from controlplane.embedded_etcd import EmbeddedEtcd
 from controlplane.errors import ControlPlaneError
 from controlplane.metrics import ServerMetrics
+from controlplane.model import utcnow
 from controlplane.service import AgentServicer, MitigationServicer
-from controlplane.store import DEFAULT_PREFIX, Store
+from controlplane.store import DEFAULT_PREFIX, Store, normalize_endpoints
 
 log = structlog.get_logger("controlplane.server")
 
@@ -56,6 +58,9 @@ SERVICE_NAMES = (
 )
 
 
+MIN_AUDIT_RETENTION = timedelta(hours=1)
+
+
 @dataclass(slots=True)
 class ServerConfig:
     """Everything the server is told; see ``controlplane serve --help``."""
@@ -71,6 +76,8 @@ class ServerConfig:
     embedded_etcd_peer_port: int = 2380
     health_interval: float = 1.0
     maintenance_interval: float = 60.0
+    # Longest wait between looks for expired changes (others' writes may add earlier ones).
+    expiry_interval: float = 0.5
 
 
 class ControlServer:
@@ -156,8 +163,12 @@ class ControlServer:
             )
             self.metrics_port = int(self._metrics_server.server_port)
 
-        self._tasks.append(asyncio.create_task(self._health_loop(), name="health"))
-        self._tasks.append(asyncio.create_task(self._maintenance_loop(), name="maintenance"))
+        for loop, name in (
+            (self._health_loop, "health"),
+            (self._maintenance_loop, "maintenance"),
+            (self._expiry_loop, "expiry"),
+        ):
+            self._tasks.append(asyncio.create_task(self._forever(loop, name), name=name))
         log.info(
             "server_started",
             version=__version__,
@@ -178,9 +189,7 @@ class ControlServer:
         self._stopped = True
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._server is not None:
             await self.health.enter_graceful_shutdown()
             await self._server.stop(grace)
@@ -201,11 +210,19 @@ class ControlServer:
     # -- health -------------------------------------------------------------
 
     def _on_etcd_health(self, ok: bool) -> None:
-        if not ok:
-            self._health_wakeup.set()
-        if ok != self._serving and not self._stopped:
-            task = asyncio.get_running_loop().create_task(self._set_serving(ok))
-            self._tasks.append(task)
+        # A call saw etcd come or go: probe now rather than at the next interval.
+        self._health_wakeup.set()
+
+    async def _forever(self, loop: Callable[[], Awaitable[None]], name: str) -> None:
+        """Run a background loop; if it fails, log and start it again."""
+        while True:
+            try:
+                await loop()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("background_task_failed", task=name)
+                await asyncio.sleep(1.0)
 
     async def _set_serving(self, ok: bool) -> None:
         if self._stopped and ok:
@@ -244,13 +261,36 @@ class ControlServer:
         assert self.store is not None
         while True:
             try:
-                with self.store.budget(max(self.config.etcd_timeout, 10.0)):
+                # A slow retention pass says nothing about etcd's health.
+                with self.store.budget(max(self.config.etcd_timeout, 10.0), caller_deadline=True):
                     await self.store.enforce_retention(self.config.audit_retention)
                     for kind, count in (await self.store.count_active()).items():
                         self.metrics.active_mitigations.labels(kind).set(count)
             except ControlPlaneError as exc:
                 log.warning("maintenance_failed", error=exc.message)
             await asyncio.sleep(self.config.maintenance_interval)
+
+    async def _expiry_loop(self) -> None:
+        """Restore what time-boxed changes replaced, on time (within ``expiry_interval``).
+
+        Every replica runs it; compare-and-set makes exactly one of them write each
+        restore. At start it catches up on everything that expired while it was down.
+        """
+        assert self.store is not None
+        while True:
+            try:
+                with self.store.budget(max(self.config.etcd_timeout, 10.0), caller_deadline=True):
+                    while await self.store.expire_due():
+                        pass
+                    upcoming = await self.store.next_expiry()
+            except ControlPlaneError as exc:
+                log.warning("expiry_failed", error=exc.message)
+                upcoming = None
+            delay = self.config.expiry_interval
+            if upcoming is not None:
+                until = (upcoming - utcnow()).total_seconds()
+                delay = min(delay, max(until, 0.0) + 0.001)
+            await asyncio.sleep(delay)
 
 
 # ---------------------------------------------------------------- logging
@@ -281,14 +321,10 @@ def configure_logging(fmt: str = "json", level: int = logging.INFO) -> None:
 
 
 def parse_duration(text: str) -> timedelta:
-    """``30s``, ``15m``, ``2h``, ``30d`` or combinations such as ``1h30m``."""
-    import re
+    """``500ms``, ``30s``, ``15m``, ``2h``, ``30d`` or combinations such as ``1h30m``."""
+    from controlplane._durations import parse_duration as parse
 
-    match = re.fullmatch(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", text.strip())
-    if not text.strip() or match is None:
-        raise ValueError(f"{text!r} is not a duration (e.g. 30s, 15m, 2h, 30d, 1h30m)")
-    days, hours, minutes, seconds = (int(g) if g else 0 for g in match.groups())
-    return timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+    return parse(text.strip())
 
 
 class _Duration(click.ParamType):  # type: ignore[type-arg]
@@ -391,9 +427,22 @@ def serve(
     configure_logging(log_format)
     if etcd_timeout <= timedelta(0):
         raise click.BadParameter("must be positive", param_hint="--etcd-timeout")
+    if audit_retention < MIN_AUDIT_RETENTION:
+        raise click.BadParameter(
+            f"must be at least {MIN_AUDIT_RETENTION} (the audit trail is for the post-mortem)",
+            param_hint="--audit-retention",
+        )
+    if not prefix.startswith("/"):
+        raise click.BadParameter(f"{prefix!r} must start with '/'", param_hint="--prefix")
+    endpoints = [e.strip() for e in etcd.split(",") if e.strip()]
+    if endpoints:
+        try:
+            normalize_endpoints(endpoints)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--etcd") from None
     config = ServerConfig(
         listen=listen,
-        etcd=[e.strip() for e in etcd.split(",") if e.strip()],
+        etcd=endpoints,
         prefix=prefix if prefix.endswith("/") else prefix + "/",
         metrics=None if metrics in ("", "off") else metrics,
         etcd_timeout=etcd_timeout.total_seconds(),

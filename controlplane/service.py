@@ -10,9 +10,11 @@ Every method runs inside :func:`_rpc`, which gives etcd the smaller of
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -57,32 +59,26 @@ def _rpc(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
         actor = getattr(options, "actor", "") if options is not None else ""
         error: ControlPlaneError | None = None
         remaining = context.time_remaining()
-        budget = (
-            self.store.etcd_timeout
-            if remaining is None
-            else min(self.store.etcd_timeout, remaining)
-        )
+        caller_limited = remaining is not None and remaining < self.store.etcd_timeout
+        budget = remaining if remaining is not None and caller_limited else self.store.etcd_timeout
         try:
-            with self.store.budget(budget):
+            with self.store.budget(budget, caller_deadline=caller_limited):
                 response = await fn(self, request, context)
         except ControlPlaneError as exc:
             error = exc
+        except asyncio.CancelledError:
+            # The client went away or its deadline passed: count and log it, then let
+            # grpc finish the cancellation.
+            _log_rpc(self.metrics, method, "CANCELLED", start, actor, "cancelled by the client")
+            raise
         except Exception:
             log.exception("rpc_failed", method=method)
             error = ControlPlaneError("internal error (logged on the server)")
         code = grpc.StatusCode.OK if error is None else error.code
-        duration = time.perf_counter() - start
-        metrics: ServerMetrics = self.metrics
-        metrics.rpcs.labels(method, code.name).inc()
-        metrics.rpc_seconds.labels(method).observe(duration)
-        log.info(
-            "rpc",
-            method=method,
-            code=code.name,
-            duration_ms=round(duration * 1000, 3),
-            actor=actor or None,
-            error=error.message if error is not None else None,
-        )
+        _log_rpc(
+            self.metrics, method, code.name, start, actor,
+            error.message if error is not None else None,
+        )  # fmt: skip
         if error is None:
             return response
         trailing: tuple[tuple[str, str], ...] = ()
@@ -94,6 +90,23 @@ def _rpc(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
     return wrapper
 
 
+def _log_rpc(
+    metrics: ServerMetrics, method: str, code: str, start: float, actor: str, error: str | None
+) -> None:
+    """Count an RPC and log its one ``rpc`` event."""
+    duration = time.perf_counter() - start
+    metrics.rpcs.labels(method, code).inc()
+    metrics.rpc_seconds.labels(method).observe(duration)
+    log.info(
+        "rpc",
+        method=method,
+        code=code,
+        duration_ms=round(duration * 1000, 3),
+        actor=actor or None,
+        error=error,
+    )
+
+
 def _result(outcome: WriteOutcome[Any]) -> pb.WriteResult:
     return pb.WriteResult(
         changed=outcome.changed,
@@ -103,6 +116,7 @@ def _result(outcome: WriteOutcome[Any]) -> pb.WriteResult:
         overridden_by=list(outcome.overridden_by),
         audit_id=outcome.audit_id,
         summary=outcome.summary,
+        would_change=outcome.would_change,
     )
 
 
@@ -310,6 +324,9 @@ class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
             model.validate_version(request.current_version, "current_version")
         pin = await self.store.get_pin(service)
         current = pin.record.version if pin is not None else request.current_version
+        if opts.expected_mod_revision is None:
+            # Decided on the pin just read: fail rather than overwrite a newer one.
+            opts = replace(opts, expected_mod_revision=pin.mod_revision if pin else 0)
         if not current:
             raise FailedPreconditionError(
                 f"{service} is not pinned, so its current version is unknown: name the "
@@ -323,7 +340,7 @@ class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
                 f"nothing to roll back to: {service} has no known-good version other than "
                 f"{current} (known-good: {have})"
             )
-        outcome = await self.store.pin(service, target, opts)
+        outcome = await self.store.pin(service, target, opts, action="pin.rollback")
         return mpb.RollbackResponse(
             result=_result(outcome),
             pin=_record(outcome.record, outcome.mod_revision),
@@ -379,6 +396,7 @@ class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
 
     async def WatchChanges(self, request: Any, context: Any) -> None:
         self.metrics.rpcs.labels("WatchChanges", "UNIMPLEMENTED").inc()
+        log.info("rpc", method="WatchChanges", code="UNIMPLEMENTED")
         await context.abort(
             grpc.StatusCode.UNIMPLEMENTED, "watch needs the fan-out hub, not implemented yet"
         )
@@ -407,6 +425,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
     async def Sync(self, request_iterator: Any, context: Any) -> None:
         self.metrics.rpcs.labels("Sync", "UNIMPLEMENTED").inc()
+        log.info("rpc", method="Sync", code="UNIMPLEMENTED")
         await context.abort(
             grpc.StatusCode.UNIMPLEMENTED, "the agents' Sync stream is not implemented yet"
         )

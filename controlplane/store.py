@@ -37,25 +37,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import ipaddress
 import random
 import secrets
-import socket
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
 import grpc
 import structlog
 from aetcd import rpc
 
-from controlplane import model
+from controlplane import model, semantics
 from controlplane.errors import (
     ConflictError,
     ControlPlaneError,
-    NotImplementedYetError,
+    DeadlineExceededError,
     UnavailableError,
 )
 from controlplane.metrics import ServerMetrics
@@ -65,13 +63,13 @@ from controlplane.model import (
     Flag,
     FlagValue,
     KnownGood,
-    Meta,
     Pin,
     RecordError,
     Shedding,
     Tier,
     WriteOptions,
 )
+from controlplane.semantics import Decision, decide_expiry
 
 log = structlog.get_logger("controlplane.store")
 
@@ -91,9 +89,13 @@ _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
 ]
 
-_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+_deadline: contextvars.ContextVar[tuple[float, bool] | None] = contextvars.ContextVar(
     "controlplane_etcd_deadline", default=None
 )
+
+# Audit records hold a record before and after (each up to 64 KiB); etcd takes 1.5 MiB.
+MAX_AUDIT_BYTES = 512 * 1024
+EXPIRY_ACTOR = "controlplane:expiry"
 
 
 # ---------------------------------------------------------------- results
@@ -121,15 +123,8 @@ class WriteOutcome(Generic[R]):
     audit_id: str = ""
     overridden_by: tuple[str, ...] = ()
     summary: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class _Decision(Generic[R]):
-    new: R | None
-    action: str
-    summary: str
-    changed: bool = True
-    restored: R | None = None
+    would_change: bool = False
+    key: str = ""
 
 
 @dataclass(slots=True)
@@ -149,48 +144,47 @@ class _Key:
     parse: Callable[[dict[str, Any]], Any] = field(repr=False)
 
 
-# ---------------------------------------------------------------- channel
+@dataclass(frozen=True, slots=True)
+class _Current:
+    """A key as read: its record (or last good one), mod revision, and invalid bytes."""
+
+    record: Any
+    mod_revision: int
+    invalid: bytes | None = None
 
 
-def channel_target(endpoints: Sequence[str]) -> str:
-    """A gRPC target for one or more ``host:port`` endpoints.
+@dataclass(slots=True)
+class Plan:
+    """One key's part of a write: where, and how to decide the new record."""
 
-    One endpoint is used as it is (DNS resolution by gRPC). Several become one
-    multi-address target (``ipv4:a:p,b:p``), so gRPC fails over between them;
-    host names among several are resolved here, once.
-    """
-    cleaned = [e.strip() for e in endpoints if e.strip()]
+    key: _Key
+    decide: Callable[[Any, datetime], Decision]
+    # For a global flag: its name, to report the services that keep their own value.
+    overridden_flag: str = ""
+
+
+# ---------------------------------------------------------------- endpoints
+
+
+def normalize_endpoints(endpoints: Sequence[str]) -> list[str]:
+    """``host:port`` endpoints from a list that may carry ``http://`` (etcd's URL form)."""
+    cleaned = []
+    for raw in endpoints:
+        endpoint = raw.strip()
+        if not endpoint:
+            continue
+        if endpoint.startswith("https://"):
+            raise ValueError(
+                f"etcd endpoint {endpoint!r}: TLS to etcd is not supported yet; use http://"
+            )
+        endpoint = endpoint.removeprefix("http://").rstrip("/")
+        host, sep, port = endpoint.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"etcd endpoint {raw!r} is not host:port")
+        cleaned.append(endpoint)
     if not cleaned:
         raise ValueError("no etcd endpoint given")
-    for endpoint in cleaned:
-        _split_endpoint(endpoint)
-    if len(cleaned) == 1:
-        return cleaned[0]
-    v4: list[str] = []
-    v6: list[str] = []
-    for endpoint in cleaned:
-        host, port = _split_endpoint(endpoint)
-        try:
-            addresses = [ipaddress.ip_address(host)]
-        except ValueError:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
-        for address in addresses:
-            if address.version == 4:
-                v4.append(f"{address}:{port}")
-            else:
-                v6.append(f"[{address}]:{port}")
-    if v4 and v6:
-        raise ValueError("etcd endpoints mix IPv4 and IPv6 addresses; use one family")
-    return "ipv4:" + ",".join(v4) if v4 else "ipv6:" + ",".join(v6)
-
-
-def _split_endpoint(endpoint: str) -> tuple[str, int]:
-    endpoint = endpoint.removeprefix("http://")
-    host, sep, port = endpoint.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"etcd endpoint {endpoint!r} is not host:port")
-    return host.strip("[]"), int(port)
+    return cleaned
 
 
 def _range_end(prefix: bytes) -> bytes:
@@ -204,10 +198,13 @@ def _range_end(prefix: bytes) -> bytes:
     return b"\0"
 
 
+def _ns(value: datetime) -> int:
+    return int(value.timestamp()) * 1_000_000_000 + value.microsecond * 1000
+
+
 def new_audit_id(now: datetime) -> str:
     """A time-ordered audit id: 20-digit unix nanoseconds and 8 random hex digits."""
-    ns = int(now.timestamp()) * 1_000_000_000 + now.microsecond * 1000
-    return f"{ns:020d}-{secrets.token_hex(4)}"
+    return f"{_ns(now):020d}-{secrets.token_hex(4)}"
 
 
 # ---------------------------------------------------------------- the store
@@ -216,8 +213,12 @@ def new_audit_id(now: datetime) -> str:
 class Store:
     """Flags, shedding, pins and known-good marks in etcd, each write audited.
 
-    Lifecycle: build, ``await connect()`` once (opens the channel; does not wait
+    Lifecycle: build, ``await connect()`` once (opens the channels; does not wait
     for etcd, which may come later), use, ``await close()`` (idempotent).
+
+    With several endpoints the store talks to one at a time and moves to the next
+    when one does not answer (refused, or no answer within the etcd timeout), so a
+    dead or hung member costs one failed call, not an outage.
     """
 
     def __init__(
@@ -231,39 +232,44 @@ class Store:
     ) -> None:
         if not prefix.startswith("/") or not prefix.endswith("/"):
             raise ValueError(f"prefix {prefix!r} must start and end with '/'")
-        self.endpoints = list(endpoints)
+        self.endpoints = normalize_endpoints(endpoints)
         self.prefix = prefix
         self.etcd_timeout = etcd_timeout
-        self._target = channel_target(self.endpoints)
         self._metrics = metrics
         self._on_etcd_health = on_etcd_health
         self._etcd_ok: bool | None = None
-        self._channel: grpc.aio.Channel | None = None
-        self._kv: Any = None
-        self._maintenance: Any = None
+        self._channels: list[grpc.aio.Channel] = []
+        self._kvs: list[Any] = []
+        self._current = 0
         self._last_good: dict[str, Any] = {}
         self._key_locks: dict[str, _KeyLock] = {}
 
     # -- lifecycle ---------------------------------------------------------
 
     async def connect(self) -> None:
-        """Open the channel to etcd. Call once."""
-        if self._channel is not None:
+        """Open the channels to etcd. Call once."""
+        if self._channels:
             raise RuntimeError("Store.connect() called twice")
-        self._channel = grpc.aio.insecure_channel(self._target, options=_CHANNEL_OPTIONS)
-        self._kv = rpc.KVStub(self._channel)
-        self._maintenance = rpc.MaintenanceStub(self._channel)
+        for endpoint in self.endpoints:
+            channel = grpc.aio.insecure_channel(endpoint, options=_CHANNEL_OPTIONS)
+            self._channels.append(channel)
+            self._kvs.append(rpc.KVStub(channel))
 
     async def close(self) -> None:
-        """Close the channel. Idempotent."""
-        channel, self._channel = self._channel, None
-        if channel is not None:
+        """Close the channels. Idempotent."""
+        channels, self._channels, self._kvs = self._channels, [], []
+        for channel in channels:
             await channel.close(grace=None)
 
     @contextlib.contextmanager
-    def budget(self, seconds: float) -> Iterator[None]:
-        """Give the etcd calls made inside at most ``seconds`` in all."""
-        token = _deadline.set(time.monotonic() + max(seconds, 0.0))
+    def budget(self, seconds: float, *, caller_deadline: bool = False) -> Iterator[None]:
+        """Give the etcd calls made inside at most ``seconds`` in all.
+
+        ``caller_deadline``: the limit is the caller's own deadline (shorter than
+        the etcd timeout). Running out of it then says DEADLINE_EXCEEDED and says
+        nothing about etcd's health.
+        """
+        token = _deadline.set((time.monotonic() + max(seconds, 0.0), caller_deadline))
         try:
             yield
         finally:
@@ -271,14 +277,17 @@ class Store:
 
     # -- raw etcd calls ----------------------------------------------------
 
-    def _timeout(self) -> float:
-        deadline = _deadline.get()
-        if deadline is None:
-            return self.etcd_timeout
+    def _timeout(self) -> tuple[float, bool]:
+        budget = _deadline.get()
+        if budget is None:
+            return self.etcd_timeout, False
+        deadline, caller = budget
         left = deadline - time.monotonic()
         if left <= 0:
-            raise UnavailableError(self._unreachable("no time left for etcd"))
-        return left
+            if caller:
+                raise DeadlineExceededError("the call's deadline ran out before etcd answered")
+            raise UnavailableError(self._unreachable(f"no answer within {self.etcd_timeout:g}s"))
+        return left, caller
 
     def _unreachable(self, detail: str) -> str:
         return f"etcd is unreachable at {','.join(self.endpoints)}: {detail}"
@@ -288,46 +297,77 @@ class Store:
         if ok != self._etcd_ok:
             self._etcd_ok = ok
             if ok:
-                log.info("etcd_reachable", endpoints=self.endpoints)
+                log.info("etcd_reachable", endpoint=self.endpoints[self._current])
             else:
                 log.error("etcd_unreachable", endpoints=self.endpoints)
             if self._on_etcd_health is not None:
                 self._on_etcd_health(ok)
 
-    async def _call(self, operation: str, method: Callable[..., Any], request: Any) -> Any:
-        if self._kv is None:
-            raise RuntimeError("Store is not connected")
-        timeout = self._timeout()
-        start = time.perf_counter()
-        outcome = "ok"
-        try:
-            response = await method(request, timeout=timeout)
-        except grpc.aio.AioRpcError as exc:
-            outcome = "error"
-            code = exc.code()
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                self._set_etcd_ok(False)
-                detail = (
-                    f"no answer within {timeout:.2f}s"
-                    if code is grpc.StatusCode.DEADLINE_EXCEEDED
-                    else str(exc.details())
-                )
-                raise UnavailableError(self._unreachable(detail)) from None
-            if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
-                raise UnavailableError(
-                    f"etcd refused the write: {exc.details()} (its space quota is full: "
-                    "compact and defragment etcd)"
-                ) from None
-            raise ControlPlaneError(f"etcd error ({code.name}): {exc.details()}") from None
-        except asyncio.CancelledError:
-            outcome = "cancelled"
-            raise
-        finally:
-            self._metrics.etcd_seconds.labels(operation, outcome).observe(
-                time.perf_counter() - start
+    def _rotate(self, failed: int) -> None:
+        if len(self.endpoints) > 1 and self._current == failed:
+            self._current = (failed + 1) % len(self.endpoints)
+            log.warning(
+                "etcd_endpoint_switched",
+                failed=self.endpoints[failed],
+                now=self.endpoints[self._current],
             )
-        self._set_etcd_ok(True)
-        return response
+
+    async def _call(
+        self, operation: str, method_name: str, request: Any, *, idempotent: bool = False
+    ) -> Any:
+        if not self._kvs:
+            raise RuntimeError("Store is not connected")
+        # Reads may be tried on each endpoint in turn; a write is tried once, since
+        # one that got no answer may still have been applied.
+        attempts = len(self._kvs) if idempotent else 1
+        for attempt in range(attempts):
+            timeout, caller = self._timeout()
+            if attempt + 1 < attempts:
+                timeout = min(timeout, max(timeout / 2, min(timeout, 0.5)))
+            index = self._current
+            method = getattr(self._kvs[index], method_name)
+            start = time.perf_counter()
+            outcome = "ok"
+            try:
+                response = await method(request, timeout=timeout)
+            except grpc.aio.AioRpcError as exc:
+                outcome = "error"
+                code = exc.code()
+                if code is grpc.StatusCode.DEADLINE_EXCEEDED and caller and self._spent():
+                    raise DeadlineExceededError(
+                        "the call's deadline ran out before etcd answered"
+                    ) from None
+                if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    self._rotate(index)
+                    if attempt + 1 < attempts and not self._spent():
+                        continue
+                    self._set_etcd_ok(False)
+                    detail = (
+                        f"no answer within {timeout:.2f}s"
+                        if code is grpc.StatusCode.DEADLINE_EXCEEDED
+                        else str(exc.details())
+                    )
+                    raise UnavailableError(self._unreachable(detail)) from None
+                if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise UnavailableError(
+                        f"etcd refused the write: {exc.details()} (its space quota is full: "
+                        "compact and defragment etcd)"
+                    ) from None
+                raise ControlPlaneError(f"etcd error ({code.name}): {exc.details()}") from None
+            except asyncio.CancelledError:
+                outcome = "cancelled"
+                raise
+            finally:
+                self._metrics.etcd_seconds.labels(operation, outcome).observe(
+                    time.perf_counter() - start
+                )
+            self._set_etcd_ok(True)
+            return response
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _spent(self) -> bool:
+        budget = _deadline.get()
+        return budget is not None and budget[0] - time.monotonic() <= 0.001
 
     async def _range(
         self,
@@ -335,7 +375,6 @@ class Store:
         range_end: bytes | None = None,
         *,
         limit: int = 0,
-        descending: bool = False,
         keys_only: bool = False,
         count_only: bool = False,
     ) -> Any:
@@ -346,10 +385,10 @@ class Store:
             keys_only=keys_only,
             count_only=count_only,
         )
-        if descending:
-            request.sort_order = rpc.RangeRequest.DESCEND
-            request.sort_target = rpc.RangeRequest.KEY
-        return await self._call("range", self._kv.Range, request)
+        return await self._call("range", "Range", request, idempotent=True)
+
+    async def _txn(self, compare: list[Any], success: list[Any]) -> Any:
+        return await self._call("txn", "Txn", rpc.TxnRequest(compare=compare, success=success))
 
     async def ping(self) -> int:
         """Read etcd's current revision (a linearizable read); raise if unreachable."""
@@ -421,12 +460,15 @@ class Store:
 
     # -- decoding with last-good fallback ------------------------------------
 
-    def _decode(self, key: _Key, raw: bytes, mod_revision: int) -> Any:
+    async def _decode(self, key: _Key, raw: bytes, mod_revision: int) -> tuple[Any, bool]:
+        """The record in ``raw`` and True; if it does not parse, the last good one and False."""
         try:
             record = key.parse(model.decode_record(raw))
         except (RecordError, ValueError, TypeError, KeyError, AttributeError) as exc:
-            fallback = self._last_good.get(key.path)
             self._metrics.invalid_records.labels(key.kind).inc()
+            if key.path not in self._last_good:
+                self._last_good[key.path] = await self._recover_last_good(key)
+            fallback = self._last_good[key.path]
             log.error(
                 "record_invalid",
                 key=self.prefix + key.path,
@@ -434,17 +476,36 @@ class Store:
                 error=str(exc),
                 serving="last good record" if fallback is not None else "nothing (absent)",
             )
-            return fallback
+            return fallback, False
         self._last_good[key.path] = record
-        return record
+        return record, True
 
-    async def _read(self, key: _Key) -> tuple[Any, int]:
+    async def _recover_last_good(self, key: _Key) -> Any:
+        """The newest record the audit trail shows for ``key`` (None: absent or unknown).
+
+        A replica that never saw the key's last good value (it restarted, or another
+        replica wrote it) still must not serve a corrupted kill switch as absent.
+        """
+        target = self.prefix + key.path
+        try:
+            entries = await self._scan_audit(accept=lambda e: e.key == target, limit=1)
+        except DeadlineExceededError:
+            return None
+        if not entries or entries[0].after is None:
+            return None
+        try:
+            return key.parse(entries[0].after)
+        except (RecordError, ValueError, TypeError, KeyError, AttributeError):
+            return None
+
+    async def _read(self, key: _Key) -> _Current:
         response = await self._range(self._abs(key.path))
         if not response.kvs:
             self._last_good.pop(key.path, None)
-            return None, 0
+            return _Current(None, 0)
         kv = response.kvs[0]
-        return self._decode(key, kv.value, kv.mod_revision), int(kv.mod_revision)
+        record, valid = await self._decode(key, kv.value, kv.mod_revision)
+        return _Current(record, int(kv.mod_revision), None if valid else bytes(kv.value))
 
     async def _read_prefix(self, path_prefix: str) -> tuple[list[tuple[_Key, Any, int]], int]:
         start = self._abs(path_prefix)
@@ -456,209 +517,326 @@ class Store:
             if key is None:
                 log.error("record_unexpected_key", key=kv.key.decode(errors="replace"))
                 continue
-            record = self._decode(key, kv.value, kv.mod_revision)
+            record, _valid = await self._decode(key, kv.value, kv.mod_revision)
             if record is not None:
                 out.append((key, record, int(kv.mod_revision)))
         return out, int(response.header.revision)
 
     # -- the write path ------------------------------------------------------
 
-    async def _mutate(
-        self,
-        key: _Key,
-        opts: WriteOptions,
-        decide: Callable[[Any], _Decision[Any]],
-        *,
-        overridden_by: Callable[[], Any] | None = None,
-    ) -> WriteOutcome[Any]:
-        # Writers of one key in this process take turns, so that a burst of
-        # last-writer-wins writes does not lose compare-and-set races to itself;
-        # races with other replicas are retried with jittered backoff.
-        lock = self._key_locks.setdefault(key.path, _KeyLock())
-        lock.users += 1
-        try:
-            async with lock.lock:
-                return await self._mutate_locked(key, opts, decide, overridden_by=overridden_by)
-        finally:
-            lock.users -= 1
-            if lock.users == 0:
-                self._key_locks.pop(key.path, None)
+    def _index_path(self, path: str, record: Any) -> str | None:
+        """The expiry index entry of a record whose top layer is time-boxed."""
+        expires = getattr(getattr(record, "meta", None), "expires_at", None)
+        if expires is None:
+            return None
+        return f"expiries/{_ns(expires):020d}/{path}"
 
-    async def _mutate_locked(
+    def _record_ops(self, path: str, stored: _Current, new: Any) -> list[Any]:
+        """The operations that replace ``stored`` by ``new`` (None: delete), index included."""
+        target = self._abs(path)
+        ops = [
+            rpc.RequestOp(
+                request_put=rpc.PutRequest(key=target, value=model.encode_record(new.to_record()))
+            )
+            if new is not None
+            else rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=target))
+        ]
+        old_index = self._index_path(path, stored.record)
+        new_index = self._index_path(path, new)
+        if old_index != new_index:
+            if old_index is not None:
+                ops.append(
+                    rpc.RequestOp(
+                        request_delete_range=rpc.DeleteRangeRequest(key=self._abs(old_index))
+                    )
+                )
+            if new_index is not None:
+                index_value = model.encode_record(
+                    {
+                        "kind": "expiry",
+                        "key": self.prefix + path,
+                        "expires_at": model.format_time(new.meta.expires_at),
+                    }
+                )
+                ops.append(
+                    rpc.RequestOp(
+                        request_put=rpc.PutRequest(key=self._abs(new_index), value=index_value)
+                    )
+                )
+        return ops
+
+    def _audit(
         self,
         key: _Key,
+        decision: Decision,
+        stored: _Current,
         opts: WriteOptions,
-        decide: Callable[[Any], _Decision[Any]],
-        *,
-        overridden_by: Callable[[], Any] | None = None,
-    ) -> WriteOutcome[Any]:
-        for attempt in range(_MAX_CAS_ATTEMPTS):
-            if attempt:
-                await asyncio.sleep(random.uniform(0, min(0.2, 0.005 * 2**attempt)))  # noqa: S311 (jitter)
-            current, mod_revision = await self._read(key)
-            expected = opts.expected_mod_revision
-            if expected is not None and expected != mod_revision:
-                raise ConflictError(self.prefix + key.path, expected, mod_revision)
-            decision = decide(current)
-            hidden: tuple[str, ...] = ()
-            if overridden_by is not None and decision.changed:
-                hidden = tuple(await overridden_by())
-            if not decision.changed:
-                return WriteOutcome(
-                    changed=False,
-                    dry_run=opts.dry_run,
-                    revision=0,
-                    mod_revision=mod_revision,
-                    record=current,
-                    previous=current,
-                    summary=decision.summary,
-                )
-            raw = model.encode_record(decision.new.to_record()) if decision.new else None
-            now = model.utcnow()
-            audit = AuditEntry(
-                id=new_audit_id(now),
-                time=now,
-                actor=opts.actor,
-                actor_authenticated=opts.actor_authenticated,
-                action=decision.action,
-                kind=key.kind,
-                scope=key.scope,
-                name=key.name,
-                key=self.prefix + key.path,
-                reason=opts.reason,
-                incident=opts.incident,
-                before=current.to_record() if current is not None else None,
-                after=decision.new.to_record() if decision.new is not None else None,
-                expires_at=opts.expires_at,
-            )
-            audit_raw = model.encode_record(audit.to_record(), "audit record")
-            if opts.dry_run:
-                return WriteOutcome(
-                    changed=False,
-                    dry_run=True,
-                    revision=0,
-                    mod_revision=mod_revision,
-                    record=decision.new,
-                    previous=current,
-                    restored=decision.restored,
-                    overridden_by=hidden,
-                    summary=decision.summary,
-                )
-            target = self._abs(key.path)
-            write_op = (
-                rpc.RequestOp(request_put=rpc.PutRequest(key=target, value=raw))
-                if raw is not None
-                else rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=target))
-            )
-            audit_op = rpc.RequestOp(
-                request_put=rpc.PutRequest(key=self._abs("audit/" + audit.id), value=audit_raw)
-            )
-            compare = rpc.Compare(
-                key=target,
-                result=rpc.Compare.EQUAL,
-                target=rpc.Compare.MOD,
-                mod_revision=mod_revision,
-            )
-            response = await self._call(
-                "txn",
-                self._kv.Txn,
-                rpc.TxnRequest(compare=[compare], success=[write_op, audit_op]),
-            )
-            if not response.succeeded:
-                if expected is not None:
-                    _, now_mod = await self._read(key)
-                    raise ConflictError(self.prefix + key.path, expected, now_mod)
-                continue
-            revision = int(response.header.revision)
-            if decision.new is not None:
-                self._last_good[key.path] = decision.new
-            else:
-                self._last_good.pop(key.path, None)
-            self._metrics.changes.labels(decision.action).inc()
-            log.info(
-                "change_written",
-                action=decision.action,
-                key=self.prefix + key.path,
-                revision=revision,
-                actor=opts.actor,
-                actor_authenticated=opts.actor_authenticated,
-                reason=opts.reason,
-                incident=opts.incident,
-                summary=decision.summary,
-                audit_id=audit.id,
-            )
-            return WriteOutcome(
-                changed=True,
-                dry_run=False,
-                revision=revision,
-                mod_revision=revision if decision.new is not None else 0,
-                record=decision.new,
-                previous=current,
-                restored=decision.restored,
-                audit_id=audit.id,
-                overridden_by=hidden,
-                summary=decision.summary,
-            )
+        now: datetime,
+        bundle_id: str = "",
+    ) -> AuditEntry:
+        before: dict[str, Any] | None
+        if stored.invalid is not None:
+            before = {"invalid_record": stored.invalid.decode(errors="replace")[:4096]}
+        else:
+            before = stored.record.to_record() if stored.record is not None else None
+        new = decision.new
+        return AuditEntry(
+            id=new_audit_id(now),
+            time=now,
+            actor=opts.actor,
+            actor_authenticated=opts.actor_authenticated,
+            action=decision.action,
+            kind=key.kind,
+            scope=key.scope,
+            name=key.name,
+            key=self.prefix + key.path,
+            reason=opts.reason,
+            incident=opts.incident,
+            before=before,
+            after=new.to_record() if new is not None else None,
+            bundle_id=bundle_id,
+            expires_at=new.meta.expires_at
+            if new is not None and hasattr(new, "replaced")
+            else None,
+        )
+
+    def _audit_op(self, entry: AuditEntry) -> Any:
+        raw = model.encode_record(entry.to_record(), "audit record", limit=MAX_AUDIT_BYTES)
+        return rpc.RequestOp(
+            request_put=rpc.PutRequest(key=self._abs("audit/" + entry.id), value=raw)
+        )
+
+    @contextlib.asynccontextmanager
+    async def _locked(self, paths: Sequence[str]) -> AsyncIterator[None]:
+        """Writers of one key in this process take turns (in key order, so no deadlock).
+
+        A burst of last-writer-wins writes then does not lose compare-and-set races
+        to itself; races with other replicas are retried with jittered backoff.
+        """
+        locks = []
+        for path in sorted(set(paths)):
+            lock = self._key_locks.setdefault(path, _KeyLock())
+            lock.users += 1
+            locks.append((path, lock))
+        acquired: list[_KeyLock] = []
+        try:
+            for _, lock in locks:
+                await lock.lock.acquire()
+                acquired.append(lock)
+            yield
+        finally:
+            for lock in acquired:
+                lock.lock.release()
+            for path, lock in locks:
+                lock.users -= 1
+                if lock.users == 0:
+                    self._key_locks.pop(path, None)
+
+    async def write(self, plan: Plan, opts: WriteOptions) -> WriteOutcome[Any]:
+        """Apply one key's write: read, decide, and one compare-and-set transaction."""
+        async with self._locked([plan.key.path]):
+            for attempt in range(_MAX_CAS_ATTEMPTS):
+                if attempt:
+                    await asyncio.sleep(random.uniform(0, min(0.2, 0.005 * 2**attempt)))  # noqa: S311 (jitter)
+                outcome = await self._write_once(plan, opts)
+                if outcome is not None:
+                    return outcome
         raise UnavailableError(
-            f"{self.prefix + key.path} is being changed by others too often: "
+            f"{self.prefix + plan.key.path} is being changed by others too often: "
             f"gave up after {_MAX_CAS_ATTEMPTS} attempts; try again"
         )
 
-    @staticmethod
-    def _no_expiry_yet(opts: WriteOptions) -> None:
-        if opts.expires_at is not None:
-            raise NotImplementedYetError(
-                "time-boxed changes (ttl / expires_at) are not implemented yet: "
-                "nothing was written; write without an expiry and clear it by hand"
+    async def _write_once(self, plan: Plan, opts: WriteOptions) -> WriteOutcome[Any] | None:
+        key = plan.key
+        stored = await self._read(key)
+        expected = opts.expected_mod_revision
+        if expected is not None and expected != stored.mod_revision:
+            raise ConflictError(self.prefix + key.path, expected, stored.mod_revision)
+        now = model.utcnow()
+        decision = plan.decide(stored.record, now)
+        if stored.invalid is not None and not decision.changed:
+            # The bytes in etcd do not parse: write the record in force over them.
+            decision = replace(
+                decision, changed=True, summary=decision.summary + " (replaces an invalid record)"
             )
+        hidden: tuple[str, ...] = ()
+        if plan.overridden_flag:
+            hidden = tuple(await self.services_overriding(plan.overridden_flag))
+        base = {
+            "dry_run": opts.dry_run,
+            "previous": stored.record,
+            "overridden_by": hidden,
+            "summary": decision.summary,
+            "key": self.prefix + key.path,
+        }
+        if not decision.changed:
+            return WriteOutcome(
+                changed=False, revision=0, mod_revision=stored.mod_revision,
+                record=stored.record, **base,
+            )  # fmt: skip
+        ops = self._record_ops(key.path, stored, decision.new)
+        audit = self._audit(key, decision, stored, opts, now)
+        ops.append(self._audit_op(audit))
+        if opts.dry_run:
+            return WriteOutcome(
+                changed=False, revision=0, mod_revision=stored.mod_revision,
+                record=decision.new, restored=decision.restored, would_change=True, **base,
+            )  # fmt: skip
+        compare = self._unchanged_since(key.path, stored.mod_revision)
+        response = await self._txn([compare], ops)
+        if not response.succeeded:
+            if expected is not None:
+                now_stored = await self._read(key)
+                raise ConflictError(self.prefix + key.path, expected, now_stored.mod_revision)
+            return None
+        revision = int(response.header.revision)
+        self._remember(key.path, decision.new)
+        self._log_change(decision, audit, revision, opts)
+        return WriteOutcome(
+            changed=True, revision=revision,
+            mod_revision=revision if decision.new is not None else 0,
+            record=decision.new, restored=decision.restored, audit_id=audit.id, **base,
+        )  # fmt: skip
+
+    def _unchanged_since(self, path: str, mod_revision: int) -> Any:
+        return rpc.Compare(
+            key=self._abs(path),
+            result=rpc.Compare.EQUAL,
+            target=rpc.Compare.MOD,
+            mod_revision=mod_revision,
+        )
+
+    def _remember(self, path: str, record: Any) -> None:
+        if record is not None:
+            self._last_good[path] = record
+        else:
+            self._last_good.pop(path, None)
+
+    def _log_change(
+        self, decision: Decision, audit: AuditEntry, revision: int, opts: WriteOptions
+    ) -> None:
+        self._metrics.changes.labels(decision.action).inc()
+        log.info(
+            "change_written",
+            action=decision.action,
+            key=audit.key,
+            revision=revision,
+            actor=audit.actor,
+            actor_authenticated=audit.actor_authenticated,
+            reason=audit.reason,
+            incident=audit.incident,
+            summary=decision.summary,
+            audit_id=audit.id,
+            bundle_id=audit.bundle_id or None,
+        )
+
+    # -- expiry ------------------------------------------------------------------
+
+    async def next_expiry(self) -> datetime | None:
+        """When the earliest time-boxed change expires (None: none is)."""
+        start = self._abs("expiries/")
+        response = await self._range(start, _range_end(start), limit=1, keys_only=True)
+        if not response.kvs:
+            return None
+        stamp = bytes(response.kvs[0].key)[len(start) :].split(b"/", 1)[0]
+        return datetime.fromtimestamp(int(stamp) / 1e9, UTC)
+
+    async def expire_due(self, *, batch: int = 64) -> int:
+        """Restore what every expired change replaced; return how many were restored.
+
+        Each restore is one transaction with one audit record, compare-and-set on
+        the key's mod revision, so that of several replicas exactly one writes it.
+        """
+        start = self._abs("expiries/")
+        now = model.utcnow()
+        end = self._abs(f"expiries/{_ns(now) + 1:020d}")
+        response = await self._range(start, end, limit=batch, keys_only=True)
+        restored = 0
+        for kv in response.kvs:
+            index_key = bytes(kv.key)
+            stamp, _, path = index_key[len(start) :].decode(errors="replace").partition("/")
+            key = self._key_for_path(path)
+            if key is None:
+                await self._txn([], [self._delete_op(index_key)])
+                continue
+            async with self._locked([key.path]):
+                restored += await self._expire_one(key, index_key, int(stamp))
+        return restored
+
+    def _delete_op(self, key: bytes) -> Any:
+        return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key))
+
+    async def _expire_one(self, key: _Key, index_key: bytes, stamp: int) -> int:
+        stored = await self._read(key)
+        record = stored.record
+        top = getattr(getattr(record, "meta", None), "expires_at", None)
+        if top is None or _ns(top) != stamp:
+            # The index entry outlived its record (rewritten, cleared, corrupted).
+            await self._txn(
+                [self._unchanged_since(key.path, stored.mod_revision)],
+                [self._delete_op(index_key)],
+            )
+            return 0
+        now = model.utcnow()
+        label = f"{key.scope}: {key.kind.replace('_', '-')} {key.name}".rstrip()
+        decision = decide_expiry(record, now, label)
+        if not decision.changed:
+            return 0
+        opts = WriteOptions(
+            reason=f"expiry of a time-boxed change: {record.meta.reason}",
+            incident=record.meta.incident,
+            actor=EXPIRY_ACTOR,
+            actor_authenticated=True,
+        )
+        ops = self._record_ops(key.path, stored, decision.new)
+        if self._index_path(key.path, record) is None:  # pragma: no cover - guarded above
+            ops.append(self._delete_op(index_key))
+        audit = self._audit(key, decision, stored, opts, now, bundle_id=record.meta.bundle_id)
+        ops.append(self._audit_op(audit))
+        response = await self._txn([self._unchanged_since(key.path, stored.mod_revision)], ops)
+        if not response.succeeded:
+            return 0  # another replica restored it, or a new write came first
+        self._remember(key.path, decision.new)
+        self._log_change(decision, audit, int(response.header.revision), opts)
+        return 1
 
     # -- flags -----------------------------------------------------------------
+
+    def plan_set_flag(self, scope: str, name: str, value: FlagValue, opts: WriteOptions) -> Plan:
+        return Plan(
+            self._flag_key(scope, name),
+            lambda cur, now: semantics.decide_set_flag(cur, now, scope, name, value, opts),
+            overridden_flag=name if scope == GLOBAL_SCOPE else "",
+        )
+
+    def plan_clear_flag(self, scope: str, name: str, *, all_layers: bool = False) -> Plan:
+        return Plan(
+            self._flag_key(scope, name),
+            lambda cur, now: semantics.decide_clear_flag(cur, now, name, all_layers=all_layers),
+            overridden_flag=name if scope == GLOBAL_SCOPE else "",
+        )
 
     async def set_flag(
         self, scope: str, name: str, value: FlagValue, opts: WriteOptions
     ) -> WriteOutcome[Flag]:
         """Set a flag for a scope (``global`` or a service)."""
-        self._no_expiry_yet(opts)
-        key = self._flag_key(scope, name)
-        now = model.utcnow()
-
-        def decide(current: Flag | None) -> _Decision[Flag]:
-            was = f" (was {model.describe_value(current.value)})" if current else " (new)"
-            summary = f"flag {name} = {model.describe_value(value)}{was}"
-            if (
-                current is not None
-                and model.value_key(current.value) == model.value_key(value)
-                and current.meta.expires_at is None
-            ):
-                return _Decision(current, "flag.set", summary, changed=False)
-            new = Flag(scope, name, value, Meta.from_options(opts, now))
-            return _Decision(new, "flag.set", summary)
-
-        hidden = (lambda: self.services_overriding(name)) if scope == GLOBAL_SCOPE else None
-        return await self._mutate(key, opts, decide, overridden_by=hidden)
+        return await self.write(self.plan_set_flag(scope, name, value, opts), opts)
 
     async def clear_flag(
         self, scope: str, name: str, opts: WriteOptions, *, all_layers: bool = False
     ) -> WriteOutcome[Flag]:
         """Clear a flag; a time-boxed layer restores what it replaced unless ``all_layers``."""
-        self._no_expiry_yet(opts)
-        key = self._flag_key(scope, name)
-
-        def decide(current: Flag | None) -> _Decision[Flag]:
-            if current is None:
-                return _Decision(None, "flag.clear", f"flag {name} not set", changed=False)
-            restored = None if all_layers else current.replaced
-            after = f", {model.describe_value(restored.value)} again" if restored else ""
-            summary = f"flag {name} cleared (was {model.describe_value(current.value)}{after})"
-            return _Decision(restored, "flag.clear", summary, restored=restored)
-
-        hidden = (lambda: self.services_overriding(name)) if scope == GLOBAL_SCOPE else None
-        return await self._mutate(key, opts, decide, overridden_by=hidden)
+        return await self.write(self.plan_clear_flag(scope, name, all_layers=all_layers), opts)
 
     async def get_flag(self, scope: str, name: str) -> Stored[Flag] | None:
         """The flag of exactly this scope."""
-        record, mod_revision = await self._read(self._flag_key(scope, name))
-        return Stored(record, mod_revision) if record is not None else None
+        return self._stored(await self._read(self._flag_key(scope, name)))
+
+    @staticmethod
+    def _stored(current: _Current) -> Stored[Any] | None:
+        if current.record is None:
+            return None
+        return Stored(current.record, current.mod_revision)
 
     async def get_effective_flag(self, service: str, name: str) -> Stored[Flag] | None:
         """The flag a service sees: its own entry, else the global one."""
@@ -694,48 +872,35 @@ class Store:
 
     # -- shedding ----------------------------------------------------------------
 
+    def plan_set_shedding(
+        self, service: str, tier: Tier, percent: float, opts: WriteOptions
+    ) -> Plan:
+        return Plan(
+            self._shedding_key(service),
+            lambda cur, now: semantics.decide_set_shedding(cur, now, service, tier, percent, opts),
+        )
+
+    def plan_clear_shedding(self, service: str, *, all_layers: bool = False) -> Plan:
+        return Plan(
+            self._shedding_key(service),
+            lambda cur, now: semantics.decide_clear_shedding(cur, now, all_layers=all_layers),
+        )
+
     async def set_shedding(
         self, service: str, tier: Tier, percent: float, opts: WriteOptions
     ) -> WriteOutcome[Shedding]:
         """Set a service's shedding level."""
-        self._no_expiry_yet(opts)
-        key = self._shedding_key(service)
-        now = model.utcnow()
-
-        def decide(current: Shedding | None) -> _Decision[Shedding]:
-            new = Shedding(service, tier, percent, Meta.from_options(opts, now))
-            was = f" (was {current.describe()})" if current else " (was none)"
-            summary = f"shedding {new.describe()}{was}"
-            if (
-                current is not None
-                and (current.tier, current.percent) == (tier, percent)
-                and current.meta.expires_at is None
-            ):
-                return _Decision(current, "shedding.set", summary, changed=False)
-            return _Decision(new, "shedding.set", summary)
-
-        return await self._mutate(key, opts, decide)
+        return await self.write(self.plan_set_shedding(service, tier, percent, opts), opts)
 
     async def clear_shedding(
         self, service: str, opts: WriteOptions, *, all_layers: bool = False
     ) -> WriteOutcome[Shedding]:
         """Stop shedding for a service (or restore the level a time-boxed one replaced)."""
-        self._no_expiry_yet(opts)
-
-        def decide(current: Shedding | None) -> _Decision[Shedding]:
-            if current is None:
-                return _Decision(None, "shedding.clear", "shedding not set", changed=False)
-            restored = None if all_layers else current.replaced
-            after = f", {restored.describe()} again" if restored else ""
-            summary = f"shedding cleared (was {current.describe()}{after})"
-            return _Decision(restored, "shedding.clear", summary, restored=restored)
-
-        return await self._mutate(self._shedding_key(service), opts, decide)
+        return await self.write(self.plan_clear_shedding(service, all_layers=all_layers), opts)
 
     async def get_shedding(self, service: str) -> Stored[Shedding] | None:
         """A service's shedding level."""
-        record, mod_revision = await self._read(self._shedding_key(service))
-        return Stored(record, mod_revision) if record is not None else None
+        return self._stored(await self._read(self._shedding_key(service)))
 
     async def list_shedding(self) -> tuple[list[Stored[Shedding]], int]:
         """Every service's shedding level."""
@@ -744,42 +909,35 @@ class Store:
 
     # -- pins and known-good -------------------------------------------------------
 
-    async def pin(self, service: str, version: str, opts: WriteOptions) -> WriteOutcome[Pin]:
+    def plan_pin(
+        self, service: str, version: str, opts: WriteOptions, *, action: str = "pin.set"
+    ) -> Plan:
+        return Plan(
+            self._pin_key(service),
+            lambda cur, now: semantics.decide_pin(cur, now, service, version, opts, action=action),
+        )
+
+    def plan_unpin(self, service: str, *, all_layers: bool = False) -> Plan:
+        return Plan(
+            self._pin_key(service),
+            lambda cur, now: semantics.decide_unpin(cur, now, all_layers=all_layers),
+        )
+
+    async def pin(
+        self, service: str, version: str, opts: WriteOptions, *, action: str = "pin.set"
+    ) -> WriteOutcome[Pin]:
         """Pin a service to a version; the pin records the one it replaced."""
-        self._no_expiry_yet(opts)
-        now = model.utcnow()
-
-        def decide(current: Pin | None) -> _Decision[Pin]:
-            was = f" (was {current.version})" if current else " (was unpinned)"
-            summary = f"pinned to {version}{was}"
-            if current is not None and current.version == version and not current.meta.expires_at:
-                return _Decision(current, "pin.set", summary, changed=False)
-            previous = current.history() if current is not None else None
-            new = Pin(service, version, Meta.from_options(opts, now), previous=previous)
-            return _Decision(new, "pin.set", summary)
-
-        return await self._mutate(self._pin_key(service), opts, decide)
+        return await self.write(self.plan_pin(service, version, opts, action=action), opts)
 
     async def unpin(
         self, service: str, opts: WriteOptions, *, all_layers: bool = False
     ) -> WriteOutcome[Pin]:
         """Remove a service's pin and say what it was."""
-        self._no_expiry_yet(opts)
-
-        def decide(current: Pin | None) -> _Decision[Pin]:
-            if current is None:
-                return _Decision(None, "pin.clear", "not pinned", changed=False)
-            restored = None if all_layers else current.replaced
-            after = f", {restored.version} again" if restored else ""
-            summary = f"pin cleared (was {current.version}{after})"
-            return _Decision(restored, "pin.clear", summary, restored=restored)
-
-        return await self._mutate(self._pin_key(service), opts, decide)
+        return await self.write(self.plan_unpin(service, all_layers=all_layers), opts)
 
     async def get_pin(self, service: str) -> Stored[Pin] | None:
         """A service's pin."""
-        record, mod_revision = await self._read(self._pin_key(service))
-        return Stored(record, mod_revision) if record is not None else None
+        return self._stored(await self._read(self._pin_key(service)))
 
     async def list_pins(self) -> tuple[list[Stored[Pin]], int]:
         """Every service's pin."""
@@ -790,31 +948,21 @@ class Store:
         self, service: str, version: str, opts: WriteOptions
     ) -> WriteOutcome[KnownGood]:
         """Mark a version of a service known-good (a rollback target)."""
-        now = model.utcnow()
-
-        def decide(current: KnownGood | None) -> _Decision[KnownGood]:
-            if current is not None:
-                return _Decision(
-                    current, "known_good.mark", f"{version} already known-good", changed=False
-                )
-            new = KnownGood(service, version, Meta.from_options(opts, now))
-            return _Decision(new, "known_good.mark", f"{version} marked known-good")
-
-        return await self._mutate(self._known_good_key(service, version), opts, decide)
+        plan = Plan(
+            self._known_good_key(service, version),
+            lambda cur, now: semantics.decide_mark(cur, now, service, version, opts),
+        )
+        return await self.write(plan, opts)
 
     async def unmark_known_good(
         self, service: str, version: str, opts: WriteOptions
     ) -> WriteOutcome[KnownGood]:
         """Withdraw a known-good mark ("mark as bad")."""
-
-        def decide(current: KnownGood | None) -> _Decision[KnownGood]:
-            if current is None:
-                return _Decision(
-                    None, "known_good.unmark", f"{version} is not marked known-good", changed=False
-                )
-            return _Decision(None, "known_good.unmark", f"{version} no longer known-good")
-
-        return await self._mutate(self._known_good_key(service, version), opts, decide)
+        plan = Plan(
+            self._known_good_key(service, version),
+            lambda cur, now: semantics.decide_unmark(cur, now, version),
+        )
+        return await self.write(plan, opts)
 
     async def list_known_good(self, service: str) -> list[Stored[KnownGood]]:
         """A service's known-good versions, most recently marked first."""
@@ -835,43 +983,83 @@ class Store:
         limit: int = 100,
     ) -> list[AuditEntry]:
         """Audit entries, newest first, filtered (a service's includes global changes)."""
-        lower = self._abs("audit/" + (new_audit_id(since)[:20] if since else ""))
-        upper = (
-            self._abs("audit/" + new_audit_id(until)[:20] + "~")
-            if until
-            else _range_end(self._abs("audit/"))
-        )
+
+        def accept(entry: AuditEntry) -> bool:
+            if service and entry.scope not in (service, GLOBAL_SCOPE):
+                return False
+            return not incident or entry.incident == incident
+
+        return await self._scan_audit(accept=accept, since=since, until=until, limit=limit)
+
+    async def _scan_audit(
+        self,
+        *,
+        accept: Callable[[AuditEntry], bool],
+        limit: int,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> list[AuditEntry]:
+        """Audit entries newest first, walking back through time windows.
+
+        etcd applies a range's limit only in key order (ascending), so the walk
+        reads windows of time ascending and reverses them; windows shrink where
+        records are dense and grow where they are sparse.
+        """
+        base = self._abs("audit/")
+        lower = self._abs(f"audit/{_ns(since):020d}") if since else base
+        upper = self._abs(f"audit/{_ns(until):020d}~") if until else _range_end(base)
+        oldest = await self._range(lower, upper, limit=1, keys_only=True)
+        if not oldest.kvs:
+            return []
+        lower = bytes(oldest.kvs[0].key)
+        hi_key = upper
+        hi_ns = _ns(until) if until else _ns(model.utcnow()) + 3_600_000_000_000
+        window = 3_600_000_000_000  # 1 h
         entries: list[AuditEntry] = []
-        while len(entries) < limit and lower < upper:
-            response = await self._range(lower, upper, limit=_HISTORY_PAGE, descending=True)
+        while len(entries) < limit:
+            lo_ns = max(hi_ns - window, 0)
+            lo_key = max(lower, self._abs(f"audit/{lo_ns:020d}"))
+            count = int((await self._range(lo_key, hi_key, count_only=True)).count)
+            if count > 4 * _HISTORY_PAGE and window > 1_000_000:
+                window //= 4
+                continue
+            page = await self._read_audit_window(lo_key, hi_key)
+            for entry in reversed(page):
+                if accept(entry):
+                    entries.append(entry)
+                    if len(entries) >= limit:
+                        break
+            if lo_key <= lower:
+                break
+            hi_key, hi_ns = lo_key, lo_ns
+            if count < _HISTORY_PAGE:
+                window *= 4
+        return entries
+
+    async def _read_audit_window(self, lo_key: bytes, hi_key: bytes) -> list[AuditEntry]:
+        entries = []
+        start = lo_key
+        while start < hi_key:
+            response = await self._range(start, hi_key, limit=_HISTORY_PAGE)
             for kv in response.kvs:
                 try:
-                    entry = AuditEntry.from_record(model.decode_record(kv.value), kv.mod_revision)
+                    data = model.decode_record(kv.value)
+                    entries.append(AuditEntry.from_record(data, kv.mod_revision))
                 except (RecordError, ValueError, TypeError, KeyError, AttributeError) as exc:
                     self._metrics.invalid_records.labels("audit").inc()
                     log.error("record_invalid", key=kv.key.decode(errors="replace"), error=str(exc))
-                    continue
-                if service and entry.scope not in (service, GLOBAL_SCOPE):
-                    continue
-                if incident and entry.incident != incident:
-                    continue
-                entries.append(entry)
-                if len(entries) >= limit:
-                    break
             if not response.more or not response.kvs:
                 break
-            upper = bytes(response.kvs[-1].key)  # exclusive: continue below the last key seen
+            start = bytes(response.kvs[-1].key) + b"\0"
         return entries
 
     async def enforce_retention(self, retention: timedelta) -> int:
         """Delete audit records older than ``retention``; return how many."""
         cutoff = model.utcnow() - retention
         start = self._abs("audit/")
-        end = self._abs("audit/" + new_audit_id(cutoff)[:20])
+        end = self._abs(f"audit/{_ns(cutoff):020d}")
         response = await self._call(
-            "delete",
-            self._kv.DeleteRange,
-            rpc.DeleteRangeRequest(key=start, range_end=end),
+            "delete", "DeleteRange", rpc.DeleteRangeRequest(key=start, range_end=end)
         )
         deleted = int(response.deleted)
         if deleted:

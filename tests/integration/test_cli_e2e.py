@@ -6,14 +6,16 @@ import asyncio
 import json
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
-from controlplane.embedded_etcd import free_port
+from controlplane.embedded_etcd import EmbeddedEtcd, free_port
 from controlplane.server import ControlServer
 from tests.helpers.raw_etcd import RawEtcd
+from tests.integration.conftest import server_config
 
 CPCTL = Path(sys.executable).parent / "cpctl"
 
@@ -128,12 +130,12 @@ async def test_exit_codes_for_each_kind_of_failure(cpctl: Run) -> None:
     assert error["code"] == "ABORTED"
     assert f"current mod revision {rev}" in error["message"]
     assert await code("rollback", "checkout", "--reason", "r") == 11
-    assert (
-        await code("flag", "set", "checkout", "x", "false", "--reason", "r", "--ttl", "30m") == 12
-    )
     unchanged = await cpctl("flag", "set", "checkout", "x", "true", "--reason", "re-run")
     assert unchanged.returncode == 0
     assert "unchanged" in unchanged.stdout
+    boxed = await cpctl("flag", "set", "checkout", "x", "false", "--reason", "r", "--ttl", "30m")
+    assert boxed.returncode == 0, boxed.stderr
+    assert "expires" in boxed.stdout
 
 
 async def test_server_list_falls_over_to_the_next_server(cpctl: Run, server: ControlServer) -> None:
@@ -152,3 +154,32 @@ async def test_server_list_falls_over_to_the_next_server(cpctl: Run, server: Con
     nobody = await cpctl("flag", "list", server_list=down)
     assert nobody.returncode == 6
     assert "no server reachable" in nobody.stderr
+
+
+@pytest.fixture
+async def server_on_fresh_etcd(fresh_etcd: EmbeddedEtcd) -> AsyncIterator[ControlServer]:
+    """A second server, on an etcd of the test's own that the test may stop."""
+    config = server_config(fresh_etcd.endpoint, "/controlplane/v1/", etcd_timeout=1.0)
+    srv = ControlServer(config, registry=CollectorRegistry())
+    await srv.start()
+    yield srv
+    await srv.stop(grace=0)
+
+
+@pytest.mark.etcd_fault
+async def test_write_to_a_server_whose_etcd_is_down_is_not_retried_elsewhere(
+    cpctl: Run,
+    server: ControlServer,
+    server_on_fresh_etcd: ControlServer,
+    fresh_etcd: EmbeddedEtcd,
+    raw_etcd: RawEtcd,
+    prefix: str,
+) -> None:
+    fresh_etcd.stop()
+    servers = f"{server_on_fresh_etcd.address},{server.address}"
+    out = await cpctl("flag", "set", "global", "kill", "true", "--reason", "r", server_list=servers)
+    assert out.returncode == 6, out.stderr
+    assert "etcd is unreachable" in out.stderr
+    assert "may or may not have been applied" in out.stderr
+    # The next server in the list was not asked: nothing under its prefix.
+    assert await raw_etcd.get_prefix(prefix) == {}

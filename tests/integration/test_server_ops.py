@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -92,6 +92,54 @@ async def test_corrupt_record_keeps_last_good_value_logs_and_counts(
     assert fixed.result.changed
     got = await stub.GetFlag(m.GetFlagRequest(scope="checkout", name="typo"))
     assert got.flag.value.string_value == "ok"
+
+
+async def test_a_write_repairs_a_corrupt_record_and_restarts_recover_the_last_good_value(
+    etcd: EmbeddedEtcd, prefix: str, raw_etcd: RawEtcd
+) -> None:
+    key = prefix + "flags/checkout/new-ui"
+    first = ControlServer(server_config(etcd.endpoint, prefix), registry=CollectorRegistry())
+    await first.start()
+    try:
+        async with grpc.aio.insecure_channel(first.address) as ch:
+            stub = mitigation_pb2_grpc.MitigationServiceStub(ch)
+            request = m.SetFlagRequest(
+                scope="checkout", name="new-ui", value=t.FlagValue(bool_value=False),
+                options=opts(),
+            )  # fmt: skip
+            await stub.SetFlag(request)
+    finally:
+        await first.stop(grace=0)
+    await raw_etcd.put(key, b"{oops")
+
+    # A replica that never saw the good value (here: a restarted one) finds it in the
+    # audit trail: the service keeps its own false, not the global default.
+    second = ControlServer(server_config(etcd.endpoint, prefix), registry=CollectorRegistry())
+    await second.start()
+    try:
+        async with grpc.aio.insecure_channel(second.address) as ch:
+            stub = mitigation_pb2_grpc.MitigationServiceStub(ch)
+            got = await stub.GetFlag(m.GetFlagRequest(scope="checkout", name="new-ui"))
+            assert got.flag.value.bool_value is False
+            # Setting the value in force over the corrupt bytes repairs them.
+            repaired = await stub.SetFlag(request)
+            assert repaired.result.changed
+            raw = await raw_etcd.get(key)
+            assert raw is not None and json.loads(raw[0])["value"] is False
+            audits = [
+                json.loads(v) for v in (await raw_etcd.get_prefix(prefix + "audit/")).values()
+            ]
+            repair = max(audits, key=lambda a: a["id"])
+            assert repair["before"] == {"invalid_record": "{oops"}
+            # Clearing a corrupt key that never had a good value deletes it.
+            await raw_etcd.put(prefix + "flags/checkout/typo", b"garbage")
+            cleared = await stub.ClearFlag(
+                m.ClearFlagRequest(scope="checkout", name="typo", options=opts())
+            )
+            assert cleared.result.changed
+            assert await raw_etcd.get(prefix + "flags/checkout/typo") is None
+    finally:
+        await second.stop(grace=0)
 
 
 async def test_retention_removes_old_audit_records_only(
@@ -191,6 +239,91 @@ async def test_etcd_down_gives_unavailable_fast_not_serving_then_recovers(
         await wait_until(serving, what="SERVING again after etcd restart")
         got = await stub.GetFlag(m.GetFlagRequest(scope="checkout", name="kill"), timeout=5)
         assert got.flag.value.bool_value is True
+
+
+@pytest.mark.etcd_fault
+async def test_hung_etcd_gives_unavailable_after_the_etcd_timeout(
+    fragile_server: ControlServer, fresh_etcd: EmbeddedEtcd
+) -> None:
+    async with grpc.aio.insecure_channel(fragile_server.address) as ch:
+        stub = mitigation_pb2_grpc.MitigationServiceStub(ch)
+
+        async def serving() -> bool:
+            return bool(await health_status(ch) == health_pb2.HealthCheckResponse.SERVING)
+
+        async def not_serving() -> bool:
+            return bool(await health_status(ch) == health_pb2.HealthCheckResponse.NOT_SERVING)
+
+        await wait_until(serving, what="SERVING")
+        fresh_etcd.pause()
+        try:
+            # The caller's deadline (0.3 s) is shorter than --etcd-timeout (1 s): the
+            # server answers DEADLINE_EXCEEDED itself, within that deadline.
+            with structlog.testing.capture_logs() as logs:
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await stub.GetFlag(m.GetFlagRequest(scope="checkout", name="x"), timeout=0.3)
+                await wait_until(
+                    _logged_rpc(logs, "GetFlag"), what="the server's rpc event for GetFlag"
+                )
+            event = next(e for e in logs if e["event"] == "rpc" and e["method"] == "GetFlag")
+            # The server gave up with the caller (its own answer, or the cancellation
+            # when the caller's deadline passed), not after the 1 s etcd timeout.
+            assert event["code"] in ("DEADLINE_EXCEEDED", "CANCELLED")
+            assert event["duration_ms"] < 600
+
+            start = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.SetFlag(
+                    m.SetFlagRequest(
+                        scope="checkout", name="x", value=t.FlagValue(bool_value=True),
+                        options=opts(),
+                    ),
+                    timeout=10,
+                )  # fmt: skip
+            elapsed = time.monotonic() - start
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "no answer within" in (info.value.details() or "")
+            assert 0.8 < elapsed < 3.0
+            await wait_until(not_serving, what="NOT_SERVING while etcd hangs")
+        finally:
+            fresh_etcd.resume()
+        await wait_until(serving, what="SERVING after etcd resumes")
+
+
+def _logged_rpc(logs: list[MutableMapping[str, Any]], method: str) -> Any:
+    async def seen() -> bool:
+        return any(e["event"] == "rpc" and e.get("method") == method for e in logs)
+
+    return seen
+
+
+@pytest.mark.etcd_fault
+async def test_a_hung_etcd_endpoint_is_left_for_the_next(
+    fresh_etcd: EmbeddedEtcd, etcd: EmbeddedEtcd, prefix: str, raw_etcd: RawEtcd
+) -> None:
+    config = server_config(fresh_etcd.endpoint, prefix, etcd_timeout=1.0)
+    config.etcd = [fresh_etcd.endpoint, etcd.endpoint]
+    srv = ControlServer(config, registry=CollectorRegistry())
+    await srv.start()
+    try:
+        async with grpc.aio.insecure_channel(srv.address) as ch:
+            stub = mitigation_pb2_grpc.MitigationServiceStub(ch)
+            await stub.ListFlags(m.ListFlagsRequest(), timeout=10)  # talking to the first
+            fresh_etcd.pause()
+            try:
+                resp = await stub.SetFlag(
+                    m.SetFlagRequest(
+                        scope="global", name="kill", value=t.FlagValue(bool_value=True),
+                        options=opts(),
+                    ),
+                    timeout=10,
+                )  # fmt: skip
+            finally:
+                fresh_etcd.resume()
+        assert resp.result.changed
+        assert await raw_etcd.get(prefix + "flags/global/kill") is not None
+    finally:
+        await srv.stop(grace=0)
 
 
 async def test_several_etcd_endpoints_fail_over_to_a_live_member(

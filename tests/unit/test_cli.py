@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
 from dataclasses import dataclass
@@ -26,14 +27,13 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from controlplane import _cli_format as fmt
 from controlplane.api.v1 import mitigation_pb2, mitigation_pb2_grpc, types_pb2
 from controlplane.cli import (
+    OUTCOME_UNKNOWN,
     ExitCode,
     cli,
     exit_code_for_status,
-    parse_duration,
     parse_flag_value,
     parse_percent,
     parse_since,
-    parse_time,
 )
 
 NOW = datetime(2026, 11, 26, 17, 30, tzinfo=UTC)
@@ -127,61 +127,7 @@ def test_parse_flag_value_from_file(tmp_path: Path) -> None:
         parse_flag_value(f"@{broken}")
 
 
-# ---- durations, times, percentages ----
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("30s", timedelta(seconds=30)),
-        ("15m", timedelta(minutes=15)),
-        ("90m", timedelta(minutes=90)),
-        ("2h", timedelta(hours=2)),
-        ("7d", timedelta(days=7)),
-        ("500ms", timedelta(milliseconds=500)),
-        ("1h30m", timedelta(hours=1, minutes=30)),
-        ("1d2h3m4s5ms", timedelta(days=1, hours=2, minutes=3, seconds=4, milliseconds=5)),
-        ("0s", timedelta(0)),
-    ],
-)
-def test_parse_duration(text: str, expected: timedelta) -> None:
-    assert parse_duration(text) == expected
-
-
-@pytest.mark.parametrize(
-    "text",
-    ["", "30", "1.5h", "h", "30 m", " 30m", "1m1h", "1h1h", "-5m", "5M", "30min", "1w", "PT30M"],
-)
-def test_parse_duration_rejects(text: str) -> None:
-    with pytest.raises(ValueError, match="is not a duration") as info:
-        parse_duration(text)
-    message = str(info.value)
-    assert repr(text) in message
-    assert "ms, s, m, h or d" in message
-    assert "1h30m" in message
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("2026-11-26T18:00Z", datetime(2026, 11, 26, 18, 0, tzinfo=UTC)),
-        ("2026-11-26T18:00:00+02:00", datetime(2026, 11, 26, 16, 0, tzinfo=UTC)),
-        ("2026-11-26T18:00", datetime(2026, 11, 26, 18, 0, tzinfo=UTC)),
-        ("2026-11-26", datetime(2026, 11, 26, tzinfo=UTC)),
-    ],
-)
-def test_parse_time(text: str, expected: datetime) -> None:
-    moment = parse_time(text)
-    assert moment == expected
-    assert moment.utcoffset() == timedelta(0)
-
-
-@pytest.mark.parametrize("text", ["tomorrow", "2026-13-01", "18:00", "", "26/11/2026"])
-def test_parse_time_rejects(text: str) -> None:
-    with pytest.raises(ValueError, match="is not a time") as info:
-        parse_time(text)
-    assert repr(text) in str(info.value)
-    assert "ISO 8601" in str(info.value)
+# ---- points in time, percentages ----
 
 
 def test_parse_since() -> None:
@@ -191,6 +137,8 @@ def test_parse_since() -> None:
     with pytest.raises(ValueError, match=r"neither a duration .* nor a time") as info:
         parse_since("2 hours", NOW)
     assert "ISO 8601" in str(info.value)
+    with pytest.raises(ValueError, match="too long ago"):
+        parse_since("999999999d", NOW)
 
 
 @pytest.mark.parametrize(
@@ -278,7 +226,11 @@ def _flag(value: types_pb2.FlagValue, **meta: Any) -> types_pb2.Flag:
 
 
 def _set_flag_response(
-    *, changed: bool = True, dry_run: bool = False, expiring: bool = False
+    *,
+    changed: bool = True,
+    dry_run: bool = False,
+    would_change: bool = False,
+    expiring: bool = False,
 ) -> mitigation_pb2.SetFlagResponse:
     previous = _flag(
         types_pb2.FlagValue(bool_value=True),
@@ -308,6 +260,7 @@ def _set_flag_response(
             overridden_by=["billing", "search"],
             audit_id="audit-1",
             summary="flag new-ui = false (was true)",
+            would_change=would_change,
         ),
         flag=flag,
         previous=previous,
@@ -341,6 +294,7 @@ def test_json_shape_of_set_flag_response() -> None:
             "overridden_by": ["billing", "search"],
             "audit_id": "audit-1",
             "summary": "flag new-ui = false (was true)",
+            "would_change": False,
         },
         "flag": {
             "scope": "checkout",
@@ -416,12 +370,37 @@ def test_human_line_of_a_time_boxed_set_flag() -> None:
     ]
 
 
-def test_human_line_of_an_unchanged_and_of_a_dry_run_set_flag() -> None:
+def test_human_line_of_an_unchanged_set_flag() -> None:
     unchanged = fmt.render_flag_set(fmt.to_plain(_set_flag_response(changed=False)), NOW)
     assert list(unchanged.lines) == ["checkout: flag new-ui = false · unchanged"]
-    dry = fmt.render_flag_set(fmt.to_plain(_set_flag_response(changed=False, dry_run=True)), NOW)
-    assert list(dry.lines) == [
+
+
+def test_dry_run_says_would_set_only_when_the_write_would_change_something() -> None:
+    would = _set_flag_response(changed=False, dry_run=True, would_change=True)
+    assert list(fmt.render_flag_set(fmt.to_plain(would), NOW).lines) == [
         "dry run: would set checkout: flag new-ui = false (was true) · nothing written"
+    ]
+    same = _set_flag_response(changed=False, dry_run=True, would_change=False)
+    assert list(fmt.render_flag_set(fmt.to_plain(same), NOW).lines) == [
+        "dry run: unchanged (nothing would change) · checkout: flag new-ui = false"
+    ]
+
+
+@pytest.mark.parametrize("would_change", [True, False])
+def test_json_of_a_dry_run_carries_would_change(would_change: bool) -> None:
+    response = _set_flag_response(changed=False, dry_run=True, would_change=would_change)
+    result = json.loads(fmt.dumps(fmt.to_plain(response)))["result"]
+    assert (result["dry_run"], result["changed"]) == (True, False)
+    assert result["would_change"] is would_change
+
+
+def test_dry_run_of_a_clear_that_would_change_nothing() -> None:
+    response = mitigation_pb2.ClearSheddingResponse(
+        result=types_pb2.WriteResult(dry_run=True, would_change=False)
+    )
+    rendered = fmt.render_shed_clear(fmt.to_plain(response), NOW, "checkout")
+    assert list(rendered.lines) == [
+        "dry run: unchanged (nothing would change) · checkout: shedding off"
     ]
 
 
@@ -498,18 +477,34 @@ def test_list_is_an_aligned_table() -> None:
 
 
 class FakeMitigation(mitigation_pb2_grpc.MitigationServiceServicer):
-    """MitigationService with GetFlag and SetFlag over a dict; everything else UNIMPLEMENTED."""
+    """MitigationService with GetFlag and SetFlag over a dict; everything else UNIMPLEMENTED.
+
+    ``fail[method]`` makes that method answer with a status instead; a method in ``hang``
+    signals ``entered`` and then blocks until ``release`` is set (or 10 seconds pass).
+    """
 
     def __init__(self) -> None:
         self.calls: list[str] = []
         self.set_requests: list[mitigation_pb2.SetFlagRequest] = []
         self.flags: dict[tuple[str, str], types_pb2.Flag] = {}
         self.revision = 812
+        self.fail: dict[str, tuple[grpc.StatusCode, str]] = {}
+        self.hang: set[str] = set()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def _misbehave(self, method: str, context: grpc.ServicerContext) -> None:
+        self.calls.append(method)
+        if method in self.hang:
+            self.entered.set()
+            self.release.wait(10)
+        if method in self.fail:
+            context.abort(*self.fail[method])
 
     def GetFlag(
         self, request: mitigation_pb2.GetFlagRequest, context: grpc.ServicerContext
     ) -> mitigation_pb2.GetFlagResponse:
-        self.calls.append("GetFlag")
+        self._misbehave("GetFlag", context)
         flag = self.flags.get((request.scope, request.name))
         if flag is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"flag {request.scope}/{request.name}: none")
@@ -518,7 +513,7 @@ class FakeMitigation(mitigation_pb2_grpc.MitigationServiceServicer):
     def SetFlag(
         self, request: mitigation_pb2.SetFlagRequest, context: grpc.ServicerContext
     ) -> mitigation_pb2.SetFlagResponse:
-        self.calls.append("SetFlag")
+        self._misbehave("SetFlag", context)
         self.set_requests.append(request)
         key = (request.scope, request.name)
         previous = self.flags.get(key)
@@ -536,7 +531,9 @@ class FakeMitigation(mitigation_pb2_grpc.MitigationServiceServicer):
             value=request.value,
             meta=types_pb2.Meta(actor=options.actor, reason=options.reason, mod_revision=current),
         )
-        result = types_pb2.WriteResult(dry_run=options.dry_run, mod_revision=current)
+        result = types_pb2.WriteResult(
+            dry_run=options.dry_run, would_change=options.dry_run and changed, mod_revision=current
+        )
         if changed and not options.dry_run:
             self.revision += 1
             flag.meta.mod_revision = result.revision = result.mod_revision = self.revision
@@ -549,12 +546,14 @@ class FakeMitigation(mitigation_pb2_grpc.MitigationServiceServicer):
 class Server:
     address: str
     servicer: FakeMitigation
+    grpc_server: grpc.Server
 
 
 @pytest.fixture
 def start_server() -> Iterator[Callable[[], Server]]:
     """Start real gRPC servers on 127.0.0.1:0; all are stopped after the test."""
     servers: list[grpc.Server] = []
+    servicers: list[FakeMitigation] = []
 
     def start() -> Server:
         servicer = FakeMitigation()
@@ -564,9 +563,12 @@ def start_server() -> Iterator[Callable[[], Server]]:
         port = server.add_insecure_port("127.0.0.1:0")
         server.start()
         servers.append(server)
-        return Server(f"127.0.0.1:{port}", servicer)
+        servicers.append(servicer)
+        return Server(f"127.0.0.1:{port}", servicer, server)
 
     yield start
+    for servicer in servicers:
+        servicer.release.set()
     for server in servers:
         server.stop(grace=None)
 
@@ -627,6 +629,131 @@ def test_only_unavailable_fails_over(start_server: Callable[[], Server], server:
     assert "error: flag checkout/x: none" in result.stderr
     assert empty.servicer.calls == ["GetFlag"]
     assert server.servicer.calls == []
+
+
+ETCD_DOWN = (
+    grpc.StatusCode.UNAVAILABLE,
+    "etcd is unreachable at http://127.0.0.1:2379: no answer within 2s",
+)
+SET_ARGS = ("flag", "set", "checkout", "new-ui", "true", "--reason", "recovered")
+
+
+def test_write_answered_unavailable_by_a_server_is_not_retried_elsewhere(
+    start_server: Callable[[], Server], server: Server
+) -> None:
+    # Its etcd transaction may have committed: a retry elsewhere would report "unchanged".
+    that, other = start_server(), server
+    that.servicer.fail["SetFlag"] = ETCD_DOWN
+    result = run("--server", f"{that.address},{other.address}", *SET_ARGS)
+    assert result.exit_code == 6, result.output
+    assert that.servicer.calls == ["SetFlag"]
+    assert other.servicer.calls == []
+    error, hint = result.stderr.splitlines()
+    assert error == f"error: {that.address}: {ETCD_DOWN[1]}"
+    assert hint.startswith("hint: the server answered but could not use its etcd")
+    assert hint.endswith(OUTCOME_UNKNOWN)
+    assert "may or may not have been applied" in hint
+    assert "`get` or `history` before retrying" in hint
+    assert result.stdout == ""
+
+
+def test_write_refused_by_etcd_is_final_too(
+    start_server: Callable[[], Server], server: Server
+) -> None:
+    that = start_server()
+    that.servicer.fail["SetFlag"] = (grpc.StatusCode.UNAVAILABLE, "etcd refused the write: full")
+    result = run("--json", "--server", f"{that.address},{server.address}", *SET_ARGS)
+    assert result.exit_code == 6
+    assert server.servicer.calls == []
+    assert json.loads(result.stderr)["error"]["code"] == "UNAVAILABLE"
+
+
+def test_read_answered_unavailable_by_a_server_is_final(
+    start_server: Callable[[], Server], server: Server
+) -> None:
+    that = start_server()
+    that.servicer.fail["GetFlag"] = ETCD_DOWN
+    result = run("--server", f"{that.address},{server.address}", "flag", "get", "checkout", "x")
+    assert result.exit_code == 6
+    assert server.servicer.calls == []
+    assert "could not use its etcd" in result.stderr
+    assert OUTCOME_UNKNOWN not in result.stderr
+
+
+def test_dry_run_answered_unavailable_has_no_unknown_outcome(
+    start_server: Callable[[], Server], server: Server
+) -> None:
+    that = start_server()
+    that.servicer.fail["SetFlag"] = ETCD_DOWN
+    result = run("--server", f"{that.address},{server.address}", *SET_ARGS, "--dry-run")
+    assert result.exit_code == 6
+    assert server.servicer.calls == []
+    assert OUTCOME_UNKNOWN not in result.stderr
+
+
+def test_write_fails_over_when_the_first_server_cannot_be_reached(server: Server) -> None:
+    result = run("--server", f"{closed_address()},{server.address}", *SET_ARGS)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "checkout: flag new-ui = true (was false) · rev 813\n"
+    assert server.servicer.calls == ["SetFlag"]
+
+
+def _stop_once_entered(target: Server) -> threading.Thread:
+    def stop() -> None:
+        if target.servicer.entered.wait(10):
+            target.grpc_server.stop(grace=None)
+
+    thread = threading.Thread(target=stop, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_write_whose_connection_drops_mid_call_is_not_retried_elsewhere(
+    start_server: Callable[[], Server], server: Server
+) -> None:
+    that = start_server()
+    that.servicer.hang.add("SetFlag")
+    stopper = _stop_once_entered(that)
+    result = run("--server", f"{that.address},{server.address}", *SET_ARGS)
+    stopper.join(10)
+    assert result.exit_code == 6, result.output
+    assert that.servicer.calls == ["SetFlag"]
+    assert server.servicer.calls == []
+    assert result.stderr.startswith(f"error: {that.address}: ")
+    assert "connection to the server was lost during the call" in result.stderr
+    assert OUTCOME_UNKNOWN in result.stderr
+
+
+def test_read_whose_connection_drops_mid_call_fails_over(
+    start_server: Callable[[], Server], server: Server
+) -> None:
+    that = start_server()
+    that.servicer.hang.add("GetFlag")
+    stopper = _stop_once_entered(that)
+    result = run(
+        "--server", f"{that.address},{server.address}", "flag", "get", "checkout", "new-ui"
+    )
+    stopper.join(10)
+    assert result.exit_code == 0, result.output
+    assert that.servicer.calls == ["GetFlag"]
+    assert server.servicer.calls == ["GetFlag"]
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_deadline_exceeded_is_never_retried_elsewhere(
+    start_server: Callable[[], Server], server: Server, dry_run: bool
+) -> None:
+    that = start_server()
+    that.servicer.hang.add("SetFlag")
+    extra = ["--dry-run"] if dry_run else []
+    servers = f"{that.address},{server.address}"
+    result = run("--timeout", "300ms", "--server", servers, *SET_ARGS, *extra)
+    assert result.exit_code == 6, result.output
+    assert that.servicer.calls == ["SetFlag"]
+    assert server.servicer.calls == []
+    assert result.stderr.startswith(f"error: {that.address}: Deadline Exceeded")
+    assert (OUTCOME_UNKNOWN in result.stderr) is not dry_run
+    assert "did not answer in time" in result.stderr or "no answer within" in result.stderr
 
 
 def test_error_as_json_on_stderr(server: Server) -> None:
@@ -786,6 +913,21 @@ def test_value_from_stdin(server: Server) -> None:
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert server.servicer.set_requests[0].value.json_value == '{"mode":"lite"}'
+
+
+def test_dry_run_over_the_wire(server: Server) -> None:
+    base = ["--server", server.address, "flag", "set", "checkout", "new-ui"]
+    would = run(*base, "true", "--reason", "r", "--dry-run")
+    assert would.exit_code == 0, would.output
+    assert would.stdout == (
+        "dry run: would set checkout: flag new-ui = true (was false) · nothing written\n"
+    )
+    same = run(*base, "false", "--reason", "r", "--dry-run")
+    assert same.exit_code == 0, same.output
+    assert same.stdout == (
+        "dry run: unchanged (nothing would change) · checkout: flag new-ui = false\n"
+    )
+    assert [r.options.dry_run for r in server.servicer.set_requests] == [True, True]
 
 
 def test_rerun_prints_unchanged_and_exits_0(server: Server) -> None:

@@ -13,7 +13,7 @@ from controlplane.api.v1 import types_pb2 as pb
 from controlplane.errors import ConflictError, InvalidArgumentError
 from controlplane.model import Flag, Meta, Pin, PinHistory, RecordError, Shedding, Tier
 from controlplane.server import parse_duration
-from controlplane.store import _range_end, channel_target, new_audit_id
+from controlplane.store import _range_end, new_audit_id, normalize_endpoints
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 META = Meta(actor="oncall", reason="errors", set_at=NOW, incident="INC-42")
@@ -183,14 +183,19 @@ def test_conflict_error_message_carries_current_revision() -> None:
     assert "does not exist" in ConflictError("/p/flags/g/x", 10, 0).message
 
 
-def test_channel_target() -> None:
-    assert channel_target(["127.0.0.1:2379"]) == "127.0.0.1:2379"
-    assert channel_target(["10.0.0.1:2379", "10.0.0.2:2379"]) == "ipv4:10.0.0.1:2379,10.0.0.2:2379"
-    assert channel_target(["[::1]:2379", "[::1]:2381"]) == "ipv6:[::1]:2379,[::1]:2381"
+def test_normalize_endpoints() -> None:
+    assert normalize_endpoints(["127.0.0.1:2379"]) == ["127.0.0.1:2379"]
+    assert normalize_endpoints(["http://10.0.0.1:2379/", " 10.0.0.2:2379 ", ""]) == [
+        "10.0.0.1:2379",
+        "10.0.0.2:2379",
+    ]
+    assert normalize_endpoints(["[::1]:2379"]) == ["[::1]:2379"]
     with pytest.raises(ValueError, match="host:port"):
-        channel_target(["localhost"])
+        normalize_endpoints(["localhost"])
+    with pytest.raises(ValueError, match="TLS"):
+        normalize_endpoints(["https://10.0.0.1:2379"])
     with pytest.raises(ValueError, match="no etcd endpoint"):
-        channel_target([" "])
+        normalize_endpoints([" "])
 
 
 def test_range_end_and_audit_ids_sort_by_time() -> None:

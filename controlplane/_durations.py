@@ -1,0 +1,66 @@
+"""Durations and times as people type them (``500ms``, ``1h30m``, ``2026-11-26T18:00Z``).
+
+One parser for the server's options and ``cpctl``. Standard library only: ``cpctl --help``
+imports this module and must stay fast.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+
+__all__ = ["DURATION_FORMS", "TIME_FORMS", "parse_duration", "parse_time"]
+
+_DURATION_RE = re.compile(
+    r"(?:(?P<d>\d+)d)?(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m(?!s))?(?:(?P<s>\d+)s)?(?:(?P<ms>\d+)ms)?"
+)
+
+DURATION_FORMS = (
+    "a whole number with a unit ms, s, m, h or d, or several from the largest unit down "
+    "(500ms, 30s, 15m, 2h, 1h30m, 7d)"
+)
+
+TIME_FORMS = (
+    "ISO 8601 such as 2026-11-26T18:00Z, 2026-11-26T18:00:00+01:00 or 2026-11-26; "
+    "a time without an offset is UTC"
+)
+
+
+def parse_duration(text: str) -> timedelta:
+    """Parse ``30s``, ``15m``, ``1h30m``, ``500ms``, ``7d`` (units in that order, once each).
+
+    No sign, no fraction, no spaces: ``0s`` is the shortest duration.
+
+    Raises:
+        ValueError: anything else; the message says "... is not a duration" and shows the
+            accepted forms.
+    """
+    match = _DURATION_RE.fullmatch(text)
+    if not text or match is None:
+        raise ValueError(f"{text!r} is not a duration: use {DURATION_FORMS}")
+    parts = {unit: int(value) for unit, value in match.groupdict().items() if value is not None}
+    try:
+        return timedelta(
+            days=parts.get("d", 0),
+            hours=parts.get("h", 0),
+            minutes=parts.get("m", 0),
+            seconds=parts.get("s", 0),
+            milliseconds=parts.get("ms", 0),
+        )
+    except OverflowError as e:
+        raise ValueError(f"duration {text!r} is too large") from e
+
+
+def parse_time(text: str) -> datetime:
+    """Parse an ISO 8601 time (``Z`` allowed); no offset means UTC. Returns UTC.
+
+    Raises:
+        ValueError: not an ISO 8601 time; the message shows the accepted forms.
+    """
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a time: use {TIME_FORMS}") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)

@@ -1,0 +1,293 @@
+"""What a write does to a key's record: pure decisions, no I/O.
+
+Each ``decide_*`` function takes the record stored under a key (or None) and the
+time, and returns a :class:`Decision`: the record to store (None: delete the
+key), the audit action, a one-line summary, and whether anything changes. The
+store reads, calls one of these, and writes the result in one transaction.
+
+Time-boxed changes (DESIGN.md, "State model"): a record with ``expires_at``
+keeps the record it replaced in ``replaced``, which may be time-boxed too (a
+chain). When it expires, the replaced record applies again; if it replaced
+nothing, the key is gone. A write without expiry is the new base (the chain is
+dropped); one with expiry layers on top. Writing the value in force with a new
+expiry moves the top layer's expiry; with no expiry, it makes it permanent.
+Expired layers anywhere in a chain never apply again and are pruned whenever
+the chain is rewritten.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any, TypeVar
+
+from controlplane import model
+from controlplane.errors import InvalidArgumentError
+from controlplane.model import Flag, FlagValue, KnownGood, Meta, Pin, Shedding, Tier, WriteOptions
+
+MAX_LAYERS = 8
+
+Layered = TypeVar("Layered", Flag, Shedding, Pin)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The outcome of a write for one key."""
+
+    new: Any  # the record to store; None deletes the key
+    action: str
+    summary: str
+    changed: bool = True
+    restored: Any = None  # on clear/expiry: the layer that applies again
+
+
+def prune_expired(record: Layered | None, now: datetime) -> Layered | None:
+    """The chain without the layers that have expired by ``now``."""
+    if record is None:
+        return None
+    if record.meta.expires_at is not None and record.meta.expires_at <= now:
+        return prune_expired(record.replaced, now)
+    below = prune_expired(record.replaced, now)
+    return record if below is record.replaced else replace(record, replaced=below)
+
+
+def chain_depth(record: Any) -> int:
+    """How many layers a record has (1 for a plain record, 0 for None)."""
+    depth = 0
+    while record is not None:
+        depth += 1
+        record = record.replaced
+    return depth
+
+
+def _until(meta: Meta) -> str:
+    return f" until {model.format_time(meta.expires_at)}" if meta.expires_at else ""
+
+
+def _layered_set(
+    current: Layered | None,
+    now: datetime,
+    opts: WriteOptions,
+    *,
+    build: Callable[[Meta], Layered],
+    same: Callable[[Layered], bool],
+    action: str,
+    what: str,
+    was: str,
+) -> Decision:
+    """Set a layered record (flag, shedding, pin) by the rules in the module docstring."""
+    cur = prune_expired(current, now)
+    meta = Meta.from_options(opts, now)
+    summary = f"{what}{_until(meta)}{was}"
+    if opts.expires_at is None:
+        if cur is not None and same(cur) and cur.meta.expires_at is None:
+            return Decision(current, action, summary, changed=False)
+        return Decision(replace(build(meta), replaced=None), action, summary)
+    if cur is not None and same(cur) and cur.meta.expires_at is not None:
+        if cur.meta.expires_at == opts.expires_at:
+            return Decision(current, action, summary, changed=False)
+        # Extending (or shortening) the change in force: same layer, new expiry.
+        extended = replace(build(meta), replaced=cur.replaced)
+        return Decision(extended, action.replace(".set", ".extend"), summary)
+    new = replace(build(meta), replaced=cur)
+    if chain_depth(new) > MAX_LAYERS:
+        raise InvalidArgumentError(
+            "options",
+            f"{what} would stack {chain_depth(new)} time-boxed layers (at most {MAX_LAYERS}): "
+            "clear some, or write without an expiry to start afresh",
+        )
+    return Decision(new, action, summary)
+
+
+def _layered_clear(
+    current: Layered | None,
+    now: datetime,
+    *,
+    all_layers: bool,
+    action: str,
+    label: str,
+    describe: Callable[[Layered], str],
+) -> Decision:
+    if current is None:
+        return Decision(None, action, f"{label} not set", changed=False)
+    cur = prune_expired(current, now)
+    if cur is None:
+        return Decision(None, action, f"{label} cleared (had expired)")
+    restored = None if all_layers else cur.replaced
+    again = f"; {describe(restored)} applies again{_until(restored.meta)}" if restored else ""
+    everything = " and every layer beneath" if all_layers and cur.replaced else ""
+    return Decision(
+        restored,
+        action,
+        f"{label} cleared (was {describe(cur)}){everything}{again}",
+        restored=restored,
+    )
+
+
+def decide_expiry(current: Layered | None, now: datetime, label: str) -> Decision:
+    """What the server writes when a key's top layer has expired."""
+    if current is None or current.meta.expires_at is None or current.meta.expires_at > now:
+        return Decision(current, "", f"{label}: nothing expired", changed=False)
+    restored = prune_expired(current, now)
+    kind = _kind(current)
+    after = (
+        f"; {describe_record(restored)} applies again{_until(restored.meta)}"
+        if restored is not None
+        else "; now unset"
+    )
+    return Decision(
+        restored,
+        f"{kind}.expire",
+        f"{label} {describe_record(current)} expired{after}",
+        restored=restored,
+    )
+
+
+def _kind(record: Any) -> str:
+    if isinstance(record, Flag):
+        return "flag"
+    if isinstance(record, Shedding):
+        return "shedding"
+    if isinstance(record, Pin):
+        return "pin"
+    return "known_good"
+
+
+def describe_record(record: Any) -> str:
+    """A record's value as a person reads it."""
+    if isinstance(record, Flag):
+        return model.describe_value(record.value)
+    if isinstance(record, Shedding):
+        return record.describe()
+    if isinstance(record, Pin | KnownGood):
+        return record.version
+    return "(none)"
+
+
+# ---------------------------------------------------------------- flags
+
+
+def decide_set_flag(
+    current: Flag | None, now: datetime, scope: str, name: str, value: FlagValue, opts: WriteOptions
+) -> Decision:
+    cur = prune_expired(current, now)
+    was = f" (was {model.describe_value(cur.value)})" if cur else " (was unset)"
+    key = model.value_key(value)
+    return _layered_set(
+        current,
+        now,
+        opts,
+        build=lambda meta: Flag(scope, name, value, meta),
+        same=lambda rec: model.value_key(rec.value) == key,
+        action="flag.set",
+        what=f"flag {name} = {model.describe_value(value)}",
+        was=was,
+    )
+
+
+def decide_clear_flag(
+    current: Flag | None, now: datetime, name: str, *, all_layers: bool
+) -> Decision:
+    return _layered_clear(
+        current,
+        now,
+        all_layers=all_layers,
+        action="flag.clear",
+        label=f"flag {name}",
+        describe=lambda rec: model.describe_value(rec.value),
+    )
+
+
+# ---------------------------------------------------------------- shedding
+
+
+def decide_set_shedding(
+    current: Shedding | None,
+    now: datetime,
+    service: str,
+    tier: Tier,
+    percent: float,
+    opts: WriteOptions,
+) -> Decision:
+    cur = prune_expired(current, now)
+    was = f" (was {cur.describe()})" if cur else " (was off)"
+    return _layered_set(
+        current,
+        now,
+        opts,
+        build=lambda meta: Shedding(service, tier, percent, meta),
+        same=lambda rec: (rec.tier, rec.percent) == (tier, percent),
+        action="shedding.set",
+        what=f"shedding {model.describe_shedding(tier, percent)}",
+        was=was,
+    )
+
+
+def decide_clear_shedding(current: Shedding | None, now: datetime, *, all_layers: bool) -> Decision:
+    return _layered_clear(
+        current,
+        now,
+        all_layers=all_layers,
+        action="shedding.clear",
+        label="shedding",
+        describe=lambda rec: rec.describe(),
+    )
+
+
+# ---------------------------------------------------------------- pins
+
+
+def decide_pin(
+    current: Pin | None, now: datetime, service: str, version: str, opts: WriteOptions,
+    *, action: str = "pin.set",
+) -> Decision:  # fmt: skip
+    cur = prune_expired(current, now)
+    was = f" (was {cur.version})" if cur else " (was unpinned)"
+    previous = cur.history() if cur is not None and cur.version != version else None
+    if cur is not None and cur.version == version:
+        previous = cur.previous
+    decision = _layered_set(
+        current,
+        now,
+        opts,
+        build=lambda meta: Pin(service, version, meta, previous=previous),
+        same=lambda rec: rec.version == version,
+        action="pin.set",
+        what=f"pinned to {version}",
+        was=was,
+    )
+    if action != "pin.set" and decision.changed:
+        decision = replace(decision, action=action)
+    return decision
+
+
+def decide_unpin(current: Pin | None, now: datetime, *, all_layers: bool) -> Decision:
+    return _layered_clear(
+        current,
+        now,
+        all_layers=all_layers,
+        action="pin.clear",
+        label="pin",
+        describe=lambda rec: rec.version,
+    )
+
+
+# ---------------------------------------------------------------- known-good
+
+
+def decide_mark(
+    current: KnownGood | None, now: datetime, service: str, version: str, opts: WriteOptions
+) -> Decision:
+    if current is not None:
+        return Decision(current, "known_good.mark", f"{version} already known-good", changed=False)
+    new = KnownGood(service, version, Meta.from_options(opts, now))
+    return Decision(new, "known_good.mark", f"{version} marked known-good")
+
+
+def decide_unmark(current: KnownGood | None, now: datetime, version: str) -> Decision:
+    if current is None:
+        return Decision(
+            None, "known_good.unmark", f"{version} is not marked known-good", changed=False
+        )
+    return Decision(None, "known_good.unmark", f"{version} no longer known-good")
