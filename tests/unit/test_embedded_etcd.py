@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import socket
 import stat
 import sys
@@ -13,6 +16,8 @@ from controlplane.embedded_etcd import (
     EmbeddedEtcd,
     EmbeddedEtcdError,
     EtcdNotFoundError,
+    EtcdPortInUseError,
+    EtcdStartError,
     etcd_version,
     find_etcd_binary,
     free_port,
@@ -138,6 +143,93 @@ def test_stop_and_kill_before_start_do_nothing(tmp_path: Path) -> None:
     assert not server.running
     with pytest.raises(EmbeddedEtcdError, match="not running"):
         server.pause()
+
+
+def test_start_refuses_a_taken_port_without_running_etcd(tmp_path: Path) -> None:
+    ran = tmp_path / "ran"
+    binary = tmp_path / "etcd"
+    binary.write_text(f"#!/bin/sh\ntouch {ran}\nexit 1\n")
+    binary.chmod(binary.stat().st_mode | stat.S_IXUSR)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = EmbeddedEtcd(tmp_path / "data", client_port=port, binary=str(binary))
+        with pytest.raises(EtcdPortInUseError) as excinfo:
+            server.start(timeout=5)
+    assert isinstance(excinfo.value, EtcdStartError)
+    assert excinfo.value.port == port
+    assert f"127.0.0.1:{port} (client port" in str(excinfo.value)
+    assert "Another etcd? A leftover from an earlier run?" in str(excinfo.value)
+    assert not ran.exists()
+    assert not server.running
+
+
+# Stands in for an etcd that loses the race for its port: another process (here its own
+# forked child) answers /health on the client port, and the etcd itself exits. The answer
+# is held back until the etcd has exited, so start() sees a healthy answer from a dead etcd.
+_FOREIGN_HEALTH_ETCD = """\
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+url = sys.argv[sys.argv.index("--listen-client-urls") + 1]
+port = int(url.rpartition(":")[2])
+listener = socket.create_server(("127.0.0.1", port))
+request_seen, notify = os.pipe()
+etcd_pid = os.getpid()
+pid = os.fork()
+if pid == 0:
+    listener.settimeout(30)
+    conn, _ = listener.accept()
+    os.write(notify, b"x")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{etcd_pid}/stat").read_text().rpartition(")")[2].split()[0]
+        except FileNotFoundError:
+            break
+        if state == "Z":
+            break
+        time.sleep(0.005)
+    conn.recv(65536)
+    body = b'{"health": "true"}'
+    conn.sendall(
+        b"HTTP/1.0 200 OK\\r\\nContent-Length: %d\\r\\n\\r\\n%s" % (len(body), body)
+    )
+    conn.close()
+    os._exit(0)
+Path(sys.argv[0]).with_name("foreign.pid").write_text(str(pid))
+os.read(request_seen, 1)
+print(f"listen tcp 127.0.0.1:{port}: bind: address already in use", file=sys.stderr, flush=True)
+os._exit(1)
+"""
+
+
+def test_start_fails_if_etcd_exits_while_another_process_answers_health(
+    tmp_path: Path,
+) -> None:
+    binary = tmp_path / "etcd"
+    binary.write_text(f"#!{sys.executable}\n{_FOREIGN_HEALTH_ETCD}")
+    binary.chmod(binary.stat().st_mode | stat.S_IXUSR)
+    server = EmbeddedEtcd(
+        tmp_path / "data", client_port=free_port(), peer_port=free_port(), binary=str(binary)
+    )
+    try:
+        with pytest.raises(EtcdStartError) as excinfo:
+            server.start(timeout=30)
+    finally:
+        pid_file = tmp_path / "foreign.pid"
+        if pid_file.exists():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    message = str(excinfo.value)
+    assert "exited with code 1" in message
+    assert f"{server.endpoint} answers /health" in message
+    assert "address already in use" in excinfo.value.log_tail
+    assert not server.running
 
 
 @pytest.mark.parametrize(
