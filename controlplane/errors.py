@@ -7,6 +7,7 @@ at one boundary, the servicers in ``service.py``::
      ├── InvalidArgumentError         INVALID_ARGUMENT   bad input; nothing written
      ├── NotFoundError                NOT_FOUND
      ├── ConflictError                ABORTED            compare-and-set mismatch
+     ├── BundleConflictError          ABORTED            a bundle's keys changed since
      ├── FailedPreconditionError      FAILED_PRECONDITION
      ├── UnavailableError             UNAVAILABLE        etcd unreachable
      ├── DeadlineExceededError        DEADLINE_EXCEEDED  the caller's deadline ran out first
@@ -58,6 +59,21 @@ class ConflictError(ControlPlaneError):
         self.key = key
         self.expected = expected
         self.current = current
+
+
+class BundleConflictError(ControlPlaneError):
+    """A bundle cannot be reverted safely: some of its keys changed since it was applied."""
+
+    code = grpc.StatusCode.ABORTED
+
+    def __init__(self, bundle_id: str, changed: list[tuple[str, int]]) -> None:
+        keys = ", ".join(f"{path} (now mod revision {rev})" for path, rev in changed)
+        super().__init__(
+            f"bundle {bundle_id}: changed since it was applied: {keys}; nothing was reverted. "
+            "Revert with force to overwrite them (the audit records what it overwrote)"
+        )
+        self.bundle_id = bundle_id
+        self.changed = changed
 
 
 class FailedPreconditionError(ControlPlaneError):

@@ -43,6 +43,15 @@ class RecordError(ValueError):
     """A stored record that does not parse or breaks a rule (hand-edited in etcd)."""
 
 
+class BundleState(enum.IntEnum):
+    """A bundle's state (values match the protobuf enum)."""
+
+    APPLIED = 1
+    REVERTED = 2
+    EXPIRED = 3
+    PARTIALLY_OVERRIDDEN = 4
+
+
 class Tier(enum.IntEnum):
     """Criticality tiers, most important first (values match the protobuf enum)."""
 
@@ -256,6 +265,7 @@ class WriteOptions:
     expires_at: datetime | None = None
     expected_mod_revision: int | None = None
     dry_run: bool = False
+    bundle_id: str = ""
 
 
 def write_options_from_proto(
@@ -336,7 +346,7 @@ class Meta:
     bundle_id: str = ""
 
     @classmethod
-    def from_options(cls, opts: WriteOptions, now: datetime, bundle_id: str = "") -> Meta:
+    def from_options(cls, opts: WriteOptions, now: datetime) -> Meta:
         return cls(
             actor=opts.actor,
             actor_authenticated=opts.actor_authenticated,
@@ -344,7 +354,7 @@ class Meta:
             incident=opts.incident,
             set_at=now,
             expires_at=opts.expires_at,
-            bundle_id=bundle_id,
+            bundle_id=opts.bundle_id,
         )
 
     def to_record(self) -> dict[str, Any]:
@@ -613,6 +623,88 @@ class KnownGood:
 
 
 Record: TypeAlias = Flag | Shedding | Pin | KnownGood
+
+MAX_BUNDLE_CHANGES = 31  # 128 etcd operations per transaction, up to 4 per change
+_BUNDLE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+
+
+def validate_bundle_name(value: str, field_name: str = "name") -> str:
+    """Return ``value`` if it is a bundle name (like a flag name, at most 64 characters)."""
+    if not value:
+        raise InvalidArgumentError(field_name, "is required")
+    if not _BUNDLE_NAME_RE.fullmatch(value):
+        raise InvalidArgumentError(
+            field_name,
+            f"{_show(value)} is not a bundle name: 1-64 characters a-z, 0-9, '.', '_' and "
+            "'-', starting with a letter or digit",
+        )
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class BundleEntry:
+    """One key a bundle changed: the record before and after (None: absent)."""
+
+    path: str
+    kind: str
+    before: dict[str, Any] | None
+    after: dict[str, Any] | None
+
+    def to_record(self) -> dict[str, Any]:
+        return {"path": self.path, "kind": self.kind, "before": self.before, "after": self.after}
+
+    @classmethod
+    def from_record(cls, data: Mapping[str, Any]) -> BundleEntry:
+        return cls(
+            path=_req_str(data, "path"),
+            kind=_req_str(data, "kind"),
+            before=data.get("before"),
+            after=data.get("after"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Bundle:
+    """Several changes applied in one transaction, and what each replaced."""
+
+    id: str
+    name: str
+    # Each change as the JSON form of its BundleChange message (options removed).
+    changes: tuple[dict[str, Any], ...]
+    meta: Meta
+    entries: tuple[BundleEntry, ...]
+    fingerprint: str
+    reverted: Meta | None = None
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "kind": "bundle",
+            "id": self.id,
+            "name": self.name,
+            "changes": list(self.changes),
+            "meta": self.meta.to_record(),
+            "entries": [e.to_record() for e in self.entries],
+            "fingerprint": self.fingerprint,
+            "reverted": self.reverted.to_record() if self.reverted else None,
+        }
+
+    @classmethod
+    def from_record(cls, data: Mapping[str, Any]) -> Bundle:
+        _expect_kind(data, "bundle")
+        reverted = data.get("reverted")
+        changes = _req(data, "changes")
+        entries = _req(data, "entries")
+        if not isinstance(changes, list) or not isinstance(entries, list):
+            raise RecordError("fields 'changes' and 'entries' must be lists")
+        return cls(
+            id=_req_str(data, "id"),
+            name=_req_str(data, "name"),
+            changes=tuple(changes),
+            meta=Meta.from_record(_req(data, "meta")),
+            entries=tuple(BundleEntry.from_record(e) for e in entries),
+            fingerprint=_req_str(data, "fingerprint"),
+            reverted=Meta.from_record(reverted) if reverted else None,
+        )
 
 
 @dataclass(frozen=True, slots=True)

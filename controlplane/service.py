@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -20,6 +21,7 @@ from typing import Any, TypeVar
 
 import grpc
 import structlog
+from google.protobuf import json_format
 
 from controlplane import model
 from controlplane.api.v1 import agent_pb2_grpc, mitigation_pb2_grpc
@@ -35,7 +37,7 @@ from controlplane.errors import (
 )
 from controlplane.metrics import ServerMetrics
 from controlplane.model import GLOBAL_SCOPE
-from controlplane.store import Store, WriteOutcome
+from controlplane.store import BundleOutcome, BundleView, Plan, Store, WriteOutcome
 
 log = structlog.get_logger("controlplane.rpc")
 
@@ -347,23 +349,115 @@ class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
             from_version=current,
         )
 
-    # -- bundles (the semantics issue) ------------------------------------------------
+    # -- bundles ---------------------------------------------------------------------
+
+    def _bundle_plan(self, index: int, change: mpb.BundleChange, opts: model.WriteOptions) -> Plan:
+        """Validate one change of a bundle and plan it; errors name the change and field."""
+        kind = change.WhichOneof("change")
+        where = f"changes[{index}]"
+        if kind is None:
+            raise InvalidArgumentError(
+                where, "is empty: give one of " + ", ".join(_BUNDLE_CHANGE_KINDS)
+            )
+        field = f"{where}.{kind}"
+        if kind.startswith(("clear_", "unpin_")) and opts.expires_at is not None:
+            raise InvalidArgumentError(
+                field, "a clear cannot expire: apply a bundle with an expiry only to sets and pins"
+            )
+        if kind == "set_flag":
+            r = change.set_flag
+            return self.store.plan_set_flag(
+                model.validate_scope(r.scope, f"{field}.scope"),
+                model.validate_flag_name(r.name, f"{field}.name"),
+                model.flag_value_from_proto(r.value, f"{field}.value"),
+            )
+        if kind == "clear_flag":
+            c = change.clear_flag
+            return self.store.plan_clear_flag(
+                model.validate_scope(c.scope, f"{field}.scope"),
+                model.validate_flag_name(c.name, f"{field}.name"),
+                all_layers=c.all_layers,
+            )
+        if kind == "set_shedding":
+            sh = change.set_shedding
+            return self.store.plan_set_shedding(
+                model.validate_service(sh.service, f"{field}.service"),
+                model.tier_from_proto(sh.tier, f"{field}.tier"),
+                model.validate_percent(sh.percent, f"{field}.percent"),
+            )
+        if kind == "clear_shedding":
+            cs = change.clear_shedding
+            return self.store.plan_clear_shedding(
+                model.validate_service(cs.service, f"{field}.service"), all_layers=cs.all_layers
+            )
+        if kind == "pin_version":
+            pv = change.pin_version
+            return self.store.plan_pin(
+                model.validate_service(pv.service, f"{field}.service"),
+                model.validate_version(pv.version, f"{field}.version"),
+            )
+        u = change.unpin_version
+        return self.store.plan_unpin(
+            model.validate_service(u.service, f"{field}.service"), all_layers=u.all_layers
+        )
 
     @_rpc
-    async def ApplyBundle(self, request: Any, context: Any) -> Any:
-        raise NotImplementedYetError("bundles are not implemented yet: nothing was written")
+    async def ApplyBundle(
+        self, request: mpb.ApplyBundleRequest, context: Any
+    ) -> mpb.ApplyBundleResponse:
+        name = model.validate_bundle_name(request.name)
+        opts = self._options(request.options)
+        if opts.expected_mod_revision is not None:
+            raise InvalidArgumentError(
+                "options.expected_mod_revision", "does not apply to a bundle (it has many keys)"
+            )
+        if len(request.changes) > model.MAX_BUNDLE_CHANGES:
+            raise InvalidArgumentError(
+                "changes",
+                f"{len(request.changes)} changes, over the maximum of "
+                f"{model.MAX_BUNDLE_CHANGES} per bundle: split it into several bundles",
+            )
+        plans = [self._bundle_plan(i, c, opts) for i, c in enumerate(request.changes)]
+        changes = [_change_json(c) for c in request.changes]
+        outcome = await self.store.apply_bundle(name, plans, changes, opts)
+        return mpb.ApplyBundleResponse(
+            result=_bundle_result(outcome),
+            bundle=_bundle_proto(outcome.view) if outcome.view is not None else None,
+        )
 
     @_rpc
-    async def RevertBundle(self, request: Any, context: Any) -> Any:
-        raise NotImplementedYetError("bundles are not implemented yet: nothing was written")
+    async def RevertBundle(
+        self, request: mpb.RevertBundleRequest, context: Any
+    ) -> mpb.RevertBundleResponse:
+        bundle_id = _bundle_id(request.bundle_id)
+        opts = self._options(request.options, allow_expiry=False)
+        if opts.expected_mod_revision is not None:
+            raise InvalidArgumentError(
+                "options.expected_mod_revision", "does not apply to a bundle (it has many keys)"
+            )
+        outcome = await self.store.revert_bundle(bundle_id, opts, force=request.force)
+        return mpb.RevertBundleResponse(
+            result=_bundle_result(outcome),
+            bundle=_bundle_proto(outcome.view) if outcome.view is not None else None,
+            overwritten_keys=list(outcome.overwritten),
+        )
 
     @_rpc
-    async def ListBundles(self, request: Any, context: Any) -> Any:
-        raise NotImplementedYetError("bundles are not implemented yet")
+    async def ListBundles(
+        self, request: mpb.ListBundlesRequest, context: Any
+    ) -> mpb.ListBundlesResponse:
+        if request.limit < 0:
+            raise InvalidArgumentError("limit", "must be 0 (all) or more")
+        views = await self.store.list_bundles(limit=request.limit)
+        return mpb.ListBundlesResponse(bundles=[_bundle_proto(v) for v in views])
 
     @_rpc
-    async def GetBundle(self, request: Any, context: Any) -> Any:
-        raise NotImplementedYetError("bundles are not implemented yet")
+    async def GetBundle(self, request: mpb.GetBundleRequest, context: Any) -> mpb.GetBundleResponse:
+        bundle_id = _bundle_id(request.bundle_id)
+        view = await self.store.get_bundle(bundle_id)
+        if view is None:
+            raise NotFoundError(f"no bundle {bundle_id}")
+        return mpb.GetBundleResponse(bundle=_bundle_proto(view))
 
     # -- status, history, watch, wait ----------------------------------------------------
 
@@ -406,6 +500,58 @@ class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
         raise NotImplementedYetError(
             "wait needs the agents' acknowledgements, which are not implemented yet"
         )
+
+
+_BUNDLE_CHANGE_KINDS = (
+    "set_flag", "clear_flag", "set_shedding", "clear_shedding", "pin_version", "unpin_version",
+)  # fmt: skip
+_BUNDLE_ID_RE = re.compile(r"[0-9]{8}-[0-9]{6}-[a-z0-9][a-z0-9._-]{0,63}-[0-9a-f]{4}")
+
+
+def _bundle_id(value: str) -> str:
+    if not _BUNDLE_ID_RE.fullmatch(value):
+        raise InvalidArgumentError(
+            "bundle_id", f"{value[:80]!r} is not a bundle id (like 20261126-164500-name-3fa2)"
+        )
+    return value
+
+
+def _change_json(change: mpb.BundleChange) -> dict[str, Any]:
+    """A change as stored in its bundle's record: canonical JSON, options removed."""
+    copy = mpb.BundleChange()
+    copy.CopyFrom(change)
+    kind = copy.WhichOneof("change")
+    if kind is not None:
+        getattr(copy, kind).ClearField("options")
+    return json_format.MessageToDict(copy, preserving_proto_field_name=True)
+
+
+def _bundle_result(outcome: BundleOutcome) -> pb.WriteResult:
+    return pb.WriteResult(
+        changed=outcome.changed,
+        dry_run=outcome.dry_run,
+        revision=outcome.revision,
+        summary=outcome.summary,
+        would_change=outcome.would_change,
+        audit_id=outcome.audit_ids[0] if outcome.audit_ids else "",
+    )
+
+
+def _bundle_proto(view: BundleView) -> mpb.Bundle:
+    bundle = view.bundle
+    msg = mpb.Bundle(
+        id=bundle.id,
+        name=bundle.name,
+        changes=[json_format.ParseDict(c, mpb.BundleChange()) for c in bundle.changes],
+        meta=bundle.meta.to_proto(),
+        state=view.state.value,  # type: ignore[arg-type]
+        revision=view.revision,
+        keys=[e.path for e in bundle.entries],
+        overridden_keys=list(view.overridden_keys),
+    )
+    if bundle.reverted is not None:
+        msg.reverted.CopyFrom(bundle.reverted.to_proto())
+    return msg
 
 
 def _time_or_none(request: Any, field_name: str) -> datetime | None:

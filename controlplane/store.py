@@ -37,6 +37,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import hashlib
+import json
 import random
 import secrets
 import time
@@ -51,18 +53,25 @@ from aetcd import rpc
 
 from controlplane import model, semantics
 from controlplane.errors import (
+    BundleConflictError,
     ConflictError,
     ControlPlaneError,
     DeadlineExceededError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
     UnavailableError,
 )
 from controlplane.metrics import ServerMetrics
 from controlplane.model import (
     GLOBAL_SCOPE,
     AuditEntry,
+    Bundle,
+    BundleEntry,
     Flag,
     FlagValue,
     KnownGood,
+    Meta,
     Pin,
     RecordError,
     Shedding,
@@ -95,6 +104,8 @@ _deadline: contextvars.ContextVar[tuple[float, bool] | None] = contextvars.Conte
 
 # Audit records hold a record before and after (each up to 64 KiB); etcd takes 1.5 MiB.
 MAX_AUDIT_BYTES = 512 * 1024
+_MAX_BUNDLE_RECORD_BYTES = 1024 * 1024
+_MAX_TXN_BYTES = 1_400_000  # etcd's default request limit is 1.5 MiB
 EXPIRY_ACTOR = "controlplane:expiry"
 
 
@@ -125,6 +136,30 @@ class WriteOutcome(Generic[R]):
     summary: str = ""
     would_change: bool = False
     key: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class BundleView:
+    """A bundle with its state, computed from the keys it changed."""
+
+    bundle: Bundle
+    state: model.BundleState
+    revision: int  # the transaction that applied it
+    overridden_keys: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class BundleOutcome:
+    """What applying or reverting a bundle did (or would do)."""
+
+    changed: bool
+    dry_run: bool
+    revision: int
+    view: BundleView | None
+    summary: str
+    would_change: bool = False
+    overwritten: tuple[str, ...] = ()
+    audit_ids: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -158,7 +193,7 @@ class Plan:
     """One key's part of a write: where, and how to decide the new record."""
 
     key: _Key
-    decide: Callable[[Any, datetime], Decision]
+    decide: Callable[[Any, datetime, WriteOptions], Decision]
     # For a global flag: its name, to report the services that keep their own value.
     overridden_flag: str = ""
 
@@ -200,6 +235,50 @@ def _range_end(prefix: bytes) -> bytes:
 
 def _ns(value: datetime) -> int:
     return int(value.timestamp()) * 1_000_000_000 + value.microsecond * 1000
+
+
+def _bundle_stamp(now: datetime) -> str:
+    return now.astimezone(UTC).strftime("%Y%m%d-%H%M%S")
+
+
+def new_bundle_id(now: datetime, name: str) -> str:
+    """A bundle id people can read and type, ordered by time: ``20261126-164500-name-3fa2``."""
+    return f"{_bundle_stamp(now)}-{name}-{secrets.token_hex(2)}"
+
+
+def _fingerprint(name: str, changes: Sequence[dict[str, Any]]) -> str:
+    text = json.dumps({"name": name, "changes": list(changes)}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _check_bundle_shape(paths: Sequence[str]) -> None:
+    if not paths:
+        raise InvalidArgumentError("changes", "a bundle needs at least one change")
+    if len(paths) > model.MAX_BUNDLE_CHANGES:
+        raise InvalidArgumentError(
+            "changes",
+            f"{len(paths)} changes, over the maximum of {model.MAX_BUNDLE_CHANGES} per bundle "
+            "(etcd allows 128 operations per transaction; a change takes up to 4): "
+            "split it into several bundles",
+        )
+    seen: dict[str, int] = {}
+    for index, path in enumerate(paths):
+        if path in seen:
+            raise InvalidArgumentError(
+                f"changes[{index}]",
+                f"changes the same key as changes[{seen[path]}] ({path}): one change per key",
+            )
+        seen[path] = index
+
+
+def _check_txn_size(ops: Sequence[Any]) -> None:
+    size = sum(op.ByteSize() for op in ops)
+    if size > _MAX_TXN_BYTES:
+        raise InvalidArgumentError(
+            "changes",
+            f"the transaction would be {size} bytes, over the {_MAX_TXN_BYTES} byte budget "
+            "under etcd's 1.5 MiB request limit: split it into smaller bundles",
+        )
 
 
 def new_audit_id(now: datetime) -> str:
@@ -653,7 +732,7 @@ class Store:
         if expected is not None and expected != stored.mod_revision:
             raise ConflictError(self.prefix + key.path, expected, stored.mod_revision)
         now = model.utcnow()
-        decision = plan.decide(stored.record, now)
+        decision = plan.decide(stored.record, now, opts)
         if stored.invalid is not None and not decision.changed:
             # The bytes in etcd do not parse: write the record in force over them.
             decision = replace(
@@ -802,17 +881,17 @@ class Store:
 
     # -- flags -----------------------------------------------------------------
 
-    def plan_set_flag(self, scope: str, name: str, value: FlagValue, opts: WriteOptions) -> Plan:
+    def plan_set_flag(self, scope: str, name: str, value: FlagValue) -> Plan:
         return Plan(
             self._flag_key(scope, name),
-            lambda cur, now: semantics.decide_set_flag(cur, now, scope, name, value, opts),
+            lambda cur, now, o: semantics.decide_set_flag(cur, now, scope, name, value, o),
             overridden_flag=name if scope == GLOBAL_SCOPE else "",
         )
 
     def plan_clear_flag(self, scope: str, name: str, *, all_layers: bool = False) -> Plan:
         return Plan(
             self._flag_key(scope, name),
-            lambda cur, now: semantics.decide_clear_flag(cur, now, name, all_layers=all_layers),
+            lambda cur, now, o: semantics.decide_clear_flag(cur, now, name, all_layers=all_layers),
             overridden_flag=name if scope == GLOBAL_SCOPE else "",
         )
 
@@ -820,7 +899,7 @@ class Store:
         self, scope: str, name: str, value: FlagValue, opts: WriteOptions
     ) -> WriteOutcome[Flag]:
         """Set a flag for a scope (``global`` or a service)."""
-        return await self.write(self.plan_set_flag(scope, name, value, opts), opts)
+        return await self.write(self.plan_set_flag(scope, name, value), opts)
 
     async def clear_flag(
         self, scope: str, name: str, opts: WriteOptions, *, all_layers: bool = False
@@ -872,25 +951,23 @@ class Store:
 
     # -- shedding ----------------------------------------------------------------
 
-    def plan_set_shedding(
-        self, service: str, tier: Tier, percent: float, opts: WriteOptions
-    ) -> Plan:
+    def plan_set_shedding(self, service: str, tier: Tier, percent: float) -> Plan:
         return Plan(
             self._shedding_key(service),
-            lambda cur, now: semantics.decide_set_shedding(cur, now, service, tier, percent, opts),
+            lambda cur, now, o: semantics.decide_set_shedding(cur, now, service, tier, percent, o),
         )
 
     def plan_clear_shedding(self, service: str, *, all_layers: bool = False) -> Plan:
         return Plan(
             self._shedding_key(service),
-            lambda cur, now: semantics.decide_clear_shedding(cur, now, all_layers=all_layers),
+            lambda cur, now, o: semantics.decide_clear_shedding(cur, now, all_layers=all_layers),
         )
 
     async def set_shedding(
         self, service: str, tier: Tier, percent: float, opts: WriteOptions
     ) -> WriteOutcome[Shedding]:
         """Set a service's shedding level."""
-        return await self.write(self.plan_set_shedding(service, tier, percent, opts), opts)
+        return await self.write(self.plan_set_shedding(service, tier, percent), opts)
 
     async def clear_shedding(
         self, service: str, opts: WriteOptions, *, all_layers: bool = False
@@ -909,25 +986,23 @@ class Store:
 
     # -- pins and known-good -------------------------------------------------------
 
-    def plan_pin(
-        self, service: str, version: str, opts: WriteOptions, *, action: str = "pin.set"
-    ) -> Plan:
+    def plan_pin(self, service: str, version: str, *, action: str = "pin.set") -> Plan:
         return Plan(
             self._pin_key(service),
-            lambda cur, now: semantics.decide_pin(cur, now, service, version, opts, action=action),
+            lambda cur, now, o: semantics.decide_pin(cur, now, service, version, o, action=action),
         )
 
     def plan_unpin(self, service: str, *, all_layers: bool = False) -> Plan:
         return Plan(
             self._pin_key(service),
-            lambda cur, now: semantics.decide_unpin(cur, now, all_layers=all_layers),
+            lambda cur, now, o: semantics.decide_unpin(cur, now, all_layers=all_layers),
         )
 
     async def pin(
         self, service: str, version: str, opts: WriteOptions, *, action: str = "pin.set"
     ) -> WriteOutcome[Pin]:
         """Pin a service to a version; the pin records the one it replaced."""
-        return await self.write(self.plan_pin(service, version, opts, action=action), opts)
+        return await self.write(self.plan_pin(service, version, action=action), opts)
 
     async def unpin(
         self, service: str, opts: WriteOptions, *, all_layers: bool = False
@@ -950,7 +1025,7 @@ class Store:
         """Mark a version of a service known-good (a rollback target)."""
         plan = Plan(
             self._known_good_key(service, version),
-            lambda cur, now: semantics.decide_mark(cur, now, service, version, opts),
+            lambda cur, now, o: semantics.decide_mark(cur, now, service, version, o),
         )
         return await self.write(plan, opts)
 
@@ -960,7 +1035,7 @@ class Store:
         """Withdraw a known-good mark ("mark as bad")."""
         plan = Plan(
             self._known_good_key(service, version),
-            lambda cur, now: semantics.decide_unmark(cur, now, version),
+            lambda cur, now, o: semantics.decide_unmark(cur, now, version),
         )
         return await self.write(plan, opts)
 
@@ -970,6 +1045,306 @@ class Store:
         marks = [Stored(r, m) for _, r, m in rows]
         marks.sort(key=lambda s: (s.record.meta.set_at, s.mod_revision), reverse=True)
         return marks
+
+    # -- bundles -----------------------------------------------------------------
+
+    async def apply_bundle(
+        self, name: str, plans: Sequence[Plan], changes: Sequence[dict[str, Any]],
+        opts: WriteOptions,
+    ) -> BundleOutcome:  # fmt: skip
+        """Apply several changes in one transaction, recorded under ``bundles/<id>``.
+
+        A bundle identical (same name, same changes) to one that is applied, not
+        reverted and still fully in force is "unchanged" and answers that bundle.
+        """
+        paths = [plan.key.path for plan in plans]
+        _check_bundle_shape(paths)
+        fingerprint = _fingerprint(name, changes)
+        async with self._locked(paths):
+            for attempt in range(_MAX_CAS_ATTEMPTS):
+                if attempt:
+                    await asyncio.sleep(random.uniform(0, min(0.2, 0.005 * 2**attempt)))  # noqa: S311 (jitter)
+                twin = await self._applied_twin(fingerprint)
+                if twin is not None:
+                    return BundleOutcome(
+                        changed=False, dry_run=opts.dry_run, revision=0, view=twin,
+                        summary=f"bundle {name} is already applied as {twin.bundle.id}",
+                    )  # fmt: skip
+                outcome = await self._apply_bundle_once(name, plans, changes, fingerprint, opts)
+                if outcome is not None:
+                    return outcome
+        raise UnavailableError(
+            f"bundle {name}: its keys are being changed by others too often; try again"
+        )
+
+    async def _apply_bundle_once(
+        self, name: str, plans: Sequence[Plan], changes: Sequence[dict[str, Any]],
+        fingerprint: str, opts: WriteOptions,
+    ) -> BundleOutcome | None:  # fmt: skip
+        now = model.utcnow()
+        bundle_id = new_bundle_id(now, name)
+        bopts = replace(opts, bundle_id=bundle_id)
+        currents = [await self._read(plan.key) for plan in plans]
+        decisions = []
+        for plan, current in zip(plans, currents, strict=True):
+            decision = plan.decide(current.record, now, bopts)
+            if current.invalid is not None and not decision.changed:
+                decision = replace(decision, changed=True)
+            decisions.append(decision)
+        if not any(d.changed for d in decisions):
+            return BundleOutcome(
+                changed=False, dry_run=opts.dry_run, revision=0, view=None,
+                summary=f"bundle {name}: every change is already in force",
+            )  # fmt: skip
+        ops: list[Any] = []
+        entries = []
+        audits = []
+        for plan, current, decision in zip(plans, currents, decisions, strict=True):
+            if not decision.changed:
+                continue
+            entries.append(
+                BundleEntry(
+                    path=plan.key.path,
+                    kind=plan.key.kind,
+                    before=current.record.to_record() if current.record is not None else None,
+                    after=decision.new.to_record() if decision.new is not None else None,
+                )
+            )
+            ops += self._record_ops(plan.key.path, current, decision.new)
+            audit = self._audit(plan.key, decision, current, bopts, now, bundle_id=bundle_id)
+            audits.append((decision, audit))
+            ops.append(self._audit_op(audit))
+        bundle = Bundle(
+            id=bundle_id,
+            name=name,
+            changes=tuple(changes),
+            meta=Meta.from_options(bopts, now),
+            entries=tuple(entries),
+            fingerprint=fingerprint,
+        )
+        ops.append(self._bundle_op(bundle))
+        _check_txn_size(ops)
+        summary = f"bundle {name}: " + "; ".join(
+            f"{p.key.scope}: {d.summary}"
+            for p, d in zip(plans, decisions, strict=True)
+            if d.changed
+        )
+        if opts.dry_run:
+            view = BundleView(bundle, model.BundleState.APPLIED, 0, ())
+            return BundleOutcome(
+                changed=False, dry_run=True, revision=0, view=view, summary=summary,
+                would_change=True,
+            )  # fmt: skip
+        compares = [
+            self._unchanged_since(plan.key.path, current.mod_revision)
+            for plan, current in zip(plans, currents, strict=True)
+        ]
+        compares.append(self._unchanged_since(f"bundles/{bundle_id}", 0))
+        response = await self._txn(compares, ops)
+        if not response.succeeded:
+            return None
+        revision = int(response.header.revision)
+        for entry, (decision, audit) in zip(entries, audits, strict=True):
+            self._remember(entry.path, decision.new)
+            self._log_change(decision, audit, revision, bopts)
+        view = BundleView(bundle, model.BundleState.APPLIED, revision, ())
+        return BundleOutcome(
+            changed=True, dry_run=False, revision=revision, view=view, summary=summary,
+            audit_ids=tuple(a.id for _, a in audits),
+        )  # fmt: skip
+
+    def _bundle_op(self, bundle: Bundle) -> Any:
+        raw = model.encode_record(bundle.to_record(), "changes", limit=_MAX_BUNDLE_RECORD_BYTES)
+        return rpc.RequestOp(
+            request_put=rpc.PutRequest(key=self._abs(f"bundles/{bundle.id}"), value=raw)
+        )
+
+    async def _applied_twin(self, fingerprint: str) -> BundleView | None:
+        views = await self.list_bundles()
+        for view in views:
+            if view.bundle.fingerprint == fingerprint and view.state is model.BundleState.APPLIED:
+                return view
+        return None
+
+    async def _read_bundle(self, bundle_id: str) -> tuple[Bundle, Any] | None:
+        response = await self._range(self._abs(f"bundles/{bundle_id}"))
+        if not response.kvs:
+            return None
+        kv = response.kvs[0]
+        try:
+            return Bundle.from_record(model.decode_record(kv.value)), kv
+        except (RecordError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            self._metrics.invalid_records.labels("bundle").inc()
+            log.error("record_invalid", key=self.prefix + f"bundles/{bundle_id}", error=str(exc))
+            raise FailedPreconditionError(
+                f"bundle {bundle_id}: its record in etcd does not parse ({exc}); "
+                "revert its changes one by one"
+            ) from None
+
+    async def _mod_revisions(self) -> dict[str, int]:
+        """The mod revision of every mitigation key, by path (one keys-only range)."""
+        mods: dict[str, int] = {}
+        for path in ("flags/", "shedding/", "pins/"):
+            start = self._abs(path)
+            response = await self._range(start, _range_end(start), keys_only=True)
+            for kv in response.kvs:
+                mods[kv.key.decode(errors="replace")[len(self.prefix) :]] = int(kv.mod_revision)
+        return mods
+
+    @staticmethod
+    def _view(bundle: Bundle, applied: int, mods: dict[str, int], now: datetime) -> BundleView:
+        overridden = tuple(
+            e.path
+            for e in bundle.entries
+            if mods.get(e.path, 0) != (applied if e.after is not None else 0)
+        )
+        if bundle.reverted is not None:
+            state = model.BundleState.REVERTED
+        elif bundle.meta.expires_at is not None and bundle.meta.expires_at <= now:
+            state = model.BundleState.EXPIRED
+        elif overridden:
+            state = model.BundleState.PARTIALLY_OVERRIDDEN
+        else:
+            state = model.BundleState.APPLIED
+        if state is not model.BundleState.PARTIALLY_OVERRIDDEN:
+            overridden = ()
+        return BundleView(bundle, state, applied, overridden)
+
+    async def get_bundle(self, bundle_id: str) -> BundleView | None:
+        """A bundle and its state (applied, reverted, expired, partially overridden)."""
+        found = await self._read_bundle(bundle_id)
+        if found is None:
+            return None
+        bundle, kv = found
+        return self._view(
+            bundle, int(kv.create_revision), await self._mod_revisions(), model.utcnow()
+        )
+
+    async def list_bundles(self, limit: int = 0) -> list[BundleView]:
+        """Bundles, newest first."""
+        start = self._abs("bundles/")
+        response = await self._range(start, _range_end(start))
+        mods = await self._mod_revisions()
+        now = model.utcnow()
+        views = []
+        for kv in reversed(response.kvs):
+            try:
+                bundle = Bundle.from_record(model.decode_record(kv.value))
+            except (RecordError, ValueError, TypeError, KeyError, AttributeError) as exc:
+                self._metrics.invalid_records.labels("bundle").inc()
+                log.error("record_invalid", key=kv.key.decode(errors="replace"), error=str(exc))
+                continue
+            views.append(self._view(bundle, int(kv.create_revision), mods, now))
+            if limit and len(views) >= limit:
+                break
+        return views
+
+    async def revert_bundle(
+        self, bundle_id: str, opts: WriteOptions, *, force: bool
+    ) -> BundleOutcome:
+        """Restore what each change of a bundle replaced, in one transaction.
+
+        Refused with :class:`BundleConflictError` when any of its keys changed since,
+        unless ``force``: then the newer values are overwritten and the audit says so.
+        """
+        found = await self._read_bundle(bundle_id)
+        if found is None:
+            raise NotFoundError(f"no bundle {bundle_id}")
+        paths = [e.path for e in found[0].entries]
+        async with self._locked(paths):
+            for _attempt in range(_MAX_CAS_ATTEMPTS):
+                outcome = await self._revert_once(bundle_id, opts, force=force)
+                if outcome is not None:
+                    return outcome
+        raise UnavailableError(f"bundle {bundle_id}: its keys keep changing; try again")
+
+    async def _revert_once(
+        self, bundle_id: str, opts: WriteOptions, *, force: bool
+    ) -> BundleOutcome | None:
+        found = await self._read_bundle(bundle_id)
+        if found is None:
+            raise NotFoundError(f"no bundle {bundle_id}")
+        bundle, bundle_kv = found
+        now = model.utcnow()
+        applied = int(bundle_kv.create_revision)
+        if bundle.reverted is not None:
+            view = self._view(bundle, applied, {}, now)
+            return BundleOutcome(
+                changed=False, dry_run=opts.dry_run, revision=0, view=view,
+                summary=f"bundle {bundle_id} was already reverted "
+                f"({model.format_time(bundle.reverted.set_at)}, by {bundle.reverted.actor})",
+            )  # fmt: skip
+        if bundle.meta.expires_at is not None and bundle.meta.expires_at <= now:
+            raise FailedPreconditionError(
+                f"bundle {bundle_id} expired at {model.format_time(bundle.meta.expires_at)}: "
+                "what it replaced already applies again; nothing to revert"
+            )
+        keys = []
+        for entry in bundle.entries:
+            key = self._key_for_path(entry.path)
+            if key is None:
+                raise FailedPreconditionError(f"bundle {bundle_id}: unknown key {entry.path}")
+            keys.append(key)
+        currents = [await self._read(key) for key in keys]
+        changed_since = [
+            (entry.path, current.mod_revision)
+            for entry, current in zip(bundle.entries, currents, strict=True)
+            if current.mod_revision != (applied if entry.after is not None else 0)
+        ]
+        if changed_since and not force:
+            raise BundleConflictError(bundle_id, changed_since)
+        overwritten = {path for path, _ in changed_since}
+        ops: list[Any] = []
+        audits = []
+        for entry, key, current in zip(bundle.entries, keys, currents, strict=True):
+            before = key.parse(entry.before) if entry.before is not None else None
+            restored = semantics.prune_expired(before, now)
+            label = f"{key.kind.replace('_', ' ')} {key.name}".strip()
+            summary = (
+                f"{label} back to {semantics.describe_record(restored)}"
+                if restored is not None
+                else f"{label} removed"
+            )
+            decision = Decision(restored, f"{key.kind}.revert", summary, restored=restored)
+            reason = opts.reason
+            if entry.path in overwritten:
+                reason += " (forced: overwrote a change made after the bundle)"
+            entry_opts = replace(opts, reason=reason)
+            ops += self._record_ops(entry.path, current, restored)
+            audit = self._audit(key, decision, current, entry_opts, now, bundle_id=bundle_id)
+            audits.append((entry, decision, audit, entry_opts))
+            ops.append(self._audit_op(audit))
+        reverted = replace(
+            bundle, reverted=Meta.from_options(replace(opts, bundle_id=bundle_id), now)
+        )
+        ops.append(self._bundle_op(reverted))
+        _check_txn_size(ops)
+        summary = f"bundle {bundle.name} reverted: " + "; ".join(
+            f"{k.scope}: {d.summary}" for (_, d, _, _), k in zip(audits, keys, strict=True)
+        )
+        if opts.dry_run:
+            view = BundleView(reverted, model.BundleState.REVERTED, applied, ())
+            return BundleOutcome(
+                changed=False, dry_run=True, revision=0, view=view, summary=summary,
+                would_change=True, overwritten=tuple(sorted(overwritten)),
+            )  # fmt: skip
+        compares = [
+            self._unchanged_since(key.path, current.mod_revision)
+            for key, current in zip(keys, currents, strict=True)
+        ]
+        compares.append(self._unchanged_since(f"bundles/{bundle_id}", int(bundle_kv.mod_revision)))
+        response = await self._txn(compares, ops)
+        if not response.succeeded:
+            return None
+        revision = int(response.header.revision)
+        for entry, decision, audit, entry_opts in audits:
+            self._remember(entry.path, decision.new)
+            self._log_change(decision, audit, revision, entry_opts)
+        view = BundleView(reverted, model.BundleState.REVERTED, applied, ())
+        return BundleOutcome(
+            changed=True, dry_run=False, revision=revision, view=view, summary=summary,
+            overwritten=tuple(sorted(overwritten)), audit_ids=tuple(a.id for _, _, a, _ in audits),
+        )  # fmt: skip
 
     # -- audit history and retention -------------------------------------------------
 
@@ -1062,6 +1437,15 @@ class Store:
             "delete", "DeleteRange", rpc.DeleteRangeRequest(key=start, range_end=end)
         )
         deleted = int(response.deleted)
+        # Bundles older than the audit trail go with it (ids start with the time).
+        bundles_start = self._abs("bundles/")
+        await self._call(
+            "delete",
+            "DeleteRange",
+            rpc.DeleteRangeRequest(
+                key=bundles_start, range_end=self._abs("bundles/" + _bundle_stamp(cutoff))
+            ),
+        )
         if deleted:
             self._metrics.audit_deleted.inc(deleted)
             log.info("audit_retention", deleted=deleted, older_than=model.format_time(cutoff))

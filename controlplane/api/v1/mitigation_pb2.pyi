@@ -318,20 +318,26 @@ class BundleChange(_message.Message):
     def __init__(self, set_flag: _Optional[_Union[SetFlagRequest, _Mapping]] = ..., clear_flag: _Optional[_Union[ClearFlagRequest, _Mapping]] = ..., set_shedding: _Optional[_Union[SetSheddingRequest, _Mapping]] = ..., clear_shedding: _Optional[_Union[ClearSheddingRequest, _Mapping]] = ..., pin_version: _Optional[_Union[PinVersionRequest, _Mapping]] = ..., unpin_version: _Optional[_Union[UnpinVersionRequest, _Mapping]] = ...) -> None: ...
 
 class Bundle(_message.Message):
-    __slots__ = ("id", "name", "changes", "meta", "state", "revision")
+    __slots__ = ("id", "name", "changes", "meta", "state", "revision", "reverted", "keys", "overridden_keys")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     CHANGES_FIELD_NUMBER: _ClassVar[int]
     META_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
+    REVERTED_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    OVERRIDDEN_KEYS_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     changes: _containers.RepeatedCompositeFieldContainer[BundleChange]
     meta: _types_pb2.Meta
     state: BundleState
     revision: int
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., changes: _Optional[_Iterable[_Union[BundleChange, _Mapping]]] = ..., meta: _Optional[_Union[_types_pb2.Meta, _Mapping]] = ..., state: _Optional[_Union[BundleState, str]] = ..., revision: _Optional[int] = ...) -> None: ...
+    reverted: _types_pb2.Meta
+    keys: _containers.RepeatedScalarFieldContainer[str]
+    overridden_keys: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., changes: _Optional[_Iterable[_Union[BundleChange, _Mapping]]] = ..., meta: _Optional[_Union[_types_pb2.Meta, _Mapping]] = ..., state: _Optional[_Union[BundleState, str]] = ..., revision: _Optional[int] = ..., reverted: _Optional[_Union[_types_pb2.Meta, _Mapping]] = ..., keys: _Optional[_Iterable[str]] = ..., overridden_keys: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ApplyBundleRequest(_message.Message):
     __slots__ = ("name", "changes", "options")
