@@ -407,10 +407,6 @@ async def test_parts_not_built_yet_answer_unimplemented(
     stub: Stub, channel: grpc.aio.Channel
 ) -> None:
     calls = [
-        stub.ApplyBundle(m.ApplyBundleRequest(name="b", options=opts())),
-        stub.RevertBundle(m.RevertBundleRequest(bundle_id="x", options=opts())),
-        stub.ListBundles(m.ListBundlesRequest()),
-        stub.GetBundle(m.GetBundleRequest(bundle_id="x")),
         stub.GetStatus(m.GetStatusRequest(service="checkout")),
         stub.WaitApplied(m.WaitAppliedRequest(service="checkout", revision=1)),
     ]
