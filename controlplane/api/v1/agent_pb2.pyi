@@ -75,10 +75,20 @@ class Change(_message.Message):
     pin_removed: bool
     def __init__(self, revision: _Optional[int] = ..., flags_set: _Optional[_Iterable[_Union[_types_pb2.Flag, _Mapping]]] = ..., flags_removed: _Optional[_Iterable[_Union[FlagRef, _Mapping]]] = ..., shedding: _Optional[_Union[_types_pb2.Shedding, _Mapping]] = ..., shedding_removed: _Optional[bool] = ..., pin: _Optional[_Union[_types_pb2.Pin, _Mapping]] = ..., pin_removed: _Optional[bool] = ...) -> None: ...
 
+class Resume(_message.Message):
+    __slots__ = ("revision", "server_revision")
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    SERVER_REVISION_FIELD_NUMBER: _ClassVar[int]
+    revision: int
+    server_revision: int
+    def __init__(self, revision: _Optional[int] = ..., server_revision: _Optional[int] = ...) -> None: ...
+
 class SyncResponse(_message.Message):
-    __slots__ = ("snapshot", "change")
+    __slots__ = ("snapshot", "change", "resume")
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     CHANGE_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FIELD_NUMBER: _ClassVar[int]
     snapshot: Snapshot
     change: Change
-    def __init__(self, snapshot: _Optional[_Union[Snapshot, _Mapping]] = ..., change: _Optional[_Union[Change, _Mapping]] = ...) -> None: ...
+    resume: Resume
+    def __init__(self, snapshot: _Optional[_Union[Snapshot, _Mapping]] = ..., change: _Optional[_Union[Change, _Mapping]] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ...) -> None: ...
