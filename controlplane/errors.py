@@ -10,6 +10,7 @@ at one boundary, the servicers in ``service.py``::
      ├── BundleConflictError          ABORTED            a bundle's keys changed since
      ├── FailedPreconditionError      FAILED_PRECONDITION
      ├── UnavailableError             UNAVAILABLE        etcd unreachable
+     │    └── CompactedError                              a watch asked for a compacted revision
      ├── DeadlineExceededError        DEADLINE_EXCEEDED  the caller's deadline ran out first
      └── NotImplementedYetError       UNIMPLEMENTED      a part of the API not built yet
 """
@@ -86,6 +87,14 @@ class UnavailableError(ControlPlaneError):
     """etcd did not answer in time; the outcome of a write may be unknown."""
 
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class CompactedError(UnavailableError):
+    """A watch asked for a revision etcd no longer keeps; re-read everything."""
+
+    def __init__(self, compact_revision: int) -> None:
+        super().__init__(f"etcd compacted its history up to revision {compact_revision}")
+        self.compact_revision = compact_revision
 
 
 class DeadlineExceededError(ControlPlaneError):

@@ -60,6 +60,41 @@ class ServerMetrics:
             ["action"],
             registry=registry,
         )
+        self.agents_connected = Gauge(
+            "controlplane_agents_connected",
+            "Agent streams connected to this server process, by service.",
+            ["service"],
+            registry=registry,
+        )
+        self.fanout_seconds = Histogram(
+            "controlplane_fanout_duration_seconds",
+            "Time from an etcd watch event to its change queued for every stream.",
+            buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05),
+            registry=registry,
+        )
+        self.snapshots = Counter(
+            "controlplane_snapshots_total",
+            "Snapshots sent to agents, by reason (connect, resume_impossible, behind).",
+            ["reason"],
+            registry=registry,
+        )
+        self.resumes = Counter(
+            "controlplane_resumes_total",
+            "Agent streams resumed from their last applied revision (no snapshot).",
+            registry=registry,
+        )
+        self.resyncs = Counter(
+            "controlplane_resyncs_total",
+            "Times the hub re-read the whole state, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.nacks = Counter(
+            "controlplane_agent_nacks_total",
+            "Changes agents rejected, by service.",
+            ["service"],
+            registry=registry,
+        )
         self.etcd_up = Gauge(
             "controlplane_etcd_up",
             "1 when the last etcd operation or health probe succeeded, else 0.",

@@ -17,7 +17,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import secrets
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -36,8 +39,10 @@ from controlplane import __version__
 from controlplane.api.v1 import agent_pb2, agent_pb2_grpc, mitigation_pb2, mitigation_pb2_grpc
 from controlplane.embedded_etcd import EmbeddedEtcd
 from controlplane.errors import ControlPlaneError
+from controlplane.hub import Hub
 from controlplane.metrics import ServerMetrics
 from controlplane.model import utcnow
+from controlplane.presence import Presence
 from controlplane.service import AgentServicer, MitigationServicer
 from controlplane.store import DEFAULT_PREFIX, Store, normalize_endpoints
 
@@ -89,6 +94,9 @@ class ControlServer:
         self.metrics = ServerMetrics(self.registry)
         self.etcd: EmbeddedEtcd | None = None
         self.store: Store | None = None
+        self.hub: Hub | None = None
+        self.presence: Presence | None = None
+        self.server_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.port = 0
         self.metrics_port = 0
@@ -139,12 +147,18 @@ class ControlServer:
             on_etcd_health=self._on_etcd_health,
         )
         await self.store.connect()
+        self.hub = Hub(self.store, self.metrics)
+        self.presence = Presence(self.store, self.server_id, self.metrics)
+        await self.hub.start()
+        await self.presence.start()
 
         server = grpc.aio.server(options=_SERVER_OPTIONS)
         mitigation_pb2_grpc.add_MitigationServiceServicer_to_server(
-            MitigationServicer(self.store, self.metrics), server
+            MitigationServicer(self.store, self.metrics, self.hub, self.presence), server
         )
-        agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(self.metrics), server)
+        agent_pb2_grpc.add_AgentServiceServicer_to_server(
+            AgentServicer(self.hub, self.presence, self.metrics), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -196,6 +210,10 @@ class ControlServer:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
+        if self.presence is not None:
+            await self.presence.stop()
+        if self.hub is not None:
+            await self.hub.stop()
         if self.store is not None:
             await self.store.close()
         if self.etcd is not None:

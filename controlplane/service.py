@@ -11,6 +11,7 @@ Every method runs inside :func:`_rpc`, which gives etcd the smaller of
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import re
 import time
@@ -24,7 +25,7 @@ import structlog
 from google.protobuf import json_format
 
 from controlplane import model
-from controlplane.api.v1 import agent_pb2_grpc, mitigation_pb2_grpc
+from controlplane.api.v1 import agent_pb2, agent_pb2_grpc, mitigation_pb2_grpc
 from controlplane.api.v1 import mitigation_pb2 as mpb
 from controlplane.api.v1 import types_pb2 as pb
 from controlplane.errors import (
@@ -33,10 +34,11 @@ from controlplane.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
-    NotImplementedYetError,
 )
+from controlplane.hub import Feed, Hub, coalesce
 from controlplane.metrics import ServerMetrics
 from controlplane.model import GLOBAL_SCOPE
+from controlplane.presence import Instance, Presence
 from controlplane.store import BundleOutcome, BundleView, Plan, Store, WriteOutcome
 
 log = structlog.get_logger("controlplane.rpc")
@@ -138,9 +140,11 @@ def _write_pair(outcome: WriteOutcome[Any]) -> dict[str, Any]:
 class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
     """What on-call engineers, runbooks and deploy pipelines call."""
 
-    def __init__(self, store: Store, metrics: ServerMetrics) -> None:
+    def __init__(self, store: Store, metrics: ServerMetrics, hub: Hub, presence: Presence) -> None:
         self.store = store
         self.metrics = metrics
+        self.hub = hub
+        self.presence = presence
 
     @staticmethod
     def _options(msg: pb.WriteOptions, *, allow_expiry: bool = True) -> model.WriteOptions:
@@ -462,11 +466,45 @@ class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
     # -- status, history, watch, wait ----------------------------------------------------
 
     @_rpc
-    async def GetStatus(self, request: Any, context: Any) -> Any:
-        raise NotImplementedYetError(
-            "status needs the agents' stream, which is not implemented yet; "
-            "use GetFlag / ListFlags / GetShedding / GetPin"
+    async def GetStatus(self, request: mpb.GetStatusRequest, context: Any) -> mpb.GetStatusResponse:
+        service = model.validate_service(request.service)
+        flags, _ = await self.store.list_flags(service, effective=True)
+        shedding = await self.store.get_shedding(service)
+        pin = await self.store.get_pin(service)
+        revision = await self.store.revision()
+        instances = await self.presence.instances(service)
+        response = mpb.GetStatusResponse(
+            service=service,
+            revision=revision,
+            flags=[f.record.to_proto(f.mod_revision) for f in flags],
+            instances=[self._instance_proto(i) for i in instances],
         )
+        if shedding is not None:
+            response.shedding.CopyFrom(shedding.record.to_proto(shedding.mod_revision))
+        if pin is not None:
+            response.pin.CopyFrom(pin.record.to_proto(pin.mod_revision))
+            for instance in instances:
+                if instance.running_version and instance.running_version != pin.record.version:
+                    response.drift[instance.running_version] = (
+                        response.drift.get(instance.running_version, 0) + 1
+                    )
+        return response
+
+    def _instance_proto(self, instance: Instance) -> pb.Instance:
+        lag = self.hub.relevant_since(instance.service, instance.applied)
+        msg = pb.Instance(
+            service=instance.service,
+            instance_id=instance.instance_id,
+            running_version=instance.running_version,
+            applied_revision=instance.applied,
+            connected=instance.connected,
+            lag=lag if lag is not None else -1,
+            server_id=instance.server_id,
+            override_active=instance.override_active,
+        )
+        if instance.last_seen is not None:
+            msg.last_seen.CopyFrom(model.datetime_to_timestamp(instance.last_seen))
+        return msg
 
     @_rpc
     async def ListHistory(
@@ -496,10 +534,50 @@ class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
         )
 
     @_rpc
-    async def WaitApplied(self, request: Any, context: Any) -> Any:
-        raise NotImplementedYetError(
-            "wait needs the agents' acknowledgements, which are not implemented yet"
+    async def WaitApplied(
+        self, request: mpb.WaitAppliedRequest, context: Any
+    ) -> mpb.WaitAppliedResponse:
+        """Wait until every connected instance of a service applied a revision (or later)."""
+        service = model.validate_service(request.service)
+        if request.revision <= 0:
+            raise InvalidArgumentError("revision", "must be a positive etcd revision")
+        timeout = (
+            request.timeout.ToTimedelta().total_seconds() if request.HasField("timeout") else 10.0
         )
+        if not 0 < timeout <= 300:
+            raise InvalidArgumentError("timeout", "must be more than 0 and at most 300 s")
+        remaining = context.time_remaining()
+        if remaining is not None:
+            timeout = min(timeout, max(remaining - 0.05, 0.0))
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.store.budget(self.store.etcd_timeout):
+                instances = await self.presence.instances(service)
+            applied = [i for i in instances if i.applied >= request.revision]
+            nacks = {
+                i.instance_id: i.nacks[request.revision]
+                for i in instances
+                if request.revision in i.nacks
+            }
+            pending = [
+                i for i in instances if i.applied < request.revision and i.instance_id not in nacks
+            ]
+            left = deadline - time.monotonic()
+            if not instances or not pending or nacks or left <= 0:
+                break
+            # Local acks wake us at once; other replicas' flush every half second.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.presence.changed(service), min(left, 0.1))
+        response = mpb.WaitAppliedResponse(
+            all_applied=bool(instances) and not pending and not nacks,
+            connected=len(instances),
+            applied=len(applied),
+            pending=[self._instance_proto(i) for i in pending],
+            nacks=nacks,
+        )
+        if response.all_applied:
+            response.applied_at.CopyFrom(model.datetime_to_timestamp(model.utcnow()))
+        return response
 
 
 _BUNDLE_CHANGE_KINDS = (
@@ -563,18 +641,154 @@ def _time_or_none(request: Any, field_name: str) -> datetime | None:
         raise InvalidArgumentError(field_name, "is not a valid time") from None
 
 
-class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
-    """The agents' Sync stream (the agents issue builds it)."""
+_INSTANCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}")
+HELLO_TIMEOUT = 10.0
+# How long a stream waits for this server to catch up with an agent that already
+# applied a newer revision (it came from a replica that is ahead).
+CATCH_UP_TIMEOUT = 5.0
 
-    def __init__(self, metrics: ServerMetrics) -> None:
+
+class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
+    """The agents' Sync stream: hello, snapshot or resume, then changes; acks back."""
+
+    def __init__(self, hub: Hub, presence: Presence, metrics: ServerMetrics) -> None:
+        self.hub = hub
+        self.presence = presence
         self.metrics = metrics
 
     async def Sync(self, request_iterator: Any, context: Any) -> None:
-        self.metrics.rpcs.labels("Sync", "UNIMPLEMENTED").inc()
-        log.info("rpc", method="Sync", code="UNIMPLEMENTED")
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED, "the agents' Sync stream is not implemented yet"
+        start = time.perf_counter()
+        try:
+            hello = await self._hello(request_iterator)
+        except ControlPlaneError as exc:
+            _log_rpc(self.metrics, "Sync", exc.code.name, start, "", exc.message)
+            await context.abort(exc.code, exc.message)
+            return
+        instance = Instance(
+            service=hello.service,
+            instance_id=hello.instance_id,
+            running_version=hello.running_version[:128],
+            agent_version=hello.agent_version[:64],
+            connected_at=model.utcnow(),
+            server_id=self.presence.server_id,
+            applied=max(hello.last_applied_revision, 0),
         )
+        log.info(
+            "agent_connected",
+            service=instance.service,
+            instance_id=instance.instance_id,
+            running_version=instance.running_version,
+            last_applied_revision=hello.last_applied_revision,
+            peer=context.peer(),
+        )
+        self.presence.connect(instance)
+        feed = self.hub.feed(instance.service)
+        feed.streams += 1
+        reader = asyncio.create_task(self._read_acks(request_iterator, instance, feed))
+        code = "OK"
+        try:
+            sent = await self._first(context, instance, feed, hello.last_applied_revision)
+            while not reader.done():
+                waiting = asyncio.ensure_future(feed.wait_past(sent))
+                await asyncio.wait({waiting, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if not waiting.done():
+                    waiting.cancel()
+                    break
+                missed = feed.since(sent)
+                if missed is None:
+                    self.metrics.snapshots.labels("behind").inc()
+                    snapshot = self.hub.snapshot(instance.service)
+                    await context.write(agent_pb2.SyncResponse(snapshot=snapshot))
+                    sent = snapshot.revision
+                elif missed:
+                    change = coalesce(missed)
+                    await context.write(agent_pb2.SyncResponse(change=change))
+                    sent = change.revision
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        finally:
+            reader.cancel()
+            feed.streams -= 1
+            self.presence.disconnect(instance)
+            _log_rpc(self.metrics, "Sync", code, start, "", None)
+            log.info(
+                "agent_disconnected",
+                service=instance.service,
+                instance_id=instance.instance_id,
+                applied=instance.applied,
+            )
+
+    async def _hello(self, request_iterator: Any) -> agent_pb2.Hello:
+        try:
+            first = await asyncio.wait_for(anext(request_iterator), HELLO_TIMEOUT)
+        except (StopAsyncIteration, TimeoutError):
+            raise InvalidArgumentError(
+                "hello", f"the stream must open with a Hello within {HELLO_TIMEOUT:g}s"
+            ) from None
+        if first.WhichOneof("message") != "hello":
+            raise InvalidArgumentError("hello", "the first message of Sync must be a Hello")
+        hello: agent_pb2.Hello = first.hello
+        model.validate_service(hello.service, "hello.service")
+        if not _INSTANCE_RE.fullmatch(hello.instance_id):
+            raise InvalidArgumentError(
+                "hello.instance_id",
+                "is required: 1-128 characters A-Z, a-z, 0-9, '.', '_', ':', '@', '/' and '-'",
+            )
+        if hello.last_applied_revision < 0:
+            raise InvalidArgumentError("hello.last_applied_revision", "must not be negative")
+        return hello
+
+    async def _first(self, context: Any, instance: Instance, feed: Feed, last: int) -> int:
+        """Send the snapshot, or resume; return the revision the agent now has."""
+        await self.hub.ready.wait()
+        if last > self.hub.revision and not await self.hub.wait_for_revision(
+            last, CATCH_UP_TIMEOUT
+        ):
+            # etcd was restored from an older backup, or this is another cluster: the
+            # agent's revision will never come; its state is replaced by a snapshot.
+            log.warning(
+                "agent_ahead_of_etcd",
+                service=instance.service,
+                instance_id=instance.instance_id,
+                agent_revision=last,
+                server_revision=self.hub.revision,
+            )
+            last = 0
+        missed = feed.since(last) if last > 0 else None
+        if missed is None:
+            self.metrics.snapshots.labels("connect" if last == 0 else "resume_impossible").inc()
+            snapshot = self.hub.snapshot(instance.service)
+            await context.write(agent_pb2.SyncResponse(snapshot=snapshot))
+            return snapshot.revision
+        self.metrics.resumes.inc()
+        await context.write(
+            agent_pb2.SyncResponse(
+                resume=agent_pb2.Resume(revision=last, server_revision=self.hub.revision)
+            )
+        )
+        if missed:
+            change = coalesce(missed)
+            await context.write(agent_pb2.SyncResponse(change=change))
+            return change.revision
+        return last
+
+    async def _read_acks(self, request_iterator: Any, instance: Instance, feed: Feed) -> None:
+        async for request in request_iterator:
+            if request.WhichOneof("message") != "ack":
+                continue
+            ack = request.ack
+            if ack.rejected_reason:
+                log.warning(
+                    "agent_rejected_change",
+                    service=instance.service,
+                    instance_id=instance.instance_id,
+                    revision=ack.revision,
+                    reason=ack.rejected_reason[:500],
+                )
+                self.presence.nack(instance, ack.revision, ack.rejected_reason)
+            else:
+                self.presence.ack(instance, ack.revision, (c.revision for c in feed.changes))
 
 
 __all__ = ["AgentServicer", "MitigationServicer"]

@@ -54,6 +54,7 @@ from aetcd import rpc
 from controlplane import model, semantics
 from controlplane.errors import (
     BundleConflictError,
+    CompactedError,
     ConflictError,
     ControlPlaneError,
     DeadlineExceededError,
@@ -136,6 +137,15 @@ class WriteOutcome(Generic[R]):
     summary: str = ""
     would_change: bool = False
     key: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class WatchEvent:
+    """One key's change seen by a watch (``value`` None: deleted)."""
+
+    path: str  # relative to the prefix
+    value: bytes | None
+    mod_revision: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,6 +329,7 @@ class Store:
         self._etcd_ok: bool | None = None
         self._channels: list[grpc.aio.Channel] = []
         self._kvs: list[Any] = []
+        self._leases: list[Any] = []
         self._current = 0
         self._last_good: dict[str, Any] = {}
         self._key_locks: dict[str, _KeyLock] = {}
@@ -333,10 +344,11 @@ class Store:
             channel = grpc.aio.insecure_channel(endpoint, options=_CHANNEL_OPTIONS)
             self._channels.append(channel)
             self._kvs.append(rpc.KVStub(channel))
+            self._leases.append(rpc.LeaseStub(channel))
 
     async def close(self) -> None:
         """Close the channels. Idempotent."""
-        channels, self._channels, self._kvs = self._channels, [], []
+        channels, self._channels, self._kvs, self._leases = self._channels, [], [], []
         for channel in channels:
             await channel.close(grace=None)
 
@@ -392,7 +404,13 @@ class Store:
             )
 
     async def _call(
-        self, operation: str, method_name: str, request: Any, *, idempotent: bool = False
+        self,
+        operation: str,
+        method_name: str,
+        request: Any,
+        *,
+        idempotent: bool = False,
+        lease: bool = False,
     ) -> Any:
         if not self._kvs:
             raise RuntimeError("Store is not connected")
@@ -404,7 +422,7 @@ class Store:
             if attempt + 1 < attempts:
                 timeout = min(timeout, max(timeout / 2, min(timeout, 0.5)))
             index = self._current
-            method = getattr(self._kvs[index], method_name)
+            method = getattr((self._leases if lease else self._kvs)[index], method_name)
             start = time.perf_counter()
             outcome = "ok"
             try:
@@ -477,6 +495,158 @@ class Store:
     async def revision(self) -> int:
         """etcd's current revision."""
         return await self.ping()
+
+    # -- watch, leases and raw keys (for the hub and presence) ------------------
+
+    async def watch(self, start_revision: int) -> AsyncIterator[tuple[int, list[WatchEvent]]]:
+        """Changes under the prefix from ``start_revision`` on, one revision at a time.
+
+        Yields ``(revision, events)`` in revision order; ``events`` is empty for a
+        progress notification (etcd's current revision, nothing changed under the
+        prefix). Raises :class:`CompactedError` when ``start_revision`` is no longer
+        kept, and :class:`UnavailableError` when the stream breaks (resume from the
+        last revision seen + 1). aetcd does not resume a broken watch by itself.
+        """
+        if not self._channels:
+            raise RuntimeError("Store is not connected")
+        index = self._current
+        stub = rpc.WatchStub(self._channels[index])
+        start = self.prefix.encode()
+        create = rpc.WatchRequest(
+            create_request=rpc.WatchCreateRequest(
+                key=start,
+                range_end=_range_end(start),
+                start_revision=start_revision,
+                progress_notify=True,
+            )
+        )
+
+        async def requests() -> AsyncIterator[Any]:
+            yield create
+            await asyncio.Event().wait()  # keep the stream open until cancelled
+
+        call = stub.Watch(requests())
+        try:
+            async for response in call:
+                if response.compact_revision:
+                    raise CompactedError(int(response.compact_revision))
+                if response.canceled:
+                    raise UnavailableError(f"etcd cancelled the watch: {response.cancel_reason}")
+                self._set_etcd_ok(True)
+                if not response.events:
+                    if not response.created:
+                        yield int(response.header.revision), []
+                    continue
+                batch: list[WatchEvent] = []
+                revision = 0
+                for event in response.events:
+                    kv = event.kv
+                    if kv.mod_revision != revision and batch:
+                        yield revision, batch
+                        batch = []
+                    revision = int(kv.mod_revision)
+                    batch.append(
+                        WatchEvent(
+                            path=kv.key.decode(errors="replace")[len(self.prefix) :],
+                            value=None if event.type == rpc.Event.DELETE else bytes(kv.value),
+                            mod_revision=revision,
+                        )
+                    )
+                if batch:
+                    yield revision, batch
+        except grpc.aio.AioRpcError as exc:
+            self._rotate(index)
+            raise UnavailableError(self._unreachable(f"watch broke: {exc.details()}")) from None
+        finally:
+            call.cancel()
+        raise UnavailableError(self._unreachable("the watch stream ended"))
+
+    async def read_state(self) -> tuple[list[tuple[str, Any, int]], int]:
+        """Every flag, shedding level and pin (validated; bad records skipped), and the revision."""
+        start = self.prefix.encode()
+        response = await self._range(start, _range_end(start))
+        out = []
+        for kv in response.kvs:
+            path = kv.key.decode(errors="replace")[len(self.prefix) :]
+            if not path.startswith(("flags/", "shedding/", "pins/")):
+                continue
+            key = self._key_for_path(path)
+            if key is None:
+                continue
+            record, _valid = await self._decode(key, kv.value, kv.mod_revision)
+            if record is not None:
+                out.append((path, record, int(kv.mod_revision)))
+        return out, int(response.header.revision)
+
+    async def decode_event(self, event: WatchEvent) -> tuple[str, Any] | None:
+        """A watched change as (kind, record or None for a deletion); None if not agents' business.
+
+        A record that does not parse gives the key's last good record, so agents
+        only ever receive validated records.
+        """
+        if not event.path.startswith(("flags/", "shedding/", "pins/")):
+            return None
+        key = self._key_for_path(event.path)
+        if key is None:
+            return None
+        if event.value is None:
+            self._last_good.pop(key.path, None)
+            return key.kind, None
+        record, valid = await self._decode(key, event.value, event.mod_revision)
+        if not valid:
+            return None  # keep serving what agents have
+        return key.kind, record
+
+    async def grant_lease(self, ttl: int) -> int:
+        """A new lease of ``ttl`` seconds; returns its id."""
+        response = await self._call(
+            "lease", "LeaseGrant", rpc.LeaseGrantRequest(TTL=ttl), lease=True
+        )
+        return int(response.ID)
+
+    async def keep_lease_alive(self, lease_id: int) -> int:
+        """Refresh a lease once; returns its remaining TTL (0: it expired)."""
+        if not self._channels:
+            raise RuntimeError("Store is not connected")
+        stub = self._leases[self._current]
+        timeout, _ = self._timeout()
+
+        async def one() -> AsyncIterator[Any]:
+            yield rpc.LeaseKeepAliveRequest(ID=lease_id)
+
+        call = stub.LeaseKeepAlive(one(), timeout=timeout)
+        try:
+            async for response in call:
+                return int(response.TTL)
+        except grpc.aio.AioRpcError as exc:
+            self._rotate(self._current)
+            raise UnavailableError(
+                self._unreachable(f"lease keep-alive: {exc.details()}")
+            ) from None
+        finally:
+            call.cancel()
+        return 0
+
+    async def put_raw(self, key: str, value: bytes, *, lease: int = 0) -> int:
+        """Put an absolute key (outside the record layout: presence); returns the revision."""
+        response = await self._call(
+            "put", "Put", rpc.PutRequest(key=key.encode(), value=value, lease=lease)
+        )
+        return int(response.header.revision)
+
+    async def get_prefix_raw(self, prefix: str) -> list[tuple[str, bytes]]:
+        """Every (key, value) under an absolute prefix."""
+        start = prefix.encode()
+        response = await self._range(start, _range_end(start))
+        return [(kv.key.decode(errors="replace"), bytes(kv.value)) for kv in response.kvs]
+
+    async def delete_prefix_raw(self, prefix: str) -> int:
+        """Delete every key under an absolute prefix; returns how many."""
+        start = prefix.encode()
+        response = await self._call(
+            "delete", "DeleteRange", rpc.DeleteRangeRequest(key=start, range_end=_range_end(start))
+        )
+        return int(response.deleted)
 
     # -- keys --------------------------------------------------------------
 

@@ -16,8 +16,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry
 
-from controlplane.api.v1 import agent_pb2, agent_pb2_grpc, mitigation_pb2_grpc
 from controlplane.api.v1 import mitigation_pb2 as m
+from controlplane.api.v1 import mitigation_pb2_grpc
 from controlplane.api.v1 import types_pb2 as t
 from controlplane.embedded_etcd import EmbeddedEtcd, free_port
 from controlplane.server import ControlServer
@@ -78,10 +78,13 @@ async def test_corrupt_record_keeps_last_good_value_logs_and_counts(
     assert {e["key"].rsplit("/", 1)[-1] for e in invalid} >= {"new-ui", "typo", "checkout"}
     assert all(e["log_level"] == "error" for e in invalid)
     registry = server.registry
-    assert registry.get_sample_value("controlplane_invalid_records_total", {"kind": "flag"}) == 3
-    assert (
-        registry.get_sample_value("controlplane_invalid_records_total", {"kind": "shedding"}) == 1
+    # Counted on every read (the hub's watch reads them too).
+    flag_count = registry.get_sample_value("controlplane_invalid_records_total", {"kind": "flag"})
+    shed_count = registry.get_sample_value(
+        "controlplane_invalid_records_total", {"kind": "shedding"}
     )
+    assert flag_count is not None and flag_count >= 3
+    assert shed_count is not None and shed_count >= 1
 
     # Fixing the record heals it.
     fixed = await stub.SetFlag(
@@ -403,26 +406,9 @@ async def test_rpc_metrics_and_one_log_event_per_rpc(server: ControlServer, stub
     )
 
 
-async def test_parts_not_built_yet_answer_unimplemented(
-    stub: Stub, channel: grpc.aio.Channel
-) -> None:
-    calls = [
-        stub.GetStatus(m.GetStatusRequest(service="checkout")),
-        stub.WaitApplied(m.WaitAppliedRequest(service="checkout", revision=1)),
-    ]
-    for call in calls:
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await call
-        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
-        assert "not implemented yet" in (info.value.details() or "")
-
+async def test_watch_is_not_built_yet_and_says_so(stub: Stub) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         async for _ in stub.WatchChanges(m.WatchChangesRequest()):
             pass
     assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
-
-    sync = agent_pb2_grpc.AgentServiceStub(channel).Sync()
-    await sync.write(agent_pb2.SyncRequest(hello=agent_pb2.Hello(service="checkout")))
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await sync.read()
-    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "not implemented yet" in (info.value.details() or "")

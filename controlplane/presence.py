@@ -1,0 +1,248 @@
+"""Which agents are connected to this server process, and what each applied.
+
+Acks are kept in this process's memory and flushed to etcd in batches (never one
+write per ack), under a presence prefix agents do not watch, attached to this
+process's lease so a dead process's agents disappear with it::
+
+    <presence prefix>servers/<server id>/<chunk>     this process's instances (leased)
+    <presence prefix>applied/<revision>/<service>/<server id>
+                                                     when all of this process's
+                                                     instances of a service had
+                                                     acked a change, and how many
+
+Status and waits read every process's records; this process's own come from
+memory, so they are exact and immediate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import structlog
+
+from controlplane import model
+from controlplane.errors import ControlPlaneError
+from controlplane.metrics import ServerMetrics
+from controlplane.store import Store
+
+log = structlog.get_logger("controlplane.presence")
+
+_CHUNK = 500  # instances per presence key: keeps each value well under etcd's limits
+LEASE_TTL = 10
+
+
+def presence_prefix(prefix: str) -> str:
+    """The presence prefix that goes with a record prefix (``/controlplane/v1-presence/``)."""
+    return prefix.rstrip("/") + "-presence/"
+
+
+@dataclass(slots=True)
+class Instance:
+    """One agent stream: who it is and what it applied."""
+
+    service: str
+    instance_id: str
+    running_version: str
+    agent_version: str
+    connected_at: datetime
+    server_id: str
+    applied: int = 0
+    last_seen: datetime | None = None
+    nacks: dict[int, str] = field(default_factory=dict)
+    connected: bool = True
+    override_active: bool = False
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "service": self.service,
+            "instance_id": self.instance_id,
+            "running_version": self.running_version,
+            "agent_version": self.agent_version,
+            "connected_at": model.format_time(self.connected_at),
+            "last_seen": model.format_time(self.last_seen or self.connected_at),
+            "server_id": self.server_id,
+            "applied": self.applied,
+            "nacks": {str(k): v for k, v in self.nacks.items()},
+        }
+
+    @classmethod
+    def from_record(cls, data: dict[str, Any]) -> Instance:
+        return cls(
+            service=str(data["service"]),
+            instance_id=str(data["instance_id"]),
+            running_version=str(data.get("running_version", "")),
+            agent_version=str(data.get("agent_version", "")),
+            connected_at=model.parse_time(str(data["connected_at"])),
+            last_seen=model.parse_time(str(data["last_seen"])),
+            server_id=str(data["server_id"]),
+            applied=int(data.get("applied", 0)),
+            nacks={int(k): str(v) for k, v in dict(data.get("nacks", {})).items()},
+        )
+
+
+class Presence:
+    """This process's connected agents, flushed to etcd in batches under a lease.
+
+    Lifecycle: ``await start()`` once, ``await stop()`` (idempotent; deletes this
+    process's presence so its agents disappear at once rather than at lease expiry).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        server_id: str,
+        metrics: ServerMetrics,
+        *,
+        flush_interval: float = 0.5,
+    ) -> None:
+        self.store = store
+        self.server_id = server_id
+        self.metrics = metrics
+        self.flush_interval = flush_interval
+        self.prefix = presence_prefix(store.prefix)
+        self._instances: dict[tuple[str, str], Instance] = {}
+        self._changed: dict[str, asyncio.Event] = {}
+        self._dirty = True
+        self._lease = 0
+        self._written_chunks = 0
+        self._task: asyncio.Task[None] | None = None
+        # revision -> service -> (time all acked, instance count), waiting to be flushed
+        self._applied: dict[tuple[int, str], tuple[datetime, int]] = {}
+        self._recorded: dict[str, int] = {}
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._task is not None:
+            raise RuntimeError("Presence.start() called twice")
+        self._task = asyncio.create_task(self._flush_loop(), name="presence-flush")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is None:
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        with contextlib.suppress(ControlPlaneError), self.store.budget(self.store.etcd_timeout):
+            await self._flush_applied()
+            await self.store.delete_prefix_raw(f"{self.prefix}servers/{self.server_id}/")
+
+    # -- streams report here -----------------------------------------------------
+
+    def connect(self, instance: Instance) -> None:
+        self._instances[(instance.service, instance.instance_id)] = instance
+        self.metrics.agents_connected.labels(instance.service).inc()
+        self._touch(instance.service)
+
+    def disconnect(self, instance: Instance) -> None:
+        key = (instance.service, instance.instance_id)
+        if self._instances.get(key) is instance:
+            del self._instances[key]
+        instance.connected = False
+        self.metrics.agents_connected.labels(instance.service).dec()
+        self._touch(instance.service)
+
+    def ack(self, instance: Instance, revision: int, hub_changes: Iterable[int] = ()) -> None:
+        """An instance applied ``revision`` (and so everything before it)."""
+        instance.last_seen = model.utcnow()
+        if revision > instance.applied:
+            instance.applied = revision
+        self._note_applied(instance.service, hub_changes)
+        self._touch(instance.service)
+
+    def nack(self, instance: Instance, revision: int, reason: str) -> None:
+        instance.last_seen = model.utcnow()
+        instance.nacks[revision] = reason[:500]
+        self.metrics.nacks.labels(instance.service).inc()
+        self._touch(instance.service)
+
+    def _touch(self, service: str) -> None:
+        self._dirty = True
+        event = self._changed.pop(service, None)
+        if event is not None:
+            event.set()
+
+    def _note_applied(self, service: str, revisions: Iterable[int]) -> None:
+        """Record the change revisions every local instance of ``service`` has now applied."""
+        local = [i for i in self._instances.values() if i.service == service]
+        if not local:
+            return
+        floor = min(i.applied for i in local)
+        done = self._recorded.get(service, 0)
+        now = model.utcnow()
+        for revision in revisions:
+            if done < revision <= floor:
+                self._applied[(revision, service)] = (now, len(local))
+                self._recorded[service] = max(self._recorded.get(service, 0), revision)
+
+    def local(self, service: str) -> list[Instance]:
+        return [i for i in self._instances.values() if i.service == service]
+
+    async def changed(self, service: str) -> None:
+        """Wait until an instance of ``service`` on this process connects, acks or leaves."""
+        event = self._changed.setdefault(service, asyncio.Event())
+        await event.wait()
+
+    async def instances(self, service: str) -> list[Instance]:
+        """Every connected instance of ``service``, on this process and the others."""
+        found = {(i.server_id, i.instance_id): i for i in self.local(service)}
+        for key, raw in await self.store.get_prefix_raw(f"{self.prefix}servers/"):
+            if key.startswith(f"{self.prefix}servers/{self.server_id}/"):
+                continue
+            try:
+                rows = json.loads(raw)
+                for row in rows:
+                    if row.get("service") == service:
+                        instance = Instance.from_record(row)
+                        found.setdefault((instance.server_id, instance.instance_id), instance)
+            except (ValueError, KeyError, TypeError) as exc:
+                log.error("presence_invalid", key=key, error=str(exc))
+        return sorted(found.values(), key=lambda i: (i.instance_id, i.server_id))
+
+    # -- flushing ------------------------------------------------------------------
+
+    async def _flush_loop(self) -> None:
+        while True:
+            try:
+                with self.store.budget(self.store.etcd_timeout):
+                    await self._flush()
+            except ControlPlaneError as exc:
+                log.warning("presence_flush_failed", error=exc.message)
+                self._lease = 0 if "lease" in exc.message else self._lease
+            await asyncio.sleep(self.flush_interval)
+
+    async def _flush(self) -> None:
+        if not self._lease or await self.store.keep_lease_alive(self._lease) <= 0:
+            self._lease = await self.store.grant_lease(LEASE_TTL)
+            self._dirty = True
+        if self._dirty:
+            self._dirty = False
+            rows = [i.to_record() for i in self._instances.values()]
+            if not rows and not self._written_chunks:
+                await self._flush_applied()
+                return  # nothing to say, nothing said before: no write
+            chunks = [rows[i : i + _CHUNK] for i in range(0, len(rows), _CHUNK)]
+            base = f"{self.prefix}servers/{self.server_id}/"
+            for index, chunk in enumerate(chunks):
+                await self.store.put_raw(
+                    f"{base}{index:04d}", json.dumps(chunk).encode(), lease=self._lease
+                )
+            for index in range(len(chunks), self._written_chunks):
+                await self.store.delete_prefix_raw(f"{base}{index:04d}")
+            self._written_chunks = len(chunks)
+        await self._flush_applied()
+
+    async def _flush_applied(self) -> None:
+        pending, self._applied = self._applied, {}
+        for (revision, service), (when, count) in sorted(pending.items()):
+            await self.store.put_raw(
+                f"{self.prefix}applied/{revision:020d}/{service}/{self.server_id}",
+                json.dumps({"all_acked_at": model.format_time(when), "instances": count}).encode(),
+            )
