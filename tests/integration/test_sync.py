@@ -1,0 +1,187 @@
+"""The agents' Sync stream on a real server and etcd, with bare gRPC clients."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from google.protobuf import duration_pb2
+from prometheus_client import CollectorRegistry
+
+from controlplane.api.v1 import mitigation_pb2 as m
+from controlplane.api.v1 import mitigation_pb2_grpc
+from controlplane.api.v1 import types_pb2 as t
+from controlplane.embedded_etcd import EmbeddedEtcd
+from controlplane.server import ControlServer
+from tests.helpers.raw_agent import RawAgent
+from tests.integration.conftest import server_config
+
+Stub = mitigation_pb2_grpc.MitigationServiceStub
+
+
+def opts() -> t.WriteOptions:
+    return t.WriteOptions(reason="test", actor="oncall")
+
+
+async def set_flag(stub: Stub, scope: str, name: str, value: bool) -> int:
+    resp = await stub.SetFlag(
+        m.SetFlagRequest(
+            scope=scope, name=name, value=t.FlagValue(bool_value=value), options=opts()
+        )
+    )
+    return int(resp.result.revision)
+
+
+async def test_snapshot_then_changes_in_revision_order(server: ControlServer, stub: Stub) -> None:
+    await set_flag(stub, "global", "a", True)
+    await set_flag(stub, "checkout", "b", False)
+    await set_flag(stub, "payments", "c", False)  # another service's: not sent
+    async with RawAgent(server.address, "checkout", "i-1") as agent:
+        first = await agent.next()
+        assert first.WhichOneof("message") == "snapshot"
+        names = sorted((f.scope, f.name) for f in first.snapshot.flags)
+        assert names == [("checkout", "b"), ("global", "a")]
+        revisions = []
+        for i in range(5):
+            revisions.append(await set_flag(stub, "checkout", "b", i % 2 == 0))
+        await set_flag(stub, "payments", "c", True)
+        seen: list[int] = []
+        while not seen or seen[-1] < revisions[-1]:
+            response = await agent.next()
+            assert response.WhichOneof("message") == "change"
+            assert [f.name for f in response.change.flags_set] == ["b"]
+            seen.append(response.change.revision)
+        assert seen == sorted(seen)
+        assert set(seen) <= set(revisions)
+        assert seen[-1] == revisions[-1]
+
+
+async def test_a_bundle_reaches_an_agent_as_one_change(server: ControlServer, stub: Stub) -> None:
+    async with RawAgent(server.address, "checkout", "i-1") as agent:
+        await agent.next()
+        resp = await stub.ApplyBundle(
+            m.ApplyBundleRequest(
+                name="degrade",
+                changes=[
+                    m.BundleChange(
+                        set_flag=m.SetFlagRequest(
+                            scope="checkout", name="new-ui", value=t.FlagValue(bool_value=False)
+                        )
+                    ),
+                    m.BundleChange(
+                        set_shedding=m.SetSheddingRequest(service="checkout", percent=30)
+                    ),
+                    m.BundleChange(
+                        pin_version=m.PinVersionRequest(service="checkout", version="v1")
+                    ),
+                ],
+                options=opts(),
+            )
+        )
+        change = (await agent.next()).change
+        assert change.revision == resp.result.revision
+        assert [f.name for f in change.flags_set] == ["new-ui"]
+        assert change.shedding.percent == 30
+        assert change.pin.version == "v1"
+
+
+async def test_resume_sends_only_what_was_missed(server: ControlServer, stub: Stub) -> None:
+    async with RawAgent(server.address, "checkout", "i-1") as agent:
+        snapshot = (await agent.next()).snapshot
+    await set_flag(stub, "checkout", "x", True)
+    last = await set_flag(stub, "global", "y", True)
+    async with RawAgent(server.address, "checkout", "i-1", last_applied=snapshot.revision) as agent:
+        resume = await agent.next()
+        assert resume.WhichOneof("message") == "resume"
+        assert resume.resume.revision == snapshot.revision
+        change = (await agent.next()).change
+        assert change.revision == last
+        assert sorted(f.name for f in change.flags_set) == ["x", "y"]
+
+
+async def test_a_revision_the_server_cannot_serve_gets_a_snapshot(
+    etcd: EmbeddedEtcd, prefix: str, server: ControlServer, stub: Stub
+) -> None:
+    early = await set_flag(stub, "checkout", "x", True)
+    await set_flag(stub, "checkout", "x", False)
+    # A new server process has no history before its start: a snapshot, never a gap.
+    other = ControlServer(server_config(etcd.endpoint, prefix), registry=CollectorRegistry())
+    await other.start()
+    try:
+        async with RawAgent(other.address, "checkout", "i-1", last_applied=early) as agent:
+            first = await agent.next()
+            assert first.WhichOneof("message") == "snapshot"
+            assert first.snapshot.revision > early
+            assert [f.value.bool_value for f in first.snapshot.flags] == [False]
+    finally:
+        await other.stop(grace=0)
+
+
+async def test_bad_hello_is_refused(server: ControlServer) -> None:
+    async with RawAgent(server.address, "Not A Service", "i-1") as agent:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await agent.next()
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "hello.service" in (info.value.details() or "")
+
+
+async def test_status_and_wait(server: ControlServer, stub: Stub) -> None:
+    await stub.PinVersion(m.PinVersionRequest(service="checkout", version="v1", options=opts()))
+    zero = await stub.WaitApplied(
+        m.WaitAppliedRequest(
+            service="checkout", revision=1, timeout=duration_pb2.Duration(seconds=1)
+        )
+    )
+    assert zero.connected == 0 and not zero.all_applied
+
+    async with (
+        RawAgent(server.address, "checkout", "i-1", version="v1") as one,
+        RawAgent(server.address, "checkout", "i-2", version="v2", auto_ack=False) as two,
+    ):
+        await one.next()
+        await two.next()
+        revision = await set_flag(stub, "checkout", "kill", True)
+        await one.until_revision(revision)
+        await two.until_revision(revision)
+
+        waited = await stub.WaitApplied(
+            m.WaitAppliedRequest(
+                service="checkout",
+                revision=revision,
+                timeout=duration_pb2.Duration(nanos=300_000_000),
+            )
+        )
+        assert not waited.all_applied
+        assert (waited.connected, waited.applied) == (2, 1)
+        assert [p.instance_id for p in waited.pending] == ["i-2"]
+
+        await two.ack(revision, rejected="cannot parse")
+        nacked = await stub.WaitApplied(
+            m.WaitAppliedRequest(
+                service="checkout", revision=revision, timeout=duration_pb2.Duration(seconds=5)
+            )
+        )
+        assert dict(nacked.nacks) == {"i-2": "cannot parse"}
+
+        later = await set_flag(stub, "checkout", "kill", False)
+        await two.until_revision(later)
+        await two.ack(later)
+        done = await stub.WaitApplied(
+            m.WaitAppliedRequest(
+                service="checkout", revision=later, timeout=duration_pb2.Duration(seconds=5)
+            )
+        )
+        assert done.all_applied and done.applied == 2
+
+        status = await stub.GetStatus(m.GetStatusRequest(service="checkout"))
+        assert sorted(i.instance_id for i in status.instances) == ["i-1", "i-2"]
+        assert all(i.applied_revision == later for i in status.instances)
+        assert all(i.lag == 0 for i in status.instances)
+        assert status.pin.version == "v1"
+        assert dict(status.drift) == {"v2": 1}
+        assert [f.name for f in status.flags] == ["kill"]
+
+    async def gone() -> bool:
+        status = await stub.GetStatus(m.GetStatusRequest(service="checkout"))
+        return not status.instances
+
+    assert await gone()
