@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 import pytest
 from google.protobuf import duration_pb2
@@ -185,3 +187,55 @@ async def test_status_and_wait(server: ControlServer, stub: Stub) -> None:
         return not status.instances
 
     assert await gone()
+
+
+async def test_a_paused_agent_does_not_delay_the_others_and_catches_up(
+    server: ControlServer, stub: Stub
+) -> None:
+    import asyncio
+    import json
+    import os
+    import signal
+    import sys
+    import time
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.helpers.sync_printer", server.address, "checkout", "paused",
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        first = json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))
+        assert first["kind"] == "snapshot"
+        os.kill(proc.pid, signal.SIGSTOP)
+        async with RawAgent(server.address, "checkout", "live") as live:
+            await live.next()
+            big = "x" * 30_000
+            worst = 0.0
+            for i in range(120):
+                start = time.monotonic()
+                resp = await stub.SetFlag(
+                    m.SetFlagRequest(
+                        scope="checkout", name="blob", options=opts(),
+                        value=t.FlagValue(string_value=f"{i:04d}{big}"),
+                    )
+                )  # fmt: skip
+                await live.until_revision(resp.result.revision)
+                worst = max(worst, time.monotonic() - start)
+            final = resp.result.revision
+            # Each flip reached the live agent (write + delivery) within a second while
+            # the paused one's stream was full.
+            assert worst < 1.0
+        os.kill(proc.pid, signal.SIGCONT)
+        lines: list[dict[str, Any]] = []
+        while not lines or lines[-1]["revision"] < final:
+            lines.append(json.loads(await asyncio.wait_for(proc.stdout.readline(), 30)))
+        assert lines[-1]["flags"]["blob"].startswith("0119")
+        revisions = [line["revision"] for line in lines]
+        assert revisions == sorted(revisions)
+        assert len(set(revisions)) == len(revisions)
+    finally:
+        if proc.returncode is None:
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.kill()
+            await proc.wait()
