@@ -138,9 +138,9 @@ def coalesce(changes: list[agent_pb2.Change]) -> agent_pb2.Change:
 class Hub:
     """The mirror of the state and the feeds of the services with agents.
 
-    Lifecycle: ``await start()`` once (reads the state, starts the watch; does not
-    need etcd to be up), ``await stop()`` (idempotent). ``ready`` is set once the
-    state was read.
+    Lifecycle: ``await start()`` (reads the state once, starts the watch; does not
+    need etcd to be up), ``await stop()`` (idempotent; ``start`` again resumes from
+    the last revision seen). ``ready`` is set once the state was read.
     """
 
     def __init__(
@@ -158,13 +158,13 @@ class Hub:
         self._revision_waiters: list[tuple[int, asyncio.Future[None]]] = []
 
     async def start(self) -> None:
-        """Start following etcd. Call once."""
+        """Start following etcd (again, after ``stop``: from where it stopped)."""
         if self._task is not None:
-            raise RuntimeError("Hub.start() called twice")
+            raise RuntimeError("Hub.start() called while running")
         self._task = asyncio.create_task(self._run(), name="hub-watch")
 
     async def stop(self) -> None:
-        """Stop the watch. Idempotent."""
+        """Stop the watch; the mirror and feeds stay. Idempotent."""
         task, self._task = self._task, None
         if task is not None:
             task.cancel()

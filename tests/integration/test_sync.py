@@ -239,3 +239,26 @@ async def test_a_paused_agent_does_not_delay_the_others_and_catches_up(
             os.kill(proc.pid, signal.SIGCONT)
             proc.kill()
             await proc.wait()
+
+
+async def test_compaction_behind_the_watch_forces_a_resync_with_a_snapshot(
+    server: ControlServer, stub: Stub, raw_etcd: Any
+) -> None:
+    async with RawAgent(server.address, "checkout", "i-1") as agent:
+        await agent.next()
+        hub = server.hub
+        assert hub is not None
+        # The watch falls behind (as when its etcd member goes away for a while) ...
+        await hub.stop()
+        await set_flag(stub, "checkout", "x", True)
+        last = await set_flag(stub, "global", "y", False)
+        # ... and etcd compacts the history it would resume from.
+        await raw_etcd.compact(await raw_etcd.revision())
+        await hub.start()
+        response = await agent.until_revision(last)
+        assert response.WhichOneof("message") == "snapshot"
+        assert sorted(f.name for f in response.snapshot.flags) == ["x", "y"]
+    resyncs = server.registry.get_sample_value(
+        "controlplane_resyncs_total", {"reason": "compacted"}
+    )
+    assert resyncs == 1
