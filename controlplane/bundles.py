@@ -182,11 +182,13 @@ def _change(index: int, item: Any, source: str) -> mpb.BundleChange:
         raise BundleFileError(f"{where}.all_layers: must be true or false")
 
     def svc() -> str:
-        return str(_valid(model.validate_service, str(body["service"]), f"{where}.service"))
+        return str(
+            _valid(model.validate_service, _string(body, "service", where), f"{where}.service")
+        )
 
     if kind in ("flag", "clear_flag"):
         scope = _scope(body, where)
-        name = _valid(model.validate_flag_name, str(body["name"]), f"{where}.name")
+        name = _valid(model.validate_flag_name, _string(body, "name", where), f"{where}.name")
         if kind == "clear_flag":
             return mpb.BundleChange(
                 clear_flag=mpb.ClearFlagRequest(scope=scope, name=name, all_layers=all_layers)
@@ -215,7 +217,9 @@ def _change(index: int, item: Any, source: str) -> mpb.BundleChange:
             clear_shedding=mpb.ClearSheddingRequest(service=svc(), all_layers=all_layers)
         )
     if kind == "pin":
-        version = _valid(model.validate_version, str(body["version"]), f"{where}.version")
+        version = _valid(
+            model.validate_version, _string(body, "version", where), f"{where}.version"
+        )
         return mpb.BundleChange(pin_version=mpb.PinVersionRequest(service=svc(), version=version))
     return mpb.BundleChange(
         unpin_version=mpb.UnpinVersionRequest(service=svc(), all_layers=all_layers)
@@ -226,8 +230,20 @@ def _scope(body: Mapping[str, Any], where: str) -> str:
     if ("service" in body) == ("scope" in body):
         raise BundleFileError(f"{where}: give service or scope (global or a service), one of them")
     if "service" in body:
-        return str(_valid(model.validate_service, str(body["service"]), f"{where}.service"))
-    return str(_valid(model.validate_scope, str(body["scope"]), f"{where}.scope"))
+        service = _string(body, "service", where)
+        return str(_valid(model.validate_service, service, f"{where}.service"))
+    return str(_valid(model.validate_scope, _string(body, "scope", where), f"{where}.scope"))
+
+
+def _string(body: Mapping[str, Any], key: str, where: str) -> str:
+    """A field that must be text: YAML reads an unquoted 1.10 as the number 1.1."""
+    value = body[key]
+    if not isinstance(value, str):
+        raise BundleFileError(
+            f"{where}.{key}: must be text, got {type(value).__name__} {value!r}; "
+            f'quote it ({key}: "{value}")'
+        )
+    return value
 
 
 def _flag_value(value: Any, where: str) -> pb.FlagValue:

@@ -113,7 +113,9 @@ def _layered_clear(
         return Decision(None, action, f"{label} not set", changed=False)
     cur = prune_expired(current, now)
     if cur is None:
-        return Decision(None, action, f"{label} cleared (had expired)")
+        # Everything in it has expired: nothing is set; the expiry restores it and
+        # writes its own audit record.
+        return Decision(current, action, f"{label} not set (expired)", changed=False)
     restored = None if all_layers else cur.replaced
     again = f"; {describe(restored)} applies again{_until(restored.meta)}" if restored else ""
     everything = " and every layer beneath" if all_layers and cur.replaced else ""

@@ -295,9 +295,13 @@ class ControlServer:
         restore. At start it catches up on everything that expired while it was down.
         """
         assert self.store is not None
+        repaired = False
         while True:
             try:
                 with self.store.budget(max(self.config.etcd_timeout, 10.0), caller_deadline=True):
+                    if not repaired:
+                        await self.store.repair_expiry_index()
+                        repaired = True
                     while await self.store.expire_due():
                         pass
                     upcoming = await self.store.next_expiry()

@@ -339,13 +339,23 @@ class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
                 "version it runs (current_version)"
             )
         marks = await self.store.list_known_good(service)
-        target = next((m.record.version for m in marks if m.record.version != current), None)
-        if target is None:
+        # Back, never forward: when the current version is itself marked known-good,
+        # only versions marked before it qualify.
+        current_mark = next((m for m in marks if m.record.version == current), None)
+        candidates = [
+            m
+            for m in marks
+            if m.record.version != current
+            and (current_mark is None or m.record.meta.set_at < current_mark.record.meta.set_at)
+        ]
+        if not candidates:
             have = ", ".join(m.record.version for m in marks) or "none"
+            older = " marked before it" if current_mark is not None else ""
             raise FailedPreconditionError(
                 f"nothing to roll back to: {service} has no known-good version other than "
-                f"{current} (known-good: {have})"
+                f"{current}{older} (known-good: {have})"
             )
+        target = candidates[0].record.version
         outcome = await self.store.pin(service, target, opts, action="pin.rollback")
         return mpb.RollbackResponse(
             result=_result(outcome),
@@ -364,6 +374,11 @@ class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
                 where, "is empty: give one of " + ", ".join(_BUNDLE_CHANGE_KINDS)
             )
         field = f"{where}.{kind}"
+        if getattr(change, kind).HasField("options"):
+            raise InvalidArgumentError(
+                f"{field}.options",
+                "a change in a bundle has no options of its own: the bundle's options apply",
+            )
         if kind.startswith(("clear_", "unpin_")) and opts.expires_at is not None:
             raise InvalidArgumentError(
                 field, "a clear cannot expire: apply a bundle with an expiry only to sets and pins"

@@ -446,10 +446,13 @@ class Store:
                     )
                     raise UnavailableError(self._unreachable(detail)) from None
                 if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    raise UnavailableError(
-                        f"etcd refused the write: {exc.details()} (its space quota is full: "
-                        "compact and defragment etcd)"
-                    ) from None
+                    details = str(exc.details())
+                    if "space exceeded" in details:
+                        raise UnavailableError(
+                            f"etcd refused the write: {details} (its space quota is full: "
+                            "compact and defragment etcd)"
+                        ) from None
+                    raise ControlPlaneError(f"etcd answer too large: {details}") from None
                 raise ControlPlaneError(f"etcd error ({code.name}): {exc.details()}") from None
             except asyncio.CancelledError:
                 outcome = "cancelled"
@@ -988,7 +991,38 @@ class Store:
         if not response.kvs:
             return None
         stamp = bytes(response.kvs[0].key)[len(start) :].split(b"/", 1)[0]
+        if not stamp.isdigit():
+            return model.utcnow()  # a bad entry: let expire_due remove it now
         return datetime.fromtimestamp(int(stamp) / 1e9, UTC)
+
+    async def repair_expiry_index(self) -> int:
+        """Recreate missing index entries of time-boxed records; return how many.
+
+        A record written by hand, or an index key deleted, would otherwise never be
+        restored by a server while agents switch on time by themselves.
+        """
+        rows, _ = await self.read_state()
+        start = self._abs("expiries/")
+        existing = {
+            bytes(kv.key)
+            for kv in (await self._range(start, _range_end(start), keys_only=True)).kvs
+        }
+        repaired = 0
+        for path, record, mod in rows:
+            index = self._index_path(path, record)
+            if index is None or self._abs(index) in existing:
+                continue
+            value = model.encode_record(
+                {"kind": "expiry", "key": self.prefix + path,
+                 "expires_at": model.format_time(record.meta.expires_at)}
+            )  # fmt: skip
+            await self._txn(
+                [self._unchanged_since(path, mod)],
+                [rpc.RequestOp(request_put=rpc.PutRequest(key=self._abs(index), value=value))],
+            )
+            log.warning("expiry_index_repaired", key=self.prefix + path)
+            repaired += 1
+        return repaired
 
     async def expire_due(self, *, batch: int = 64) -> int:
         """Restore what every expired change replaced; return how many were restored.
@@ -1005,7 +1039,8 @@ class Store:
             index_key = bytes(kv.key)
             stamp, _, path = index_key[len(start) :].decode(errors="replace").partition("/")
             key = self._key_for_path(path)
-            if key is None:
+            if key is None or not stamp.isdigit():
+                log.error("expiry_index_invalid", key=index_key.decode(errors="replace"))
                 await self._txn([], [self._delete_op(index_key)])
                 continue
             async with self._locked([key.path]):
@@ -1234,7 +1269,8 @@ class Store:
             for attempt in range(_MAX_CAS_ATTEMPTS):
                 if attempt:
                     await asyncio.sleep(random.uniform(0, min(0.2, 0.005 * 2**attempt)))  # noqa: S311 (jitter)
-                twin = await self._applied_twin(fingerprint)
+                # A time-boxed bundle applied again moves its expiry: not a no-op.
+                twin = None if opts.expires_at else await self._applied_twin(fingerprint)
                 if twin is not None:
                     return BundleOutcome(
                         changed=False, dry_run=opts.dry_run, revision=0, view=twin,
@@ -1293,7 +1329,25 @@ class Store:
             fingerprint=fingerprint,
         )
         ops.append(self._bundle_op(bundle))
+        ops.append(
+            rpc.RequestOp(
+                request_put=rpc.PutRequest(
+                    key=self._abs(f"bundle-fingerprints/{fingerprint}"), value=bundle_id.encode()
+                )
+            )
+        )
         _check_txn_size(ops)
+        # Its revert writes each old record twice (the key and the audit) and the
+        # bundle record again: refuse now a bundle that could not be reverted.
+        revert_bytes = sum(
+            2 * len(json.dumps(e.before or {})) + len(json.dumps(e.after or {})) for e in entries
+        ) + len(json.dumps(bundle.to_record()))
+        if revert_bytes > _MAX_TXN_BYTES:
+            raise InvalidArgumentError(
+                "changes",
+                f"reverting this bundle would take a {revert_bytes} byte transaction, over the "
+                f"{_MAX_TXN_BYTES} byte budget under etcd's 1.5 MiB limit: split it",
+            )
         summary = f"bundle {name}: " + "; ".join(
             f"{p.key.scope}: {d.summary}"
             for p, d in zip(plans, decisions, strict=True)
@@ -1330,10 +1384,13 @@ class Store:
         )
 
     async def _applied_twin(self, fingerprint: str) -> BundleView | None:
-        views = await self.list_bundles()
-        for view in views:
-            if view.bundle.fingerprint == fingerprint and view.state is model.BundleState.APPLIED:
-                return view
+        """The bundle with this fingerprint, if it is applied and fully in force."""
+        response = await self._range(self._abs(f"bundle-fingerprints/{fingerprint}"))
+        if not response.kvs:
+            return None
+        view = await self.get_bundle(response.kvs[0].value.decode(errors="replace"))
+        if view is not None and view.state is model.BundleState.APPLIED:
+            return view
         return None
 
     async def _read_bundle(self, bundle_id: str) -> tuple[Bundle, Any] | None:
@@ -1351,26 +1408,39 @@ class Store:
                 "revert its changes one by one"
             ) from None
 
-    async def _mod_revisions(self) -> dict[str, int]:
-        """The mod revision of every mitigation key, by path (one keys-only range)."""
-        mods: dict[str, int] = {}
-        for path in ("flags/", "shedding/", "pins/"):
-            start = self._abs(path)
-            response = await self._range(start, _range_end(start), keys_only=True)
-            for kv in response.kvs:
-                mods[kv.key.decode(errors="replace")[len(self.prefix) :]] = int(kv.mod_revision)
-        return mods
+    async def _tops(self) -> dict[str, tuple[Any, int]]:
+        """Every mitigation record in force (pruned at now) with its mod revision, by path."""
+        rows, _ = await self.read_state()
+        now = model.utcnow()
+        return {path: (semantics.prune_expired(rec, now), mod) for path, rec, mod in rows}
 
     @staticmethod
-    def _view(bundle: Bundle, applied: int, mods: dict[str, int], now: datetime) -> BundleView:
+    def _holds(bundle: Bundle, entry: BundleEntry, top: Any) -> bool:
+        """Whether a key still holds what the bundle put there (or still lacks what it cleared).
+
+        Content, not mod revisions: a layer of someone else's that came and expired
+        leaves the bundle's value in force, and that is not a change since.
+        """
+        if entry.after is None:
+            return top is None
+        return (
+            top is not None
+            and top.meta.bundle_id == bundle.id
+            and model.format_time(top.meta.set_at) == entry.after["meta"]["set_at"]
+        )
+
+    def _view(
+        self, bundle: Bundle, applied: int, tops: dict[str, tuple[Any, int]], now: datetime
+    ) -> BundleView:
         overridden = tuple(
             e.path
             for e in bundle.entries
-            if mods.get(e.path, 0) != (applied if e.after is not None else 0)
+            if not self._holds(bundle, e, tops.get(e.path, (None, 0))[0])
         )
+        expired = bundle.meta.expires_at is not None and bundle.meta.expires_at <= now
         if bundle.reverted is not None:
             state = model.BundleState.REVERTED
-        elif bundle.meta.expires_at is not None and bundle.meta.expires_at <= now:
+        elif expired and len(overridden) == len(bundle.entries):
             state = model.BundleState.EXPIRED
         elif overridden:
             state = model.BundleState.PARTIALLY_OVERRIDDEN
@@ -1386,27 +1456,27 @@ class Store:
         if found is None:
             return None
         bundle, kv = found
-        return self._view(
-            bundle, int(kv.create_revision), await self._mod_revisions(), model.utcnow()
-        )
+        return self._view(bundle, int(kv.create_revision), await self._tops(), model.utcnow())
 
     async def list_bundles(self, limit: int = 0) -> list[BundleView]:
-        """Bundles, newest first."""
+        """Bundles, newest first (only the newest ``limit`` are read when given)."""
         start = self._abs("bundles/")
-        response = await self._range(start, _range_end(start))
-        mods = await self._mod_revisions()
+        keys = await self._range(start, _range_end(start), keys_only=True)
+        wanted = [bytes(kv.key) for kv in keys.kvs]
+        wanted.reverse()
+        if limit:
+            wanted = wanted[:limit]
+        tops = await self._tops()
         now = model.utcnow()
         views = []
-        for kv in reversed(response.kvs):
+        for key in wanted:
+            bundle_id = key.decode(errors="replace").rsplit("/", 1)[-1]
             try:
-                bundle = Bundle.from_record(model.decode_record(kv.value))
-            except (RecordError, ValueError, TypeError, KeyError, AttributeError) as exc:
-                self._metrics.invalid_records.labels("bundle").inc()
-                log.error("record_invalid", key=kv.key.decode(errors="replace"), error=str(exc))
+                found = await self._read_bundle(bundle_id)
+            except FailedPreconditionError:
                 continue
-            views.append(self._view(bundle, int(kv.create_revision), mods, now))
-            if limit and len(views) >= limit:
-                break
+            if found is not None:
+                views.append(self._view(found[0], int(found[1].create_revision), tops, now))
         return views
 
     async def revert_bundle(
@@ -1444,10 +1514,11 @@ class Store:
                 summary=f"bundle {bundle_id} was already reverted "
                 f"({model.format_time(bundle.reverted.set_at)}, by {bundle.reverted.actor})",
             )  # fmt: skip
-        if bundle.meta.expires_at is not None and bundle.meta.expires_at <= now:
+        if bundle.meta.expires_at is not None and bundle.meta.expires_at <= now and not force:
             raise FailedPreconditionError(
                 f"bundle {bundle_id} expired at {model.format_time(bundle.meta.expires_at)}: "
-                "what it replaced already applies again; nothing to revert"
+                "its changes no longer apply (unless someone made them permanent since); "
+                "revert with force to restore what it replaced anyway"
             )
         keys = []
         for entry in bundle.entries:
@@ -1459,7 +1530,7 @@ class Store:
         changed_since = [
             (entry.path, current.mod_revision)
             for entry, current in zip(bundle.entries, currents, strict=True)
-            if current.mod_revision != (applied if entry.after is not None else 0)
+            if not self._holds(bundle, entry, semantics.prune_expired(current.record, now))
         ]
         if changed_since and not force:
             raise BundleConflictError(bundle_id, changed_since)
@@ -1607,19 +1678,36 @@ class Store:
             "delete", "DeleteRange", rpc.DeleteRangeRequest(key=start, range_end=end)
         )
         deleted = int(response.deleted)
-        # Bundles older than the audit trail go with it (ids start with the time).
-        bundles_start = self._abs("bundles/")
-        await self._call(
-            "delete",
-            "DeleteRange",
-            rpc.DeleteRangeRequest(
-                key=bundles_start, range_end=self._abs("bundles/" + _bundle_stamp(cutoff))
-            ),
-        )
+        await self._prune_bundles(cutoff)
         if deleted:
             self._metrics.audit_deleted.inc(deleted)
             log.info("audit_retention", deleted=deleted, older_than=model.format_time(cutoff))
         return deleted
+
+    async def _prune_bundles(self, cutoff: datetime) -> None:
+        """Bundles older than the audit trail go with it, unless still (partly) in force."""
+        start = self._abs("bundles/")
+        old = await self._range(
+            start, self._abs("bundles/" + _bundle_stamp(cutoff)), keys_only=True
+        )
+        if not old.kvs:
+            return
+        tops = await self._tops()
+        now = model.utcnow()
+        doomed = []
+        for kv in old.kvs:
+            bundle_id = kv.key.decode(errors="replace").rsplit("/", 1)[-1]
+            try:
+                found = await self._read_bundle(bundle_id)
+            except FailedPreconditionError:
+                continue
+            if found is None:
+                continue
+            view = self._view(found[0], int(found[1].create_revision), tops, now)
+            if view.state in (model.BundleState.REVERTED, model.BundleState.EXPIRED):
+                doomed.append(bytes(kv.key))
+        for i in range(0, len(doomed), 100):
+            await self._txn([], [self._delete_op(key) for key in doomed[i : i + 100]])
 
     async def count_active(self) -> dict[str, int]:
         """How many flags, shedding levels and pins are in force."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from controlplane.api.v1 import mitigation_pb2 as m
 from controlplane.api.v1 import mitigation_pb2_grpc
 from controlplane.api.v1 import types_pb2 as t
 from controlplane.bundles import load_bundle_file, parse_bundle
+from controlplane.server import ControlServer
 from tests.helpers.raw_etcd import RawEtcd
 
 Stub = mitigation_pb2_grpc.MitigationServiceStub
@@ -258,3 +260,62 @@ async def test_a_time_boxed_bundle_expires_change_by_change_and_then_cannot_be_r
         await stub.RevertBundle(m.RevertBundleRequest(bundle_id=bundle.id, options=opts()))
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "expired" in (info.value.details() or "")
+
+
+async def test_an_expired_layer_of_someone_else_leaves_the_bundle_in_force(
+    stub: Stub, raw_etcd: RawEtcd, prefix: str
+) -> None:
+    text = BUNDLE_YAML.replace("incident: INC-42", "incident: INC-42\nttl: 10m")
+    bundle = (await apply(stub, text)).bundle
+    await stub.SetShedding(
+        m.SetSheddingRequest(
+            service="checkout", percent=90, options=opts(ttl={"nanos": 800_000_000})
+        )
+    )
+    got = await stub.GetBundle(m.GetBundleRequest(bundle_id=bundle.id))
+    assert got.bundle.state == m.PARTIALLY_OVERRIDDEN
+    deadline = time.monotonic() + 10
+    while True:
+        shed = await raw_etcd.get(prefix + "shedding/checkout")
+        if shed is not None and json.loads(shed[0])["percent"] == 30:
+            break
+        assert time.monotonic() < deadline, "the 0.8 s layer did not expire"
+        await asyncio.sleep(0.05)
+    got = await stub.GetBundle(m.GetBundleRequest(bundle_id=bundle.id))
+    assert got.bundle.state == m.APPLIED
+    reverted = await stub.RevertBundle(m.RevertBundleRequest(bundle_id=bundle.id, options=opts()))
+    assert reverted.result.changed
+    assert not reverted.overwritten_keys
+    # The bundle's layers had expiry index entries: the revert removed them.
+    assert await raw_etcd.get_prefix(prefix + "expiries/") == {}
+
+
+async def test_a_time_boxed_bundle_applied_again_is_applied_anew(stub: Stub) -> None:
+    text = BUNDLE_YAML.replace("incident: INC-42", "incident: INC-42\nttl: 10m")
+    first = await apply(stub, text)
+    second = await apply(stub, text)
+    assert second.result.changed
+    assert second.bundle.id != first.bundle.id
+
+
+async def test_retention_keeps_bundles_in_force(
+    server: ControlServer, stub: Stub, raw_etcd: RawEtcd, prefix: str
+) -> None:
+    kept = (await apply(stub)).bundle
+    other = BUNDLE_YAML.replace("degrade-checkout", "other").replace("checkout", "search")
+    gone = (await apply(stub, other)).bundle
+    await stub.RevertBundle(m.RevertBundleRequest(bundle_id=gone.id, options=opts()))
+    assert server.store is not None
+    # Everything is "older" than a cutoff in the future.
+    await server.store._prune_bundles(datetime.now(UTC) + timedelta(days=1))
+    assert await raw_etcd.get(prefix + f"bundles/{kept.id}") is not None
+    assert await raw_etcd.get(prefix + f"bundles/{gone.id}") is None
+
+
+async def test_a_change_with_options_of_its_own_is_refused(stub: Stub) -> None:
+    request = parse_bundle(BUNDLE_YAML).to_request()
+    request.changes[1].set_shedding.options.reason = "mine"
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.ApplyBundle(request)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "changes[1].set_shedding.options" in (info.value.details() or "")

@@ -238,7 +238,7 @@ async def test_expiry_while_the_server_is_down_is_restored_at_start_once(
             m.SetFlagRequest(scope="global", name="x", value=flag(True), options=opts())
         )
         resp = await stub.SetFlag(
-            m.SetFlagRequest(scope="global", name="x", value=flag(False), options=opts(ttl_ms=500))
+            m.SetFlagRequest(scope="global", name="x", value=flag(False), options=opts(ttl_ms=2000))
         )
     await first.stop(grace=0)
     expires_at = resp.flag.meta.expires_at.ToDatetime().replace(tzinfo=utcnow().tzinfo)
@@ -298,3 +298,31 @@ async def test_bad_expiries_are_refused(stub: Stub, raw_etcd: RawEtcd, prefix: s
         )
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert await raw_etcd.get_prefix(prefix) == {}
+
+
+async def test_a_bad_index_entry_does_not_stop_expiry_and_missing_entries_are_rebuilt(
+    make_server: Callable[[], Awaitable[ControlServer]], raw_etcd: RawEtcd, prefix: str
+) -> None:
+    await raw_etcd.put(prefix + "expiries/-1/flags/global/x", b"hand-written")
+    # A time-boxed record written by hand, with no index entry.
+    soon = utcnow() + timedelta(seconds=1)
+    record = {
+        "kind": "flag", "scope": "global", "name": "y", "value": False,
+        "meta": {"actor": "a", "reason": "r", "set_at": "2026-01-01T00:00:00Z",
+                 "expires_at": soon.strftime("%Y-%m-%dT%H:%M:%S.%fZ")},
+        "replaced": {"kind": "flag", "scope": "global", "name": "y", "value": True,
+                     "meta": {"actor": "a", "reason": "r", "set_at": "2026-01-01T00:00:00Z"}},
+    }  # fmt: skip
+    await raw_etcd.put(prefix + "flags/global/y", json.dumps(record).encode())
+    await make_server()
+
+    async def restored() -> bool:
+        now = await record_of(raw_etcd, prefix + "flags/global/y")
+        return now is not None and now["value"] is True
+
+    await wait_for(restored, 10, "the hand-written time-boxed flag to expire")
+    assert await raw_etcd.get(prefix + "expiries/-1/flags/global/x") is None
+
+
+async def record_of(raw: RawEtcd, key: str) -> dict[str, Any] | None:
+    return await record(raw, key)

@@ -492,16 +492,26 @@ async def test_known_good_marks_and_rollback(stub: Stub) -> None:
     )
     assert rolled.pin.version == "v1.4.0"
     assert rolled.from_version == "v1.5.0"
-    # Now pinned to v1.4.0: the next rollback goes to the newest other known-good.
+    # Now pinned to v1.4.0: the next rollback goes further back, never forward to the
+    # version just rolled back from.
     rolled = await stub.Rollback(m.RollbackRequest(service="checkout", options=opts("bad")))
-    assert (rolled.from_version, rolled.pin.version) == ("v1.4.0", "v1.5.0")
+    assert (rolled.from_version, rolled.pin.version) == ("v1.4.0", "v1.3.0")
+    assert rolled.pin.previous.version == "v1.4.0"
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.Rollback(m.RollbackRequest(service="checkout", options=opts("bad")))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "marked before it" in (info.value.details() or "")
 
-    await stub.UnmarkKnownGood(
-        m.UnmarkKnownGoodRequest(service="checkout", version="v1.4.0", options=opts("bad"))
-    )
+    # v1.3.0 turns out bad too: unmarked, the newest known-good other than it qualifies.
     await stub.UnmarkKnownGood(
         m.UnmarkKnownGoodRequest(service="checkout", version="v1.3.0", options=opts("bad"))
     )
+    rolled = await stub.Rollback(m.RollbackRequest(service="checkout", options=opts("bad")))
+    assert rolled.pin.version == "v1.5.0"
+    for version in ("v1.4.0", "v1.5.0"):
+        await stub.UnmarkKnownGood(
+            m.UnmarkKnownGoodRequest(service="checkout", version=version, options=opts("bad"))
+        )
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await stub.Rollback(m.RollbackRequest(service="checkout", options=opts("bad")))
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION

@@ -93,6 +93,8 @@ def test_json_files_and_clears(tmp_path: Path) -> None:
             "not both",
         ),
         ("name: [x\n", "not valid YAML"),
+        ("name: x\nreason: r\nchanges: [{pin: {service: a, version: 1.10}}]", "quote it"),
+        ("name: x\nreason: r\nchanges: [{flag: {service: a, name: 7, value: 1}}]", "must be text"),
         ("- just a list", "must be a mapping"),
     ],
 )

@@ -101,6 +101,12 @@ def test_clear_restores_the_layer_beneath_or_everything_with_all_layers() -> Non
     wiped = semantics.decide_clear_flag(layer, T0, "new-ui", all_layers=True)
     assert wiped.new is None
     assert not semantics.decide_clear_flag(None, T0, "new-ui", all_layers=False).changed
+    # Everything in it expired (the server has not restored it yet): nothing is set.
+    gone = semantics.decide_clear_flag(layer, T0 + timedelta(hours=1), "new-ui", all_layers=False)
+    assert gone.changed  # the base beneath is still in force
+    only = set_flag(None, False, timedelta(minutes=1)).new
+    expired = semantics.decide_clear_flag(only, T0 + timedelta(hours=1), "new-ui", all_layers=False)
+    assert not expired.changed
 
 
 def test_writes_prune_layers_that_have_expired() -> None:
