@@ -62,20 +62,26 @@ class Feed:
         self.floor = revision
         self.latest = revision
         self.changes: deque[agent_pb2.Change] = deque()
+        # revision -> time.monotonic() when it was appended (for latency metrics)
+        self.appended_at: dict[int, float] = {}
         self.window = window
         self._wakeup = asyncio.Event()
         self.streams = 0
 
     def append(self, change: agent_pb2.Change) -> None:
         if len(self.changes) >= self.window:
-            self.floor = self.changes.popleft().revision
+            dropped = self.changes.popleft()
+            self.floor = dropped.revision
+            self.appended_at.pop(dropped.revision, None)
         self.changes.append(change)
+        self.appended_at[change.revision] = time.monotonic()
         self.latest = change.revision
         self._wake()
 
     def reset(self, revision: int) -> None:
         """Forget the history: streams behind ``revision`` get a snapshot."""
         self.changes.clear()
+        self.appended_at.clear()
         self.floor = revision
         self.latest = revision
         self._wake()

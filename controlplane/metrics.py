@@ -72,6 +72,18 @@ class ServerMetrics:
             buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05),
             registry=registry,
         )
+        self.stream_write_seconds = Histogram(
+            "controlplane_stream_write_delay_seconds",
+            "Time from a change entering a service's feed to its write on an agent's stream.",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0),
+            registry=registry,
+        )
+        self.ack_seconds = Histogram(
+            "controlplane_ack_lag_seconds",
+            "Time from a change entering a service's feed to an agent's ack of it.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0),
+            registry=registry,
+        )
         self.snapshots = Counter(
             "controlplane_snapshots_total",
             "Snapshots sent to agents, by reason (connect, resume_impossible, behind).",

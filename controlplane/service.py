@@ -719,6 +719,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                     change = coalesce(missed)
                     await context.write(agent_pb2.SyncResponse(change=change))
                     sent = change.revision
+                    appended = feed.appended_at.get(sent)
+                    if appended is not None:
+                        self.metrics.stream_write_seconds.observe(time.monotonic() - appended)
         except asyncio.CancelledError:
             code = "CANCELLED"
             raise
@@ -803,6 +806,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 )
                 self.presence.nack(instance, ack.revision, ack.rejected_reason)
             else:
+                appended = feed.appended_at.get(ack.revision)
+                if appended is not None:
+                    self.metrics.ack_seconds.observe(time.monotonic() - appended)
                 self.presence.ack(instance, ack.revision, (c.revision for c in feed.changes))
 
 

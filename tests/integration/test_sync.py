@@ -173,6 +173,14 @@ async def test_status_and_wait(server: ControlServer, stub: Stub) -> None:
             )
         )
         assert done.all_applied and done.applied == 2
+        registry = server.registry
+        assert (
+            registry.get_sample_value("controlplane_agents_connected", {"service": "checkout"}) == 2
+        )
+        acks = registry.get_sample_value("controlplane_ack_lag_seconds_count")
+        assert acks is not None and acks >= 2
+        writes = registry.get_sample_value("controlplane_stream_write_delay_seconds_count")
+        assert writes is not None and writes >= 2
 
         status = await stub.GetStatus(m.GetStatusRequest(service="checkout"))
         assert sorted(i.instance_id for i in status.instances) == ["i-1", "i-2"]
