@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -99,9 +99,14 @@ class Presence:
         server_id: str,
         metrics: ServerMetrics,
         *,
+        revision: Callable[[], int] = lambda: 0,
         flush_interval: float = 0.5,
     ) -> None:
         self.store = store
+        # The revision this process's hub has seen: flushed with the instances, so a
+        # wait elsewhere knows whether this process's acks can be complete yet.
+        self._revision = revision
+        self._flushed_revision = -1
         self.server_id = server_id
         self.metrics = metrics
         self.flush_interval = flush_interval
@@ -112,6 +117,7 @@ class Presence:
         self._lease = 0
         self._written_chunks = 0
         self._task: asyncio.Task[None] | None = None
+        self._flush_now = asyncio.Event()
         # revision -> service -> (time all acked, instance count), waiting to be flushed
         self._applied: dict[tuple[int, str], tuple[datetime, int]] = {}
         self._recorded: dict[str, int] = {}
@@ -140,6 +146,9 @@ class Presence:
         self._instances[(instance.service, instance.instance_id)] = instance
         self.metrics.agents_connected.labels(instance.service).inc()
         self._touch(instance.service)
+        # Arrivals and departures are reported at once (acks wait for the next batch),
+        # so that a wait on another replica soon knows this process has agents.
+        self._flush_now.set()
 
     def disconnect(self, instance: Instance) -> None:
         key = (instance.service, instance.instance_id)
@@ -148,6 +157,7 @@ class Presence:
         instance.connected = False
         self.metrics.agents_connected.labels(instance.service).dec()
         self._touch(instance.service)
+        self._flush_now.set()
 
     def ack(self, instance: Instance, revision: int, hub_changes: Iterable[int] = ()) -> None:
         """An instance applied ``revision`` (and so everything before it)."""
@@ -192,19 +202,29 @@ class Presence:
 
     async def instances(self, service: str) -> list[Instance]:
         """Every connected instance of ``service``, on this process and the others."""
+        instances, _ = await self.view(service)
+        return instances
+
+    async def view(self, service: str) -> tuple[list[Instance], dict[str, int]]:
+        """The instances of ``service`` everywhere, and the revision each other process
+        had seen when it last reported (its acks for later revisions are not in yet)."""
         found = {(i.server_id, i.instance_id): i for i in self.local(service)}
+        reported: dict[str, int] = {}
         for key, raw in await self.store.get_prefix_raw(f"{self.prefix}servers/"):
             if key.startswith(f"{self.prefix}servers/{self.server_id}/"):
                 continue
             try:
-                rows = json.loads(raw)
-                for row in rows:
+                data = json.loads(raw)
+                server = str(data["server_id"])
+                reported[server] = max(reported.get(server, 0), int(data["revision"]))
+                for row in data["instances"]:
                     if row.get("service") == service:
                         instance = Instance.from_record(row)
                         found.setdefault((instance.server_id, instance.instance_id), instance)
             except (ValueError, KeyError, TypeError) as exc:
                 log.error("presence_invalid", key=key, error=str(exc))
-        return sorted(found.values(), key=lambda i: (i.instance_id, i.server_id))
+        ordered = sorted(found.values(), key=lambda i: (i.instance_id, i.server_id))
+        return ordered, reported
 
     # -- flushing ------------------------------------------------------------------
 
@@ -216,24 +236,29 @@ class Presence:
             except ControlPlaneError as exc:
                 log.warning("presence_flush_failed", error=exc.message)
                 self._lease = 0 if "lease" in exc.message else self._lease
-            await asyncio.sleep(self.flush_interval)
+            self._flush_now.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._flush_now.wait(), self.flush_interval)
 
     async def _flush(self) -> None:
         if not self._lease or await self.store.keep_lease_alive(self._lease) <= 0:
             self._lease = await self.store.grant_lease(LEASE_TTL)
             self._dirty = True
-        if self._dirty:
+        revision = self._revision()
+        if self._dirty or (self._written_chunks and revision != self._flushed_revision):
             self._dirty = False
             rows = [i.to_record() for i in self._instances.values()]
             if not rows and not self._written_chunks:
                 await self._flush_applied()
                 return  # nothing to say, nothing said before: no write
-            chunks = [rows[i : i + _CHUNK] for i in range(0, len(rows), _CHUNK)]
+            chunks = [rows[i : i + _CHUNK] for i in range(0, len(rows), _CHUNK)] or [[]]
             base = f"{self.prefix}servers/{self.server_id}/"
             for index, chunk in enumerate(chunks):
+                value = {"server_id": self.server_id, "revision": revision, "instances": chunk}
                 await self.store.put_raw(
-                    f"{base}{index:04d}", json.dumps(chunk).encode(), lease=self._lease
+                    f"{base}{index:04d}", json.dumps(value).encode(), lease=self._lease
                 )
+            self._flushed_revision = revision
             for index in range(len(chunks), self._written_chunks):
                 await self.store.delete_prefix_raw(f"{base}{index:04d}")
             self._written_chunks = len(chunks)

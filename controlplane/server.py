@@ -148,7 +148,10 @@ class ControlServer:
         )
         await self.store.connect()
         self.hub = Hub(self.store, self.metrics)
-        self.presence = Presence(self.store, self.server_id, self.metrics)
+        hub = self.hub
+        self.presence = Presence(
+            self.store, self.server_id, self.metrics, revision=lambda: hub.revision
+        )
         await self.hub.start()
         await self.presence.start()
 

@@ -567,7 +567,10 @@ class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
         deadline = time.monotonic() + timeout
         while True:
             with self.store.budget(self.store.etcd_timeout):
-                instances = await self.presence.instances(service)
+                instances, reported = await self.presence.view(service)
+            # Other replicas that have not reported past the revision may still hold
+            # acks (or agents) for it: wait for them too, up to the timeout.
+            behind = [server for server, seen in reported.items() if seen < request.revision]
             applied = [i for i in instances if i.applied >= request.revision]
             nacks = {
                 i.instance_id: i.nacks[request.revision]
@@ -578,13 +581,14 @@ class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
                 i for i in instances if i.applied < request.revision and i.instance_id not in nacks
             ]
             left = deadline - time.monotonic()
-            if not instances or not pending or nacks or left <= 0:
+            settled = not behind and (not instances or not pending)
+            if settled or nacks or left <= 0:
                 break
             # Local acks wake us at once; other replicas' flush every half second.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.presence.changed(service), min(left, 0.1))
         response = mpb.WaitAppliedResponse(
-            all_applied=bool(instances) and not pending and not nacks,
+            all_applied=bool(instances) and not pending and not nacks and not behind,
             connected=len(instances),
             applied=len(applied),
             pending=[self._instance_proto(i) for i in pending],

@@ -270,3 +270,43 @@ async def test_compaction_behind_the_watch_forces_a_resync_with_a_snapshot(
         "controlplane_resyncs_total", {"reason": "compacted"}
     )
     assert resyncs == 1
+
+
+async def test_two_replicas_status_and_wait_see_the_agents_of_both(
+    etcd: EmbeddedEtcd, prefix: str, server: ControlServer, stub: Stub
+) -> None:
+    import asyncio
+    import time
+
+    other = ControlServer(server_config(etcd.endpoint, prefix), registry=CollectorRegistry())
+    await other.start()
+    try:
+        async with (
+            RawAgent(server.address, "checkout", "on-first") as first,
+            RawAgent(other.address, "checkout", "on-second") as second,
+        ):
+            await first.next()
+            await second.next()
+            revision = await set_flag(stub, "checkout", "kill", True)
+            await first.until_revision(revision)
+            await second.until_revision(revision)
+            # Waiting through the first replica covers the second's agent too.
+            done = await stub.WaitApplied(
+                m.WaitAppliedRequest(
+                    service="checkout", revision=revision, timeout=duration_pb2.Duration(seconds=10)
+                )
+            )
+            assert done.all_applied
+            assert (done.connected, done.applied) == (2, 2)
+            status = await stub.GetStatus(m.GetStatusRequest(service="checkout"))
+            by_id = {i.instance_id: i for i in status.instances}
+            assert set(by_id) == {"on-first", "on-second"}
+            assert by_id["on-first"].server_id != by_id["on-second"].server_id
+            assert by_id["on-second"].applied_revision == revision
+        # Agents gone from the second replica disappear from the first's status.
+        deadline = time.monotonic() + 10
+        while (await stub.GetStatus(m.GetStatusRequest(service="checkout"))).instances:
+            assert time.monotonic() < deadline, "disconnected agents still listed"
+            await asyncio.sleep(0.05)
+    finally:
+        await other.stop(grace=0)
