@@ -20,7 +20,6 @@ restarts from the new revision (streams behind it get a snapshot).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -174,8 +173,9 @@ class Hub:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            _, stuck = await asyncio.wait({task}, timeout=5.0)
+            if stuck:
+                log.error("background_task_stuck", task=task.get_name())
 
     # -- following etcd ------------------------------------------------------
 
@@ -277,7 +277,9 @@ class Hub:
     # -- what streams use ----------------------------------------------------
 
     def feed(self, service: str) -> Feed:
-        """The service's feed (created at the current revision when new)."""
+        """The service's feed (created at the current revision when new; call once ready)."""
+        if not self.ready.is_set():
+            raise RuntimeError("Hub.feed() before the state was read")
         feed = self._feeds.get(service)
         if feed is None:
             feed = self._feeds[service] = Feed(service, self.revision, self.window)
@@ -320,7 +322,8 @@ class Hub:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._revision_waiters.append((revision, future))
         try:
-            await asyncio.wait_for(asyncio.shield(future), within)
+            async with asyncio.timeout(within):
+                await asyncio.shield(future)
         except TimeoutError:
             return False
         finally:

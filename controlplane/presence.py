@@ -134,8 +134,9 @@ class Presence:
         if task is None:
             return
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        _, stuck = await asyncio.wait({task}, timeout=5.0)
+        if stuck:
+            log.error("background_task_stuck", task=task.get_name())
         with contextlib.suppress(ControlPlaneError), self.store.budget(self.store.etcd_timeout):
             await self._flush_applied()
             await self.store.delete_prefix_raw(f"{self.prefix}servers/{self.server_id}/")
@@ -226,6 +227,12 @@ class Presence:
         ordered = sorted(found.values(), key=lambda i: (i.instance_id, i.server_id))
         return ordered, reported
 
+    async def prune_applied(self, below_revision: int) -> int:
+        """Forget when changes older than ``below_revision`` were applied (retention)."""
+        return await self.store.delete_range_raw(
+            f"{self.prefix}applied/", f"{self.prefix}applied/{below_revision:020d}"
+        )
+
     # -- flushing ------------------------------------------------------------------
 
     async def _flush_loop(self) -> None:
@@ -238,7 +245,9 @@ class Presence:
                 self._lease = 0 if "lease" in exc.message else self._lease
             self._flush_now.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._flush_now.wait(), self.flush_interval)
+                # Not asyncio.wait_for: on Python 3.11 it can swallow a cancellation.
+                async with asyncio.timeout(self.flush_interval):
+                    await self._flush_now.wait()
 
     async def _flush(self) -> None:
         if not self._lease or await self.store.keep_lease_alive(self._lease) <= 0:

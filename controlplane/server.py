@@ -206,7 +206,10 @@ class ControlServer:
         self._stopped = True
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            _, stuck = await asyncio.wait(self._tasks, timeout=5.0)
+            if stuck:
+                log.error("background_tasks_stuck", tasks=[t.get_name() for t in stuck])
         if self._server is not None:
             await self.health.enter_graceful_shutdown()
             await self._server.stop(grace)
@@ -271,7 +274,9 @@ class ControlServer:
                 log.info("health_changed", serving=ok)
             self._health_wakeup.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._health_wakeup.wait(), self.config.health_interval)
+                # Not asyncio.wait_for: on Python 3.11 it can swallow a cancellation.
+                async with asyncio.timeout(self.config.health_interval):
+                    await self._health_wakeup.wait()
 
     async def _maintenance_loop(self) -> None:
         """Audit retention and the active-mitigations gauge, on every replica.
@@ -285,6 +290,10 @@ class ControlServer:
                 # A slow retention pass says nothing about etcd's health.
                 with self.store.budget(max(self.config.etcd_timeout, 10.0), caller_deadline=True):
                     await self.store.enforce_retention(self.config.audit_retention)
+                    oldest = await self.store.oldest_audit_revision()
+                    if oldest is not None and self.presence is not None:
+                        # When changes were applied goes with the audit of the changes.
+                        await self.presence.prune_applied(oldest)
                     for kind, count in (await self.store.count_active()).items():
                         self.metrics.active_mitigations.labels(kind).set(count)
             except ControlPlaneError as exc:

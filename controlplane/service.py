@@ -586,7 +586,8 @@ class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
                 break
             # Local acks wake us at once; other replicas' flush every half second.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.presence.changed(service), min(left, 0.1))
+                async with asyncio.timeout(min(left, 0.1)):
+                    await self.presence.changed(service)
         response = mpb.WaitAppliedResponse(
             all_applied=bool(instances) and not pending and not nacks and not behind,
             connected=len(instances),
@@ -701,17 +702,19 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             peer=context.peer(),
         )
         self.presence.connect(instance)
+        # A feed made before the hub read the state would claim a history it lacks.
+        await self.hub.ready.wait()
         feed = self.hub.feed(instance.service)
         feed.streams += 1
         reader = asyncio.create_task(self._read_acks(request_iterator, instance, feed))
         code = "OK"
+        waiting: asyncio.Future[None] | None = None
         try:
             sent = await self._first(context, instance, feed, hello.last_applied_revision)
             while not reader.done():
                 waiting = asyncio.ensure_future(feed.wait_past(sent))
                 await asyncio.wait({waiting, reader}, return_when=asyncio.FIRST_COMPLETED)
                 if not waiting.done():
-                    waiting.cancel()
                     break
                 missed = feed.since(sent)
                 if missed is None:
@@ -731,6 +734,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             raise
         finally:
             reader.cancel()
+            if waiting is not None:
+                waiting.cancel()
             feed.streams -= 1
             self.presence.disconnect(instance)
             _log_rpc(self.metrics, "Sync", code, start, "", None)
@@ -743,7 +748,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
     async def _hello(self, request_iterator: Any) -> agent_pb2.Hello:
         try:
-            first = await asyncio.wait_for(anext(request_iterator), HELLO_TIMEOUT)
+            async with asyncio.timeout(HELLO_TIMEOUT):
+                first = await anext(request_iterator)
         except (StopAsyncIteration, TimeoutError):
             raise InvalidArgumentError(
                 "hello", f"the stream must open with a Hello within {HELLO_TIMEOUT:g}s"

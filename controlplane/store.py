@@ -1709,6 +1709,21 @@ class Store:
         for i in range(0, len(doomed), 100):
             await self._txn([], [self._delete_op(key) for key in doomed[i : i + 100]])
 
+    async def oldest_audit_revision(self) -> int | None:
+        """The revision of the oldest audit record kept (None: none is)."""
+        start = self._abs("audit/")
+        response = await self._range(start, _range_end(start), limit=1)
+        return int(response.kvs[0].mod_revision) if response.kvs else None
+
+    async def delete_range_raw(self, start: str, end: str) -> int:
+        """Delete the absolute keys in [start, end); returns how many."""
+        response = await self._call(
+            "delete",
+            "DeleteRange",
+            rpc.DeleteRangeRequest(key=start.encode(), range_end=end.encode()),
+        )
+        return int(response.deleted)
+
     async def count_active(self) -> dict[str, int]:
         """How many flags, shedding levels and pins are in force."""
         counts = {}

@@ -39,6 +39,8 @@ def prefix(etcd: EmbeddedEtcd) -> Iterator[str]:
     yield key_prefix
     # Blocking gRPC works the same after sync and async tests and needs no event loop.
     delete_prefix_blocking(etcd.endpoint, key_prefix)
+    # The servers' presence records live beside the prefix (agents do not watch them).
+    delete_prefix_blocking(etcd.endpoint, key_prefix.rstrip("/") + "-presence/")
 
 
 @pytest.fixture

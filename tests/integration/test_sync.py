@@ -310,3 +310,31 @@ async def test_two_replicas_status_and_wait_see_the_agents_of_both(
             await asyncio.sleep(0.05)
     finally:
         await other.stop(grace=0)
+
+
+async def test_when_all_instances_applied_a_change_is_recorded_and_pruned_with_the_audit(
+    server: ControlServer, stub: Stub, raw_etcd: Any, prefix: str
+) -> None:
+    import asyncio
+    import json
+    import time
+
+    presence = prefix.rstrip("/") + "-presence/"
+    async with (
+        RawAgent(server.address, "checkout", "i-1") as one,
+        RawAgent(server.address, "checkout", "i-2") as two,
+    ):
+        await one.next()
+        await two.next()
+        revision = await set_flag(stub, "checkout", "kill", True)
+        key = f"{presence}applied/{revision:020d}/checkout/{server.server_id}"
+        deadline = time.monotonic() + 10
+        while (got := await raw_etcd.get(key)) is None:
+            assert time.monotonic() < deadline, "no applied record"
+            await asyncio.sleep(0.05)
+        record = json.loads(got[0])
+        assert record["instances"] == 2
+        assert record["all_acked_at"].endswith("Z")
+    assert server.presence is not None
+    assert await server.presence.prune_applied(revision + 1) == 1
+    assert await raw_etcd.get(key) is None
