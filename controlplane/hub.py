@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +63,7 @@ class Feed:
         self.changes: deque[agent_pb2.Change] = deque()
         # revision -> time.monotonic() when it was appended (for latency metrics)
         self.appended_at: dict[int, float] = {}
+        self._serialized: dict[int, bytes] = {}
         self.window = window
         self._wakeup = asyncio.Event()
         self.streams = 0
@@ -72,6 +73,7 @@ class Feed:
             dropped = self.changes.popleft()
             self.floor = dropped.revision
             self.appended_at.pop(dropped.revision, None)
+            self._serialized.pop(dropped.revision, None)
         self.changes.append(change)
         self.appended_at[change.revision] = time.monotonic()
         self.latest = change.revision
@@ -81,9 +83,19 @@ class Feed:
         """Forget the history: streams behind ``revision`` get a snapshot."""
         self.changes.clear()
         self.appended_at.clear()
+        self._serialized.clear()
         self.floor = revision
         self.latest = revision
         self._wake()
+
+    def serialized(self, revision: int) -> bytes:
+        """The SyncResponse carrying the change of ``revision``, serialized once for all."""
+        payload = self._serialized.get(revision)
+        if payload is None:
+            change = next(c for c in self.changes if c.revision == revision)
+            payload = agent_pb2.SyncResponse(change=change).SerializeToString()
+            self._serialized[revision] = payload
+        return payload
 
     def _wake(self) -> None:
         wakeup, self._wakeup = self._wakeup, asyncio.Event()
@@ -161,6 +173,8 @@ class Hub:
         self._feeds: dict[str, Feed] = {}
         self._task: asyncio.Task[None] | None = None
         self._revision_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        # Called with (service, revision) for every change appended to a feed.
+        self.listeners: list[Callable[[str, int], None]] = []
 
     async def start(self) -> None:
         """Start following etcd (again, after ``stop``: from where it stopped)."""
@@ -254,6 +268,8 @@ class Hub:
                 if own is None and glob is None:
                     continue
                 feed.append(self._change(revision, own, glob))
+                for listener in self.listeners:
+                    listener(service, revision)
             self.metrics.fanout_seconds.observe(time.perf_counter() - start)
         self._release_waiters()
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -42,7 +42,7 @@ def presence_prefix(prefix: str) -> str:
     return prefix.rstrip("/") + "-presence/"
 
 
-@dataclass(slots=True)
+@dataclass(eq=False, slots=True)
 class Instance:
     """One agent stream: who it is and what it applied."""
 
@@ -86,6 +86,16 @@ class Instance:
         )
 
 
+@dataclass(slots=True)
+class _ServiceAcks:
+    """The local instances of a service and how many applied its latest change."""
+
+    instances: set[Instance] = field(default_factory=set)
+    target: int = 0
+    acked: int = 0
+    recorded: int = 0
+
+
 class Presence:
     """This process's connected agents, flushed to etcd in batches under a lease.
 
@@ -120,7 +130,7 @@ class Presence:
         self._flush_now = asyncio.Event()
         # revision -> service -> (time all acked, instance count), waiting to be flushed
         self._applied: dict[tuple[int, str], tuple[datetime, int]] = {}
-        self._recorded: dict[str, int] = {}
+        self._services: dict[str, _ServiceAcks] = {}
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -143,8 +153,18 @@ class Presence:
 
     # -- streams report here -----------------------------------------------------
 
+    def _acks(self, service: str) -> _ServiceAcks:
+        acks = self._services.get(service)
+        if acks is None:
+            acks = self._services[service] = _ServiceAcks()
+        return acks
+
     def connect(self, instance: Instance) -> None:
         self._instances[(instance.service, instance.instance_id)] = instance
+        acks = self._acks(instance.service)
+        acks.instances.add(instance)
+        if instance.applied >= acks.target:
+            acks.acked += 1
         self.metrics.agents_connected.labels(instance.service).inc()
         self._touch(instance.service)
         # Arrivals and departures are reported at once (acks wait for the next batch),
@@ -155,18 +175,45 @@ class Presence:
         key = (instance.service, instance.instance_id)
         if self._instances.get(key) is instance:
             del self._instances[key]
+        acks = self._acks(instance.service)
+        if instance in acks.instances:
+            acks.instances.discard(instance)
+            if instance.applied >= acks.target:
+                acks.acked -= 1
+            self._maybe_complete(instance.service, acks)
         instance.connected = False
         self.metrics.agents_connected.labels(instance.service).dec()
         self._touch(instance.service)
         self._flush_now.set()
 
-    def ack(self, instance: Instance, revision: int, hub_changes: Iterable[int] = ()) -> None:
-        """An instance applied ``revision`` (and so everything before it)."""
+    def new_change(self, service: str, revision: int) -> None:
+        """A change for ``service`` went out: count its acks from here (O(instances))."""
+        acks = self._services.get(service)
+        if acks is None or revision <= acks.target:
+            return
+        acks.target = revision
+        acks.acked = sum(1 for i in acks.instances if i.applied >= revision)
+        self._maybe_complete(service, acks)
+
+    def ack(self, instance: Instance, revision: int) -> None:
+        """An instance applied ``revision`` (and so everything before it). O(1)."""
         instance.last_seen = model.utcnow()
-        if revision > instance.applied:
-            instance.applied = revision
-        self._note_applied(instance.service, hub_changes)
-        self._touch(instance.service)
+        previous = instance.applied
+        if revision <= previous:
+            return
+        instance.applied = revision
+        self._dirty = True
+        acks = self._services.get(instance.service)
+        if acks is not None and instance in acks.instances and previous < acks.target <= revision:
+            acks.acked += 1
+            self._maybe_complete(instance.service, acks)
+
+    def _maybe_complete(self, service: str, acks: _ServiceAcks) -> None:
+        if acks.instances and acks.acked >= len(acks.instances) and acks.target > acks.recorded:
+            # Every local instance applied the latest change (and so every one before it).
+            self._applied[(acks.target, service)] = (model.utcnow(), len(acks.instances))
+            acks.recorded = acks.target
+            self._touch(service)
 
     def nack(self, instance: Instance, revision: int, reason: str) -> None:
         instance.last_seen = model.utcnow()
@@ -180,24 +227,13 @@ class Presence:
         if event is not None:
             event.set()
 
-    def _note_applied(self, service: str, revisions: Iterable[int]) -> None:
-        """Record the change revisions every local instance of ``service`` has now applied."""
-        local = [i for i in self._instances.values() if i.service == service]
-        if not local:
-            return
-        floor = min(i.applied for i in local)
-        done = self._recorded.get(service, 0)
-        now = model.utcnow()
-        for revision in revisions:
-            if done < revision <= floor:
-                self._applied[(revision, service)] = (now, len(local))
-                self._recorded[service] = max(self._recorded.get(service, 0), revision)
-
     def local(self, service: str) -> list[Instance]:
-        return [i for i in self._instances.values() if i.service == service]
+        acks = self._services.get(service)
+        return list(acks.instances) if acks is not None else []
 
     async def changed(self, service: str) -> None:
-        """Wait until an instance of ``service`` on this process connects, acks or leaves."""
+        """Wait until an instance of ``service`` here connects, leaves or nacks, or all of
+        them applied the latest change (not on every ack: that would be a wake-up per ack)."""
         event = self._changed.setdefault(service, asyncio.Event())
         await event.wait()
 

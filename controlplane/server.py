@@ -36,7 +36,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from controlplane import __version__
-from controlplane.api.v1 import agent_pb2, agent_pb2_grpc, mitigation_pb2, mitigation_pb2_grpc
+from controlplane.api.v1 import agent_pb2, mitigation_pb2, mitigation_pb2_grpc
 from controlplane.embedded_etcd import EmbeddedEtcd
 from controlplane.errors import ControlPlaneError
 from controlplane.hub import Hub
@@ -152,6 +152,7 @@ class ControlServer:
         self.presence = Presence(
             self.store, self.server_id, self.metrics, revision=lambda: hub.revision
         )
+        hub.listeners.append(self.presence.new_change)
         await self.hub.start()
         await self.presence.start()
 
@@ -159,9 +160,7 @@ class ControlServer:
         mitigation_pb2_grpc.add_MitigationServiceServicer_to_server(
             MitigationServicer(self.store, self.metrics, self.hub, self.presence), server
         )
-        agent_pb2_grpc.add_AgentServiceServicer_to_server(
-            AgentServicer(self.hub, self.presence, self.metrics), server
-        )
+        _add_agent_service(AgentServicer(self.hub, self.presence, self.metrics), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -325,6 +324,27 @@ class ControlServer:
                 until = (upcoming - utcnow()).total_seconds()
                 delay = min(delay, max(until, 0.0) + 0.001)
             await asyncio.sleep(delay)
+
+
+def _add_agent_service(servicer: AgentServicer, server: grpc.aio.Server) -> None:
+    """Register AgentService as the generated code does, but let Sync write bytes.
+
+    A change that many agents receive is serialized once by its feed; the stream
+    writes those bytes as they are (a message is serialized as usual).
+    """
+    handlers = {
+        "Sync": grpc.stream_stream_rpc_method_handler(
+            servicer.Sync,
+            request_deserializer=agent_pb2.SyncRequest.FromString,
+            response_serializer=_serialize_response,
+        )
+    }
+    name = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+
+
+def _serialize_response(message: agent_pb2.SyncResponse | bytes) -> bytes:
+    return message if isinstance(message, bytes) else message.SerializeToString()
 
 
 # ---------------------------------------------------------------- logging

@@ -584,7 +584,8 @@ class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
             settled = not behind and (not instances or not pending)
             if settled or nacks or left <= 0:
                 break
-            # Local acks wake us at once; other replicas' flush every half second.
+            # Woken when every local instance applied the latest change (or one left or
+            # rejected it); other replicas' acks arrive with their flushes.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(left, 0.1)):
                     await self.presence.changed(service)
@@ -707,15 +708,15 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         feed = self.hub.feed(instance.service)
         feed.streams += 1
         reader = asyncio.create_task(self._read_acks(request_iterator, instance, feed))
+        # The agent closing its side ends the stream (a cancel does that by itself).
+        handler = asyncio.current_task()
+        reader.add_done_callback(lambda _: handler.cancel() if handler is not None else None)
         code = "OK"
-        waiting: asyncio.Future[None] | None = None
         try:
             sent = await self._first(context, instance, feed, hello.last_applied_revision)
-            while not reader.done():
-                waiting = asyncio.ensure_future(feed.wait_past(sent))
-                await asyncio.wait({waiting, reader}, return_when=asyncio.FIRST_COMPLETED)
-                if not waiting.done():
-                    break
+            while True:
+                # One event wait per stream per change: no task or queue per change.
+                await feed.wait_past(sent)
                 missed = feed.since(sent)
                 if missed is None:
                     self.metrics.snapshots.labels("behind").inc()
@@ -723,9 +724,14 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                     await context.write(agent_pb2.SyncResponse(snapshot=snapshot))
                     sent = snapshot.revision
                 elif missed:
-                    change = coalesce(missed)
-                    await context.write(agent_pb2.SyncResponse(change=change))
-                    sent = change.revision
+                    # A stream that keeps up sends the feed's own serialized message.
+                    payload = (
+                        feed.serialized(missed[0].revision)
+                        if len(missed) == 1
+                        else agent_pb2.SyncResponse(change=coalesce(missed))
+                    )
+                    await context.write(payload)
+                    sent = missed[-1].revision
                     appended = feed.appended_at.get(sent)
                     if appended is not None:
                         self.metrics.stream_write_seconds.observe(time.monotonic() - appended)
@@ -734,8 +740,6 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             raise
         finally:
             reader.cancel()
-            if waiting is not None:
-                waiting.cancel()
             feed.streams -= 1
             self.presence.disconnect(instance)
             _log_rpc(self.metrics, "Sync", code, start, "", None)
@@ -819,7 +823,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 appended = feed.appended_at.get(ack.revision)
                 if appended is not None:
                     self.metrics.ack_seconds.observe(time.monotonic() - appended)
-                self.presence.ack(instance, ack.revision, (c.revision for c in feed.changes))
+                self.presence.ack(instance, ack.revision)
 
 
 __all__ = ["AgentServicer", "MitigationServicer"]
