@@ -113,6 +113,31 @@ class Feed:
         return [c for c in self.changes if c.revision > revision]
 
 
+class AuditFeed:
+    """The audit records of recent revisions, for ``WatchChanges`` streams."""
+
+    def __init__(self, window: int) -> None:
+        self.entries: deque[tuple[int, list[Any]]] = deque(maxlen=window)
+        self.latest = 0
+        self._wakeup = asyncio.Event()
+
+    def append(self, revision: int, entries: list[Any]) -> None:
+        self.entries.append((revision, entries))
+        self.latest = revision
+        wakeup, self._wakeup = self._wakeup, asyncio.Event()
+        wakeup.set()
+
+    async def wait_past(self, revision: int) -> None:
+        while self.latest <= revision:
+            await self._wakeup.wait()
+
+    def since(self, revision: int) -> tuple[list[tuple[int, list[Any]]], bool]:
+        """The revisions after ``revision`` still here, and whether some were dropped."""
+        kept = [(r, e) for r, e in self.entries if r > revision]
+        dropped = bool(self.entries) and self.entries[0][0] > revision + 1 and revision > 0
+        return kept, dropped
+
+
 def coalesce(changes: list[agent_pb2.Change]) -> agent_pb2.Change:
     """One Change with the newest revision and the net effect of ``changes``."""
     if len(changes) == 1:
@@ -171,6 +196,8 @@ class Hub:
         # path -> (protobuf record, mod revision); flags/<scope>/<name>, shedding/<s>, pins/<s>
         self._records: dict[str, tuple[Any, int]] = {}
         self._feeds: dict[str, Feed] = {}
+        # The audit records of recent revisions, for WatchChanges.
+        self.history = AuditFeed(window)
         self._task: asyncio.Task[None] | None = None
         self._revision_waiters: list[tuple[int, asyncio.Future[None]]] = []
         # Called with (service, revision) for every change appended to a feed.
@@ -234,7 +261,13 @@ class Hub:
     async def _apply(self, revision: int, events: list[Any]) -> None:
         start = time.perf_counter()
         touched: dict[str, _Touch] = {}
+        audits = []
         for event in events:
+            if event.path.startswith("audit/") and event.value is not None:
+                entry = self.store.decode_audit(event)
+                if entry is not None:
+                    audits.append(entry)
+                continue
             decoded = await self.store.decode_event(event)
             if decoded is None:
                 continue
@@ -261,6 +294,8 @@ class Hub:
                 touch.pin = self._records[event.path][0] if record is not None else None
                 touch.pin_removed = record is None
         self.revision = max(self.revision, revision)
+        if audits:
+            self.history.append(revision, audits)
         if touched:
             glob = touched.get(GLOBAL_SCOPE)
             for service, feed in self._feeds.items():

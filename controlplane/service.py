@@ -15,7 +15,7 @@ import contextlib
 import functools
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from datetime import datetime
 from typing import Any, TypeVar
@@ -541,12 +541,43 @@ class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
         )
         return mpb.ListHistoryResponse(entries=[e.to_proto() for e in entries])
 
-    async def WatchChanges(self, request: Any, context: Any) -> None:
-        self.metrics.rpcs.labels("WatchChanges", "UNIMPLEMENTED").inc()
-        log.info("rpc", method="WatchChanges", code="UNIMPLEMENTED")
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED, "watch needs the fan-out hub, not implemented yet"
-        )
+    async def WatchChanges(
+        self, request: mpb.WatchChangesRequest, context: Any
+    ) -> AsyncIterator[mpb.WatchChangesResponse]:
+        """Every change as it is written (its audit record), for one service or all."""
+        start = time.perf_counter()
+        try:
+            service = model.validate_service(request.service) if request.service else ""
+        except InvalidArgumentError as exc:
+            _log_rpc(self.metrics, "WatchChanges", exc.code.name, start, "", exc.message)
+            await context.abort(exc.code, exc.message)
+            return
+        await self.hub.ready.wait()
+        history = self.hub.history
+        sent = self.hub.revision
+        code = "OK"
+        try:
+            # First, the revision the watch starts after (no changes): the watch is live.
+            yield mpb.WatchChangesResponse(revision=sent)
+            while True:
+                await history.wait_past(sent)
+                batches, dropped = history.since(sent)
+                if dropped:
+                    log.warning("watch_fell_behind", service=service or None, after=sent)
+                for revision, entries in batches:
+                    chosen = [
+                        e.to_proto()
+                        for e in entries
+                        if not service or e.scope in (service, GLOBAL_SCOPE)
+                    ]
+                    if chosen:
+                        yield mpb.WatchChangesResponse(revision=revision, changes=chosen)
+                    sent = revision
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        finally:
+            _log_rpc(self.metrics, "WatchChanges", code, start, "", None)
 
     @_rpc
     async def WaitApplied(

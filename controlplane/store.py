@@ -600,6 +600,17 @@ class Store:
             return None  # keep serving what agents have
         return key.kind, record
 
+    def decode_audit(self, event: WatchEvent) -> AuditEntry | None:
+        """A watched audit record (None, logged and counted, when it does not parse)."""
+        if event.value is None:
+            return None
+        try:
+            return AuditEntry.from_record(model.decode_record(event.value), event.mod_revision)
+        except (RecordError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            self._metrics.invalid_records.labels("audit").inc()
+            log.error("record_invalid", key=self.prefix + event.path, error=str(exc))
+            return None
+
     async def grant_lease(self, ttl: int) -> int:
         """A new lease of ``ttl`` seconds; returns its id."""
         response = await self._call(

@@ -406,9 +406,48 @@ async def test_rpc_metrics_and_one_log_event_per_rpc(server: ControlServer, stub
     )
 
 
-async def test_watch_is_not_built_yet_and_says_so(stub: Stub) -> None:
+async def test_watch_streams_each_change_of_a_service_as_it_is_written(
+    server: ControlServer, stub: Stub
+) -> None:
+    call = stub.WatchChanges(m.WatchChangesRequest(service="checkout"))
+    stream = call.__aiter__()
+    live = await asyncio.wait_for(anext(stream), 10)
+    assert not live.changes and live.revision > 0
+    first = await stub.SetFlag(
+        m.SetFlagRequest(
+            scope="checkout", name="a", value=t.FlagValue(bool_value=True), options=opts()
+        )
+    )
+    got = await asyncio.wait_for(anext(stream), 10)
+    assert got.revision == first.result.revision
+    assert [(c.action, c.scope, c.name) for c in got.changes] == [("flag.set", "checkout", "a")]
+    for scope in ("payments", "global"):
+        await stub.SetFlag(
+            m.SetFlagRequest(
+                scope=scope, name="b", value=t.FlagValue(bool_value=True), options=opts()
+            )
+        )
+    got = await asyncio.wait_for(anext(stream), 10)
+    # payments' change is not checkout's business; the global one is.
+    assert [(c.scope, c.name) for c in got.changes] == [("global", "b")]
+    bundle = await stub.ApplyBundle(
+        m.ApplyBundleRequest(
+            name="two",
+            changes=[
+                m.BundleChange(pin_version=m.PinVersionRequest(service="checkout", version="v1")),
+                m.BundleChange(set_shedding=m.SetSheddingRequest(service="checkout", percent=5)),
+            ],
+            options=opts(),
+        )
+    )
+    got = await asyncio.wait_for(anext(stream), 10)
+    assert got.revision == bundle.result.revision
+    assert sorted(c.action for c in got.changes) == ["pin.set", "shedding.set"]
+    call.cancel()
+
+
+async def test_watch_rejects_a_bad_service_name(stub: Stub) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        async for _ in stub.WatchChanges(m.WatchChangesRequest()):
+        async for _ in stub.WatchChanges(m.WatchChangesRequest(service="Bad")):
             pass
-    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "not implemented yet" in (info.value.details() or "")
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
