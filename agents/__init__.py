@@ -1,10 +1,25 @@
 """The agent SDK: a service's view of the control plane's mitigations.
 
-Reads (``enabled``, ``value``, ``should_shed``) are lookups in an immutable
-snapshot, without lock, I/O or clock read; see ``agents._state``. For tests,
-``agents.testing.StaticAgent`` has the same read API in memory.
+    from agents import Agent
+    agent = Agent(service="checkout", servers=["10.0.0.5:50051", "10.0.0.6:50051"],
+                  version="v1.5.0", cache_path="/var/cache/checkout/controlplane.json")
+    agent.start(); agent.wait_ready(timeout=5)
+    if agent.enabled("new-ui", default=True): ...
+
+:class:`Agent` keeps the state current from a background thread (and survives
+``fork()``); :class:`AsyncAgent` does the same as a task in the caller's asyncio
+loop. Reads (``enabled``, ``value``, ``should_shed``, ``pinned_version``) are
+lookups in an immutable snapshot, without lock, I/O or clock read; see
+``agents._state``. For tests, ``agents.testing.StaticAgent`` has the same read
+API in memory.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from agents._config import AgentConfigError
 from agents._state import (
     Criticality,
     FlagValue,
@@ -13,7 +28,39 @@ from agents._state import (
     StateChange,
 )
 
+if TYPE_CHECKING:
+    from agents._agent import Agent, AsyncAgent
+    from agents._client import AgentState, Backoff
+
+# Imported on first use, so that ``import agents`` (and ``agents.testing``, in a
+# service's unit tests) pulls in no gRPC.
+_LAZY = {
+    "Agent": "agents._agent",
+    "AsyncAgent": "agents._agent",
+    "AgentState": "agents._client",
+    "Backoff": "agents._client",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'agents' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
 __all__ = [
+    "Agent",
+    "AgentConfigError",
+    "AgentState",
+    "AsyncAgent",
+    "Backoff",
     "Criticality",
     "FlagValue",
     "PinnedVersion",

@@ -260,7 +260,14 @@ class Presence:
                         found.setdefault((instance.server_id, instance.instance_id), instance)
             except (ValueError, KeyError, TypeError) as exc:
                 log.error("presence_invalid", key=key, error=str(exc))
-        ordered = sorted(found.values(), key=lambda i: (i.instance_id, i.server_id))
+        # An agent that moved (its server died, its lease has not expired yet) is listed
+        # once: the newest connection wins.
+        newest: dict[str, Instance] = {}
+        for instance in found.values():
+            known = newest.get(instance.instance_id)
+            if known is None or instance.connected_at > known.connected_at:
+                newest[instance.instance_id] = instance
+        ordered = sorted(newest.values(), key=lambda i: i.instance_id)
         return ordered, reported
 
     async def prune_applied(self, below_revision: int) -> int:

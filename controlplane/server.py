@@ -54,7 +54,8 @@ _SERVER_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.server.max_pending_requests_hard_limit", 40000),
     ("grpc.max_receive_message_length", 4 * 1024 * 1024),
     ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+    # Agents ping every few seconds to notice a dead server: let them.
+    ("grpc.http2.min_ping_interval_without_data_ms", 1000),
 ]
 
 SERVICE_NAMES = (

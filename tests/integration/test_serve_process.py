@@ -117,11 +117,15 @@ class ServeLauncher:
         )
 
     def close(self) -> None:
-        """Kill whatever still runs."""
+        """Stop whatever still runs: SIGTERM first, so the server stops its etcd too."""
         for proc in self._procs:
             if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+                proc.terminate()
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
             if proc.stderr is not None:
                 proc.stderr.close()
 

@@ -1,0 +1,569 @@
+"""The agents services embed: :class:`Agent` (threads, WSGI) and :class:`AsyncAgent` (asyncio).
+
+Both answer reads from one immutable snapshot held in one attribute; the
+background client (``agents._client``) replaces it by assignment. A read is that
+attribute lookup plus a dictionary lookup: no lock, no I/O, no clock, no metric.
+
+Threads and fork (:class:`Agent`)::
+
+    caller threads ── reads ──▶ agent._snapshot ◀── one assignment ── agent thread
+                                                                       (own asyncio loop,
+                                                                        one grpc.aio channel)
+    os.fork():  before        stop the agent thread: cancel, close the channel,
+                              write the cache, close the loop (gRPC's poller goes
+                              with the last channel)
+                after (parent) start a new agent thread: resume from the last revision
+                after (child)  same, with the parent's state and, if the instance id
+                              was the default, an id of its own (hostname-pid-random)
+
+A gRPC channel alive across fork() can hang the child (grpc/grpc#13873); this
+is why the thread stops rather than pauses. ``gunicorn --preload`` (an agent
+created before the workers fork) is the case this is for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import random
+import threading
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar, overload
+
+from agents import _state
+from agents._client import AgentState, ChangeCallback, Client, release_channels
+from agents._config import AgentConfig, default_instance_id, resolve_config
+from agents._state import Criticality, FlagValue, PinnedVersion, Snapshot
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+log = logging.getLogger("agents")
+
+_T = TypeVar("_T")
+
+STOP_TIMEOUT = 5.0
+"""Seconds ``close()`` and the fork hook wait for the agent thread to stop."""
+
+
+class _Reads:
+    """The read API, shared by both agents and matching ``agents.testing.StaticAgent``."""
+
+    _snapshot: Snapshot
+    _client: Client
+
+    def enabled(self, name: str, default: bool = False) -> bool:
+        """The flag's value if it is a bool, else ``default`` (also for a flag never set).
+
+        A flag holding another kind of value is not a kill switch: the default.
+        """
+        return _state.enabled(self._snapshot, name, default)
+
+    @overload
+    def value(self, name: str) -> FlagValue | None: ...
+    @overload
+    def value(self, name: str, default: _T) -> FlagValue | _T: ...
+    def value(self, name: str, default: object = None) -> object:
+        """The flag's value of whatever kind (numbers as floats), or ``default``.
+
+        JSON object values are shared by every reader: treat them as read-only.
+        """
+        return _state.value(self._snapshot, name, default)
+
+    def should_shed(self, criticality: Criticality | str, key: str | None = None) -> bool:
+        """Whether to shed a request of this criticality (DESIGN.md, "Load shedding").
+
+        Args:
+            criticality: The request's criticality; an unknown value counts as
+                ``CRITICAL``.
+            key: A user or session id: the same key gets the same decision for
+                as long as the level holds. Without it, the tier itself is shed
+                at random at its percentage.
+        """
+        if key is None:
+            return _state.should_shed(self._snapshot, criticality, random.random)
+        return _state.should_shed_key(self._snapshot, criticality, key)
+
+    @property
+    def pinned_version(self) -> PinnedVersion | None:
+        """The pin in force (version, reason, since, expires_at), or None."""
+        return self._snapshot.pin
+
+    @property
+    def revision(self) -> int:
+        """The revision of the state served (0: none yet)."""
+        return self._snapshot.revision
+
+    @property
+    def state(self) -> AgentState:
+        """``CONNECTING`` (no state yet), ``READY`` (connected) or ``STALE`` (serving
+        the last known state, from memory or the cache file, while no server answers)."""
+        return self._client.state
+
+    @property
+    def service(self) -> str:
+        """The service this agent serves the state of."""
+        return self._client.config.service
+
+    @property
+    def instance_id(self) -> str:
+        """This instance's id, as the server's status shows it."""
+        return self._client.config.instance_id
+
+    @property
+    def server(self) -> str | None:
+        """The server the agent is connected to, or None."""
+        return self._client.server
+
+    def on_change(self, callback: ChangeCallback) -> Callable[[], None]:
+        """Call ``callback`` with a :class:`agents.StateChange` whenever what a
+        service sees changes: a change from the server, a time-boxed change
+        expiring, or the state loaded from the cache at start.
+
+        Callbacks run in the agent's background thread (:class:`Agent`) or loop
+        (:class:`AsyncAgent`), after the new state is served and acknowledged;
+        keep them short. An exception is logged and does not stop the agent.
+
+        Returns:
+            A function that removes the callback (calling it twice is harmless).
+        """
+        return self._client.add_callback(callback)
+
+    def _set_snapshot(self, snapshot: Snapshot) -> None:
+        # The one write of the read path's attribute: the swap.
+        self._snapshot = snapshot
+
+
+def _build(
+    service: str | None,
+    servers: Sequence[str] | str | None,
+    version: str | None,
+    instance_id: str | None,
+    cache_path: str | os.PathLike[str] | None,
+) -> AgentConfig:
+    return resolve_config(
+        service=service,
+        servers=servers,
+        version=version,
+        instance_id=instance_id,
+        cache_path=cache_path,
+    )
+
+
+class Agent(_Reads):
+    """The control plane's state for one service, kept current by a background thread.
+
+    Args:
+        service: The service (a DNS label); else ``CONTROLPLANE_SERVICE``.
+        servers: Control servers (``host:port``), tried in turn; else
+            ``CONTROLPLANE_SERVERS`` (comma-separated).
+        version: The version this process runs; else ``CONTROLPLANE_VERSION``,
+            else unknown.
+        instance_id: This process's id; else ``CONTROLPLANE_INSTANCE_ID``, else
+            ``<hostname>-<pid>-<random>`` (made anew in forked children).
+        cache_path: A file to keep the last applied state in and to boot from;
+            else ``CONTROLPLANE_CACHE_PATH``, else none.
+        registry: A Prometheus registry for the agent's metrics
+            (``controlplane_agent_state``, ``controlplane_agent_applied_revision``,
+            ``controlplane_agent_since_last_contact_seconds``); one per agent.
+        on_change: A first change callback (see :meth:`on_change`).
+
+    Raises:
+        AgentConfigError: ``service`` or ``servers`` is missing, or a setting is
+            invalid.
+
+    Lifecycle:
+        - Construction validates the configuration and does no I/O; reads give
+          their defaults (state ``CONNECTING``).
+        - :meth:`start` loads the cache file, if any (state ``STALE``: the
+          cached state is served until a server answers, since an agent that
+          boots during an outage must keep the mitigations in force), then
+          starts the background thread. Calling it again is harmless.
+        - :meth:`wait_ready` blocks until a server answered (``READY``).
+        - :meth:`close` stops the thread and writes the cache; idempotent. The
+          agent keeps answering reads from its last state, which no longer
+          changes (nor expires). It cannot be started again.
+        - ``with Agent(...) as agent:`` starts and closes.
+        - Across ``os.fork()`` the thread is stopped and restarted in the parent
+          and the child (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        service: str | None = None,
+        servers: Sequence[str] | str | None = None,
+        *,
+        version: str | None = None,
+        instance_id: str | None = None,
+        cache_path: str | os.PathLike[str] | None = None,
+        registry: CollectorRegistry | None = None,
+        on_change: ChangeCallback | None = None,
+    ) -> None:
+        config = _build(service, servers, version, instance_id, cache_path)
+        self._snapshot = _state.empty_snapshot(config.service)
+        self._ready = threading.Event()
+        self._client = Client(
+            config, publish=self._set_snapshot, on_state=self._state_changed, registry=registry
+        )
+        if on_change is not None:
+            self.on_change(on_change)
+        self._lock = threading.RLock()
+        self._started = False
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._restart_after_fork = False
+        _AGENTS.add(self)
+
+    def start(self) -> None:
+        """Load the cache (if any) and start the background thread.
+
+        Raises:
+            RuntimeError: The agent was closed.
+        """
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the agent is closed; create a new one")
+            if self._started:
+                return
+            self._started = True
+            self._client.load_cache()
+            self._start_thread()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until the agent is ``READY`` or ``timeout`` seconds passed.
+
+        Returns:
+            Whether it is ``READY``. False is not an error: the agent keeps
+            trying and serves its cached state (``STALE``) or the defaults
+            (``CONNECTING``) meanwhile.
+        """
+        return self._ready.wait(timeout)
+
+    def close(self) -> None:
+        """Stop the background thread (closing its connection) and write the cache.
+
+        Idempotent; safe from a change callback (the thread then ends after it).
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._stop_thread()
+        _AGENTS.discard(self)
+
+    def __enter__(self) -> Agent:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Agent service={self.service!r} state={self.state.value} revision={self.revision}>"
+
+    # ------------------------------------------------------------ the thread
+
+    def _state_changed(self, state: AgentState) -> None:
+        if state is AgentState.READY:
+            self._ready.set()
+        else:
+            self._ready.clear()
+
+    def _start_thread(self) -> None:
+        loop = asyncio.new_event_loop()
+        task = loop.create_task(self._client.run(), name="controlplane-agent")
+        thread = threading.Thread(
+            target=_run_loop,
+            args=([loop, task, self._client],),
+            name=f"controlplane-agent-{self.service}",
+            daemon=True,
+        )
+        self._loop, self._task, self._thread = loop, task, thread
+        thread.start()
+
+    def _stop_thread(self) -> None:
+        loop, task, thread = self._loop, self._task, self._thread
+        self._loop = self._task = self._thread = None
+        if thread is None or loop is None or task is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed already
+            loop.call_soon_threadsafe(task.cancel)
+        # Once cancelled the task holds the last session's frames: only the
+        # thread may keep it (see release_channels).
+        del task, loop
+        if thread is threading.current_thread():
+            return  # a callback closing its own agent: the thread ends after it
+        thread.join(STOP_TIMEOUT)
+        if thread.is_alive():
+            log.warning(
+                "agent_thread_not_stopped service=%s timeout=%s (a change callback is "
+                "still running?)",
+                self.service,
+                STOP_TIMEOUT,
+            )
+
+    # ------------------------------------------------------------ fork
+
+    def _before_fork(self) -> None:
+        self._lock.acquire()
+        self._restart_after_fork = False
+        if not self._started or self._closed or self._thread is None:
+            return
+        if self._thread is threading.current_thread():
+            # Forking from a change callback: the thread cannot stop itself and
+            # wait; the child gets no agent thread (and no live channel) of its own.
+            log.warning("agent_fork_from_callback service=%s", self.service)
+            return
+        self._restart_after_fork = True
+        self._stop_thread()
+
+    def _after_fork(self, *, child: bool) -> None:
+        if child:
+            # The child's only thread is the one that forked: locks and events
+            # start afresh (the parent's lock is held by the fork itself).
+            self._lock = threading.RLock()
+            self._lock.acquire()
+            config = self._client.config
+            if config.instance_id_generated:
+                config = dataclasses.replace(config, instance_id=default_instance_id())
+            self._client.after_fork_in_child(config)
+            self._ready = threading.Event()
+            self._state_changed(self._client.state)
+        try:
+            if self._restart_after_fork:
+                self._start_thread()
+        finally:
+            self._restart_after_fork = False
+            self._lock.release()
+
+
+def _run_loop(handles: list[Any]) -> None:
+    """The agent thread: run the client until cancelled, then close everything.
+
+    ``handles`` is ``[loop, task, client]``, emptied here: the Thread object
+    keeps its arguments until this returns, and the task must be gone before
+    the loop closes (see ``release_channels``).
+    """
+    loop: asyncio.AbstractEventLoop = handles[0]
+    task: asyncio.Task[None] = handles[1]
+    client: Client = handles[2]
+    handles.clear()
+    asyncio.set_event_loop(loop)
+    try:
+        with contextlib.suppress(asyncio.CancelledError):
+            loop.run_until_complete(task)
+    except Exception:
+        log.exception("agent_thread_failed")
+    finally:
+        # The cancelled task's CancelledError holds the last session's frames.
+        del task
+        try:
+            loop.run_until_complete(release_channels(client.closing_channels))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
+
+
+class AsyncAgent(_Reads):
+    """:class:`Agent` for asyncio services: the same reads, the client a task in
+    the caller's loop.
+
+    Takes the same arguments as :class:`Agent`.
+
+    Lifecycle:
+        - ``await agent.start()`` (in the loop the agent is to run in) loads the
+          cache (state ``STALE`` until a server answers) and starts the task;
+          calling it again is harmless.
+        - ``await agent.wait_ready(timeout)`` waits for ``READY``.
+        - ``await agent.close()`` cancels the task, closing its connection and
+          writing the cache; idempotent. Reads keep the last state.
+        - ``async with AsyncAgent(...) as agent:`` starts and closes.
+        - Change callbacks run in the loop; one that returns an awaitable has it
+          run as a task of its own.
+        - It does not survive ``os.fork()``: an asyncio loop does not; create
+          the agent in the process that uses it.
+    """
+
+    def __init__(
+        self,
+        service: str | None = None,
+        servers: Sequence[str] | str | None = None,
+        *,
+        version: str | None = None,
+        instance_id: str | None = None,
+        cache_path: str | os.PathLike[str] | None = None,
+        registry: CollectorRegistry | None = None,
+        on_change: ChangeCallback | None = None,
+    ) -> None:
+        config = _build(service, servers, version, instance_id, cache_path)
+        self._snapshot = _state.empty_snapshot(config.service)
+        self._ready = asyncio.Event()
+        self._client = Client(
+            config, publish=self._set_snapshot, on_state=self._state_changed, registry=registry
+        )
+        if on_change is not None:
+            self.on_change(on_change)
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    async def start(self) -> None:
+        """Load the cache (if any) and start the client task in the running loop.
+
+        Raises:
+            RuntimeError: The agent was closed.
+        """
+        if self._closed:
+            raise RuntimeError("the agent is closed; create a new one")
+        if self._task is not None:
+            return
+        self._client.load_cache()
+        self._task = asyncio.create_task(self._client.run(), name="controlplane-agent")
+
+    async def wait_ready(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
+        """Wait until the agent is ``READY`` or ``timeout`` seconds passed; return
+        whether it is."""
+        # ``timeout`` as in Agent.wait_ready and StaticAgent.wait_ready, for one API.
+        try:
+            async with asyncio.timeout(timeout):
+                await self._ready.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def close(self) -> None:
+        """Cancel the client task (closing its connection) and write the cache. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            # The cancelled task keeps its CancelledError, which holds the last
+            # session's frames: drop it, then let gRPC finish with the channel.
+            del task
+            await release_channels(self._client.closing_channels)
+
+    async def __aenter__(self) -> AsyncAgent:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"<AsyncAgent service={self.service!r} state={self.state.value} "
+            f"revision={self.revision}>"
+        )
+
+    def _state_changed(self, state: AgentState) -> None:
+        if state is AgentState.READY:
+            self._ready.set()
+        else:
+            self._ready.clear()
+
+
+# ---------------------------------------------------------------- fork hooks
+
+_AGENTS: weakref.WeakSet[Agent] = weakref.WeakSet()
+# The agents stopped for the fork in progress: exactly those are restarted.
+_FORKING: list[Agent] = []
+
+
+def _before_fork() -> None:
+    _FORKING[:] = list(_AGENTS)
+    for agent in _FORKING:
+        try:
+            agent._before_fork()
+        except Exception:
+            log.exception("agent_fork_stop_failed service=%s", agent.service)
+    if not any(agent._restart_after_fork for agent in _FORKING):
+        return
+    if any("_poll_wrapper" in thread.name for thread in threading.enumerate()):
+        # gRPC's asyncio poller thread lives as long as any grpc.aio channel or
+        # server object of the process: another one than the agents' is alive.
+        log.warning(
+            "agent_fork_with_grpc_aio_alive: a grpc.aio channel or server other than the "
+            "agents' is alive across fork(); the child may hang (grpc/grpc#13873)"
+        )
+        return
+    _wait_grpc_threads_gone(GRPC_THREADS_GRACE)
+
+
+GRPC_THREADS_GRACE = 0.2
+"""Seconds the fork hook waits for gRPC core's threads to end after the agents'
+last channel went (they end a millisecond or two after it, here)."""
+# Thread names (Linux "comm", 15 characters) of gRPC core's threads.
+_GRPC_THREAD_NAMES = ("event_engine", "lifeguard", "grpc_global_tim", "default-executo")
+
+
+def _wait_grpc_threads_gone(within: float) -> bool:
+    """Wait until no gRPC core thread runs (Linux; elsewhere return at once).
+
+    A thread that is still ending when fork() copies the process leaves the
+    child's gRPC core half torn down. Another gRPC user in the process (a
+    blocking channel) keeps them for good: then this gives up after ``within``.
+    """
+    tasks = "/proc/self/task"
+    if not os.path.isdir(tasks):
+        return True
+    deadline = time.monotonic() + within
+    while True:
+        names = []
+        for tid in os.listdir(tasks):
+            with contextlib.suppress(OSError), open(f"{tasks}/{tid}/comm") as f:
+                names.append(f.read().strip())
+        if not any(name.startswith(_GRPC_THREAD_NAMES) for name in names):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.0005)
+
+
+def _after_fork(*, child: bool) -> None:
+    agents, _FORKING[:] = list(_FORKING), []
+    for agent in agents:
+        try:
+            agent._after_fork(child=child)
+        except Exception:
+            log.exception("agent_fork_restart_failed service=%s", agent.service)
+
+
+def _after_fork_in_parent() -> None:
+    _after_fork(child=False)
+
+
+def _after_fork_in_child() -> None:
+    _after_fork(child=True)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_after_fork_in_child,
+    )
+
+__all__ = ["Agent", "AgentState", "AsyncAgent"]

@@ -1,0 +1,674 @@
+"""The agent's background half: one Sync stream, reconnects, acks, expiry, cache.
+
+:class:`Client` runs as one coroutine, :meth:`Client.run`, in one asyncio loop:
+the loop of the agent's own thread for :class:`agents.Agent`, the caller's loop
+for :class:`agents.AsyncAgent`. Everything it does happens in that loop, so it
+needs no lock of its own; it hands each new snapshot to the agent through
+``publish`` (one attribute assignment), which is all the read path ever sees.
+
+Per connection (DESIGN.md, "Agent protocol")::
+
+    channel (own subchannel pool, keepalive) -> wait until connected (CONNECT_TIMEOUT)
+    Sync: Hello(service, instance, version, last applied revision, agent version)
+      <- Snapshot   replaces the state (also when older: logged), ack
+      <- Resume     nothing missed but what follows
+      <- Change     applied as one unit: ack; malformed: nack, keep the state;
+                    not newer than the state: dropped
+    stream lost -> STALE (or CONNECTING without state), backoff, next server
+
+Beside the stream, in the same loop: the expiry timer (swaps the snapshot to
+:func:`agents._state.at` at ``next_expiry``, connected or not) and the cache
+writer (writes each applied state on a worker thread, newest wins).
+
+Callbacks run in the client's loop after the swap and the ack; an exception in
+one is logged and the others still run. A slow callback delays the next
+message, never a read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import gc
+import inspect
+import logging
+import random
+import sys
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import grpc.aio
+
+import controlplane
+from agents import _state
+from agents._cache import CacheWriter, read_cache
+from agents._config import AgentConfig
+from agents._state import (
+    InvalidChangeError,
+    Snapshot,
+    StaleRevisionError,
+    StateChange,
+)
+from controlplane.api.v1 import agent_pb2, agent_pb2_grpc
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+log = logging.getLogger("agents")
+
+ChangeCallback = Callable[[StateChange], Any]
+"""An ``on_change`` callback: called with what changed (a coroutine function is
+awaited as a task of its own by :class:`agents.AsyncAgent`)."""
+
+AGENT_VERSION = controlplane.__version__
+
+# Each agent its own TCP connection (channels with equal options would share
+# one), and keepalive pings so that a server that stopped answering without
+# closing the connection (host down, network cut, process frozen) is noticed
+# within 8 s: a ping after 6 s without one, unanswered for 2 s. gRPC core
+# enforces the ping timeout (grpc.http2.ping_timeout_ms), not
+# grpc.keepalive_timeout_ms (set too, for versions that do). The server accepts
+# pings without data every 5 s (grpc.http2.min_ping_interval_without_data_ms);
+# pinging at its limit would risk "too_many_pings" and a dropped connection.
+CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.use_local_subchannel_pool", 1),
+    ("grpc.keepalive_time_ms", 6000),
+    ("grpc.keepalive_timeout_ms", 2000),
+    ("grpc.http2.ping_timeout_ms", 2000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    # The agent reconnects by itself, with its own backoff, to the next server.
+    ("grpc.enable_retries", 0),
+)
+CONNECT_TIMEOUT = 3.0
+"""Seconds to wait for a TCP + HTTP/2 connection before trying the next server."""
+FIRST_RESPONSE_TIMEOUT = 10.0
+"""Seconds to wait for the first response after the Hello (the server may wait up
+to 5 s for its etcd watch to catch up with the agent's revision)."""
+_EOF: object = grpc.aio.EOF  # type: ignore[attr-defined]  # missing from grpc-stubs
+EXPIRY_RECHECK = 30.0
+"""The expiry timer sleeps at most this long before reading the clock again, so
+that a wall clock set forward is followed within that time."""
+
+
+class AgentState(enum.StrEnum):
+    """Where an agent's state comes from (DESIGN.md, "Agent protocol").
+
+    Members compare equal to their names (``agent.state == "READY"``).
+    """
+
+    CONNECTING = "CONNECTING"
+    """No state yet: reads give their defaults."""
+    READY = "READY"
+    """Connected: the state is the server's, kept current by the stream."""
+    STALE = "STALE"
+    """Not connected: serving the last known state (from memory or the cache
+    file) until a server answers. Time-boxed changes still expire on time."""
+
+
+class Backoff:
+    """Exponential backoff with full jitter: attempt ``n`` (from 0) waits a uniform
+    random time in ``[0, min(cap, base * 2**n))``.
+
+    Args:
+        base: The first attempt's upper bound, in seconds.
+        cap: The largest upper bound, in seconds.
+        rand: A source of floats in [0, 1).
+    """
+
+    def __init__(
+        self, base: float = 0.05, cap: float = 2.0, rand: Callable[[], float] = random.random
+    ) -> None:
+        self.base = base
+        self.cap = cap
+        self.attempt = 0
+        self._rand = rand
+
+    def bound(self) -> float:
+        """The upper bound of the next delay."""
+        # Past 2**32 the product only grows; the min keeps it at cap.
+        return min(self.cap, self.base * float(2 ** min(self.attempt, 32)))
+
+    def next(self) -> float:
+        """The next delay, in seconds; each call grows the bound until ``cap``."""
+        delay = self._rand() * self.bound()
+        self.attempt += 1
+        return delay
+
+    def reset(self) -> None:
+        """Start again from ``base`` (after a connection that worked)."""
+        self.attempt = 0
+
+
+class _Metrics:
+    """The agent's metrics in the registry it was given (never on the read path)."""
+
+    def __init__(self, registry: CollectorRegistry, service: str) -> None:
+        from prometheus_client import Gauge
+
+        self.state = Gauge(
+            "controlplane_agent_state",
+            "1 for the agent's current state (CONNECTING, READY, STALE), 0 for the others.",
+            ["service", "state"],
+            registry=registry,
+        )
+        self.revision = Gauge(
+            "controlplane_agent_applied_revision",
+            "The revision of the state the agent serves.",
+            ["service"],
+            registry=registry,
+        ).labels(service)
+        self.since_contact = Gauge(
+            "controlplane_agent_since_last_contact_seconds",
+            "Seconds since the agent last heard from a server (0 while connected).",
+            ["service"],
+            registry=registry,
+        ).labels(service)
+        self._service = service
+
+    def set_state(self, state: AgentState) -> None:
+        for member in AgentState:
+            self.state.labels(self._service, member.value).set(1 if member is state else 0)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Client:
+    """The background client of one agent.
+
+    Args:
+        config: The agent's resolved configuration.
+        publish: Called with each new snapshot; must be one attribute assignment.
+        on_state: Called with each new state, in the client's loop.
+        registry: Where to register the agent's metrics, if anywhere.
+    """
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        publish: Callable[[Snapshot], None],
+        on_state: Callable[[AgentState], None],
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.config = config
+        self.snapshot = _state.empty_snapshot(config.service)
+        self.state = AgentState.CONNECTING
+        self.server: str | None = None
+        self._publish = publish
+        self._on_state = on_state
+        self._has_state = False
+        self._callbacks: tuple[ChangeCallback, ...] = ()
+        self._callbacks_lock = threading.Lock()
+        self._pending_notice: StateChange | None = None
+        self._cache = CacheWriter(config.cache_path) if config.cache_path else None
+        self._cache_sequence = 0
+        self._cache_pending: tuple[int, Snapshot] | None = None
+        self._cache_wakeup: asyncio.Event | None = None
+        self._expiry_wakeup: asyncio.Event | None = None
+        self._next_server = 0
+        self._connected = False
+        self._last_contact = time.monotonic()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.closing_channels: list[Any] = []
+        """gRPC's channel objects of the sessions closed by a stop, for
+        :func:`release_channels`."""
+        self._metrics: _Metrics | None = None
+        if registry is not None:
+            self._metrics = _Metrics(registry, config.service)
+            self._metrics.set_state(self.state)
+            self._metrics.revision.set(0)
+            self._metrics.since_contact.set_function(self._seconds_since_contact)
+
+    # ------------------------------------------------------------ callbacks
+
+    def add_callback(self, callback: ChangeCallback) -> Callable[[], None]:
+        """Register ``callback``; return a function that removes it (idempotent)."""
+        with self._callbacks_lock:
+            self._callbacks = (*self._callbacks, callback)
+
+        def remove() -> None:
+            with self._callbacks_lock:
+                callbacks = list(self._callbacks)
+                if callback in callbacks:
+                    callbacks.remove(callback)
+                    self._callbacks = tuple(callbacks)
+
+        return remove
+
+    # ------------------------------------------------------------ start-up
+
+    def load_cache(self) -> bool:
+        """Serve the cache file's state, if there is a usable one (state STALE).
+
+        Called once, before :meth:`run`, in the starting thread. The callbacks
+        hear of the loaded state from the client's loop when it starts.
+        """
+        if self._cache is None or self._has_state:
+            return False
+        cached = read_cache(self._cache.path, self.config.service, _now())
+        if cached is None:
+            return False
+        old = self.snapshot
+        self.snapshot = cached
+        self._publish(cached)
+        self._has_state = True
+        if self._metrics is not None:
+            self._metrics.revision.set(cached.revision)
+        log.info(
+            "agent_cache_loaded service=%s path=%s revision=%d",
+            self.config.service,
+            self._cache.path,
+            cached.revision,
+        )
+        delta = _state.diff(old, cached)
+        if not delta.empty:
+            self._pending_notice = delta
+        self._set_state(AgentState.STALE)
+        return True
+
+    def after_fork_in_child(self, config: AgentConfig) -> None:
+        """Forget the parent's connection and locks; keep its state."""
+        self.config = config
+        self._callbacks_lock = threading.Lock()
+        if self._cache is not None:
+            self._cache.reset_after_fork()
+        self._tasks = set()
+        self._connected = False
+        self._cache_wakeup = self._expiry_wakeup = None
+
+    # ------------------------------------------------------------ the coroutine
+
+    async def run(self) -> None:
+        """Keep a stream to one of the servers until cancelled.
+
+        Cancel the task running it to stop; it then closes its channel and writes
+        the last applied state to the cache before returning. It may be run again
+        (in another loop) afterwards and resumes from the state it has.
+        """
+        self._cache_wakeup = asyncio.Event()
+        self._expiry_wakeup = asyncio.Event()
+        helpers = [
+            asyncio.create_task(self._expiry_loop(), name="controlplane-agent-expiry"),
+            asyncio.create_task(self._cache_loop(), name="controlplane-agent-cache"),
+        ]
+        try:
+            if self._pending_notice is not None:
+                notice, self._pending_notice = self._pending_notice, None
+                self._notify(notice)
+            await self._connect_loop()
+        finally:
+            for task in helpers:
+                task.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
+            for task in list(self._tasks):
+                task.cancel()
+            self._tasks.clear()
+            self._set_connected(False)
+
+    async def _connect_loop(self) -> None:
+        backoff = Backoff()
+        servers = self.config.servers
+        # The last failure per server: a new kind of failure is a warning, the
+        # same one again (every couple of seconds while a server is down) is not.
+        failures: dict[str, str] = {}
+        while True:
+            target = servers[self._next_server % len(servers)]
+            self._next_server = (self._next_server + 1) % len(servers)
+            synced = False
+            try:
+                synced = await self._session(target)
+                detail = "the server ended the stream"
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as exc:
+                detail = f"{exc.code().name}: {exc.details()}"
+            except asyncio.InvalidStateError:
+                detail = "the stream ended while acknowledging"
+            except TimeoutError:
+                detail = "timed out"
+            except _SessionError as exc:
+                synced = exc.synced
+                detail = str(exc)
+            except Exception as exc:  # the stream must survive whatever a session hits
+                log.exception(
+                    "agent_session_error service=%s server=%s", self.config.service, target
+                )
+                detail = repr(exc)
+            lost = synced or self.state is AgentState.READY
+            if lost:
+                backoff.reset()
+            self._set_connected(False)
+            delay = backoff.next()
+            if lost:
+                failures.clear()
+                log.warning(
+                    "agent_disconnected service=%s server=%s reason=%s state=%s",
+                    self.config.service,
+                    target,
+                    detail,
+                    self.state.value,
+                )
+            else:
+                level = logging.DEBUG if failures.get(target) == detail else logging.WARNING
+                failures[target] = detail
+                log.log(
+                    level,
+                    "agent_connect_failed service=%s server=%s reason=%s state=%s retry_in=%.3f",
+                    self.config.service,
+                    target,
+                    detail,
+                    self.state.value,
+                    delay,
+                )
+            await asyncio.sleep(delay)
+
+    async def _session(self, target: str) -> bool:
+        """One connection to ``target``; returns (or raises) when it ends.
+
+        Returns whether the stream got as far as the server's first answer.
+        """
+        channel = grpc.aio.insecure_channel(target, options=list(CHANNEL_OPTIONS))
+        stub: Any = None
+        call: Any = None
+        synced = False
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                await _connected(channel)
+            stub = agent_pb2_grpc.AgentServiceStub(channel)
+            call = stub.Sync()
+            await call.write(agent_pb2.SyncRequest(hello=self._hello()))
+            async with asyncio.timeout(FIRST_RESPONSE_TIMEOUT):
+                first = await call.read()
+            if first is _EOF:
+                code = await call.code()
+                raise _SessionError(f"stream closed before a first answer ({code.name})", False)
+            delta = await self._handle(call, first)
+            synced = True
+            self.server = target
+            self._set_connected(True)
+            log.info(
+                "agent_connected service=%s server=%s revision=%d",
+                self.config.service,
+                target,
+                self.snapshot.revision,
+            )
+            self._notify(delta)
+            while True:
+                response = await call.read()
+                if response is _EOF:
+                    return True
+                self._notify(await self._handle(call, response))
+        except grpc.aio.AioRpcError as exc:
+            if synced:
+                raise _SessionError(f"{exc.code().name}: {exc.details()}", True) from None
+            raise
+        finally:
+            self.server = None
+            # Closing cancels the call. gRPC's asyncio machinery (a poller thread)
+            # lives as long as some channel *object* does, and an exception's
+            # traceback keeps this frame: drop every reference, so that no
+            # channel survives its session (and none a fork).
+            if _stopping():
+                self.closing_channels.append(getattr(channel, "_channel", None))
+            await channel.close(grace=None)
+            del channel, stub, call
+
+    def _hello(self) -> agent_pb2.Hello:
+        config = self.config
+        return agent_pb2.Hello(
+            service=config.service,
+            instance_id=config.instance_id,
+            running_version=config.version,
+            last_applied_revision=self.snapshot.revision if self._has_state else 0,
+            agent_version=AGENT_VERSION,
+        )
+
+    async def _handle(self, call: Any, response: agent_pb2.SyncResponse) -> StateChange | None:
+        """Apply one response and ack it; return what changed, for the callbacks."""
+        self._last_contact = time.monotonic()
+        kind = response.WhichOneof("message")
+        service = self.config.service
+        if kind == "snapshot":
+            revision = response.snapshot.revision
+            try:
+                new = _state.snapshot_from_proto(service, response.snapshot, _now())
+            except InvalidChangeError as exc:
+                await self._reject(call, revision, str(exc))
+                return None
+            if self._has_state and revision < self.snapshot.revision:
+                log.warning(
+                    "agent_snapshot_older service=%s revision=%d applied=%d (applied anyway)",
+                    service,
+                    revision,
+                    self.snapshot.revision,
+                )
+            return await self._applied(call, new)
+        if kind == "change":
+            revision = response.change.revision
+            try:
+                new = _state.apply_change(self.snapshot, response.change, _now())
+            except StaleRevisionError:
+                log.debug(
+                    "agent_change_stale service=%s revision=%d applied=%d",
+                    service,
+                    revision,
+                    self.snapshot.revision,
+                )
+                return None
+            except InvalidChangeError as exc:
+                await self._reject(call, revision, str(exc))
+                return None
+            return await self._applied(call, new)
+        if kind == "resume" and response.resume.revision != self.snapshot.revision:
+            log.warning(
+                "agent_resume_mismatch service=%s resume=%d applied=%d",
+                service,
+                response.resume.revision,
+                self.snapshot.revision,
+            )
+        # An unknown kind is from a newer server: ignored, so that old agents keep working.
+        return None
+
+    async def _reject(self, call: Any, revision: int, reason: str) -> None:
+        log.warning(
+            "agent_change_rejected service=%s revision=%d reason=%s",
+            self.config.service,
+            revision,
+            reason,
+        )
+        ack = agent_pb2.Ack(revision=revision, rejected_reason=reason[:1000] or "rejected")
+        await call.write(agent_pb2.SyncRequest(ack=ack))
+
+    async def _applied(self, call: Any, new: Snapshot) -> StateChange:
+        delta = self._swap(new, persist=True)
+        self._has_state = True
+        await call.write(agent_pb2.SyncRequest(ack=agent_pb2.Ack(revision=new.revision)))
+        return delta
+
+    # ------------------------------------------------------------ state
+
+    def _swap(self, new: Snapshot, *, persist: bool) -> StateChange:
+        old = self.snapshot
+        self.snapshot = new
+        self._publish(new)
+        if self._expiry_wakeup is not None:
+            self._expiry_wakeup.set()
+        if persist and self._cache is not None and self._cache_wakeup is not None:
+            self._cache_sequence += 1
+            self._cache_pending = (self._cache_sequence, new)
+            self._cache_wakeup.set()
+        if self._metrics is not None:
+            self._metrics.revision.set(new.revision)
+        return _state.diff(old, new)
+
+    def _notify(self, delta: StateChange | None) -> None:
+        if delta is None or delta.empty:
+            return
+        for callback in self._callbacks:
+            try:
+                result = callback(delta)
+                if inspect.isawaitable(result):
+                    task = asyncio.ensure_future(result)
+                    self._tasks.add(task)
+                    task.add_done_callback(self._callback_done)
+            except Exception:
+                log.exception(
+                    "agent_callback_failed service=%s callback=%r revision=%d",
+                    self.config.service,
+                    callback,
+                    delta.revision,
+                )
+
+    def _callback_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error(
+                "agent_callback_failed service=%s",
+                self.config.service,
+                exc_info=task.exception(),
+            )
+
+    def _set_connected(self, connected: bool) -> None:
+        if self._connected and not connected:
+            self._last_contact = time.monotonic()
+        self._connected = connected
+        if connected:
+            self._set_state(AgentState.READY)
+        else:
+            self._set_state(AgentState.STALE if self._has_state else AgentState.CONNECTING)
+
+    def _set_state(self, state: AgentState) -> None:
+        if state is self.state:
+            return
+        self.state = state
+        if self._metrics is not None:
+            self._metrics.set_state(state)
+        self._on_state(state)
+
+    def _seconds_since_contact(self) -> float:
+        if self._connected:
+            return 0.0
+        return max(time.monotonic() - self._last_contact, 0.0)
+
+    # ------------------------------------------------------------ timers and cache
+
+    async def _expiry_loop(self) -> None:
+        wakeup = self._expiry_wakeup
+        assert wakeup is not None
+        while True:
+            wakeup.clear()
+            due = self.snapshot.next_expiry
+            if due is None:
+                await wakeup.wait()
+                continue
+            delay = (due - _now()).total_seconds()
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wakeup.wait(), min(delay, EXPIRY_RECHECK))
+                continue
+            now = _now()
+            new = _state.at(self.snapshot, now)
+            if new is self.snapshot:
+                continue
+            delta = self._swap(new, persist=False)
+            log.info(
+                "agent_expired service=%s at=%s flags=%s",
+                self.config.service,
+                now.isoformat(),
+                sorted(delta.flags),
+            )
+            self._notify(delta)
+
+    async def _cache_loop(self) -> None:
+        wakeup = self._cache_wakeup
+        cache = self._cache
+        assert wakeup is not None
+        if cache is None:
+            return
+        try:
+            while True:
+                await wakeup.wait()
+                wakeup.clear()
+                pending, self._cache_pending = self._cache_pending, None
+                if pending is not None:
+                    await asyncio.to_thread(cache.write, pending[1], pending[0])
+        finally:
+            # Stopping (close, fork): the last applied state is written before the
+            # client returns; the writer drops anything older that is still in flight.
+            pending, self._cache_pending = self._cache_pending, None
+            if pending is not None:
+                cache.write(pending[1], pending[0])
+
+
+class _SessionError(Exception):
+    def __init__(self, message: str, synced: bool) -> None:
+        super().__init__(message)
+        self.synced = synced
+
+
+def _stopping() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+async def release_channels(cores: list[Any], within: float = 2.0) -> bool:
+    """Run the loop until gRPC let go of the channels in ``cores`` (emptied here).
+
+    Closing a channel cancels its calls, but their operations complete later,
+    through gRPC's poller thread and then this loop. A loop closed before that
+    never runs them, and what they hold (the call, so the channel) stays alive
+    for good, and with it gRPC's poller thread and core, into a fork, where the
+    child finds a poller without its thread and hangs or aborts. The stopping
+    agent thread runs this after its client task is gone (the task's
+    CancelledError holds the last session's frames).
+
+    Returns:
+        Whether every channel was released within ``within`` seconds.
+    """
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    deadline = started + within
+    collected = False
+    count = len(cores)
+    while cores:
+        core = cores.pop()
+        # Two references left when released: ``core`` and getrefcount's argument.
+        while sys.getrefcount(core) > 2:
+            if loop.time() > deadline:
+                log.warning("agent_channel_not_released refcount=%d", sys.getrefcount(core))
+                return False
+            if not collected:
+                collected = True
+                gc.collect()
+                continue
+            await asyncio.sleep(0.001)
+        del core
+    if count:
+        log.debug(
+            "agent_channels_released count=%d seconds=%.4f collected=%s",
+            count,
+            loop.time() - started,
+            collected,
+        )
+    return True
+
+
+async def _connected(channel: grpc.aio.Channel) -> None:
+    """Return once ``channel`` is connected; raise when it fails to connect."""
+    state = channel.get_state(try_to_connect=True)
+    while state is not grpc.ChannelConnectivity.READY:
+        if state in (
+            grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+            grpc.ChannelConnectivity.SHUTDOWN,
+        ):
+            raise _SessionError("could not connect", False)
+        await channel.wait_for_state_change(state)
+        state = channel.get_state(try_to_connect=True)

@@ -1,0 +1,170 @@
+"""The agent's configuration: argument > environment variable > default.
+
+=========================  ===========================  =============================
+argument                   environment variable         default
+=========================  ===========================  =============================
+``service``                ``CONTROLPLANE_SERVICE``     none: required
+``servers``                ``CONTROLPLANE_SERVERS``     none: required (comma list)
+``version``                ``CONTROLPLANE_VERSION``     ``""`` (unknown)
+``instance_id``            ``CONTROLPLANE_INSTANCE_ID`` ``<hostname>-<pid>-<random>``
+``cache_path``             ``CONTROLPLANE_CACHE_PATH``  none: no cache file
+=========================  ===========================  =============================
+
+An argument counts as given when it is not None; an empty environment variable
+counts as unset. Validation happens here, at construction, so that a
+misconfigured service fails at start-up with a message naming the setting rather
+than retrying a hopeless connection forever.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+ENV_SERVICE = "CONTROLPLANE_SERVICE"
+ENV_SERVERS = "CONTROLPLANE_SERVERS"
+ENV_VERSION = "CONTROLPLANE_VERSION"
+ENV_INSTANCE_ID = "CONTROLPLANE_INSTANCE_ID"
+ENV_CACHE_PATH = "CONTROLPLANE_CACHE_PATH"
+
+# The server's rules (controlplane.model, controlplane.service), repeated so that
+# the SDK imports nothing of the server.
+_SERVICE_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+_INSTANCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}")
+_INSTANCE_BAD_CHARS = re.compile(r"[^A-Za-z0-9._:@/-]")
+_VERSION_MAX = 128
+
+
+class AgentConfigError(ValueError):
+    """The agent's configuration is missing a setting or holds an invalid one."""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """A resolved, validated configuration.
+
+    Attributes:
+        service: The service the agent serves the state of.
+        servers: Control server targets (``host:port``), tried in turn.
+        version: The version the process runs, reported to the server.
+        instance_id: This process's id in status and acks.
+        cache_path: Where the last applied state is kept, or None.
+        instance_id_generated: Whether ``instance_id`` is the default (then a
+            forked child makes its own, with its own pid).
+    """
+
+    service: str
+    servers: tuple[str, ...]
+    version: str
+    instance_id: str
+    cache_path: Path | None
+    instance_id_generated: bool = False
+
+
+def default_instance_id() -> str:
+    """``<hostname>-<pid>-<6 hex>``, cut to what the server accepts."""
+    host = _INSTANCE_BAD_CHARS.sub("-", socket.gethostname()) or "host"
+    suffix = f"-{os.getpid()}-{secrets.token_hex(3)}"
+    host = host.lstrip("._:@/-") or "host"
+    return host[: 128 - len(suffix)] + suffix
+
+
+def resolve_config(
+    *,
+    service: str | None = None,
+    servers: Sequence[str] | str | None = None,
+    version: str | None = None,
+    instance_id: str | None = None,
+    cache_path: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> AgentConfig:
+    """Resolve each setting from its argument, else its environment variable, else
+    its default, and validate the result.
+
+    Args:
+        service: The service name (a DNS label).
+        servers: Server targets, as a list or one comma-separated string.
+        version: The running version.
+        instance_id: This instance's id.
+        cache_path: The cache file's path.
+        environ: The environment to read (default ``os.environ``).
+
+    Raises:
+        AgentConfigError: ``service`` or ``servers`` is given nowhere, or a
+            setting is invalid; the message names the argument and variable.
+    """
+    env = os.environ if environ is None else environ
+
+    def from_env(name: str) -> str | None:
+        raw = env.get(name, "").strip()
+        return raw or None
+
+    resolved_service = service if service is not None else from_env(ENV_SERVICE)
+    if not resolved_service:
+        raise AgentConfigError(
+            f"no service: pass service=... or set {ENV_SERVICE} (e.g. {ENV_SERVICE}=checkout)"
+        )
+    if not _SERVICE_RE.fullmatch(resolved_service):
+        raise AgentConfigError(
+            f"service {resolved_service!r} is not a DNS label (lowercase letters, digits "
+            "and '-', at most 63 characters, no '-' at either end)"
+        )
+
+    raw_servers: Sequence[str] | str | None = servers
+    if raw_servers is None:
+        raw_servers = from_env(ENV_SERVERS)
+    if raw_servers is None:
+        raise AgentConfigError(
+            f"no servers: pass servers=[...] or set {ENV_SERVERS} "
+            f"(comma-separated, e.g. {ENV_SERVERS}=10.0.0.5:50051,10.0.0.6:50051)"
+        )
+    if isinstance(raw_servers, str):
+        raw_servers = raw_servers.split(",")
+    targets = tuple(s.strip() for s in raw_servers if s.strip())
+    if not targets:
+        raise AgentConfigError(
+            f"servers is empty: give at least one host:port (argument or {ENV_SERVERS})"
+        )
+    for target in targets:
+        _check_target(target)
+
+    resolved_version = version if version is not None else (from_env(ENV_VERSION) or "")
+    if len(resolved_version) > _VERSION_MAX:
+        raise AgentConfigError(f"version is longer than {_VERSION_MAX} characters")
+
+    generated = False
+    resolved_instance = instance_id if instance_id is not None else from_env(ENV_INSTANCE_ID)
+    if resolved_instance is None:
+        resolved_instance = default_instance_id()
+        generated = True
+    if not _INSTANCE_RE.fullmatch(resolved_instance):
+        raise AgentConfigError(
+            f"instance_id {resolved_instance[:140]!r} is invalid: 1-128 characters A-Z, a-z, "
+            "0-9, '.', '_', ':', '@', '/' and '-', starting with a letter or digit"
+        )
+
+    raw_cache = cache_path if cache_path is not None else from_env(ENV_CACHE_PATH)
+    resolved_cache = Path(raw_cache) if raw_cache is not None and str(raw_cache) else None
+
+    return AgentConfig(
+        service=resolved_service,
+        servers=targets,
+        version=resolved_version,
+        instance_id=resolved_instance,
+        cache_path=resolved_cache,
+        instance_id_generated=generated,
+    )
+
+
+def _check_target(target: str) -> None:
+    # gRPC target URIs (dns:///, unix:, ipv4:, ...) are passed through as given.
+    if "://" in target or target.startswith(("unix:", "ipv4:", "ipv6:", "dns:")):
+        return
+    host, sep, port = target.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise AgentConfigError(f"server {target!r} is not host:port")
