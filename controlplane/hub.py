@@ -20,9 +20,10 @@ restarts from the new revision (streams behind it get a snapshot).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,7 @@ from controlplane.store import Store
 log = structlog.get_logger("controlplane.hub")
 
 DEFAULT_WINDOW = 1024  # relevant revisions kept per service for resuming agents
+FEED_IDLE_SECONDS = 300.0  # a service with no agent stream that long loses its feed
 
 
 @dataclass(slots=True)
@@ -53,46 +55,69 @@ class _Touch:
 
 
 class Feed:
-    """The changes that concern one service, for its agents' streams."""
+    """The changes that concern one service, for its agents' streams.
+
+    Lookups are binary searches on the revisions, so what a stream costs per change
+    does not grow with the history kept.
+    """
 
     def __init__(self, service: str, revision: int, window: int) -> None:
         self.service = service
         # Every relevant change after ``floor`` is in ``changes``.
         self.floor = revision
         self.latest = revision
-        self.changes: deque[agent_pb2.Change] = deque()
+        self._changes: list[agent_pb2.Change] = []
+        self._revisions: list[int] = []
+        self._start = 0  # entries before it were dropped (trimmed now and then)
         # revision -> time.monotonic() when it was appended (for latency metrics)
         self.appended_at: dict[int, float] = {}
         self._serialized: dict[int, bytes] = {}
         self.window = window
         self._wakeup = asyncio.Event()
         self.streams = 0
+        self.idle_since = time.monotonic()
+
+    @property
+    def changes(self) -> list[agent_pb2.Change]:
+        return self._changes[self._start :]
 
     def append(self, change: agent_pb2.Change) -> None:
-        if len(self.changes) >= self.window:
-            dropped = self.changes.popleft()
+        if len(self._changes) - self._start >= self.window:
+            dropped = self._changes[self._start]
+            self._start += 1
             self.floor = dropped.revision
             self.appended_at.pop(dropped.revision, None)
             self._serialized.pop(dropped.revision, None)
-        self.changes.append(change)
+            if self._start >= self.window:
+                del self._changes[: self._start]
+                del self._revisions[: self._start]
+                self._start = 0
+        self._changes.append(change)
+        self._revisions.append(change.revision)
         self.appended_at[change.revision] = time.monotonic()
         self.latest = change.revision
         self._wake()
 
     def reset(self, revision: int) -> None:
         """Forget the history: streams behind ``revision`` get a snapshot."""
-        self.changes.clear()
+        self._changes.clear()
+        self._revisions.clear()
+        self._start = 0
         self.appended_at.clear()
         self._serialized.clear()
         self.floor = revision
         self.latest = revision
         self._wake()
 
+    def _index_after(self, revision: int) -> int:
+        return max(bisect.bisect_right(self._revisions, revision), self._start)
+
     def serialized(self, revision: int) -> bytes:
         """The SyncResponse carrying the change of ``revision``, serialized once for all."""
         payload = self._serialized.get(revision)
         if payload is None:
-            change = next(c for c in self.changes if c.revision == revision)
+            index = bisect.bisect_left(self._revisions, revision)
+            change = self._changes[index]
             payload = agent_pb2.SyncResponse(change=change).SerializeToString()
             self._serialized[revision] = payload
         return payload
@@ -110,18 +135,28 @@ class Feed:
         """The changes after ``revision``; None when they are no longer all here."""
         if revision < self.floor:
             return None
-        return [c for c in self.changes if c.revision > revision]
+        return self._changes[self._index_after(revision) :]
+
+    def count_since(self, revision: int) -> int | None:
+        """How many changes came after ``revision`` (None: no longer known)."""
+        if revision < self.floor:
+            return None
+        return len(self._revisions) - self._index_after(revision)
 
 
 class AuditFeed:
     """The audit records of recent revisions, for ``WatchChanges`` streams."""
 
     def __init__(self, window: int) -> None:
-        self.entries: deque[tuple[int, list[Any]]] = deque(maxlen=window)
+        self.entries: deque[tuple[int, list[Any]]] = deque()
+        self.window = window
         self.latest = 0
+        self.floor = 0  # every audited revision after it is kept
         self._wakeup = asyncio.Event()
 
     def append(self, revision: int, entries: list[Any]) -> None:
+        if len(self.entries) >= self.window:
+            self.floor = self.entries.popleft()[0]
         self.entries.append((revision, entries))
         self.latest = revision
         wakeup, self._wakeup = self._wakeup, asyncio.Event()
@@ -134,8 +169,23 @@ class AuditFeed:
     def since(self, revision: int) -> tuple[list[tuple[int, list[Any]]], bool]:
         """The revisions after ``revision`` still here, and whether some were dropped."""
         kept = [(r, e) for r, e in self.entries if r > revision]
-        dropped = bool(self.entries) and self.entries[0][0] > revision + 1 and revision > 0
-        return kept, dropped
+        return kept, revision < self.floor
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _varint_field(number: int, value: int) -> bytes:
+    return _varint(number << 3) + _varint(value)
 
 
 def coalesce(changes: list[agent_pb2.Change]) -> agent_pb2.Change:
@@ -195,6 +245,14 @@ class Hub:
         self.ready = asyncio.Event()
         # path -> (protobuf record, mod revision); flags/<scope>/<name>, shedding/<s>, pins/<s>
         self._records: dict[str, tuple[Any, int]] = {}
+        # scope -> path -> flag record: a snapshot reads two scopes, not every record
+        self._flags_by_scope: dict[str, dict[str, Any]] = {}
+        # scope -> last revision that changed something of it
+        self._touched_at: dict[str, int] = {}
+        # service -> (relevant revision it was built at, the snapshot's bytes without
+        # its revision field): reconnect storms cost a lookup, not a scan
+        self._snapshots: dict[str, tuple[int, bytes]] = {}
+        self._loaded = False
         self._feeds: dict[str, Feed] = {}
         # The audit records of recent revisions, for WatchChanges.
         self.history = AuditFeed(window)
@@ -222,45 +280,69 @@ class Hub:
 
     async def _run(self) -> None:
         backoff = 0.05
+        need_load = not self.ready.is_set()
         while True:
             try:
-                if not self.ready.is_set():
+                if need_load:
                     await self._load()
+                    need_load = False
                 async for revision, events in self.store.watch(self.revision + 1):
                     backoff = 0.05
                     await self._apply(revision, events)
             except CompactedError as exc:
                 log.warning("hub_resync", reason="compacted", compact_revision=exc.compact_revision)
                 self.metrics.resyncs.labels("compacted").inc()
-                await self._reload()
+                need_load = True
             except ControlPlaneError as exc:
                 log.warning("hub_watch_broken", error=exc.message, resume_from=self.revision + 1)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # Never a silently frozen fan-out: start again from a fresh read.
+                log.exception("hub_failed")
+                self.metrics.resyncs.labels("error").inc()
+                need_load = True
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
 
     async def _load(self) -> None:
+        """Read the whole state; after the first time, every feed restarts from it."""
         with self.store.budget(max(self.store.etcd_timeout, 10.0)):
             rows, revision = await self.store.read_state()
-        self._records = {path: (record.to_proto(mod), mod) for path, record, mod in rows}
+        self._records = {}
+        self._flags_by_scope = {}
+        for path, record, mod in rows:
+            self._put(path, record.to_proto(mod), mod)
+        self._snapshots.clear()
+        self._touched_at = {}
         self.revision = revision
+        if self._loaded:
+            for feed in self._feeds.values():
+                feed.reset(revision)
+        self._loaded = True
         self.ready.set()
         self._release_waiters()
         log.info("hub_loaded", revision=revision, records=len(rows))
 
-    async def _reload(self) -> None:
-        """After a compaction: read everything again and restart every feed from there."""
-        try:
-            await self._load()
-        except ControlPlaneError as exc:
-            log.warning("hub_reload_failed", error=exc.message)
-            self.ready.clear()
-            return
-        for feed in self._feeds.values():
-            feed.reset(self.revision)
+    def _put(self, path: str, record: Any, mod: int) -> None:
+        self._records[path] = (record, mod)
+        if path.startswith("flags/"):
+            self._flags_by_scope.setdefault(path.split("/")[1], {})[path] = record
+
+    def _drop(self, path: str) -> None:
+        self._records.pop(path, None)
+        if path.startswith("flags/"):
+            scope = self._flags_by_scope.get(path.split("/")[1])
+            if scope is not None:
+                scope.pop(path, None)
 
     async def _apply(self, revision: int, events: list[Any]) -> None:
         start = time.perf_counter()
-        touched: dict[str, _Touch] = {}
+        # Decode everything first (that may wait on etcd), then change the mirror in
+        # one go: a snapshot never shows half a revision.
+        decoded_events: list[tuple[str, str, Any]] = []
         audits = []
         for event in events:
             if event.path.startswith("audit/") and event.value is not None:
@@ -269,30 +351,31 @@ class Hub:
                     audits.append(entry)
                 continue
             decoded = await self.store.decode_event(event)
-            if decoded is None:
-                continue
-            kind, record = decoded
-            parts = event.path.split("/")
+            if decoded is not None:
+                kind, record = decoded
+                proto = record.to_proto(event.mod_revision) if record is not None else None
+                decoded_events.append((event.path, kind, proto))
+        touched: dict[str, _Touch] = {}
+        for path, kind, proto in decoded_events:
+            parts = path.split("/")
             scope = parts[1]
             touch = touched.setdefault(scope, _Touch())
-            if record is None:
-                self._records.pop(event.path, None)
+            self._touched_at[scope] = revision
+            if proto is None:
+                self._drop(path)
             else:
-                self._records[event.path] = (
-                    record.to_proto(event.mod_revision),
-                    event.mod_revision,
-                )
+                self._put(path, proto, revision)
             if kind == "flag":
-                if record is None:
+                if proto is None:
                     touch.flags_removed.append(agent_pb2.FlagRef(scope=scope, name=parts[2]))
                 else:
-                    touch.flags_set.append(self._records[event.path][0])
+                    touch.flags_set.append(proto)
             elif kind == "shedding":
-                touch.shedding = self._records[event.path][0] if record is not None else None
-                touch.shedding_removed = record is None
+                touch.shedding = proto
+                touch.shedding_removed = proto is None
             elif kind == "pin":
-                touch.pin = self._records[event.path][0] if record is not None else None
-                touch.pin_removed = record is None
+                touch.pin = proto
+                touch.pin_removed = proto is None
         self.revision = max(self.revision, revision)
         if audits:
             self.history.append(revision, audits)
@@ -338,33 +421,49 @@ class Hub:
 
     def snapshot(self, service: str) -> agent_pb2.Snapshot:
         """Everything that concerns ``service`` now: its own entries and the global ones."""
-        snap = agent_pb2.Snapshot(revision=self.revision)
-        for scope in (GLOBAL_SCOPE, service):
-            prefix = f"flags/{scope}/"
-            snap.flags.extend(
-                record for path, (record, _) in self._records.items() if path.startswith(prefix)
-            )
-        shedding = self._records.get(f"shedding/{service}")
-        if shedding is not None:
-            snap.shedding.CopyFrom(shedding[0])
-        pin = self._records.get(f"pins/{service}")
-        if pin is not None:
-            snap.pin.CopyFrom(pin[0])
-        return snap
+        return agent_pb2.SyncResponse.FromString(self.snapshot_response(service)).snapshot
 
-    def records(self, service: str) -> Iterable[tuple[str, Any, int]]:
-        """(path, protobuf record, mod revision) of what concerns ``service``."""
-        for path, (record, mod) in self._records.items():
-            parts = path.split("/")
-            if parts[1] in (GLOBAL_SCOPE, service):
-                yield path, record, mod
+    def snapshot_response(self, service: str) -> bytes:
+        """A serialized SyncResponse with the service's snapshot at the current revision.
+
+        Built once per relevant change of the service, then only relabelled: the
+        revision field is written in front of the cached body (protobuf reads fields
+        in any order), so a reconnect storm costs no scan and no re-serialization.
+        """
+        stamp = max(self._touched_at.get(service, 0), self._touched_at.get(GLOBAL_SCOPE, 0))
+        cached = self._snapshots.get(service)
+        if cached is None or cached[0] != stamp:
+            body = agent_pb2.Snapshot()
+            for scope in (GLOBAL_SCOPE, service):
+                body.flags.extend(self._flags_by_scope.get(scope, {}).values())
+            shedding = self._records.get(f"shedding/{service}")
+            if shedding is not None:
+                body.shedding.CopyFrom(shedding[0])
+            pin = self._records.get(f"pins/{service}")
+            if pin is not None:
+                body.pin.CopyFrom(pin[0])
+            cached = (stamp, body.SerializeToString())
+            self._snapshots[service] = cached
+        snapshot = _varint_field(1, self.revision) + cached[1]
+        return b"\x0a" + _varint(len(snapshot)) + snapshot
+
+    def release(self, feed: Feed) -> None:
+        """A stream left. Feeds no stream used for ``FEED_IDLE_SECONDS`` are dropped (their
+        agents get a snapshot if they return), so per-service state does not pile up."""
+        now = time.monotonic()
+        if feed.streams <= 0:
+            feed.idle_since = now
+        for service, idle in list(self._feeds.items()):
+            if idle.streams <= 0 and now - idle.idle_since > FEED_IDLE_SECONDS:
+                del self._feeds[service]
+                self._snapshots.pop(service, None)
 
     def relevant_since(self, service: str, revision: int) -> int | None:
         """How many relevant changes for ``service`` came after ``revision`` (None: unknown)."""
         feed = self._feeds.get(service)
-        if feed is None or revision < feed.floor:
+        if feed is None:
             return None
-        return sum(1 for c in feed.changes if c.revision > revision)
+        return feed.count_since(revision)
 
     async def wait_for_revision(self, revision: int, within: float) -> bool:
         """Wait until the hub has seen ``revision``; False after ``within`` seconds."""

@@ -53,6 +53,7 @@ class Instance:
     connected_at: datetime
     server_id: str
     applied: int = 0
+    sent: int = 0  # the newest revision sent on this stream (acks are capped by it)
     last_seen: datetime | None = None
     nacks: dict[int, str] = field(default_factory=dict)
     connected: bool = True
@@ -217,7 +218,8 @@ class Presence:
 
     def nack(self, instance: Instance, revision: int, reason: str) -> None:
         instance.last_seen = model.utcnow()
-        instance.nacks[revision] = reason[:500]
+        # Only the newest rejection matters (and only while nothing later was applied).
+        instance.nacks = {revision: reason[:500]}
         self.metrics.nacks.labels(instance.service).inc()
         self._touch(instance.service)
 
@@ -298,28 +300,48 @@ class Presence:
             self._dirty = True
         revision = self._revision()
         if self._dirty or (self._written_chunks and revision != self._flushed_revision):
-            self._dirty = False
             rows = [i.to_record() for i in self._instances.values()]
-            if not rows and not self._written_chunks:
-                await self._flush_applied()
-                return  # nothing to say, nothing said before: no write
-            chunks = [rows[i : i + _CHUNK] for i in range(0, len(rows), _CHUNK)] or [[]]
-            base = f"{self.prefix}servers/{self.server_id}/"
-            for index, chunk in enumerate(chunks):
-                value = {"server_id": self.server_id, "revision": revision, "instances": chunk}
-                await self.store.put_raw(
-                    f"{base}{index:04d}", json.dumps(value).encode(), lease=self._lease
-                )
-            self._flushed_revision = revision
-            for index in range(len(chunks), self._written_chunks):
-                await self.store.delete_prefix_raw(f"{base}{index:04d}")
-            self._written_chunks = len(chunks)
+            if rows or self._written_chunks:  # nothing said before and nothing to say: no write
+                chunks = [rows[i : i + _CHUNK] for i in range(0, len(rows), _CHUNK)] or [[]]
+                base = f"{self.prefix}servers/{self.server_id}/"
+                now = model.format_time(model.utcnow())
+                ops = [
+                    self.store.put_op(
+                        f"{base}{index:04d}",
+                        json.dumps(
+                            {"server_id": self.server_id, "revision": revision,
+                             "reported_at": now, "instances": chunk}
+                        ).encode(),
+                        lease=self._lease,
+                    )
+                    for index, chunk in enumerate(chunks)
+                ]  # fmt: skip
+                ops += [
+                    self.store.delete_op(f"{base}{index:04d}")
+                    for index in range(len(chunks), self._written_chunks)
+                ]
+                await self.store.txn_raw(ops)
+                self._written_chunks = len(chunks)
+                self._flushed_revision = revision
+            # Only once written: a failed flush is tried again at the next one.
+            self._dirty = False
         await self._flush_applied()
 
     async def _flush_applied(self) -> None:
-        pending, self._applied = self._applied, {}
-        for (revision, service), (when, count) in sorted(pending.items()):
-            await self.store.put_raw(
-                f"{self.prefix}applied/{revision:020d}/{service}/{self.server_id}",
-                json.dumps({"all_acked_at": model.format_time(when), "instances": count}).encode(),
+        """Write the pending "all applied" records, 100 to a transaction; keep any not written."""
+        pending = sorted(self._applied.items())
+        for start in range(0, len(pending), 100):
+            batch = pending[start : start + 100]
+            await self.store.txn_raw(
+                [
+                    self.store.put_op(
+                        f"{self.prefix}applied/{revision:020d}/{service}/{self.server_id}",
+                        json.dumps(
+                            {"all_acked_at": model.format_time(when), "instances": count}
+                        ).encode(),
+                    )
+                    for (revision, service), (when, count) in batch
+                ]
             )
+            for key, _ in batch:
+                self._applied.pop(key, None)

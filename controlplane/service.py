@@ -34,6 +34,7 @@ from controlplane.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    UnavailableError,
 )
 from controlplane.hub import Feed, Hub, coalesce
 from controlplane.metrics import ServerMetrics
@@ -595,18 +596,27 @@ class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
         remaining = context.time_remaining()
         if remaining is not None:
             timeout = min(timeout, max(remaining - 0.05, 0.0))
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = started + timeout
         while True:
             with self.store.budget(self.store.etcd_timeout):
                 instances, reported = await self.presence.view(service)
             # Other replicas that have not reported past the revision may still hold
-            # acks (or agents) for it: wait for them too, up to the timeout.
-            behind = [server for server, seen in reported.items() if seen < request.revision]
+            # agents for it: wait for them a little (a live one reports within half a
+            # second; a dead one never will, and its agents move elsewhere).
+            behind = [
+                server
+                for server, seen in reported.items()
+                if seen < request.revision and time.monotonic() - started < REPLICA_GRACE
+            ]
             applied = [i for i in instances if i.applied >= request.revision]
+            # A rejected revision at or after R (R may have been coalesced into it) that
+            # the instance has not since applied past.
             nacks = {
-                i.instance_id: i.nacks[request.revision]
+                i.instance_id: reason
                 for i in instances
-                if request.revision in i.nacks
+                for rejected, reason in i.nacks.items()
+                if rejected >= request.revision and rejected > i.applied
             }
             pending = [
                 i for i in instances if i.applied < request.revision and i.instance_id not in nacks
@@ -695,6 +705,9 @@ def _time_or_none(request: Any, field_name: str) -> datetime | None:
 
 _INSTANCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}")
 HELLO_TIMEOUT = 10.0
+# How long a wait waits for another replica to report a revision before going on
+# without it (its flushes come every half second while it lives).
+REPLICA_GRACE = 2.0
 # How long a stream waits for this server to catch up with an agent that already
 # applied a newer revision (it came from a replica that is ahead).
 CATCH_UP_TIMEOUT = 5.0
@@ -723,7 +736,6 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             agent_version=hello.agent_version[:64],
             connected_at=model.utcnow(),
             server_id=self.presence.server_id,
-            applied=max(hello.last_applied_revision, 0),
         )
         log.info(
             "agent_connected",
@@ -751,9 +763,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 missed = feed.since(sent)
                 if missed is None:
                     self.metrics.snapshots.labels("behind").inc()
-                    snapshot = self.hub.snapshot(instance.service)
-                    await context.write(agent_pb2.SyncResponse(snapshot=snapshot))
-                    sent = snapshot.revision
+                    sent = self.hub.revision
+                    instance.sent = sent
+                    await context.write(self.hub.snapshot_response(instance.service))
                 elif missed:
                     # A stream that keeps up sends the feed's own serialized message.
                     payload = (
@@ -761,17 +773,22 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                         if len(missed) == 1
                         else agent_pb2.SyncResponse(change=coalesce(missed))
                     )
-                    await context.write(payload)
                     sent = missed[-1].revision
+                    instance.sent = sent
+                    await context.write(payload)
                     appended = feed.appended_at.get(sent)
                     if appended is not None:
                         self.metrics.stream_write_seconds.observe(time.monotonic() - appended)
         except asyncio.CancelledError:
             code = "CANCELLED"
             raise
+        except ControlPlaneError as exc:
+            code = exc.code.name
+            await context.abort(exc.code, exc.message)
         finally:
             reader.cancel()
             feed.streams -= 1
+            self.hub.release(feed)
             self.presence.disconnect(instance)
             _log_rpc(self.metrics, "Sync", code, start, "", None)
             log.info(
@@ -804,27 +821,39 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
     async def _first(self, context: Any, instance: Instance, feed: Feed, last: int) -> int:
         """Send the snapshot, or resume; return the revision the agent now has."""
-        await self.hub.ready.wait()
         if last > self.hub.revision and not await self.hub.wait_for_revision(
             last, CATCH_UP_TIMEOUT
         ):
-            # etcd was restored from an older backup, or this is another cluster: the
+            # Never send an agent back in time: if etcd has the agent's revision, this
+            # server is behind (its watch lags) and the agent should try another.
+            with self.store_budget():
+                current = await self.hub.store.revision()
+            if current >= last:
+                raise UnavailableError(
+                    f"this server is behind etcd (at revision {self.hub.revision}, the agent "
+                    f"applied {last}): try another server"
+                )
+            # etcd itself is older (restored from a backup, or another cluster): the
             # agent's revision will never come; its state is replaced by a snapshot.
             log.warning(
                 "agent_ahead_of_etcd",
                 service=instance.service,
                 instance_id=instance.instance_id,
                 agent_revision=last,
-                server_revision=self.hub.revision,
+                etcd_revision=current,
             )
             last = 0
         missed = feed.since(last) if last > 0 else None
         if missed is None:
             self.metrics.snapshots.labels("connect" if last == 0 else "resume_impossible").inc()
-            snapshot = self.hub.snapshot(instance.service)
-            await context.write(agent_pb2.SyncResponse(snapshot=snapshot))
-            return snapshot.revision
+            revision = self.hub.revision
+            instance.sent = revision
+            await context.write(self.hub.snapshot_response(instance.service))
+            return revision
         self.metrics.resumes.inc()
+        # Resuming: the agent has ``last`` (it said so; it cannot claim more than that).
+        instance.applied = last
+        instance.sent = last
         await context.write(
             agent_pb2.SyncResponse(
                 resume=agent_pb2.Resume(revision=last, server_revision=self.hub.revision)
@@ -832,15 +861,29 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         )
         if missed:
             change = coalesce(missed)
+            instance.sent = change.revision
             await context.write(agent_pb2.SyncResponse(change=change))
             return change.revision
         return last
+
+    def store_budget(self) -> Any:
+        return self.hub.store.budget(self.hub.store.etcd_timeout)
 
     async def _read_acks(self, request_iterator: Any, instance: Instance, feed: Feed) -> None:
         async for request in request_iterator:
             if request.WhichOneof("message") != "ack":
                 continue
             ack = request.ack
+            if ack.revision > instance.sent:
+                # An agent cannot have applied what it was not sent.
+                log.warning(
+                    "agent_ack_beyond_sent",
+                    service=instance.service,
+                    instance_id=instance.instance_id,
+                    acked=ack.revision,
+                    sent=instance.sent,
+                )
+                continue
             if ack.rejected_reason:
                 log.warning(
                     "agent_rejected_change",

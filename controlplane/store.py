@@ -565,21 +565,27 @@ class Store:
         raise UnavailableError(self._unreachable("the watch stream ended"))
 
     async def read_state(self) -> tuple[list[tuple[str, Any, int]], int]:
-        """Every flag, shedding level and pin (validated; bad records skipped), and the revision."""
-        start = self.prefix.encode()
-        response = await self._range(start, _range_end(start))
+        """Every flag, shedding level and pin (validated; bad records skipped), and the revision.
+
+        Three ranges read at one revision (not the whole prefix: the audit trail and
+        bundles would make it large).
+        """
         out = []
-        for kv in response.kvs:
-            path = kv.key.decode(errors="replace")[len(self.prefix) :]
-            if not path.startswith(("flags/", "shedding/", "pins/")):
-                continue
-            key = self._key_for_path(path)
-            if key is None:
-                continue
-            record, _valid = await self._decode(key, kv.value, kv.mod_revision)
-            if record is not None:
-                out.append((path, record, int(kv.mod_revision)))
-        return out, int(response.header.revision)
+        revision = 0
+        for path in ("flags/", "shedding/", "pins/"):
+            start = self._abs(path)
+            request = rpc.RangeRequest(key=start, range_end=_range_end(start), revision=revision)
+            response = await self._call("range", "Range", request, idempotent=True)
+            revision = revision or int(response.header.revision)
+            for kv in response.kvs:
+                rel = kv.key.decode(errors="replace")[len(self.prefix) :]
+                key = self._key_for_path(rel)
+                if key is None:
+                    continue
+                record, _valid = await self._decode(key, kv.value, kv.mod_revision)
+                if record is not None:
+                    out.append((rel, record, int(kv.mod_revision)))
+        return out, revision
 
     async def decode_event(self, event: WatchEvent) -> tuple[str, Any] | None:
         """A watched change as (kind, record or None for a deletion); None if not agents' business.
@@ -640,6 +646,21 @@ class Store:
         finally:
             call.cancel()
         return 0
+
+    @staticmethod
+    def put_op(key: str, value: bytes, *, lease: int = 0) -> Any:
+        """A put of an absolute key, for :meth:`txn_raw`."""
+        return rpc.RequestOp(request_put=rpc.PutRequest(key=key.encode(), value=value, lease=lease))
+
+    @staticmethod
+    def delete_op(key: str) -> Any:
+        """A delete of an absolute key, for :meth:`txn_raw`."""
+        return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key.encode()))
+
+    async def txn_raw(self, ops: Sequence[Any]) -> int:
+        """Several puts/deletes of absolute keys in one transaction; returns the revision."""
+        response = await self._txn([], list(ops))
+        return int(response.header.revision)
 
     async def put_raw(self, key: str, value: bytes, *, lease: int = 0) -> int:
         """Put an absolute key (outside the record layout: presence); returns the revision."""

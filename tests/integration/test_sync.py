@@ -36,7 +36,10 @@ async def set_flag(stub: Stub, scope: str, name: str, value: bool) -> int:
 async def test_snapshot_then_changes_in_revision_order(server: ControlServer, stub: Stub) -> None:
     await set_flag(stub, "global", "a", True)
     await set_flag(stub, "checkout", "b", False)
-    await set_flag(stub, "payments", "c", False)  # another service's: not sent
+    written = await set_flag(stub, "payments", "c", False)  # another service's: not sent
+    # The snapshot is the hub's view: let its watch see the writes first.
+    assert server.hub is not None
+    assert await server.hub.wait_for_revision(written, 10)
     async with RawAgent(server.address, "checkout", "i-1") as agent:
         first = await agent.next()
         assert first.WhichOneof("message") == "snapshot"
@@ -190,11 +193,13 @@ async def test_status_and_wait(server: ControlServer, stub: Stub) -> None:
         assert dict(status.drift) == {"v2": 1}
         assert [f.name for f in status.flags] == ["kill"]
 
-    async def gone() -> bool:
-        status = await stub.GetStatus(m.GetStatusRequest(service="checkout"))
-        return not status.instances
+    import asyncio
+    import time
 
-    assert await gone()
+    deadline = time.monotonic() + 10
+    while (await stub.GetStatus(m.GetStatusRequest(service="checkout"))).instances:
+        assert time.monotonic() < deadline, "disconnected agents still listed"
+        await asyncio.sleep(0.05)
 
 
 async def test_a_paused_agent_does_not_delay_the_others_and_catches_up(
@@ -338,3 +343,58 @@ async def test_when_all_instances_applied_a_change_is_recorded_and_pruned_with_t
     assert server.presence is not None
     assert await server.presence.prune_applied(revision + 1) == 1
     assert await raw_etcd.get(key) is None
+
+
+async def test_a_lagging_replica_never_sends_an_agent_back_in_time(
+    etcd: EmbeddedEtcd, prefix: str, server: ControlServer, stub: Stub, monkeypatch: Any
+) -> None:
+    import controlplane.service
+
+    monkeypatch.setattr(controlplane.service, "CATCH_UP_TIMEOUT", 0.5)
+    lagging = ControlServer(server_config(etcd.endpoint, prefix), registry=CollectorRegistry())
+    await lagging.start()
+    try:
+        assert lagging.hub is not None
+        await lagging.hub.ready.wait()
+        await lagging.hub.stop()  # its watch falls behind
+        revision = await set_flag(stub, "checkout", "kill", True)
+        async with RawAgent(lagging.address, "checkout", "i-1", last_applied=revision) as agent:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await agent.next()
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "behind etcd" in (info.value.details() or "")
+    finally:
+        await lagging.stop(grace=0)
+
+
+async def test_acks_beyond_what_was_sent_are_ignored_and_coalesced_nacks_count(
+    server: ControlServer, stub: Stub
+) -> None:
+    async with RawAgent(server.address, "checkout", "i-1", auto_ack=False) as agent:
+        snapshot = (await agent.next()).snapshot
+        await agent.ack(10**12)  # a claim it cannot have earned
+        waited = await stub.WaitApplied(
+            m.WaitAppliedRequest(
+                service="checkout", revision=snapshot.revision,
+                timeout=duration_pb2.Duration(nanos=300_000_000),
+            )
+        )  # fmt: skip
+        assert not waited.all_applied
+        assert [p.instance_id for p in waited.pending] == ["i-1"]
+        await agent.ack(snapshot.revision)
+    first = await set_flag(stub, "checkout", "a", True)
+    last = await set_flag(stub, "checkout", "b", True)
+    # Resuming from the snapshot: the two changes arrive coalesced, as ``last``.
+    async with RawAgent(
+        server.address, "checkout", "i-1", last_applied=snapshot.revision, auto_ack=False
+    ) as agent:
+        assert (await agent.next()).WhichOneof("message") == "resume"
+        change = (await agent.next()).change
+        assert change.revision == last
+        await agent.ack(last, rejected="cannot apply b")
+        waited = await stub.WaitApplied(
+            m.WaitAppliedRequest(
+                service="checkout", revision=first, timeout=duration_pb2.Duration(seconds=5)
+            )
+        )
+        assert dict(waited.nacks) == {"i-1": "cannot apply b"}

@@ -72,3 +72,54 @@ async def test_waiters_wake_on_append_and_reset() -> None:
     feed.reset(1)  # a resync: the floor moves, streams must look again
     feed.reset(5)
     await asyncio.wait_for(behind, 1)
+
+
+def test_a_full_window_keeps_the_newest_and_lookups_stay_exact() -> None:
+    feed = Feed("s", revision=0, window=4)
+    for revision in range(1, 20):
+        feed.append(agent_pb2.Change(revision=revision * 2))
+    assert [c.revision for c in feed.changes] == [32, 34, 36, 38]
+    assert feed.floor == 30
+    assert feed.since(29) is None
+    assert [c.revision for c in feed.since(33) or []] == [34, 36, 38]
+    assert feed.count_since(30) == 4
+    assert feed.count_since(38) == 0
+    assert agent_pb2.SyncResponse.FromString(feed.serialized(36)).change.revision == 36
+
+
+def test_audit_feed_says_when_records_were_dropped() -> None:
+    from controlplane.hub import AuditFeed
+
+    history = AuditFeed(window=2)
+    for revision in (5, 9, 12):
+        history.append(revision, [revision])
+    kept, dropped = history.since(6)
+    assert [r for r, _ in kept] == [9, 12] and not dropped
+    kept, dropped = history.since(4)
+    assert dropped  # revision 5 fell out of the window
+    _, dropped = history.since(7)
+    assert not dropped  # sparse revisions are not a gap
+
+
+async def test_snapshot_bytes_carry_the_current_revision_and_the_state() -> None:
+    from typing import Any
+
+    from prometheus_client import CollectorRegistry
+
+    from controlplane.hub import Hub
+    from controlplane.metrics import ServerMetrics
+
+    hub = Hub(Any, ServerMetrics(CollectorRegistry()))  # type: ignore[arg-type]
+    hub._put("flags/global/a", flag("global", "a", True), 3)
+    hub._put("flags/s/b", flag("s", "b", False), 4)
+    hub._put("flags/other/c", flag("other", "c", True), 5)
+    hub._put("pins/s", pb.Pin(service="s", version="v1"), 6)
+    hub.revision = 7
+    first = agent_pb2.SyncResponse.FromString(hub.snapshot_response("s")).snapshot
+    assert first.revision == 7
+    assert sorted((f.scope, f.name) for f in first.flags) == [("global", "a"), ("s", "b")]
+    assert first.pin.version == "v1"
+    hub.revision = 300  # relabelled without rebuilding (a multi-byte varint too)
+    assert agent_pb2.SyncResponse.FromString(hub.snapshot_response("s")).snapshot == (
+        agent_pb2.Snapshot(revision=300, flags=first.flags, pin=first.pin)
+    )
