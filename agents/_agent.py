@@ -11,10 +11,15 @@ Threads and fork (:class:`Agent`)::
                                                                         one grpc.aio channel)
     os.fork():  before        stop the agent thread: cancel, close the channel,
                               write the cache, close the loop (gRPC's poller goes
-                              with the last channel)
+                              with the last channel); wait STOP_TIMEOUT for it
                 after (parent) start a new agent thread: resume from the last revision
-                after (child)  same, with the parent's state and, if the instance id
-                              was the default, an id of its own (hostname-pid-random)
+                after (child)  same, with the parent's state and an instance id of its
+                              own: a default one made anew (hostname-pid-random), a
+                              given one with "-<pid>" appended (agents._config)
+                the thread did not stop in time (a change callback still running):
+                  parent: the stop is called off, the old thread goes on
+                  child:  no agent thread (a channel may be alive in the copy):
+                          the parent's state, STALE, logged as an error
 
 A gRPC channel alive across fork() can hang the child (grpc/grpc#13873); this
 is why the thread stops rather than pauses. ``gunicorn --preload`` (an agent
@@ -25,7 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
+import enum
 import logging
 import os
 import random
@@ -38,7 +43,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from agents import _state
 from agents._client import AgentState, ChangeCallback, Client, release_channels
-from agents._config import AgentConfig, default_instance_id, resolve_config
+from agents._config import AgentConfig, forked_config, resolve_config
 from agents._state import Criticality, FlagValue, PinnedVersion, Snapshot
 
 if TYPE_CHECKING:
@@ -80,8 +85,8 @@ class _Reads:
         """Whether to shed a request of this criticality (DESIGN.md, "Load shedding").
 
         Args:
-            criticality: The request's criticality; an unknown value counts as
-                ``CRITICAL``.
+            criticality: The request's criticality; an unknown value, of
+                whatever type, counts as ``CRITICAL`` (reads never raise).
             key: A user or session id: the same key gets the same decision for
                 as long as the level holds. Without it, the tier itself is shed
                 at random at its percentage.
@@ -166,7 +171,10 @@ class Agent(_Reads):
         version: The version this process runs; else ``CONTROLPLANE_VERSION``,
             else unknown.
         instance_id: This process's id; else ``CONTROLPLANE_INSTANCE_ID``, else
-            ``<hostname>-<pid>-<random>`` (made anew in forked children).
+            ``<hostname>-<pid>-<random>``. A default id is made anew in forked
+            children; a given one is used as given by this process, and a
+            forked child appends its pid (``<id>-<pid>``), so that workers
+            forked with the agent running count as instances of their own.
         cache_path: A file to keep the last applied state in and to boot from;
             else ``CONTROLPLANE_CACHE_PATH``, else none.
         registry: A Prometheus registry for the agent's metrics
@@ -220,6 +228,10 @@ class Agent(_Reads):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._restart_after_fork = False
+        # For the fork hook: the stop of a thread that did not stop in time, and
+        # that thread with its loop (the parent calls the stop off and keeps them).
+        self._fork_stop: _StopRequest | None = None
+        self._fork_kept: tuple[asyncio.AbstractEventLoop, threading.Thread] | None = None
         _AGENTS.add(self)
 
     def start(self) -> None:
@@ -294,32 +306,49 @@ class Agent(_Reads):
         self._loop, self._task, self._thread = loop, task, thread
         thread.start()
 
-    def _stop_thread(self) -> None:
+    def _stop_thread(self, *, for_fork: bool = False) -> bool:
+        """Cancel the agent thread's client and wait STOP_TIMEOUT for the thread.
+
+        Returns:
+            Whether the thread ended (or there was none). When not and
+            ``for_fork``, the stop request stays in ``self._fork_stop`` and the
+            thread in ``self._fork_kept``, for the fork hook to call the stop off.
+        """
         loop, task, thread = self._loop, self._task, self._thread
         self._loop = self._task = self._thread = None
+        self._fork_stop = self._fork_kept = None
         if thread is None or loop is None or task is None:
-            return
-        with contextlib.suppress(RuntimeError):  # the loop closed already
-            loop.call_soon_threadsafe(task.cancel)
-        # Once cancelled the task holds the last session's frames: only the
-        # thread may keep it (see release_channels).
-        del task, loop
+            return True
+        stop = _StopRequest(task)
+        try:
+            loop.call_soon_threadsafe(stop.run)
+        except RuntimeError:  # the loop closed already: the thread is ending
+            stop.forget()
         if thread is threading.current_thread():
-            return  # a callback closing its own agent: the thread ends after it
+            return False  # a callback closing its own agent: the thread ends after it
+        kept = (loop, thread)
+        # Once cancelled the task holds the last session's frames: only the
+        # thread may keep it (see release_channels); ``stop`` lets go of it
+        # when it cancels it.
+        del task, loop
         thread.join(STOP_TIMEOUT)
-        if thread.is_alive():
-            log.warning(
-                "agent_thread_not_stopped service=%s timeout=%s (a change callback is "
-                "still running?)",
-                self.service,
-                STOP_TIMEOUT,
-            )
+        if not thread.is_alive():
+            return True
+        log.warning(
+            "agent_thread_not_stopped service=%s timeout=%s (a change callback is still running?)",
+            self.service,
+            STOP_TIMEOUT,
+        )
+        if for_fork:
+            self._fork_stop, self._fork_kept = stop, kept
+        return False
 
     # ------------------------------------------------------------ fork
 
     def _before_fork(self) -> None:
         self._lock.acquire()
         self._restart_after_fork = False
+        self._fork_stop = self._fork_kept = None
         if not self._started or self._closed or self._thread is None:
             return
         if self._thread is threading.current_thread():
@@ -327,27 +356,117 @@ class Agent(_Reads):
             # wait; the child gets no agent thread (and no live channel) of its own.
             log.warning("agent_fork_from_callback service=%s", self.service)
             return
-        self._restart_after_fork = True
-        self._stop_thread()
+        self._restart_after_fork = self._stop_thread(for_fork=True)
 
     def _after_fork(self, *, child: bool) -> None:
+        stop, kept = self._fork_stop, self._fork_kept
+        self._fork_stop = self._fork_kept = None
+        plan = _after_fork_plan(
+            stopped=self._restart_after_fork, kept=kept is not None, child=child
+        )
         if child:
             # The child's only thread is the one that forked: locks and events
             # start afresh (the parent's lock is held by the fork itself).
             self._lock = threading.RLock()
             self._lock.acquire()
-            config = self._client.config
-            if config.instance_id_generated:
-                config = dataclasses.replace(config, instance_id=default_instance_id())
-            self._client.after_fork_in_child(config)
             self._ready = threading.Event()
+            self._client.after_fork_in_child(forked_config(self._client.config, os.getpid()))
             self._state_changed(self._client.state)
         try:
-            if self._restart_after_fork:
+            if plan is _AfterFork.RESTART:
                 self._start_thread()
+            elif plan is _AfterFork.ABANDON:
+                log.error(
+                    "agent_fork_without_agent service=%s: the agent thread did not stop "
+                    "within %ss before fork() (a change callback still running?); this "
+                    "process serves the parent's last state, %s, and gets no updates",
+                    self.service,
+                    STOP_TIMEOUT,
+                    self.state.value,
+                )
+            elif plan is _AfterFork.KEEP and stop is not None and kept is not None:
+                task = stop.revoke()
+                if task is not None:
+                    # The old thread goes on with its client, as if nothing happened.
+                    self._loop, self._thread = kept
+                    self._task = task
+                    log.warning(
+                        "agent_fork_stop_called_off service=%s: the agent thread goes on",
+                        self.service,
+                    )
+                else:
+                    # Cancelled already, ending slowly: a new thread once it is gone.
+                    self._restart_when_stopped(kept[1])
         finally:
             self._restart_after_fork = False
             self._lock.release()
+
+    def _restart_when_stopped(self, old: threading.Thread) -> None:
+        def restart() -> None:
+            old.join()
+            with self._lock:
+                if not self._closed and self._thread is None:
+                    self._start_thread()
+
+        log.warning("agent_fork_restart_deferred service=%s", self.service)
+        threading.Thread(
+            target=restart, name=f"controlplane-agent-restart-{self.service}", daemon=True
+        ).start()
+
+
+class _AfterFork(enum.Enum):
+    """What an agent does after a fork (see the module docstring)."""
+
+    NOTHING = "nothing"
+    """No thread ran before the fork, or it was the forking one."""
+    RESTART = "restart"
+    """The thread stopped: start a new one."""
+    KEEP = "keep"
+    """Parent, the thread did not stop: call the stop off, the old thread goes on."""
+    ABANDON = "abandon"
+    """Child, the thread did not stop: no thread (the copy may hold a live channel)."""
+
+
+def _after_fork_plan(*, stopped: bool, kept: bool, child: bool) -> _AfterFork:
+    """What to do after a fork, given whether the agent thread stopped before it
+    (``stopped``) or was still running after STOP_TIMEOUT (``kept``)."""
+    if stopped:
+        return _AfterFork.RESTART
+    if not kept:
+        return _AfterFork.NOTHING
+    return _AfterFork.ABANDON if child else _AfterFork.KEEP
+
+
+class _StopRequest:
+    """The cancel of an agent thread's client task, run in its loop, that the
+    fork hook may call off until it ran (the parent keeping a thread that did not
+    stop in time)."""
+
+    def __init__(self, task: asyncio.Task[None]) -> None:
+        self._task: asyncio.Task[None] | None = task
+        self._lock = threading.Lock()
+        self._ran = False
+
+    def run(self) -> None:
+        """In the loop: cancel the task, unless called off."""
+        with self._lock:
+            task, self._task = self._task, None
+            self._ran = task is not None
+        if task is not None:
+            task.cancel()
+
+    def forget(self) -> None:
+        """The loop closed before the cancel could run: nothing to call off."""
+        with self._lock:
+            self._task = None
+            self._ran = True
+
+    def revoke(self) -> asyncio.Task[None] | None:
+        """Call the cancel off: the task, if the cancel had not run yet (it never
+        will), else None."""
+        with self._lock:
+            task, self._task = self._task, None
+            return None if self._ran else task
 
 
 def _run_loop(handles: list[Any]) -> None:

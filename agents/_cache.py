@@ -3,12 +3,18 @@
 A write is atomic: the content goes to a temporary file in the same directory,
 is flushed to disk, and replaces the cache with ``os.replace``; a reader (this
 process after a restart, or another worker sharing the path) sees the old file or
-the new one, never a part. Several processes may share one path: each write is
-a complete state, and the last one wins.
+the new one, never a part.
 
 Writes are serialised per process and never go backwards: a write of an older
 state than the last one written is skipped (writes run on a worker thread and a
 stopping agent flushes its last state itself).
+
+Several processes may share one path (gunicorn workers): each write takes an
+exclusive ``flock`` on the sibling ``<path>.lock`` (created once, never removed)
+and, holding it, skips the write when the file already holds a newer revision of
+the same service, so that a worker that fell behind never replaces a newer state
+with its older one. The one exception is a state the server itself sent older
+(etcd restored from an older backup): it replaces whatever the file holds.
 """
 
 from __future__ import annotations
@@ -16,12 +22,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import tempfile
 import threading
-from datetime import datetime
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
-from agents._state import CorruptCacheError, Snapshot, snapshot_from_cache, snapshot_to_cache
+from agents._state import (
+    CorruptCacheError,
+    Snapshot,
+    snapshot_from_cache,
+    snapshot_to_cache,
+)
 
 log = logging.getLogger("agents")
 
@@ -45,6 +58,44 @@ def read_cache(path: Path, service: str, now: datetime) -> Snapshot | None:
     except CorruptCacheError as exc:
         log.warning("agent_cache_corrupt path=%s error=%s (ignored)", path, exc)
         return None
+    except Exception as exc:  # never: snapshot_from_cache says CorruptCacheError
+        log.warning("agent_cache_corrupt path=%s error=%r (ignored)", path, exc)
+        return None
+
+
+def lock_path(path: Path) -> Path:
+    """The lock file the writers of ``path`` take: ``<path>.lock``."""
+    return path.with_name(path.name + ".lock")
+
+
+if sys.platform == "win32":  # no flock: each write is still atomic, the last one wins
+
+    @contextlib.contextmanager
+    def _locked(path: Path) -> Iterator[None]:
+        yield
+
+else:
+    import fcntl
+
+    @contextlib.contextmanager
+    def _locked(path: Path) -> Iterator[None]:
+        """Hold an exclusive ``flock`` on ``path`` (created if missing)."""
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+
+def revision_on_disk(path: Path, service: str) -> int | None:
+    """The revision of the usable cache of ``service`` at ``path``, or None (no
+    file, unreadable, another service's, or one an agent would not boot from: a
+    corrupt file never keeps a good state out)."""
+    try:
+        return snapshot_from_cache(path.read_bytes(), service, datetime.now(UTC)).revision
+    except Exception:  # missing, unreadable or corrupt: nothing to protect
+        return None
 
 
 class CacheWriter:
@@ -56,14 +107,18 @@ class CacheWriter:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.lock_path = lock_path(path)
         self._lock = threading.Lock()
         self._written = -1
 
-    def write(self, snapshot: Snapshot, sequence: int) -> bool:
-        """Write ``snapshot`` unless a later ``sequence`` was written already.
+    def write(self, snapshot: Snapshot, sequence: int, *, replace_newer: bool = False) -> bool:
+        """Write ``snapshot`` unless a later ``sequence`` was written already, or
+        the file holds a newer revision of the same service.
 
         ``sequence`` orders the writes of one agent (its applied states, in
-        order). Errors are logged, not raised: a cache that cannot be written
+        order). ``replace_newer`` writes over a newer revision on disk: for a
+        state the server sent older than the one applied before (etcd went
+        back). Errors are logged, not raised: a cache that cannot be written
         must not stop the agent from applying the server's state.
 
         Returns:
@@ -73,7 +128,22 @@ class CacheWriter:
             if sequence <= self._written:
                 return False
             try:
-                write_atomic(self.path, snapshot_to_cache(snapshot))
+                data = snapshot_to_cache(snapshot)
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                # One writer at a time across the processes sharing the path; the
+                # check and the replace under the same lock.
+                with _locked(self.lock_path):
+                    on_disk = revision_on_disk(self.path, snapshot.service)
+                    if on_disk is not None and on_disk > snapshot.revision and not replace_newer:
+                        log.debug(
+                            "agent_cache_newer_on_disk path=%s revision=%d on_disk=%d (kept)",
+                            self.path,
+                            snapshot.revision,
+                            on_disk,
+                        )
+                        self._written = sequence
+                        return False
+                    write_atomic(self.path, data)
             except (OSError, ValueError) as exc:
                 log.warning("agent_cache_write_failed path=%s error=%s", self.path, exc)
                 return False

@@ -10,11 +10,17 @@ Per connection (DESIGN.md, "Agent protocol")::
 
     channel (own subchannel pool, keepalive) -> wait until connected (CONNECT_TIMEOUT)
     Sync: Hello(service, instance, version, last applied revision, agent version)
-      <- Snapshot   replaces the state (also when older: logged), ack
+          (revision 0 after a rejection: a full snapshot, please)
+      <- Snapshot   replaces the state, ack (older than the applied one: etcd
+                    went back, applied with a warning)
       <- Resume     nothing missed but what follows
-      <- Change     applied as one unit: ack; malformed: nack, keep the state;
-                    not newer than the state: dropped
-    stream lost -> STALE (or CONNECTING without state), backoff, next server
+      <- Change     applied as one unit: ack; not newer than the state: dropped
+      READY once the first Snapshot is applied or the Resume accepted
+    a malformed Snapshot or Change: nack, keep the state, end the stream and
+      reconnect (with backoff) asking for a snapshot
+    stream lost -> STALE (or CONNECTING without state), backoff, next server;
+      the backoff starts again from its base only after a session that stayed
+      up STABLE_SESSION seconds
 
 Beside the stream, in the same loop: the expiry timer (swaps the snapshot to
 :func:`agents._state.at` at ``next_expiry``, connected or not) and the cache
@@ -39,7 +45,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 import grpc.aio
@@ -94,6 +100,14 @@ _EOF: object = grpc.aio.EOF  # type: ignore[attr-defined]  # missing from grpc-s
 EXPIRY_RECHECK = 30.0
 """The expiry timer sleeps at most this long before reading the clock again, so
 that a wall clock set forward is followed within that time."""
+STABLE_SESSION = 5.0
+"""Seconds a session must have stayed up (from its first applied answer) for the
+reconnect backoff to start again from its base: a server that accepts streams
+and drops them at once is retried with a growing backoff, not every 50 ms by
+every agent."""
+NACK_CLOSE_TIMEOUT = 2.0
+"""Seconds to wait, after a nack, for the server to end the stream the agent
+closed its side of (so that the nack is read before the connection goes)."""
 
 
 class AgentState(enum.StrEnum):
@@ -210,11 +224,18 @@ class Client:
         self._pending_notice: StateChange | None = None
         self._cache = CacheWriter(config.cache_path) if config.cache_path else None
         self._cache_sequence = 0
-        self._cache_pending: tuple[int, Snapshot] | None = None
+        # (sequence, state, replace_newer): the next state for the cache writer.
+        self._cache_pending: tuple[int, Snapshot, bool] | None = None
         self._cache_wakeup: asyncio.Event | None = None
         self._expiry_wakeup: asyncio.Event | None = None
         self._next_server = 0
         self._connected = False
+        self.backoff = Backoff()
+        """The reconnect backoff, across sessions."""
+        self._resync = False
+        """Ask for a full snapshot (Hello revision 0): a Snapshot or Change was rejected."""
+        self._hello_revision = 0
+        self._synced_at: float | None = None
         self._last_contact = time.monotonic()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.closing_channels: list[Any] = []
@@ -275,14 +296,19 @@ class Client:
         return True
 
     def after_fork_in_child(self, config: AgentConfig) -> None:
-        """Forget the parent's connection and locks; keep its state."""
+        """Forget the parent's connection and locks; keep its state.
+
+        The state becomes ``STALE`` (``CONNECTING`` without state): also when
+        the parent's thread was still running, connected, at the fork.
+        """
         self.config = config
         self._callbacks_lock = threading.Lock()
         if self._cache is not None:
             self._cache.reset_after_fork()
         self._tasks = set()
-        self._connected = False
         self._cache_wakeup = self._expiry_wakeup = None
+        self.server = None
+        self._set_connected(False)
 
     # ------------------------------------------------------------ the coroutine
 
@@ -314,7 +340,7 @@ class Client:
             self._set_connected(False)
 
     async def _connect_loop(self) -> None:
-        backoff = Backoff()
+        backoff = self.backoff
         servers = self.config.servers
         # The last failure per server: a new kind of failure is a warning, the
         # same one again (every couple of seconds while a server is down) is not.
@@ -343,7 +369,8 @@ class Client:
                 )
                 detail = repr(exc)
             lost = synced or self.state is AgentState.READY
-            if lost:
+            synced_at, self._synced_at = self._synced_at, None
+            if synced_at is not None and time.monotonic() - synced_at >= STABLE_SESSION:
                 backoff.reset()
             self._set_connected(False)
             delay = backoff.next()
@@ -373,25 +400,40 @@ class Client:
     async def _session(self, target: str) -> bool:
         """One connection to ``target``; returns (or raises) when it ends.
 
-        Returns whether the stream got as far as the server's first answer.
+        Returns whether the stream got as far as an applied first answer (a
+        Snapshot applied or a Resume accepted); until then the agent stays
+        ``CONNECTING`` (``STALE`` with a state).
         """
         channel = grpc.aio.insecure_channel(target, options=list(CHANNEL_OPTIONS))
         stub: Any = None
         call: Any = None
         synced = False
+        self._synced_at = None
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 await _connected(channel)
             stub = agent_pb2_grpc.AgentServiceStub(channel)
             call = stub.Sync()
-            await call.write(agent_pb2.SyncRequest(hello=self._hello()))
+            hello = self._hello()
+            self._hello_revision = hello.last_applied_revision
+            await call.write(agent_pb2.SyncRequest(hello=hello))
+            delta: StateChange | None = None
             async with asyncio.timeout(FIRST_RESPONSE_TIMEOUT):
-                first = await call.read()
-            if first is _EOF:
-                code = await call.code()
-                raise _SessionError(f"stream closed before a first answer ({code.name})", False)
-            delta = await self._handle(call, first)
-            synced = True
+                while not synced:
+                    first = await call.read()
+                    if first is _EOF:
+                        code = await call.code()
+                        raise _SessionError(
+                            f"stream closed before a first answer ({code.name})", False
+                        )
+                    kind = first.WhichOneof("message")
+                    if kind == "change":
+                        self._resync = True
+                        raise _Rejected("a change before the first snapshot or resume")
+                    delta = await self._handle(call, first)
+                    # Anything else (a kind from a newer server) is ignored.
+                    synced = kind in ("snapshot", "resume")
+            self._synced_at = time.monotonic()
             self.server = target
             self._set_connected(True)
             log.info(
@@ -406,6 +448,8 @@ class Client:
                 if response is _EOF:
                     return True
                 self._notify(await self._handle(call, response))
+        except _Rejected as exc:
+            raise _SessionError(f"{exc}: asking for a snapshot", synced) from None
         except grpc.aio.AioRpcError as exc:
             if synced:
                 raise _SessionError(f"{exc.code().name}: {exc.details()}", True) from None
@@ -427,12 +471,20 @@ class Client:
             service=config.service,
             instance_id=config.instance_id,
             running_version=config.version,
-            last_applied_revision=self.snapshot.revision if self._has_state else 0,
+            last_applied_revision=(
+                self.snapshot.revision if self._has_state and not self._resync else 0
+            ),
             agent_version=AGENT_VERSION,
         )
 
     async def _handle(self, call: Any, response: agent_pb2.SyncResponse) -> StateChange | None:
-        """Apply one response and ack it; return what changed, for the callbacks."""
+        """Apply one response and ack it; return what changed, for the callbacks.
+
+        Raises:
+            _Rejected: A Snapshot or Change was rejected (and nacked), or a
+                Resume does not continue from the Hello's revision; the state is
+                kept and the stream is to end.
+        """
         self._last_contact = time.monotonic()
         kind = response.WhichOneof("message")
         service = self.config.service
@@ -441,16 +493,20 @@ class Client:
             try:
                 new = _state.snapshot_from_proto(service, response.snapshot, _now())
             except InvalidChangeError as exc:
-                await self._reject(call, revision, str(exc))
-                return None
-            if self._has_state and revision < self.snapshot.revision:
+                await self._reject(call, "snapshot", revision, str(exc))
+            older = self._has_state and revision < self.snapshot.revision
+            if older:
+                # The server sends one only when etcd itself went back (restored
+                # from an older backup): its state is the truth, older or not.
                 log.warning(
-                    "agent_snapshot_older service=%s revision=%d applied=%d (applied anyway)",
+                    "agent_snapshot_older service=%s revision=%d applied=%d (applied: the "
+                    "control plane's store went back)",
                     service,
                     revision,
                     self.snapshot.revision,
                 )
-            return await self._applied(call, new)
+            self._resync = False
+            return await self._applied(call, new, replace_newer=older)
         if kind == "change":
             revision = response.change.revision
             try:
@@ -464,38 +520,55 @@ class Client:
                 )
                 return None
             except InvalidChangeError as exc:
-                await self._reject(call, revision, str(exc))
-                return None
+                await self._reject(call, "change", revision, str(exc))
             return await self._applied(call, new)
-        if kind == "resume" and response.resume.revision != self.snapshot.revision:
-            log.warning(
-                "agent_resume_mismatch service=%s resume=%d applied=%d",
-                service,
-                response.resume.revision,
-                self.snapshot.revision,
-            )
+        if kind == "resume":
+            sent = self._hello_revision
+            if sent == 0 or response.resume.revision != sent:
+                log.warning(
+                    "agent_resume_mismatch service=%s resume=%d hello=%d applied=%d",
+                    service,
+                    response.resume.revision,
+                    sent,
+                    self.snapshot.revision,
+                )
+                self._resync = True
+                raise _Rejected(
+                    f"a resume from revision {response.resume.revision}, not from {sent}"
+                )
         # An unknown kind is from a newer server: ignored, so that old agents keep working.
         return None
 
-    async def _reject(self, call: Any, revision: int, reason: str) -> None:
+    async def _reject(self, call: Any, kind: str, revision: int, reason: str) -> NoReturn:
+        """Nack ``revision``, keep the state, and end the stream (reconnecting with
+        backoff, asking for a full snapshot): nothing later is applied on top of a
+        state that lacks the rejected revision's valid parts."""
+        self._resync = True
         log.warning(
-            "agent_change_rejected service=%s revision=%d reason=%s",
+            "agent_change_rejected service=%s kind=%s revision=%d reason=%s applied=%d "
+            "(state kept; reconnecting for a snapshot)",
             self.config.service,
+            kind,
             revision,
             reason,
+            self.snapshot.revision,
         )
         ack = agent_pb2.Ack(revision=revision, rejected_reason=reason[:1000] or "rejected")
         await call.write(agent_pb2.SyncRequest(ack=ack))
+        await _end_stream(call)
+        raise _Rejected(f"rejected the {kind} at revision {revision}")
 
-    async def _applied(self, call: Any, new: Snapshot) -> StateChange:
-        delta = self._swap(new, persist=True)
+    async def _applied(
+        self, call: Any, new: Snapshot, *, replace_newer: bool = False
+    ) -> StateChange:
+        delta = self._swap(new, persist=True, replace_newer=replace_newer)
         self._has_state = True
         await call.write(agent_pb2.SyncRequest(ack=agent_pb2.Ack(revision=new.revision)))
         return delta
 
     # ------------------------------------------------------------ state
 
-    def _swap(self, new: Snapshot, *, persist: bool) -> StateChange:
+    def _swap(self, new: Snapshot, *, persist: bool, replace_newer: bool = False) -> StateChange:
         old = self.snapshot
         self.snapshot = new
         self._publish(new)
@@ -503,7 +576,11 @@ class Client:
             self._expiry_wakeup.set()
         if persist and self._cache is not None and self._cache_wakeup is not None:
             self._cache_sequence += 1
-            self._cache_pending = (self._cache_sequence, new)
+            pending = self._cache_pending
+            # A state newer than an older snapshot not yet written replaces the
+            # pre-restore file all the same.
+            replace_newer = replace_newer or (pending is not None and pending[2])
+            self._cache_pending = (self._cache_sequence, new, replace_newer)
             self._cache_wakeup.set()
         if self._metrics is not None:
             self._metrics.revision.set(new.revision)
@@ -598,20 +675,45 @@ class Client:
                 await wakeup.wait()
                 wakeup.clear()
                 pending, self._cache_pending = self._cache_pending, None
-                if pending is not None:
-                    await asyncio.to_thread(cache.write, pending[1], pending[0])
+                if pending is None:
+                    continue
+                write = asyncio.ensure_future(
+                    asyncio.to_thread(cache.write, pending[1], pending[0], replace_newer=pending[2])
+                )
+                try:
+                    await asyncio.shield(write)
+                except asyncio.CancelledError:
+                    # Stopping: the write in flight may be the last state; it ends
+                    # before the client returns (close() promises the cache).
+                    await asyncio.wait([write])
+                    raise
         finally:
             # Stopping (close, fork): the last applied state is written before the
-            # client returns; the writer drops anything older that is still in flight.
+            # client returns; the writer drops anything older.
             pending, self._cache_pending = self._cache_pending, None
             if pending is not None:
-                cache.write(pending[1], pending[0])
+                cache.write(pending[1], pending[0], replace_newer=pending[2])
 
 
 class _SessionError(Exception):
     def __init__(self, message: str, synced: bool) -> None:
         super().__init__(message)
         self.synced = synced
+
+
+class _Rejected(Exception):
+    """What the server sent cannot be applied: end the stream, ask for a snapshot."""
+
+
+async def _end_stream(call: Any) -> None:
+    """Close the agent's side of ``call`` and wait, at most NACK_CLOSE_TIMEOUT, for
+    the server to end it: the server reads what the agent wrote before the end
+    (a cancel could drop it). Whatever comes meanwhile is not applied."""
+    with contextlib.suppress(Exception):
+        await call.done_writing()
+        async with asyncio.timeout(NACK_CLOSE_TIMEOUT):
+            while await call.read() is not _EOF:
+                pass
 
 
 def _stopping() -> bool:

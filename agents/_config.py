@@ -14,6 +14,14 @@ An argument counts as given when it is not None; an empty environment variable
 counts as unset. Validation happens here, at construction, so that a
 misconfigured service fails at start-up with a message naming the setting rather
 than retrying a hopeless connection forever.
+
+Instance ids and ``fork()``: an id given (argument or environment variable) is
+used as given by the process that created the agent. A forked child whose agent
+was created before the fork (``gunicorn --preload``) shares that id with its
+parent and siblings, and the server would count them as one instance: the child
+appends its pid (``<given id>-<pid>``, see :func:`forked_config`). A default id
+(``<hostname>-<pid>-<random>``) is made anew in the child. An agent created after
+the fork uses its id as given: give each process its own.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import re
 import secrets
 import socket
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 ENV_SERVICE = "CONTROLPLANE_SERVICE"
@@ -38,6 +46,7 @@ _SERVICE_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _INSTANCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}")
 _INSTANCE_BAD_CHARS = re.compile(r"[^A-Za-z0-9._:@/-]")
 _VERSION_MAX = 128
+_INSTANCE_MAX = 128
 
 
 class AgentConfigError(ValueError):
@@ -56,6 +65,8 @@ class AgentConfig:
         cache_path: Where the last applied state is kept, or None.
         instance_id_generated: Whether ``instance_id`` is the default (then a
             forked child makes its own, with its own pid).
+        instance_id_given: The id as given, when it was (a forked child's
+            ``instance_id`` is this with the child's pid appended); else "".
     """
 
     service: str
@@ -64,14 +75,33 @@ class AgentConfig:
     instance_id: str
     cache_path: Path | None
     instance_id_generated: bool = False
+    instance_id_given: str = ""
 
 
-def default_instance_id() -> str:
-    """``<hostname>-<pid>-<6 hex>``, cut to what the server accepts."""
+def default_instance_id(pid: int | None = None) -> str:
+    """``<hostname>-<pid>-<6 hex>`` (this process's pid by default), cut to what
+    the server accepts."""
     host = _INSTANCE_BAD_CHARS.sub("-", socket.gethostname()) or "host"
-    suffix = f"-{os.getpid()}-{secrets.token_hex(3)}"
+    suffix = f"-{os.getpid() if pid is None else pid}-{secrets.token_hex(3)}"
     host = host.lstrip("._:@/-") or "host"
-    return host[: 128 - len(suffix)] + suffix
+    return host[: _INSTANCE_MAX - len(suffix)] + suffix
+
+
+def forked_config(config: AgentConfig, pid: int) -> AgentConfig:
+    """The configuration of an agent carried into a forked child with pid ``pid``.
+
+    A default id is made anew (``<hostname>-<pid>-<random>``); a given one gets
+    ``-<pid>`` appended to the id as given (a grandchild's is the given id and
+    its own pid, not its parent's id extended), the given id cut so that the
+    result stays within 128 characters. The parent keeps its id as it is.
+    """
+    if config.instance_id_generated:
+        return replace(config, instance_id=default_instance_id(pid))
+    given = config.instance_id_given or config.instance_id
+    suffix = f"-{pid}"
+    return replace(
+        config, instance_id=given[: _INSTANCE_MAX - len(suffix)] + suffix, instance_id_given=given
+    )
 
 
 def resolve_config(
@@ -158,6 +188,7 @@ def resolve_config(
         instance_id=resolved_instance,
         cache_path=resolved_cache,
         instance_id_generated=generated,
+        instance_id_given="" if generated else resolved_instance,
     )
 
 

@@ -53,6 +53,8 @@ from controlplane.api.v1 import agent_pb2, types_pb2
 
 GLOBAL_SCOPE = "global"
 CACHE_FORMAT = 1
+MAX_REVISION = 2**63 - 1
+"""The largest revision there is (etcd's revisions are int64)."""
 
 FlagValue: TypeAlias = bool | float | str | dict[str, Any]
 """A flag's value: a kill switch, a number, a degradation mode or a JSON object."""
@@ -95,18 +97,23 @@ class Criticality(enum.IntEnum):
     SHEDDABLE = 4
 
     @classmethod
-    def parse(cls, value: str | int | None) -> Criticality:
+    def parse(cls, value: object) -> Criticality:
         """The criticality a header, metadata value or argument names.
 
         Tolerant, as request input must be: a member, its value, or its name in any
-        case with ``-`` or ``_`` (``"sheddable-plus"``); anything else is
-        :attr:`CRITICAL`, the default of a request.
+        case with ``-`` or ``_`` (``"sheddable-plus"``); anything else (another
+        string, a bool, None, a list, NaN, any object) is :attr:`CRITICAL`, the
+        default of a request. Never raises.
         """
-        found = _CRITICALITY.get(value)
-        if found is not None and not isinstance(value, bool):
-            return found
-        if isinstance(value, str):
-            return _CRITICALITY.get(value.strip().upper().replace("-", "_"), cls.CRITICAL)
+        try:
+            found = _CRITICALITY.get(value)
+            if found is not None and not isinstance(value, bool):
+                return found
+            if isinstance(value, str):
+                name = str.upper(str.strip(value)).replace("-", "_")
+                return _CRITICALITY.get(name, cls.CRITICAL)
+        except Exception:  # an unhashable value, or one whose hash or == raises
+            return cls.CRITICAL
         return cls.CRITICAL
 
 
@@ -272,9 +279,13 @@ def enabled(snapshot: Snapshot, name: str, default: bool) -> bool:
 
     A flag holding another kind of value (a string, a number, an object) is not a
     kill switch, and reading it as one gives the default rather than guessing
-    what its truthiness means.
+    what its truthiness means. Never raises: a name that is no flag name (an
+    unhashable one included) gives the default.
     """
-    v = snapshot.flags.get(name)
+    try:
+        v = snapshot.flags.get(name)
+    except Exception:
+        return default
     if v is True:
         return True
     if v is False:
@@ -283,23 +294,38 @@ def enabled(snapshot: Snapshot, name: str, default: bool) -> bool:
 
 
 def value(snapshot: Snapshot, name: str, default: _T) -> FlagValue | _T:
-    """The flag's value of whatever kind, or ``default`` when the flag is not set."""
-    return snapshot.flags.get(name, default)
+    """The flag's value of whatever kind, or ``default`` when the flag is not set.
+
+    Never raises: a name that is no flag name (an unhashable one included) gives
+    the default.
+    """
+    try:
+        return snapshot.flags.get(name, default)
+    except Exception:
+        return default
 
 
 def should_shed(
     snapshot: Snapshot,
-    criticality: Criticality | str,
+    criticality: Criticality | str | object,
     rand: Callable[[], float] = random.random,
 ) -> bool:
     """Whether to shed a request of this criticality (DESIGN.md, "Load shedding").
 
     Less critical than the tier: shed; the tier itself: shed when ``rand()`` (in
     [0, 1)) falls below ``percent / 100``; more critical, or no shedding: not shed.
-    ``rand`` is called only for requests of the tier itself.
+    ``rand`` is called only for requests of the tier itself. A criticality that
+    :meth:`Criticality.parse` does not recognise, of whatever type, counts as
+    ``CRITICAL``: never an exception on the read path.
     """
-    c = _CRITICALITY.get(criticality)
-    if c is None:
+    # One dict lookup for a member or an exact name; anything else, even
+    # unhashable, goes to Criticality.parse. True == 1 and hashes alike, but a
+    # bool is no criticality.
+    try:
+        c = _CRITICALITY.get(criticality)
+    except Exception:
+        c = None
+    if c is None or criticality is True:
         c = Criticality.parse(criticality)
     tier = snapshot.shed_tier
     if c < tier:
@@ -309,15 +335,37 @@ def should_shed(
     return rand() < snapshot.shed_fraction
 
 
-def should_shed_key(snapshot: Snapshot, criticality: Criticality | str, key: str) -> bool:
+def _key_bytes(key: object) -> bytes:
+    """The bytes a request key hashes as: a string's UTF-8 (lone surrogates kept),
+    bytes as they are, anything else as its ``str()``; never raises."""
+    try:
+        if isinstance(key, str):
+            return str.encode(key, "utf-8", "surrogatepass")
+        if isinstance(key, bytes | bytearray | memoryview):
+            return bytes(key)
+        return str.encode(str(key), "utf-8", "surrogatepass")
+    except Exception:  # a str() that raises: one bucket for all such keys
+        return b""
+
+
+def should_shed_key(
+    snapshot: Snapshot, criticality: Criticality | str | object, key: str | object
+) -> bool:
     """Like :func:`should_shed`, with a stable decision per request key.
 
     The key (a user or session id) hashes to [0, 2**32): the same key gets the
     same decision for as long as the level holds, in every process and service,
-    and a key shed at 20 % is also shed at 30 %.
+    and a key shed at 20 % is also shed at 30 %. A key that is not a string is
+    hashed as its ``str()`` (bytes as they are); never an exception.
     """
-    c = _CRITICALITY.get(criticality)
-    if c is None:
+    # One dict lookup for a member or an exact name; anything else, even
+    # unhashable, goes to Criticality.parse. True == 1 and hashes alike, but a
+    # bool is no criticality.
+    try:
+        c = _CRITICALITY.get(criticality)
+    except Exception:
+        c = None
+    if c is None or criticality is True:
         c = Criticality.parse(criticality)
     tier = snapshot.shed_tier
     if c < tier:
@@ -329,7 +377,7 @@ def should_shed_key(snapshot: Snapshot, criticality: Criticality | str, key: str
     # standard deviations from the set percentage. Murmur3's 32-bit finalizer
     # mixes it; together still well under a microsecond, and stable across
     # processes, unlike hash().
-    h = zlib.crc32(key.encode())
+    h = zlib.crc32(_key_bytes(key))
     h ^= h >> 16
     h = (h * 0x85EBCA6B) & 0xFFFFFFFF
     h ^= h >> 13
@@ -770,8 +818,20 @@ def snapshot_from_cache(data: bytes, service: str, now: datetime) -> Snapshot:
 
     Raises:
         CorruptCacheError: The content is not a cache of this format, is for
-            another service, or holds a record the agent would reject.
+            another service, or holds a record the agent would reject; whatever
+            is wrong with the content, never another exception.
     """
+    try:
+        return _snapshot_from_cache(data, service, now)
+    except CorruptCacheError:
+        raise
+    except InvalidChangeError as exc:
+        raise CorruptCacheError(f"invalid record: {exc}") from None
+    except Exception as exc:  # anything else a damaged or hand-edited file can cause
+        raise CorruptCacheError(f"unusable ({type(exc).__name__}: {exc})") from None
+
+
+def _snapshot_from_cache(data: bytes, service: str, now: datetime) -> Snapshot:
     try:
         doc = json.loads(data)
     except (ValueError, RecursionError) as exc:
@@ -786,7 +846,11 @@ def snapshot_from_cache(data: bytes, service: str, now: datetime) -> Snapshot:
     if cached_service != service:
         raise CorruptCacheError(f"the cache is for service {cached_service!r}, not {service!r}")
     revision = doc.get("revision")
-    if not isinstance(revision, int) or isinstance(revision, bool) or revision < 0:
+    if (
+        not isinstance(revision, int)
+        or isinstance(revision, bool)
+        or not 0 <= revision <= MAX_REVISION
+    ):
         raise CorruptCacheError(f"revision {revision!r} is not a revision")
     records = doc.get("records")
     if not isinstance(records, dict):
@@ -797,10 +861,7 @@ def snapshot_from_cache(data: bytes, service: str, now: datetime) -> Snapshot:
     except (json_format.ParseError, ValueError, TypeError, RecursionError) as exc:
         raise CorruptCacheError(f"records do not parse: {exc}") from None
     msg.revision = revision
-    try:
-        return snapshot_from_proto(service, msg, now)
-    except InvalidChangeError as exc:
-        raise CorruptCacheError(f"invalid record: {exc}") from None
+    return snapshot_from_proto(service, msg, now)
 
 
 # ---------------------------------------------------------------- changes for callbacks

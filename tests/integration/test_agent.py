@@ -208,6 +208,26 @@ def is_update(**expected: Any) -> Any:
     return check
 
 
+async def serving(agent: Agent | AsyncAgent, revision: int, within: float = 10.0) -> None:
+    """Until ``agent`` serves ``revision`` or a later one.
+
+    A server's snapshot is the state its etcd watch has seen: a write acknowledged
+    a moment before the agent connected may follow as a change.
+    """
+    arrived = threading.Event()
+
+    def check(change: StateChange) -> None:
+        if change.revision >= revision:
+            arrived.set()
+
+    remove = agent.on_change(check)
+    try:
+        if agent.revision < revision:
+            assert await asyncio.to_thread(arrived.wait, within), f"never got to {revision}"
+    finally:
+        remove()
+
+
 def timestamp(ts: Any) -> float:
     value: datetime = ts.ToDatetime(tzinfo=UTC)
     return value.timestamp()
@@ -300,13 +320,15 @@ async def test_an_agent_boots_from_its_cache_when_no_server_answers(
     revision = last.result.revision
     with Agent("checkout", [server.address], cache_path=cache) as agent:
         assert await asyncio.to_thread(agent.wait_ready, 10)
+        await serving(agent, revision)
         assert agent.revision == revision
     # close() wrote the last state; read it back independently of the agent.
     doc = json.loads(cache.read_bytes())
     assert (doc["service"], doc["revision"]) == ("checkout", revision)
     cached = snapshot_from_cache(cache.read_bytes(), "checkout", datetime.now(UTC))
     assert dict(cached.flags) == {"mode": "read-only", "new-ui": False}
-    assert [p.name for p in cache.parent.iterdir()] == ["checkout.json"]  # no temp files left
+    # No temp files left; the writers' lock file stays (it is never removed).
+    assert sorted(p.name for p in cache.parent.iterdir()) == ["checkout.json", "checkout.json.lock"]
 
     seen: list[StateChange] = []
     booted = Agent("checkout", [dead_address()], cache_path=cache, on_change=seen.append)
@@ -327,8 +349,13 @@ async def test_an_agent_boots_from_its_cache_when_no_server_answers(
 
 @pytest.mark.parametrize(
     "content",
-    [b'{"format": 1, "service": "checkout", "revision": 12, "rec', b'{"format": 1}', b"\x00\xff"],
-    ids=["truncated", "incomplete", "binary"],
+    [
+        b'{"format": 1, "service": "checkout", "revision": 12, "rec',
+        b'{"format": 1}',
+        b"\x00\xff",
+        b'{"format": 1, "service": "checkout", "revision": 9223372036854775808, "records": {}}',
+    ],
+    ids=["truncated", "incomplete", "binary", "revision-beyond-int64"],
 )
 async def test_a_corrupt_cache_is_ignored_with_a_warning(
     server: ControlServer,
@@ -382,7 +409,7 @@ async def test_a_cache_of_another_service_is_not_used(
 async def test_the_first_server_down_the_agent_connects_to_the_second(
     server: ControlServer, stub: Stub
 ) -> None:
-    await stub.SetFlag(
+    response = await stub.SetFlag(
         m.SetFlagRequest(
             scope="checkout", name="mode", value=flag_value("lite"), options=write_options()
         )
@@ -390,11 +417,12 @@ async def test_the_first_server_down_the_agent_connects_to_the_second(
     with Agent("checkout", [dead_address(), server.address]) as agent:
         assert await asyncio.to_thread(agent.wait_ready, 10)
         assert agent.server == server.address
+        await serving(agent, response.result.revision)
         assert agent.value("mode") == "lite"
 
 
 async def test_async_agent_reads_and_sees_a_flip(server: ControlServer, stub: Stub) -> None:
-    await stub.SetFlag(
+    first = await stub.SetFlag(
         m.SetFlagRequest(
             scope="global", name="new-ui", value=flag_value(True), options=write_options()
         )
@@ -410,6 +438,7 @@ async def test_async_agent_reads_and_sees_a_flip(server: ControlServer, stub: St
     async with AsyncAgent("checkout", [server.address], version="v2") as agent:
         assert await agent.wait_ready(10)
         assert agent.state is AgentState.READY
+        await serving(agent, first.result.revision)
         assert agent.enabled("new-ui") is True
         assert agent.value("missing", "dflt") == "dflt"
         assert agent.should_shed("SHEDDABLE") is False
@@ -488,7 +517,9 @@ def test_a_frozen_server_is_noticed_within_seconds(launch: Launcher) -> None:
         stale = agent.wait_for(is_update(state="STALE"), timeout=20, what="STALE", start=mark)
     finally:
         server.proc.send_signal(signal.SIGCONT)
-    assert stale["t"] - frozen_at < 9.0  # a ping after 6 s idle, unanswered for 2 s
+    # A ping after 6 s idle, unanswered for 2 s: 8 s nominal; the rest is slack for a
+    # busy machine (the point: seconds, not the minutes of TCP's own timeouts).
+    assert stale["t"] - frozen_at < 15.0
     assert stale["flags"] == {"mode": "degraded"}
     back = agent.wait_for(is_update(state="READY"), what="READY again", start=agent.mark())
     assert back["flags"] == {"mode": "degraded"}
@@ -501,7 +532,9 @@ def test_a_time_boxed_change_expires_in_the_agent_while_the_server_is_down(
     agent = launch.agent([server.address], ["new-ui"])
     agent.wait_for(is_update(state="READY"), what="ready")
     set_flag_blocking(server.address, "new-ui", True)
-    boxed = set_flag_blocking(server.address, "new-ui", False, ttl=3)
+    # Long enough for the agent to get the box and notice the kill before it expires,
+    # also on a busy machine (checked below: the test means nothing otherwise).
+    boxed = set_flag_blocking(server.address, "new-ui", False, ttl=8)
     expires_at = timestamp(boxed.flag.meta.expires_at)
     boxed_line = agent.wait_for(
         is_update(revision=boxed.result.revision, flags={"new-ui": False}), what="the box"
@@ -522,8 +555,9 @@ def test_a_time_boxed_change_expires_in_the_agent_while_the_server_is_down(
     )
     assert restored["state"] == "STALE"
     assert restored["revision"] == boxed.result.revision  # the agent's own switch, no server
-    # On time: not before expires_at, and within the observer's polling and scheduling slack.
-    assert expires_at <= restored["t"] < expires_at + 1.0
+    # On time: the agent switches by itself at expires_at; the rest is the observer's
+    # polling and a busy machine's scheduling slack.
+    assert expires_at <= restored["t"] < expires_at + 1.5
 
 
 # ---------------------------------------------------------------- gunicorn --preload
@@ -538,7 +572,10 @@ def http_get(url: str) -> dict[str, Any] | None:
         return None
 
 
-def test_gunicorn_preload_workers_see_a_flip(launch: Launcher, tmp_path: Path) -> None:
+@pytest.mark.parametrize("instance_id", [None, "web"], ids=["default-id", "given-id"])
+def test_gunicorn_preload_workers_see_a_flip(
+    launch: Launcher, tmp_path: Path, instance_id: str | None
+) -> None:
     workers = 3
     server = launch.server()
     set_flag_blocking(server.address, "mode", "full")
@@ -552,6 +589,9 @@ def test_gunicorn_preload_workers_see_a_flip(launch: Launcher, tmp_path: Path) -
         # Newer gunicorn opens a control socket under $HOME/.gunicorn: keep it in the test's.
         HOME=str(tmp_path),
     )
+    if instance_id is not None:
+        # One id for the master and every worker: each worker appends its pid.
+        env["CONTROLPLANE_INSTANCE_ID"] = instance_id
     log_path = tmp_path / "gunicorn.log"
     with log_path.open("w") as log_file:
         proc = subprocess.Popen(
@@ -599,6 +639,10 @@ def test_gunicorn_preload_workers_see_a_flip(launch: Launcher, tmp_path: Path) -
         before = poll_workers("full", 30)
         # Every worker has an agent (and an instance id) of its own, and so does the master.
         assert len({a["instance_id"] for a in before.values()}) == workers
+        if instance_id is not None:
+            assert {a["instance_id"] for a in before.values()} == {
+                f"{instance_id}-{pid}" for pid in before
+            }
         flip = set_flag_blocking(server.address, "mode", "degraded")
         after = poll_workers("degraded", 15)
         assert set(after) == set(before)  # the same workers, none restarted

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import random
 import subprocess
 import sys
 from collections.abc import Callable
@@ -505,6 +507,82 @@ def test_criticality_parse_is_tolerant(given: Any, expected: Criticality) -> Non
     assert Criticality.parse(given) is expected
 
 
+class Hostile:
+    """A value whose hash and comparisons raise."""
+
+    def __hash__(self) -> int:
+        raise RuntimeError("no hash")
+
+    def __eq__(self, other: object) -> bool:
+        raise RuntimeError("no eq")
+
+    def __str__(self) -> str:
+        raise RuntimeError("no str")
+
+
+class SameHashAsCritical:
+    """Hashes like CRITICAL, so a dict lookup compares it, and the comparison raises."""
+
+    def __hash__(self) -> int:
+        return hash(2)
+
+    def __eq__(self, other: object) -> bool:
+        raise ValueError("no eq")
+
+
+ODD_INPUTS: list[Any] = [
+    ["x"],
+    {"a": 1},
+    {"SHEDDABLE"},
+    float("nan"),
+    float("inf"),
+    4.5,
+    -1,
+    2**100,
+    True,
+    False,
+    None,
+    object(),
+    b"SHEDDABLE",
+    bytearray(b"x"),
+    "\ud800",  # a lone surrogate
+    "\x00" * 10_000,
+    Hostile(),
+    SameHashAsCritical(),
+    Criticality,
+]
+
+
+@pytest.mark.parametrize("odd", ODD_INPUTS, ids=lambda v: type(v).__name__)
+def test_reads_never_raise_and_an_odd_criticality_is_critical(odd: Any) -> None:
+    assert Criticality.parse(odd) is Criticality.CRITICAL
+    # CRITICAL: shed at a CRITICAL tier (100 %), kept at any less critical one.
+    at_critical = snap(flag("on", True), shed=shedding(int(Criticality.CRITICAL), 100))
+    at_sheddable = snap(flag("on", True), shed=shedding(int(Criticality.SHEDDABLE), 100))
+    assert _state.should_shed(at_critical, odd, fixed(0.5)) is True
+    assert _state.should_shed(at_sheddable, odd, never) is False
+    assert _state.should_shed_key(at_critical, odd, "user-1") is True
+    assert _state.should_shed_key(at_sheddable, odd, "user-1") is False
+    # Odd names and keys: the default, and a decision (the same one each time).
+    assert _state.enabled(at_critical, odd, True) is True
+    assert _state.enabled(at_critical, odd, False) is False
+    assert _state.value(at_critical, odd, "dflt") == "dflt"
+    half = snap(shed=shedding(int(Criticality.SHEDDABLE), 50))
+    decision = _state.should_shed_key(half, "SHEDDABLE", odd)
+    assert decision in (True, False)
+    assert _state.should_shed_key(half, "SHEDDABLE", odd) is decision
+
+
+def test_keys_that_are_not_strings_hash_as_their_str() -> None:
+    half = snap(shed=shedding(int(Criticality.SHEDDABLE), 50))
+    keys = range(200)
+    as_ints = [_state.should_shed_key(half, "SHEDDABLE", k) for k in keys]
+    as_strs = [_state.should_shed_key(half, "SHEDDABLE", str(k)) for k in keys]
+    assert as_ints == as_strs and any(as_ints) and not all(as_ints)
+    as_bytes = [_state.should_shed_key(half, "SHEDDABLE", str(k).encode()) for k in keys]
+    assert as_bytes == as_strs
+
+
 @pytest.mark.parametrize("key_form", ["user-{}", "session-{}", "order:{:08d}", "{}"])
 def test_stable_key_decisions_shed_the_set_share_of_the_tier(key_form: str) -> None:
     s30 = snap(shed=shedding(int(Criticality.SHEDDABLE), 30))
@@ -591,6 +669,9 @@ def _cache_with(**changes: Any) -> bytes:
         (_cache_with(service="payments"), "for service 'payments', not 'checkout'"),
         (_cache_with(revision="77"), "revision '77'"),
         (_cache_with(revision=-1), "revision -1"),
+        (_cache_with(revision=2**63), "revision 9223372036854775808 is not a revision"),
+        (_cache_with(revision=10**400), "is not a revision"),
+        (_cache_with(revision=True), "revision True"),
         (_cache_with(records=[]), "'records'"),
         (_cache_with(records={"flags": "nope"}), "do not parse"),
         (
@@ -606,6 +687,74 @@ def _cache_with(**changes: Any) -> bytes:
 def test_an_unusable_cache_says_why(data: bytes, reason: str) -> None:
     with pytest.raises(CorruptCacheError, match=reason):
         _state.snapshot_from_cache(data, SERVICE, T0)
+
+
+def _paths(node: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Every place in a JSON document, the root included."""
+    found = [path]
+    if isinstance(node, dict):
+        for key, child in node.items():
+            found += _paths(child, (*path, key))
+    elif isinstance(node, list):
+        for index, child in enumerate(node):
+            found += _paths(child, (*path, index))
+    return found
+
+
+def _replaced(doc: Any, path: tuple[Any, ...], new: Any) -> Any:
+    if not path:
+        return new
+    copy = json.loads(json.dumps(doc))
+    node = copy
+    for step in path[:-1]:
+        node = node[step]
+    node[path[-1]] = new
+    return copy
+
+
+ODD_JSON: list[Any] = [
+    2**63,
+    -(2**63) - 1,
+    10**400,
+    -1,
+    1e308,
+    0.5,
+    None,
+    True,
+    "",
+    "x" * 3000,
+    "10000-01-01T00:00:00Z",
+    [],
+    [None],
+    {},
+    {"seconds": 2**70},
+]
+
+
+def test_whatever_a_cache_file_holds_the_only_error_is_corrupt_cache() -> None:
+    """Every place of a real cache file, given every odd JSON value: a snapshot or
+    CorruptCacheError, never another exception (Agent.start() must not raise)."""
+    doc = json.loads(_state.snapshot_to_cache(full_snapshot()))
+    outcomes = {"loaded": 0, "corrupt": 0}
+    for path in _paths(doc):
+        for new in ODD_JSON:
+            data = json.dumps(_replaced(doc, path, new)).encode()
+            try:
+                _state.snapshot_from_cache(data, SERVICE, T0)
+            except CorruptCacheError:
+                outcomes["corrupt"] += 1
+            else:
+                outcomes["loaded"] += 1
+    assert outcomes["loaded"] > 0 and outcomes["corrupt"] > 0
+    # Byte-level damage too (a fixed seed: the same cases each run).
+    rng = random.Random(5)
+    data = _state.snapshot_to_cache(full_snapshot())
+    for _ in range(2000):
+        damaged = bytearray(data)
+        for _ in range(rng.randint(1, 4)):
+            damaged[rng.randrange(len(damaged))] = rng.randrange(256)
+        with contextlib.suppress(CorruptCacheError):
+            _state.snapshot_from_cache(bytes(damaged), SERVICE, T0)
 
 
 # ---------------------------------------------------------------- diff

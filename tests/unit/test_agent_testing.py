@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -42,6 +43,22 @@ def test_reads_answer_from_the_initial_state() -> None:
     assert agent.should_shed("CRITICAL") is False
     pinned = agent.pinned_version
     assert pinned is not None and pinned.version == "v1.4.2"
+
+
+@pytest.mark.parametrize(
+    "odd", [["x"], {"a": 1}, float("nan"), object(), None, b"SHEDDABLE"], ids=repr
+)
+def test_reads_never_raise_whatever_they_are_given(odd: Any) -> None:
+    agent = StaticAgent({"on": True}, shedding=("CRITICAL", 100))
+    # An odd criticality counts as CRITICAL: shed at a CRITICAL tier of 100 %.
+    assert agent.should_shed(odd) is True
+    assert agent.should_shed(odd, key="user-1") is True
+    assert agent.should_shed("CRITICAL_PLUS", key=odd) is False
+    assert agent.should_shed("SHEDDABLE", key=odd) is True
+    assert agent.enabled(odd, default=True) is True
+    assert agent.value(odd, "dflt") == "dflt"
+    relaxed = StaticAgent(shedding=("SHEDDABLE", 100))
+    assert relaxed.should_shed(odd) is False
 
 
 def test_start_wait_and_close_are_harmless() -> None:
