@@ -272,6 +272,28 @@ class Presence:
         ordered = sorted(newest.values(), key=lambda i: i.instance_id)
         return ordered, reported
 
+    async def applied_at(self, service: str, revision: int, servers: set[str]) -> datetime | None:
+        """When every instance of ``service`` on each of ``servers`` had applied ``revision``
+        (or a later change), from the processes' records; None if one has no record yet."""
+        done: dict[str, datetime] = {}
+        for (rev, svc), (when, _count) in self._applied.items():  # not flushed yet
+            if svc == service and rev >= revision:
+                done[self.server_id] = min(when, done.get(self.server_id, when))
+        start = f"{self.prefix}applied/{revision:020d}"
+        for key, raw in await self.store.get_range_raw(start, f"{self.prefix}applied0"):
+            parts = key[len(self.prefix) :].split("/")
+            if len(parts) != 4 or parts[2] != service:
+                continue
+            try:
+                when = model.parse_time(str(json.loads(raw)["all_acked_at"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+            server = parts[3]
+            done[server] = min(when, done.get(server, when))
+        if not servers or any(server not in done for server in servers):
+            return None
+        return max(done[server] for server in servers)
+
     async def prune_applied(self, below_revision: int) -> int:
         """Forget when changes older than ``below_revision`` were applied (retention)."""
         return await self.store.delete_range_raw(

@@ -638,7 +638,12 @@ class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
             nacks=nacks,
         )
         if response.all_applied:
-            response.applied_at.CopyFrom(model.datetime_to_timestamp(model.utcnow()))
+            # When the last instance applied it, from the processes' records (they may
+            # trail by a flush; then now, which is when we learnt it).
+            servers = {i.server_id for i in instances}
+            with self.store.budget(self.store.etcd_timeout):
+                when = await self.presence.applied_at(service, request.revision, servers)
+            response.applied_at.CopyFrom(model.datetime_to_timestamp(when or model.utcnow()))
         return response
 
 

@@ -669,6 +669,11 @@ class Store:
         )
         return int(response.header.revision)
 
+    async def get_range_raw(self, start: str, end: str) -> list[tuple[str, bytes]]:
+        """Every (key, value) with an absolute key in [start, end)."""
+        response = await self._range(start.encode(), end.encode())
+        return [(kv.key.decode(errors="replace"), bytes(kv.value)) for kv in response.kvs]
+
     async def get_prefix_raw(self, prefix: str) -> list[tuple[str, bytes]]:
         """Every (key, value) under an absolute prefix."""
         start = prefix.encode()

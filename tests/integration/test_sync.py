@@ -9,6 +9,7 @@ import pytest
 from google.protobuf import duration_pb2
 from prometheus_client import CollectorRegistry
 
+from controlplane import model
 from controlplane.api.v1 import mitigation_pb2 as m
 from controlplane.api.v1 import mitigation_pb2_grpc
 from controlplane.api.v1 import types_pb2 as t
@@ -340,6 +341,16 @@ async def test_when_all_instances_applied_a_change_is_recorded_and_pruned_with_t
         record = json.loads(got[0])
         assert record["instances"] == 2
         assert record["all_acked_at"].endswith("Z")
+        # A wait reports when the last instance applied it, not when it was asked.
+        waited = await stub.WaitApplied(
+            m.WaitAppliedRequest(
+                service="checkout", revision=revision, timeout=duration_pb2.Duration(seconds=5)
+            )
+        )
+        assert waited.all_applied
+        assert model.timestamp_to_datetime(waited.applied_at) == model.parse_time(
+            record["all_acked_at"]
+        )
     assert server.presence is not None
     assert await server.presence.prune_applied(revision + 1) == 1
     assert await raw_etcd.get(key) is None
