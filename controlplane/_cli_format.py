@@ -78,7 +78,54 @@ JSON_SHAPES: dict[str, tuple[str, ...]] = {
         "bundle_id",
         "expires_at",
     ),
+    "Instance": (
+        "service",
+        "instance_id",
+        "running_version",
+        "applied_revision",
+        "connected",
+        "last_seen",
+        "lag",
+        "server_id",
+        "override_active",
+    ),
+    "Bundle": (
+        "id",
+        "name",
+        "changes",
+        "meta",
+        "state",
+        "revision",
+        "reverted",
+        "keys",
+        "overridden_keys",
+    ),
+    "BundleChange": (
+        "set_flag",
+        "clear_flag",
+        "set_shedding",
+        "clear_shedding",
+        "pin_version",
+        "unpin_version",
+    ),
+    # Not proto messages: what a write with --wait adds under "wait" (null when nothing
+    # was written, so there was nothing to wait for).
+    "Wait": ("outcome", "revision", "seconds", "services"),
+    "WaitService": (
+        "service",
+        "outcome",
+        "seconds",
+        "all_applied",
+        "connected",
+        "applied",
+        "pending",
+        "nacks",
+        "applied_at",
+    ),
 }
+
+# The shapes above that are not proto messages (cpctl builds them).
+CLI_SHAPES = ("Wait", "WaitService")
 
 
 # ---- protobuf -> plain ----
@@ -153,6 +200,11 @@ def _parse_json_text(text: str) -> Any:
 def dumps(document: Mapping[str, Any]) -> str:
     """One JSON document, indented, UTF-8 kept as is; times as ISO 8601 UTC strings."""
     return json.dumps(document, indent=2, ensure_ascii=False, default=_json_default)
+
+
+def dumps_line(document: Mapping[str, Any]) -> str:
+    """One JSON document on one line (JSON Lines), otherwise as ``dumps``."""
+    return json.dumps(document, ensure_ascii=False, default=_json_default)
 
 
 def _json_default(value: object) -> Any:
@@ -607,3 +659,411 @@ def render_history(doc: Mapping[str, Any], now: datetime) -> Rendered:
     ]
     headers = ["TIME", "REV", "ACTION", "SCOPE", "NAME", "ACTOR", "INCIDENT", "REASON"]
     return Rendered(table(headers, rows))
+
+
+# status
+
+
+def _set_by(record: Mapping[str, Any], now: datetime) -> str:
+    meta = _meta(record)
+    text = f"  by {meta.get('actor') or '?'}"
+    if meta.get("set_at") is not None:
+        text += f", {format_time(meta['set_at'], now)}"
+    if meta.get("reason"):
+        text += f": {meta['reason']}"
+    if meta.get("incident"):
+        text += f" [{meta['incident']}]"
+    if meta.get("bundle_id"):
+        text += f" (bundle {meta['bundle_id']})"
+    return _cell(text)
+
+
+def _instance_notes(instance: Mapping[str, Any], pinned: str | None, now: datetime) -> str:
+    notes = []
+    running = str(instance.get("running_version") or "")
+    if pinned is not None and running and running != pinned:
+        notes.append(f"DRIFT: pinned {pinned}")
+    if not instance.get("connected"):
+        last_seen = instance.get("last_seen")
+        seen = f", last seen {format_age(now - last_seen)} ago" if last_seen is not None else ""
+        notes.append(f"stale (disconnected{seen})")
+    lag = int(instance.get("lag", 0))
+    if lag < 0:
+        notes.append("lag unknown")
+    elif lag > 0:
+        notes.append(f"behind by {lag} change(s)")
+    if instance.get("override_active"):
+        notes.append("local override active")
+    return "; ".join(notes)
+
+
+NO_INSTANCES = (
+    "no connected instances: nothing applies these mitigations right now "
+    "(is the service name right? are its agents running?)"
+)
+
+
+def render_status(doc: Mapping[str, Any], now: datetime) -> Rendered:
+    """``cpctl status``: what is in force for a service and which instances applied it."""
+    service = str(doc.get("service", "?"))
+    instances = list(doc.get("instances") or [])
+    connected = sum(1 for i in instances if i.get("connected"))
+    lines = [
+        f"{service} · revision {doc.get('revision', 0)} · "
+        f"{connected} of {len(instances)} instance(s) connected",
+        "",
+    ]
+    flags = list(doc.get("flags") or [])
+    if flags:
+        lines.append("flags in effect (the service's own value wins over the global one):")
+        rows = [
+            [
+                str(f.get("name", "")),
+                _flag_value(f),
+                f"{f.get('scope', '')} (own)" if f.get("scope") == service else "global",
+                _expires_cell(f, now),
+                str(_meta(f).get("actor") or ""),
+                str(_meta(f).get("incident") or ""),
+                str(_meta(f).get("reason") or ""),
+            ]
+            for f in flags
+        ]
+        headers = ["NAME", "VALUE", "FROM", "EXPIRES", "ACTOR", "INCIDENT", "REASON"]
+        lines += ["  " + line for line in table(headers, rows)]
+    else:
+        lines.append("flags: none")
+    shedding = doc.get("shedding")
+    if shedding:
+        lines.append(
+            f"shedding: {_shedding(shedding)} ({_shedding_meaning(shedding)})"
+            + _expiry(shedding, now, _shedding)
+        )
+        lines.append(_set_by(shedding, now))
+    else:
+        lines.append("shedding: off")
+    pin = doc.get("pin")
+    pinned = str(pin.get("version", "")) if pin else None
+    if pin:
+        lines.append(f"pin: {pinned}" + _expiry(pin, now, _pin))
+        lines.append(_set_by(pin, now))
+    else:
+        lines.append("pin: none")
+    lines.append("")
+    if instances:
+        rows = [
+            [
+                str(i.get("instance_id", "")),
+                str(i.get("server_id", "")),
+                "yes" if i.get("connected") else "no",
+                str(i.get("applied_revision") or "-"),
+                "?" if int(i.get("lag", 0)) < 0 else str(i.get("lag", 0)),
+                str(i.get("running_version") or "?"),
+                _instance_notes(i, pinned, now),
+            ]
+            for i in instances
+        ]
+        headers = ["INSTANCE", "SERVER", "CONNECTED", "APPLIED", "LAG", "VERSION", "NOTES"]
+        lines += table(headers, rows)
+    drift = dict(doc.get("drift") or {})
+    for version in sorted(drift):
+        lines.append(f"drift: {drift[version]} instance(s) run {version}, not the pinned {pinned}")
+    if connected == 0:
+        lines.append(NO_INSTANCES)
+    return Rendered(lines)
+
+
+# watch
+
+
+_ABSENT = {"flag": "unset", "shedding": "off", "pin": "unpinned", "known_good": "not marked"}
+
+
+def describe_record(kind: str, record: Any) -> str:
+    """A record of an audit entry (``before`` / ``after``) in a few words."""
+    if record is None:
+        return _ABSENT.get(kind, "none")
+    if not isinstance(record, Mapping):
+        return str(record)
+    if kind == "flag" or "value" in record:
+        return format_value(record.get("value"))
+    if kind == "shedding" or "percent" in record:
+        return f"{record.get('tier', 'SHEDDABLE')} {format_percent(record.get('percent', 0))}"
+    if kind == "known_good":
+        return "known-good"
+    if kind == "pin" or "version" in record:
+        return str(record.get("version", "?"))
+    return "set"
+
+
+def render_change(entry: Mapping[str, Any]) -> str:
+    """One line per change for ``cpctl watch``: time, revision, what, before -> after, who, why."""
+    kind = str(entry.get("kind", ""))
+    when = iso(entry["time"], seconds=True) if entry.get("time") else "-"
+    target = str(entry.get("scope", ""))
+    if entry.get("name"):
+        target += f"/{entry['name']}"
+    change = f"{describe_record(kind, entry.get('before'))} -> "
+    change += describe_record(kind, entry.get("after"))
+    if entry.get("expires_at") is not None:
+        change += f" until {iso(entry['expires_at'], seconds=True)}"
+    parts = [
+        when,
+        f"rev {entry.get('revision', 0)}",
+        str(entry.get("action", "")),
+        target,
+        change,
+        f"by {entry.get('actor') or '?'}",
+    ]
+    if entry.get("reason"):
+        parts.append(json.dumps(str(entry["reason"]), ensure_ascii=False))
+    if entry.get("incident"):
+        parts.append(str(entry["incident"]))
+    if entry.get("bundle_id"):
+        parts.append(f"bundle {entry['bundle_id']}")
+    return _cell("  ".join(parts))
+
+
+# --wait
+
+WAIT_OUTCOMES = ("applied", "no_instances", "timed_out", "rejected")
+"""Outcomes of a wait, least to most serious; a wait over several services takes the worst."""
+
+
+def wait_outcome(result: Mapping[str, Any]) -> str:
+    """What a ``WaitAppliedResponse`` (plain) means for one service."""
+    if result.get("nacks"):
+        return "rejected"
+    if int(result.get("connected", 0)) == 0:
+        return "no_instances"
+    if result.get("all_applied"):
+        return "applied"
+    return "timed_out"
+
+
+def worst_outcome(outcomes: Iterable[str]) -> str:
+    """The most serious of several outcomes (``applied`` when there are none)."""
+    return max(outcomes, key=WAIT_OUTCOMES.index, default="applied")
+
+
+_MAX_LISTED = 10
+
+
+def _listed(items: Sequence[str]) -> str:
+    shown = ", ".join(items[:_MAX_LISTED])
+    if len(items) > _MAX_LISTED:
+        shown += f" and {len(items) - _MAX_LISTED} more"
+    return shown
+
+
+def describe_wait(result: Mapping[str, Any]) -> str:
+    """One line about one service of a wait (a ``WaitService`` document)."""
+    service = result.get("service", "?")
+    applied, connected = result.get("applied", 0), result.get("connected", 0)
+    seconds = float(result.get("seconds", 0.0))
+    outcome = result.get("outcome") or wait_outcome(result)
+    if outcome == "applied":
+        return f"{service}: applied by {applied}/{connected} instances in {seconds:.2f} s"
+    if outcome == "no_instances":
+        return (
+            f"{service}: no connected instance to apply it (is the service name right? "
+            f"`cpctl status {service}` shows its instances)"
+        )
+    if outcome == "rejected":
+        nacks = dict(result.get("nacks") or {})
+        reasons = [f"{instance} ({nacks[instance]})" for instance in sorted(nacks)]
+        return (
+            f"{service}: rejected by {len(nacks)} of {connected} instance(s): "
+            f"{_listed(reasons)}; applied by {applied}/{connected}"
+        )
+    pending = [
+        f"{p.get('instance_id', '?')} (at rev {p.get('applied_revision', 0)})"
+        for p in result.get("pending") or []
+    ]
+    text = f"{service}: applied by only {applied}/{connected} instances within {seconds:.1f} s"
+    if pending:
+        text += f"; pending: {_listed(pending)}"
+    else:
+        text += "; another server has not confirmed its instances yet"
+    return text
+
+
+class WaitReport(NamedTuple):
+    """Human output of a wait: lines for the services that applied it, and the problems."""
+
+    lines: Sequence[str]
+    problems: Sequence[str]
+
+
+def render_wait(report: Mapping[str, Any]) -> WaitReport:
+    lines, problems = [], []
+    for result in report.get("services") or []:
+        text = _cell(describe_wait(result))
+        if result.get("outcome") == "applied":
+            lines.append(text)
+        else:
+            problems.append(text)
+    return WaitReport(lines, problems)
+
+
+# bundles
+
+_STATES = {
+    "APPLIED": "applied",
+    "REVERTED": "reverted",
+    "EXPIRED": "expired",
+    "PARTIALLY_OVERRIDDEN": "partially overridden",
+}
+
+
+def format_change(change: Mapping[str, Any]) -> str:
+    """One change of a bundle (a ``BundleChange`` document): ``checkout: flag new-ui = false``."""
+    if change.get("set_flag"):
+        c = change["set_flag"]
+        return f"{c.get('scope', '?')}: flag {c.get('name', '?')} = {format_value(c.get('value'))}"
+    if change.get("clear_flag"):
+        c = change["clear_flag"]
+        layers = " (all layers)" if c.get("all_layers") else ""
+        return f"{c.get('scope', '?')}: clear flag {c.get('name', '?')}{layers}"
+    if change.get("set_shedding"):
+        c = change["set_shedding"]
+        tier = c.get("tier")
+        tier = "SHEDDABLE" if tier in (None, "TIER_UNSPECIFIED") else tier
+        return f"{c.get('service', '?')}: shedding {tier} {format_percent(c.get('percent', 0))}"
+    if change.get("clear_shedding"):
+        c = change["clear_shedding"]
+        layers = " (all layers)" if c.get("all_layers") else ""
+        return f"{c.get('service', '?')}: shedding off{layers}"
+    if change.get("pin_version"):
+        c = change["pin_version"]
+        return f"{c.get('service', '?')}: pin {c.get('version', '?')}"
+    if change.get("unpin_version"):
+        c = change["unpin_version"]
+        layers = " (all layers)" if c.get("all_layers") else ""
+        return f"{c.get('service', '?')}: unpin{layers}"
+    return "(an empty change)"
+
+
+def bundle_state(bundle: Mapping[str, Any]) -> str:
+    """``applied``, ``reverted``, ``expired``, ``partially overridden (changed since: ...)``."""
+    state = str(bundle.get("state", ""))
+    text = _STATES.get(state, state.lower() or "unknown")
+    overridden = list(bundle.get("overridden_keys") or [])
+    if state == "PARTIALLY_OVERRIDDEN" and overridden:
+        text += f" (changed since by others: {', '.join(overridden)})"
+    return text
+
+
+def _bundle_expiry(bundle: Mapping[str, Any], now: datetime) -> str:
+    expires_at = _meta(bundle).get("expires_at")
+    if expires_at is None:
+        return ""
+    return f" · expires {format_time(expires_at, now)}"
+
+
+def _summary_items(summary: str, head: str) -> list[str]:
+    """The per-change parts of a bundle's summary (``<head>a; b; c``)."""
+    if not summary.startswith(head):
+        return [summary] if summary else []
+    return [part for part in summary[len(head) :].split("; ") if part]
+
+
+def render_bundle_apply(doc: Mapping[str, Any], now: datetime) -> Rendered:
+    result, bundle = doc.get("result") or {}, doc.get("bundle") or {}
+    summary = str(result.get("summary") or "")
+    name = str(bundle.get("name") or "")
+    if result.get("dry_run") and not result.get("would_change"):
+        return Rendered([f"dry run: unchanged (nothing would change) · {summary}"])
+    if result.get("dry_run"):
+        expiry = _bundle_expiry(bundle, now)
+        lines = [f"dry run: would apply bundle {name}{expiry} · nothing written"]
+        lines += ["  " + item for item in _summary_items(summary, f"bundle {name}: ")]
+        return Rendered([_cell(line) for line in lines])
+    if not result.get("changed"):
+        return Rendered([_cell(f"{summary} · unchanged")])
+    bundle_id = bundle.get("id", "?")
+    lines = [
+        f"bundle {name} applied as {bundle_id} · rev {result.get('revision', 0)}"
+        + _bundle_expiry(bundle, now)
+    ]
+    lines += ["  " + item for item in _summary_items(summary, f"bundle {name}: ")]
+    lines.append(f'revert with: cpctl bundle revert {bundle_id} --reason "..."')
+    return Rendered([_cell(line) for line in lines])
+
+
+def render_bundle_revert(doc: Mapping[str, Any], now: datetime) -> Rendered:
+    result, bundle = doc.get("result") or {}, doc.get("bundle") or {}
+    summary = str(result.get("summary") or "")
+    name, bundle_id = str(bundle.get("name") or ""), bundle.get("id", "?")
+    items = ["  " + item for item in _summary_items(summary, f"bundle {name} reverted: ")]
+    overwritten = list(doc.get("overwritten_keys") or [])
+    if result.get("dry_run"):
+        if not result.get("would_change"):
+            return Rendered([_cell(f"dry run: unchanged (nothing would change) · {summary}")])
+        head = f"dry run: would revert bundle {bundle_id} ({name}) · nothing written"
+        warnings = []
+        if overwritten:
+            keys = ", ".join(overwritten)
+            warnings.append(f"warning: would overwrite changes made since: {keys}")
+        return Rendered([_cell(line) for line in [head, *items]], warnings)
+    if not result.get("changed"):
+        return Rendered([_cell(f"{summary} · unchanged")])
+    head = f"bundle {bundle_id} ({name}) reverted · rev {result.get('revision', 0)}"
+    warnings = []
+    if overwritten:
+        warnings.append(
+            f"warning: --force overwrote changes made after the bundle: {', '.join(overwritten)}"
+        )
+    return Rendered([_cell(line) for line in [head, *items]], warnings)
+
+
+def render_bundle_list(doc: Mapping[str, Any], now: datetime) -> Rendered:
+    bundles = doc.get("bundles") or []
+    if not bundles:
+        return Rendered(["no bundles"])
+    rows = [
+        [
+            str(b.get("id", "")),
+            _STATES.get(str(b.get("state", "")), str(b.get("state", "")).lower()),
+            str(len(b.get("changes") or [])),
+            format_time(_meta(b).get("set_at"), now),
+            _expires_cell(b, now),
+            str(_meta(b).get("actor") or ""),
+            str(_meta(b).get("incident") or ""),
+            str(_meta(b).get("reason") or ""),
+        ]
+        for b in bundles
+    ]
+    headers = ["ID", "STATE", "CHANGES", "APPLIED", "EXPIRES", "ACTOR", "INCIDENT", "REASON"]
+    return Rendered(table(headers, rows))
+
+
+def render_bundle_get(doc: Mapping[str, Any], now: datetime) -> Rendered:
+    bundle = doc.get("bundle") or {}
+    meta = _meta(bundle)
+    lines = [f"bundle {bundle.get('id', '?')} ({bundle.get('name', '?')}): {bundle_state(bundle)}"]
+    lines.append(
+        f"  applied   by {meta.get('actor') or '?'}, {format_time(meta.get('set_at'), now)}"
+        f" · rev {bundle.get('revision', 0)}"
+    )
+    if meta.get("reason"):
+        lines.append(f"  reason    {meta['reason']}")
+    if meta.get("incident"):
+        lines.append(f"  incident  {meta['incident']}")
+    if meta.get("expires_at") is not None:
+        lines.append(
+            f"  expires   {format_time(meta['expires_at'], now)}, then what each change "
+            "replaced applies again"
+        )
+    reverted = bundle.get("reverted")
+    if reverted:
+        text = f"  reverted  by {reverted.get('actor') or '?'}, "
+        text += format_time(reverted.get("set_at"), now)
+        if reverted.get("reason"):
+            text += f": {reverted['reason']}"
+        lines.append(text)
+    lines.append("  changes:")
+    lines += [f"    {format_change(c)}" for c in bundle.get("changes") or []]
+    keys = list(bundle.get("keys") or [])
+    if keys:
+        lines.append(f"  keys      {', '.join(keys)}")
+    return Rendered([_cell(line) for line in lines])

@@ -2,9 +2,11 @@
 
 Layout: parsing of user input (values; durations and times come from ``_durations``, shared
 with the server) and the exit-code table first, then
-``App`` (the server list, failover and the calls), then the click commands. A command
-parses its arguments, builds one request, calls ``App.call`` and hands the plain response
-to ``_respond`` with a renderer from ``_cli_format``; adding a command means adding those
+``App`` (the server list, failover, the calls and the one stream), then the write and
+--wait options, then the click commands. A command parses its arguments, builds one
+request, calls ``App.call`` and hands the plain response to ``_respond`` with a renderer
+from ``_cli_format``; a write goes through ``_write`` instead, which also does --wait
+(``WaitApplied`` for each service the write concerns). Adding a command means adding those
 few lines. gRPC and the generated stubs are imported inside the functions that call, so
 ``cpctl --help`` does not pay for them.
 
@@ -14,8 +16,10 @@ Errors::
      +-- click.UsageError            exit 2: bad syntax, missing --reason, ...
      +-- CliError                    carries a status-like code name and an ExitCode:
                                      client-side invalid input (3), RPC failures mapped
-                                     from their gRPC status (exit_code_for_status), and
-                                     unexpected failures (1)
+                                     from their gRPC status (exit_code_for_status),
+                                     --wait outcomes (8, 9, 10: the write itself was
+                                     made and its result printed), and unexpected
+                                     failures (1)
 
 ``main`` prints every error to stderr, as ``error: ...`` or, with ``--json``, as
 ``{"error": {"code": ..., "message": ..., "exit_code": ...}}``; stdout only ever carries
@@ -24,6 +28,8 @@ the command's result.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import enum
 import functools
 import getpass
@@ -31,8 +37,11 @@ import json
 import math
 import os
 import re
+import signal
 import sys
-from collections.abc import Callable, Mapping, Sequence
+import textwrap
+import time
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -87,18 +96,25 @@ _EXIT_CODE_HELP: dict[ExitCode, str] = {
     ExitCode.OK: "ok (also a write that changed nothing: runbooks can be re-run)",
     ExitCode.ERROR: "internal or unknown error",
     ExitCode.USAGE: "usage error (bad option or argument, missing --reason)",
-    ExitCode.INVALID: "invalid input (INVALID_ARGUMENT, OUT_OF_RANGE, or caught before sending)",
-    ExitCode.CONFLICT: "conflict: --expect-revision did not match (ABORTED, ALREADY_EXISTS)",
+    ExitCode.INVALID: "invalid input (INVALID_ARGUMENT, OUT_OF_RANGE, or caught before "
+    "sending, e.g. a bad bundle file)",
+    ExitCode.CONFLICT: "conflict (ABORTED, ALREADY_EXISTS): --expect-revision did not match, "
+    "or a bundle's keys changed since it was applied (see bundle revert --force)",
     ExitCode.NOT_FOUND: "not found (NOT_FOUND)",
     ExitCode.UNAVAILABLE: "server or its etcd unavailable, or too slow (UNAVAILABLE, "
     "DEADLINE_EXCEEDED)",
     ExitCode.PERMISSION_DENIED: "permission denied (PERMISSION_DENIED, UNAUTHENTICATED)",
-    ExitCode.WAIT_TIMEOUT: "--wait timed out with the change only partly applied",
-    ExitCode.WAIT_NO_INSTANCES: "--wait with no connected instance",
-    ExitCode.REJECTED: "an instance rejected the change",
-    ExitCode.FAILED_PRECONDITION: "failed precondition, e.g. nothing to roll back to",
+    ExitCode.WAIT_TIMEOUT: "--wait timed out with the change only partly applied (the pending "
+    "instances are listed); the change is written",
+    ExitCode.WAIT_NO_INSTANCES: "--wait found no connected instance of the service (a "
+    "mistyped service name?); the change is written",
+    ExitCode.REJECTED: "--wait: an instance rejected the change (instance and reason are "
+    "listed); the change is written",
+    ExitCode.FAILED_PRECONDITION: "failed precondition, e.g. nothing to roll back to, or an "
+    "expired bundle reverted without --force",
     ExitCode.UNIMPLEMENTED: "not implemented by the server yet (UNIMPLEMENTED)",
-    ExitCode.INTERRUPTED: "interrupted (Ctrl-C); a write may or may not have been applied",
+    ExitCode.INTERRUPTED: "interrupted (Ctrl-C); a write may or may not have been applied "
+    "(`watch` stops this way)",
 }
 
 _EXIT_BY_STATUS: dict[str, ExitCode] = {
@@ -328,33 +344,27 @@ class App:
     _channels: dict[str, grpc.Channel] = field(default_factory=dict)
     _last_good: str | None = None
 
-    def call(self, rpc: str, request: Message) -> dict[str, Any]:
+    def call(self, rpc: str, request: Message, *, timeout: float | None = None) -> dict[str, Any]:
         """Call MitigationService.<rpc> and return the response in plain form.
 
         Tries the servers in order, starting with the one that last answered, and moves on
         to the next only when a server could not be reached at all (see
         ``_never_reached``): an error a server answered is final, so a write that may have
         been applied is never sent a second time. Each attempt has its own deadline
-        (--timeout).
+        (``timeout`` seconds, else --timeout).
 
         Raises:
             CliError: the call failed; the exit code follows ``exit_code_for_status``.
         """
         import grpc
 
-        from controlplane.api.v1 import mitigation_pb2_grpc
-
-        order = self.servers
-        if self._last_good is not None:
-            order = [self._last_good, *(s for s in self.servers if s != self._last_good)]
         write = _is_write(request)
-        # The generated stub is untyped; responses go straight to fmt.to_plain.
-        stub_class: Any = mitigation_pb2_grpc.MitigationServiceStub
+        deadline = self.timeout.total_seconds() if timeout is None else timeout
         failures: list[str] = []
-        for target in order:
-            stub = stub_class(self._channel(target))
+        for target in self._order():
+            stub = self._stub(target)
             try:
-                response = getattr(stub, rpc)(request, timeout=self.timeout.total_seconds())
+                response = getattr(stub, rpc)(request, timeout=deadline)
             except grpc.RpcError as e:
                 code, details = e.code(), e.details() or ""
                 if code == grpc.StatusCode.UNAVAILABLE and _never_reached(details, write=write):
@@ -363,11 +373,62 @@ class App:
                 raise _call_error(target, code, details, write=write) from e
             self._last_good = target
             return fmt.to_plain(response)
-        raise CliError(
-            "UNAVAILABLE",
-            f"no server reachable ({'; '.join(failures)})",
-            ExitCode.UNAVAILABLE,
-        )
+        raise _no_server(failures)
+
+    def stream(self, rpc: str, request: Message) -> Generator[dict[str, Any], None, None]:
+        """Call the server-streaming MitigationService.<rpc>; yield each response, plain.
+
+        Fails over like ``call`` until a server sends the first response; no deadline,
+        since a stream lasts until it is stopped. The stream is cancelled when the
+        generator is closed.
+
+        Raises:
+            CliError: the call failed, before or after its first response.
+        """
+        import grpc
+
+        failures: list[str] = []
+        for target in self._order():
+            responses: Any = getattr(self._stub(target), rpc)(request)
+            try:
+                first = next(responses)
+            except StopIteration:
+                raise CliError(
+                    "UNAVAILABLE", f"{target}: the server ended the stream", ExitCode.UNAVAILABLE
+                ) from None
+            except grpc.RpcError as e:
+                code, details = e.code(), e.details() or ""
+                if code == grpc.StatusCode.UNAVAILABLE and _never_reached(details, write=False):
+                    failures.append(f"{target}: {details or code.name}")
+                    continue
+                raise _call_error(target, code, details, write=False) from e
+            self._last_good = target
+            try:
+                yield fmt.to_plain(first)
+                for response in responses:
+                    yield fmt.to_plain(response)
+            except grpc.RpcError as e:
+                code, details = e.code(), e.details() or ""
+                raise _call_error(target, code, details, write=False) from e
+            finally:
+                responses.cancel()
+            raise CliError(
+                "UNAVAILABLE", f"{target}: the server ended the stream", ExitCode.UNAVAILABLE
+            )
+        raise _no_server(failures)
+
+    def _order(self) -> list[str]:
+        """The servers to try: the one that last answered first, then the rest in order."""
+        if self._last_good is None:
+            return list(self.servers)
+        return [self._last_good, *(s for s in self.servers if s != self._last_good)]
+
+    def _stub(self, target: str) -> Any:
+        from controlplane.api.v1 import mitigation_pb2_grpc
+
+        # The generated stub is untyped; responses go straight to fmt.to_plain.
+        stub_class: Any = mitigation_pb2_grpc.MitigationServiceStub
+        return stub_class(self._channel(target))
 
     def _channel(self, target: str) -> grpc.Channel:
         import grpc
@@ -398,6 +459,12 @@ _NOT_CONNECTED_MARKERS = (
 OUTCOME_UNKNOWN = (
     "the write may or may not have been applied: check with `get` or `history` before retrying"
 )
+
+
+def _no_server(failures: Sequence[str]) -> CliError:
+    return CliError(
+        "UNAVAILABLE", f"no server reachable ({'; '.join(failures)})", ExitCode.UNAVAILABLE
+    )
 
 
 def _is_write(request: Message) -> bool:
@@ -562,6 +629,264 @@ def write_command(f: Callable[..., None]) -> Callable[..., None]:
     return wrapper
 
 
+# ---- --wait: until the instances applied a change ----
+
+DEFAULT_WAIT_TIMEOUT = timedelta(seconds=10)
+# The server's limit for one WaitApplied.
+MAX_WAIT_TIMEOUT = timedelta(seconds=300)
+# A later service of a multi-service wait still gets a quick look when the time is up.
+_MIN_WAIT_SECONDS = 0.05
+
+WAIT_NEEDS_SERVICE = (
+    "--wait needs a service scope; for a global flag name the service with --wait-service S"
+)
+
+# Outcomes of fmt.wait_outcome: exit code and error code name.
+_WAIT_EXIT: dict[str, tuple[ExitCode, str]] = {
+    "applied": (ExitCode.OK, "OK"),
+    "no_instances": (ExitCode.WAIT_NO_INSTANCES, "WAIT_NO_INSTANCES"),
+    "timed_out": (ExitCode.WAIT_TIMEOUT, "WAIT_TIMEOUT"),
+    "rejected": (ExitCode.REJECTED, "REJECTED"),
+}
+
+_WAIT_HINTS: dict[str, str] = {
+    "no_instances": "the change is written (rev {revision}), but no instance is connected to "
+    "apply it",
+    "timed_out": "the change is written (rev {revision}); the pending instances may still "
+    "apply it: `cpctl status {service}` shows each one's applied revision",
+    "rejected": "the change is written (rev {revision}) and applies where it was accepted; "
+    "fix the rejecting instances or undo the change",
+}
+
+# What a service name looks like (the server's rule), checked before anything is written.
+_SERVICE_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def wait_exit_code(outcome: str) -> ExitCode:
+    """The exit code of a wait's outcome (``fmt.wait_outcome`` / ``fmt.worst_outcome``)."""
+    return _WAIT_EXIT[outcome][0]
+
+
+@dataclass(frozen=True)
+class WaitArgs:
+    """--wait and its options: wait after a changed write until its instances applied it."""
+
+    enabled: bool = False
+    timeout: timedelta = DEFAULT_WAIT_TIMEOUT
+    services: tuple[str, ...] = ()
+
+
+def _check_wait_services(
+    ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
+) -> tuple[str, ...]:
+    for service in value:
+        if service == "global" or not _SERVICE_RE.fullmatch(service):
+            raise click.BadParameter(
+                f"{service!r} is not a service name (a DNS label: a-z, 0-9 and '-')",
+                ctx=ctx,
+                param=param,
+            )
+    return value
+
+
+def wait_command(*, service_option: bool = False) -> Callable[[Callable[..., None]], Any]:
+    """Add --wait and --wait-timeout (and --wait-service) to a write command.
+
+    The command receives them as ``wait: WaitArgs``; --wait-timeout and --wait-service
+    imply --wait.
+    """
+
+    def decorate(f: Callable[..., None]) -> Callable[..., None]:
+        @functools.wraps(f)
+        def wrapper(
+            *args: Any,
+            wait: bool,
+            wait_timeout: timedelta | None,
+            wait_service: tuple[str, ...] = (),
+            **kwargs: Any,
+        ) -> None:
+            ctx = click.get_current_context()
+            timeout = wait_timeout if wait_timeout is not None else DEFAULT_WAIT_TIMEOUT
+            if timeout > MAX_WAIT_TIMEOUT:
+                raise click.BadParameter(
+                    f"at most {fmt.format_age(MAX_WAIT_TIMEOUT)} (the server's limit)",
+                    ctx=ctx,
+                    param_hint="'--wait-timeout'",
+                )
+            enabled = wait or wait_timeout is not None or bool(wait_service)
+            f(*args, wait=WaitArgs(enabled, timeout, tuple(wait_service)), **kwargs)
+
+        options = [
+            click.option(
+                "--wait",
+                is_flag=True,
+                help="After the change is written, wait until every connected instance "
+                "applied it: exit 8 if some did not within --wait-timeout, 9 if none is "
+                "connected, 10 if one rejected it.",
+            ),
+            click.option(
+                "--wait-timeout",
+                type=DURATION,
+                metavar="DURATION",
+                help="How long --wait waits (implies --wait; at most 5m).  [default: 10s]",
+            ),
+        ]
+        if service_option:
+            options.append(
+                click.option(
+                    "--wait-service",
+                    multiple=True,
+                    metavar="S",
+                    callback=_check_wait_services,
+                    help="For a global flag: a service whose instances --wait waits for "
+                    "(repeatable; implies --wait).",
+                )
+            )
+        for option in reversed(options):
+            wrapper = option(wrapper)
+        return wrapper
+
+    return decorate
+
+
+def scope_wait_services(scope: str, wait: WaitArgs) -> tuple[str, ...]:
+    """The services to wait for after a write to a flag in ``scope``.
+
+    Raises:
+        click.UsageError: a global flag without --wait-service, or --wait-service with a
+            service scope (that service is the one waited for).
+    """
+    if not wait.enabled:
+        return ()
+    if scope == "global":
+        if not wait.services:
+            raise click.UsageError(WAIT_NEEDS_SERVICE)
+        return wait.services
+    if wait.services:
+        raise click.UsageError(
+            f"--wait-service is for a global flag; {scope} is a service: --wait waits for it"
+        )
+    return (scope,)
+
+
+def key_services(keys: Iterable[str]) -> tuple[list[str], bool]:
+    """The services a bundle's keys (``flags/checkout/new-ui``, ``pins/checkout``) concern,
+    and whether any is a global flag."""
+    services: set[str] = set()
+    has_global = False
+    for key in keys:
+        parts = key.split("/")
+        if len(parts) < 2 or not parts[1]:
+            continue
+        if parts[1] == "global":
+            has_global = True
+        else:
+            services.add(parts[1])
+    return sorted(services), has_global
+
+
+def change_services(changes: Iterable[Mapping[str, Any]]) -> tuple[list[str], bool]:
+    """The services a bundle's changes (``BundleChange`` documents) concern, and whether any
+    is a global flag."""
+    services: set[str] = set()
+    has_global = False
+    for change in changes:
+        for body in change.values():
+            if not isinstance(body, Mapping):
+                continue
+            scope = str(body.get("service") or body.get("scope") or "")
+            if scope == "global":
+                has_global = True
+            elif scope:
+                services.add(scope)
+    return sorted(services), has_global
+
+
+def _wait_applied(
+    app: App, services: Sequence[str], revision: int, timeout: timedelta, started: float
+) -> dict[str, Any]:
+    """WaitApplied for each service, within one --wait-timeout; a ``Wait`` document."""
+    from controlplane.api.v1 import mitigation_pb2
+
+    deadline = time.monotonic() + timeout.total_seconds()
+    results = []
+    for service in services:
+        left = max(deadline - time.monotonic(), _MIN_WAIT_SECONDS)
+        request = mitigation_pb2.WaitAppliedRequest(service=service, revision=revision)
+        request.timeout.FromTimedelta(timedelta(seconds=left))
+        # The server answers at the end of the wait: the deadline covers it and a call.
+        plain = app.call("WaitApplied", request, timeout=left + app.timeout.total_seconds())
+        seconds = round(time.monotonic() - started, 3)
+        results.append(
+            {"service": service, "outcome": fmt.wait_outcome(plain), "seconds": seconds, **plain}
+        )
+    return {
+        "outcome": fmt.worst_outcome(r["outcome"] for r in results),
+        "revision": revision,
+        "seconds": round(time.monotonic() - started, 3),
+        "services": results,
+    }
+
+
+def _write(
+    app: App,
+    rpc: str,
+    request: Message,
+    render: Callable[[Mapping[str, Any], datetime], fmt.Rendered],
+    wait: WaitArgs,
+    services: Callable[[Mapping[str, Any]], Sequence[str]],
+) -> None:
+    """Make a write, print its result and, with --wait, wait for its instances.
+
+    ``services(doc)`` names the services to wait for, from the response. With --json the
+    document gains ``wait``: a ``Wait`` document, or null when nothing was written (an
+    unchanged write or a dry run: nothing to wait for, exit 0).
+
+    Raises:
+        CliError: the write failed, or the wait did not end with every instance applying
+            the change (exit 8, 9 or 10; the message names the instances).
+    """
+    started = time.monotonic()
+    doc = app.call(rpc, request)
+    if not wait.enabled:
+        _respond(app, doc, render)
+        return
+    if not app.json_output:
+        # People see the change land at once, before the wait.
+        _respond(app, doc, render)
+    result = doc.get("result") or {}
+    revision = int(result.get("revision") or 0)
+    report: dict[str, Any] | None = None
+    failure: CliError | None = None
+    if result.get("changed") and not result.get("dry_run") and revision > 0:
+        chosen = list(services(doc))
+        if chosen:
+            try:
+                report = _wait_applied(app, chosen, revision, wait.timeout, started)
+            except CliError as e:
+                e.hint = f"the change is written (rev {revision}), but --wait failed: " + (
+                    e.hint or _HINTS.get(e.code, e.code)
+                )
+                failure = e
+        elif not app.json_output:
+            click.echo("note: nothing to wait for: no service's own record changed", err=True)
+    if app.json_output:
+        click.echo(fmt.dumps({**doc, "wait": report}))
+    elif report is not None:
+        for line in fmt.render_wait(report).lines:
+            click.echo(line)
+    if failure is not None:
+        raise failure
+    if report is not None and report["outcome"] != "applied":
+        exit_code, code = _WAIT_EXIT[report["outcome"]]
+        problems = fmt.render_wait(report).problems
+        worst = next(s for s in report["services"] if s["outcome"] == report["outcome"])
+        hint = _WAIT_HINTS[report["outcome"]].format(revision=revision, service=worst["service"])
+        raise CliError(
+            code, "\n".join(f"--wait: {problem}" for problem in problems), exit_code, hint=hint
+        )
+
+
 # ---- the command line ----
 
 
@@ -572,13 +897,13 @@ def _default_actor() -> str:
         return "unknown"
 
 
-def _shape_lines(name: str, keys: Sequence[str], width: int = 78) -> list[str]:
-    lines, line = [], f"  {name:<11} {{"
+def _shape_lines(name: str, keys: Sequence[str], pad: int, width: int = 78) -> list[str]:
+    lines, line = [], f"  {name:<{pad}} {{"
     for i, key in enumerate(keys):
         item = key + (", " if i < len(keys) - 1 else "}")
         if len(line) + len(item) > width:
             lines.append(line.rstrip())
-            line = " " * 15
+            line = " " * (pad + 4)
         line += item
     return [*lines, line]
 
@@ -586,7 +911,13 @@ def _shape_lines(name: str, keys: Sequence[str], width: int = 78) -> list[str]:
 _EPILOG = "\n\n".join(
     [
         "\b\nExit codes:\n"
-        + "\n".join(f"  {int(code):>3}  {text}" for code, text in _EXIT_CODE_HELP.items()),
+        + "\n".join(
+            line
+            for code, text in _EXIT_CODE_HELP.items()
+            for line in textwrap.wrap(
+                text, width=94, initial_indent=f"  {int(code):>3}  ", subsequent_indent=" " * 7
+            )
+        ),
         f"Durations: {DURATION_FORMS}.",
         f"Times: {TIME_FORMS}.",
         f"Flag values: {VALUE_FORMS}.",
@@ -595,10 +926,18 @@ _EPILOG = "\n\n".join(
         "an absent record null; a flag's value is a plain JSON value (true, 50, "
         '"read-only", {...}); an audit entry\'s before and after are the records as JSON '
         "objects. Each command's help gives its top-level keys. Errors go to "
-        'stderr as {"error": {"code": "ABORTED", "message": "...", "exit_code": 4}}.',
+        'stderr as {"error": {"code": "ABORTED", "message": "...", "exit_code": 4}}. '
+        "`watch --json` prints JSON Lines instead: one AuditEntry per line, as changes are "
+        "made.",
+        '--wait adds "wait" to a write\'s document: a Wait object (null when nothing was '
+        "written, so nothing was waited for) with one WaitService per service. Its outcome: "
+        "applied (exit 0), no_instances (9), timed_out (8) or rejected (10); several "
+        "services take the most serious, in that order.",
         "\b\nJSON objects:\n"
         + "\n".join(
-            line for name, keys in fmt.JSON_SHAPES.items() for line in _shape_lines(name, keys)
+            line
+            for name, keys in fmt.JSON_SHAPES.items()
+            for line in _shape_lines(name, keys, max(map(len, fmt.JSON_SHAPES)))
         ),
     ]
 )
@@ -738,7 +1077,10 @@ def cli(ctx: click.Context, server: str, actor: str, json_output: bool, timeout:
       cpctl flag set checkout new-ui false --reason "errors after deploy" --ttl 30m
       cpctl flag get checkout new-ui --effective
       cpctl shed set checkout 50 --tier SHEDDABLE_PLUS --reason "overload" --incident INC-42
-      cpctl rollback checkout --reason "bad release"
+      cpctl rollback checkout --reason "bad release" --wait
+      cpctl bundle apply degrade-checkout.yaml --incident INC-42 --wait
+      cpctl status checkout
+      cpctl --json watch checkout
       cpctl history --service checkout --since 2h
     """
     servers = [s.strip() for s in server.split(",") if s.strip()]
@@ -771,16 +1113,23 @@ def flag() -> None:
 @click.argument("value")
 @click.option("--string", "force_string", is_flag=True, help="Store VALUE as a string, as is.")
 @write_command
+@wait_command(service_option=True)
 @click.pass_obj
 def flag_set(
-    app: App, scope: str, name: str, value: str, force_string: bool, write: WriteArgs
+    app: App,
+    scope: str,
+    name: str,
+    value: str,
+    force_string: bool,
+    write: WriteArgs,
+    wait: WaitArgs,
 ) -> None:
     """Set flag NAME in SCOPE to VALUE.
 
     VALUE: true/false -> bool; 50 or 0.5 -> number; @PATH -> the JSON object in a file
     (@- reads stdin); {"mode": "lite"} -> a JSON object; anything else -> a string.
 
-    JSON: {result: WriteResult, flag: Flag, previous: Flag|null}.
+    JSON: {result: WriteResult, flag: Flag, previous: Flag|null} (+ wait: Wait|null).
     """
     from controlplane.api.v1 import mitigation_pb2
 
@@ -788,10 +1137,11 @@ def flag_set(
         parsed = parse_flag_value(value, force_string=force_string)
     except ValueError as e:
         raise _value_error(e) from e
+    services = scope_wait_services(scope, wait)
     request = mitigation_pb2.SetFlagRequest(
         scope=scope, name=name, value=flag_value_proto(parsed), options=write.to_proto(app.actor)
     )
-    _respond(app, app.call("SetFlag", request), fmt.render_flag_set)
+    _write(app, "SetFlag", request, fmt.render_flag_set, wait, lambda _: services)
 
 
 @flag.command("get")
@@ -835,19 +1185,26 @@ def flag_list(app: App, scope: str, effective: bool) -> None:
     "--all-layers", is_flag=True, help="Remove every time-boxed layer, not only the top one."
 )
 @write_command
+@wait_command(service_option=True)
 @click.pass_obj
-def flag_clear(app: App, scope: str, name: str, all_layers: bool, write: WriteArgs) -> None:
+def flag_clear(
+    app: App, scope: str, name: str, all_layers: bool, write: WriteArgs, wait: WaitArgs
+) -> None:
     """Remove flag NAME from SCOPE (what it replaced, if time-boxed, applies again).
 
-    JSON: {result: WriteResult, removed: Flag|null, restored: Flag|null}.
+    JSON: {result: WriteResult, removed: Flag|null, restored: Flag|null} (+ wait: Wait|null).
     """
     from controlplane.api.v1 import mitigation_pb2
 
+    services = scope_wait_services(scope, wait)
     request = mitigation_pb2.ClearFlagRequest(
         scope=scope, name=name, all_layers=all_layers, options=write.to_proto(app.actor)
     )
-    doc = app.call("ClearFlag", request)
-    _respond(app, doc, lambda d, now: fmt.render_flag_clear(d, now, scope, name))
+
+    def render(doc: Mapping[str, Any], now: datetime) -> fmt.Rendered:
+        return fmt.render_flag_clear(doc, now, scope, name)
+
+    _write(app, "ClearFlag", request, render, wait, lambda _: services)
 
 
 def flag_value_proto(value: FlagValue) -> types_pb2.FlagValue:
@@ -890,11 +1247,15 @@ def shed() -> None:
     help="The tier PERCENT applies to; every less critical request is shed.  [default: SHEDDABLE]",
 )
 @write_command
+@wait_command()
 @click.pass_obj
-def shed_set(app: App, service: str, percent: str, tier: str | None, write: WriteArgs) -> None:
+def shed_set(
+    app: App, service: str, percent: str, tier: str | None, write: WriteArgs, wait: WaitArgs
+) -> None:
     """Shed PERCENT (0 to 100) of the tier's requests of SERVICE.
 
-    JSON: {result: WriteResult, shedding: Shedding, previous: Shedding|null}.
+    JSON: {result: WriteResult, shedding: Shedding, previous: Shedding|null}
+    (+ wait: Wait|null).
     """
     from controlplane.api.v1 import mitigation_pb2
 
@@ -908,7 +1269,7 @@ def shed_set(app: App, service: str, percent: str, tier: str | None, write: Writ
         percent=value,
         options=write.to_proto(app.actor),
     )
-    _respond(app, app.call("SetShedding", request), fmt.render_shed_set)
+    _write(app, "SetShedding", request, fmt.render_shed_set, wait, lambda _: (service,))
 
 
 @shed.command("get")
@@ -944,19 +1305,24 @@ def shed_list(app: App) -> None:
     "--all-layers", is_flag=True, help="Remove every time-boxed layer, not only the top one."
 )
 @write_command
+@wait_command()
 @click.pass_obj
-def shed_clear(app: App, service: str, all_layers: bool, write: WriteArgs) -> None:
+def shed_clear(app: App, service: str, all_layers: bool, write: WriteArgs, wait: WaitArgs) -> None:
     """Stop shedding load on SERVICE.
 
-    JSON: {result: WriteResult, removed: Shedding|null, restored: Shedding|null}.
+    JSON: {result: WriteResult, removed: Shedding|null, restored: Shedding|null}
+    (+ wait: Wait|null).
     """
     from controlplane.api.v1 import mitigation_pb2
 
     request = mitigation_pb2.ClearSheddingRequest(
         service=service, all_layers=all_layers, options=write.to_proto(app.actor)
     )
-    doc = app.call("ClearShedding", request)
-    _respond(app, doc, lambda d, now: fmt.render_shed_clear(d, now, service))
+
+    def render(doc: Mapping[str, Any], now: datetime) -> fmt.Rendered:
+        return fmt.render_shed_clear(doc, now, service)
+
+    _write(app, "ClearShedding", request, render, wait, lambda _: (service,))
 
 
 # ---- pins, known-good versions, rollback ----
@@ -971,18 +1337,19 @@ def pin() -> None:
 @click.argument("service")
 @click.argument("version")
 @write_command
+@wait_command()
 @click.pass_obj
-def pin_set(app: App, service: str, version: str, write: WriteArgs) -> None:
+def pin_set(app: App, service: str, version: str, write: WriteArgs, wait: WaitArgs) -> None:
     """Pin SERVICE to VERSION.
 
-    JSON: {result: WriteResult, pin: Pin, previous: Pin|null}.
+    JSON: {result: WriteResult, pin: Pin, previous: Pin|null} (+ wait: Wait|null).
     """
     from controlplane.api.v1 import mitigation_pb2
 
     request = mitigation_pb2.PinVersionRequest(
         service=service, version=version, options=write.to_proto(app.actor)
     )
-    _respond(app, app.call("PinVersion", request), fmt.render_pin_set)
+    _write(app, "PinVersion", request, fmt.render_pin_set, wait, lambda _: (service,))
 
 
 @pin.command("get")
@@ -1017,19 +1384,23 @@ def pin_list(app: App) -> None:
     "--all-layers", is_flag=True, help="Remove every time-boxed layer, not only the top one."
 )
 @write_command
+@wait_command()
 @click.pass_obj
-def pin_clear(app: App, service: str, all_layers: bool, write: WriteArgs) -> None:
+def pin_clear(app: App, service: str, all_layers: bool, write: WriteArgs, wait: WaitArgs) -> None:
     """Unpin SERVICE.
 
-    JSON: {result: WriteResult, removed: Pin|null, restored: Pin|null}.
+    JSON: {result: WriteResult, removed: Pin|null, restored: Pin|null} (+ wait: Wait|null).
     """
     from controlplane.api.v1 import mitigation_pb2
 
     request = mitigation_pb2.UnpinVersionRequest(
         service=service, all_layers=all_layers, options=write.to_proto(app.actor)
     )
-    doc = app.call("UnpinVersion", request)
-    _respond(app, doc, lambda d, now: fmt.render_pin_clear(d, now, service))
+
+    def render(doc: Mapping[str, Any], now: datetime) -> fmt.Rendered:
+        return fmt.render_pin_clear(doc, now, service)
+
+    _write(app, "UnpinVersion", request, render, wait, lambda _: (service,))
 
 
 @cli.group("known-good")
@@ -1097,21 +1468,302 @@ def known_good_list(app: App, service: str) -> None:
     help="The version SERVICE runs, when it has no pin.",
 )
 @write_command
+@wait_command()
 @click.pass_obj
-def rollback(app: App, service: str, current_version: str, write: WriteArgs) -> None:
+def rollback(
+    app: App, service: str, current_version: str, write: WriteArgs, wait: WaitArgs
+) -> None:
     """Pin SERVICE to its most recently marked known-good version other than the current one.
 
     "Current" is the pin or, without one, --current-version. Exit 11 when there is nothing
     to roll back to.
 
-    JSON: {result: WriteResult, pin: Pin, from_version: V}.
+    JSON: {result: WriteResult, pin: Pin, from_version: V} (+ wait: Wait|null).
     """
     from controlplane.api.v1 import mitigation_pb2
 
     request = mitigation_pb2.RollbackRequest(
         service=service, current_version=current_version, options=write.to_proto(app.actor)
     )
-    _respond(app, app.call("Rollback", request), fmt.render_rollback)
+    _write(app, "Rollback", request, fmt.render_rollback, wait, lambda _: (service,))
+
+
+# ---- bundles ----
+
+
+@cli.group()
+def bundle() -> None:
+    """Several changes applied in one transaction from a file, and reverted as one.
+
+    \b
+    A bundle file (YAML or JSON), e.g. degrade-checkout.yaml:
+      name: degrade-checkout
+      reason: payment provider timeouts
+      incident: INC-42
+      ttl: 30m                    # or until: 2026-11-26T18:00Z; neither: permanent
+      changes:
+        - flag: {service: checkout, name: new-ui, value: false}
+        - flag: {scope: global, name: checkout.mode, value: read-only}
+        - shed: {service: checkout, percent: 30, tier: SHEDDABLE_PLUS}
+        - pin: {service: checkout, version: v1.4.2}
+        - clear_flag: {service: checkout, name: old-banner}
+        - clear_shed: {service: search}
+        - unpin: {service: payments}
+    """
+
+
+BUNDLE_CONFLICT_HINT = (
+    "someone changed the bundle's keys after it was applied (see `cpctl bundle get {id}` "
+    "and `cpctl history`); --force reverts anyway and overwrites their changes"
+)
+
+
+@bundle.command("apply")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--reason", metavar="TEXT", help="Instead of the file's reason.")
+@click.option("--incident", metavar="ID", help="Instead of the file's incident, e.g. INC-42.")
+@click.option("--ttl", type=DURATION, help="Instead of the file's ttl or until.")
+@click.option("--until", type=TIME, help="Instead of the file's ttl or until.")
+@click.option("--dry-run", is_flag=True, help="Show what would change; write nothing.")
+@wait_command(service_option=True)
+@click.pass_obj
+def bundle_apply(
+    app: App,
+    file: Path,
+    reason: str | None,
+    incident: str | None,
+    ttl: timedelta | None,
+    until: datetime | None,
+    dry_run: bool,
+    wait: WaitArgs,
+) -> None:
+    """Apply the bundle in FILE (.yaml, .yml or .json) in one transaction.
+
+    Its reason, incident and expiry come from the file; the options replace them for this
+    application. Applying a bundle that is already applied and in force is "unchanged"
+    (unless it has an expiry: then it is applied anew, as a new bundle, which extends it).
+    --wait waits for every service the bundle changed (a global flag: --wait-service).
+    A bad file exits 3 naming the change and the field.
+
+    JSON: {result: WriteResult, bundle: Bundle|null} (+ wait: Wait|null).
+    """
+    from controlplane.bundles import BundleFileError, load_bundle_file
+
+    if ttl is not None and until is not None:
+        raise click.UsageError("--ttl and --until both set an expiry: give one of them")
+    if reason is not None and not reason.strip():
+        raise click.UsageError("--reason is empty: leave it out to keep the file's reason")
+    if until is not None and until <= datetime.now(UTC):
+        raise _invalid(f"--until {fmt.iso(until)} is in the past")
+    try:
+        spec = load_bundle_file(file)
+    except BundleFileError as e:
+        raise _invalid(str(e)) from e
+    overrides: dict[str, Any] = {}
+    if reason is not None:
+        overrides["reason"] = reason.strip()
+    if incident is not None:
+        overrides["incident"] = incident
+    if ttl is not None or until is not None:
+        overrides.update(ttl=ttl, until=until)
+    spec = dataclasses.replace(spec, **overrides)
+    if wait.enabled:
+        named, has_global = change_services(fmt.to_plain(c) for c in spec.changes)
+        if not named and not wait.services:
+            raise click.UsageError(
+                "--wait needs a service: this bundle changes only global flags; name the "
+                "service(s) with --wait-service S"
+            )
+        if has_global and not wait.services and not app.json_output:
+            click.echo(
+                f"note: --wait covers {', '.join(named)}; the bundle's global flags reach "
+                "other services too (--wait-service S waits for them)",
+                err=True,
+            )
+    request = spec.to_request(actor=app.actor, dry_run=dry_run)
+    _write(app, "ApplyBundle", request, fmt.render_bundle_apply, wait, _bundle_wait(wait))
+
+
+def _bundle_wait(wait: WaitArgs) -> Callable[[Mapping[str, Any]], list[str]]:
+    """The services to wait for after a bundle write: those whose keys it wrote, and
+    --wait-service."""
+
+    def services(doc: Mapping[str, Any]) -> list[str]:
+        named, _ = key_services((doc.get("bundle") or {}).get("keys") or [])
+        return sorted({*named, *wait.services})
+
+    return services
+
+
+@bundle.command("revert")
+@click.argument("bundle_id", metavar="ID")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Revert even the keys changed since by others (their changes are overwritten).",
+)
+@click.option(
+    "--reason",
+    metavar="TEXT",
+    help="Why you revert it. Required; recorded in the audit log.",
+)
+@click.option("--incident", default="", metavar="ID", help="Incident id, e.g. INC-42.")
+@click.option("--dry-run", is_flag=True, help="Show what would be restored; write nothing.")
+@wait_command(service_option=True)
+@click.pass_obj
+def bundle_revert(
+    app: App,
+    bundle_id: str,
+    force: bool,
+    reason: str | None,
+    incident: str,
+    dry_run: bool,
+    wait: WaitArgs,
+) -> None:
+    """Restore what each change of bundle ID replaced, in one transaction.
+
+    Refused (exit 4) when someone changed one of its keys since, unless --force; a
+    bundle that expired needs --force too (exit 11).
+
+    JSON: {result: WriteResult, bundle: Bundle|null, overwritten_keys: [key, ...]}
+    (+ wait: Wait|null).
+    """
+    from controlplane.api.v1 import mitigation_pb2, types_pb2
+
+    if reason is None or not reason.strip():
+        raise click.UsageError(REASON_REQUIRED)
+    if wait.enabled and not wait.services:
+        # Checked before anything is written: a bundle of global flags names no service.
+        found = app.call("GetBundle", mitigation_pb2.GetBundleRequest(bundle_id=bundle_id))
+        named, _ = key_services((found.get("bundle") or {}).get("keys") or [])
+        if not named:
+            raise click.UsageError(
+                "--wait needs a service: this bundle changed only global flags; name the "
+                "service(s) with --wait-service S"
+            )
+    options = types_pb2.WriteOptions(
+        reason=reason.strip(), incident=incident, dry_run=dry_run, actor=app.actor
+    )
+    request = mitigation_pb2.RevertBundleRequest(bundle_id=bundle_id, force=force, options=options)
+    try:
+        _write(app, "RevertBundle", request, fmt.render_bundle_revert, wait, _bundle_wait(wait))
+    except CliError as e:
+        if e.code == "ABORTED":
+            e.hint = BUNDLE_CONFLICT_HINT.format(id=bundle_id)
+        raise
+
+
+@bundle.command("list")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1, max=2**31 - 1),
+    help="At most N bundles, newest first.  [default: all]",
+)
+@click.pass_obj
+def bundle_list(app: App, limit: int | None) -> None:
+    """List bundles, newest first, with their state.
+
+    JSON: {bundles: [Bundle, ...]}.
+    """
+    from controlplane.api.v1 import mitigation_pb2
+
+    request = mitigation_pb2.ListBundlesRequest(limit=limit or 0)
+    _respond(app, app.call("ListBundles", request), fmt.render_bundle_list)
+
+
+@bundle.command("get")
+@click.argument("bundle_id", metavar="ID")
+@click.pass_obj
+def bundle_get(app: App, bundle_id: str) -> None:
+    """Show bundle ID: its state (applied, reverted, expired, partially overridden and by
+    which keys), its changes, who applied it, why and when.
+
+    JSON: {bundle: Bundle}.
+    """
+    from controlplane.api.v1 import mitigation_pb2
+
+    request = mitigation_pb2.GetBundleRequest(bundle_id=bundle_id)
+    _respond(app, app.call("GetBundle", request), fmt.render_bundle_get)
+
+
+# ---- status and watch ----
+
+
+@cli.command()
+@click.argument("service")
+@click.pass_obj
+def status(app: App, service: str) -> None:
+    """What is in force for SERVICE and which of its instances applied it.
+
+    Flags in effect and the scope each comes from, shedding, the pin, and the time left on
+    time-boxed ones; then each instance: its server, whether it is connected, the revision
+    it applied, its lag (changes not yet applied; ? when unknown) and the version it runs,
+    with drift from the pin marked. No connected instance is reported, not an error.
+
+    JSON: {service, revision, flags: [Flag, ...], shedding: Shedding|null, pin: Pin|null,
+    instances: [Instance, ...], drift: {version: count}}.
+    """
+    from controlplane.api.v1 import mitigation_pb2
+
+    doc = app.call("GetStatus", mitigation_pb2.GetStatusRequest(service=service))
+    _respond(app, doc, fmt.render_status)
+
+
+@cli.command()
+@click.argument("service", required=False, default="")
+@click.pass_obj
+def watch(app: App, service: str) -> None:
+    """Print changes as they are made: of SERVICE (with the global ones), or of every service.
+
+    One line per change: time, revision, action, scope/name, before -> after, who, why,
+    incident. Runs until stopped: Ctrl-C exits 130. Once the watch is live, stderr says
+    from which revision ("watching ... from revision N", or with --json
+    {"watching": {"service": ..., "revision": N}}).
+
+    JSON: JSON Lines, one AuditEntry per line.
+    """
+    from controlplane.api.v1 import mitigation_pb2
+
+    request = mitigation_pb2.WatchChangesRequest(service=service)
+    # Ctrl-C stops the watch even where SIGINT came in ignored (a background job of a
+    # script without job control): `kill -INT` is how such a script ends it.
+    with contextlib.suppress(ValueError):  # not the main thread (in-process tests)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    live, last = False, 0
+    responses = app.stream("WatchChanges", request)
+    try:
+        for response in responses:
+            changes = response.get("changes") or []
+            if not live:
+                # The first response carries no changes: the revision the watch is live from.
+                live, last = True, int(response.get("revision") or 0)
+                _watch_note(app, service, last)
+                continue
+            for entry in changes:
+                click.echo(fmt.dumps_line(entry) if app.json_output else fmt.render_change(entry))
+            last = max(last, int(response.get("revision") or 0))
+    except KeyboardInterrupt:
+        responses.close()
+        raise click.exceptions.Exit(ExitCode.INTERRUPTED) from None
+    except CliError as e:
+        if not live:
+            raise
+        raise CliError(
+            e.code,
+            f"the watch ended: {e.message}",
+            ExitCode(e.exit_code),
+            hint=f"changes after revision {last} were not shown: `cpctl history` lists them; "
+            "start the watch again",
+        ) from e
+
+
+def _watch_note(app: App, service: str, revision: int) -> None:
+    if app.json_output:
+        note = {"watching": {"service": service, "revision": revision}}
+        click.echo(json.dumps(note), err=True)
+        return
+    what = service or "every service"
+    click.echo(f"watching {what} from revision {revision} (Ctrl-C to stop)", err=True)
 
 
 # ---- history ----

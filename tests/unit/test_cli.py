@@ -29,11 +29,16 @@ from controlplane.api.v1 import mitigation_pb2, mitigation_pb2_grpc, types_pb2
 from controlplane.cli import (
     OUTCOME_UNKNOWN,
     ExitCode,
+    WaitArgs,
+    change_services,
     cli,
     exit_code_for_status,
+    key_services,
     parse_flag_value,
     parse_percent,
     parse_since,
+    scope_wait_services,
+    wait_exit_code,
 )
 
 NOW = datetime(2026, 11, 26, 17, 30, tzinfo=UTC)
@@ -347,10 +352,10 @@ def test_json_audit_entry_carries_records_as_objects() -> None:
     assert "after_json" not in document
 
 
-@pytest.mark.parametrize("name", list(fmt.JSON_SHAPES))
+@pytest.mark.parametrize("name", [n for n in fmt.JSON_SHAPES if n not in fmt.CLI_SHAPES])
 def test_documented_json_shapes_match_the_output(name: str) -> None:
-    message = getattr(types_pb2, name)()
-    assert tuple(fmt.to_plain(message)) == fmt.JSON_SHAPES[name]
+    message_class = getattr(types_pb2, name, None) or getattr(mitigation_pb2, name)
+    assert tuple(fmt.to_plain(message_class())) == fmt.JSON_SHAPES[name]
 
 
 def test_human_line_of_a_set_flag() -> None:
@@ -477,7 +482,10 @@ def test_list_is_an_aligned_table() -> None:
 
 
 class FakeMitigation(mitigation_pb2_grpc.MitigationServiceServicer):
-    """MitigationService with GetFlag and SetFlag over a dict; everything else UNIMPLEMENTED.
+    """MitigationService with GetFlag and SetFlag over a dict, WaitApplied answering
+    ``waits[service]`` (every instance applied, by default), WatchChanges sending
+    ``watched`` after its live response, then ending, and GetBundle over ``bundles``;
+    everything else UNIMPLEMENTED.
 
     ``fail[method]`` makes that method answer with a status instead; a method in ``hang``
     signals ``entered`` and then blocks until ``release`` is set (or 10 seconds pass).
@@ -492,6 +500,34 @@ class FakeMitigation(mitigation_pb2_grpc.MitigationServiceServicer):
         self.hang: set[str] = set()
         self.entered = threading.Event()
         self.release = threading.Event()
+        self.waits: dict[str, mitigation_pb2.WaitAppliedResponse] = {}
+        self.wait_requests: list[mitigation_pb2.WaitAppliedRequest] = []
+        self.watched: list[types_pb2.AuditEntry] = []
+        self.bundles: dict[str, mitigation_pb2.Bundle] = {}
+
+    def GetBundle(
+        self, request: mitigation_pb2.GetBundleRequest, context: grpc.ServicerContext
+    ) -> mitigation_pb2.GetBundleResponse:
+        self._misbehave("GetBundle", context)
+        if request.bundle_id not in self.bundles:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no bundle {request.bundle_id}")
+        return mitigation_pb2.GetBundleResponse(bundle=self.bundles[request.bundle_id])
+
+    def WaitApplied(
+        self, request: mitigation_pb2.WaitAppliedRequest, context: grpc.ServicerContext
+    ) -> mitigation_pb2.WaitAppliedResponse:
+        self._misbehave("WaitApplied", context)
+        self.wait_requests.append(request)
+        default = mitigation_pb2.WaitAppliedResponse(all_applied=True, connected=3, applied=3)
+        return self.waits.get(request.service, default)
+
+    def WatchChanges(
+        self, request: mitigation_pb2.WatchChangesRequest, context: grpc.ServicerContext
+    ) -> Iterator[mitigation_pb2.WatchChangesResponse]:
+        self._misbehave("WatchChanges", context)
+        yield mitigation_pb2.WatchChangesResponse(revision=self.revision)
+        for entry in self.watched:
+            yield mitigation_pb2.WatchChangesResponse(revision=entry.revision, changes=[entry])
 
     def _misbehave(self, method: str, context: grpc.ServicerContext) -> None:
         self.calls.append(method)
@@ -963,4 +999,566 @@ def test_help_does_not_import_grpc() -> None:
 def test_commands_are_listed_in_incident_order() -> None:
     assert isinstance(cli, click.Group)
     ctx = click.Context(cli)
-    assert cli.list_commands(ctx) == ["flag", "shed", "pin", "known-good", "rollback", "history"]
+    assert cli.list_commands(ctx) == [
+        "flag", "shed", "pin", "known-good", "rollback", "bundle", "status", "watch", "history",
+    ]  # fmt: skip
+
+
+# ---- --wait: outcomes, exit codes, output ----
+
+
+def _instance(instance_id: str, **fields: Any) -> types_pb2.Instance:
+    return types_pb2.Instance(service="checkout", instance_id=instance_id, **fields)
+
+
+WAIT_APPLIED = mitigation_pb2.WaitAppliedResponse(
+    all_applied=True, connected=3, applied=3, applied_at=_ts(NOW)
+)
+WAIT_PARTLY = mitigation_pb2.WaitAppliedResponse(
+    connected=3,
+    applied=1,
+    pending=[_instance("i-2", applied_revision=811), _instance("i-3", applied_revision=0)],
+)
+WAIT_NOBODY = mitigation_pb2.WaitAppliedResponse()
+WAIT_NACKED = mitigation_pb2.WaitAppliedResponse(
+    connected=2, applied=1, nacks={"i-2": "limits.rps must be positive"}
+)
+
+
+@pytest.mark.parametrize(
+    ("response", "outcome", "code"),
+    [
+        (WAIT_APPLIED, "applied", 0),
+        (WAIT_PARTLY, "timed_out", 8),
+        (WAIT_NOBODY, "no_instances", 9),
+        (WAIT_NACKED, "rejected", 10),
+        # A rejection is reported even when some instances are still pending.
+        (mitigation_pb2.WaitAppliedResponse(connected=2, nacks={"i-1": "no"}), "rejected", 10),
+        # Connected instances that all applied it, but another server has not confirmed.
+        (mitigation_pb2.WaitAppliedResponse(connected=2, applied=2), "timed_out", 8),
+    ],
+)
+def test_wait_outcome_and_its_exit_code(
+    response: mitigation_pb2.WaitAppliedResponse, outcome: str, code: int
+) -> None:
+    assert fmt.wait_outcome(fmt.to_plain(response)) == outcome
+    assert wait_exit_code(outcome) == code
+
+
+def test_the_most_serious_outcome_of_several_services_wins() -> None:
+    assert fmt.worst_outcome([]) == "applied"
+    assert fmt.worst_outcome(["applied", "no_instances"]) == "no_instances"
+    assert fmt.worst_outcome(["no_instances", "timed_out", "applied"]) == "timed_out"
+    assert fmt.worst_outcome(["timed_out", "rejected", "no_instances"]) == "rejected"
+
+
+def _wait_service(service: str, response: mitigation_pb2.WaitAppliedResponse) -> dict[str, Any]:
+    plain = fmt.to_plain(response)
+    return {"service": service, "outcome": fmt.wait_outcome(plain), "seconds": 0.123, **plain}
+
+
+def test_wait_lines_say_how_many_applied_and_name_the_problems() -> None:
+    applied = fmt.describe_wait(_wait_service("checkout", WAIT_APPLIED))
+    assert applied == "checkout: applied by 3/3 instances in 0.12 s"
+    partly = fmt.describe_wait(_wait_service("checkout", WAIT_PARTLY))
+    assert partly == (
+        "checkout: applied by only 1/3 instances within 0.1 s; "
+        "pending: i-2 (at rev 811), i-3 (at rev 0)"
+    )
+    nobody = fmt.describe_wait(_wait_service("chekout", WAIT_NOBODY))
+    assert nobody.startswith("chekout: no connected instance to apply it (is the service name")
+    nacked = fmt.describe_wait(_wait_service("checkout", WAIT_NACKED))
+    assert nacked == (
+        "checkout: rejected by 1 of 2 instance(s): i-2 (limits.rps must be positive); "
+        "applied by 1/2"
+    )
+    many = mitigation_pb2.WaitAppliedResponse(
+        connected=20, pending=[_instance(f"i-{n}") for n in range(15)]
+    )
+    assert fmt.describe_wait(_wait_service("checkout", many)).endswith("i-9 (at rev 0) and 5 more")
+
+    report = {
+        "services": [
+            _wait_service("checkout", WAIT_APPLIED),
+            _wait_service("search", WAIT_PARTLY),
+        ]
+    }
+    lines, problems = fmt.render_wait(report)
+    assert [line.split(":")[0] for line in lines] == ["checkout"]
+    assert [problem.split(":")[0] for problem in problems] == ["search"]
+
+
+def test_wait_document_has_the_documented_shape() -> None:
+    assert tuple(_wait_service("checkout", WAIT_APPLIED)) == fmt.JSON_SHAPES["WaitService"]
+
+
+def test_wait_services_of_a_flag_scope() -> None:
+    assert scope_wait_services("checkout", WaitArgs()) == ()
+    assert scope_wait_services("checkout", WaitArgs(enabled=True)) == ("checkout",)
+    both = WaitArgs(enabled=True, services=("checkout", "search"))
+    assert scope_wait_services("global", both) == ("checkout", "search")
+    with pytest.raises(click.UsageError, match="--wait needs a service scope; for a global"):
+        scope_wait_services("global", WaitArgs(enabled=True))
+    with pytest.raises(click.UsageError, match="--wait-service is for a global flag"):
+        scope_wait_services("checkout", both)
+
+
+def test_services_of_a_bundle() -> None:
+    keys = ["flags/checkout/new-ui", "flags/global/checkout.mode", "shedding/search", "pins/a"]
+    assert key_services(keys) == (["a", "checkout", "search"], True)
+    assert key_services(["flags/global/kill"]) == ([], True)
+    changes: list[dict[str, Any]] = [
+        {"set_flag": {"scope": "global", "name": "x"}, "clear_flag": None},
+        {"set_shedding": {"service": "search", "percent": 30}},
+        {"unpin_version": {"service": "payments"}},
+    ]
+    assert change_services(changes) == (["payments", "search"], True)
+
+
+def test_wait_after_a_write_waits_for_its_revision(server: Server) -> None:
+    result = run(
+        "--json", "--server", server.address, "flag", "set", "checkout", "new-ui", "true",
+        "--reason", "r", "--wait", "--wait-timeout", "2s",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (request,) = server.servicer.wait_requests
+    assert (request.service, request.revision) == ("checkout", 813)
+    assert request.timeout.ToTimedelta() <= timedelta(seconds=2)
+    assert request.timeout.ToTimedelta() > timedelta(seconds=1)
+    wait = json.loads(result.stdout)["wait"]
+    assert tuple(wait) == fmt.JSON_SHAPES["Wait"]
+    assert (wait["outcome"], wait["revision"]) == ("applied", 813)
+    assert [s["service"] for s in wait["services"]] == ["checkout"]
+
+
+@pytest.mark.parametrize(
+    ("response", "code", "name", "text"),
+    [
+        (WAIT_PARTLY, 8, "WAIT_TIMEOUT", "pending: i-2 (at rev 811), i-3 (at rev 0)"),
+        (WAIT_NOBODY, 9, "WAIT_NO_INSTANCES", "checkout: no connected instance"),
+        (WAIT_NACKED, 10, "REJECTED", "i-2 (limits.rps must be positive)"),
+    ],
+)
+def test_wait_failures_exit_with_their_code_and_keep_the_write_result(
+    server: Server, response: mitigation_pb2.WaitAppliedResponse, code: int, name: str, text: str
+) -> None:
+    server.servicer.waits["checkout"] = response
+    args = ["flag", "set", "checkout", "new-ui", "true", "--reason", "r", "--wait"]
+    human = run("--server", server.address, *args)
+    assert human.exit_code == code, human.output
+    assert human.stdout == "checkout: flag new-ui = true (was false) · rev 813\n"
+    error, hint = human.stderr.splitlines()
+    assert error.startswith("error: --wait: checkout: ")
+    assert text in error
+    assert hint.startswith("hint: the change is written (rev 813)")
+    if code == 8:
+        assert "`cpctl status checkout`" in hint
+
+    server.servicer.flags.clear()
+    as_json = run("--json", "--server", server.address, *args)
+    assert as_json.exit_code == code
+    assert json.loads(as_json.stdout)["wait"]["outcome"] == fmt.wait_outcome(fmt.to_plain(response))
+    error_doc = json.loads(as_json.stderr)["error"]
+    assert (error_doc["code"], error_doc["exit_code"]) == (name, code)
+
+
+def test_no_wait_for_an_unchanged_write_or_a_dry_run(server: Server) -> None:
+    server.servicer.waits["checkout"] = WAIT_NOBODY
+    base = ["--server", server.address, "flag", "set", "checkout", "new-ui"]
+    unchanged = run("--json", *base, "false", "--reason", "again", "--wait")
+    assert unchanged.exit_code == 0, unchanged.output
+    assert json.loads(unchanged.stdout)["wait"] is None
+    dry = run(*base, "true", "--reason", "r", "--wait", "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    assert server.servicer.wait_requests == []
+
+
+def test_without_wait_the_document_has_no_wait_key(server: Server) -> None:
+    result = run(
+        "--json", "--server", server.address, "flag", "set", "checkout", "new-ui", "true",
+        "--reason", "r",
+    )  # fmt: skip
+    assert "wait" not in json.loads(result.stdout)
+    assert server.servicer.wait_requests == []
+
+
+def test_wait_for_several_services_of_a_global_flag(server: Server) -> None:
+    server.servicer.waits["search"] = WAIT_NOBODY
+    result = run(
+        "--server", server.address, "flag", "set", "global", "kill", "true", "--reason", "r",
+        "--wait-service", "checkout", "--wait-service", "search",
+    )  # fmt: skip
+    assert result.exit_code == 9, result.output
+    assert [r.service for r in server.servicer.wait_requests] == ["checkout", "search"]
+    assert "checkout: applied by 3/3 instances in " in result.stdout
+    assert "error: --wait: search: no connected instance" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["global", "kill", "true", "--wait"], "--wait needs a service scope"),
+        (["global", "kill", "true", "--wait-service", "Checkout"], "not a service name"),
+        (["global", "kill", "true", "--wait-service", "global"], "not a service name"),
+        (["checkout", "kill", "true", "--wait-timeout", "6m"], "at most 5m"),
+        (["checkout", "kill", "true", "--wait-timeout", "soon"], "not a duration"),
+    ],
+)
+def test_bad_wait_options_are_usage_errors_before_any_call(
+    server: Server, args: list[str], message: str
+) -> None:
+    result = run("--server", server.address, "flag", "set", *args, "--reason", "r")
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert server.servicer.calls == []
+
+
+def test_a_failed_wait_call_says_the_change_is_written(server: Server) -> None:
+    server.servicer.fail["WaitApplied"] = (grpc.StatusCode.INTERNAL, "boom")
+    result = run(
+        "--json", "--server", server.address, "flag", "set", "checkout", "new-ui", "true",
+        "--reason", "r", "--wait",
+    )  # fmt: skip
+    assert result.exit_code == 1
+    document = json.loads(result.stdout)
+    assert document["result"]["revision"] == 813
+    assert document["wait"] is None
+
+
+# ---- status ----
+
+
+def _status(**fields: Any) -> mitigation_pb2.GetStatusResponse:
+    return mitigation_pb2.GetStatusResponse(service="checkout", revision=900, **fields)
+
+
+def test_status_marks_scope_time_left_drift_lag_and_stale_instances() -> None:
+    own = types_pb2.Flag(
+        scope="checkout",
+        name="new-ui",
+        value=types_pb2.FlagValue(bool_value=False),
+        meta=types_pb2.Meta(
+            actor="sre-1", reason="errors", expires_at=_ts(NOW + timedelta(minutes=29))
+        ),
+    )
+    inherited = types_pb2.Flag(
+        scope="global", name="checkout.mode", value=types_pb2.FlagValue(string_value="read-only")
+    )
+    response = _status(
+        flags=[own, inherited],
+        shedding=types_pb2.Shedding(
+            service="checkout",
+            tier=types_pb2.SHEDDABLE_PLUS,
+            percent=30,
+            meta=types_pb2.Meta(actor="sre-1", expires_at=_ts(NOW + timedelta(hours=2))),
+        ),
+        pin=types_pb2.Pin(service="checkout", version="v1.4.2", meta=types_pb2.Meta(actor="sre-2")),
+        instances=[
+            _instance("i-1", running_version="v1.4.2", applied_revision=900, connected=True,
+                      server_id="s1"),
+            _instance("i-2", running_version="v1.5.0", applied_revision=899, lag=1,
+                      connected=True, server_id="s1"),
+            _instance("i-3", running_version="v1.4.2", lag=-1, server_id="s2",
+                      last_seen=_ts(NOW - timedelta(minutes=3))),
+        ],
+        drift={"v1.5.0": 1},
+    )  # fmt: skip
+    lines = list(fmt.render_status(fmt.to_plain(response), NOW).lines)
+    assert lines[0] == "checkout · revision 900 · 2 of 3 instance(s) connected"
+    new_ui = next(line for line in lines if line.strip().startswith("new-ui"))
+    assert "checkout (own)" in new_ui
+    assert "2026-11-26T17:59:00Z (in 29m)" in new_ui
+    mode = next(line for line in lines if line.strip().startswith("checkout.mode"))
+    assert mode.split()[1:3] == ['"read-only"', "global"]
+    shedding = next(line for line in lines if line.startswith("shedding:"))
+    assert shedding.startswith("shedding: SHEDDABLE_PLUS 30% (sheds all of SHEDDABLE and 30%")
+    assert "expires 2026-11-26T19:30:00Z (in 2h), then off" in shedding
+    assert "pin: v1.4.2" in lines
+    rows = {line.split()[0]: line for line in lines if line.startswith("i-")}
+    assert rows["i-1"].split() == ["i-1", "s1", "yes", "900", "0", "v1.4.2"]
+    assert rows["i-2"].split()[:6] == ["i-2", "s1", "yes", "899", "1", "v1.5.0"]
+    assert "DRIFT: pinned v1.4.2" in rows["i-2"] and "behind by 1 change(s)" in rows["i-2"]
+    assert rows["i-3"].split()[:6] == ["i-3", "s2", "no", "-", "?", "v1.4.2"]
+    assert "stale (disconnected, last seen 3m ago)" in rows["i-3"]
+    assert "lag unknown" in rows["i-3"] and "DRIFT" not in rows["i-3"]
+    assert "drift: 1 instance(s) run v1.5.0, not the pinned v1.4.2" in lines
+    assert fmt.NO_INSTANCES not in lines
+
+
+def test_status_without_connected_instances_says_so() -> None:
+    lines = list(fmt.render_status(fmt.to_plain(_status()), NOW).lines)
+    assert lines[0] == "checkout · revision 900 · 0 of 0 instance(s) connected"
+    assert lines[2:5] == ["flags: none", "shedding: off", "pin: none"]
+    assert lines[-1] == fmt.NO_INSTANCES
+    stale = _status(instances=[_instance("i-1", connected=False)])
+    assert fmt.render_status(fmt.to_plain(stale), NOW).lines[-1] == fmt.NO_INSTANCES
+
+
+# ---- watch ----
+
+
+def _entry(kind: str, before: Any, after: Any, **fields: Any) -> types_pb2.AuditEntry:
+    defaults: dict[str, Any] = {"id": "a1", "revision": 812, "time": _ts(NOW), "actor": "sre-1"}
+    return types_pb2.AuditEntry(
+        kind=kind,
+        before_json=json.dumps(before) if before is not None else "",
+        after_json=json.dumps(after) if after is not None else "",
+        **{**defaults, **fields},
+    )
+
+
+@pytest.mark.parametrize(
+    ("entry", "line"),
+    [
+        (
+            _entry(
+                "flag", {"value": True}, {"value": False}, action="flag.set", scope="checkout",
+                name="new-ui", reason="errors after deploy", incident="INC-42",
+                expires_at=_ts(NOW + timedelta(minutes=30)),
+            ),
+            '2026-11-26T17:30:00Z  rev 812  flag.set  checkout/new-ui  true -> false until '
+            '2026-11-26T18:00:00Z  by sre-1  "errors after deploy"  INC-42',
+        ),
+        (
+            _entry("shedding", None, {"tier": "SHEDDABLE_PLUS", "percent": 30},
+                   action="shedding.set", scope="checkout", bundle_id="b-1"),
+            "2026-11-26T17:30:00Z  rev 812  shedding.set  checkout  off -> SHEDDABLE_PLUS 30%  "
+            "by sre-1  bundle b-1",
+        ),
+        (
+            _entry("pin", {"version": "v2"}, None, action="pin.clear", scope="checkout",
+                   reason="line1\nline2"),
+            '2026-11-26T17:30:00Z  rev 812  pin.clear  checkout  v2 -> unpinned  by sre-1  '
+            '"line1\\nline2"',
+        ),
+        (
+            _entry("known_good", None, {"version": "v1"}, action="known_good.mark",
+                   scope="checkout", name="v1"),
+            "2026-11-26T17:30:00Z  rev 812  known_good.mark  checkout/v1  not marked -> "
+            "known-good  by sre-1",
+        ),
+    ],
+)  # fmt: skip
+def test_watch_line_of_a_change(entry: types_pb2.AuditEntry, line: str) -> None:
+    assert fmt.render_change(fmt.to_plain(entry)) == line
+
+
+def test_watch_json_lines_then_the_stream_ending_is_an_error(server: Server) -> None:
+    server.servicer.watched = [
+        _entry("flag", None, {"value": False}, action="flag.set", scope="checkout", name="x"),
+        _entry("pin", None, {"version": "v1"}, action="pin.set", scope="checkout", revision=813),
+    ]
+    result = run("--json", "--server", server.address, "watch", "checkout")
+    assert result.exit_code == 6, result.output
+    lines = result.stdout.splitlines()
+    assert [json.loads(line)["action"] for line in lines] == ["flag.set", "pin.set"]
+    assert json.loads(lines[0])["after"] == {"value": False}
+    assert tuple(json.loads(lines[1])) == fmt.JSON_SHAPES["AuditEntry"]
+    live, error = result.stderr.splitlines()
+    assert json.loads(live) == {"watching": {"service": "checkout", "revision": 812}}
+    assert json.loads(error)["error"]["message"].startswith("the watch ended: ")
+
+    human = run("--server", server.address, "watch")
+    assert human.exit_code == 6
+    note, error_line, hint = human.stderr.splitlines()
+    assert note == "watching every service from revision 812 (Ctrl-C to stop)"
+    assert error_line.startswith("error: the watch ended: ")
+    assert hint.startswith("hint: changes after revision 813 were not shown")
+    assert len(human.stdout.splitlines()) == 2
+
+
+def test_watch_fails_over_before_it_is_live(server: Server) -> None:
+    result = run("--server", f"{closed_address()},{server.address}", "watch")
+    assert result.exit_code == 6
+    assert "watching every service from revision 812" in result.stderr
+    assert server.servicer.calls == ["WatchChanges"]
+
+
+# ---- bundles ----
+
+
+def _bundle(**fields: Any) -> mitigation_pb2.Bundle:
+    return mitigation_pb2.Bundle(
+        id="20261126-164500-degrade-checkout-3fa2",
+        name="degrade-checkout",
+        meta=types_pb2.Meta(
+            actor="sre-1", reason="payment provider timeouts", incident="INC-42",
+            set_at=_ts(NOW - timedelta(minutes=45)),
+        ),
+        revision=812,
+        changes=[
+            mitigation_pb2.BundleChange(
+                set_flag=mitigation_pb2.SetFlagRequest(
+                    scope="checkout", name="new-ui", value=types_pb2.FlagValue(bool_value=False)
+                )
+            ),
+            mitigation_pb2.BundleChange(
+                set_shedding=mitigation_pb2.SetSheddingRequest(service="checkout", percent=30)
+            ),
+            mitigation_pb2.BundleChange(
+                pin_version=mitigation_pb2.PinVersionRequest(service="checkout", version="v1.4.2")
+            ),
+            mitigation_pb2.BundleChange(
+                clear_flag=mitigation_pb2.ClearFlagRequest(
+                    scope="global", name="x", all_layers=True
+                )
+            ),
+            mitigation_pb2.BundleChange(
+                clear_shedding=mitigation_pb2.ClearSheddingRequest(service="search")
+            ),
+            mitigation_pb2.BundleChange(
+                unpin_version=mitigation_pb2.UnpinVersionRequest(service="payments")
+            ),
+        ],
+        keys=["flags/checkout/new-ui", "shedding/checkout", "pins/checkout"],
+        **fields,
+    )  # fmt: skip
+
+
+def test_bundle_get_shows_state_changes_and_who_why_when() -> None:
+    overridden = _bundle(
+        state=mitigation_pb2.PARTIALLY_OVERRIDDEN, overridden_keys=["shedding/checkout"]
+    )
+    lines = list(
+        fmt.render_bundle_get(
+            fmt.to_plain(mitigation_pb2.GetBundleResponse(bundle=overridden)), NOW
+        ).lines
+    )
+    assert lines == [
+        "bundle 20261126-164500-degrade-checkout-3fa2 (degrade-checkout): partially overridden "
+        "(changed since by others: shedding/checkout)",
+        "  applied   by sre-1, 2026-11-26T16:45:00Z (45m ago) · rev 812",
+        "  reason    payment provider timeouts",
+        "  incident  INC-42",
+        "  changes:",
+        "    checkout: flag new-ui = false",
+        "    checkout: shedding SHEDDABLE 30%",
+        "    checkout: pin v1.4.2",
+        "    global: clear flag x (all layers)",
+        "    search: shedding off",
+        "    payments: unpin",
+        "  keys      flags/checkout/new-ui, shedding/checkout, pins/checkout",
+    ]  # fmt: skip
+    reverted = _bundle(
+        state=mitigation_pb2.REVERTED,
+        reverted=types_pb2.Meta(
+            actor="sre-2", reason="recovered", set_at=_ts(NOW - timedelta(minutes=5))
+        ),
+    )
+    doc = fmt.to_plain(mitigation_pb2.GetBundleResponse(bundle=reverted))
+    text = list(fmt.render_bundle_get(doc, NOW).lines)
+    assert text[0].endswith(": reverted")
+    assert "  reverted  by sre-2, 2026-11-26T17:25:00Z (5m ago): recovered" in text
+
+
+@pytest.mark.parametrize(
+    ("state", "text"),
+    [
+        (mitigation_pb2.APPLIED, "applied"),
+        (mitigation_pb2.REVERTED, "reverted"),
+        (mitigation_pb2.EXPIRED, "expired"),
+        (mitigation_pb2.PARTIALLY_OVERRIDDEN, "partially overridden"),
+    ],
+)
+def test_bundle_list_shows_each_state(state: int, text: str) -> None:
+    response = mitigation_pb2.ListBundlesResponse(bundles=[_bundle(state=state)])
+    header, row = fmt.render_bundle_list(fmt.to_plain(response), NOW).lines
+    assert header.split() == [
+        "ID", "STATE", "CHANGES", "APPLIED", "EXPIRES", "ACTOR", "INCIDENT", "REASON",
+    ]  # fmt: skip
+    assert row.startswith(f"20261126-164500-degrade-checkout-3fa2  {text}  ")
+    assert " 6  " in row
+    assert fmt.render_bundle_list({"bundles": []}, NOW).lines == ["no bundles"]
+
+
+def test_bundle_apply_and_revert_lines() -> None:
+    summary = "bundle degrade-checkout: checkout: flag new-ui = false (was true); checkout: pin v1"
+    applied = mitigation_pb2.ApplyBundleResponse(
+        result=types_pb2.WriteResult(changed=True, revision=812, summary=summary),
+        bundle=_bundle(state=mitigation_pb2.APPLIED),
+    )
+    assert list(fmt.render_bundle_apply(fmt.to_plain(applied), NOW).lines) == [
+        "bundle degrade-checkout applied as 20261126-164500-degrade-checkout-3fa2 · rev 812",
+        "  checkout: flag new-ui = false (was true)",
+        "  checkout: pin v1",
+        'revert with: cpctl bundle revert 20261126-164500-degrade-checkout-3fa2 --reason "..."',
+    ]
+    twin = mitigation_pb2.ApplyBundleResponse(
+        result=types_pb2.WriteResult(summary="bundle degrade-checkout is already applied as X")
+    )
+    assert list(fmt.render_bundle_apply(fmt.to_plain(twin), NOW).lines) == [
+        "bundle degrade-checkout is already applied as X · unchanged"
+    ]
+    dry = mitigation_pb2.ApplyBundleResponse(
+        result=types_pb2.WriteResult(dry_run=True, would_change=True, summary=summary),
+        bundle=_bundle(),
+    )
+    assert fmt.render_bundle_apply(fmt.to_plain(dry), NOW).lines[0] == (
+        "dry run: would apply bundle degrade-checkout · nothing written"
+    )
+    reverted = mitigation_pb2.RevertBundleResponse(
+        result=types_pb2.WriteResult(
+            changed=True,
+            revision=900,
+            summary="bundle degrade-checkout reverted: checkout: shedding removed",
+        ),
+        bundle=_bundle(state=mitigation_pb2.REVERTED),
+        overwritten_keys=["shedding/checkout"],
+    )
+    rendered = fmt.render_bundle_revert(fmt.to_plain(reverted), NOW)
+    assert list(rendered.lines) == [
+        "bundle 20261126-164500-degrade-checkout-3fa2 (degrade-checkout) reverted · rev 900",
+        "  checkout: shedding removed",
+    ]
+    assert list(rendered.warnings) == [
+        "warning: --force overwrote changes made after the bundle: shedding/checkout"
+    ]
+
+
+def test_bundle_file_errors_exit_3_before_any_call(server: Server, tmp_path: Path) -> None:
+    path = tmp_path / "b.yaml"
+    path.write_text("name: b\nreason: r\nchanges:\n  - shed: {service: checkout}\n")
+    result = run("--server", server.address, "bundle", "apply", str(path))
+    assert result.exit_code == 3
+    assert result.stderr.startswith(f"error: {path}: changes[0].shed: missing percent")
+    assert server.servicer.calls == []
+
+
+def test_bundle_of_global_flags_needs_wait_service(server: Server, tmp_path: Path) -> None:
+    path = tmp_path / "b.json"
+    path.write_text(
+        json.dumps(
+            {
+                "name": "b",
+                "reason": "r",
+                "changes": [{"flag": {"scope": "global", "name": "kill", "value": True}}],
+            }
+        )
+    )
+    result = run("--server", server.address, "bundle", "apply", str(path), "--wait")
+    assert result.exit_code == 2
+    assert "this bundle changes only global flags" in result.stderr
+    assert "--wait-service S" in result.stderr
+    assert server.servicer.calls == []
+
+
+def test_bundle_revert_needs_a_reason(server: Server) -> None:
+    result = run("--server", server.address, "bundle", "revert", "20261126-164500-b-3fa2")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: --reason is required")
+    assert server.servicer.calls == []
+
+
+def test_revert_with_wait_of_a_bundle_of_global_flags_needs_wait_service(server: Server) -> None:
+    bundle_id = "20261126-164500-kill-3fa2"
+    server.servicer.bundles[bundle_id] = mitigation_pb2.Bundle(
+        id=bundle_id, name="kill", keys=["flags/global/kill"]
+    )
+    args = ["--server", server.address, "bundle", "revert", bundle_id, "--reason", "r"]
+    result = run(*args, "--wait")
+    assert result.exit_code == 2, result.output
+    assert "this bundle changed only global flags" in result.stderr
+    # Read, not written: the revert was never sent.
+    assert server.servicer.calls == ["GetBundle"]
+    missing = run(*args[:4], "20261126-164500-gone-3fa2", "--reason", "r", "--wait")
+    assert missing.exit_code == 5
