@@ -78,6 +78,8 @@ JSON_SHAPES: dict[str, tuple[str, ...]] = {
         "bundle_id",
         "expires_at",
     ),
+    "ServiceApplied": ("service", "applied_at", "instances"),
+    "TimelineEntry": ("change", "applied"),
     "Instance": (
         "service",
         "instance_id",
@@ -821,6 +823,61 @@ def render_change(entry: Mapping[str, Any]) -> str:
     if entry.get("bundle_id"):
         parts.append(f"bundle {entry['bundle_id']}")
     return _cell("  ".join(parts))
+
+
+def render_timeline_md(doc: Mapping[str, Any]) -> list[str]:
+    """The post-mortem timeline of an incident as Markdown: one table row per change."""
+    incident = str(doc.get("incident", ""))
+    entries = list(doc.get("entries") or [])
+    lines = [f"# Timeline of {incident}", ""]
+    if not entries:
+        return [*lines, f"No change was made for {incident}."]
+    first = entries[0]["change"].get("time")
+    last = entries[-1]["change"].get("time")
+    if first and last:
+        lines += [f"{len(entries)} changes from {iso(first)} to {iso(last)} (UTC).", ""]
+    lines += [
+        "| time (UTC) | rev | who | action | what | change | why | applied by all instances |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for entry in entries:
+        change = entry["change"]
+        kind = str(change.get("kind", ""))
+        when = change.get("time")
+        target = str(change.get("scope", ""))
+        if change.get("name"):
+            target += f"/{change['name']}"
+        what = f"{describe_record(kind, change.get('before'))} → "
+        what += describe_record(kind, change.get("after"))
+        if change.get("expires_at") is not None:
+            what += f" until {iso(change['expires_at'], seconds=True)}"
+        applied = []
+        for item in entry.get("applied") or []:
+            at = item.get("applied_at")
+            delay = f" (+{(at - when).total_seconds():.2f} s)" if at and when else ""
+            applied.append(
+                f"{item.get('service')}: {item.get('instances', 0)} at "
+                f"{iso(at, seconds=True) if at else '?'}{delay}"
+            )
+        who = str(change.get("actor") or "?")
+        if change.get("bundle_id"):
+            who += f" (bundle {change['bundle_id']})"
+        row = [
+            iso(when, seconds=True) if when else "-",
+            str(change.get("revision", "")),
+            who,
+            str(change.get("action", "")),
+            target,
+            what,
+            str(change.get("reason", "")),
+            "; ".join(applied) or "-",
+        ]
+        lines.append("| " + " | ".join(_md_cell(cell) for cell in row) + " |")
+    return lines
+
+
+def _md_cell(text: str) -> str:
+    return _cell(text).replace("|", "\\|")
 
 
 # --wait

@@ -1804,6 +1804,40 @@ def history(
     _respond(app, app.call("ListHistory", request), fmt.render_history)
 
 
+@cli.command()
+@click.option("--incident", required=True, metavar="ID", help="The incident (e.g. INC-42).")
+@click.option(
+    "--format",
+    "output",
+    type=click.Choice(["md", "json"]),
+    default="md",
+    show_default=True,
+    help="Markdown for the post-mortem document, or JSON.",
+)
+@click.option("--limit", type=click.IntRange(min=1, max=10_000), help="At most N changes.")
+@click.pass_obj
+def timeline(app: App, incident: str, output: str, limit: int | None) -> None:
+    """The post-mortem timeline of an incident, oldest first.
+
+    Every change made for it (sets, clears, expiries, bundle reverts): when, who, why,
+    what it changed, and when all connected instances of each service concerned had
+    applied it.
+
+    JSON (--format json or --json): {incident, entries: [TimelineEntry, ...]}; a
+    TimelineEntry is {change: AuditEntry, applied: [ServiceApplied, ...]}.
+    """
+    from controlplane.api.v1 import mitigation_pb2
+
+    doc = app.call(
+        "GetTimeline", mitigation_pb2.GetTimelineRequest(incident=incident, limit=limit or 0)
+    )
+    if app.json_output or output == "json":
+        click.echo(fmt.dumps(doc))
+        return
+    for line in fmt.render_timeline_md(doc):
+        click.echo(line)
+
+
 def main() -> NoReturn:
     """Console-script entry point of ``cpctl``."""
     cli.main(prog_name="cpctl")

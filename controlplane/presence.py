@@ -294,6 +294,31 @@ class Presence:
             return None
         return max(done[server] for server in servers)
 
+    async def applied_records(
+        self, from_revision: int
+    ) -> dict[str, list[tuple[int, str, datetime, int]]]:
+        """Every process's "all applied" records from ``from_revision`` on, by service:
+        (revision, server id, when, instances), in revision order."""
+        found: dict[str, list[tuple[int, str, datetime, int]]] = {}
+        for (rev, svc), (when, count) in self._applied.items():  # not flushed yet
+            if rev >= from_revision:
+                found.setdefault(svc, []).append((rev, self.server_id, when, count))
+        start = f"{self.prefix}applied/{from_revision:020d}"
+        for key, raw in await self.store.get_range_raw(start, f"{self.prefix}applied0"):
+            parts = key[len(self.prefix) :].split("/")
+            if len(parts) != 4 or not parts[1].isdigit():
+                continue
+            try:
+                data = json.loads(raw)
+                when = model.parse_time(str(data["all_acked_at"]))
+                count = int(data["instances"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            found.setdefault(parts[2], []).append((int(parts[1]), parts[3], when, count))
+        for rows in found.values():
+            rows.sort()
+        return found
+
     async def prune_applied(self, below_revision: int) -> int:
         """Forget when changes older than ``below_revision`` were applied (retention)."""
         return await self.store.delete_range_raw(

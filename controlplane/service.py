@@ -581,6 +581,29 @@ class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
             _log_rpc(self.metrics, "WatchChanges", code, start, "", None)
 
     @_rpc
+    async def GetTimeline(
+        self, request: mpb.GetTimelineRequest, context: Any
+    ) -> mpb.GetTimelineResponse:
+        incident = request.incident.strip()
+        if not incident:
+            raise InvalidArgumentError("incident", "is required: the incident id (e.g. INC-42)")
+        if request.limit < 0 or request.limit > 10_000:
+            raise InvalidArgumentError("limit", "must be 0 (default 1000) to 10000")
+        entries = await self.store.list_history(incident=incident, limit=request.limit or 1000)
+        entries.reverse()  # oldest first
+        records = await self.presence.applied_records(entries[0].revision) if entries else {}
+        return mpb.GetTimelineResponse(
+            incident=incident,
+            entries=[
+                mpb.TimelineEntry(
+                    change=entry.to_proto(),
+                    applied=_applied_for(records, entry.scope, entry.revision),
+                )
+                for entry in entries
+            ],
+        )
+
+    @_rpc
     async def WaitApplied(
         self, request: mpb.WaitAppliedRequest, context: Any
     ) -> mpb.WaitAppliedResponse:
@@ -697,6 +720,33 @@ def _bundle_proto(view: BundleView) -> mpb.Bundle:
     if bundle.reverted is not None:
         msg.reverted.CopyFrom(bundle.reverted.to_proto())
     return msg
+
+
+def _applied_for(
+    records: dict[str, list[tuple[int, str, datetime, int]]], scope: str, revision: int
+) -> list[mpb.ServiceApplied]:
+    """When each concerned service's instances had applied a change of ``revision``.
+
+    A process records the newest change all its instances applied; a record at a
+    later revision covers this one (changes are applied in order). Per process the
+    earliest such record counts; per service, the latest process.
+    """
+    services = records if scope == GLOBAL_SCOPE else {scope: records.get(scope, [])}
+    out = []
+    for service, rows in sorted(services.items()):
+        first: dict[str, tuple[datetime, int]] = {}
+        for rev, server, when, count in rows:
+            if rev >= revision and server not in first:
+                first[server] = (when, count)
+        if first:
+            out.append(
+                mpb.ServiceApplied(
+                    service=service,
+                    applied_at=model.datetime_to_timestamp(max(w for w, _ in first.values())),
+                    instances=sum(c for _, c in first.values()),
+                )
+            )
+    return out
 
 
 def _time_or_none(request: Any, field_name: str) -> datetime | None:

@@ -943,6 +943,9 @@ class Store:
             raise ConflictError(self.prefix + key.path, expected, stored.mod_revision)
         now = model.utcnow()
         decision = plan.decide(stored.record, now, opts)
+        if not opts.incident and decision.action.endswith(".clear") and stored.record is not None:
+            # Clearing an incident's mitigation belongs to that incident's timeline.
+            opts = replace(opts, incident=stored.record.meta.incident)
         if stored.invalid is not None and not decision.changed:
             # The bytes in etcd do not parse: write the record in force over them.
             decision = replace(
@@ -1557,6 +1560,8 @@ class Store:
                 "its changes no longer apply (unless someone made them permanent since); "
                 "revert with force to restore what it replaced anyway"
             )
+        if not opts.incident:
+            opts = replace(opts, incident=bundle.meta.incident)  # the revert is the incident's
         keys = []
         for entry in bundle.entries:
             key = self._key_for_path(entry.path)

@@ -498,3 +498,37 @@ class WaitAppliedResponse(_message.Message):
     nacks: _containers.ScalarMap[str, str]
     applied_at: _timestamp_pb2.Timestamp
     def __init__(self, all_applied: _Optional[bool] = ..., connected: _Optional[int] = ..., applied: _Optional[int] = ..., pending: _Optional[_Iterable[_Union[_types_pb2.Instance, _Mapping]]] = ..., nacks: _Optional[_Mapping[str, str]] = ..., applied_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class GetTimelineRequest(_message.Message):
+    __slots__ = ("incident", "limit")
+    INCIDENT_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    incident: str
+    limit: int
+    def __init__(self, incident: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class ServiceApplied(_message.Message):
+    __slots__ = ("service", "applied_at", "instances")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_AT_FIELD_NUMBER: _ClassVar[int]
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    applied_at: _timestamp_pb2.Timestamp
+    instances: int
+    def __init__(self, service: _Optional[str] = ..., applied_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., instances: _Optional[int] = ...) -> None: ...
+
+class TimelineEntry(_message.Message):
+    __slots__ = ("change", "applied")
+    CHANGE_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    change: _types_pb2.AuditEntry
+    applied: _containers.RepeatedCompositeFieldContainer[ServiceApplied]
+    def __init__(self, change: _Optional[_Union[_types_pb2.AuditEntry, _Mapping]] = ..., applied: _Optional[_Iterable[_Union[ServiceApplied, _Mapping]]] = ...) -> None: ...
+
+class GetTimelineResponse(_message.Message):
+    __slots__ = ("incident", "entries")
+    INCIDENT_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    incident: str
+    entries: _containers.RepeatedCompositeFieldContainer[TimelineEntry]
+    def __init__(self, incident: _Optional[str] = ..., entries: _Optional[_Iterable[_Union[TimelineEntry, _Mapping]]] = ...) -> None: ...

@@ -154,6 +154,11 @@ class MitigationServiceStub:
                 request_serializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.WaitAppliedRequest.SerializeToString,
                 response_deserializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.WaitAppliedResponse.FromString,
                 _registered_method=True)
+        self.GetTimeline = channel.unary_unary(
+                '/controlplane.api.v1.MitigationService/GetTimeline',
+                request_serializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.GetTimelineRequest.SerializeToString,
+                response_deserializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.GetTimelineResponse.FromString,
+                _registered_method=True)
 
 
 class MitigationServiceServicer:
@@ -308,6 +313,14 @@ class MitigationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetTimeline(self, request, context):
+        """The post-mortem view of an incident: every change (sets, clears, expiries,
+        reverts), oldest first, with when all connected instances had applied it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MitigationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -430,6 +443,11 @@ def add_MitigationServiceServicer_to_server(servicer, server):
                     servicer.WaitApplied,
                     request_deserializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.WaitAppliedRequest.FromString,
                     response_serializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.WaitAppliedResponse.SerializeToString,
+            ),
+            'GetTimeline': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTimeline,
+                    request_deserializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.GetTimelineRequest.FromString,
+                    response_serializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.GetTimelineResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1080,6 +1098,33 @@ class MitigationService:
             '/controlplane.api.v1.MitigationService/WaitApplied',
             controlplane_dot_api_dot_v1_dot_mitigation__pb2.WaitAppliedRequest.SerializeToString,
             controlplane_dot_api_dot_v1_dot_mitigation__pb2.WaitAppliedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTimeline(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/controlplane.api.v1.MitigationService/GetTimeline',
+            controlplane_dot_api_dot_v1_dot_mitigation__pb2.GetTimelineRequest.SerializeToString,
+            controlplane_dot_api_dot_v1_dot_mitigation__pb2.GetTimelineResponse.FromString,
             options,
             channel_credentials,
             insecure,
