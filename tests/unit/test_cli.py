@@ -1563,3 +1563,24 @@ def test_revert_with_wait_of_a_bundle_of_global_flags_needs_wait_service(server:
     assert server.servicer.calls == ["GetBundle"]
     missing = run(*args[:4], "20261126-164500-gone-3fa2", "--reason", "r", "--wait")
     assert missing.exit_code == 5
+
+
+def test_shell_completion_comes_from_the_cli_itself() -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cpctl = Path(sys.executable).parent / "cpctl"
+    env = dict(os.environ, COMP_WORDS="cpctl shed set checkout 30 --tier ", COMP_CWORD="6")
+    env["_CPCTL_COMPLETE"] = "bash_complete"
+    out = subprocess.run([str(cpctl)], env=env, capture_output=True, text=True, check=False)
+    offered = {line.split(",", 1)[1] for line in out.stdout.splitlines() if "," in line}
+    assert {"sheddable", "sheddable_plus", "critical", "critical_plus"} <= {
+        o.lower() for o in offered
+    }
+    script = subprocess.run(
+        [str(cpctl)], env=dict(os.environ, _CPCTL_COMPLETE="zsh_source"),
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert "compdef" in script.stdout
