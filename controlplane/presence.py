@@ -70,6 +70,7 @@ class Instance:
             "server_id": self.server_id,
             "applied": self.applied,
             "nacks": {str(k): v for k, v in self.nacks.items()},
+            "override_active": self.override_active,
         }
 
     @classmethod
@@ -84,6 +85,7 @@ class Instance:
             server_id=str(data["server_id"]),
             applied=int(data.get("applied", 0)),
             nacks={int(k): str(v) for k, v in dict(data.get("nacks", {})).items()},
+            override_active=bool(data.get("override_active", False)),
         )
 
 
@@ -222,6 +224,10 @@ class Presence:
         instance.nacks = {revision: reason[:500]}
         self.metrics.nacks.labels(instance.service).inc()
         self._touch(instance.service)
+
+    def touch(self, service: str) -> None:
+        """Something about an instance of ``service`` changed (flushed with the next batch)."""
+        self._touch(service)
 
     def _touch(self, service: str) -> None:
         self._dirty = True

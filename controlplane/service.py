@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
+import json
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -801,6 +803,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             peer=context.peer(),
         )
         self.presence.connect(instance)
+        if hello.HasField("override"):
+            await self._override(instance, hello.override)
         # A feed made before the hub read the state would claim a history it lacks.
         await self.hub.ready.wait()
         feed = self.hub.feed(instance.service)
@@ -924,9 +928,48 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     def store_budget(self) -> Any:
         return self.hub.store.budget(self.hub.store.etcd_timeout)
 
+    async def _override(self, instance: Instance, override: agent_pb2.Override) -> None:
+        """A host's break-glass override: shown in status, audited once."""
+        instance.override_active = override.active
+        self.presence.touch(instance.service)
+        content: dict[str, Any] | None = None
+        if override.content_json:
+            try:
+                parsed = json.loads(override.content_json)
+                content = parsed if isinstance(parsed, dict) else {"content": parsed}
+            except ValueError:
+                content = {"content": override.content_json[:4096]}
+        expires = (
+            model.timestamp_to_datetime(override.expires_at)
+            if override.HasField("expires_at")
+            else None
+        )
+        try:
+            with self.hub.store.budget(self.hub.store.etcd_timeout):
+                await self.hub.store.record_override(
+                    instance.service,
+                    instance.instance_id,
+                    active=override.active,
+                    digest=override.digest[:128]
+                    or hashlib.sha256(override.content_json.encode()).hexdigest(),
+                    actor=override.actor[:256],
+                    reason=override.reason[:1024],
+                    expires_at=expires,
+                    content=content,
+                )
+        except ControlPlaneError as exc:
+            # Reported again at the agent's next connect; the stream goes on.
+            log.warning(
+                "override_audit_failed", instance_id=instance.instance_id, error=exc.message
+            )
+
     async def _read_acks(self, request_iterator: Any, instance: Instance, feed: Feed) -> None:
         async for request in request_iterator:
-            if request.WhichOneof("message") != "ack":
+            kind = request.WhichOneof("message")
+            if kind == "override":
+                await self._override(instance, request.override)
+                continue
+            if kind != "ack":
                 continue
             ack = request.ack
             if ack.revision > instance.sent:

@@ -499,6 +499,65 @@ class Store:
         """etcd's current revision."""
         return await self.ping()
 
+    # -- break-glass overrides reported by agents ----------------------------------
+
+    async def record_override(
+        self,
+        service: str,
+        instance_id: str,
+        *,
+        active: bool,
+        digest: str,
+        actor: str,
+        reason: str,
+        expires_at: datetime | None,
+        content: dict[str, Any] | None,
+    ) -> bool:
+        """Audit a host's break-glass override once (by digest); True if written now.
+
+        ``overrides/<service>/<instance>`` holds the digest of the override last
+        audited for that instance, so reconnects and replicas do not repeat it.
+        """
+        path = f"overrides/{service}/{instance_id}"
+        for _attempt in range(3):
+            response = await self._range(self._abs(path))
+            kv = response.kvs[0] if response.kvs else None
+            known = bytes(kv.value).decode(errors="replace") if kv is not None else ""
+            mod = int(kv.mod_revision) if kv is not None else 0
+            if (active and known == digest) or (not active and kv is None):
+                return False
+            now = model.utcnow()
+            entry = AuditEntry(
+                id=new_audit_id(now),
+                time=now,
+                actor=actor or "unknown",
+                action="override.applied" if active else "override.cleared",
+                kind="override",
+                scope=service,
+                name=instance_id,
+                key=self.prefix + path,
+                reason=reason or "break-glass override on the host",
+                after=content if active else None,
+                expires_at=expires_at if active else None,
+            )
+            ops = [self._audit_op(entry)]
+            if active:
+                ops.append(self.put_op(self.prefix + path, digest.encode()))
+            else:
+                ops.append(self._delete_op(self._abs(path)))
+            result = await self._txn([self._unchanged_since(path, mod)], ops)
+            if result.succeeded:
+                log.warning(
+                    "override_reported",
+                    service=service,
+                    instance_id=instance_id,
+                    active=active,
+                    actor=actor,
+                    reason=reason,
+                )
+                return True
+        return False
+
     # -- watch, leases and raw keys (for the hub and presence) ------------------
 
     async def watch(self, start_revision: int) -> AsyncIterator[tuple[int, list[WatchEvent]]]:

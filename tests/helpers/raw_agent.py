@@ -80,6 +80,9 @@ class RawAgent:
             self.error = exc
             self._arrived.set()
 
+    async def send(self, request: agent_pb2.SyncRequest) -> None:
+        await self._outbox.put(request)
+
     async def ack(self, revision: int, rejected: str = "") -> None:
         await self._outbox.put(
             agent_pb2.SyncRequest(ack=agent_pb2.Ack(revision=revision, rejected_reason=rejected))

@@ -409,3 +409,48 @@ async def test_acks_beyond_what_was_sent_are_ignored_and_coalesced_nacks_count(
             )
         )
         assert dict(waited.nacks) == {"i-1": "cannot apply b"}
+
+
+async def test_a_break_glass_override_shows_in_status_and_is_audited_once(
+    server: ControlServer, stub: Stub
+) -> None:
+    import asyncio
+    import json
+    import time
+
+    from controlplane.api.v1 import agent_pb2
+
+    content = json.dumps({"flags": {"new-ui": False}})
+    override = agent_pb2.Override(
+        active=True, reason="control plane down, errors on /pay", actor="sre@host-7",
+        content_json=content, digest="d1",
+    )  # fmt: skip
+    agent = RawAgent(server.address, "checkout", "host-7")
+    agent.hello.override.CopyFrom(override)
+    async with agent:
+        await agent.next()
+
+        async def audited(action: str) -> list[Any]:
+            history = await stub.ListHistory(m.ListHistoryRequest(service="checkout"))
+            return [e for e in history.entries if e.action == action]
+
+        deadline = time.monotonic() + 10
+        while not (applied := await audited("override.applied")):
+            assert time.monotonic() < deadline, "the override was not audited"
+            await asyncio.sleep(0.05)
+        assert applied[0].name == "host-7"
+        assert applied[0].actor == "sre@host-7"
+        assert json.loads(applied[0].after_json) == {"flags": {"new-ui": False}}
+        status = await stub.GetStatus(m.GetStatusRequest(service="checkout"))
+        assert [i.override_active for i in status.instances] == [True]
+        # Reported again (same digest): not audited twice. Then removed: audited once.
+        await agent.send(agent_pb2.SyncRequest(override=override))
+        await agent.send(
+            agent_pb2.SyncRequest(override=agent_pb2.Override(active=False, digest="d1"))
+        )
+        while not await audited("override.cleared"):
+            assert time.monotonic() < deadline, "the cleared override was not audited"
+            await asyncio.sleep(0.05)
+        assert len(await audited("override.applied")) == 1
+        status = await stub.GetStatus(m.GetStatusRequest(service="checkout"))
+        assert [i.override_active for i in status.instances] == [False]

@@ -22,32 +22,35 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from controlplane.api.v1 import types_pb2 as controlplane_dot_api_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63ontrolplane/api/v1/agent.proto\x12\x13\x63ontrolplane.api.v1\x1a\x1f\x63ontrolplane/api/v1/types.proto\"|\n\x05Hello\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x17\n\x0frunning_version\x18\x03 \x01(\t\x12\x1d\n\x15last_applied_revision\x18\x04 \x01(\x03\x12\x15\n\ragent_version\x18\x05 \x01(\t\"0\n\x03\x41\x63k\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x17\n\x0frejected_reason\x18\x02 \x01(\t\"n\n\x0bSyncRequest\x12+\n\x05hello\x18\x01 \x01(\x0b\x32\x1a.controlplane.api.v1.HelloH\x00\x12\'\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x18.controlplane.api.v1.AckH\x00\x42\t\n\x07message\"\x9e\x01\n\x08Snapshot\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12(\n\x05\x66lags\x18\x02 \x03(\x0b\x32\x19.controlplane.api.v1.Flag\x12/\n\x08shedding\x18\x03 \x01(\x0b\x32\x1d.controlplane.api.v1.Shedding\x12%\n\x03pin\x18\x04 \x01(\x0b\x32\x18.controlplane.api.v1.Pin\"&\n\x07\x46lagRef\x12\r\n\x05scope\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"\x84\x02\n\x06\x43hange\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12,\n\tflags_set\x18\x02 \x03(\x0b\x32\x19.controlplane.api.v1.Flag\x12\x33\n\rflags_removed\x18\x03 \x03(\x0b\x32\x1c.controlplane.api.v1.FlagRef\x12/\n\x08shedding\x18\x04 \x01(\x0b\x32\x1d.controlplane.api.v1.Shedding\x12\x18\n\x10shedding_removed\x18\x05 \x01(\x08\x12%\n\x03pin\x18\x06 \x01(\x0b\x32\x18.controlplane.api.v1.Pin\x12\x13\n\x0bpin_removed\x18\x07 \x01(\x08\"3\n\x06Resume\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x17\n\x0fserver_revision\x18\x02 \x01(\x03\"\xaa\x01\n\x0cSyncResponse\x12\x31\n\x08snapshot\x18\x01 \x01(\x0b\x32\x1d.controlplane.api.v1.SnapshotH\x00\x12-\n\x06\x63hange\x18\x02 \x01(\x0b\x32\x1b.controlplane.api.v1.ChangeH\x00\x12-\n\x06resume\x18\x03 \x01(\x0b\x32\x1b.controlplane.api.v1.ResumeH\x00\x42\t\n\x07message2_\n\x0c\x41gentService\x12O\n\x04Sync\x12 .controlplane.api.v1.SyncRequest\x1a!.controlplane.api.v1.SyncResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63ontrolplane/api/v1/agent.proto\x12\x13\x63ontrolplane.api.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1f\x63ontrolplane/api/v1/types.proto\"\xad\x01\n\x05Hello\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x17\n\x0frunning_version\x18\x03 \x01(\t\x12\x1d\n\x15last_applied_revision\x18\x04 \x01(\x03\x12\x15\n\ragent_version\x18\x05 \x01(\t\x12/\n\x08override\x18\x06 \x01(\x0b\x32\x1d.controlplane.api.v1.Override\"\x8f\x01\n\x08Override\x12\x0e\n\x06\x61\x63tive\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x63ontent_json\x18\x05 \x01(\t\x12\x0e\n\x06\x64igest\x18\x06 \x01(\t\"0\n\x03\x41\x63k\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x17\n\x0frejected_reason\x18\x02 \x01(\t\"\xa1\x01\n\x0bSyncRequest\x12+\n\x05hello\x18\x01 \x01(\x0b\x32\x1a.controlplane.api.v1.HelloH\x00\x12\'\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x18.controlplane.api.v1.AckH\x00\x12\x31\n\x08override\x18\x03 \x01(\x0b\x32\x1d.controlplane.api.v1.OverrideH\x00\x42\t\n\x07message\"\x9e\x01\n\x08Snapshot\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12(\n\x05\x66lags\x18\x02 \x03(\x0b\x32\x19.controlplane.api.v1.Flag\x12/\n\x08shedding\x18\x03 \x01(\x0b\x32\x1d.controlplane.api.v1.Shedding\x12%\n\x03pin\x18\x04 \x01(\x0b\x32\x18.controlplane.api.v1.Pin\"&\n\x07\x46lagRef\x12\r\n\x05scope\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"\x84\x02\n\x06\x43hange\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12,\n\tflags_set\x18\x02 \x03(\x0b\x32\x19.controlplane.api.v1.Flag\x12\x33\n\rflags_removed\x18\x03 \x03(\x0b\x32\x1c.controlplane.api.v1.FlagRef\x12/\n\x08shedding\x18\x04 \x01(\x0b\x32\x1d.controlplane.api.v1.Shedding\x12\x18\n\x10shedding_removed\x18\x05 \x01(\x08\x12%\n\x03pin\x18\x06 \x01(\x0b\x32\x18.controlplane.api.v1.Pin\x12\x13\n\x0bpin_removed\x18\x07 \x01(\x08\"3\n\x06Resume\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x17\n\x0fserver_revision\x18\x02 \x01(\x03\"\xaa\x01\n\x0cSyncResponse\x12\x31\n\x08snapshot\x18\x01 \x01(\x0b\x32\x1d.controlplane.api.v1.SnapshotH\x00\x12-\n\x06\x63hange\x18\x02 \x01(\x0b\x32\x1b.controlplane.api.v1.ChangeH\x00\x12-\n\x06resume\x18\x03 \x01(\x0b\x32\x1b.controlplane.api.v1.ResumeH\x00\x42\t\n\x07message2_\n\x0c\x41gentService\x12O\n\x04Sync\x12 .controlplane.api.v1.SyncRequest\x1a!.controlplane.api.v1.SyncResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'controlplane.api.v1.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_HELLO']._serialized_start=89
-  _globals['_HELLO']._serialized_end=213
-  _globals['_ACK']._serialized_start=215
-  _globals['_ACK']._serialized_end=263
-  _globals['_SYNCREQUEST']._serialized_start=265
-  _globals['_SYNCREQUEST']._serialized_end=375
-  _globals['_SNAPSHOT']._serialized_start=378
-  _globals['_SNAPSHOT']._serialized_end=536
-  _globals['_FLAGREF']._serialized_start=538
-  _globals['_FLAGREF']._serialized_end=576
-  _globals['_CHANGE']._serialized_start=579
-  _globals['_CHANGE']._serialized_end=839
-  _globals['_RESUME']._serialized_start=841
-  _globals['_RESUME']._serialized_end=892
-  _globals['_SYNCRESPONSE']._serialized_start=895
-  _globals['_SYNCRESPONSE']._serialized_end=1065
-  _globals['_AGENTSERVICE']._serialized_start=1067
-  _globals['_AGENTSERVICE']._serialized_end=1162
+  _globals['_HELLO']._serialized_start=123
+  _globals['_HELLO']._serialized_end=296
+  _globals['_OVERRIDE']._serialized_start=299
+  _globals['_OVERRIDE']._serialized_end=442
+  _globals['_ACK']._serialized_start=444
+  _globals['_ACK']._serialized_end=492
+  _globals['_SYNCREQUEST']._serialized_start=495
+  _globals['_SYNCREQUEST']._serialized_end=656
+  _globals['_SNAPSHOT']._serialized_start=659
+  _globals['_SNAPSHOT']._serialized_end=817
+  _globals['_FLAGREF']._serialized_start=819
+  _globals['_FLAGREF']._serialized_end=857
+  _globals['_CHANGE']._serialized_start=860
+  _globals['_CHANGE']._serialized_end=1120
+  _globals['_RESUME']._serialized_start=1122
+  _globals['_RESUME']._serialized_end=1173
+  _globals['_SYNCRESPONSE']._serialized_start=1176
+  _globals['_SYNCRESPONSE']._serialized_end=1346
+  _globals['_AGENTSERVICE']._serialized_start=1348
+  _globals['_AGENTSERVICE']._serialized_end=1443
 # @@protoc_insertion_point(module_scope)

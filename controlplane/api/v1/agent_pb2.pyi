@@ -1,3 +1,6 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from controlplane.api.v1 import types_pb2 as _types_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
@@ -8,18 +11,36 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Hello(_message.Message):
-    __slots__ = ("service", "instance_id", "running_version", "last_applied_revision", "agent_version")
+    __slots__ = ("service", "instance_id", "running_version", "last_applied_revision", "agent_version", "override")
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     RUNNING_VERSION_FIELD_NUMBER: _ClassVar[int]
     LAST_APPLIED_REVISION_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    OVERRIDE_FIELD_NUMBER: _ClassVar[int]
     service: str
     instance_id: str
     running_version: str
     last_applied_revision: int
     agent_version: str
-    def __init__(self, service: _Optional[str] = ..., instance_id: _Optional[str] = ..., running_version: _Optional[str] = ..., last_applied_revision: _Optional[int] = ..., agent_version: _Optional[str] = ...) -> None: ...
+    override: Override
+    def __init__(self, service: _Optional[str] = ..., instance_id: _Optional[str] = ..., running_version: _Optional[str] = ..., last_applied_revision: _Optional[int] = ..., agent_version: _Optional[str] = ..., override: _Optional[_Union[Override, _Mapping]] = ...) -> None: ...
+
+class Override(_message.Message):
+    __slots__ = ("active", "reason", "actor", "expires_at", "content_json", "digest")
+    ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_JSON_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    active: bool
+    reason: str
+    actor: str
+    expires_at: _timestamp_pb2.Timestamp
+    content_json: str
+    digest: str
+    def __init__(self, active: _Optional[bool] = ..., reason: _Optional[str] = ..., actor: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., content_json: _Optional[str] = ..., digest: _Optional[str] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("revision", "rejected_reason")
@@ -30,12 +51,14 @@ class Ack(_message.Message):
     def __init__(self, revision: _Optional[int] = ..., rejected_reason: _Optional[str] = ...) -> None: ...
 
 class SyncRequest(_message.Message):
-    __slots__ = ("hello", "ack")
+    __slots__ = ("hello", "ack", "override")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     ACK_FIELD_NUMBER: _ClassVar[int]
+    OVERRIDE_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     ack: Ack
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ...) -> None: ...
+    override: Override
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., override: _Optional[_Union[Override, _Mapping]] = ...) -> None: ...
 
 class Snapshot(_message.Message):
     __slots__ = ("revision", "flags", "shedding", "pin")
