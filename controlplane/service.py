@@ -131,6 +131,15 @@ def _record(record: Any, mod_revision: int = 0) -> Any:
     return record.to_proto(mod_revision) if record is not None else None
 
 
+def _cleared(outcome: WriteOutcome[Any]) -> dict[str, Any]:
+    """The fields of a clear's response: the result, what was removed, what applies again."""
+    return {
+        "result": _result(outcome),
+        "removed": _record(outcome.previous) if outcome.changed else None,
+        "restored": _record(outcome.restored, outcome.mod_revision),
+    }
+
+
 def _write_pair(outcome: WriteOutcome[Any]) -> dict[str, Any]:
     """The result, the record now in force and the one before, as response fields."""
     return {
@@ -195,11 +204,7 @@ class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
         name = model.validate_flag_name(request.name)
         opts = self._options(request.options, allow_expiry=False)
         outcome = await self.store.clear_flag(scope, name, opts, all_layers=request.all_layers)
-        return mpb.ClearFlagResponse(
-            result=_result(outcome),
-            removed=_record(outcome.previous) if outcome.changed else None,
-            restored=_record(outcome.restored, outcome.mod_revision),
-        )
+        return mpb.ClearFlagResponse(**_cleared(outcome))
 
     # -- shedding --------------------------------------------------------------
 
@@ -244,11 +249,7 @@ class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
         service = model.validate_service(request.service)
         opts = self._options(request.options, allow_expiry=False)
         outcome = await self.store.clear_shedding(service, opts, all_layers=request.all_layers)
-        return mpb.ClearSheddingResponse(
-            result=_result(outcome),
-            removed=_record(outcome.previous) if outcome.changed else None,
-            restored=_record(outcome.restored, outcome.mod_revision),
-        )
+        return mpb.ClearSheddingResponse(**_cleared(outcome))
 
     # -- pins and known-good -------------------------------------------------------
 
@@ -284,11 +285,7 @@ class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
         service = model.validate_service(request.service)
         opts = self._options(request.options, allow_expiry=False)
         outcome = await self.store.unpin(service, opts, all_layers=request.all_layers)
-        return mpb.UnpinVersionResponse(
-            result=_result(outcome),
-            removed=_record(outcome.previous) if outcome.changed else None,
-            restored=_record(outcome.restored, outcome.mod_revision),
-        )
+        return mpb.UnpinVersionResponse(**_cleared(outcome))
 
     @_rpc
     async def MarkKnownGood(
