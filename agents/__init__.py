@@ -31,14 +31,20 @@ from agents._state import (
 if TYPE_CHECKING:
     from agents._agent import Agent, AsyncAgent
     from agents._client import AgentState, Backoff
+    from agents.shedding import AioShedInterceptor, ASGIShedder, ShedInterceptor, WSGIShedder
 
 # Imported on first use, so that ``import agents`` (and ``agents.testing``, in a
-# service's unit tests) pulls in no gRPC.
+# service's unit tests) pulls in no gRPC (nor, for the shedding middleware,
+# prometheus_client).
 _LAZY = {
     "Agent": "agents._agent",
     "AsyncAgent": "agents._agent",
     "AgentState": "agents._client",
     "Backoff": "agents._client",
+    "ShedInterceptor": "agents.shedding",
+    "AioShedInterceptor": "agents.shedding",
+    "ASGIShedder": "agents.shedding",
+    "WSGIShedder": "agents.shedding",
 }
 
 
@@ -56,14 +62,18 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "ASGIShedder",
     "Agent",
     "AgentConfigError",
     "AgentState",
+    "AioShedInterceptor",
     "AsyncAgent",
     "Backoff",
     "Criticality",
     "FlagValue",
     "PinnedVersion",
+    "ShedInterceptor",
     "SheddingLevel",
     "StateChange",
+    "WSGIShedder",
 ]
