@@ -31,6 +31,7 @@ from agents._state import (
     Criticality,
     FlagValue,
     PinnedVersion,
+    SheddingLevel,
     Snapshot,
     StateChange,
 )
@@ -128,6 +129,16 @@ class StaticAgent:
     def pinned_version(self) -> PinnedVersion | None:
         """The pin in force, or None."""
         return self._snapshot.pin
+
+    @property
+    def shedding(self) -> SheddingLevel | None:
+        """The shedding level in force (tier and percent), or None."""
+        return self._snapshot.shedding
+
+    @property
+    def service(self) -> str:
+        """The service this agent stands in for."""
+        return self._snapshot.service
 
     def on_change(self, callback: Callable[[StateChange], None]) -> Callable[[], None]:
         """Call ``callback`` with each change a service would see; returns a function

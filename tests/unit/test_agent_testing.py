@@ -212,3 +212,14 @@ def test_concurrent_setters_lose_no_change() -> None:
     assert agent.revision == start + 200
     assert [c.revision for c in seen] == list(range(start + 1, start + 201))
     assert all(agent.value(f"w{w}") == 49.0 for w in range(4))
+
+
+def test_static_agent_exposes_its_service_and_shedding_level() -> None:
+    from agents.testing import StaticAgent
+
+    agent = StaticAgent(service="checkout")
+    assert agent.service == "checkout"
+    assert agent.shedding is None
+    agent.set_shedding("SHEDDABLE_PLUS", 30)
+    assert agent.shedding is not None
+    assert (agent.shedding.tier.name, agent.shedding.percent) == ("SHEDDABLE_PLUS", 30.0)
