@@ -20,6 +20,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from agents._config import AgentConfigError
+from agents._override import Override, OverrideError
 from agents._state import (
     Criticality,
     FlagValue,
@@ -31,6 +32,7 @@ from agents._state import (
 if TYPE_CHECKING:
     from agents._agent import Agent, AsyncAgent
     from agents._client import AgentState, Backoff
+    from agents.openfeature import ControlPlaneProvider
     from agents.shedding import AioShedInterceptor, ASGIShedder, ShedInterceptor, WSGIShedder
 
 # Imported on first use, so that ``import agents`` (and ``agents.testing``, in a
@@ -42,6 +44,7 @@ _LAZY = {
     "AgentState": "agents._client",
     "Backoff": "agents._client",
     "ShedInterceptor": "agents.shedding",
+    "ControlPlaneProvider": "agents.openfeature",
     "AioShedInterceptor": "agents.shedding",
     "ASGIShedder": "agents.shedding",
     "WSGIShedder": "agents.shedding",
@@ -69,8 +72,11 @@ __all__ = [
     "AioShedInterceptor",
     "AsyncAgent",
     "Backoff",
+    "ControlPlaneProvider",
     "Criticality",
     "FlagValue",
+    "Override",
+    "OverrideError",
     "PinnedVersion",
     "ShedInterceptor",
     "SheddingLevel",

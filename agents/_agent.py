@@ -44,7 +44,8 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 from agents import _state
 from agents._client import AgentState, ChangeCallback, Client, release_channels
 from agents._config import AgentConfig, forked_config, resolve_config
-from agents._state import Criticality, FlagValue, PinnedVersion, Snapshot
+from agents._override import Override
+from agents._state import Criticality, FlagValue, PinnedVersion, SheddingLevel, Snapshot
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -101,6 +102,11 @@ class _Reads:
         return self._snapshot.pin
 
     @property
+    def shedding(self) -> SheddingLevel | None:
+        """The shedding level in force (tier and percent), or None."""
+        return self._snapshot.shedding
+
+    @property
     def revision(self) -> int:
         """The revision of the state served (0: none yet)."""
         return self._snapshot.revision
@@ -108,8 +114,23 @@ class _Reads:
     @property
     def state(self) -> AgentState:
         """``CONNECTING`` (no state yet), ``READY`` (connected) or ``STALE`` (serving
-        the last known state, from memory or the cache file, while no server answers)."""
+        the last known state, from memory or the cache file, while no server answers).
+
+        Whatever the state, a break-glass override may be in force above it:
+        see :attr:`override_active`."""
         return self._client.state
+
+    @property
+    def override_active(self) -> bool:
+        """Whether a break-glass override file is applied above the server's state
+        (until it expires or the file is removed; ``agents._override``)."""
+        return self._snapshot.override is not None
+
+    @property
+    def override(self) -> Override | None:
+        """The break-glass override in force (reason, actor, expires_at, flags,
+        shedding, pin), or None."""
+        return self._snapshot.override
 
     @property
     def service(self) -> str:
@@ -129,7 +150,8 @@ class _Reads:
     def on_change(self, callback: ChangeCallback) -> Callable[[], None]:
         """Call ``callback`` with a :class:`agents.StateChange` whenever what a
         service sees changes: a change from the server, a time-boxed change
-        expiring, or the state loaded from the cache at start.
+        expiring, the state loaded from the cache at start, or a break-glass
+        override applied, replaced, expiring or removed (``change.override``).
 
         Callbacks run in the agent's background thread (:class:`Agent`) or loop
         (:class:`AsyncAgent`), after the new state is served and acknowledged;
@@ -151,6 +173,7 @@ def _build(
     version: str | None,
     instance_id: str | None,
     cache_path: str | os.PathLike[str] | None,
+    override_path: str | os.PathLike[str] | None,
 ) -> AgentConfig:
     return resolve_config(
         service=service,
@@ -158,6 +181,7 @@ def _build(
         version=version,
         instance_id=instance_id,
         cache_path=cache_path,
+        override_path=override_path,
     )
 
 
@@ -177,6 +201,9 @@ class Agent(_Reads):
             forked with the agent running count as instances of their own.
         cache_path: A file to keep the last applied state in and to boot from;
             else ``CONTROLPLANE_CACHE_PATH``, else none.
+        override_path: The break-glass override file to watch (format in
+            ``agents._override``); else ``CONTROLPLANE_OVERRIDE_PATH``, else
+            ``<cache_path>.override.json``, else none; ``""`` for none.
         registry: A Prometheus registry for the agent's metrics
             (``controlplane_agent_state``, ``controlplane_agent_applied_revision``,
             ``controlplane_agent_since_last_contact_seconds``); one per agent.
@@ -191,8 +218,9 @@ class Agent(_Reads):
           their defaults (state ``CONNECTING``).
         - :meth:`start` loads the cache file, if any (state ``STALE``: the
           cached state is served until a server answers, since an agent that
-          boots during an outage must keep the mitigations in force), then
-          starts the background thread. Calling it again is harmless.
+          boots during an outage must keep the mitigations in force), applies
+          the override file, if there is a valid one, then starts the
+          background thread. Calling it again is harmless.
         - :meth:`wait_ready` blocks until a server answered (``READY``).
         - :meth:`close` stops the thread and writes the cache; idempotent. The
           agent keeps answering reads from its last state, which no longer
@@ -210,10 +238,11 @@ class Agent(_Reads):
         version: str | None = None,
         instance_id: str | None = None,
         cache_path: str | os.PathLike[str] | None = None,
+        override_path: str | os.PathLike[str] | None = None,
         registry: CollectorRegistry | None = None,
         on_change: ChangeCallback | None = None,
     ) -> None:
-        config = _build(service, servers, version, instance_id, cache_path)
+        config = _build(service, servers, version, instance_id, cache_path, override_path)
         self._snapshot = _state.empty_snapshot(config.service)
         self._ready = threading.Event()
         self._client = Client(
@@ -235,7 +264,8 @@ class Agent(_Reads):
         _AGENTS.add(self)
 
     def start(self) -> None:
-        """Load the cache (if any) and start the background thread.
+        """Load the cache and the override file (if any) and start the background
+        thread.
 
         Raises:
             RuntimeError: The agent was closed.
@@ -247,6 +277,7 @@ class Agent(_Reads):
                 return
             self._started = True
             self._client.load_cache()
+            self._client.load_override()
             self._start_thread()
 
     def wait_ready(self, timeout: float | None = None) -> bool:
@@ -284,7 +315,11 @@ class Agent(_Reads):
         self.close()
 
     def __repr__(self) -> str:
-        return f"<Agent service={self.service!r} state={self.state.value} revision={self.revision}>"
+        override = " override=active" if self.override_active else ""
+        return (
+            f"<Agent service={self.service!r} state={self.state.value} "
+            f"revision={self.revision}{override}>"
+        )
 
     # ------------------------------------------------------------ the thread
 
@@ -506,7 +541,8 @@ class AsyncAgent(_Reads):
 
     Lifecycle:
         - ``await agent.start()`` (in the loop the agent is to run in) loads the
-          cache (state ``STALE`` until a server answers) and starts the task;
+          cache (state ``STALE`` until a server answers) and the override file,
+          and starts the task;
           calling it again is harmless.
         - ``await agent.wait_ready(timeout)`` waits for ``READY``.
         - ``await agent.close()`` cancels the task, closing its connection and
@@ -526,10 +562,11 @@ class AsyncAgent(_Reads):
         version: str | None = None,
         instance_id: str | None = None,
         cache_path: str | os.PathLike[str] | None = None,
+        override_path: str | os.PathLike[str] | None = None,
         registry: CollectorRegistry | None = None,
         on_change: ChangeCallback | None = None,
     ) -> None:
-        config = _build(service, servers, version, instance_id, cache_path)
+        config = _build(service, servers, version, instance_id, cache_path, override_path)
         self._snapshot = _state.empty_snapshot(config.service)
         self._ready = asyncio.Event()
         self._client = Client(
@@ -541,7 +578,8 @@ class AsyncAgent(_Reads):
         self._closed = False
 
     async def start(self) -> None:
-        """Load the cache (if any) and start the client task in the running loop.
+        """Load the cache and the override file (if any) and start the client task
+        in the running loop.
 
         Raises:
             RuntimeError: The agent was closed.
@@ -551,6 +589,7 @@ class AsyncAgent(_Reads):
         if self._task is not None:
             return
         self._client.load_cache()
+        self._client.load_override()
         self._task = asyncio.create_task(self._client.run(), name="controlplane-agent")
 
     async def wait_ready(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
@@ -592,9 +631,10 @@ class AsyncAgent(_Reads):
         await self.close()
 
     def __repr__(self) -> str:
+        override = " override=active" if self.override_active else ""
         return (
             f"<AsyncAgent service={self.service!r} state={self.state.value} "
-            f"revision={self.revision}>"
+            f"revision={self.revision}{override}>"
         )
 
     def _state_changed(self, state: AgentState) -> None:

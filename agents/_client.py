@@ -23,8 +23,28 @@ Per connection (DESIGN.md, "Agent protocol")::
       up STABLE_SESSION seconds
 
 Beside the stream, in the same loop: the expiry timer (swaps the snapshot to
-:func:`agents._state.at` at ``next_expiry``, connected or not) and the cache
-writer (writes each applied state on a worker thread, newest wins).
+:func:`agents._state.at` at ``next_expiry``, connected or not), the cache
+writer (writes each applied state on a worker thread, newest wins) and the
+override watcher.
+
+Break-glass overrides (``agents._override``)::
+
+    every POLL_INTERVAL: stat the override file; read and parse it when its
+      identity, size or modification time changed
+      valid      -> in force, above the server's state (replacing any previous one)
+      malformed  -> an error logged, what was in force stays
+      gone       -> no override
+    at its expires_at (the expiry timer) -> no override
+    reads see apply_override(base, override): the client keeps the server's
+      state (``snapshot``, cached, acked, expiring) and the override apart
+
+    each change of the override is queued for the server (active, or cleared);
+    on connect: the override in force goes in the Hello when the queue holds
+      nothing else; otherwise the Hello has none and the queue follows the first
+      answer, in order (an override applied and gone while no server answered
+      is audited when one does); while connected: sent as it happens
+
+All of it happens whether a server answers or not (fail static).
 
 Callbacks run in the client's loop after the swap and the ack; an exception in
 one is logged and the others still run. A slow callback delays the next
@@ -54,6 +74,14 @@ import controlplane
 from agents import _state
 from agents._cache import CacheWriter, read_cache
 from agents._config import AgentConfig
+from agents._override import (
+    POLL_INTERVAL,
+    Override,
+    OverrideExpiredError,
+    OverrideFile,
+    cleared_to_proto,
+    override_to_proto,
+)
 from agents._state import (
     InvalidChangeError,
     Snapshot,
@@ -108,6 +136,8 @@ every agent."""
 NACK_CLOSE_TIMEOUT = 2.0
 """Seconds to wait, after a nack, for the server to end the stream the agent
 closed its side of (so that the nack is read before the connection goes)."""
+OVERRIDE_OUTBOX = 32
+"""At most this many override reports wait for a server; older ones are dropped."""
 
 
 class AgentState(enum.StrEnum):
@@ -123,6 +153,12 @@ class AgentState(enum.StrEnum):
     STALE = "STALE"
     """Not connected: serving the last known state (from memory or the cache
     file) until a server answers. Time-boxed changes still expire on time."""
+
+
+class _Keep(enum.Enum):
+    """``Client._update``'s default: the override stays as it is."""
+
+    KEEP = "keep"
 
 
 class Backoff:
@@ -183,6 +219,12 @@ class _Metrics:
             ["service"],
             registry=registry,
         ).labels(service)
+        self.override_active = Gauge(
+            "controlplane_agent_override_active",
+            "1 while a break-glass override file is applied above the server's state.",
+            ["service"],
+            registry=registry,
+        ).labels(service)
         self._service = service
 
     def set_state(self, state: AgentState) -> None:
@@ -197,9 +239,14 @@ def _now() -> datetime:
 class Client:
     """The background client of one agent.
 
+    ``snapshot`` is the server's state (cached, acknowledged, expiring);
+    ``override`` the break-glass override in force; ``effective`` what the
+    reads see, ``apply_override(snapshot, override)``.
+
     Args:
         config: The agent's resolved configuration.
-        publish: Called with each new snapshot; must be one attribute assignment.
+        publish: Called with each new effective snapshot; must be one attribute
+            assignment.
         on_state: Called with each new state, in the client's loop.
         registry: Where to register the agent's metrics, if anywhere.
     """
@@ -214,6 +261,8 @@ class Client:
     ) -> None:
         self.config = config
         self.snapshot = _state.empty_snapshot(config.service)
+        self.override: Override | None = None
+        self.effective = self.snapshot
         self.state = AgentState.CONNECTING
         self.server: str | None = None
         self._publish = publish
@@ -221,7 +270,17 @@ class Client:
         self._has_state = False
         self._callbacks: tuple[ChangeCallback, ...] = ()
         self._callbacks_lock = threading.Lock()
-        self._pending_notice: StateChange | None = None
+        # The effective state callbacks last heard of, while changes happen
+        # before run() (cache, override file): they hear of them when it starts.
+        self._unnotified: Snapshot | None = None
+        self._override_file = (
+            OverrideFile(config.override_path) if config.override_path is not None else None
+        )
+        # Override reports not yet written to a stream, oldest first.
+        self._outbox: list[agent_pb2.Override] = []
+        self._report_call: Any = None
+        self._report_task: asyncio.Task[None] | None = None
+        self._write_lock: asyncio.Lock | None = None
         self._cache = CacheWriter(config.cache_path) if config.cache_path else None
         self._cache_sequence = 0
         # (sequence, state, replace_newer): the next state for the cache writer.
@@ -247,6 +306,7 @@ class Client:
             self._metrics.set_state(self.state)
             self._metrics.revision.set(0)
             self._metrics.since_contact.set_function(self._seconds_since_contact)
+            self._metrics.override_active.set(0)
 
     # ------------------------------------------------------------ callbacks
 
@@ -277,23 +337,30 @@ class Client:
         cached = read_cache(self._cache.path, self.config.service, _now())
         if cached is None:
             return False
-        old = self.snapshot
-        self.snapshot = cached
-        self._publish(cached)
+        if self._unnotified is None:
+            self._unnotified = self.effective
+        self._update(cached)
         self._has_state = True
-        if self._metrics is not None:
-            self._metrics.revision.set(cached.revision)
         log.info(
             "agent_cache_loaded service=%s path=%s revision=%d",
             self.config.service,
             self._cache.path,
             cached.revision,
         )
-        delta = _state.diff(old, cached)
-        if not delta.empty:
-            self._pending_notice = delta
         self._set_state(AgentState.STALE)
         return True
+
+    def load_override(self) -> bool:
+        """Apply the override file, if there is a valid one (before :meth:`run`,
+        in the starting thread, so that the first reads already see it).
+
+        Returns:
+            Whether an override is in force.
+        """
+        if self._unnotified is None:
+            self._unnotified = self.effective
+        self.check_override(_now())
+        return self.override is not None
 
     def after_fork_in_child(self, config: AgentConfig) -> None:
         """Forget the parent's connection and locks; keep its state.
@@ -307,6 +374,7 @@ class Client:
             self._cache.reset_after_fork()
         self._tasks = set()
         self._cache_wakeup = self._expiry_wakeup = None
+        self._report_call = self._report_task = self._write_lock = None
         self.server = None
         self._set_connected(False)
 
@@ -321,16 +389,24 @@ class Client:
         """
         self._cache_wakeup = asyncio.Event()
         self._expiry_wakeup = asyncio.Event()
+        self._write_lock = asyncio.Lock()
         helpers = [
             asyncio.create_task(self._expiry_loop(), name="controlplane-agent-expiry"),
             asyncio.create_task(self._cache_loop(), name="controlplane-agent-cache"),
         ]
+        if self._override_file is not None:
+            helpers.append(
+                asyncio.create_task(self._override_loop(), name="controlplane-agent-override")
+            )
         try:
-            if self._pending_notice is not None:
-                notice, self._pending_notice = self._pending_notice, None
-                self._notify(notice)
+            if self._unnotified is not None:
+                before, self._unnotified = self._unnotified, None
+                self._notify(_state.diff(before, self.effective))
             await self._connect_loop()
         finally:
+            if self._report_task is not None:
+                helpers.append(self._report_task)
+                self._report_task = None
             for task in helpers:
                 task.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
@@ -416,7 +492,12 @@ class Client:
             call = stub.Sync()
             hello = self._hello()
             self._hello_revision = hello.last_applied_revision
+            # A Hello with the override says all the queue does (the override in
+            # force); what the watcher queues meanwhile stays queued.
+            covered = list(self._outbox) if hello.HasField("override") else []
             await call.write(agent_pb2.SyncRequest(hello=hello))
+            if covered and self._outbox[: len(covered)] == covered:
+                del self._outbox[: len(covered)]
             delta: StateChange | None = None
             async with asyncio.timeout(FIRST_RESPONSE_TIMEOUT):
                 while not synced:
@@ -442,6 +523,8 @@ class Client:
                 target,
                 self.snapshot.revision,
             )
+            self._report_call = call
+            self._flush_reports()
             self._notify(delta)
             while True:
                 response = await call.read()
@@ -456,6 +539,10 @@ class Client:
             raise
         finally:
             self.server = None
+            self._report_call = None
+            if self._report_task is not None:
+                self._report_task.cancel()
+                self._report_task = None
             # Closing cancels the call. gRPC's asyncio machinery (a poller thread)
             # lives as long as some channel *object* does, and an exception's
             # traceback keeps this frame: drop every reference, so that no
@@ -467,7 +554,7 @@ class Client:
 
     def _hello(self) -> agent_pb2.Hello:
         config = self.config
-        return agent_pb2.Hello(
+        hello = agent_pb2.Hello(
             service=config.service,
             instance_id=config.instance_id,
             running_version=config.version,
@@ -476,6 +563,15 @@ class Client:
             ),
             agent_version=AGENT_VERSION,
         )
+        if self.override is not None:
+            # Each stream is an instance anew on the server: the override in
+            # force is reported in every Hello (audited once, by its digest),
+            # unless the queue holds more than that (sent, in order, after the
+            # first answer).
+            current = override_to_proto(self.override)
+            if not self._outbox or self._outbox == [current]:
+                hello.override.CopyFrom(current)
+        return hello
 
     async def _handle(self, call: Any, response: agent_pb2.SyncResponse) -> StateChange | None:
         """Apply one response and ack it; return what changed, for the callbacks.
@@ -554,7 +650,7 @@ class Client:
             self.snapshot.revision,
         )
         ack = agent_pb2.Ack(revision=revision, rejected_reason=reason[:1000] or "rejected")
-        await call.write(agent_pb2.SyncRequest(ack=ack))
+        await self._write(call, agent_pb2.SyncRequest(ack=ack))
         await _end_stream(call)
         raise _Rejected(f"rejected the {kind} at revision {revision}")
 
@@ -563,17 +659,42 @@ class Client:
     ) -> StateChange:
         delta = self._swap(new, persist=True, replace_newer=replace_newer)
         self._has_state = True
-        await call.write(agent_pb2.SyncRequest(ack=agent_pb2.Ack(revision=new.revision)))
+        await self._write(call, agent_pb2.SyncRequest(ack=agent_pb2.Ack(revision=new.revision)))
         return delta
+
+    async def _write(self, call: Any, request: agent_pb2.SyncRequest) -> None:
+        """One write to the stream; the session's acks and the override reports
+        take turns (one write at a time per stream)."""
+        if self._write_lock is None:
+            await call.write(request)
+            return
+        async with self._write_lock:
+            await call.write(request)
 
     # ------------------------------------------------------------ state
 
-    def _swap(self, new: Snapshot, *, persist: bool, replace_newer: bool = False) -> StateChange:
-        old = self.snapshot
-        self.snapshot = new
-        self._publish(new)
+    def _update(
+        self, base: Snapshot | None = None, *, override: Override | _Keep | None = _Keep.KEEP
+    ) -> StateChange:
+        """Swap in a new server state and/or override (``_Keep.KEEP``: unchanged)
+        and publish the effective snapshot; return what the reads see change."""
+        old = self.effective
+        if base is not None:
+            self.snapshot = base
+        if not isinstance(override, _Keep):
+            self.override = override
+            if self._metrics is not None:
+                self._metrics.override_active.set(0 if override is None else 1)
+        self.effective = _state.apply_override(self.snapshot, self.override)
+        self._publish(self.effective)
         if self._expiry_wakeup is not None:
             self._expiry_wakeup.set()
+        if self._metrics is not None:
+            self._metrics.revision.set(self.snapshot.revision)
+        return _state.diff(old, self.effective)
+
+    def _swap(self, new: Snapshot, *, persist: bool, replace_newer: bool = False) -> StateChange:
+        delta = self._update(new)
         if persist and self._cache is not None and self._cache_wakeup is not None:
             self._cache_sequence += 1
             pending = self._cache_pending
@@ -582,9 +703,117 @@ class Client:
             replace_newer = replace_newer or (pending is not None and pending[2])
             self._cache_pending = (self._cache_sequence, new, replace_newer)
             self._cache_wakeup.set()
-        if self._metrics is not None:
-            self._metrics.revision.set(new.revision)
-        return _state.diff(old, new)
+        return delta
+
+    # ------------------------------------------------------------ override
+
+    def check_override(self, now: datetime) -> StateChange | None:
+        """Check the override file; apply, replace or drop the override as it says.
+
+        Returns what the reads see change (None: nothing), for the callbacks.
+        A malformed file is logged and changes nothing.
+        """
+        watcher = self._override_file
+        if watcher is None:
+            return None
+        read = watcher.check(now)
+        if read is None:
+            return None
+        service, path, old = self.config.service, watcher.path, self.override
+        if read.error is not None:
+            kept = "none" if old is None else f"the override of {old.actor or 'unknown'}"
+            log.log(
+                logging.WARNING if isinstance(read.error, OverrideExpiredError) else logging.ERROR,
+                "agent_override_rejected service=%s path=%s error=%s (kept: %s)",
+                service,
+                path,
+                read.error,
+                kept,
+            )
+            return None
+        new = read.override
+        if new == old:
+            return None
+        if new is None:
+            assert old is not None
+            log.warning(
+                "agent_override_removed service=%s path=%s actor=%s reason=%s",
+                service,
+                path,
+                old.actor,
+                old.reason,
+            )
+            self._report(cleared_to_proto(old, "the override file was removed"))
+        else:
+            log.warning(
+                "agent_override_applied service=%s path=%s actor=%s reason=%s expires_at=%s "
+                "content=%s replaced=%s",
+                service,
+                path,
+                new.actor,
+                new.reason,
+                new.expires_at.isoformat(),
+                new.content_json,
+                old is not None,
+            )
+            self._report(override_to_proto(new))
+        return self._update(override=new)
+
+    def _expire_override(self, now: datetime) -> bool:
+        """Drop the override if its time has come (a swap left to the caller)."""
+        override = self.override
+        if override is None or override.expires_at > now:
+            return False
+        log.warning(
+            "agent_override_expired service=%s actor=%s reason=%s expires_at=%s",
+            self.config.service,
+            override.actor,
+            override.reason,
+            override.expires_at.isoformat(),
+        )
+        self._report(cleared_to_proto(override, "expired"))
+        return True
+
+    async def _override_loop(self) -> None:
+        while True:
+            try:
+                self._notify(self.check_override(_now()))
+            except Exception:  # the watcher must outlive whatever one check hits
+                log.exception("agent_override_check_failed service=%s", self.config.service)
+            await asyncio.sleep(POLL_INTERVAL)
+
+    def _report(self, msg: agent_pb2.Override) -> None:
+        """Queue a report of the override for the server; send it if connected."""
+        self._outbox.append(msg)
+        del self._outbox[:-OVERRIDE_OUTBOX]
+        self._flush_reports()
+
+    def _flush_reports(self) -> None:
+        call = self._report_call
+        if call is None or not self._outbox:
+            return
+        if self._report_task is None or self._report_task.done():
+            self._report_task = asyncio.ensure_future(self._send_reports(call))
+
+    async def _send_reports(self, call: Any) -> None:
+        """Write the queued reports to ``call``, oldest first, while it is the
+        session's; one that fails stays queued for the next session."""
+        try:
+            while self._outbox and self._report_call is call:
+                msg = self._outbox[0]
+                await self._write(call, agent_pb2.SyncRequest(override=msg))
+                if self._outbox and self._outbox[0] is msg:
+                    del self._outbox[0]
+                log.info(
+                    "agent_override_reported service=%s active=%s digest=%s",
+                    self.config.service,
+                    msg.active,
+                    msg.digest[:12],
+                )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the stream broke: the session reconnects
+            log.debug("agent_override_report_failed service=%s error=%r", self.config.service, exc)
 
     def _notify(self, delta: StateChange | None) -> None:
         if delta is None or delta.empty:
@@ -642,26 +871,33 @@ class Client:
         assert wakeup is not None
         while True:
             wakeup.clear()
-            due = self.snapshot.next_expiry
+            due = self.effective.next_expiry
             if due is None:
                 await wakeup.wait()
                 continue
             delay = (due - _now()).total_seconds()
             if delay > 0:
+                # Not asyncio.wait_for: on Python 3.11 it swallows a cancel that
+                # comes as the wakeup is set (a change at close), and the loop
+                # would wait on for good, holding up the client's stop.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wakeup.wait(), min(delay, EXPIRY_RECHECK))
+                    async with asyncio.timeout(min(delay, EXPIRY_RECHECK)):
+                        await wakeup.wait()
                 continue
             now = _now()
             new = _state.at(self.snapshot, now)
-            if new is self.snapshot:
+            expired = self._expire_override(now)
+            server_expired = new is not self.snapshot
+            if not server_expired and not expired:
                 continue
-            delta = self._swap(new, persist=False)
-            log.info(
-                "agent_expired service=%s at=%s flags=%s",
-                self.config.service,
-                now.isoformat(),
-                sorted(delta.flags),
-            )
+            delta = self._update(new, override=None) if expired else self._update(new)
+            if server_expired:
+                log.info(
+                    "agent_expired service=%s at=%s flags=%s",
+                    self.config.service,
+                    now.isoformat(),
+                    sorted(delta.flags),
+                )
             self._notify(delta)
 
     async def _cache_loop(self) -> None:

@@ -1,14 +1,19 @@
 """The agent's configuration: argument > environment variable > default.
 
-=========================  ===========================  =============================
-argument                   environment variable         default
-=========================  ===========================  =============================
-``service``                ``CONTROLPLANE_SERVICE``     none: required
-``servers``                ``CONTROLPLANE_SERVERS``     none: required (comma list)
-``version``                ``CONTROLPLANE_VERSION``     ``""`` (unknown)
-``instance_id``            ``CONTROLPLANE_INSTANCE_ID`` ``<hostname>-<pid>-<random>``
-``cache_path``             ``CONTROLPLANE_CACHE_PATH``  none: no cache file
-=========================  ===========================  =============================
+=================  ===============================  =====================================
+argument           environment variable             default
+=================  ===============================  =====================================
+``service``        ``CONTROLPLANE_SERVICE``         none: required
+``servers``        ``CONTROLPLANE_SERVERS``         none: required (comma list)
+``version``        ``CONTROLPLANE_VERSION``         ``""`` (unknown)
+``instance_id``    ``CONTROLPLANE_INSTANCE_ID``     ``<hostname>-<pid>-<random>``
+``cache_path``     ``CONTROLPLANE_CACHE_PATH``      none: no cache file
+``override_path``  ``CONTROLPLANE_OVERRIDE_PATH``   ``<cache_path>.override.json`` beside
+                                                    the cache file; none without one
+=================  ===============================  =====================================
+
+``override_path`` is the break-glass override file (``agents._override``); an
+empty argument (``override_path=""``) turns it off even with a cache file.
 
 An argument counts as given when it is not None; an empty environment variable
 counts as unset. Validation happens here, at construction, so that a
@@ -39,6 +44,9 @@ ENV_SERVERS = "CONTROLPLANE_SERVERS"
 ENV_VERSION = "CONTROLPLANE_VERSION"
 ENV_INSTANCE_ID = "CONTROLPLANE_INSTANCE_ID"
 ENV_CACHE_PATH = "CONTROLPLANE_CACHE_PATH"
+ENV_OVERRIDE_PATH = "CONTROLPLANE_OVERRIDE_PATH"
+OVERRIDE_SUFFIX = ".override.json"
+"""The default override file is the cache file's path with this appended."""
 
 # The server's rules (controlplane.model, controlplane.service), repeated so that
 # the SDK imports nothing of the server.
@@ -63,6 +71,7 @@ class AgentConfig:
         version: The version the process runs, reported to the server.
         instance_id: This process's id in status and acks.
         cache_path: Where the last applied state is kept, or None.
+        override_path: The break-glass override file to watch, or None.
         instance_id_generated: Whether ``instance_id`` is the default (then a
             forked child makes its own, with its own pid).
         instance_id_given: The id as given, when it was (a forked child's
@@ -76,6 +85,7 @@ class AgentConfig:
     cache_path: Path | None
     instance_id_generated: bool = False
     instance_id_given: str = ""
+    override_path: Path | None = None
 
 
 def default_instance_id(pid: int | None = None) -> str:
@@ -111,6 +121,7 @@ def resolve_config(
     version: str | None = None,
     instance_id: str | None = None,
     cache_path: str | os.PathLike[str] | None = None,
+    override_path: str | os.PathLike[str] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> AgentConfig:
     """Resolve each setting from its argument, else its environment variable, else
@@ -122,6 +133,7 @@ def resolve_config(
         version: The running version.
         instance_id: This instance's id.
         cache_path: The cache file's path.
+        override_path: The break-glass override file's path ("" for none).
         environ: The environment to read (default ``os.environ``).
 
     Raises:
@@ -181,6 +193,13 @@ def resolve_config(
     raw_cache = cache_path if cache_path is not None else from_env(ENV_CACHE_PATH)
     resolved_cache = Path(raw_cache) if raw_cache is not None and str(raw_cache) else None
 
+    raw_override = override_path if override_path is not None else from_env(ENV_OVERRIDE_PATH)
+    resolved_override: Path | None = None
+    if raw_override is not None:
+        resolved_override = Path(raw_override) if str(raw_override) else None
+    elif resolved_cache is not None:
+        resolved_override = resolved_cache.with_name(resolved_cache.name + OVERRIDE_SUFFIX)
+
     return AgentConfig(
         service=resolved_service,
         servers=targets,
@@ -189,6 +208,7 @@ def resolve_config(
         cache_path=resolved_cache,
         instance_id_generated=generated,
         instance_id_given="" if generated else resolved_instance,
+        override_path=resolved_override,
     )
 
 

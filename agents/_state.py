@@ -9,6 +9,8 @@ needs no lock (DESIGN.md, "Agent protocol"; issue 4, "Read path")::
     snapshot_from_proto(service, msg, now)  a Snapshot message: the whole state
     apply_change(snapshot, msg, now)        a Change: one revision, one swap, one ack
     at(snapshot, now)                       the timer, at snapshot.next_expiry
+    apply_override(base, override)          a break-glass override above the server's
+                                            state: the snapshot the reads see
     snapshot_from_cache(data, service, now) boot from the cache file
     snapshot_to_cache(snapshot)             ... and write it
     diff(old, new)                          what the on_change callbacks receive
@@ -30,6 +32,11 @@ Errors (the client decides what each means for the stream)::
      └── CorruptCacheError    an unusable cache file: warn, start without it
                               (also a ValueError)
 
+A break-glass override (``agents._override``) is kept apart from the server's
+state: the client holds the base snapshot (what the server sent, which keeps
+updating) and the override, and publishes ``apply_override(base, override)``,
+one snapshot like any other, so reads stay one attribute lookup.
+
 The agent imports only the generated ``controlplane.api.v1`` modules, protobuf and
 the standard library, so that a service embedding it pulls in nothing else.
 """
@@ -45,13 +52,18 @@ import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 from google.protobuf import json_format, timestamp_pb2
 
 from controlplane.api.v1 import agent_pb2, types_pb2
 
+if TYPE_CHECKING:
+    from agents._override import Override
+
 GLOBAL_SCOPE = "global"
+OVERRIDE_SCOPE = "override"
+"""The scope :attr:`Snapshot.flag_scopes` names for a flag a break-glass override sets."""
 CACHE_FORMAT = 1
 MAX_REVISION = 2**63 - 1
 """The largest revision there is (etcd's revisions are int64)."""
@@ -234,7 +246,8 @@ class Snapshot:
             the global one. JSON objects are shared by every reader: treat them as
             read-only.
         flag_scopes: Flag name to the scope its effective value comes from
-            (``"global"`` or the service), for status and debugging.
+            (``"global"``, the service, or ``"override"`` for a break-glass
+            override), for status and debugging.
         shedding: The shedding level in force, or None.
         pin: The pin in force, or None.
         flag_records: ``(scope, name)`` to the record in force with the layers
@@ -242,13 +255,16 @@ class Snapshot:
             service's own stays here).
         shedding_record: The shedding record in force, with its layers.
         pin_record: The pin record in force, with its layers.
-        next_expiry: The earliest ``expires_at`` of a record in force: when a
-            timer must call :func:`at` (None: nothing expires).
+        next_expiry: The earliest ``expires_at`` of a record or override in
+            force: when a timer must call :func:`at` (None: nothing expires).
         shed_tier: The shedding tier as an int; one past the least critical
             tier when nothing is shed, so every criticality compares below it.
         shed_fraction: ``percent / 100`` of the tier itself.
         shed_threshold: ``shed_fraction`` scaled to the 32-bit hash space of
             :func:`should_shed_key`.
+        override: The break-glass override applied above the server's state
+            (:func:`apply_override`), or None. The records above stay the
+            server's.
     """
 
     service: str
@@ -264,6 +280,7 @@ class Snapshot:
     shed_tier: int
     shed_fraction: float
     shed_threshold: int
+    override: Override | None = None
 
 
 def empty_snapshot(service: str) -> Snapshot:
@@ -480,6 +497,54 @@ def at(snapshot: Snapshot, now: datetime) -> Snapshot:
         snapshot.shedding_record,
         snapshot.pin_record,
         now,
+    )
+
+
+def apply_override(base: Snapshot, override: Override | None) -> Snapshot:
+    """The snapshot the reads see: ``base`` (the server's state) with ``override``'s
+    values above it.
+
+    What the override names (flags, shedding, pin) replaces the server's
+    effective value; everything else is the server's. The records stay the
+    server's, so that the state underneath is cached and goes on expiring;
+    ``next_expiry`` is the earlier of the server's and the override's. Without
+    an override, ``base`` itself. No clock: whether the override has expired is
+    the caller's to check.
+    """
+    if override is None:
+        return base
+    flags = dict(base.flags)
+    scopes = dict(base.flag_scopes)
+    for name, flag_value in override.flags.items():
+        flags[name] = flag_value
+        scopes[name] = OVERRIDE_SCOPE
+    shedding = base.shedding
+    shed_tier, shed_fraction, shed_threshold = (
+        base.shed_tier,
+        base.shed_fraction,
+        base.shed_threshold,
+    )
+    if override.shedding is not None:
+        shedding = override.shedding
+        shed_tier, shed_fraction = int(shedding.tier), shedding.percent / 100.0
+        shed_threshold = round(shed_fraction * _HASH_SPACE)
+    pin = base.pin
+    if override.pin is not None:
+        pin = PinnedVersion(override.pin, override.reason, None, override.expires_at)
+    next_expiry = override.expires_at
+    if base.next_expiry is not None and base.next_expiry < next_expiry:
+        next_expiry = base.next_expiry
+    return dataclasses.replace(
+        base,
+        flags=flags,
+        flag_scopes=scopes,
+        shedding=shedding,
+        pin=pin,
+        next_expiry=next_expiry,
+        shed_tier=shed_tier,
+        shed_fraction=shed_fraction,
+        shed_threshold=shed_threshold,
+        override=override,
     )
 
 
@@ -877,17 +942,23 @@ class StateChange:
         shedding: ``(old, new)`` shedding levels when the level changed, else None.
         pin: ``(old, new)`` pins when the pin changed (version, reason or expiry),
             else None.
+        override: ``(old, new)`` break-glass overrides when the override in
+            force changed (applied, replaced, expired or removed), else None;
+            None in a pair is no override.
     """
 
     revision: int
     flags: Mapping[str, tuple[FlagValue | None, FlagValue | None]]
     shedding: tuple[SheddingLevel | None, SheddingLevel | None] | None = None
     pin: tuple[PinnedVersion | None, PinnedVersion | None] | None = None
+    override: tuple[Override | None, Override | None] | None = None
 
     @property
     def empty(self) -> bool:
         """Nothing a service sees changed (callbacks are not called for it)."""
-        return not self.flags and self.shedding is None and self.pin is None
+        return (
+            not self.flags and self.shedding is None and self.pin is None and self.override is None
+        )
 
 
 def _same_value(a: FlagValue | None, b: FlagValue | None) -> bool:
@@ -904,7 +975,8 @@ def _canonical(v: Any) -> str:
 
 
 def diff(old: Snapshot, new: Snapshot) -> StateChange:
-    """What a service sees change from ``old`` to ``new`` (effective values only).
+    """What a service sees change from ``old`` to ``new`` (effective values, and the
+    break-glass override in force).
 
     A record moving between scopes with the same effective value (the service's
     own entry removed, the global one equal) is no change.
@@ -920,4 +992,5 @@ def diff(old: Snapshot, new: Snapshot) -> StateChange:
         flags=flags,
         shedding=None if old.shedding == new.shedding else (old.shedding, new.shedding),
         pin=None if old.pin == new.pin else (old.pin, new.pin),
+        override=None if old.override == new.override else (old.override, new.override),
     )

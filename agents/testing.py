@@ -140,6 +140,16 @@ class StaticAgent:
         """The service this agent stands in for."""
         return self._snapshot.service
 
+    @property
+    def override_active(self) -> bool:
+        """Always False: a static agent has no break-glass override file."""
+        return False
+
+    @property
+    def override(self) -> None:
+        """Always None (see ``override_active``)."""
+        return None
+
     def on_change(self, callback: Callable[[StateChange], None]) -> Callable[[], None]:
         """Call ``callback`` with each change a service would see; returns a function
         that removes it (calling that twice is harmless)."""
