@@ -1193,7 +1193,21 @@ class Sidecar:
             "flag_scopes": dict(snapshot.flag_scopes),
             "shedding": self._shedding(snapshot),
             "pin": _pin_doc(snapshot.pin),
+            "override": self._override(),
             "hooks": {hook.kind: hook.status() for hook in self._hooks},
+        }
+
+    def _override(self) -> dict[str, Any] | None:
+        """The break-glass override in force on this host, or None."""
+        override = getattr(self.agent, "override", None)
+        if not getattr(self.agent, "override_active", False) or override is None:
+            return None
+        return {
+            "active": True,
+            "reason": override.reason,
+            "actor": override.actor,
+            "expires_at": _time(override.expires_at),
+            "content": json.loads(override.content_json),
         }
 
     def _about(self, snapshot: Snapshot) -> dict[str, Any]:
@@ -1313,6 +1327,8 @@ class Sidecar:
             "state": state,
             "revision": snapshot.revision,
             "server": getattr(self.agent, "server", None),
+            # A break-glass override is in force: health says so ("override active").
+            "override_active": bool(getattr(self.agent, "override_active", False)),
         }
         if state == "READY":
             return Response(HTTPStatus.OK, {"status": "ok", "serving": True, **body})

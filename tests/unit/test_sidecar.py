@@ -738,3 +738,35 @@ def test_the_help_names_every_environment_variable(capsys: pytest.CaptureFixture
         "CP_AGENT_ON_PIN_CHANGE",
     ):
         assert name in text
+
+
+def test_state_and_health_say_when_a_break_glass_override_is_active() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from agents._override import parse_override
+
+    class OverriddenAgent(SwitchableAgent):
+        @property
+        def override_active(self) -> bool:
+            return True
+
+        @property
+        def override(self) -> Any:
+            return self._file_override
+
+    agent = OverriddenAgent({"new-ui": True}, service="checkout")
+    until = (datetime.now(UTC) + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    text = json.dumps(
+        {"reason": "control plane down", "actor": "sre", "expires_at": until,
+         "flags": {"new-ui": False}}
+    )  # fmt: skip
+    agent._file_override = parse_override(text.encode(), now=datetime.now(UTC))
+    sidecar = sidecar_for(agent)
+    status, doc = body(sidecar, "/v1/state")
+    assert status == 200
+    assert doc["override"]["reason"] == "control plane down"
+    assert doc["override"]["content"] == {"flags": {"new-ui": False}}
+    status, health = body(sidecar, "/healthz")
+    assert health["override_active"] is True
+    _, plain = body(sidecar_for(static()), "/v1/state")
+    assert plain["override"] is None
