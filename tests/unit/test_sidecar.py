@@ -746,12 +746,14 @@ def test_state_and_health_say_when_a_break_glass_override_is_active() -> None:
     from agents._override import parse_override
 
     class OverriddenAgent(SwitchableAgent):
+        _file_override: Any = None
+
         @property
         def override_active(self) -> bool:
             return True
 
         @property
-        def override(self) -> Any:
+        def override(self) -> Any:  # type: ignore[override]
             return self._file_override
 
     agent = OverriddenAgent({"new-ui": True}, service="checkout")
