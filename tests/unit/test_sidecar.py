@@ -753,7 +753,7 @@ def test_state_and_health_say_when_a_break_glass_override_is_active() -> None:
             return True
 
         @property
-        def override(self) -> Any:  # type: ignore[override]
+        def override(self) -> Any:
             return self._file_override
 
     agent = OverriddenAgent({"new-ui": True}, service="checkout")
