@@ -41,6 +41,7 @@ proto-check: proto
 	    (echo "untracked generated files in controlplane/api/: run make proto and commit" >&2; git status --porcelain -- controlplane/api/ >&2; exit 1)
 
 bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m benchmarks
 
 clean:

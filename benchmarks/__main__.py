@@ -1,7 +1,45 @@
-"""Run every benchmark at its default size: ``python -m benchmarks`` (``make bench``)."""
+"""Run every benchmark at its default size: ``python -m benchmarks`` (``make bench``).
 
-from benchmarks import bench_writes
+    python -m benchmarks [NAME ...]     # some of them only, e.g. hotpath memory
+
+Each starts its own etcd and servers, prints its table and writes
+``benchmarks/results/<name>.json``; see BENCHMARKS.md. The whole run takes
+about six minutes on two cores.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from benchmarks import (
+    bench_hotpath,
+    bench_memory,
+    bench_propagation,
+    bench_reconnect,
+    bench_writes,
+)
+
+BENCHMARKS: dict[str, Callable[[list[str]], None]] = {
+    "hotpath": bench_hotpath.main,
+    "writes": bench_writes.main,
+    "propagation": bench_propagation.main,
+    "memory": bench_memory.main,
+    "reconnect": bench_reconnect.main,
+}
+
+
+def main(argv: list[str]) -> int:
+    names = argv or list(BENCHMARKS)
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        print(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
+        return 2
+    for name in names:
+        print(f"== {name} ==", flush=True)
+        BENCHMARKS[name]([])
+    return 0
+
 
 if __name__ == "__main__":
-    print("== writes ==")
-    bench_writes.main([])
+    sys.exit(main(sys.argv[1:]))

@@ -5,7 +5,7 @@ transaction: the record and its audit record), from 1 and from 50 concurrent
 callers, each caller on its own flags. Prints writes/s and p50/p99 latency and
 writes ``benchmarks/results/writes.json``.
 
-    python -m benchmarks.bench_writes [--writes 2000] [--concurrency 1,50]
+    python -m benchmarks.bench_writes [--writes 2000] [--concurrency 1,50] [--profile w.txt]
 """
 
 from __future__ import annotations
@@ -18,12 +18,15 @@ from typing import Any
 
 import grpc
 
+from benchmarks import _profile
 from benchmarks._harness import (
     RESULTS_DIR,
     control_server,
     cpu_seconds,
+    machine,
     percentile,
     print_table,
+    py_spy,
     write_results,
 )
 from controlplane.api.v1 import mitigation_pb2 as m
@@ -77,11 +80,33 @@ async def _run_case(address: str, writes: int, concurrency: int, pid: int) -> di
     }
 
 
-def run(writes: int, concurrency: list[int], out_dir: Path = RESULTS_DIR) -> dict[str, Any]:
-    """Run every case on one fresh server and etcd; return and write the results."""
+def run(
+    writes: int,
+    concurrency: list[int],
+    out_dir: Path = RESULTS_DIR,
+    profile: Path | None = None,
+) -> dict[str, Any]:
+    """Run every case on one fresh server and etcd; return and write the results.
+
+    With ``profile``, py-spy samples the server during each case (collapsed
+    stacks to ``<profile stem>-<callers><suffix>``).
+    """
+    host = machine()
+    cases = []
+    profiles = []
     with control_server() as server:
-        cases = [asyncio.run(_run_case(server.address, writes, c, server.pid)) for c in concurrency]
-    results = {"benchmark": "writes", "writes_per_case": writes, "cases": cases}
+        for c in concurrency:
+            path = profile.with_name(f"{profile.stem}-{c}{profile.suffix}") if profile else None
+            with py_spy(server.pid, path):
+                cases.append(asyncio.run(_run_case(server.address, writes, c, server.pid)))
+            if path is not None:
+                profiles.append(path)
+    results = {
+        "benchmark": "writes",
+        "machine": host,
+        "writes_per_case": writes,
+        "cases": cases,
+    }
     print_table(
         ["callers", "writes", "failed", "writes/s", "p50 ms", "p99 ms", "max ms", "srv cpu ms/w"],
         [
@@ -94,6 +119,8 @@ def run(writes: int, concurrency: list[int], out_dir: Path = RESULTS_DIR) -> dic
     )  # fmt: skip
     path = write_results("writes", results, out_dir)
     print(f"results: {path}")
+    for profile_path in profiles:
+        print(_profile.report(profile_path, top=15))
     return results
 
 
@@ -102,8 +129,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--writes", type=int, default=2000, help="writes per case")
     parser.add_argument("--concurrency", default="1,50", help="comma-separated caller counts")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder")
+    parser.add_argument(
+        "--profile", type=Path, help="py-spy the server: collapsed stacks to PROFILE-<callers>.txt"
+    )
     args = parser.parse_args(argv)
-    run(args.writes, [int(c) for c in args.concurrency.split(",")], args.out)
+    run(args.writes, [int(c) for c in args.concurrency.split(",")], args.out, args.profile)
 
 
 if __name__ == "__main__":

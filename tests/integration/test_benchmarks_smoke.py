@@ -3,9 +3,27 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from typing import Any
 
-from benchmarks import bench_writes
+from benchmarks import __main__ as bench_main
+from benchmarks import (
+    bench_hotpath,
+    bench_memory,
+    bench_propagation,
+    bench_reconnect,
+    bench_writes,
+)
+
+
+def _written(tmp_path: Path, name: str, results: dict[str, Any]) -> None:
+    assert json.loads((tmp_path / f"{name}.json").read_text()) == results
+
+
+def _machine(results: dict[str, Any]) -> None:
+    assert results["machine"]["cpus"] >= 1
+    assert results["machine"]["grpcio"]
 
 
 def test_write_benchmark_runs_and_reports_every_write(tmp_path: Path) -> None:
@@ -16,4 +34,72 @@ def test_write_benchmark_runs_and_reports_every_write(tmp_path: Path) -> None:
         assert case["writes"] == 20
         assert case["writes_per_second"] > 0
         assert case["p50_ms"] <= case["p99_ms"] <= case["max_ms"]
-    assert json.loads((tmp_path / "writes.json").read_text()) == results
+    _written(tmp_path, "writes", results)
+
+
+def test_propagation_benchmark_sees_every_flip_at_every_agent(tmp_path: Path) -> None:
+    results = bench_propagation.run([4], flips=3, processes=2, warmup=1, gap=0.01, out_dir=tmp_path)
+    _machine(results)
+    [case] = results["cases"]
+    assert case["agents"] == 4
+    assert case["processes"] == 2
+    assert case["flips"] == 3
+    assert case["failures"] == []
+    assert case["missing"] == 0
+    assert 0 < case["p50_ms"] <= case["p99_ms"] <= case["max_ms"]
+    assert 0 < case["all_applied_p50_ms"] <= case["all_applied_max_ms"]
+    assert case["server_cpu_us_per_agent_change"] > 0
+    assert case["agents_cpu_us_per_agent_change"] >= 0  # CPU ticks are 10 ms
+    _written(tmp_path, "propagation", results)
+
+
+def test_hotpath_benchmark_times_every_read(tmp_path: Path) -> None:
+    results = bench_hotpath.run(repeat=1, number=200, out_dir=tmp_path)
+    _machine(results)
+    cases = {c["case"]: c for c in results["cases"]}
+    for name in (
+        "agent.enabled (set)",
+        "agent.value (number)",
+        "agent.should_shed (more critical)",
+        "agent.should_shed (the tier, key)",
+    ):
+        assert cases[name]["library"] == "agents"
+        assert cases[name]["ns_per_call"] > 0
+    assert isinstance(cases["agent.enabled (set)"]["met"], bool)
+    assert isinstance(cases["agent.should_shed (more critical)"]["met"], bool)
+    assert cases["agent.value (number)"]["met"] is None  # no target
+    # The other libraries are measured when installed, else reported as skipped.
+    others = {c["library"].split()[0] for c in results["cases"]} - {"agents", "-"}
+    assert others | set(results["skipped"]) == {"openfeature-sdk", "UnleashClient"}
+    _written(tmp_path, "hotpath", results)
+
+
+def test_memory_benchmark_measures_the_server(tmp_path: Path) -> None:
+    results = bench_memory.run([4], processes=2, warm=2, out_dir=tmp_path, settle=0.1)
+    _machine(results)
+    [case] = results["cases"]
+    assert case["agents"] == 4
+    assert case["failures"] == []
+    assert case["rss_idle_mib"] > 0
+    assert case["rss_before_mib"] > 0 and case["rss_after_mib"] > 0
+    assert math.isfinite(case["kib_per_agent"])
+    _written(tmp_path, "memory", results)
+
+
+def test_reconnect_benchmark_brings_every_agent_back_with_the_outage_writes(
+    tmp_path: Path,
+) -> None:
+    results = bench_reconnect.run(agents=4, processes=2, writes=2, out_dir=tmp_path)
+    _machine(results)
+    [case] = results["cases"]
+    assert case["failures"] == []
+    assert case["outage_writes"] == 2
+    assert case["lacking_writes"] == {"bench-flag": 0, "outage-1": 0}
+    assert case["server_start_seconds"] > 0
+    assert case["all_ready_s"] > 0 and case["all_converged_s"] > 0
+    _written(tmp_path, "reconnect", results)
+
+
+def test_the_runner_knows_every_benchmark_and_refuses_unknown_ones() -> None:
+    assert set(bench_main.BENCHMARKS) == {"hotpath", "writes", "propagation", "memory", "reconnect"}
+    assert bench_main.main(["no-such-benchmark"]) == 2

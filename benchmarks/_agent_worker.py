@@ -1,0 +1,203 @@
+"""One agent process of a benchmark fleet: many ``agents.AsyncAgent``, one connection each.
+
+Run by :class:`benchmarks._fleet.AgentFleet`, never by hand::
+
+    python -m benchmarks._agent_worker --servers HOST:PORT --service S --count N --name W
+
+Every agent runs in this process's one asyncio loop, as a service's agents
+would in many processes; the SDK gives each its own TCP connection
+(``grpc.use_local_subchannel_pool``). Each agent's ``on_change`` callback
+records ``(revision, time.time())`` of every change it sees, nothing more.
+
+The driver talks to it in JSON lines: a command on stdin, one answer on stdout.
+Before any command the worker prints ``{"event": "ready", ...}`` once every agent
+is READY (or the ready timeout passed). Commands (``"cmd"``):
+
+``report``     every agent's arrivals, states and the values of ``flags``
+``outage``     wait until no agent is READY (the server is gone), then time each
+               agent's way back to READY
+``expect``     the flag values (``flags``) that make an agent converged
+``converged``  wait (``timeout``) until every agent is READY again and converged;
+               answer with each agent's times (null: not within the timeout)
+``stop``       close every agent and exit (so does the end of stdin)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from agents import AsyncAgent, StateChange
+
+READY_POLL = 0.005
+"""Seconds between looks at the agents' states while waiting for an outage."""
+
+
+class Worker:
+    """The agents of this process and what they recorded."""
+
+    def __init__(self, servers: list[str], service: str, count: int, name: str) -> None:
+        self.arrivals: list[list[tuple[int, float]]] = [[] for _ in range(count)]
+        self.expected: dict[str, Any] = {}
+        self.converged_at: list[float | None] = [None] * count
+        self.ready_at: list[float | None] = [None] * count
+        self._waiters: list[asyncio.Task[None]] = []
+        self._back = asyncio.Event()
+        """Set once every agent is READY again and converged (after an outage)."""
+        self.agents = [
+            AsyncAgent(
+                service,
+                servers,
+                version="bench",
+                instance_id=f"{name}-{i}",
+                on_change=self._recorder(i),
+            )
+            for i in range(count)
+        ]
+
+    def _recorder(self, index: int) -> Callable[[StateChange], None]:
+        arrivals = self.arrivals[index]
+
+        def record(change: StateChange) -> None:
+            now = time.time()
+            arrivals.append((change.revision, now))
+            if self.expected and self.converged_at[index] is None:
+                agent = self.agents[index]
+                if all(agent.value(k) == v for k, v in self.expected.items()):
+                    self.converged_at[index] = now
+                    self._check_back()
+
+        return record
+
+    def _check_back(self) -> None:
+        if None not in self.ready_at and None not in self.converged_at:
+            self._back.set()
+
+    async def start(self, within: float) -> dict[str, Any]:
+        started = time.monotonic()
+        for agent in self.agents:
+            await agent.start()
+        ready = await asyncio.gather(*(a.wait_ready(within) for a in self.agents))
+        return {
+            "event": "ready",
+            "count": len(self.agents),
+            "ready": sum(ready),
+            "seconds": round(time.monotonic() - started, 3),
+        }
+
+    def report(self, flags: list[str]) -> dict[str, Any]:
+        states: dict[str, int] = {}
+        for agent in self.agents:
+            states[agent.state.value] = states.get(agent.state.value, 0) + 1
+        values = {
+            name: _histogram(json.dumps(agent.value(name)) for agent in self.agents)
+            for name in flags
+        }
+        return {"event": "report", "arrivals": self.arrivals, "states": states, "values": values}
+
+    async def outage(self, within: float) -> dict[str, Any]:
+        deadline = time.monotonic() + within
+        # The SDK signals becoming READY (wait_ready), not leaving it: look.
+        while time.monotonic() < deadline and any(a.state == "READY" for a in self.agents):  # noqa: ASYNC110
+            await asyncio.sleep(READY_POLL)
+        not_ready = sum(a.state != "READY" for a in self.agents)
+        self.ready_at = [None] * len(self.agents)
+        self.converged_at = [None] * len(self.agents)
+        self._back.clear()
+        self._waiters = [asyncio.create_task(self._time_ready(i)) for i in range(len(self.agents))]
+        return {"event": "outage", "not_ready": not_ready}
+
+    async def _time_ready(self, index: int) -> None:
+        await self.agents[index].wait_ready()
+        self.ready_at[index] = time.time()
+        self._check_back()
+
+    def expect(self, flags: dict[str, Any]) -> dict[str, Any]:
+        self.expected = dict(flags)
+        return {"event": "expect"}
+
+    async def converged(self, within: float) -> dict[str, Any]:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                await self._back.wait()
+        for task in self._waiters:
+            task.cancel()
+        await asyncio.gather(*self._waiters, return_exceptions=True)
+        self._waiters = []
+        missing = {
+            name: sum(agent.value(name) != value for agent in self.agents)
+            for name, value in self.expected.items()
+        }
+        return {
+            "event": "converged",
+            "ready_at": self.ready_at,
+            "converged_at": self.converged_at,
+            "missing": missing,
+        }
+
+    async def stop(self) -> None:
+        for task in self._waiters:
+            task.cancel()
+        await asyncio.gather(*(a.close() for a in self.agents), return_exceptions=True)
+
+
+def _histogram(items: Any) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item] = counts.get(item, 0) + 1
+    return counts
+
+
+def _say(message: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(message, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    worker = Worker(args.servers.split(","), args.service, args.count, args.name)
+    try:
+        _say(await worker.start(args.ready_timeout))
+        while True:
+            line = await asyncio.to_thread(sys.stdin.readline)
+            if not line:
+                return
+            command = json.loads(line)
+            cmd = command["cmd"]
+            if cmd == "report":
+                _say(worker.report(command.get("flags", [])))
+            elif cmd == "outage":
+                _say(await worker.outage(float(command.get("timeout", 10.0))))
+            elif cmd == "expect":
+                _say(worker.expect(command["flags"]))
+            elif cmd == "converged":
+                _say(await worker.converged(float(command.get("timeout", 30.0))))
+            elif cmd == "stop":
+                return
+            else:
+                _say({"event": "error", "error": f"unknown command {cmd!r}"})
+    finally:
+        await worker.stop()
+        _say({"event": "stopped"})
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="benchmark agent process")
+    parser.add_argument("--servers", required=True, help="comma-separated host:port")
+    parser.add_argument("--service", required=True)
+    parser.add_argument("--count", type=int, required=True, help="agents in this process")
+    parser.add_argument("--name", required=True, help="instance id prefix")
+    parser.add_argument("--ready-timeout", type=float, default=60.0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    asyncio.run(_serve(args))
+
+
+if __name__ == "__main__":
+    main()
