@@ -9,6 +9,7 @@ call receives on the wire is in tests/integration/test_shedding_servers.py.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import subprocess
 import sys
@@ -65,7 +66,7 @@ class CallDetails(grpc.HandlerCallDetails):
         self.invocation_metadata = metadata
 
 
-class Door:
+class Door(abc.ABC):
     """One kind of middleware around a service that counts the requests it serves.
 
     ``route`` and ``user`` read a request as the door hands it to ``classifier``
@@ -78,20 +79,23 @@ class Door:
         self.calls = Calls()
         self.loop = asyncio.new_event_loop()
 
+    @abc.abstractmethod
     def build(self, agent: Any, **kwargs: Any) -> None:
-        raise NotImplementedError
+        """Wrap the door's app or server with the middleware under test."""
 
+    @abc.abstractmethod
     def shed(
         self, criticality: str | None = None, path: str = "/", user: str | None = None
     ) -> bool:
         """Send one request; whether it was shed."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def route(self, request: Any) -> str:
-        raise NotImplementedError
+        """The request's path, as the door's classifier sees it."""
 
+    @abc.abstractmethod
     def user(self, request: Any) -> str | None:
-        raise NotImplementedError
+        """The request's user, as the door's key function sees it."""
 
     def close(self) -> None:
         self.loop.close()
