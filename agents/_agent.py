@@ -63,6 +63,21 @@ class _Reads:
 
     _snapshot: Snapshot
     _client: Client
+    _state_changed: Callable[[AgentState], None]  # each agent's own
+
+    def _init_reads(
+        self,
+        config: AgentConfig,
+        registry: CollectorRegistry | None,
+        on_change: ChangeCallback | None,
+    ) -> None:
+        """What both agents set up alike: an empty state and the client that fills it."""
+        self._snapshot = _state.empty_snapshot(config.service)
+        self._client = Client(
+            config, publish=self._set_snapshot, on_state=self._state_changed, registry=registry
+        )
+        if on_change is not None:
+            self.on_change(on_change)
 
     def enabled(self, name: str, default: bool = False) -> bool:
         """The flag's value if it is a bool, else ``default`` (also for a flag never set).
@@ -242,14 +257,12 @@ class Agent(_Reads):
         registry: CollectorRegistry | None = None,
         on_change: ChangeCallback | None = None,
     ) -> None:
-        config = _build(service, servers, version, instance_id, cache_path, override_path)
-        self._snapshot = _state.empty_snapshot(config.service)
         self._ready = threading.Event()
-        self._client = Client(
-            config, publish=self._set_snapshot, on_state=self._state_changed, registry=registry
+        self._init_reads(
+            _build(service, servers, version, instance_id, cache_path, override_path),
+            registry,
+            on_change,
         )
-        if on_change is not None:
-            self.on_change(on_change)
         self._lock = threading.RLock()
         self._started = False
         self._closed = False
@@ -566,14 +579,12 @@ class AsyncAgent(_Reads):
         registry: CollectorRegistry | None = None,
         on_change: ChangeCallback | None = None,
     ) -> None:
-        config = _build(service, servers, version, instance_id, cache_path, override_path)
-        self._snapshot = _state.empty_snapshot(config.service)
         self._ready = asyncio.Event()
-        self._client = Client(
-            config, publish=self._set_snapshot, on_state=self._state_changed, registry=registry
+        self._init_reads(
+            _build(service, servers, version, instance_id, cache_path, override_path),
+            registry,
+            on_change,
         )
-        if on_change is not None:
-            self.on_change(on_change)
         self._task: asyncio.Task[None] | None = None
         self._closed = False
 
