@@ -398,13 +398,23 @@ def render_flag_set(doc: Mapping[str, Any], now: datetime) -> Rendered:
     return Rendered([line], _overridden_warning(result, f"flag {name}"))
 
 
-def render_flag_clear(doc: Mapping[str, Any], now: datetime, scope: str, name: str) -> Rendered:
+def _cleared(
+    doc: Mapping[str, Any],
+    now: datetime,
+    describe: Callable[[Mapping[str, Any] | None], str],
+    prefix: str = "",
+) -> tuple[Mapping[str, Any], Mapping[str, Any] | None, str]:
+    """A clear's result, what it removed, and "; X applies again" when a layer came back."""
     result, removed, restored = doc.get("result") or {}, doc.get("removed"), doc.get("restored")
     after = ""
     if restored:
-        after = f"; {_flag_value(restored)} applies again"
-        after += _expiry(restored, now, _flag_value)
-    elif scope != "global":
+        after = f"; {prefix}{describe(restored)} applies again" + _expiry(restored, now, describe)
+    return result, removed, after
+
+
+def render_flag_clear(doc: Mapping[str, Any], now: datetime, scope: str, name: str) -> Rendered:
+    result, removed, after = _cleared(doc, now, _flag_value)
+    if not after and scope != "global":
         after = "; the global value applies, if any"
     was = _flag_value(removed)
     line = _write_line(
@@ -480,10 +490,7 @@ def render_shed_set(doc: Mapping[str, Any], now: datetime) -> Rendered:
 
 
 def render_shed_clear(doc: Mapping[str, Any], now: datetime, service: str) -> Rendered:
-    result, removed, restored = doc.get("result") or {}, doc.get("removed"), doc.get("restored")
-    after = ""
-    if restored:
-        after = f"; {_shedding(restored)} applies again" + _expiry(restored, now, _shedding)
+    result, removed, after = _cleared(doc, now, _shedding)
     line = _write_line(
         result,
         done=f"{service}: shedding off (was {_shedding(removed)}){after}",
@@ -542,10 +549,7 @@ def render_pin_set(doc: Mapping[str, Any], now: datetime) -> Rendered:
 
 
 def render_pin_clear(doc: Mapping[str, Any], now: datetime, service: str) -> Rendered:
-    result, removed, restored = doc.get("result") or {}, doc.get("removed"), doc.get("restored")
-    after = ""
-    if restored:
-        after = f"; pin {_pin(restored)} applies again" + _expiry(restored, now, _pin)
+    result, removed, after = _cleared(doc, now, _pin, prefix="pin ")
     line = _write_line(
         result,
         done=f"{service}: unpinned (was {_pin(removed)}){after}",
