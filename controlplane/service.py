@@ -762,6 +762,7 @@ HELLO_TIMEOUT = 10.0
 # How long a wait waits for another replica to report a revision before going on
 # without it (its flushes come every half second while it lives).
 REPLICA_GRACE = 2.0
+LATENCY_SAMPLE_EVERY = 16
 # How long a stream waits for this server to catch up with an agent that already
 # applied a newer revision (it came from a replica that is ahead).
 CATCH_UP_TIMEOUT = 5.0
@@ -774,6 +775,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self.hub = hub
         self.presence = presence
         self.metrics = metrics
+        self._streams_seen = 0
 
     async def Sync(self, request_iterator: Any, context: Any) -> None:
         start = time.perf_counter()
@@ -806,7 +808,13 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         await self.hub.ready.wait()
         feed = self.hub.feed(instance.service)
         feed.streams += 1
-        reader = asyncio.create_task(self._read_acks(request_iterator, instance, feed))
+        # Latency histograms take a lock per observation: on the fan-out path, only
+        # one stream in LATENCY_SAMPLE_EVERY is timed.
+        self._streams_seen += 1
+        sampled = self._streams_seen % LATENCY_SAMPLE_EVERY == 1
+        reader = asyncio.create_task(
+            self._read_acks(request_iterator, instance, feed, sampled=sampled)
+        )
         # The agent closing its side ends the stream (a cancel does that by itself).
         handler = asyncio.current_task()
         reader.add_done_callback(lambda _: handler.cancel() if handler is not None else None)
@@ -832,9 +840,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                     sent = missed[-1].revision
                     instance.sent = sent
                     await context.write(payload)
-                    appended = feed.appended_at.get(sent)
-                    if appended is not None:
-                        self.metrics.stream_write_seconds.observe(time.monotonic() - appended)
+                    if sampled:
+                        appended = feed.appended_at.get(sent)
+                        if appended is not None:
+                            self.metrics.stream_write_seconds.observe(time.monotonic() - appended)
         except asyncio.CancelledError:
             code = "CANCELLED"
             raise
@@ -960,7 +969,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 "override_audit_failed", instance_id=instance.instance_id, error=exc.message
             )
 
-    async def _read_acks(self, request_iterator: Any, instance: Instance, feed: Feed) -> None:
+    async def _read_acks(
+        self, request_iterator: Any, instance: Instance, feed: Feed, *, sampled: bool
+    ) -> None:
         async for request in request_iterator:
             kind = request.WhichOneof("message")
             if kind == "override":
@@ -989,9 +1000,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 )
                 self.presence.nack(instance, ack.revision, ack.rejected_reason)
             else:
-                appended = feed.appended_at.get(ack.revision)
-                if appended is not None:
-                    self.metrics.ack_seconds.observe(time.monotonic() - appended)
+                if sampled:
+                    appended = feed.appended_at.get(ack.revision)
+                    if appended is not None:
+                        self.metrics.ack_seconds.observe(time.monotonic() - appended)
                 self.presence.ack(instance, ack.revision)
 
 

@@ -181,10 +181,11 @@ async def test_status_and_wait(server: ControlServer, stub: Stub) -> None:
         assert (
             registry.get_sample_value("controlplane_agents_connected", {"service": "checkout"}) == 2
         )
+        # The first stream of the server is one of the timed ones.
         acks = registry.get_sample_value("controlplane_ack_lag_seconds_count")
-        assert acks is not None and acks >= 2
+        assert acks is not None and acks >= 1
         writes = registry.get_sample_value("controlplane_stream_write_delay_seconds_count")
-        assert writes is not None and writes >= 2
+        assert writes is not None and writes >= 1
 
         status = await stub.GetStatus(m.GetStatusRequest(service="checkout"))
         assert sorted(i.instance_id for i in status.instances) == ["i-1", "i-2"]
