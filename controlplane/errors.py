@@ -10,9 +10,10 @@ at one boundary, the servicers in ``service.py``::
      ├── BundleConflictError          ABORTED            a bundle's keys changed since
      ├── FailedPreconditionError      FAILED_PRECONDITION
      ├── UnavailableError             UNAVAILABLE        etcd unreachable
+     │    └── EtcdAccessError                             etcd refused the server's own credentials
      │    └── CompactedError                              a watch asked for a compacted revision
      ├── DeadlineExceededError        DEADLINE_EXCEEDED  the caller's deadline ran out first
-     └── NotImplementedYetError       UNIMPLEMENTED      a part of the API not built yet
+     └── PermissionDeniedError        PERMISSION_DENIED  the caller's role does not allow it
 """
 
 from __future__ import annotations
@@ -89,6 +90,15 @@ class UnavailableError(ControlPlaneError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class EtcdAccessError(UnavailableError):
+    """etcd refused the control server itself: its user/password, its token, or a permission.
+
+    Also raised for a TLS file (``--etcd-ca``, ``--etcd-cert``, ``--etcd-key``) that cannot be
+    read. Nothing was written. For the callers etcd is as good as unreachable until an operator
+    fixes the credentials, hence UNAVAILABLE. Messages name the user, never the password.
+    """
+
+
 class CompactedError(UnavailableError):
     """A watch asked for a revision etcd no longer keeps; re-read everything."""
 
@@ -103,7 +113,7 @@ class DeadlineExceededError(ControlPlaneError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
-class NotImplementedYetError(ControlPlaneError):
-    """A part of the v1 API that is declared but not built yet."""
+class PermissionDeniedError(ControlPlaneError):
+    """The caller is known but its role or services do not allow this."""
 
-    code = grpc.StatusCode.UNIMPLEMENTED
+    code = grpc.StatusCode.PERMISSION_DENIED

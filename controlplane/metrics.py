@@ -114,3 +114,21 @@ class ServerMetrics:
             "1 when the last etcd operation or health probe succeeded, else 0.",
             registry=registry,
         )
+        self.auth_refused = Counter(
+            "controlplane_auth_refused_total",
+            "Calls refused before their handler ran, by method and code "
+            "(UNAUTHENTICATED, PERMISSION_DENIED, RESOURCE_EXHAUSTED).",
+            ["method", "code"],
+            registry=registry,
+        )
+        self.auth_reloads = Counter(
+            "controlplane_auth_reloads_total",
+            "Reloads of the auth file and TLS certificates (SIGHUP), by result (ok, failed).",
+            ["result"],
+            registry=registry,
+        )
+        self.auth_identities = Gauge(
+            "controlplane_auth_identities",
+            "Identities in the auth file in force (0 with authentication off).",
+            registry=registry,
+        )

@@ -21,6 +21,7 @@ import os
 import secrets
 import signal
 import socket
+import ssl
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,13 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from controlplane import __version__
 from controlplane.api.v1 import agent_pb2, mitigation_pb2, mitigation_pb2_grpc
+from controlplane.auth import (
+    AuthFileError,
+    AuthInterceptor,
+    Streams,
+    hash_token,
+    load_auth_file,
+)
 from controlplane.embedded_etcd import EmbeddedEtcd
 from controlplane.errors import ControlPlaneError
 from controlplane.hub import Hub
@@ -45,6 +53,7 @@ from controlplane.model import utcnow
 from controlplane.presence import Presence
 from controlplane.service import AgentServicer, MitigationServicer
 from controlplane.store import DEFAULT_PREFIX, Store, normalize_endpoints
+from controlplane.transport import is_loopback_target
 
 log = structlog.get_logger("controlplane.server")
 
@@ -52,7 +61,6 @@ _SERVER_OPTIONS: list[tuple[str, Any]] = [
     # With the defaults, thousands of agents reconnecting at once get CANCELLED.
     ("grpc.server.max_pending_requests", 20000),
     ("grpc.server.max_pending_requests_hard_limit", 40000),
-    ("grpc.max_receive_message_length", 4 * 1024 * 1024),
     ("grpc.keepalive_permit_without_calls", 1),
     # Agents ping every few seconds to notice a dead server: let them.
     ("grpc.http2.min_ping_interval_without_data_ms", 1000),
@@ -84,6 +92,18 @@ class ServerConfig:
     maintenance_interval: float = 60.0
     # Longest wait between looks for expired changes (others' writes may add earlier ones).
     expiry_interval: float = 0.5
+    # Security (see controlplane.auth): None everywhere is the local default.
+    auth_file: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # given: clients must present a certificate it signed
+    insecure: bool = False  # allow plaintext on an address that is not loopback
+    max_streams_per_identity: int | None = None
+    max_message_bytes: int = 4 * 1024 * 1024
+
+
+class ServerConfigError(ValueError):
+    """The server cannot start with this configuration; the message names the option."""
 
 
 class ControlServer:
@@ -108,6 +128,8 @@ class ControlServer:
         self._health_wakeup = asyncio.Event()
         self._started = False
         self._stopped = False
+        self.auth: AuthInterceptor | None = None
+        self._tls_next: Any = None  # certificates read by a reload, for the next handshake
 
     @property
     def address(self) -> str:
@@ -128,6 +150,23 @@ class ControlServer:
             raise RuntimeError("ControlServer.start() called twice")
         self._started = True
         config = self.config
+        # Everything that can be wrong with the configuration fails before etcd starts.
+        tls = self._tls_credentials()
+        if tls is None and not is_loopback_target(config.listen) and not config.insecure:
+            raise ServerConfigError(
+                f"--listen {config.listen} is not a loopback address: serve TLS "
+                "(--tls-cert and --tls-key) or allow plaintext explicitly (--insecure)"
+            )
+        interceptors: list[AuthInterceptor] = []
+        if config.auth_file is not None:
+            self.auth = AuthInterceptor(
+                load_auth_file(config.auth_file), Streams(config.max_streams_per_identity)
+            )
+            self.auth.on_denied = lambda method, code: self.metrics.auth_refused.labels(
+                method, code
+            ).inc()
+            self.metrics.auth_identities.set(len(self.auth.config.identities))
+            interceptors.append(self.auth)
         if not config.etcd:
             self.etcd = EmbeddedEtcd(
                 config.data_dir / "etcd",
@@ -157,7 +196,13 @@ class ControlServer:
         await self.hub.start()
         await self.presence.start()
 
-        server = grpc.aio.server(options=_SERVER_OPTIONS)
+        server = grpc.aio.server(
+            interceptors=interceptors,
+            options=[
+                *_SERVER_OPTIONS,
+                ("grpc.max_receive_message_length", config.max_message_bytes),
+            ],
+        )
         mitigation_pb2_grpc.add_MitigationServiceServicer_to_server(
             MitigationServicer(self.store, self.metrics, self.hub, self.presence), server
         )
@@ -166,7 +211,11 @@ class ControlServer:
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        self.port = server.add_insecure_port(config.listen)
+        self.port = (
+            server.add_insecure_port(config.listen)
+            if tls is None
+            else server.add_secure_port(config.listen, tls)
+        )
         if self.port == 0:
             raise ControlPlaneError(f"could not listen on {config.listen}")
         self._server = server
@@ -196,8 +245,126 @@ class ControlServer:
             metrics=f"{config.metrics.rpartition(':')[0]}:{self.metrics_port}"
             if config.metrics
             else None,
-            authentication="off (loopback only)",
+            authentication=self.security_summary,
         )
+        if tls is None and not is_loopback_target(config.listen):
+            log.warning(
+                "plaintext_listen",
+                address=self.address,
+                message="--insecure: tokens and changes cross the network unencrypted",
+            )
+        if self.auth is None and not is_loopback_target(config.listen):
+            log.warning(
+                "authentication_off",
+                address=self.address,
+                message="anyone who reaches this address can change mitigations: give --auth-file",
+            )
+
+    @property
+    def security_summary(self) -> str:
+        """How callers are authenticated and connections protected, in one phrase."""
+        config = self.config
+        if config.tls_cert is None:
+            transport = "plaintext"
+        elif config.tls_client_ca is None:
+            transport = "TLS"
+        else:
+            transport = "mutual TLS"
+        if self.auth is None:
+            who = "authentication off" + (
+                " (loopback only)" if is_loopback_target(config.listen) else ""
+            )
+        else:
+            who = (
+                f"authentication on ({len(self.auth.config.identities)} identities "
+                f"from {config.auth_file})"
+            )
+        return f"{transport}, {who}"
+
+    def _tls_configuration(self) -> Any:
+        """The server certificate (and client CA) read and checked now."""
+        config = self.config
+        assert config.tls_cert is not None
+        if config.tls_key is None:
+            raise ServerConfigError("--tls-cert needs --tls-key (the certificate's private key)")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(config.tls_cert, config.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ServerConfigError(
+                f"--tls-cert {config.tls_cert} / --tls-key {config.tls_key}: cannot be used "
+                f"together ({exc.strerror or exc})"
+            ) from None
+        ca: bytes | None = None
+        if config.tls_client_ca is not None:
+            try:
+                context.load_verify_locations(config.tls_client_ca)
+                ca = config.tls_client_ca.read_bytes()
+            except (OSError, ssl.SSLError) as exc:
+                raise ServerConfigError(
+                    f"--tls-client-ca {config.tls_client_ca}: {exc.strerror or exc}"
+                ) from None
+        return grpc.ssl_server_certificate_configuration(
+            [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())],
+            root_certificates=ca,
+        )
+
+    def _tls_credentials(self) -> grpc.ServerCredentials | None:
+        config = self.config
+        if config.tls_cert is None:
+            if config.tls_key is not None or config.tls_client_ca is not None:
+                raise ServerConfigError("--tls-key and --tls-client-ca need --tls-cert")
+            return None
+        if config.insecure:
+            raise ServerConfigError("--insecure (plaintext) contradicts --tls-cert")
+        return grpc.dynamic_ssl_server_credentials(
+            self._tls_configuration(),
+            self._next_tls_configuration,
+            require_client_authentication=config.tls_client_ca is not None,
+        )
+
+    def _next_tls_configuration(self) -> Any:
+        # Called by gRPC before handshakes: certificates a reload read, once.
+        configuration, self._tls_next = self._tls_next, None
+        return configuration
+
+    def reload(self) -> bool:
+        """Read the auth file and the TLS certificates again (SIGHUP).
+
+        What does not load is refused with a logged error and what was in force stays.
+        Streams whose token or certificate the new file no longer grants (removed,
+        or with other rights) are ended with UNAUTHENTICATED; the rest go on.
+
+        Returns:
+            Whether everything reloaded.
+        """
+        ok = True
+        if self.auth is not None and self.config.auth_file is not None:
+            try:
+                config = load_auth_file(self.config.auth_file)
+            except AuthFileError as exc:
+                ok = False
+                log.error("auth_reload_failed", error=str(exc), kept="the previous auth file")
+            else:
+                self.auth.config = config
+                ended = self.auth.streams.revoke_changed(config)
+                self.metrics.auth_identities.set(len(config.identities))
+                log.info(
+                    "auth_reloaded",
+                    file=str(self.config.auth_file),
+                    identities=len(config.identities),
+                    streams_ended=ended,
+                )
+        if self.config.tls_cert is not None:
+            try:
+                self._tls_next = self._tls_configuration()
+            except ServerConfigError as exc:
+                ok = False
+                log.error("tls_reload_failed", error=str(exc), kept="the previous certificate")
+            else:
+                log.info("tls_reloaded", cert=str(self.config.tls_cert))
+        self.metrics.auth_reloads.labels("ok" if ok else "failed").inc()
+        return ok
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop serving, let in-flight RPCs finish for ``grace`` s, stop etcd. Idempotent."""
@@ -467,6 +634,59 @@ def main() -> None:
     show_default=True,
     help="Client port of the embedded etcd (0: any free port).",
 )
+@click.option(
+    "--auth-file",
+    envvar="CONTROLPLANE_AUTH_FILE",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Identities, roles and token hashes (YAML or JSON); re-read on SIGHUP. "
+    "Absent: authentication off.",
+)
+@click.option(
+    "--tls-cert",
+    envvar="CONTROLPLANE_TLS_CERT",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Serve TLS with this certificate chain (PEM); re-read on SIGHUP.",
+)
+@click.option(
+    "--tls-key",
+    envvar="CONTROLPLANE_TLS_KEY",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="The certificate's private key (PEM).",
+)
+@click.option(
+    "--tls-client-ca",
+    envvar="CONTROLPLANE_TLS_CLIENT_CA",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Mutual TLS: clients must present a certificate this CA signed.",
+)
+@click.option(
+    "--insecure",
+    envvar="CONTROLPLANE_INSECURE",
+    is_flag=True,
+    default=False,
+    help="Allow plaintext on an address that is not loopback (logged as a warning).",
+)
+@click.option(
+    "--max-streams-per-identity",
+    envvar="CONTROLPLANE_MAX_STREAMS_PER_IDENTITY",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Most open Sync and WatchChanges streams per identity (0: no limit; "
+    "max_streams in the auth file overrides it per identity).",
+)
+@click.option(
+    "--max-message-bytes",
+    envvar="CONTROLPLANE_MAX_MESSAGE_BYTES",
+    type=click.IntRange(min=1024, max=64 * 1024 * 1024),
+    default=4 * 1024 * 1024,
+    show_default=True,
+    help="Largest request message accepted (RESOURCE_EXHAUSTED beyond).",
+)
 def serve(
     listen: str,
     etcd: str,
@@ -477,8 +697,16 @@ def serve(
     audit_retention: timedelta,
     data_dir: Path,
     embedded_etcd_port: int,
+    auth_file: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    tls_client_ca: Path | None,
+    insecure: bool,
+    max_streams_per_identity: int,
+    max_message_bytes: int,
 ) -> None:
-    """Run the control server until SIGTERM or SIGINT."""
+    """Run the control server until SIGTERM or SIGINT; SIGHUP re-reads the auth file
+    and the TLS certificates."""
     configure_logging(log_format)
     if etcd_timeout <= timedelta(0):
         raise click.BadParameter("must be positive", param_hint="--etcd-timeout")
@@ -505,9 +733,19 @@ def serve(
         data_dir=data_dir,
         embedded_etcd_client_port=embedded_etcd_port,
         embedded_etcd_peer_port=0 if embedded_etcd_port == 0 else embedded_etcd_port + 1,
+        auth_file=auth_file,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_client_ca=tls_client_ca,
+        insecure=insecure,
+        max_streams_per_identity=max_streams_per_identity or None,
+        max_message_bytes=max_message_bytes,
     )
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(config))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(_serve(config))
+    except (ServerConfigError, AuthFileError) as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 async def _serve(config: ServerConfig) -> None:
@@ -516,18 +754,43 @@ async def _serve(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload)
     try:
         await server.start()
         click.echo(
             f"control server listening on {server.address} (etcd {', '.join(server.etcd_endpoints)}"
             f"{', embedded' if server.etcd else ''}; prefix {config.prefix}; "
-            "authentication off: loopback only)",
+            f"{server.security_summary})",
             err=True,
         )
         await stop.wait()
         log.info("shutdown_requested")
     finally:
         await server.stop(grace=5.0)
+
+
+@main.command()
+@click.option(
+    "--hash",
+    "hash_only",
+    is_flag=True,
+    help="Read a token on stdin and print only its SHA-256 (for the auth file).",
+)
+def token(hash_only: bool) -> None:
+    """Make a new random token and print it with its SHA-256 for the auth file.
+
+    The token goes to the client (CPCTL_TOKEN, a token file); only the hash goes in the
+    auth file. Nothing is stored.
+    """
+    if hash_only:
+        text = sys.stdin.readline().strip()
+        if not text:
+            raise click.ClickException("no token on stdin")
+        click.echo(hash_token(text))
+        return
+    new = secrets.token_urlsafe(32)
+    click.echo(f"token:        {new}")
+    click.echo(f"token_sha256: {hash_token(new)}")
 
 
 if __name__ == "__main__":  # pragma: no cover

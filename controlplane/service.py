@@ -30,6 +30,7 @@ from controlplane import model
 from controlplane.api.v1 import agent_pb2, agent_pb2_grpc, mitigation_pb2_grpc
 from controlplane.api.v1 import mitigation_pb2 as mpb
 from controlplane.api.v1 import types_pb2 as pb
+from controlplane.auth import check_sync_service, current_identity
 from controlplane.errors import (
     ConflictError,
     ControlPlaneError,
@@ -62,8 +63,7 @@ def _rpc(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
         self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
     ) -> Resp:
         start = time.perf_counter()
-        options = getattr(request, "options", None)
-        actor = getattr(options, "actor", "") if options is not None else ""
+        actor = _actor(request)
         error: ControlPlaneError | None = None
         remaining = context.time_remaining()
         caller_limited = remaining is not None and remaining < self.store.etcd_timeout
@@ -95,6 +95,15 @@ def _rpc(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
         raise AssertionError("context.abort returned")  # pragma: no cover
 
     return wrapper
+
+
+def _actor(request: Any = None) -> str:
+    """Who to name in the log: the authenticated identity, else what the caller says."""
+    identity = current_identity.get()
+    if identity is not None:
+        return identity.name
+    options = getattr(request, "options", None)
+    return str(getattr(options, "actor", "")) if options is not None else ""
 
 
 def _log_rpc(
@@ -160,7 +169,13 @@ class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
 
     @staticmethod
     def _options(msg: pb.WriteOptions, *, allow_expiry: bool = True) -> model.WriteOptions:
-        return model.write_options_from_proto(msg, now=model.utcnow(), allow_expiry=allow_expiry)
+        options = model.write_options_from_proto(msg, now=model.utcnow(), allow_expiry=allow_expiry)
+        identity = current_identity.get()
+        if identity is None:
+            return options
+        # With authentication on, the audit names who authenticated, whatever the
+        # request says.
+        return replace(options, actor=identity.name, actor_authenticated=True)
 
     # -- flags ---------------------------------------------------------------
 
@@ -549,7 +564,7 @@ class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
         try:
             service = model.validate_service(request.service) if request.service else ""
         except InvalidArgumentError as exc:
-            _log_rpc(self.metrics, "WatchChanges", exc.code.name, start, "", exc.message)
+            _log_rpc(self.metrics, "WatchChanges", exc.code.name, start, _actor(), exc.message)
             await context.abort(exc.code, exc.message)
             return
         await self.hub.ready.wait()
@@ -577,7 +592,7 @@ class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
             code = "CANCELLED"
             raise
         finally:
-            _log_rpc(self.metrics, "WatchChanges", code, start, "", None)
+            _log_rpc(self.metrics, "WatchChanges", code, start, _actor(), None)
 
     @_rpc
     async def GetTimeline(
@@ -768,6 +783,18 @@ LATENCY_SAMPLE_EVERY = 16
 CATCH_UP_TIMEOUT = 5.0
 
 
+def _override_audit(actor: str, reason: str) -> tuple[str, str]:
+    """The audit actor and reason of a break-glass override. With authentication on,
+    the actor is the agent's identity; the name in the override file is kept in the
+    reason, as what the host reported."""
+    identity = current_identity.get()
+    if identity is None:
+        return actor, reason
+    if actor:
+        reason = f"{reason or 'break-glass override on the host'} (override file names {actor})"
+    return identity.name, reason
+
+
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     """The agents' Sync stream: hello, snapshot or resume, then changes; acks back."""
 
@@ -781,8 +808,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         start = time.perf_counter()
         try:
             hello = await self._hello(request_iterator)
+            check_sync_service(hello.service)
         except ControlPlaneError as exc:
-            _log_rpc(self.metrics, "Sync", exc.code.name, start, "", exc.message)
+            _log_rpc(self.metrics, "Sync", exc.code.name, start, _actor(), exc.message)
             await context.abort(exc.code, exc.message)
             return
         instance = Instance(
@@ -855,7 +883,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             feed.streams -= 1
             self.hub.release(feed)
             self.presence.disconnect(instance)
-            _log_rpc(self.metrics, "Sync", code, start, "", None)
+            _log_rpc(self.metrics, "Sync", code, start, _actor(), None)
             log.info(
                 "agent_disconnected",
                 service=instance.service,
@@ -950,6 +978,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             if override.HasField("expires_at")
             else None
         )
+        actor, reason = _override_audit(override.actor[:256], override.reason[:1024])
         try:
             with self.hub.store.budget(self.hub.store.etcd_timeout):
                 await self.hub.store.record_override(
@@ -958,8 +987,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                     active=override.active,
                     digest=override.digest[:128]
                     or hashlib.sha256(override.content_json.encode()).hexdigest(),
-                    actor=override.actor[:256],
-                    reason=override.reason[:1024],
+                    actor=actor,
+                    reason=reason,
                     expires_at=expires,
                     content=content,
                 )
