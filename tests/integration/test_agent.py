@@ -12,7 +12,6 @@ import asyncio
 import json
 import logging
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from controlplane.api.v1 import types_pb2 as t
 from controlplane.embedded_etcd import EmbeddedEtcd, free_port
 from controlplane.server import ControlServer
 from tests.helpers.agent_process import ROOT, AgentProcess
+from tests.helpers.server_process import ServerProcess
 
 Stub = mitigation_pb2_grpc.MitigationServiceStub
 
@@ -86,73 +86,6 @@ def wait_applied_blocking(address: str, service: str, revision: int) -> m.WaitAp
             wait_for_ready=True,
         )
     return response
-
-
-class ServerProcess:
-    """``python -m controlplane.server serve`` on the session etcd, under a test prefix."""
-
-    def __init__(self, etcd_endpoint: str, prefix: str, port: int = 0) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CONTROLPLANE_")}
-        env["PYTHONUNBUFFERED"] = "1"
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "controlplane.server",
-                "serve",
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--etcd",
-                etcd_endpoint,
-                "--prefix",
-                prefix,
-                "--metrics",
-                "off",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.output: list[str] = []
-        self.address = self._read_address()
-        # Keep draining stderr: a full pipe would block the server.
-        threading.Thread(target=self._drain, daemon=True).start()
-
-    def _read_address(self, timeout: float = 30.0) -> str:
-        assert self.proc.stderr is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = self.proc.stderr.readline()
-            if not line:
-                break
-            self.output.append(line)
-            match = re.search(r"listening on (127\.0\.0\.1:\d+)", line)
-            if match:
-                return match.group(1)
-        self.kill()
-        raise AssertionError("server did not start:\n" + "".join(self.output))
-
-    def _drain(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.output.append(line)
-
-    def kill(self) -> None:
-        """SIGKILL: no goodbye to the agents, the connections just drop."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
 
 
 class Launcher:
