@@ -361,7 +361,9 @@ Credential = tuple[str, str | bytes]
 
 
 def authenticate(
-    config: AuthConfig, metadata: Iterable[tuple[str, Any]], auth_context: Mapping[str, Any]
+    config: AuthConfig,
+    metadata: Iterable[tuple[str, Any]],
+    auth_context: Mapping[str, Any] | Callable[[], Mapping[str, Any]],
 ) -> tuple[Identity, Credential]:
     """Who is calling: the bearer token's identity, else the client certificate's.
 
@@ -388,6 +390,8 @@ def authenticate(
         if identity is None:
             raise AuthError(grpc.StatusCode.UNAUTHENTICATED, "unknown or revoked token")
         return identity, ("token", digest)
+    if callable(auth_context):  # read only when no token was sent
+        auth_context = auth_context()
     subjects = auth_context.get("x509_subject") or []
     if subjects:
         raw = subjects[0]
@@ -543,7 +547,7 @@ class AuthInterceptor(_Interceptor):
         if METHOD_RULES.get(method) is Access.OPEN:
             return None
         identity, credential = authenticate(
-            self.config, context.invocation_metadata() or (), context.auth_context()
+            self.config, context.invocation_metadata() or (), context.auth_context
         )
         authorize(identity, method)
         return identity, credential

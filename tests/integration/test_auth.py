@@ -387,8 +387,18 @@ async def test_health_needs_no_token_and_reflection_needs_one(auth_server: Contr
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
     async with grpc.aio.insecure_channel(auth_server.address) as channel:
-        health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
-        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        health = health_pb2_grpc.HealthStub(channel)
+        checked = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert checked.status in (
+            health_pb2.HealthCheckResponse.SERVING,
+            health_pb2.HealthCheckResponse.NOT_SERVING,
+        )
+        # Watch too: it reports SERVING once the server has reached etcd.
+        watch = health.Watch(health_pb2.HealthCheckRequest(), timeout=10)
+        async for update in watch:
+            if update.status == health_pb2.HealthCheckResponse.SERVING:
+                break
+        watch.cancel()
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         request = reflection_pb2.ServerReflectionRequest(list_services="")
 
