@@ -14,6 +14,10 @@ Before any command the worker prints ``{"event": "ready", ...}`` once every agen
 is READY (or the ready timeout passed). Commands (``"cmd"``):
 
 ``report``     every agent's arrivals, states and the values of ``flags``
+``settle``     wait (``timeout``) until every agent serves ``flags`` (whatever its
+               connection state); answer with how many do not
+``history``    with ``--record``: every agent's applied ``[revision, {flag: value}]``
+               sequence (the fault suite's history checker reads it)
 ``outage``     wait until no agent is READY (the server is gone), then time each
                agent's way back to READY
 ``expect``     the flag values (``flags``) that make an agent converged
@@ -43,13 +47,24 @@ READY_POLL = 0.005
 class Worker:
     """The agents of this process and what they recorded."""
 
-    def __init__(self, servers: list[str], service: str, count: int, name: str) -> None:
+    def __init__(
+        self,
+        servers: list[str],
+        service: str,
+        count: int,
+        name: str,
+        record: list[str] | None = None,
+    ) -> None:
         self.arrivals: list[list[tuple[int, float]]] = [[] for _ in range(count)]
+        self.record = record or []
+        self.histories: list[list[tuple[int, dict[str, Any]]]] = [[] for _ in range(count)]
         self.expected: dict[str, Any] = {}
         self.converged_at: list[float | None] = [None] * count
         self.ready_at: list[float | None] = [None] * count
         self._waiters: list[asyncio.Task[None]] = []
         self._back = asyncio.Event()
+        self._changed = asyncio.Event()
+        """Set by every change an agent applies (for ``settle``)."""
         """Set once every agent is READY again and converged (after an outage)."""
         self.agents = [
             AsyncAgent(
@@ -64,10 +79,15 @@ class Worker:
 
     def _recorder(self, index: int) -> Callable[[StateChange], None]:
         arrivals = self.arrivals[index]
+        history = self.histories[index]
 
         def record(change: StateChange) -> None:
             now = time.time()
             arrivals.append((change.revision, now))
+            self._changed.set()
+            if self.record:
+                agent = self.agents[index]
+                history.append((change.revision, {k: agent.value(k) for k in self.record}))
             if self.expected and self.converged_at[index] is None:
                 agent = self.agents[index]
                 if all(agent.value(k) == v for k, v in self.expected.items()):
@@ -142,6 +162,23 @@ class Worker:
             "missing": missing,
         }
 
+    async def settle(self, flags: dict[str, Any], within: float) -> dict[str, Any]:
+        started = time.monotonic()
+
+        def missing() -> int:
+            return sum(any(agent.value(k) != v for k, v in flags.items()) for agent in self.agents)
+
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                while missing():
+                    self._changed.clear()
+                    await self._changed.wait()
+        return {
+            "event": "settle",
+            "missing": missing(),
+            "seconds": round(time.monotonic() - started, 3),
+        }
+
     async def stop(self) -> None:
         for task in self._waiters:
             task.cancel()
@@ -161,7 +198,8 @@ def _say(message: dict[str, Any]) -> None:
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    worker = Worker(args.servers.split(","), args.service, args.count, args.name)
+    record = [f for f in args.record.split(",") if f]
+    worker = Worker(args.servers.split(","), args.service, args.count, args.name, record)
     try:
         _say(await worker.start(args.ready_timeout))
         while True:
@@ -172,6 +210,16 @@ async def _serve(args: argparse.Namespace) -> None:
             cmd = command["cmd"]
             if cmd == "report":
                 _say(worker.report(command.get("flags", [])))
+            elif cmd == "settle":
+                _say(await worker.settle(command["flags"], float(command.get("timeout", 5.0))))
+            elif cmd == "history":
+                _say(
+                    {
+                        "event": "history",
+                        "agents": [a.instance_id for a in worker.agents],
+                        "histories": worker.histories,
+                    }
+                )
             elif cmd == "outage":
                 _say(await worker.outage(float(command.get("timeout", 10.0))))
             elif cmd == "expect":
@@ -194,6 +242,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--count", type=int, required=True, help="agents in this process")
     parser.add_argument("--name", required=True, help="instance id prefix")
     parser.add_argument("--ready-timeout", type=float, default=60.0)
+    parser.add_argument(
+        "--record", default="", help="comma-separated flags whose values each change records"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     asyncio.run(_serve(args))

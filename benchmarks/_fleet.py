@@ -45,6 +45,7 @@ class AgentFleet:
         processes: How many processes (at most one per agent).
         ready_timeout: Seconds each process waits for its agents to be READY.
         name: Instance id prefix (``<name>-<process>-<index>``).
+        record: Flags whose values every change records (the ``history`` command).
     """
 
     def __init__(
@@ -56,8 +57,10 @@ class AgentFleet:
         processes: int = 4,
         ready_timeout: float = 120.0,
         name: str = "bench",
+        record: Sequence[str] = (),
     ) -> None:
         self.servers = list(servers)
+        self.record = list(record)
         self.service = service
         self.counts = split(agents, processes)
         self.ready_timeout = ready_timeout
@@ -102,6 +105,7 @@ class AgentFleet:
                 "--servers", ",".join(self.servers), "--service", self.service,
                 "--count", str(count), "--name", f"{self.name}-{index}",
                 "--ready-timeout", str(self.ready_timeout),
+                "--record", ",".join(self.record),
             ]  # fmt: skip
             with (Path(self._logs.name) / f"agents-{index}.log").open("w") as log:
                 proc = subprocess.Popen(
