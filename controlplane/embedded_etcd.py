@@ -2,7 +2,9 @@
 
 The control server uses it when no external etcd is configured, and the tests use it to get
 a real etcd on free loopback ports. It is a single-member cluster, listening on 127.0.0.1 only,
-without TLS: meant for a developer's machine and for tests, not for production.
+by default without TLS (``cert_file``/``key_file`` turn TLS on for clients, ``trusted_ca_file``
+adds client certificate authentication): meant for a developer's machine and for tests, not
+for production.
 
 Errors::
 
@@ -25,6 +27,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -234,6 +237,9 @@ class EmbeddedEtcd:
         binary: str | None = None,
         auto_compaction_retention: str = "1h",
         quota_backend_bytes: int | None = None,
+        cert_file: str | Path | None = None,
+        key_file: str | Path | None = None,
+        trusted_ca_file: str | Path | None = None,
         extra_args: Sequence[str] = (),
     ) -> None:
         """Configure an etcd; nothing runs until ``start()``.
@@ -247,8 +253,23 @@ class EmbeddedEtcd:
             binary: Path of the etcd binary; ``None`` uses ``find_etcd_binary()`` at start.
             auto_compaction_retention: Periodic auto-compaction retention, e.g. ``"1h"``.
             quota_backend_bytes: Backend size quota; ``None`` keeps etcd's default.
+            cert_file: The server certificate (PEM) for clients; with ``key_file`` the client
+                URL is ``https://`` (``endpoint`` stays ``host:port``). The readiness check
+                presents it as its client certificate, so with ``trusted_ca_file`` it must
+                allow client authentication too.
+            key_file: The key of ``cert_file``.
+            trusted_ca_file: The CA (PEM) client certificates must be signed by; turns on
+                etcd's ``--client-cert-auth``. Needs ``cert_file``.
             extra_args: More command-line arguments, appended last.
+
+        Raises:
+            ValueError: ``cert_file`` without ``key_file`` or the reverse, or
+                ``trusted_ca_file`` without them.
         """
+        if (cert_file is None) != (key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        if trusted_ca_file is not None and cert_file is None:
+            raise ValueError("trusted_ca_file (client certificate auth) needs cert_file/key_file")
         self._data_dir = Path(data_dir).absolute()
         self._log_path = self._data_dir.with_name(self._data_dir.name + ".log")
         self._auto_ports = client_port == 0 and peer_port == 0
@@ -260,6 +281,11 @@ class EmbeddedEtcd:
         self._binary = binary
         self._retention = auto_compaction_retention
         self._quota = quota_backend_bytes
+        self._cert_file = Path(cert_file).absolute() if cert_file is not None else None
+        self._key_file = Path(key_file).absolute() if key_file is not None else None
+        self._trusted_ca_file = (
+            Path(trusted_ca_file).absolute() if trusted_ca_file is not None else None
+        )
         self._extra_args = tuple(extra_args)
         self._proc: subprocess.Popen[bytes] | None = None
         self._started = False
@@ -274,8 +300,14 @@ class EmbeddedEtcd:
 
     @property
     def client_url(self) -> str:
-        """The client URL, e.g. ``"http://127.0.0.1:2379"``."""
-        return f"http://{self.endpoint}"
+        """The client URL, e.g. ``"http://127.0.0.1:2379"`` (``https://`` with TLS)."""
+        scheme = "https" if self._cert_file is not None else "http"
+        return f"{scheme}://{self.endpoint}"
+
+    @property
+    def tls(self) -> bool:
+        """Whether clients talk to etcd over TLS."""
+        return self._cert_file is not None
 
     @property
     def client_port(self) -> int:
@@ -421,8 +453,9 @@ class EmbeddedEtcd:
         """
         url = f"{self.client_url}/health"
         try:
-            # The URL is always http://127.0.0.1:<port>, never user input.
-            with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310
+            context = self._health_tls_context()
+            # The URL is always http(s)://127.0.0.1:<port>, never user input.
+            with urllib.request.urlopen(url, timeout=timeout, context=context) as response:  # noqa: S310
                 body = json.loads(response.read())
         except (OSError, ValueError):
             return False
@@ -447,6 +480,19 @@ class EmbeddedEtcd:
 
     # -- internals --------------------------------------------------------------------------
 
+    def _health_tls_context(self) -> ssl.SSLContext | None:
+        if self._cert_file is None or self._key_file is None:
+            return None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        # The readiness check asks our own child on loopback whether it is up, not who it
+        # is (the ports were checked free before launch); the server certificate may come
+        # from another CA than the one trusted for clients, so it is not verified here.
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        # With --client-cert-auth etcd answers /health only to a client certificate.
+        context.load_cert_chain(self._cert_file, self._key_file)
+        return context
+
     def _command(self) -> list[str]:
         assert self._binary is not None
         peer_url = f"http://127.0.0.1:{self._peer_port}"
@@ -467,6 +513,10 @@ class EmbeddedEtcd:
         ]  # fmt: skip
         if self._quota is not None:
             args += ["--quota-backend-bytes", str(self._quota)]
+        if self._cert_file is not None and self._key_file is not None:
+            args += ["--cert-file", str(self._cert_file), "--key-file", str(self._key_file)]
+        if self._trusted_ca_file is not None:
+            args += ["--client-cert-auth", "--trusted-ca-file", str(self._trusted_ca_file)]
         args += self._extra_args
         return args
 

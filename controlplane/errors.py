@@ -10,7 +10,7 @@ at one boundary, the servicers in ``service.py``::
      ├── BundleConflictError          ABORTED            a bundle's keys changed since
      ├── FailedPreconditionError      FAILED_PRECONDITION
      ├── UnavailableError             UNAVAILABLE        etcd unreachable
-     │    └── EtcdAccessError                             etcd refused the server's own credentials
+     │    ├── EtcdAccessError                             etcd refused the server's own credentials
      │    └── CompactedError                              a watch asked for a compacted revision
      ├── DeadlineExceededError        DEADLINE_EXCEEDED  the caller's deadline ran out first
      └── PermissionDeniedError        PERMISSION_DENIED  the caller's role does not allow it

@@ -22,6 +22,17 @@ plaintext channel to a single host:port) and uses aetcd's generated etcd v3
 stubs on it, so that several endpoints form one multi-address target with
 failover, every call gets its own deadline, and TLS can be added here alone.
 
+Security (:class:`EtcdSecurity`): TLS with a CA and an optional client
+certificate on every endpoint's channel, and etcd's own user/password
+authentication. etcd takes a ``token`` metadata entry from ``Authenticate``; the
+store gets one per endpoint when first needed (etcd's default "simple" tokens
+belong to the member that issued them) and sends it with every call. When etcd
+rejects a token (restarted, auth disabled and enabled, the user's password
+changed, idle past ``--auth-token-ttl``) the store authenticates again and
+retries that call once: etcd rejects such a call before applying it, so a
+write is never applied twice. Passwords and tokens never appear in logs,
+errors, reprs or metrics; errors name the user.
+
 Deadlines: each etcd call gets what is left of the current budget
 (:meth:`Store.budget`, set per RPC by the service to the smaller of
 ``etcd_timeout`` and the RPC's own deadline), else ``etcd_timeout``. A call that
@@ -42,9 +53,10 @@ import json
 import random
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import grpc
@@ -58,6 +70,7 @@ from controlplane.errors import (
     ConflictError,
     ControlPlaneError,
     DeadlineExceededError,
+    EtcdAccessError,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
@@ -208,21 +221,163 @@ class Plan:
     overridden_flag: str = ""
 
 
+# ---------------------------------------------------------------- security
+
+
+@dataclass(frozen=True, slots=True)
+class EtcdSecurity:
+    """How the store reaches etcd securely: TLS files and an etcd user.
+
+    Every field is optional; the command-line option each one stands for is named
+    in the errors. Files are read when the store connects, not here.
+
+    Attributes:
+        ca: CA certificate (PEM) that etcd's server certificate must chain to
+            (``--etcd-ca``); ``None`` with ``cert`` uses the system's roots.
+        cert: Client certificate (PEM) for etcd's ``--client-cert-auth`` (``--etcd-cert``).
+        key: The client certificate's private key (PEM) (``--etcd-key``).
+        user: etcd user name (``--etcd-user``).
+        password: That user's password (``--etcd-password``); never shown in a repr.
+        server_name: The name to expect in etcd's certificate instead of the endpoint's
+            host (``--etcd-server-name``), e.g. when endpoints are IP addresses.
+
+    Raises:
+        ValueError: An option that needs another one alone, or an empty value.
+    """
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    server_name: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("ca", "cert", "key"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                # Accept str paths (click and environment variables give str).
+                object.__setattr__(self, name, Path(value))
+        if self.cert is not None and self.key is None:
+            raise ValueError("--etcd-cert needs --etcd-key (the client certificate's key)")
+        if self.key is not None and self.cert is None:
+            raise ValueError("--etcd-key needs --etcd-cert (the client certificate)")
+        if self.user is not None and not self.user:
+            raise ValueError("--etcd-user is empty")
+        if self.user is not None and self.password is None:
+            raise ValueError(f"--etcd-user {self.user!r} needs --etcd-password")
+        if self.password is not None and self.user is None:
+            raise ValueError("--etcd-password needs --etcd-user")
+        if self.password is not None and not self.password:
+            raise ValueError("--etcd-password is empty")
+        if self.server_name is not None and not self.server_name:
+            raise ValueError("--etcd-server-name is empty")
+        if self.server_name is not None and not self.uses_tls:
+            raise ValueError(
+                "--etcd-server-name needs TLS: give --etcd-ca (or --etcd-cert and --etcd-key)"
+            )
+
+    @property
+    def uses_tls(self) -> bool:
+        """Whether the channels to etcd use TLS (a CA or a client certificate is given)."""
+        return self.ca is not None or self.cert is not None
+
+    @property
+    def uses_auth(self) -> bool:
+        """Whether calls carry an etcd user's token."""
+        return self.user is not None
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        """Read the TLS files and build gRPC channel credentials.
+
+        Raises:
+            EtcdAccessError: A file cannot be read or holds no PEM block of its kind.
+        """
+        ca = _read_pem(self.ca, "--etcd-ca", b"CERTIFICATE") if self.ca else None
+        cert = _read_pem(self.cert, "--etcd-cert", b"CERTIFICATE") if self.cert else None
+        key = _read_pem(self.key, "--etcd-key", b"PRIVATE KEY") if self.key else None
+        return grpc.ssl_channel_credentials(
+            root_certificates=ca, private_key=key, certificate_chain=cert
+        )
+
+
+def _read_pem(path: Path, option: str, kind: bytes) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise EtcdAccessError(f"cannot read {option} file {path}: {exc.strerror or exc}") from None
+    if b"-----BEGIN " not in data or kind + b"-----" not in data:
+        # Never quote the content: it may be a private key.
+        raise EtcdAccessError(
+            f"{option} file {path} holds no PEM {kind.decode().lower()} "
+            f"(-----BEGIN ...{kind.decode()}-----)"
+        )
+    return data
+
+
+# etcd's answers (3.4 and 3.5) to a call whose token it does not accept; each is given
+# before the call is applied, so the call can be retried with a new token.
+_TOKEN_REJECTED = (
+    "invalid auth token",  # UNAUTHENTICATED: unknown or expired token, auth re-enabled
+    "user name is empty",  # INVALID_ARGUMENT: no token (auth was enabled after we looked)
+    "revision of auth store is old",  # INVALID_ARGUMENT: auth changed while in flight
+)
+
+
+class _TokenRejectedError(Exception):
+    """etcd did not accept a stream's token (inside the store only)."""
+
+    def __init__(self, code: grpc.StatusCode, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def _token_rejected(code: grpc.StatusCode, details: str) -> bool:
+    if code is grpc.StatusCode.UNAUTHENTICATED:
+        return True
+    return code is grpc.StatusCode.INVALID_ARGUMENT and any(
+        text in details for text in _TOKEN_REJECTED
+    )
+
+
+def _loop_time(deadline: float) -> float:
+    """A ``time.monotonic()`` deadline on the running event loop's clock."""
+    return asyncio.get_running_loop().time() + (deadline - time.monotonic())
+
+
+def _looks_like_tls_failure(details: str) -> bool:
+    # gRPC's words when a handshake fails or etcd drops a connection over its client cert.
+    return any(
+        text in details for text in ("TSI_", "andshake", "SSL", "certificate", "Verification")
+    )
+
+
 # ---------------------------------------------------------------- endpoints
 
 
-def normalize_endpoints(endpoints: Sequence[str]) -> list[str]:
-    """``host:port`` endpoints from a list that may carry ``http://`` (etcd's URL form)."""
+def normalize_endpoints(endpoints: Sequence[str], *, tls: bool = False) -> list[str]:
+    """``host:port`` endpoints from a list that may carry ``http://`` (etcd's URL form).
+
+    With ``tls`` (the store has TLS settings) endpoints may be ``https://`` URLs and
+    ``http://`` ones are refused; without it the reverse.
+    """
     cleaned = []
     for raw in endpoints:
         endpoint = raw.strip()
         if not endpoint:
             continue
-        if endpoint.startswith("https://"):
+        if endpoint.startswith("https://") and not tls:
             raise ValueError(
-                f"etcd endpoint {endpoint!r}: TLS to etcd is not supported yet; use http://"
+                f"etcd endpoint {endpoint!r}: TLS to etcd needs --etcd-ca "
+                "(or --etcd-cert and --etcd-key)"
             )
-        endpoint = endpoint.removeprefix("http://").rstrip("/")
+        if endpoint.startswith("http://") and tls:
+            raise ValueError(
+                f"etcd endpoint {endpoint!r} is plaintext but TLS to etcd is configured: "
+                "use https:// or host:port"
+            )
+        endpoint = endpoint.removeprefix("https://" if tls else "http://").rstrip("/")
         host, sep, port = endpoint.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"etcd endpoint {raw!r} is not host:port")
@@ -308,6 +463,11 @@ class Store:
     With several endpoints the store talks to one at a time and moves to the next
     when one does not answer (refused, or no answer within the etcd timeout), so a
     dead or hung member costs one failed call, not an outage.
+
+    ``security`` adds TLS and an etcd user (see :class:`EtcdSecurity`): ``connect()``
+    reads the TLS files (raising :class:`EtcdAccessError` for one it cannot read);
+    the first call to each endpoint authenticates, and a refused user or password
+    fails that call with :class:`EtcdAccessError` naming the user.
     """
 
     def __init__(
@@ -318,10 +478,12 @@ class Store:
         etcd_timeout: float = 2.0,
         metrics: ServerMetrics,
         on_etcd_health: Callable[[bool], None] | None = None,
+        security: EtcdSecurity | None = None,
     ) -> None:
         if not prefix.startswith("/") or not prefix.endswith("/"):
             raise ValueError(f"prefix {prefix!r} must start and end with '/'")
-        self.endpoints = normalize_endpoints(endpoints)
+        self.security = security or EtcdSecurity()
+        self.endpoints = normalize_endpoints(endpoints, tls=self.security.uses_tls)
         self.prefix = prefix
         self.etcd_timeout = etcd_timeout
         self._metrics = metrics
@@ -330,6 +492,11 @@ class Store:
         self._channels: list[grpc.aio.Channel] = []
         self._kvs: list[Any] = []
         self._leases: list[Any] = []
+        self._auths: list[Any] = []
+        # Per endpoint: the token ("" when etcd has auth off); absent until first needed.
+        self._tokens: dict[int, str] = {}
+        self._auth_locks: list[asyncio.Lock] = []
+        self._auth_off_logged = False
         self._current = 0
         self._last_good: dict[str, Any] = {}
         self._key_locks: dict[str, _KeyLock] = {}
@@ -337,18 +504,41 @@ class Store:
     # -- lifecycle ---------------------------------------------------------
 
     async def connect(self) -> None:
-        """Open the channels to etcd. Call once."""
+        """Open the channels to etcd. Call once.
+
+        Raises:
+            EtcdAccessError: A TLS file cannot be read.
+        """
         if self._channels:
             raise RuntimeError("Store.connect() called twice")
+        security = self.security
+        credentials = security.channel_credentials() if security.uses_tls else None
+        options = list(_CHANNEL_OPTIONS)
+        if security.server_name:
+            options.append(("grpc.ssl_target_name_override", security.server_name))
         for endpoint in self.endpoints:
-            channel = grpc.aio.insecure_channel(endpoint, options=_CHANNEL_OPTIONS)
+            channel = (
+                grpc.aio.secure_channel(endpoint, credentials, options=options)
+                if credentials is not None
+                else grpc.aio.insecure_channel(endpoint, options=options)
+            )
             self._channels.append(channel)
             self._kvs.append(rpc.KVStub(channel))
             self._leases.append(rpc.LeaseStub(channel))
+            self._auths.append(rpc.AuthStub(channel))
+            self._auth_locks.append(asyncio.Lock())
+        if security.uses_tls or security.uses_auth:
+            log.info(
+                "etcd_security",
+                tls=security.uses_tls,
+                client_cert=security.cert is not None,
+                user=security.user,
+            )
 
     async def close(self) -> None:
         """Close the channels. Idempotent."""
         channels, self._channels, self._kvs, self._leases = self._channels, [], [], []
+        self._auths, self._auth_locks, self._tokens = [], [], {}
         for channel in channels:
             await channel.close(grace=None)
 
@@ -381,7 +571,107 @@ class Store:
         return left, caller
 
     def _unreachable(self, detail: str) -> str:
-        return f"etcd is unreachable at {','.join(self.endpoints)}: {detail}"
+        message = f"etcd is unreachable at {','.join(self.endpoints)}: {detail}"
+        if self.security.uses_tls and _looks_like_tls_failure(detail):
+            message += (
+                " (TLS to etcd failed: does etcd trust the client certificate (--etcd-cert), "
+                "and does its own certificate chain to --etcd-ca and name the endpoint "
+                "(--etcd-server-name)?)"
+            )
+        return message
+
+    # -- etcd authentication -------------------------------------------------
+
+    def _user(self) -> str:
+        return repr(self.security.user)
+
+    async def _token(self, index: int, deadline: float) -> str | None:
+        """The token for calls to endpoint ``index``; None without an etcd user."""
+        if not self.security.uses_auth:
+            return None
+        token = self._tokens.get(index)
+        if token is None:
+            token = await self._renew_token(index, None, deadline)
+        return token
+
+    async def _renew_token(self, index: int, stale: str | None, deadline: float) -> str:
+        """Authenticate at endpoint ``index`` unless another call replaced ``stale`` meanwhile.
+
+        One authentication per endpoint at a time: when a token dies, every call in
+        flight sees it rejected, and each Authenticate is a raft write in etcd.
+
+        Raises:
+            EtcdAccessError: etcd refused the user name or password.
+            grpc.aio.AioRpcError: etcd did not answer (left to the caller's handling).
+            TimeoutError: ``deadline`` passed while waiting for another call's renewal.
+        """
+        async with asyncio.timeout_at(_loop_time(deadline)), self._auth_locks[index]:
+            current = self._tokens.get(index)
+            if current is not None and current != stale:
+                return current
+            self._tokens.pop(index, None)
+            token = await self._authenticate(index, deadline)
+            self._tokens[index] = token
+            if stale is not None:
+                log.info(
+                    "etcd_token_renewed", endpoint=self.endpoints[index], user=self.security.user
+                )
+            return token
+
+    async def _authenticate(self, index: int, deadline: float) -> str:
+        user = self.security.user
+        assert user is not None and self.security.password is not None
+        request = rpc.AuthenticateRequest(name=user, password=self.security.password)
+        start = time.perf_counter()
+        outcome = "error"
+        try:
+            response = await self._auths[index].Authenticate(
+                request, timeout=max(deadline - time.monotonic(), 0.001)
+            )
+            outcome = "ok"
+        except grpc.aio.AioRpcError as exc:
+            details = str(exc.details())
+            if exc.code() is grpc.StatusCode.FAILED_PRECONDITION and "not enabled" in details:
+                # As etcd's own client does: go on without a token; should auth be
+                # enabled later, etcd says "user name is empty" and we come back here.
+                outcome = "ok"
+                if not self._auth_off_logged:
+                    self._auth_off_logged = True
+                    log.warning("etcd_auth_not_enabled", endpoint=self.endpoints[index], user=user)
+                return ""
+            if exc.code() is grpc.StatusCode.INVALID_ARGUMENT and "authentication failed" in (
+                details
+            ):
+                raise EtcdAccessError(
+                    f"etcd refused user {user!r}: authentication failed "
+                    f"(wrong user name or password; etcd says: {details})"
+                ) from None
+            raise
+        finally:
+            self._metrics.etcd_seconds.labels("authenticate", outcome).observe(
+                time.perf_counter() - start
+            )
+        return str(response.token)
+
+    def _token_metadata(self, token: str | None) -> tuple[tuple[str, str], ...] | None:
+        return (("token", token),) if token else None
+
+    def _refused(self, operation: str, code: grpc.StatusCode, details: str) -> EtcdAccessError:
+        """The error for an etcd answer about the store's own credentials."""
+        if code is grpc.StatusCode.PERMISSION_DENIED:
+            who = f"user {self._user()}" if self.security.uses_auth else "this client"
+            return EtcdAccessError(
+                f"etcd refused {who} {operation} access under {self.prefix}: {details} "
+                "(grant the user a role with read-write access to the prefix)"
+            )
+        if not self.security.uses_auth:
+            return EtcdAccessError(
+                f"etcd refused the {operation}: it requires authentication ({details}); "
+                "configure --etcd-user and --etcd-password"
+            )
+        return EtcdAccessError(
+            f"etcd refused user {self._user()} again after a new token: {details}"
+        )
 
     def _set_etcd_ok(self, ok: bool) -> None:
         self._metrics.etcd_up.set(1 if ok else 0)
@@ -426,10 +716,15 @@ class Store:
             start = time.perf_counter()
             outcome = "ok"
             try:
-                response = await method(request, timeout=timeout)
+                response = await self._invoke(index, method, request, time.monotonic() + timeout)
             except grpc.aio.AioRpcError as exc:
                 outcome = "error"
                 code = exc.code()
+                if code is grpc.StatusCode.PERMISSION_DENIED or _token_rejected(
+                    code, str(exc.details())
+                ):
+                    self._metrics.etcd_up.set(0)
+                    raise self._refused(operation, code, str(exc.details())) from None
                 if code is grpc.StatusCode.DEADLINE_EXCEEDED and caller and self._spent():
                     raise DeadlineExceededError(
                         "the call's deadline ran out before etcd answered"
@@ -454,6 +749,22 @@ class Store:
                         ) from None
                     raise ControlPlaneError(f"etcd answer too large: {details}") from None
                 raise ControlPlaneError(f"etcd error ({code.name}): {exc.details()}") from None
+            except TimeoutError:
+                # Waited for another call's authentication until the budget ran out.
+                outcome = "error"
+                if caller:
+                    raise DeadlineExceededError(
+                        "the call's deadline ran out before etcd answered"
+                    ) from None
+                self._set_etcd_ok(False)
+                raise UnavailableError(
+                    self._unreachable(f"no answer within {timeout:.2f}s (authenticating)")
+                ) from None
+            except EtcdAccessError:
+                # Reachable, but unusable until the credentials are fixed.
+                outcome = "error"
+                self._metrics.etcd_up.set(0)
+                raise
             except asyncio.CancelledError:
                 outcome = "cancelled"
                 raise
@@ -464,6 +775,31 @@ class Store:
             self._set_etcd_ok(True)
             return response
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _invoke(self, index: int, method: Any, request: Any, deadline: float) -> Any:
+        """One unary call to endpoint ``index`` with its token; a rejected token is renewed once.
+
+        Every unary etcd call of the store passes here (the watch and lease keep-alive
+        streams get their token in their own methods). ``deadline`` is on
+        ``time.monotonic()``'s clock.
+        """
+        token = await self._token(index, deadline)
+        try:
+            return await method(
+                request,
+                timeout=max(deadline - time.monotonic(), 0.001),
+                metadata=self._token_metadata(token),
+            )
+        except grpc.aio.AioRpcError as exc:
+            if token is None or not _token_rejected(exc.code(), str(exc.details())):
+                raise
+        # etcd rejects a call over its token before applying it: retrying a write is safe.
+        token = await self._renew_token(index, token, deadline)
+        return await method(
+            request,
+            timeout=max(deadline - time.monotonic(), 0.001),
+            metadata=self._token_metadata(token),
+        )
 
     def _spent(self) -> bool:
         budget = _deadline.get()
@@ -560,7 +896,9 @@ class Store:
 
     # -- watch, leases and raw keys (for the hub and presence) ------------------
 
-    async def watch(self, start_revision: int) -> AsyncIterator[tuple[int, list[WatchEvent]]]:
+    async def watch(
+        self, start_revision: int
+    ) -> AsyncGenerator[tuple[int, list[WatchEvent]], None]:
         """Changes under the prefix from ``start_revision`` on, one revision at a time.
 
         Yields ``(revision, events)`` in revision order; ``events`` is empty for a
@@ -568,6 +906,13 @@ class Store:
         prefix). Raises :class:`CompactedError` when ``start_revision`` is no longer
         kept, and :class:`UnavailableError` when the stream breaks (resume from the
         last revision seen + 1). aetcd does not resume a broken watch by itself.
+
+        With an etcd user the stream carries the endpoint's token. etcd checks it when
+        the watch is created and cancels the watch at once if it rejects it: the token
+        is then renewed and the watch created again, once. A watch created with a good
+        token keeps delivering after the token dies; every new watch (the hub's resume
+        after a break) takes the current token. A refused user or permission raises
+        :class:`EtcdAccessError`.
         """
         if not self._channels:
             raise RuntimeError("Store is not connected")
@@ -587,41 +932,88 @@ class Store:
             yield create
             await asyncio.Event().wait()  # keep the stream open until cancelled
 
-        call = stub.Watch(requests())
-        try:
-            async for response in call:
-                if response.compact_revision:
-                    raise CompactedError(int(response.compact_revision))
-                if response.canceled:
-                    raise UnavailableError(f"etcd cancelled the watch: {response.cancel_reason}")
-                self._set_etcd_ok(True)
-                if not response.events:
-                    if not response.created:
-                        yield int(response.header.revision), []
-                    continue
-                batch: list[WatchEvent] = []
-                revision = 0
-                for event in response.events:
-                    kv = event.kv
-                    if kv.mod_revision != revision and batch:
+        stale: str | None = None
+        for attempt in range(2):
+            deadline = time.monotonic() + self._timeout()[0]
+            token = await self._stream_token(index, stale, deadline, "watch")
+            call = stub.Watch(requests(), metadata=self._token_metadata(token))
+            try:
+                async with contextlib.aclosing(self._watch_responses(call)) as responses:
+                    async for revision, batch in responses:
                         yield revision, batch
-                        batch = []
-                    revision = int(kv.mod_revision)
-                    batch.append(
-                        WatchEvent(
-                            path=kv.key.decode(errors="replace")[len(self.prefix) :],
-                            value=None if event.type == rpc.Event.DELETE else bytes(kv.value),
-                            mod_revision=revision,
-                        )
-                    )
-                if batch:
-                    yield revision, batch
+            except _TokenRejectedError as exc:
+                if token is None or attempt > 0:
+                    raise self._refused("watch", exc.code, exc.reason) from None
+                stale = token
+                continue
+            except grpc.aio.AioRpcError as exc:
+                self._rotate(index)
+                raise UnavailableError(self._unreachable(f"watch broke: {exc.details()}")) from None
+            finally:
+                call.cancel()
+            raise UnavailableError(self._unreachable("the watch stream ended"))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _stream_token(
+        self, index: int, stale: str | None, deadline: float, what: str
+    ) -> str | None:
+        """The token for a new stream (renewed if ``stale``), errors as the streams raise them."""
+        try:
+            if stale is None:
+                return await self._token(index, deadline)
+            return await self._renew_token(index, stale, deadline)
         except grpc.aio.AioRpcError as exc:
             self._rotate(index)
-            raise UnavailableError(self._unreachable(f"watch broke: {exc.details()}")) from None
-        finally:
-            call.cancel()
-        raise UnavailableError(self._unreachable("the watch stream ended"))
+            raise UnavailableError(
+                self._unreachable(f"{what}: authenticating: {exc.details()}")
+            ) from None
+        except TimeoutError:
+            raise UnavailableError(
+                self._unreachable(f"{what}: no answer while authenticating")
+            ) from None
+
+    async def _watch_responses(
+        self, call: Any
+    ) -> AsyncGenerator[tuple[int, list[WatchEvent]], None]:
+        """A watch stream's responses as ``(revision, events)``, as :meth:`watch` yields them.
+
+        Raises:
+            _TokenRejectedError: etcd cancelled the watch over its token, before any event.
+        """
+        async for response in call:
+            if response.compact_revision:
+                raise CompactedError(int(response.compact_revision))
+            if response.canceled:
+                # etcd gives the gRPC error as text: "rpc error: code = Unauthenticated
+                # desc = etcdserver: invalid auth token".
+                reason = str(response.cancel_reason)
+                if "permission denied" in reason:
+                    raise self._refused("watch", grpc.StatusCode.PERMISSION_DENIED, reason)
+                if "Unauthenticated" in reason or any(t in reason for t in _TOKEN_REJECTED):
+                    raise _TokenRejectedError(grpc.StatusCode.UNAUTHENTICATED, reason)
+                raise UnavailableError(f"etcd cancelled the watch: {reason}")
+            self._set_etcd_ok(True)
+            if not response.events:
+                if not response.created:
+                    yield int(response.header.revision), []
+                continue
+            batch: list[WatchEvent] = []
+            revision = 0
+            for event in response.events:
+                kv = event.kv
+                if kv.mod_revision != revision and batch:
+                    yield revision, batch
+                    batch = []
+                revision = int(kv.mod_revision)
+                batch.append(
+                    WatchEvent(
+                        path=kv.key.decode(errors="replace")[len(self.prefix) :],
+                        value=None if event.type == rpc.Event.DELETE else bytes(kv.value),
+                        mod_revision=revision,
+                    )
+                )
+            if batch:
+                yield revision, batch
 
     async def read_state(self) -> tuple[list[tuple[str, Any, int]], int]:
         """Every flag, shedding level and pin (validated; bad records skipped), and the revision.
@@ -687,24 +1079,37 @@ class Store:
         """Refresh a lease once; returns its remaining TTL (0: it expired)."""
         if not self._channels:
             raise RuntimeError("Store is not connected")
-        stub = self._leases[self._current]
-        timeout, _ = self._timeout()
+        index = self._current
+        stub = self._leases[index]
+        deadline = time.monotonic() + self._timeout()[0]
 
         async def one() -> AsyncIterator[Any]:
             yield rpc.LeaseKeepAliveRequest(ID=lease_id)
 
-        call = stub.LeaseKeepAlive(one(), timeout=timeout)
-        try:
-            async for response in call:
-                return int(response.TTL)
-        except grpc.aio.AioRpcError as exc:
-            self._rotate(self._current)
-            raise UnavailableError(
-                self._unreachable(f"lease keep-alive: {exc.details()}")
-            ) from None
-        finally:
-            call.cancel()
-        return 0
+        stale: str | None = None
+        for attempt in range(2):
+            token = await self._stream_token(index, stale, deadline, "lease keep-alive")
+            call = stub.LeaseKeepAlive(
+                one(),
+                timeout=max(deadline - time.monotonic(), 0.001),
+                metadata=self._token_metadata(token),
+            )
+            try:
+                async for response in call:
+                    return int(response.TTL)
+            except grpc.aio.AioRpcError as exc:
+                code, details = exc.code(), str(exc.details())
+                if _token_rejected(code, details) and token is not None and attempt == 0:
+                    stale = token
+                    continue
+                if code is grpc.StatusCode.PERMISSION_DENIED or _token_rejected(code, details):
+                    raise self._refused("lease keep-alive", code, details) from None
+                self._rotate(index)
+                raise UnavailableError(self._unreachable(f"lease keep-alive: {details}")) from None
+            finally:
+                call.cancel()
+            return 0
+        raise AssertionError("unreachable")  # pragma: no cover
 
     @staticmethod
     def put_op(key: str, value: bytes, *, lease: int = 0) -> Any:

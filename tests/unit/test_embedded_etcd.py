@@ -238,3 +238,33 @@ def test_start_fails_if_etcd_exits_while_another_process_answers_health(
 )
 def test_prefix_range_end(prefix: bytes, end: bytes) -> None:
     assert prefix_range_end(prefix) == end
+
+
+def test_tls_files_make_the_client_url_https_and_keep_the_endpoint(tmp_path: Path) -> None:
+    server = EmbeddedEtcd(
+        tmp_path / "data",
+        client_port=23790,
+        peer_port=23800,
+        cert_file=tmp_path / "server.pem",
+        key_file=tmp_path / "server-key.pem",
+        trusted_ca_file=tmp_path / "ca.pem",
+    )
+    assert server.tls
+    assert server.client_url == "https://127.0.0.1:23790"
+    assert server.endpoint == "127.0.0.1:23790"
+    assert not EmbeddedEtcd(tmp_path / "plain").tls
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({"cert_file": "server.pem"}, "cert_file and key_file go together"),
+        ({"key_file": "server-key.pem"}, "cert_file and key_file go together"),
+        ({"trusted_ca_file": "ca.pem"}, "trusted_ca_file .* needs cert_file"),
+    ],
+)
+def test_tls_files_that_need_each_other(
+    tmp_path: Path, files: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        EmbeddedEtcd(tmp_path / "data", **files)  # type: ignore[arg-type]
