@@ -52,7 +52,7 @@ from controlplane.metrics import ServerMetrics
 from controlplane.model import utcnow
 from controlplane.presence import Presence
 from controlplane.service import AgentServicer, MitigationServicer
-from controlplane.store import DEFAULT_PREFIX, Store, normalize_endpoints
+from controlplane.store import DEFAULT_PREFIX, EtcdSecurity, Store, normalize_endpoints
 from controlplane.transport import is_loopback_target
 
 log = structlog.get_logger("controlplane.server")
@@ -100,6 +100,7 @@ class ServerConfig:
     insecure: bool = False  # allow plaintext on an address that is not loopback
     max_streams_per_identity: int | None = None
     max_message_bytes: int = 4 * 1024 * 1024
+    etcd_security: EtcdSecurity | None = None  # TLS and user to an external etcd
 
 
 class ServerConfigError(ValueError):
@@ -185,6 +186,7 @@ class ControlServer:
             etcd_timeout=config.etcd_timeout,
             metrics=self.metrics,
             on_etcd_health=self._on_etcd_health,
+            security=config.etcd_security,
         )
         await self.store.connect()
         self.hub = Hub(self.store, self.metrics)
@@ -635,6 +637,47 @@ def main() -> None:
     help="Client port of the embedded etcd (0: any free port).",
 )
 @click.option(
+    "--etcd-ca",
+    envvar="CONTROLPLANE_ETCD_CA",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="TLS to etcd: the CA (PEM) that signed etcd's certificate.",
+)
+@click.option(
+    "--etcd-cert",
+    envvar="CONTROLPLANE_ETCD_CERT",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="TLS to etcd: this server's client certificate (etcd --client-cert-auth).",
+)
+@click.option(
+    "--etcd-key",
+    envvar="CONTROLPLANE_ETCD_KEY",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="The client certificate's private key (PEM).",
+)
+@click.option(
+    "--etcd-server-name",
+    envvar="CONTROLPLANE_ETCD_SERVER_NAME",
+    default=None,
+    help="The name to expect in etcd's certificate (when endpoints are IP addresses).",
+)
+@click.option(
+    "--etcd-user",
+    envvar="CONTROLPLANE_ETCD_USER",
+    default=None,
+    help="etcd user (etcd auth); the password comes from CONTROLPLANE_ETCD_PASSWORD "
+    "or --etcd-password-file, never the command line.",
+)
+@click.option(
+    "--etcd-password-file",
+    envvar="CONTROLPLANE_ETCD_PASSWORD_FILE",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="A file holding the etcd user's password.",
+)
+@click.option(
     "--auth-file",
     envvar="CONTROLPLANE_AUTH_FILE",
     type=click.Path(path_type=Path, dir_okay=False),
@@ -704,6 +747,12 @@ def serve(
     insecure: bool,
     max_streams_per_identity: int,
     max_message_bytes: int,
+    etcd_ca: Path | None,
+    etcd_cert: Path | None,
+    etcd_key: Path | None,
+    etcd_server_name: str | None,
+    etcd_user: str | None,
+    etcd_password_file: Path | None,
 ) -> None:
     """Run the control server until SIGTERM or SIGINT; SIGHUP re-reads the auth file
     and the TLS certificates."""
@@ -718,9 +767,14 @@ def serve(
     if not prefix.startswith("/"):
         raise click.BadParameter(f"{prefix!r} must start with '/'", param_hint="--prefix")
     endpoints = [e.strip() for e in etcd.split(",") if e.strip()]
+    etcd_security = _etcd_security(
+        etcd_ca, etcd_cert, etcd_key, etcd_server_name, etcd_user, etcd_password_file
+    )
+    if etcd_security is not None and not endpoints:
+        raise click.UsageError("--etcd-ca/--etcd-cert/--etcd-user need --etcd (an external etcd)")
     if endpoints:
         try:
-            normalize_endpoints(endpoints)
+            normalize_endpoints(endpoints, tls=etcd_security is not None and etcd_security.uses_tls)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--etcd") from None
     config = ServerConfig(
@@ -740,12 +794,40 @@ def serve(
         insecure=insecure,
         max_streams_per_identity=max_streams_per_identity or None,
         max_message_bytes=max_message_bytes,
+        etcd_security=etcd_security,
     )
     try:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(_serve(config))
     except (ServerConfigError, AuthFileError) as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def _etcd_security(
+    ca: Path | None,
+    cert: Path | None,
+    key: Path | None,
+    server_name: str | None,
+    user: str | None,
+    password_file: Path | None,
+) -> EtcdSecurity | None:
+    """The etcd TLS and user settings; the password from its file or the environment."""
+    password = os.environ.get("CONTROLPLANE_ETCD_PASSWORD") or None
+    if password_file is not None:
+        try:
+            password = password_file.read_text(encoding="utf-8").rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise click.BadParameter(
+                f"cannot read {password_file}: {exc}", param_hint="--etcd-password-file"
+            ) from None
+    if not any((ca, cert, key, server_name, user, password)):
+        return None
+    try:
+        return EtcdSecurity(
+            ca=ca, cert=cert, key=key, user=user, password=password, server_name=server_name
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 async def _serve(config: ServerConfig) -> None:

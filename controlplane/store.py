@@ -237,7 +237,8 @@ class EtcdSecurity:
         cert: Client certificate (PEM) for etcd's ``--client-cert-auth`` (``--etcd-cert``).
         key: The client certificate's private key (PEM) (``--etcd-key``).
         user: etcd user name (``--etcd-user``).
-        password: That user's password (``--etcd-password``); never shown in a repr.
+        password: That user's password (``--etcd-password-file`` or ``CONTROLPLANE_ETCD_PASSWORD``);
+            never shown in a repr.
         server_name: The name to expect in etcd's certificate instead of the endpoint's
             host (``--etcd-server-name``), e.g. when endpoints are IP addresses.
 
@@ -265,11 +266,14 @@ class EtcdSecurity:
         if self.user is not None and not self.user:
             raise ValueError("--etcd-user is empty")
         if self.user is not None and self.password is None:
-            raise ValueError(f"--etcd-user {self.user!r} needs --etcd-password")
+            raise ValueError(
+                f"--etcd-user {self.user!r} needs a password "
+                "(--etcd-password-file or CONTROLPLANE_ETCD_PASSWORD)"
+            )
         if self.password is not None and self.user is None:
-            raise ValueError("--etcd-password needs --etcd-user")
+            raise ValueError("an etcd password needs --etcd-user")
         if self.password is not None and not self.password:
-            raise ValueError("--etcd-password is empty")
+            raise ValueError("the etcd password is empty")
         if self.server_name is not None and not self.server_name:
             raise ValueError("--etcd-server-name is empty")
         if self.server_name is not None and not self.uses_tls:
@@ -667,7 +671,7 @@ class Store:
         if not self.security.uses_auth:
             return EtcdAccessError(
                 f"etcd refused the {operation}: it requires authentication ({details}); "
-                "configure --etcd-user and --etcd-password"
+                "configure --etcd-user and its password"
             )
         return EtcdAccessError(
             f"etcd refused user {self._user()} again after a new token: {details}"

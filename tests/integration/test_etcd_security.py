@@ -548,3 +548,62 @@ async def test_tls_and_user_together(tmp_path: Path, certs: Certs) -> None:
             await admin.close()
     finally:
         etcd.stop()
+
+
+def test_serve_reaches_etcd_over_mutual_tls_as_an_etcd_user(tmp_path: Path, certs: Certs) -> None:
+    """The command line end to end: etcd with --client-cert-auth and auth on."""
+    from controlplane.api.v1 import mitigation_pb2 as m
+    from controlplane.api.v1 import mitigation_pb2_grpc
+    from controlplane.api.v1 import types_pb2 as t
+    from tests.helpers.server_process import ServerProcess
+
+    etcd = EmbeddedEtcd(
+        tmp_path / "data",
+        name="cp-serve-tls",
+        cert_file=certs.server.cert,
+        key_file=certs.server.key,
+        trusted_ca_file=certs.ca.cert,
+        extra_args=["--bcrypt-cost", "4"],
+    )
+    etcd.start()
+    try:
+        with grpc.secure_channel(etcd.endpoint, _credentials(certs)) as channel:
+            _set_up_users(channel)
+        password_file = tmp_path / "etcd-password"
+        password_file.write_text(ROOT_PASSWORD + "\n")
+        server = ServerProcess(
+            f"https://{etcd.endpoint}",
+            "/cp-serve-tls/",
+            extra_args=[
+                "--etcd-ca", str(certs.ca.cert),
+                "--etcd-cert", str(certs.client.cert),
+                "--etcd-key", str(certs.client.key),
+                "--etcd-user", "root",
+                "--etcd-password-file", str(password_file),
+            ],
+        )  # fmt: skip
+        try:
+            with grpc.insecure_channel(server.address) as channel:
+                stub = mitigation_pb2_grpc.MitigationServiceStub(channel)
+                written = stub.SetFlag(
+                    m.SetFlagRequest(
+                        scope="checkout",
+                        name="kill-over-tls",
+                        value=t.FlagValue(bool_value=True),
+                        options=t.WriteOptions(reason="etcd over mutual TLS"),
+                    ),
+                    timeout=10,
+                    wait_for_ready=True,
+                )
+                assert written.result.changed
+                read = stub.GetFlag(
+                    m.GetFlagRequest(scope="checkout", name="kill-over-tls"), timeout=10
+                )
+                assert read.flag.value.bool_value is True
+        finally:
+            server.stop()
+        logs = "".join(server.output)
+        assert '"etcd_security"' in logs
+        assert ROOT_PASSWORD not in logs
+    finally:
+        etcd.stop()

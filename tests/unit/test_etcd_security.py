@@ -60,10 +60,10 @@ def test_string_paths_become_paths() -> None:
     [
         ({"cert": Path("c.pem")}, "--etcd-cert needs --etcd-key"),
         ({"ca": Path("ca.pem"), "key": Path("k.pem")}, "--etcd-key needs --etcd-cert"),
-        ({"user": "root"}, "--etcd-user 'root' needs --etcd-password"),
-        ({"password": PASSWORD}, "--etcd-password needs --etcd-user"),
+        ({"user": "root"}, "--etcd-user 'root' needs a password"),
+        ({"password": PASSWORD}, "an etcd password needs --etcd-user"),
         ({"user": "", "password": PASSWORD}, "--etcd-user is empty"),
-        ({"user": "root", "password": ""}, "--etcd-password is empty"),
+        ({"user": "root", "password": ""}, "the etcd password is empty"),
         ({"server_name": "etcd.internal"}, "--etcd-server-name needs TLS"),
         ({"ca": Path("ca.pem"), "server_name": ""}, "--etcd-server-name is empty"),
     ],
