@@ -87,7 +87,11 @@ class Worker:
             self._changed.set()
             if self.record:
                 agent = self.agents[index]
-                history.append((change.revision, {k: agent.value(k) for k in self.record}))
+                state = {k: agent.value(k) for k in self.record}
+                # A time-boxed change expiring in the agent keeps its revision: when
+                # it leaves the recorded flags as they were, it is not theirs to record.
+                if not history or history[-1] != (change.revision, state):
+                    history.append((change.revision, state))
             if self.expected and self.converged_at[index] is None:
                 agent = self.agents[index]
                 if all(agent.value(k) == v for k, v in self.expected.items()):

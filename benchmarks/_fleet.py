@@ -122,19 +122,27 @@ class AgentFleet:
             self._procs.append(proc)
             self._answers.append(answers)
 
-    def command(self, command: dict[str, Any], timeout: float) -> list[dict[str, Any]]:
-        """Send ``command`` to every process; return their answers, in process order."""
+    def command(
+        self, command: dict[str, Any], timeout: float, only: Sequence[int] | None = None
+    ) -> list[dict[str, Any]]:
+        """Send ``command`` to every process (or those ``only`` lists); return their
+        answers, in process order."""
+        indices = list(range(len(self._procs))) if only is None else list(only)
         line = json.dumps(command) + "\n"
-        for proc in self._procs:
-            assert proc.stdin is not None
-            proc.stdin.write(line)
-            proc.stdin.flush()
-        return self._collect(command["cmd"], timeout)
+        for index in indices:
+            stdin = self._procs[index].stdin
+            assert stdin is not None
+            stdin.write(line)
+            stdin.flush()
+        return self._collect(command["cmd"], timeout, indices)
 
-    def _collect(self, event: str, timeout: float) -> list[dict[str, Any]]:
+    def _collect(
+        self, event: str, timeout: float, indices: Sequence[int] | None = None
+    ) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout
         answers = []
-        for index, pending in enumerate(self._answers):
+        for index in range(len(self._answers)) if indices is None else indices:
+            pending = self._answers[index]
             try:
                 answer = pending.get(timeout=max(deadline - time.monotonic(), 0.001))
             except queue.Empty:

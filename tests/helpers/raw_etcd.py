@@ -51,6 +51,16 @@ def delete_prefix_blocking(endpoint: str, prefix: str, *, timeout: float = 10.0)
     return int(response.deleted)
 
 
+def compact_blocking(endpoint: str, *, timeout: float = 10.0) -> int:
+    """Compact etcd's whole history up to its current revision; return that revision."""
+    with grpc.insecure_channel(endpoint) as channel:
+        kv: Any = rpc.KVStub(channel)
+        header = kv.Range(rpc.RangeRequest(key=b"\0", count_only=True), timeout=timeout)
+        revision = int(header.header.revision)
+        kv.Compact(rpc.CompactionRequest(revision=revision, physical=True), timeout=timeout)
+    return revision
+
+
 class RawEtcd:
     """An async raw etcd client over one plaintext gRPC channel.
 
