@@ -51,6 +51,14 @@ def delete_prefix_blocking(endpoint: str, prefix: str, *, timeout: float = 10.0)
     return int(response.deleted)
 
 
+def put_blocking(endpoint: str, key: str, value: bytes, *, timeout: float = 10.0) -> int:
+    """Put ``key`` as etcdctl would (no validation at all); return the revision."""
+    with grpc.insecure_channel(endpoint) as channel:
+        kv: Any = rpc.KVStub(channel)
+        response = kv.Put(rpc.PutRequest(key=key.encode(), value=value), timeout=timeout)
+    return int(response.header.revision)
+
+
 def compact_blocking(endpoint: str, *, timeout: float = 10.0) -> int:
     """Compact etcd's whole history up to its current revision; return that revision."""
     with grpc.insecure_channel(endpoint) as channel:
