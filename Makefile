@@ -19,9 +19,13 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/controlplane serve $(ARGS)
 
-## Run the whole test suite (starts its own etcd and servers).
+## Run the whole test suite (starts its own etcd and servers; a reduced fault set).
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+## The fault suite alone, whole and at full length (RELIABILITY.md).
+test-faults: $(STAMP)
+	CONTROLPLANE_FAULTS=full $(BIN)/python -m pytest -q tests/faults $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
