@@ -154,9 +154,15 @@ async def test_nospace_fails_writes_clearly_while_reads_and_agents_keep_working(
                 ),
                 timeout=5,
             )
+            changed = asyncio.Event()
+            agent.on_change(lambda _: changed.set())
             await agent.start()
             assert await agent.wait_ready(10)
-            assert agent.enabled("kill")
+            # The first snapshot may trail the write by the server's watch latency.
+            async with asyncio.timeout(5):
+                while not agent.enabled("kill"):
+                    changed.clear()
+                    await changed.wait()
             big = "x" * 30_000
             refused: grpc.aio.AioRpcError | None = None
             for n in range(2000):
