@@ -2,7 +2,8 @@
 
     from agents import Agent
     agent = Agent(service="checkout", servers=["10.0.0.5:50051", "10.0.0.6:50051"],
-                  version="v1.5.0", cache_path="/var/cache/checkout/controlplane.json")
+                  version="v1.5.0", cache_path="/var/cache/checkout/controlplane.json",
+                  tls_ca="/etc/controlplane/ca.pem", token_file="/run/secrets/cp-token")
     agent.start(); agent.wait_ready(timeout=5)
     if agent.enabled("new-ui", default=True): ...
 
@@ -12,6 +13,11 @@ loop. Reads (``enabled``, ``value``, ``should_shed``, ``pinned_version``) are
 lookups in an immutable snapshot, without lock, I/O or clock read; see
 ``agents._state``. For tests, ``agents.testing.StaticAgent`` has the same read
 API in memory.
+
+Plaintext goes only to servers on loopback: others need TLS (``tls_ca``, or
+``tls`` for the system's roots; mutual TLS with ``tls_cert`` and ``tls_key``)
+or ``insecure=True``. Every setting also has an environment variable (the
+table in ``agents._config``).
 """
 
 from __future__ import annotations

@@ -185,10 +185,19 @@ class _Reads:
 def _build(
     service: str | None,
     servers: Sequence[str] | str | None,
+    *,
     version: str | None,
     instance_id: str | None,
     cache_path: str | os.PathLike[str] | None,
     override_path: str | os.PathLike[str] | None,
+    token: str | None,
+    token_file: str | os.PathLike[str] | None,
+    tls: bool | None,
+    tls_ca: str | os.PathLike[str] | None,
+    tls_cert: str | os.PathLike[str] | None,
+    tls_key: str | os.PathLike[str] | None,
+    tls_server_name: str | None,
+    insecure: bool | None,
 ) -> AgentConfig:
     return resolve_config(
         service=service,
@@ -197,6 +206,14 @@ def _build(
         instance_id=instance_id,
         cache_path=cache_path,
         override_path=override_path,
+        token=token,
+        token_file=token_file,
+        tls=tls,
+        tls_ca=tls_ca,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_server_name=tls_server_name,
+        insecure=insecure,
     )
 
 
@@ -219,6 +236,26 @@ class Agent(_Reads):
         override_path: The break-glass override file to watch (format in
             ``agents._override``); else ``CONTROLPLANE_OVERRIDE_PATH``, else
             ``<cache_path>.override.json``, else none; ``""`` for none.
+        token: A bearer token sent to the servers (``authorization: Bearer``);
+            else ``CONTROLPLANE_TOKEN``, else none. Never logged.
+        token_file: A file holding the token instead, read again for each
+            connection (a rotated token needs no restart); else
+            ``CONTROLPLANE_TOKEN_FILE``. An argument for either of the two
+            leaves both variables aside.
+        tls: Connect with TLS, verified against the system's roots; else
+            ``CONTROLPLANE_TLS`` (``1``/``true``), else off. Implied by
+            ``tls_ca`` and ``tls_cert``.
+        tls_ca: The CA bundle (PEM) that verifies the servers; else
+            ``CONTROLPLANE_TLS_CA``.
+        tls_cert: This client's certificate (PEM), for mutual TLS; else
+            ``CONTROLPLANE_TLS_CLIENT_CERT``. Needs ``tls_key``.
+        tls_key: Its private key (PEM); else ``CONTROLPLANE_TLS_CLIENT_KEY``.
+        tls_server_name: The name the servers' certificates are checked
+            against, when it is not the host in ``servers``; else
+            ``CONTROLPLANE_TLS_SERVER_NAME``.
+        insecure: Allow plaintext to servers that are not on loopback; else
+            ``CONTROLPLANE_INSECURE``, else off: without TLS every server
+            must be on loopback.
         registry: A Prometheus registry for the agent's metrics
             (``controlplane_agent_state``, ``controlplane_agent_applied_revision``,
             ``controlplane_agent_since_last_contact_seconds``); one per agent.
@@ -226,11 +263,14 @@ class Agent(_Reads):
 
     Raises:
         AgentConfigError: ``service`` or ``servers`` is missing, or a setting is
-            invalid.
+            invalid: a connection setting also when a file it names cannot be
+            read, or when a server off loopback would get plaintext without
+            ``insecure``.
 
     Lifecycle:
-        - Construction validates the configuration and does no I/O; reads give
-          their defaults (state ``CONNECTING``).
+        - Construction validates the configuration and does no I/O but read
+          the TLS and token files it names; reads give their defaults (state
+          ``CONNECTING``).
         - :meth:`start` loads the cache file, if any (state ``STALE``: the
           cached state is served until a server answers, since an agent that
           boots during an outage must keep the mitigations in force), applies
@@ -254,12 +294,35 @@ class Agent(_Reads):
         instance_id: str | None = None,
         cache_path: str | os.PathLike[str] | None = None,
         override_path: str | os.PathLike[str] | None = None,
+        token: str | None = None,
+        token_file: str | os.PathLike[str] | None = None,
+        tls: bool | None = None,
+        tls_ca: str | os.PathLike[str] | None = None,
+        tls_cert: str | os.PathLike[str] | None = None,
+        tls_key: str | os.PathLike[str] | None = None,
+        tls_server_name: str | None = None,
+        insecure: bool | None = None,
         registry: CollectorRegistry | None = None,
         on_change: ChangeCallback | None = None,
     ) -> None:
         self._ready = threading.Event()
         self._init_reads(
-            _build(service, servers, version, instance_id, cache_path, override_path),
+            _build(
+                service,
+                servers,
+                version=version,
+                instance_id=instance_id,
+                cache_path=cache_path,
+                override_path=override_path,
+                token=token,
+                token_file=token_file,
+                tls=tls,
+                tls_ca=tls_ca,
+                tls_cert=tls_cert,
+                tls_key=tls_key,
+                tls_server_name=tls_server_name,
+                insecure=insecure,
+            ),
             registry,
             on_change,
         )
@@ -576,12 +639,35 @@ class AsyncAgent(_Reads):
         instance_id: str | None = None,
         cache_path: str | os.PathLike[str] | None = None,
         override_path: str | os.PathLike[str] | None = None,
+        token: str | None = None,
+        token_file: str | os.PathLike[str] | None = None,
+        tls: bool | None = None,
+        tls_ca: str | os.PathLike[str] | None = None,
+        tls_cert: str | os.PathLike[str] | None = None,
+        tls_key: str | os.PathLike[str] | None = None,
+        tls_server_name: str | None = None,
+        insecure: bool | None = None,
         registry: CollectorRegistry | None = None,
         on_change: ChangeCallback | None = None,
     ) -> None:
         self._ready = asyncio.Event()
         self._init_reads(
-            _build(service, servers, version, instance_id, cache_path, override_path),
+            _build(
+                service,
+                servers,
+                version=version,
+                instance_id=instance_id,
+                cache_path=cache_path,
+                override_path=override_path,
+                token=token,
+                token_file=token_file,
+                tls=tls,
+                tls_ca=tls_ca,
+                tls_cert=tls_cert,
+                tls_key=tls_key,
+                tls_server_name=tls_server_name,
+                insecure=insecure,
+            ),
             registry,
             on_change,
         )

@@ -8,7 +8,10 @@ needs no lock of its own; it hands each new snapshot to the agent through
 
 Per connection (DESIGN.md, "Agent protocol")::
 
-    channel (own subchannel pool, keepalive) -> wait until connected (CONNECT_TIMEOUT)
+    channel (own subchannel pool, keepalive; TLS as config.security says)
+      -> wait until connected (CONNECT_TIMEOUT; a failure says gRPC's reason,
+         e.g. a TLS handshake error)
+    the token, if any, in the Sync's metadata (a token file read again each time)
     Sync: Hello(service, instance, version, last applied revision, agent version)
           (revision 0 after a rejection: a full snapshot, please)
       <- Snapshot   replaces the state, ack (older than the applied one: etcd
@@ -18,6 +21,9 @@ Per connection (DESIGN.md, "Agent protocol")::
       READY once the first Snapshot is applied or the Resume accepted
     a malformed Snapshot or Change: nack, keep the state, end the stream and
       reconnect (with backoff) asking for a snapshot
+    token refused (UNAUTHENTICATED, PERMISSION_DENIED): logged at ERROR (once per
+      server, again every AUTH_ERROR_REPEAT seconds while it lasts), state kept,
+      backoff, next server
     stream lost -> STALE (or CONNECTING without state), backoff, next server;
       the backoff starts again from its base only after a session that stayed
       up STABLE_SESSION seconds
@@ -73,7 +79,7 @@ import grpc.aio
 import controlplane
 from agents import _state
 from agents._cache import CacheWriter, read_cache
-from agents._config import AgentConfig
+from agents._config import SECURITY_NAMES, AgentConfig
 from agents._override import (
     POLL_INTERVAL,
     Override,
@@ -89,6 +95,7 @@ from agents._state import (
     StateChange,
 )
 from controlplane.api.v1 import agent_pb2, agent_pb2_grpc
+from controlplane.transport import TransportConfigError
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -138,6 +145,10 @@ NACK_CLOSE_TIMEOUT = 2.0
 closed its side of (so that the nack is read before the connection goes)."""
 OVERRIDE_OUTBOX = 32
 """At most this many override reports wait for a server; older ones are dropped."""
+AUTH_ERROR_REPEAT = 300.0
+"""Seconds after which a refused token (or unusable connection settings) is logged
+at ERROR again while it goes on; in between, the same refusal is DEBUG."""
+_AUTH_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 
 class AgentState(enum.StrEnum):
@@ -293,6 +304,8 @@ class Client:
         """The reconnect backoff, across sessions."""
         self._resync = False
         """Ask for a full snapshot (Hello revision 0): a Snapshot or Change was rejected."""
+        self._sent_token: str | None = None
+        """The token the last session sent, to keep it out of logged server details."""
         self._hello_revision = 0
         self._synced_at: float | None = None
         self._last_contact = time.monotonic()
@@ -421,29 +434,44 @@ class Client:
         # The last failure per server: a new kind of failure is a warning, the
         # same one again (every couple of seconds while a server is down) is not.
         failures: dict[str, str] = {}
+        # A refused token (or unusable connection settings) per server, and when
+        # it was last logged at ERROR: an ERROR at first, then every
+        # AUTH_ERROR_REPEAT seconds while it lasts.
+        refusals: dict[str, tuple[str, float]] = {}
         while True:
             target = servers[self._next_server % len(servers)]
             self._next_server = (self._next_server + 1) % len(servers)
             synced = False
+            code: grpc.StatusCode | None = None
+            # Why the token was refused or the connection settings are unusable.
+            refused: str | None = None
             try:
                 synced = await self._session(target)
                 detail = "the server ended the stream"
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as exc:
-                detail = f"{exc.code().name}: {exc.details()}"
+                code = exc.code()
+                detail = f"{code.name}: {exc.details()}"
             except asyncio.InvalidStateError:
                 detail = "the stream ended while acknowledging"
             except TimeoutError:
                 detail = "timed out"
             except _SessionError as exc:
-                synced = exc.synced
+                synced, code = exc.synced, exc.code
                 detail = str(exc)
+            except TransportConfigError as exc:
+                # The token file or a TLS file became unreadable since start-up.
+                detail = exc.render(SECURITY_NAMES)
+                refused = "the connection settings cannot be used"
             except Exception as exc:  # the stream must survive whatever a session hits
                 log.exception(
                     "agent_session_error service=%s server=%s", self.config.service, target
                 )
                 detail = repr(exc)
+            if code in _AUTH_CODES:
+                refused = self._auth_advice(code)
+                detail = self._redact(detail)
             lost = synced or self.state is AgentState.READY
             synced_at, self._synced_at = self._synced_at, None
             if synced_at is not None and time.monotonic() - synced_at >= STABLE_SESSION:
@@ -452,6 +480,31 @@ class Client:
             delay = backoff.next()
             if lost:
                 failures.clear()
+            if refused is not None:
+                failures[target] = detail
+                now = time.monotonic()
+                seen = refusals.get(target)
+                again = seen is not None and seen[0] == detail
+                if again and seen is not None and now - seen[1] < AUTH_ERROR_REPEAT:
+                    level = logging.DEBUG
+                else:
+                    level = logging.ERROR
+                    refusals[target] = (detail, now)
+                log.log(
+                    level,
+                    "agent_auth_failed service=%s server=%s: %s (%s) state=%s, serving the "
+                    "last known state and retrying, retry_in=%.3f",
+                    self.config.service,
+                    target,
+                    refused,
+                    detail,
+                    self.state.value,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                continue
+            refusals.pop(target, None)
+            if lost:
                 log.warning(
                     "agent_disconnected service=%s server=%s reason=%s state=%s",
                     self.config.service,
@@ -473,6 +526,23 @@ class Client:
                 )
             await asyncio.sleep(delay)
 
+    def _auth_advice(self, code: grpc.StatusCode | None) -> str:
+        """What an UNAUTHENTICATED or PERMISSION_DENIED means for this agent."""
+        where = f"{SECURITY_NAMES['token']} or {SECURITY_NAMES['token_file']}"
+        if code is grpc.StatusCode.PERMISSION_DENIED:
+            return (
+                f"the token does not allow service {self.config.service} (agent tokens are "
+                f"limited to their services): use one that does ({where})"
+            )
+        if self._sent_token:
+            return f"the server refused the token (unknown, expired or revoked?): check {where}"
+        return f"the server requires a token and none was sent: give {where}"
+
+    def _redact(self, text: str) -> str:
+        """``text`` without the token in it, should a server have echoed it."""
+        token = self._sent_token
+        return text.replace(token, "<token>") if token else text
+
     async def _session(self, target: str) -> bool:
         """One connection to ``target``; returns (or raises) when it ends.
 
@@ -480,7 +550,11 @@ class Client:
         Snapshot applied or a Resume accepted); until then the agent stays
         ``CONNECTING`` (``STALE`` with a state).
         """
-        channel = grpc.aio.insecure_channel(target, options=list(CHANNEL_OPTIONS))
+        security = self.config.security
+        # Read for each connection: a rotated token file is used from the next one.
+        metadata = security.metadata()
+        self._sent_token = metadata[0][1].removeprefix("Bearer ") if metadata else None
+        channel = security.aio_channel(target, CHANNEL_OPTIONS)
         stub: Any = None
         call: Any = None
         synced = False
@@ -489,13 +563,20 @@ class Client:
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 await _connected(channel)
             stub = agent_pb2_grpc.AgentServiceStub(channel)
-            call = stub.Sync()
+            call = stub.Sync(metadata=metadata)
             hello = self._hello()
             self._hello_revision = hello.last_applied_revision
             # A Hello with the override says all the queue does (the override in
             # force); what the watcher queues meanwhile stays queued.
             covered = list(self._outbox) if hello.HasField("override") else []
-            await call.write(agent_pb2.SyncRequest(hello=hello))
+            try:
+                await call.write(agent_pb2.SyncRequest(hello=hello))
+            except asyncio.InvalidStateError:
+                # The server ended the call before the Hello (a refused token):
+                # its status says why.
+                code = await call.code()
+                details = await call.details()
+                raise _SessionError(f"{code.name}: {details}", False, code) from None
             if covered and self._outbox[: len(covered)] == covered:
                 del self._outbox[: len(covered)]
             delta: StateChange | None = None
@@ -505,7 +586,7 @@ class Client:
                     if first is _EOF:
                         code = await call.code()
                         raise _SessionError(
-                            f"stream closed before a first answer ({code.name})", False
+                            f"stream closed before a first answer ({code.name})", False, code
                         )
                     kind = first.WhichOneof("message")
                     if kind == "change":
@@ -535,7 +616,8 @@ class Client:
             raise _SessionError(f"{exc}: asking for a snapshot", synced) from None
         except grpc.aio.AioRpcError as exc:
             if synced:
-                raise _SessionError(f"{exc.code().name}: {exc.details()}", True) from None
+                code = exc.code()
+                raise _SessionError(f"{code.name}: {exc.details()}", True, code) from None
             raise
         finally:
             self.server = None
@@ -932,9 +1014,10 @@ class Client:
 
 
 class _SessionError(Exception):
-    def __init__(self, message: str, synced: bool) -> None:
+    def __init__(self, message: str, synced: bool, code: grpc.StatusCode | None = None) -> None:
         super().__init__(message)
         self.synced = synced
+        self.code = code
 
 
 class _Rejected(Exception):
@@ -1007,6 +1090,26 @@ async def _connected(channel: grpc.aio.Channel) -> None:
             grpc.ChannelConnectivity.TRANSIENT_FAILURE,
             grpc.ChannelConnectivity.SHUTDOWN,
         ):
-            raise _SessionError("could not connect", False)
+            why = await _connect_error(channel)
+            raise _SessionError(f"could not connect: {why}" if why else "could not connect", False)
         await channel.wait_for_state_change(state)
         state = channel.get_state(try_to_connect=True)
+
+
+# A method no server has: a call to it on a channel that failed to connect fails
+# at once with gRPC's reason (refused, TLS handshake and certificate errors).
+_PROBE_METHOD = "/controlplane.agent.v1.ConnectProbe/Why"
+_PROBE_TIMEOUT = 1.0
+
+
+async def _connect_error(channel: grpc.aio.Channel) -> str:
+    """Why ``channel`` could not connect, as gRPC says it ("" if it does not)."""
+    try:
+        probe = channel.unary_unary(_PROBE_METHOD, None, None)
+        await probe(b"", timeout=_PROBE_TIMEOUT)
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() is grpc.StatusCode.UNAVAILABLE:
+            return exc.details() or ""
+    except Exception:  # only a better message was at stake
+        log.debug("agent_connect_probe_failed", exc_info=True)
+    return ""

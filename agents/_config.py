@@ -1,19 +1,37 @@
 """The agent's configuration: argument > environment variable > default.
 
-=================  ===============================  =====================================
-argument           environment variable             default
-=================  ===============================  =====================================
-``service``        ``CONTROLPLANE_SERVICE``         none: required
-``servers``        ``CONTROLPLANE_SERVERS``         none: required (comma list)
-``version``        ``CONTROLPLANE_VERSION``         ``""`` (unknown)
-``instance_id``    ``CONTROLPLANE_INSTANCE_ID``     ``<hostname>-<pid>-<random>``
-``cache_path``     ``CONTROLPLANE_CACHE_PATH``      none: no cache file
-``override_path``  ``CONTROLPLANE_OVERRIDE_PATH``   ``<cache_path>.override.json`` beside
-                                                    the cache file; none without one
-=================  ===============================  =====================================
+===================  ================================  ===================================
+argument             environment variable              default
+===================  ================================  ===================================
+``service``          ``CONTROLPLANE_SERVICE``          none: required
+``servers``          ``CONTROLPLANE_SERVERS``          none: required (comma list)
+``version``          ``CONTROLPLANE_VERSION``          ``""`` (unknown)
+``instance_id``      ``CONTROLPLANE_INSTANCE_ID``      ``<hostname>-<pid>-<random>``
+``cache_path``       ``CONTROLPLANE_CACHE_PATH``       none: no cache file
+``override_path``    ``CONTROLPLANE_OVERRIDE_PATH``    ``<cache_path>.override.json``
+                                                       beside the cache file; none without
+``token``            ``CONTROLPLANE_TOKEN``            none: no token sent
+``token_file``       ``CONTROLPLANE_TOKEN_FILE``       none; read for each connection
+``tls``              ``CONTROLPLANE_TLS``              off; on with any of the next two
+``tls_ca``           ``CONTROLPLANE_TLS_CA``           the system's roots (with ``tls``)
+``tls_cert``         ``CONTROLPLANE_TLS_CLIENT_CERT``  none: no client certificate
+``tls_key``          ``CONTROLPLANE_TLS_CLIENT_KEY``   none; required with ``tls_cert``
+``tls_server_name``  ``CONTROLPLANE_TLS_SERVER_NAME``  the host of each server
+``insecure``         ``CONTROLPLANE_INSECURE``         off: plaintext only to loopback
+===================  ================================  ===================================
 
 ``override_path`` is the break-glass override file (``agents._override``); an
 empty argument (``override_path=""``) turns it off even with a cache file.
+
+Connection security (``controlplane.transport``): ``token`` or ``token_file``
+(not both; an argument for either ignores both variables) is sent as
+``authorization: Bearer <token>`` on every stream; the file is read again for
+each connection, so a rotated token is used without a restart. ``tls_ca``,
+``tls_cert`` (mutual TLS, with ``tls_key``) or ``tls`` (the system's roots)
+turn TLS on. Without TLS, every server must be on loopback (127.0.0.0/8,
+``::1``, ``localhost``, a unix socket) unless ``insecure`` allows plaintext
+elsewhere. Boolean variables take ``1``/``true``/``yes``/``on`` or
+``0``/``false``/``no``/``off``. The token never appears in ``repr`` nor in logs.
 
 An argument counts as given when it is not None; an empty environment variable
 counts as unset. Validation happens here, at construction, so that a
@@ -35,9 +53,13 @@ import os
 import re
 import secrets
 import socket
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from controlplane.transport import ClientSecurity
 
 ENV_SERVICE = "CONTROLPLANE_SERVICE"
 ENV_SERVERS = "CONTROLPLANE_SERVERS"
@@ -45,6 +67,14 @@ ENV_VERSION = "CONTROLPLANE_VERSION"
 ENV_INSTANCE_ID = "CONTROLPLANE_INSTANCE_ID"
 ENV_CACHE_PATH = "CONTROLPLANE_CACHE_PATH"
 ENV_OVERRIDE_PATH = "CONTROLPLANE_OVERRIDE_PATH"
+ENV_TOKEN = "CONTROLPLANE_TOKEN"  # noqa: S105  # a variable's name, not a token
+ENV_TOKEN_FILE = "CONTROLPLANE_TOKEN_FILE"  # noqa: S105
+ENV_TLS = "CONTROLPLANE_TLS"
+ENV_TLS_CA = "CONTROLPLANE_TLS_CA"
+ENV_TLS_CERT = "CONTROLPLANE_TLS_CLIENT_CERT"
+ENV_TLS_KEY = "CONTROLPLANE_TLS_CLIENT_KEY"
+ENV_TLS_SERVER_NAME = "CONTROLPLANE_TLS_SERVER_NAME"
+ENV_INSECURE = "CONTROLPLANE_INSECURE"
 OVERRIDE_SUFFIX = ".override.json"
 """The default override file is the cache file's path with this appended."""
 
@@ -57,8 +87,32 @@ _VERSION_MAX = 128
 _INSTANCE_MAX = 128
 
 
+SECURITY_NAMES = {
+    "token": f"token/{ENV_TOKEN}",
+    "token_file": f"token_file/{ENV_TOKEN_FILE}",
+    "tls": f"tls/{ENV_TLS}",
+    "ca": f"tls_ca/{ENV_TLS_CA}",
+    "cert": f"tls_cert/{ENV_TLS_CERT}",
+    "key": f"tls_key/{ENV_TLS_KEY}",
+    "server_name": f"tls_server_name/{ENV_TLS_SERVER_NAME}",
+    "insecure": f"insecure/{ENV_INSECURE}",
+}
+"""How the SDK's errors call the settings of ``controlplane.transport.ClientSecurity``."""
+
+
 class AgentConfigError(ValueError):
-    """The agent's configuration is missing a setting or holds an invalid one."""
+    """The agent's configuration is missing a setting or holds an invalid one.
+
+    A connection setting's error comes from a
+    ``controlplane.transport.TransportConfigError``, its ``__cause__`` (a client
+    built on the SDK, such as ``cp-agent``, words it with its own option names).
+    """
+
+
+def _plaintext() -> ClientSecurity:
+    from controlplane.transport import ClientSecurity
+
+    return ClientSecurity()
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +130,8 @@ class AgentConfig:
             forked child makes its own, with its own pid).
         instance_id_given: The id as given, when it was (a forked child's
             ``instance_id`` is this with the child's pid appended); else "".
+        security: TLS, client certificate and token for the connections to
+            ``servers`` (the token is not in ``repr``).
     """
 
     service: str
@@ -86,6 +142,7 @@ class AgentConfig:
     instance_id_generated: bool = False
     instance_id_given: str = ""
     override_path: Path | None = None
+    security: ClientSecurity = field(default_factory=_plaintext)
 
 
 def default_instance_id(pid: int | None = None) -> str:
@@ -122,6 +179,14 @@ def resolve_config(
     instance_id: str | None = None,
     cache_path: str | os.PathLike[str] | None = None,
     override_path: str | os.PathLike[str] | None = None,
+    token: str | None = None,
+    token_file: str | os.PathLike[str] | None = None,
+    tls: bool | None = None,
+    tls_ca: str | os.PathLike[str] | None = None,
+    tls_cert: str | os.PathLike[str] | None = None,
+    tls_key: str | os.PathLike[str] | None = None,
+    tls_server_name: str | None = None,
+    insecure: bool | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> AgentConfig:
     """Resolve each setting from its argument, else its environment variable, else
@@ -134,11 +199,22 @@ def resolve_config(
         instance_id: This instance's id.
         cache_path: The cache file's path.
         override_path: The break-glass override file's path ("" for none).
+        token: A bearer token for the servers.
+        token_file: A file holding the token, read for each connection.
+        tls: Use TLS (implied by ``tls_ca`` and ``tls_cert``).
+        tls_ca: The CA bundle (PEM) that verifies the servers.
+        tls_cert: This client's certificate (PEM), for mutual TLS.
+        tls_key: Its private key (PEM).
+        tls_server_name: The name the servers' certificates must carry, when it
+            is not the target's host.
+        insecure: Allow plaintext to servers off loopback.
         environ: The environment to read (default ``os.environ``).
 
     Raises:
         AgentConfigError: ``service`` or ``servers`` is given nowhere, or a
-            setting is invalid; the message names the argument and variable.
+            setting is invalid (connection settings: contradictory, a file that
+            cannot be read, plaintext to a server off loopback without
+            ``insecure``); the message names the argument and variable.
     """
     env = os.environ if environ is None else environ
 
@@ -200,6 +276,19 @@ def resolve_config(
     elif resolved_cache is not None:
         resolved_override = resolved_cache.with_name(resolved_cache.name + OVERRIDE_SUFFIX)
 
+    security = _resolve_security(
+        targets,
+        from_env,
+        token=token,
+        token_file=token_file,
+        tls=tls,
+        tls_ca=tls_ca,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_server_name=tls_server_name,
+        insecure=insecure,
+    )
+
     return AgentConfig(
         service=resolved_service,
         servers=targets,
@@ -209,7 +298,71 @@ def resolve_config(
         instance_id_generated=generated,
         instance_id_given="" if generated else resolved_instance,
         override_path=resolved_override,
+        security=security,
     )
+
+
+def _resolve_security(
+    targets: Sequence[str],
+    from_env: Callable[[str], str | None],
+    *,
+    token: str | None,
+    token_file: str | os.PathLike[str] | None,
+    tls: bool | None,
+    tls_ca: str | os.PathLike[str] | None,
+    tls_cert: str | os.PathLike[str] | None,
+    tls_key: str | os.PathLike[str] | None,
+    tls_server_name: str | None,
+    insecure: bool | None,
+) -> ClientSecurity:
+    """The connection settings, argument > environment variable > default, checked
+    against every target."""
+    # Imported here: ``import agents`` stays free of it (and of gRPC) until an
+    # agent is configured.
+    from controlplane.transport import (
+        ClientSecurity,
+        TransportConfigError,
+        parse_bool,
+        path_or_none,
+    )
+
+    def path(argument: str | os.PathLike[str] | None, variable: str) -> Path | None:
+        return path_or_none(argument if argument is not None else from_env(variable))
+
+    def flag(argument: bool | None, variable: str) -> bool:
+        if argument is not None:
+            return bool(argument)
+        raw = from_env(variable)
+        return parse_bool(raw, variable) if raw is not None else False
+
+    try:
+        # The token and the token file are one setting in two forms: an argument
+        # for either one leaves both variables aside.
+        if token is not None or token_file is not None:
+            resolved_token, resolved_file = token, path_or_none(token_file)
+        else:
+            resolved_token, resolved_file = from_env(ENV_TOKEN), path(None, ENV_TOKEN_FILE)
+        # An empty argument, like an empty variable, is none (as for the paths).
+        server_name = (
+            tls_server_name.strip() or None
+            if tls_server_name is not None
+            else from_env(ENV_TLS_SERVER_NAME)
+        )
+        security = ClientSecurity(
+            token=resolved_token,
+            token_file=resolved_file,
+            tls=flag(tls, ENV_TLS),
+            ca=path(tls_ca, ENV_TLS_CA),
+            cert=path(tls_cert, ENV_TLS_CERT),
+            key=path(tls_key, ENV_TLS_KEY),
+            server_name=server_name,
+            insecure=flag(insecure, ENV_INSECURE),
+        )
+        for target in targets:
+            security.check_target(target)
+    except TransportConfigError as exc:
+        raise AgentConfigError(exc.render(SECURITY_NAMES)) from exc
+    return security
 
 
 def _check_target(target: str) -> None:

@@ -4,7 +4,8 @@
     from agents import Agent
     from agents.openfeature import ControlPlaneProvider
 
-    agent = Agent("checkout", ["10.0.0.5:50051"], cache_path="/var/cache/checkout.json")
+    agent = Agent("checkout", ["10.0.0.5:50051"], cache_path="/var/cache/checkout.json",
+                  tls_ca="/etc/controlplane/ca.pem", token_file="/run/secrets/cp-token")
     agent.start()
     api.set_provider(ControlPlaneProvider(agent))
     client = api.get_client()

@@ -1,6 +1,7 @@
 """``cp-agent``: the agent SDK in a process of its own, for services in any language.
 
     cp-agent --service checkout --servers 10.0.0.5:50051,10.0.0.6:50051 \\
+             --tls-ca /etc/controlplane/ca.pem --token-file /run/secrets/cp-token \\
              --version v1.5.0 --cache /var/cache/cp-agent/checkout.json \\
              --state-file /run/cp-agent/checkout.json \\
              --on-change /etc/cp-agent/reload.sh --on-pin-change /etc/cp-agent/redeploy.sh
@@ -24,6 +25,21 @@ where the SDK has the setting)::
     --hook-timeout SECS  CP_AGENT_HOOK_TIMEOUT      300: a hook running longer is killed
     --hook-attempts N    CP_AGENT_HOOK_ATTEMPTS     5: attempts per change before giving up
     --log-level LEVEL    CP_AGENT_LOG_LEVEL         info
+
+Connection to the servers (the SDK's settings, see ``agents._config``)::
+
+    --token-file PATH    CONTROLPLANE_TOKEN_FILE        none; read again for each connection
+    (no option)          CONTROLPLANE_TOKEN             the token itself (no --token: command
+                                                        lines show up in ``ps``)
+    --tls                CONTROLPLANE_TLS               off; on: TLS with the system's CA roots
+    --tls-ca PATH        CONTROLPLANE_TLS_CA            none; CA certificates (PEM), TLS on
+    --tls-cert PATH      CONTROLPLANE_TLS_CLIENT_CERT   none; client certificate (mutual TLS)
+    --tls-key PATH       CONTROLPLANE_TLS_CLIENT_KEY    none; its key (with --tls-cert)
+    --tls-server-name N  CONTROLPLANE_TLS_SERVER_NAME   the host in --servers
+    --insecure           CONTROLPLANE_INSECURE          off: plaintext only to loopback servers
+
+A token the server refuses is logged as an error (``agent_auth_failed``); the
+agent keeps retrying and serving its last known state.
 
 The endpoint has no authentication: it listens on loopback by default, and a
 warning is logged when it does not. It logs ``sidecar_listening address=HOST:PORT``
@@ -140,9 +156,17 @@ import click
 from agents import _state
 from agents._config import (
     ENV_CACHE_PATH,
+    ENV_INSECURE,
     ENV_INSTANCE_ID,
     ENV_SERVERS,
     ENV_SERVICE,
+    ENV_TLS,
+    ENV_TLS_CA,
+    ENV_TLS_CERT,
+    ENV_TLS_KEY,
+    ENV_TLS_SERVER_NAME,
+    ENV_TOKEN,
+    ENV_TOKEN_FILE,
     ENV_VERSION,
     AgentConfigError,
 )
@@ -154,6 +178,7 @@ from agents._state import (
     Snapshot,
     StateChange,
 )
+from controlplane.transport import TransportConfigError
 
 __all__ = [
     "HookResult",
@@ -232,6 +257,29 @@ class SidecarOptions:
     hook_attempts: int = HOOK_ATTEMPTS
     hook_backoff: float = HOOK_BACKOFF
     """Seconds before a hook's first retry (tests make it short)."""
+    token: str | None = field(default=None, repr=False)
+    token_file: Path | None = None
+    tls: bool | None = None
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_server_name: str | None = None
+    insecure: bool | None = None
+    """The connection settings, as the agent's arguments (None: the agent's
+    environment variable, else its default)."""
+
+
+SECURITY_NAMES = {
+    "token": ENV_TOKEN,
+    "token_file": f"--token-file/{ENV_TOKEN_FILE}",
+    "tls": f"--tls/{ENV_TLS}",
+    "ca": f"--tls-ca/{ENV_TLS_CA}",
+    "cert": f"--tls-cert/{ENV_TLS_CERT}",
+    "key": f"--tls-key/{ENV_TLS_KEY}",
+    "server_name": f"--tls-server-name/{ENV_TLS_SERVER_NAME}",
+    "insecure": f"--insecure/{ENV_INSECURE}",
+}
+"""What cp-agent's errors call the connection settings (``controlplane.transport``)."""
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -1018,6 +1066,14 @@ class Sidecar:
                 version=options.version,
                 instance_id=options.instance_id,
                 cache_path=options.cache,
+                token=options.token,
+                token_file=options.token_file,
+                tls=options.tls,
+                tls_ca=options.tls_ca,
+                tls_cert=options.tls_cert,
+                tls_key=options.tls_key,
+                tls_server_name=options.tls_server_name,
+                insecure=options.insecure,
             )
         self.agent: SidecarAgent = agent
         self.service = options.service
@@ -1470,6 +1526,62 @@ def _configure_logging(level: str) -> None:
     help="Attempts per change before a failing hook is given up.",
 )
 @click.option(
+    "--token-file",
+    envvar=ENV_TOKEN_FILE,
+    show_envvar=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help=f"File holding the bearer token, read again for each connection. Or put the token in "
+    f"{ENV_TOKEN}; there is no --token option, since command lines show up in `ps`.",
+)
+@click.option(
+    "--tls",
+    is_flag=True,
+    envvar=ENV_TLS,
+    show_envvar=True,
+    help="Connect with TLS, verifying the servers against the system's CA roots (implied by "
+    "--tls-ca and --tls-cert).",
+)
+@click.option(
+    "--tls-ca",
+    envvar=ENV_TLS_CA,
+    show_envvar=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="CA certificates (PEM) that verify the servers; turns TLS on.",
+)
+@click.option(
+    "--tls-cert",
+    envvar=ENV_TLS_CERT,
+    show_envvar=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Client certificate (PEM) for mutual TLS; needs --tls-key; turns TLS on.",
+)
+@click.option(
+    "--tls-key",
+    envvar=ENV_TLS_KEY,
+    show_envvar=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The client certificate's private key (PEM).",
+)
+@click.option(
+    "--tls-server-name",
+    envvar=ENV_TLS_SERVER_NAME,
+    show_envvar=True,
+    default=None,
+    metavar="NAME",
+    help="Verify the servers' certificates for NAME instead of the hosts in --servers.",
+)
+@click.option(
+    "--insecure",
+    is_flag=True,
+    envvar=ENV_INSECURE,
+    show_envvar=True,
+    help="Allow plaintext to servers that are not on loopback.",
+)
+@click.option(
     "--log-level",
     envvar=ENV_LOG_LEVEL,
     show_envvar=True,
@@ -1489,11 +1601,23 @@ def _command(
     on_pin_change: str | None,
     hook_timeout: float,
     hook_attempts: int,
+    token_file: Path | None,
+    tls: bool,
+    tls_ca: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    tls_server_name: str | None,
+    insecure: bool,
     log_level: str,
 ) -> None:
     """Run the control plane's agent for one service, serving its state over local
     HTTP and a state file and running hooks on change, until SIGTERM or SIGINT."""
     _configure_logging(log_level)
+    ctx = click.get_current_context()
+    # --token-file given here wins over CONTROLPLANE_TOKEN; from the environment,
+    # the agent reads both variables itself (and refuses the two together).
+    if ctx.get_parameter_source("token_file") is not click.core.ParameterSource.COMMANDLINE:
+        token_file = None
     options = SidecarOptions(
         service=service,
         servers=tuple(s.strip() for s in servers.split(",") if s.strip()),
@@ -1506,10 +1630,21 @@ def _command(
         on_pin_change=on_pin_change or None,
         hook_timeout=hook_timeout,
         hook_attempts=hook_attempts,
+        token_file=token_file,
+        # A flag not given is None: the agent's variable (already read here) decides.
+        tls=tls or None,
+        tls_ca=tls_ca,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_server_name=tls_server_name,
+        insecure=insecure or None,
     )
     try:
         sidecar = Sidecar(options)
     except AgentConfigError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, TransportConfigError):
+            raise click.UsageError(cause.render(SECURITY_NAMES)) from None
         raise click.UsageError(str(exc)) from None
     signals = _Signals()
     # Before anything starts: a signal during start-up is handled after it.

@@ -2,7 +2,8 @@
 
 Layout: parsing of user input (values; durations and times come from ``_durations``, shared
 with the server) and the exit-code table first, then
-``App`` (the server list, failover, the calls and the one stream), then the write and
+``App`` (the server list, failover, the calls and the one stream; TLS and the token from
+``controlplane.transport``, the token's metadata sent with every call), then the write and
 --wait options, then the click commands. A command parses its arguments, builds one
 request, calls ``App.call`` and hands the plain response to ``_respond`` with a renderer
 from ``_cli_format``; a write goes through ``_write`` instead, which also does --wait
@@ -13,7 +14,9 @@ few lines. gRPC and the generated stubs are imported inside the functions that c
 Errors::
 
     click.ClickException
-     +-- click.UsageError            exit 2: bad syntax, missing --reason, ...
+     +-- click.UsageError            exit 2: bad syntax, missing --reason, a connection
+                                     setting (``setting_error``: a TransportConfigError
+                                     naming the option or variable used), ...
      +-- CliError                    carries a status-like code name and an ExitCode:
                                      client-side invalid input (3), RPC failures mapped
                                      from their gRPC status (exit_code_for_status),
@@ -52,6 +55,7 @@ import click
 from controlplane import __version__
 from controlplane import _cli_format as fmt
 from controlplane._durations import DURATION_FORMS, TIME_FORMS, parse_duration, parse_time
+from controlplane.transport import ClientSecurity, TransportConfigError, path_or_none
 
 if TYPE_CHECKING:
     import grpc
@@ -95,7 +99,8 @@ class ExitCode(enum.IntEnum):
 _EXIT_CODE_HELP: dict[ExitCode, str] = {
     ExitCode.OK: "ok (also a write that changed nothing: runbooks can be re-run)",
     ExitCode.ERROR: "internal or unknown error",
-    ExitCode.USAGE: "usage error (bad option or argument, missing --reason)",
+    ExitCode.USAGE: "usage error (bad option or argument, missing --reason; a connection "
+    "setting: an unreadable TLS or token file, plaintext to a server off loopback)",
     ExitCode.INVALID: "invalid input (INVALID_ARGUMENT, OUT_OF_RANGE, or caught before "
     "sending, e.g. a bad bundle file)",
     ExitCode.CONFLICT: "conflict (ABORTED, ALREADY_EXISTS): --expect-revision did not match, "
@@ -103,7 +108,8 @@ _EXIT_CODE_HELP: dict[ExitCode, str] = {
     ExitCode.NOT_FOUND: "not found (NOT_FOUND)",
     ExitCode.UNAVAILABLE: "server or its etcd unavailable, or too slow (UNAVAILABLE, "
     "DEADLINE_EXCEEDED)",
-    ExitCode.PERMISSION_DENIED: "permission denied (PERMISSION_DENIED, UNAUTHENTICATED)",
+    ExitCode.PERMISSION_DENIED: "permission denied (PERMISSION_DENIED, UNAUTHENTICATED): no "
+    "token, a token the server refused, or one whose role does not allow the call",
     ExitCode.WAIT_TIMEOUT: "--wait timed out with the change only partly applied (the pending "
     "instances are listed); the change is written",
     ExitCode.WAIT_NO_INSTANCES: "--wait found no connected instance of the service (a "
@@ -141,6 +147,18 @@ _HINTS: dict[str, str] = {
     "PERMISSION_DENIED": "your credentials do not allow this",
     "UNAUTHENTICATED": "your credentials do not allow this",
 }
+ANONYMOUS_HINT = (
+    "no token was sent: set CPCTL_TOKEN or --token-file (CPCTL_TOKEN_FILE) to a token the "
+    "server knows"
+)
+REFUSED_HINT = (
+    "the server did not accept your token (unknown, expired or revoked?): check CPCTL_TOKEN "
+    "or --token-file (CPCTL_TOKEN_FILE)"
+)
+ROLE_HINT = (
+    "your token's role does not allow this (the message says what it takes): use a token "
+    "with that role, via CPCTL_TOKEN or --token-file (CPCTL_TOKEN_FILE)"
+)
 
 
 def exit_code_for_status(code: grpc.StatusCode) -> ExitCode:
@@ -341,6 +359,10 @@ class App:
     actor: str
     json_output: bool
     timeout: timedelta
+    security: ClientSecurity = field(default_factory=ClientSecurity)
+    """TLS, client certificate and token of every call (the global options)."""
+    setting_names: Mapping[str, str] = field(default_factory=dict)
+    """What a TransportConfigError calls each setting (the option or variable used)."""
     _channels: dict[str, grpc.Channel] = field(default_factory=dict)
     _last_good: str | None = None
 
@@ -363,17 +385,18 @@ class App:
         failures: list[str] = []
         for target in self._order():
             stub = self._stub(target)
+            metadata = self._metadata()
             try:
-                response = getattr(stub, rpc)(request, timeout=deadline)
+                response = getattr(stub, rpc)(request, timeout=deadline, metadata=metadata)
             except grpc.RpcError as e:
                 code, details = e.code(), e.details() or ""
                 if code == grpc.StatusCode.UNAVAILABLE and _never_reached(details, write=write):
                     failures.append(f"{target}: {details or code.name}")
                     continue
-                raise _call_error(target, code, details, write=write) from e
+                raise _call_error(target, code, details, write=write, token=bool(metadata)) from e
             self._last_good = target
             return fmt.to_plain(response)
-        raise _no_server(failures)
+        raise _no_server(failures, self.security)
 
     def stream(self, rpc: str, request: Message) -> Generator[dict[str, Any], None, None]:
         """Call the server-streaming MitigationService.<rpc>; yield each response, plain.
@@ -389,7 +412,10 @@ class App:
 
         failures: list[str] = []
         for target in self._order():
-            responses: Any = getattr(self._stub(target), rpc)(request)
+            stub = self._stub(target)
+            metadata = self._metadata()
+            token = bool(metadata)
+            responses: Any = getattr(stub, rpc)(request, metadata=metadata)
             try:
                 first = next(responses)
             except StopIteration:
@@ -401,7 +427,7 @@ class App:
                 if code == grpc.StatusCode.UNAVAILABLE and _never_reached(details, write=False):
                     failures.append(f"{target}: {details or code.name}")
                     continue
-                raise _call_error(target, code, details, write=False) from e
+                raise _call_error(target, code, details, write=False, token=token) from e
             self._last_good = target
             try:
                 yield fmt.to_plain(first)
@@ -409,13 +435,13 @@ class App:
                     yield fmt.to_plain(response)
             except grpc.RpcError as e:
                 code, details = e.code(), e.details() or ""
-                raise _call_error(target, code, details, write=False) from e
+                raise _call_error(target, code, details, write=False, token=token) from e
             finally:
                 responses.cancel()
             raise CliError(
                 "UNAVAILABLE", f"{target}: the server ended the stream", ExitCode.UNAVAILABLE
             )
-        raise _no_server(failures)
+        raise _no_server(failures, self.security)
 
     def _order(self) -> list[str]:
         """The servers to try: the one that last answered first, then the rest in order."""
@@ -431,12 +457,21 @@ class App:
         return stub_class(self._channel(target))
 
     def _channel(self, target: str) -> grpc.Channel:
-        import grpc
-
         channel = self._channels.get(target)
         if channel is None:
-            channel = self._channels[target] = grpc.insecure_channel(target)
+            try:
+                channel = self.security.channel(target)
+            except TransportConfigError as e:
+                raise setting_error(e, self.setting_names) from None
+            self._channels[target] = channel
         return channel
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        """The token's metadata, the token file read now (it may have been rotated)."""
+        try:
+            return self.security.metadata()
+        except TransportConfigError as e:
+            raise setting_error(e, self.setting_names) from None
 
     def close(self) -> None:
         """Close every channel opened; idempotent."""
@@ -461,10 +496,45 @@ OUTCOME_UNKNOWN = (
 )
 
 
-def _no_server(failures: Sequence[str]) -> CliError:
+# In gRPC's details of a failed TLS connection (lowercased), never in a host name.
+_TLS_FAILURE_MARKERS = ("handshake failed", "ssl_error", "certificate_", "hostname verification")
+TLS_FAILURE_HINT = (
+    "the TLS handshake failed: --tls-ca must be the CA that signed the server's certificate, "
+    "whose names must include the server's host (else --tls-server-name); a server that "
+    "requires mutual TLS needs --tls-cert and --tls-key"
+)
+PLAINTEXT_CLOSED_HINT = (
+    "the server closed the connection: if it requires TLS, connect with --tls-ca (or --tls)"
+)
+NO_CLIENT_CERT_HINT = (
+    "the server closed the connection during the TLS handshake: if it requires mutual TLS, "
+    "give a client certificate signed by a CA it trusts (--tls-cert and --tls-key)"
+)
+
+
+def _no_server(failures: Sequence[str], security: ClientSecurity | None = None) -> CliError:
+    lowered = " ".join(failures).lower()
+    hint: str | None = None
+    if any(marker in lowered for marker in _TLS_FAILURE_MARKERS):
+        hint = TLS_FAILURE_HINT
+    elif security is not None and "socket closed" in lowered:
+        # What a plaintext client sees of a TLS server, or a TLS client without a
+        # certificate of a server that requires one.
+        if not security.uses_tls:
+            hint = PLAINTEXT_CLOSED_HINT
+        elif security.cert is None:
+            hint = NO_CLIENT_CERT_HINT
     return CliError(
-        "UNAVAILABLE", f"no server reachable ({'; '.join(failures)})", ExitCode.UNAVAILABLE
+        "UNAVAILABLE",
+        f"no server reachable ({'; '.join(failures)})",
+        ExitCode.UNAVAILABLE,
+        hint=hint,
     )
+
+
+def setting_error(error: TransportConfigError, names: Mapping[str, str]) -> click.UsageError:
+    """A connection setting's error as a usage error (exit 2), naming the option used."""
+    return click.UsageError(error.render({**CLI_SETTING_NAMES, **names}))
 
 
 def _is_write(request: Message) -> bool:
@@ -493,11 +563,25 @@ def _never_reached(details: str, *, write: bool) -> bool:
     return any(marker in lowered for marker in _NOT_CONNECTED_MARKERS)
 
 
-def _call_error(target: str, code: grpc.StatusCode, details: str, *, write: bool) -> CliError:
-    """The error for a failed call that is not tried on another server."""
+def _call_error(
+    target: str, code: grpc.StatusCode, details: str, *, write: bool, token: bool = False
+) -> CliError:
+    """The error for a failed call that is not tried on another server.
+
+    ``token`` says whether the call carried a token (for the hint of a refusal).
+    """
     message = details or code.name
     hint: str | None = None
-    if code.name == "UNAVAILABLE":
+    if code.name in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+        # The server's details say what was refused and which role it takes.
+        message = f"{target} refused the call ({code.name}): {message}"
+        if not token:
+            hint = ANONYMOUS_HINT
+        elif code.name == "UNAUTHENTICATED":
+            hint = REFUSED_HINT
+        else:
+            hint = ROLE_HINT
+    elif code.name == "UNAVAILABLE":
         message = f"{target}: {message}"
         if details.startswith(_SERVER_UNAVAILABLE_PREFIXES):
             hint = "the server answered but could not use its etcd: not tried on another server"
@@ -897,6 +981,43 @@ def _default_actor() -> str:
         return "unknown"
 
 
+ENV_TOKEN = "CPCTL_TOKEN"  # noqa: S105  # a variable's name, not a token
+"""The variable that holds the bearer token (no option does: see --token-file)."""
+
+CLI_SETTING_NAMES: Mapping[str, str] = {
+    "token": ENV_TOKEN,
+    "token_file": "--token-file",
+    "tls": "--tls",
+    "ca": "--tls-ca",
+    "cert": "--tls-cert",
+    "key": "--tls-key",
+    "server_name": "--tls-server-name",
+    "insecure": "--insecure",
+}
+"""What cpctl's errors call each connection setting (``controlplane.transport``)."""
+
+# Connection setting -> (click parameter, environment variable).
+_SECURITY_PARAMS: dict[str, tuple[str, str]] = {
+    "token_file": ("token_file", "CPCTL_TOKEN_FILE"),
+    "tls": ("tls", "CPCTL_TLS"),
+    "ca": ("tls_ca", "CPCTL_TLS_CA"),
+    "cert": ("tls_cert", "CPCTL_TLS_CERT"),
+    "key": ("tls_key", "CPCTL_TLS_KEY"),
+    "server_name": ("tls_server_name", "CPCTL_TLS_SERVER_NAME"),
+    "insecure": ("insecure", "CPCTL_INSECURE"),
+}
+
+CONNECTION_HELP = (
+    "Connections: plaintext goes only to a server on loopback (127.0.0.0/8, ::1, localhost, "
+    "a unix: socket); any other needs TLS (--tls-ca PATH, or --tls for the system's CA "
+    "roots; --tls-cert and --tls-key add a client certificate for mutual TLS) or --insecure. "
+    f"The bearer token comes from {ENV_TOKEN} or from the file in --token-file "
+    "(CPCTL_TOKEN_FILE); deliberately there is no --token option: command lines show up in "
+    "`ps` and in shell history. A bad combination, an unreadable file or plaintext off "
+    "loopback exits 2 naming the option; a token the server refuses exits 7."
+)
+
+
 def _shape_lines(name: str, keys: Sequence[str], pad: int, width: int = 78) -> list[str]:
     lines, line = [], f"  {name:<{pad}} {{"
     for i, key in enumerate(keys):
@@ -921,6 +1042,7 @@ _EPILOG = "\n\n".join(
         f"Durations: {DURATION_FORMS}.",
         f"Times: {TIME_FORMS}.",
         f"Flag values: {VALUE_FORMS}.",
+        CONNECTION_HELP,
         "--json prints exactly one JSON document on stdout: the server's response with its "
         "proto field names (snake_case). Times are ISO 8601 UTC strings, revisions integers, "
         "an absent record null; a flag's value is a plain JSON value (true, 50, "
@@ -1063,9 +1185,75 @@ def _report(error: click.ClickException, as_json: bool) -> int:
     show_envvar=True,
     help="Deadline of each call to a server.",
 )
+@click.option(
+    "--tls",
+    is_flag=True,
+    envvar="CPCTL_TLS",
+    show_envvar=True,
+    help="Connect with TLS, verifying the server against the system's CA roots (implied by "
+    "--tls-ca and --tls-cert).",
+)
+@click.option(
+    "--tls-ca",
+    envvar="CPCTL_TLS_CA",
+    show_envvar=True,
+    metavar="PATH",
+    help="CA certificates (PEM) that verify the server; turns TLS on.",
+)
+@click.option(
+    "--tls-cert",
+    envvar="CPCTL_TLS_CERT",
+    show_envvar=True,
+    metavar="PATH",
+    help="Client certificate (PEM) for mutual TLS; needs --tls-key; turns TLS on.",
+)
+@click.option(
+    "--tls-key",
+    envvar="CPCTL_TLS_KEY",
+    show_envvar=True,
+    metavar="PATH",
+    help="The client certificate's private key (PEM).",
+)
+@click.option(
+    "--tls-server-name",
+    envvar="CPCTL_TLS_SERVER_NAME",
+    show_envvar=True,
+    metavar="NAME",
+    help="Verify the server's certificate for NAME instead of the host in --server.",
+)
+@click.option(
+    "--insecure",
+    is_flag=True,
+    envvar="CPCTL_INSECURE",
+    show_envvar=True,
+    help="Allow plaintext to a server that is not on loopback (the token, if any, then "
+    "crosses the network readable).",
+)
+@click.option(
+    "--token-file",
+    envvar="CPCTL_TOKEN_FILE",
+    show_envvar=True,
+    metavar="PATH",
+    help="File holding the bearer token sent with every call. Or put the token in "
+    "CPCTL_TOKEN; there is no --token option, since command lines show up in `ps` and in "
+    "shell history.",
+)
 @click.version_option(__version__, "--version", prog_name="cpctl")
 @click.pass_context
-def cli(ctx: click.Context, server: str, actor: str, json_output: bool, timeout: timedelta) -> None:
+def cli(
+    ctx: click.Context,
+    server: str,
+    actor: str,
+    json_output: bool,
+    timeout: timedelta,
+    tls: bool,
+    tls_ca: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    tls_server_name: str | None,
+    insecure: bool,
+    token_file: str | None,
+) -> None:
     """Change and inspect mitigations: kill switches and flags, load shedding, version pins.
 
     Every change takes --reason and is audited; it can be time-boxed (--ttl, --until),
@@ -1086,7 +1274,33 @@ def cli(ctx: click.Context, server: str, actor: str, json_output: bool, timeout:
     servers = [s.strip() for s in server.split(",") if s.strip()]
     if not servers:
         raise click.BadParameter("give at least one HOST:PORT", ctx=ctx, param_hint="'--server'")
-    app = App(servers, actor or _default_actor(), json_output, timeout)
+    # An error names the setting as the user gave it: the option, or its variable.
+    names = {
+        setting: envvar
+        for setting, (param, envvar) in _SECURITY_PARAMS.items()
+        if ctx.get_parameter_source(param) is click.core.ParameterSource.ENVIRONMENT
+    }
+    token = os.environ.get(ENV_TOKEN, "").strip() or None
+    if token_file and ctx.get_parameter_source("token_file") is (
+        click.core.ParameterSource.COMMANDLINE
+    ):
+        token = None  # the option given for this command wins over the environment
+    try:
+        security = ClientSecurity(
+            token=token,
+            token_file=path_or_none(token_file),
+            tls=tls,
+            ca=path_or_none(tls_ca),
+            cert=path_or_none(tls_cert),
+            key=path_or_none(tls_key),
+            server_name=(tls_server_name or "").strip() or None,
+            insecure=insecure,
+        )
+        for target in servers:
+            security.check_target(target)
+    except TransportConfigError as e:
+        raise setting_error(e, names) from None
+    app = App(servers, actor or _default_actor(), json_output, timeout, security, names)
     ctx.obj = app
     ctx.call_on_close(app.close)
 

@@ -40,6 +40,7 @@ from controlplane.cli import (
     scope_wait_services,
     wait_exit_code,
 )
+from tests.helpers.certs import TestCA
 
 NOW = datetime(2026, 11, 26, 17, 30, tzinfo=UTC)
 # The CLI must not pick up the settings of whoever runs the tests.
@@ -48,6 +49,14 @@ CLEAN_ENV: Mapping[str, str | None] = {
     "CPCTL_ACTOR": None,
     "CPCTL_JSON": None,
     "CPCTL_TIMEOUT": None,
+    "CPCTL_TLS": None,
+    "CPCTL_TLS_CA": None,
+    "CPCTL_TLS_CERT": None,
+    "CPCTL_TLS_KEY": None,
+    "CPCTL_TLS_SERVER_NAME": None,
+    "CPCTL_INSECURE": None,
+    "CPCTL_TOKEN": None,
+    "CPCTL_TOKEN_FILE": None,
 }
 
 
@@ -57,8 +66,9 @@ def _ts(moment: datetime) -> Timestamp:
     return stamp
 
 
-def run(*args: str, stdin: str | None = None) -> Result:
-    return CliRunner().invoke(cli, list(args), input=stdin, env=CLEAN_ENV, prog_name="cpctl")
+def run(*args: str, stdin: str | None = None, env: Mapping[str, str] | None = None) -> Result:
+    environment = {**CLEAN_ENV, **(env or {})}
+    return CliRunner().invoke(cli, list(args), input=stdin, env=environment, prog_name="cpctl")
 
 
 # ---- flag values ----
@@ -504,6 +514,8 @@ class FakeMitigation(mitigation_pb2_grpc.MitigationServiceServicer):
         self.wait_requests: list[mitigation_pb2.WaitAppliedRequest] = []
         self.watched: list[types_pb2.AuditEntry] = []
         self.bundles: dict[str, mitigation_pb2.Bundle] = {}
+        self.metadata: list[tuple[str, dict[str, str]]] = []
+        """Each call's method and metadata, in order."""
 
     def GetBundle(
         self, request: mitigation_pb2.GetBundleRequest, context: grpc.ServicerContext
@@ -531,6 +543,8 @@ class FakeMitigation(mitigation_pb2_grpc.MitigationServiceServicer):
 
     def _misbehave(self, method: str, context: grpc.ServicerContext) -> None:
         self.calls.append(method)
+        sent = {str(key): str(value) for key, value in context.invocation_metadata()}
+        self.metadata.append((method, sent))
         if method in self.hang:
             self.entered.set()
             self.release.wait(10)
@@ -1584,3 +1598,182 @@ def test_shell_completion_comes_from_the_cli_itself() -> None:
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert "compdef" in script.stdout
+
+
+# ---- connection security: TLS options, the token, the plaintext rule ----
+
+TOKEN = "cli-secret-token-0123456789"
+
+
+def test_plaintext_off_loopback_is_a_usage_error_naming_insecure() -> None:
+    result = run("--server", "10.0.0.1:50051", "flag", "get", "checkout", "new-ui")
+    assert result.exit_code == 2
+    first = result.stderr.splitlines()[0]
+    assert first.startswith("error: server 10.0.0.1:50051 is not on loopback")
+    assert "--tls-ca" in first and "--tls " in first and "--insecure" in first
+    assert "see: cpctl --help" in result.stderr
+    assert result.stdout == ""
+
+    as_json = run("--json", "--server", "10.0.0.1:50051", "flag", "get", "checkout", "new-ui")
+    assert as_json.exit_code == 2
+    error = json.loads(as_json.stderr)["error"]
+    assert error["code"] == "USAGE" and error["exit_code"] == 2
+    assert error["message"].startswith("server 10.0.0.1:50051 is not on loopback")
+
+
+def test_every_server_of_the_list_must_be_on_loopback(server: Server) -> None:
+    result = run("--server", f"{server.address},cp.internal:50051", "flag", "get", "checkout", "x")
+    assert result.exit_code == 2
+    assert "server cp.internal:50051 is not on loopback" in result.stderr
+    assert server.servicer.calls == []  # refused before any call
+
+
+@pytest.mark.parametrize("how", ["option", "environment"])
+def test_with_insecure_plaintext_off_loopback_goes_on_to_the_server(how: str) -> None:
+    # Nothing answers at 10.0.0.1 here: the call fails to connect, not the usage.
+    args = ["--insecure"] if how == "option" else []
+    env = {"CPCTL_INSECURE": "1"} if how == "environment" else {}
+    result = run(
+        "--json", "--timeout", "300ms", "--server", "10.0.0.1:50051", *args,
+        "flag", "get", "checkout", "new-ui", env=env,
+    )  # fmt: skip
+    assert result.exit_code == ExitCode.UNAVAILABLE, result.output
+    assert json.loads(result.stderr)["error"]["code"] in ("UNAVAILABLE", "DEADLINE_EXCEEDED")
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> TestCA:
+    return TestCA(tmp_path / "pki")
+
+
+def test_bad_tls_options_are_usage_errors_naming_the_option(pki: TestCA, tmp_path: Path) -> None:
+    client = pki.issue("client")
+    missing = tmp_path / "missing.pem"
+    cases: list[tuple[list[str], dict[str, str], str]] = [
+        (["--tls-cert", str(client.cert)], {}, "--tls-cert (a client certificate) needs its "
+         "--tls-key"),
+        (["--tls-key", str(client.key)], {}, "--tls-key (a client key) needs its certificate: "
+         "--tls-cert"),
+        (["--insecure", "--tls-ca", str(pki.cert)], {}, "--insecure (plaintext) contradicts "
+         "--tls-ca (TLS)"),
+        (["--tls-server-name", "cp.internal"], {}, "--tls-server-name applies to TLS only"),
+        (["--tls-ca", str(missing)], {}, f"cannot read --tls-ca {missing} (CA certificates): "
+         "No such file or directory"),
+        (["--tls-ca", str(client.key)], {}, "--tls-ca "),
+        # Given in the environment, the variable is what the message names.
+        ([], {"CPCTL_TLS_CA": str(missing)}, f"cannot read CPCTL_TLS_CA {missing}"),
+        ([], {"CPCTL_TLS_CERT": str(client.cert)}, "CPCTL_TLS_CERT (a client certificate) "
+         "needs its --tls-key"),
+        (["--token-file", str(missing)], {}, f"cannot read --token-file {missing} (token file)"),
+        ([], {"CPCTL_TOKEN": TOKEN, "CPCTL_TOKEN_FILE": str(client.cert)},
+         "give CPCTL_TOKEN or CPCTL_TOKEN_FILE, not both"),
+        ([], {"CPCTL_TOKEN": "two words"}, "CPCTL_TOKEN must be visible ASCII characters only"),
+    ]  # fmt: skip
+    for args, env, message in cases:
+        result = run(*args, "flag", "list", env=env)
+        assert result.exit_code == 2, (args, env, result.output)
+        assert result.stderr.startswith(f"error: {message}"), (args, env, result.stderr)
+        assert TOKEN not in result.stderr
+
+
+def test_no_token_option_exists_on_purpose() -> None:
+    result = run("--token", TOKEN, "flag", "list")
+    assert result.exit_code == 2
+    assert "No such option '--token'" in result.stderr
+    text = run("--help").stdout
+    for option in ("--tls ", "--tls-ca", "--tls-cert", "--tls-key", "--tls-server-name"):
+        assert option in text
+    for name in ("--insecure", "--token-file", "CPCTL_TOKEN_FILE", "CPCTL_TLS_CA"):
+        assert name in text
+    assert "no --token option" in " ".join(text.split())
+    assert "`ps`" in text
+
+
+def bearer_of(servicer: FakeMitigation) -> list[tuple[str, str | None]]:
+    return [(method, sent.get("authorization")) for method, sent in servicer.metadata]
+
+
+def test_the_token_goes_with_every_call_the_wait_and_the_watch(
+    server: Server, tmp_path: Path
+) -> None:
+    env = {"CPCTL_TOKEN": TOKEN}
+    result = run("--server", server.address, *SET_ARGS, "--wait", env=env)
+    assert result.exit_code == 0, result.output
+    watched = run("--server", server.address, "watch", "checkout", env=env)
+    assert watched.exit_code == 6  # the fake ends the stream
+    assert bearer_of(server.servicer) == [
+        ("SetFlag", f"Bearer {TOKEN}"),
+        ("WaitApplied", f"Bearer {TOKEN}"),
+        ("WatchChanges", f"Bearer {TOKEN}"),
+    ]
+
+    # From a file; an option given for the command wins over CPCTL_TOKEN.
+    token_file = tmp_path / "token"
+    token_file.write_text("Bearer from-the-file-42\n")
+    server.servicer.metadata.clear()
+    result = run(
+        "--server", server.address, "--token-file", str(token_file), "flag", "get", "checkout",
+        "new-ui", env=env,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert bearer_of(server.servicer) == [("GetFlag", "Bearer from-the-file-42")]
+
+    # Without a token, no authorization metadata at all.
+    server.servicer.metadata.clear()
+    assert run("--server", server.address, "flag", "get", "checkout", "new-ui").exit_code == 0
+    assert bearer_of(server.servicer) == [("GetFlag", None)]
+
+
+@pytest.mark.parametrize(
+    ("status", "details", "token", "hint"),
+    [
+        (
+            grpc.StatusCode.UNAUTHENTICATED,
+            "unknown or revoked token",
+            True,
+            "hint: the server did not accept your token (unknown, expired or revoked?): check "
+            "CPCTL_TOKEN or --token-file (CPCTL_TOKEN_FILE)",
+        ),
+        (
+            grpc.StatusCode.UNAUTHENTICATED,
+            "no credentials: send the metadata 'authorization: Bearer <token>'",
+            False,
+            "hint: no token was sent: set CPCTL_TOKEN or --token-file (CPCTL_TOKEN_FILE)",
+        ),
+        (
+            grpc.StatusCode.PERMISSION_DENIED,
+            "ro-dashboard (role viewer) may not call SetFlag: it needs the operator role",
+            True,
+            "hint: your token's role does not allow this (the message says what it takes): "
+            "use a token with that role",
+        ),
+    ],
+)
+def test_a_refused_call_exits_7_with_the_servers_details_and_a_hint(
+    server: Server, status: grpc.StatusCode, details: str, token: bool, hint: str
+) -> None:
+    server.servicer.fail["SetFlag"] = (status, details)
+    env = {"CPCTL_TOKEN": TOKEN} if token else {}
+    result = run("--server", server.address, *SET_ARGS, env=env)
+    assert result.exit_code == 7
+    error, hint_line = result.stderr.splitlines()
+    assert error == f"error: {server.address} refused the call ({status.name}): {details}"
+    assert hint_line.startswith(hint)
+    assert TOKEN not in result.stderr
+    as_json = run("--json", "--server", server.address, *SET_ARGS, env=env)
+    assert json.loads(as_json.stderr) == {
+        "error": {
+            "code": status.name,
+            "message": f"{server.address} refused the call ({status.name}): {details}",
+            "exit_code": 7,
+        }
+    }
+
+
+def test_a_refused_wait_says_the_change_is_written(server: Server) -> None:
+    denied = "ro-dashboard (role viewer) may not call WaitApplied: it needs the viewer role"
+    server.servicer.fail["WaitApplied"] = (grpc.StatusCode.PERMISSION_DENIED, denied)
+    result = run("--server", server.address, *SET_ARGS, "--wait", env={"CPCTL_TOKEN": TOKEN})
+    assert result.exit_code == 7
+    assert f"refused the call (PERMISSION_DENIED): {denied}" in result.stderr
+    assert "but --wait failed: your token's role does not allow this" in result.stderr

@@ -334,7 +334,7 @@ def test_the_next_expiry_is_the_earlier_of_the_servers_and_the_overrides() -> No
 
 
 def test_the_override_path_is_the_argument_else_the_environment_else_beside_the_cache() -> None:
-    minimal = {"CONTROLPLANE_SERVICE": "checkout", "CONTROLPLANE_SERVERS": "h:1"}
+    minimal = {"CONTROLPLANE_SERVICE": "checkout", "CONTROLPLANE_SERVERS": "127.0.0.1:1"}
     env = {**minimal, "CONTROLPLANE_OVERRIDE_PATH": "/etc/cp/override.json"}
     assert resolve_config(override_path="/arg.json", environ=env).override_path == Path("/arg.json")
     assert resolve_config(environ=env).override_path == Path("/etc/cp/override.json")

@@ -772,3 +772,108 @@ def test_state_and_health_say_when_a_break_glass_override_is_active() -> None:
     assert health["override_active"] is True
     _, plain = body(sidecar_for(static()), "/v1/state")
     assert plain["override"] is None
+
+
+# ---------------------------------------------------------------- connection security
+
+SECURITY_VARIABLES = (
+    "CONTROLPLANE_TOKEN",
+    "CONTROLPLANE_TOKEN_FILE",
+    "CONTROLPLANE_TLS",
+    "CONTROLPLANE_TLS_CA",
+    "CONTROLPLANE_TLS_CLIENT_CERT",
+    "CONTROLPLANE_TLS_CLIENT_KEY",
+    "CONTROLPLANE_TLS_SERVER_NAME",
+    "CONTROLPLANE_INSECURE",
+)
+
+
+@pytest.fixture
+def clean_security_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in (*SECURITY_VARIABLES, "CONTROLPLANE_SERVICE", "CONTROLPLANE_SERVERS"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_the_command_line_refuses_bad_connection_settings_with_status_2(
+    capsys: pytest.CaptureFixture[str], clean_security_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from tests.helpers.certs import TestCA
+
+    pki = TestCA(tmp_path / "pki")
+    client = pki.issue("client")
+    base = ["--service", "checkout", "--listen", "127.0.0.1:0"]
+    remote = [*base, "--servers", "10.0.0.5:50051"]
+    local = [*base, "--servers", "127.0.0.1:1"]
+    cases: list[tuple[list[str], str]] = [
+        (remote, "server 10.0.0.5:50051 is not on loopback"),
+        (remote, "--insecure/CONTROLPLANE_INSECURE"),
+        (remote, "--tls-ca/CONTROLPLANE_TLS_CA"),
+        ([*local, "--tls-cert", str(client.cert)],
+         "--tls-cert/CONTROLPLANE_TLS_CLIENT_CERT (a client certificate) needs its "
+         "--tls-key/CONTROLPLANE_TLS_CLIENT_KEY"),
+        ([*local, "--tls-ca", str(tmp_path / "nope.pem")],
+         f"cannot read --tls-ca/CONTROLPLANE_TLS_CA {tmp_path / 'nope.pem'}"),
+        ([*remote, "--insecure", "--tls"],
+         "--insecure/CONTROLPLANE_INSECURE (plaintext) contradicts --tls/CONTROLPLANE_TLS"),
+        ([*local, "--token-file", str(tmp_path / "none")],
+         "cannot read --token-file/CONTROLPLANE_TOKEN_FILE"),
+        ([*local, "--tls-server-name", "cp.internal"], "applies to TLS only"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        code, err = run_main(argv, capsys)
+        assert code == 2 and message in err, (argv, err)
+    # The environment counts as the option; a token from the environment is checked too.
+    clean_security_env.setenv("CONTROLPLANE_TOKEN", "has a space")
+    code, err = run_main(local, capsys)
+    assert code == 2 and "CONTROLPLANE_TOKEN must be visible ASCII" in err
+    assert "has a space" not in err
+    clean_security_env.delenv("CONTROLPLANE_TOKEN")
+    clean_security_env.setenv("CONTROLPLANE_TLS_CLIENT_KEY", str(client.key))
+    code, err = run_main(local, capsys)
+    assert code == 2 and "needs its certificate: --tls-cert" in err
+
+
+def test_the_connection_settings_reach_the_agent(
+    clean_security_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from tests.helpers.certs import TestCA
+
+    pki = TestCA(tmp_path / "pki")
+    client = pki.issue("client")
+    token_file = tmp_path / "token"
+    token_file.write_text("sidecar-token-0123456789\n")
+    options = SidecarOptions(
+        service="checkout",
+        servers=("cp.internal:443",),
+        listen="127.0.0.1:0",
+        token_file=token_file,
+        tls_ca=pki.cert,
+        tls_cert=client.cert,
+        tls_key=client.key,
+        tls_server_name="cp.example",
+    )
+    sidecar = Sidecar(options)
+    security = sidecar.agent._client.config.security  # type: ignore[attr-defined]
+    assert (security.token_file, security.ca, security.cert, security.key) == (
+        token_file,
+        pki.cert,
+        client.cert,
+        client.key,
+    )
+    assert security.server_name == "cp.example"
+    assert security.metadata() == (("authorization", "Bearer sidecar-token-0123456789"),)
+    sidecar.agent.close()  # never started: nothing to stop
+    # The token itself, given programmatically, is not in the options' repr.
+    secret = SidecarOptions(service="checkout", token="sidecar-secret-42")
+    assert "sidecar-secret-42" not in repr(secret)
+
+
+def test_the_help_names_the_connection_options(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for name in (*SECURITY_VARIABLES[1:], "--token-file", "--tls-ca", "--insecure"):
+        assert name in text, name
+    joined = " ".join(text.split())
+    assert "Or put the token in CONTROLPLANE_TOKEN; there is no --token option" in joined
