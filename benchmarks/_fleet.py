@@ -13,13 +13,14 @@ when a process fails.
 from __future__ import annotations
 
 import json
+import os
 import queue
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -46,6 +47,8 @@ class AgentFleet:
         ready_timeout: Seconds each process waits for its agents to be READY.
         name: Instance id prefix (``<name>-<process>-<index>``).
         record: Flags whose values every change records (the ``history`` command).
+        env: Environment variables for the processes, over this process's (e.g. the
+            SDK's ``CONTROLPLANE_TLS_CA`` and ``CONTROLPLANE_TOKEN``).
     """
 
     def __init__(
@@ -58,8 +61,10 @@ class AgentFleet:
         ready_timeout: float = 120.0,
         name: str = "bench",
         record: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.servers = list(servers)
+        self.env = {**os.environ, **(env or {})}
         self.record = list(record)
         self.service = service
         self.counts = split(agents, processes)
@@ -115,6 +120,7 @@ class AgentFleet:
                     stdout=subprocess.PIPE,
                     stderr=log,
                     text=True,
+                    env=self.env,
                 )
             answers: queue.Queue[dict[str, Any] | None] = queue.Queue()
             assert proc.stdout is not None

@@ -15,16 +15,26 @@ server CPU time per agent per change (from /proc, over the measured flips only;
 measured on a scope no agent serves); the agents' processes' CPU per agent per
 change. Writes ``benchmarks/results/propagation.json``.
 
+``--secure`` runs as production does: the server serves TLS (a certificate made for
+the run) and checks bearer tokens from an auth file; every agent verifies the server
+and sends its agent token, the driver an operator token.
+
     python -m benchmarks.bench_propagation [--agents 100,1000,5000] [--flips 50]
-        [--processes 4] [--warmup 3] [--gap 0.05] [--profile server.txt]
+        [--processes 4] [--warmup 3] [--gap 0.05] [--profile server.txt] [--secure]
 """
 
 from __future__ import annotations
 
 import argparse
 import bisect
+import json
 import os
+import secrets
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +56,7 @@ from benchmarks._harness import (
 from controlplane.api.v1 import mitigation_pb2 as m
 from controlplane.api.v1 import mitigation_pb2_grpc
 from controlplane.api.v1 import types_pb2 as t
+from controlplane.transport import ClientSecurity
 
 SERVICE = "bench"
 FLAG = "bench-flag"
@@ -59,17 +70,67 @@ WAIT_TIMEOUT = 60.0
 OPTIONS = t.WriteOptions(reason="benchmark", incident="BENCH-1", actor="bench")
 
 
+@dataclass
+class _Security:
+    """TLS and tokens for a ``--secure`` run, made in a temporary folder."""
+
+    server_args: list[str]
+    agent_env: dict[str, str]
+    client: ClientSecurity
+
+
+@contextmanager
+def _secure(enabled: bool) -> Iterator[_Security | None]:
+    if not enabled:
+        yield None
+        return
+    # Certificates come from the test helper (the cryptography package, a dev dependency).
+    from controlplane.auth import hash_token
+    from tests.helpers.certs import TestCA
+
+    with tempfile.TemporaryDirectory(prefix="cp-bench-tls-") as folder:
+        ca = TestCA(Path(folder) / "pki")
+        cert = ca.server_cert()
+        agent_token, operator_token = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+        auth = Path(folder) / "auth.json"
+        auth.write_text(
+            json.dumps(
+                {
+                    "identities": [
+                        {"name": "bench-agents", "role": "agent", "services": [SERVICE],
+                         "token_sha256": hash_token(agent_token)},
+                        {"name": "bench-driver", "role": "admin",
+                         "token_sha256": hash_token(operator_token)},
+                    ]
+                }
+            )
+        )  # fmt: skip
+        yield _Security(
+            server_args=[
+                "--tls-cert",
+                str(cert.cert),
+                "--tls-key",
+                str(cert.key),
+                "--auth-file",
+                str(auth),
+            ],
+            agent_env={"CONTROLPLANE_TLS_CA": str(ca.cert), "CONTROLPLANE_TOKEN": agent_token},
+            client=ClientSecurity(ca=ca.cert, token=operator_token),
+        )
+
+
 class _Driver:
     """The writes and waits of one case, through one channel."""
 
-    def __init__(self, channel: grpc.Channel) -> None:
+    def __init__(self, channel: grpc.Channel, metadata: tuple[tuple[str, str], ...] = ()) -> None:
         self.stub = mitigation_pb2_grpc.MitigationServiceStub(channel)
+        self.metadata = metadata
 
     def set_flag(self, scope: str, value: bool) -> int:
         request = m.SetFlagRequest(
             scope=scope, name=FLAG, value=t.FlagValue(bool_value=value), options=OPTIONS
         )
-        response = self.stub.SetFlag(request, timeout=10)
+        response = self.stub.SetFlag(request, timeout=10, metadata=self.metadata)
         if not response.result.changed:
             raise RuntimeError(f"SetFlag {scope}/{FLAG}={value} changed nothing")
         return int(response.result.revision)
@@ -78,7 +139,9 @@ class _Driver:
         request = m.WaitAppliedRequest(
             service=SERVICE, revision=revision, timeout=Duration(seconds=int(WAIT_TIMEOUT))
         )
-        response: m.WaitAppliedResponse = self.stub.WaitApplied(request, timeout=WAIT_TIMEOUT + 5)
+        response: m.WaitAppliedResponse = self.stub.WaitApplied(
+            request, timeout=WAIT_TIMEOUT + 5, metadata=self.metadata
+        )
         return response
 
 
@@ -98,17 +161,24 @@ def _run_case(
     gap: float,
     profile: Path | None,
     native: bool,
+    secure: bool = False,
 ) -> dict[str, Any]:
     with (
-        control_server() as server,
-        grpc.insecure_channel(server.address) as channel,
+        _secure(secure) as security,
+        control_server(security.server_args if security else ()) as server,
+        (security.client if security else ClientSecurity()).channel(server.address) as channel,
     ):
-        driver = _Driver(channel)
+        driver = _Driver(channel, security.client.metadata() if security else ())
         value = False
         driver.set_flag(SERVICE, value)
         driver.set_flag(BASELINE_SCOPE, value)
         with AgentFleet(
-            [server.address], SERVICE, agents=agents, processes=processes, name="prop"
+            [server.address],
+            SERVICE,
+            agents=agents,
+            processes=processes,
+            name="prop",
+            env=security.agent_env if security else None,
         ) as fleet:
             ready = sum(r["ready"] for r in fleet.ready)
             failures: list[str] = []
@@ -173,6 +243,7 @@ def _run_case(
         failures.append(f"{missing} (agent, flip) arrivals missing")
     return {
         "agents": agents,
+        "secure": secure,
         "processes": len(fleet.counts),
         "flips": flips,
         "connect_seconds": max(r["seconds"] for r in fleet.ready),
@@ -233,12 +304,13 @@ def run(
     out_dir: Path = RESULTS_DIR,
     profile: Path | None = None,
     native: bool = False,
+    secure: bool = False,
 ) -> dict[str, Any]:
     """Run every size on a fresh server; print the table, write and return the results."""
     results: dict[str, Any] = {
         "benchmark": "propagation",
         "machine": machine(),
-        "tls": "not run: neither the server nor the agent SDK has a TLS option yet",
+        "secure": secure,
         "cases": [],
     }
     profiles: list[Path] = []
@@ -248,7 +320,7 @@ def run(
             profile_path = profile.with_name(f"{profile.stem}-{agents}{profile.suffix}")
             profiles += [profile_path, profile_path.with_name(f"{profile_path.stem}-agents.txt")]
         results["cases"].append(
-            _run_case(agents, flips, processes, warmup, gap, profile_path, native)
+            _run_case(agents, flips, processes, warmup, gap, profile_path, native, secure)
         )
     print_table(
         [
@@ -268,7 +340,7 @@ def run(
     for case in results["cases"]:
         for failure in case["failures"][:5]:
             print(f"  {case['agents']} agents: {failure}")
-    path = write_results("propagation", results, out_dir)
+    path = write_results("propagation-secure" if secure else "propagation", results, out_dir)
     print(f"results: {path}")
     for profile_path in profiles:
         print(_profile.report(profile_path, top=15))
@@ -292,11 +364,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--native", action="store_true", help="with --profile: C frames too (gRPC core)"
     )
+    parser.add_argument(
+        "--secure", action="store_true", help="TLS and bearer tokens, as in production"
+    )
     args = parser.parse_args(argv)
     sizes = [int(a) for a in args.agents.split(",")]
     run(
         sizes, args.flips, args.processes, args.warmup, args.gap, args.out, args.profile,
-        args.native,
+        args.native, args.secure,
     )  # fmt: skip
 
 

@@ -53,6 +53,17 @@ def test_propagation_benchmark_sees_every_flip_at_every_agent(tmp_path: Path) ->
     _written(tmp_path, "propagation", results)
 
 
+def test_propagation_benchmark_runs_secure_with_tls_and_tokens(tmp_path: Path) -> None:
+    results = bench_propagation.run(
+        [3], flips=2, processes=1, warmup=1, gap=0.01, out_dir=tmp_path, secure=True
+    )
+    [case] = results["cases"]
+    assert case["secure"] is True
+    assert case["failures"] == []
+    assert case["missing"] == 0
+    _written(tmp_path, "propagation-secure", results)
+
+
 def test_hotpath_benchmark_times_every_read(tmp_path: Path) -> None:
     results = bench_hotpath.run(repeat=1, number=200, out_dir=tmp_path)
     _machine(results)
