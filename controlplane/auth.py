@@ -39,12 +39,13 @@ import contextvars
 import enum
 import hashlib
 import hmac
+import inspect
 import json
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 import structlog
@@ -554,7 +555,7 @@ class AuthInterceptor(_Interceptor):
 
     async def _deny(
         self, method: str, context: grpc.aio.ServicerContext[Any, Any], error: AuthError
-    ) -> None:
+    ) -> NoReturn:
         if self.on_denied is not None:
             self.on_denied(_method_name(method), error.code.name)
         log.info(
@@ -565,119 +566,76 @@ class AuthInterceptor(_Interceptor):
             peer=context.peer(),
         )
         await context.abort(error.code, error.message)
+        raise AssertionError("context.abort returned")  # pragma: no cover
+
+    @contextlib.asynccontextmanager
+    async def _admitted(
+        self, method: str, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[None]:
+        """Run the handler inside: with the caller's identity in :data:`current_identity`
+        and, for a long-lived stream, one of its identity's places (which a reload
+        revoking the credential ends with UNAUTHENTICATED). A refusal aborts the call."""
+        try:
+            admitted = self._admit(method, context)
+        except AuthError as error:
+            await self._deny(method, context, error)
+        if admitted is None:  # an open method (health checks)
+            yield
+            return
+        identity, credential = admitted
+        token = current_identity.set(identity)
+        try:
+            if method not in STREAMING_METHODS:
+                yield
+                return
+            try:
+                held = self.streams.hold(identity, credential)
+                stream = held.__enter__()
+            except AuthError as error:
+                await self._deny(method, context, error)
+            try:
+                yield
+            except asyncio.CancelledError:
+                if stream.revoked is None:
+                    raise
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, stream.revoked)
+            finally:
+                held.__exit__(None, None, None)
+        finally:
+            current_identity.reset(token)
 
     def _wrap(self, method: str, handler: Handler) -> Handler:
-        admit, deny, streams = self._admit, self._deny, self.streams
-        counted = method in STREAMING_METHODS
-
-        async def run(
-            behaviour: Behaviour, request: Any, context: grpc.aio.ServicerContext[Any, Any]
-        ) -> Any:
-            try:
-                admitted = admit(method, context)
-            except AuthError as error:
-                await deny(method, context, error)
-                return None
-            if admitted is None:
-                return await behaviour(request, context)
-            identity, credential = admitted
-            token = current_identity.set(identity)
-            try:
-                if not counted:
-                    return await behaviour(request, context)
-                try:
-                    held = streams.hold(identity, credential)
-                    stream = held.__enter__()
-                except AuthError as error:
-                    await deny(method, context, error)
-                    return None
-                try:
-                    return await behaviour(request, context)
-                except asyncio.CancelledError:
-                    if stream.revoked is None:
-                        raise
-                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, stream.revoked)
-                finally:
-                    held.__exit__(None, None, None)
-            finally:
-                current_identity.reset(token)
-
-        async def run_streaming(
-            behaviour: Behaviour, request: Any, context: grpc.aio.ServicerContext[Any, Any]
-        ) -> AsyncIterator[Any]:
-            try:
-                admitted = admit(method, context)
-            except AuthError as error:
-                await deny(method, context, error)
-                return
-            if admitted is None:
-                async for response in behaviour(request, context):
-                    yield response
-                return
-            identity, credential = admitted
-            token = current_identity.set(identity)
-            try:
-                if not counted:
-                    async for response in behaviour(request, context):
-                        yield response
-                    return
-                try:
-                    held = streams.hold(identity, credential)
-                    stream = held.__enter__()
-                except AuthError as error:
-                    await deny(method, context, error)
-                    return
-                try:
-                    async for response in behaviour(request, context):
-                        yield response
-                except asyncio.CancelledError:
-                    if stream.revoked is None:
-                        raise
-                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, stream.revoked)
-                finally:
-                    held.__exit__(None, None, None)
-            finally:
-                current_identity.reset(token)
-
-        return _rebuild(handler, run, run_streaming)
-
-
-def _rebuild(
-    handler: Handler,
-    run: Callable[[Behaviour, Any, Any], Awaitable[Any]],
-    run_streaming: Callable[[Behaviour, Any, Any], AsyncIterator[Any]],
-) -> Handler:
-    """``handler`` with its behaviour run through ``run`` (``run_streaming`` for an
-    async-generator behaviour)."""
-    import inspect
-
-    kinds = (
-        ("unary_unary", grpc.unary_unary_rpc_method_handler),
-        ("unary_stream", grpc.unary_stream_rpc_method_handler),
-        ("stream_unary", grpc.stream_unary_rpc_method_handler),
-        ("stream_stream", grpc.stream_stream_rpc_method_handler),
-    )
-    for attribute, make in kinds:
-        behaviour = getattr(handler, attribute)
-        if behaviour is None:
-            continue
-        if inspect.isasyncgenfunction(behaviour):
-
-            async def streaming(
-                request: Any, context: Any, _b: Behaviour = behaviour
-            ) -> AsyncIterator[Any]:
-                async for response in run_streaming(_b, request, context):
-                    yield response
-
-            new: Behaviour = streaming
-        else:
-
-            async def new(request: Any, context: Any, _b: Behaviour = behaviour) -> Any:
-                return await run(_b, request, context)
-
-        return make(
-            new,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
+        """``handler`` with its behaviour run inside :meth:`_admitted`."""
+        admitted = self._admitted
+        kinds = (
+            ("unary_unary", grpc.unary_unary_rpc_method_handler),
+            ("unary_stream", grpc.unary_stream_rpc_method_handler),
+            ("stream_unary", grpc.stream_unary_rpc_method_handler),
+            ("stream_stream", grpc.stream_stream_rpc_method_handler),
         )
-    return handler
+        for attribute, make in kinds:
+            behaviour = getattr(handler, attribute)
+            if behaviour is None:
+                continue
+            if inspect.isasyncgenfunction(behaviour):
+
+                async def streaming(
+                    request: Any, context: Any, _b: Behaviour = behaviour
+                ) -> AsyncIterator[Any]:
+                    async with admitted(method, context):
+                        async for response in _b(request, context):
+                            yield response
+
+                new: Behaviour = streaming
+            else:
+
+                async def new(request: Any, context: Any, _b: Behaviour = behaviour) -> Any:
+                    async with admitted(method, context):
+                        return await _b(request, context)
+
+            return make(
+                new,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
