@@ -1166,7 +1166,8 @@ def _report(error: click.ClickException, as_json: bool) -> int:
     default=_default_actor,
     show_default="your OS user",
     show_envvar=True,
-    help="Who makes the change, for the audit log (until the server authenticates callers).",
+    help="Who makes the change, for the audit log; a server that authenticates callers "
+    "records the token's identity instead.",
 )
 @click.option(
     "--json",

@@ -260,6 +260,12 @@ ALLOWED: dict[str, set[str]] = {
     "UnmarkKnownGood": ADMIN,
 }
 CALLERS = ["none", "wrong", "viewer", "agent", "operator", "admin"]
+# How the server words the roles an RPC needs ("...: it needs the <roles> role").
+ROLES_NEEDED = {
+    frozenset(ADMIN): "admin",
+    frozenset(WRITE): "operator or admin",
+    frozenset(READ): "viewer, operator or admin",
+}
 
 
 def expected_code(rpc: str, caller: str) -> grpc.StatusCode:
@@ -303,11 +309,7 @@ async def test_every_rpc_for_every_caller_gets_the_exact_code(
                 continue
             if got == grpc.StatusCode.PERMISSION_DENIED:
                 # The message says which role is needed, and never echoes a token.
-                roles = {
-                    frozenset(ADMIN): "admin",
-                    frozenset(WRITE): "operator or admin",
-                    frozenset(READ): "viewer, operator or admin",
-                }[frozenset(ALLOWED[rpc])]
+                roles = ROLES_NEEDED[frozenset(ALLOWED[rpc])]
                 assert details.endswith(f"needs the {roles} role"), (rpc, caller, details)
             for secret in (*TOKENS.values(), WRONG_TOKEN):
                 assert secret not in details

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
 import subprocess
@@ -27,6 +28,11 @@ CPCTL = Path(sys.executable).parent / "cpctl"
 Run = Callable[..., Coroutine[Any, Any, subprocess.CompletedProcess[str]]]
 
 
+def clean_env() -> dict[str, str]:
+    """This process's environment without the CPCTL_* settings a developer may have."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("CPCTL_")}
+
+
 @pytest.fixture
 def cpctl(server: ControlServer) -> Run:
     """Run the installed cpctl console script against the test's server."""
@@ -37,7 +43,7 @@ def cpctl(server: ControlServer) -> Run:
         # A subprocess of the event loop: the server runs on the same loop and must keep serving.
         argv = [str(CPCTL), "--server", server_list or server.address, "--actor", "oncall", *args]
         proc = await asyncio.create_subprocess_exec(
-            *argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            *argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env()
         )
         stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode is not None
@@ -524,10 +530,13 @@ class Watch:
         self.proc = proc
 
     @classmethod
-    async def start(cls, address: str, *args: str) -> Watch:
+    async def start(cls, address: str, *args: str, token: str | None = None) -> Watch:
+        env = clean_env()
+        if token is not None:
+            env["CPCTL_TOKEN"] = token
         proc = await asyncio.create_subprocess_exec(
             str(CPCTL), "--server", address, *args,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
         )  # fmt: skip
         return cls(proc)
 
