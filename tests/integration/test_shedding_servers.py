@@ -297,13 +297,27 @@ def send_requests(client: HttpClient, order: list[str], pids: set[str] | None = 
     return tally
 
 
-def probe_requests(client: HttpClient, criticality: str, *, shed: bool, since: float) -> float:
-    """GET until one reply is (or is not) a 503; the seconds since ``since``."""
+def probe_requests(
+    client: HttpClient,
+    criticality: str,
+    *,
+    shed: bool,
+    since: float,
+    workers: set[str] | None = None,
+) -> float:
+    """GET until a reply is (or is not) a 503, from each of ``workers`` (by their
+    ``X-Worker-Pid``) when given; the seconds since ``since``."""
+    waiting = set(workers) if workers else {"any"}
     while True:
-        if (client.get("/", criticality).status == 503) is shed:
-            return time.monotonic() - since
+        reply = client.get("/", criticality)
+        if (reply.status == 503) is shed:
+            waiting.discard(reply.headers.get("x-worker-pid", "any") if workers else "any")
+            if not waiting:
+                return time.monotonic() - since
         if time.monotonic() - since > PROBE_LIMIT:
-            raise AssertionError(f"no {criticality} request {'shed' if shed else 'admitted'}")
+            raise AssertionError(
+                f"no {criticality} request {'shed' if shed else 'admitted'} by {sorted(waiting)}"
+            )
 
 
 def assert_shed_reply(reply: Reply, level: str, criticality: str) -> None:
@@ -425,7 +439,7 @@ async def test_wsgi_app_under_gunicorn_with_real_agents(
             )
         )
         to_thirty = await asyncio.to_thread(
-            probe_requests, client, "SHEDDABLE", shed=True, since=start
+            probe_requests, client, "SHEDDABLE", shed=True, since=start, workers=pids
         )
         answered: set[str] = set()
         thirty = await asyncio.to_thread(
@@ -438,10 +452,10 @@ async def test_wsgi_app_under_gunicorn_with_real_agents(
 
         start = time.monotonic()
         await stub.ClearShedding(m.ClearSheddingRequest(service=SERVICE, options=write_options()))
-        # Every SHEDDABLE request was shed at the level before: the first one admitted
-        # is the change.
+        # Every SHEDDABLE request was shed at the level before: the first one each
+        # worker admits is the change reaching it.
         to_none = await asyncio.to_thread(
-            probe_requests, client, "SHEDDABLE", shed=False, since=start
+            probe_requests, client, "SHEDDABLE", shed=False, since=start, workers=pids
         )
         after = await asyncio.to_thread(send_requests, client, plan("SHEDDABLE", 300))
     assert before == {("SHEDDABLE", False): 300}
