@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeAlias
 
-from google.protobuf import timestamp_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 
 from controlplane.api.v1 import types_pb2 as pb
 from controlplane.errors import InvalidArgumentError
@@ -150,15 +150,28 @@ def _check_json(value: Any, field_name: str, depth: int) -> None:
         for k, v in value.items():
             if not isinstance(k, str):
                 raise InvalidArgumentError(field_name, "JSON object keys must be strings")
+            _check_unicode(k, field_name)
             _check_json(v, field_name, depth + 1)
     elif isinstance(value, list):
         for v in value:
             _check_json(v, field_name, depth + 1)
+    elif isinstance(value, str):
+        _check_unicode(value, field_name)
     elif isinstance(value, float):
         if not math.isfinite(value):
             raise InvalidArgumentError(field_name, "JSON numbers must be finite")
     elif value is not None and not isinstance(value, bool | int | str):
         raise InvalidArgumentError(field_name, f"{type(value).__name__} is not a JSON value")
+
+
+def _check_unicode(text: str, field_name: str) -> None:
+    # "\ud800" parses to a lone surrogate, which no UTF-8 record can hold.
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise InvalidArgumentError(
+            field_name, "JSON strings must be valid Unicode (a lone surrogate escape)"
+        ) from None
 
 
 def _reject_constant(name: str) -> Any:
@@ -240,8 +253,23 @@ def parse_time(text: str) -> datetime:
 
 
 def timestamp_to_datetime(ts: timestamp_pb2.Timestamp) -> datetime:
-    """A protobuf Timestamp as an aware UTC datetime."""
-    return datetime.fromtimestamp(ts.seconds, UTC) + timedelta(microseconds=ts.nanos // 1000)
+    """A protobuf Timestamp as an aware UTC datetime.
+
+    Raises:
+        ValueError: a time datetime cannot hold (out of range on this platform).
+    """
+    try:
+        return datetime.fromtimestamp(ts.seconds, UTC) + timedelta(microseconds=ts.nanos // 1000)
+    except (OverflowError, OSError) as exc:
+        raise ValueError(f"time {ts.seconds}s is out of range") from exc
+
+
+def duration_to_timedelta(msg: duration_pb2.Duration, field_name: str) -> timedelta:
+    """A request's Duration as a timedelta; INVALID_ARGUMENT when timedelta cannot hold it."""
+    try:
+        return msg.ToTimedelta()
+    except (OverflowError, ValueError):
+        raise InvalidArgumentError(field_name, "is not a valid duration") from None
 
 
 def datetime_to_timestamp(value: datetime) -> timestamp_pb2.Timestamp:
@@ -294,7 +322,7 @@ def write_options_from_proto(
     if (has_ttl or has_until) and not allow_expiry:
         raise InvalidArgumentError("options", "this write cannot expire (no ttl or expires_at)")
     if has_ttl:
-        ttl = msg.ttl.ToTimedelta()
+        ttl = duration_to_timedelta(msg.ttl, "options.ttl")
         if ttl <= timedelta(0):
             raise InvalidArgumentError("options.ttl", "must be positive")
         if ttl > MAX_TTL:

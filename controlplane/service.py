@@ -626,7 +626,9 @@ class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
         if request.revision <= 0:
             raise InvalidArgumentError("revision", "must be a positive etcd revision")
         timeout = (
-            request.timeout.ToTimedelta().total_seconds() if request.HasField("timeout") else 10.0
+            model.duration_to_timedelta(request.timeout, "timeout").total_seconds()
+            if request.HasField("timeout")
+            else 10.0
         )
         if not 0 < timeout <= 300:
             raise InvalidArgumentError("timeout", "must be more than 0 and at most 300 s")
@@ -830,8 +832,12 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             peer=context.peer(),
         )
         self.presence.connect(instance)
-        if hello.HasField("override"):
-            await self._override(instance, hello.override)
+        try:
+            if hello.HasField("override"):
+                await self._override(instance, hello.override)
+        except BaseException:
+            self.presence.disconnect(instance)
+            raise
         # A feed made before the hub read the state would claim a history it lacks.
         await self.hub.ready.wait()
         feed = self.hub.feed(instance.service)
@@ -845,7 +851,21 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         )
         # The agent closing its side ends the stream (a cancel does that by itself).
         handler = asyncio.current_task()
-        reader.add_done_callback(lambda _: handler.cancel() if handler is not None else None)
+        reader_ended = False
+
+        def on_reader_done(task: asyncio.Task[None]) -> None:
+            nonlocal reader_ended
+            reader_ended = not task.cancelled()
+            if reader_ended and task.exception() is not None:
+                log.error(
+                    "ack_reader_failed",
+                    instance_id=instance.instance_id,
+                    error=repr(task.exception()),
+                )
+            if handler is not None:
+                handler.cancel()
+
+        reader.add_done_callback(on_reader_done)
         code = "OK"
         try:
             sent = await self._first(context, instance, feed, hello.last_applied_revision)
@@ -873,6 +893,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                         if appended is not None:
                             self.metrics.stream_write_seconds.observe(time.monotonic() - appended)
         except asyncio.CancelledError:
+            # The agent closed its side (the reader ended and cancelled us): end the call
+            # with OK rather than leave it without a status.
+            if reader_ended and handler is not None and handler.uncancel() == 0:
+                return
             code = "CANCELLED"
             raise
         except ControlPlaneError as exc:
@@ -971,13 +995,13 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             try:
                 parsed = json.loads(override.content_json)
                 content = parsed if isinstance(parsed, dict) else {"content": parsed}
-            except ValueError:
+                json.dumps(content, ensure_ascii=False).encode()  # lone surrogates
+            except (ValueError, RecursionError):
                 content = {"content": override.content_json[:4096]}
-        expires = (
-            model.timestamp_to_datetime(override.expires_at)
-            if override.HasField("expires_at")
-            else None
-        )
+        expires = None
+        if override.HasField("expires_at"):
+            with contextlib.suppress(ValueError):
+                expires = model.timestamp_to_datetime(override.expires_at)
         actor, reason = _override_audit(override.actor[:256], override.reason[:1024])
         try:
             with self.hub.store.budget(self.hub.store.etcd_timeout):

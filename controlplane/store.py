@@ -1931,10 +1931,11 @@ class Store:
         """
         if entry.after is None:
             return top is None
+        meta = entry.after.get("meta") or {}
         return (
             top is not None
-            and top.meta.bundle_id == bundle.id
-            and model.format_time(top.meta.set_at) == entry.after["meta"]["set_at"]
+            and top.meta.bundle_id == (meta.get("bundle_id") or "")
+            and model.format_time(top.meta.set_at) == meta.get("set_at")
         )
 
     def _view(
