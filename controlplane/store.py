@@ -211,6 +211,10 @@ class _Current:
     invalid: bytes | None = None
 
 
+_KNOWN_MAX = 10_000
+"""Keys a store remembers as it last saw them (for writes without a read first)."""
+
+
 @dataclass(slots=True)
 class Plan:
     """One key's part of a write: where, and how to decide the new record."""
@@ -503,6 +507,10 @@ class Store:
         self._auth_off_logged = False
         self._current = 0
         self._last_good: dict[str, Any] = {}
+        # Each key as this server last read or wrote it: a write builds its transaction
+        # on it without reading first; the transaction's compare-and-set on the mod
+        # revision catches another writer, and the write is then made again on a read.
+        self._known: dict[str, _Current] = {}
         self._key_locks: dict[str, _KeyLock] = {}
 
     # -- lifecycle ---------------------------------------------------------
@@ -1259,10 +1267,13 @@ class Store:
         response = await self._range(self._abs(key.path))
         if not response.kvs:
             self._last_good.pop(key.path, None)
-            return _Current(None, 0)
-        kv = response.kvs[0]
-        record, valid = await self._decode(key, kv.value, kv.mod_revision)
-        return _Current(record, int(kv.mod_revision), None if valid else bytes(kv.value))
+            current = _Current(None, 0)
+        else:
+            kv = response.kvs[0]
+            record, valid = await self._decode(key, kv.value, kv.mod_revision)
+            current = _Current(record, int(kv.mod_revision), None if valid else bytes(kv.value))
+        self._know(key.path, current)
+        return current
 
     async def _read_prefix(self, path_prefix: str) -> tuple[list[tuple[_Key, Any, int]], int]:
         start = self._abs(path_prefix)
@@ -1390,27 +1401,56 @@ class Store:
                     self._key_locks.pop(path, None)
 
     async def write(self, plan: Plan, opts: WriteOptions) -> WriteOutcome[Any]:
-        """Apply one key's write: read, decide, and one compare-and-set transaction."""
+        """Apply one key's write: decide on the key as known (read it if need be), and
+        one compare-and-set transaction."""
         async with self._locked([plan.key.path]):
+            known = self._known_for(plan.key, opts)
             for attempt in range(_MAX_CAS_ATTEMPTS):
-                if attempt:
+                if attempt and known is None:
                     await asyncio.sleep(random.uniform(0, min(0.2, 0.005 * 2**attempt)))  # noqa: S311 (jitter)
-                outcome = await self._write_once(plan, opts)
+                outcome = await self._write_once(plan, opts, known)
                 if outcome is not None:
                     return outcome
+                # What this server knew was stale (another writer): read from now on.
+                known = None
         raise UnavailableError(
             f"{self.prefix + plan.key.path} is being changed by others too often: "
             f"gave up after {_MAX_CAS_ATTEMPTS} attempts; try again"
         )
 
-    async def _write_once(self, plan: Plan, opts: WriteOptions) -> WriteOutcome[Any] | None:
+    def _known_for(self, key: _Key, opts: WriteOptions) -> _Current | None:
+        """The key as this server last saw it, where a write may start from that.
+
+        Not for dry runs (they report, with no transaction to check what they read) nor
+        for a caller's own compare-and-set (its revision is compared with etcd's)."""
+        if opts.dry_run or opts.expected_mod_revision is not None:
+            return None
+        return self._known.get(key.path)
+
+    def _know(self, path: str, current: _Current | None) -> None:
+        if current is None or current.invalid is not None:
+            self._known.pop(path, None)
+            return
+        if len(self._known) >= _KNOWN_MAX and path not in self._known:
+            self._known.clear()
+        self._known[path] = current
+
+    async def _write_once(
+        self, plan: Plan, opts: WriteOptions, known: _Current | None = None
+    ) -> WriteOutcome[Any] | None:
         key = plan.key
-        stored = await self._read(key)
+        now = model.utcnow()
+        stored = known
+        decision = plan.decide(known.record, now, opts) if known is not None else None
+        if decision is None or not decision.changed:
+            # Only a successful transaction confirms what was known; "nothing to change"
+            # is said on what etcd holds now.
+            stored = await self._read(key)
+            decision = plan.decide(stored.record, now, opts)
+        assert stored is not None
         expected = opts.expected_mod_revision
         if expected is not None and expected != stored.mod_revision:
             raise ConflictError(self.prefix + key.path, expected, stored.mod_revision)
-        now = model.utcnow()
-        decision = plan.decide(stored.record, now, opts)
         if not opts.incident and decision.action.endswith(".clear") and stored.record is not None:
             # Clearing an incident's mitigation belongs to that incident's timeline.
             opts = replace(opts, incident=stored.record.meta.incident)
@@ -1445,12 +1485,14 @@ class Store:
         compare = self._unchanged_since(key.path, stored.mod_revision)
         response = await self._txn([compare], ops)
         if not response.succeeded:
+            self._know(key.path, None)
             if expected is not None:
                 now_stored = await self._read(key)
                 raise ConflictError(self.prefix + key.path, expected, now_stored.mod_revision)
             return None
         revision = int(response.header.revision)
         self._remember(key.path, decision.new)
+        self._know(key.path, _Current(decision.new, revision if decision.new is not None else 0))
         self._log_change(decision, audit, revision, opts)
         return WriteOutcome(
             changed=True, revision=revision,

@@ -573,3 +573,41 @@ async def test_history_pages_past_one_etcd_range(
     got = await stub.ListHistory(m.ListHistoryRequest(service="checkout", limit=1000))
     assert len(got.entries) == 300
     assert [e.id for e in got.entries][:2] == ["599", "597"]
+
+
+async def test_a_replica_never_decides_on_what_another_replica_changed_since(
+    server: ControlServer, stub: Stub, raw_etcd: RawEtcd, prefix: str
+) -> None:
+    """A server writes on the key as it last saw it (no read first); another replica's
+    write in between must neither be overwritten blindly nor taken for "no change"."""
+    from prometheus_client import CollectorRegistry
+
+    from tests.integration.conftest import server_config
+
+    assert server.etcd_endpoints
+    other = ControlServer(
+        server_config(server.etcd_endpoints[0], prefix), registry=CollectorRegistry()
+    )
+    await other.start()
+    try:
+        async with grpc.aio.insecure_channel(other.address) as channel:
+            elsewhere = mitigation_pb2_grpc.MitigationServiceStub(channel)
+            first = await set_flag(stub, "checkout", "mode", t.FlagValue(string_value="a"))
+            assert first.result.changed
+            # The other replica changes it; this one still knows "a".
+            await set_flag(elsewhere, "checkout", "mode", t.FlagValue(string_value="b"))
+            # Setting "a" again is a change (etcd holds "b"), not "unchanged".
+            again = await set_flag(stub, "checkout", "mode", t.FlagValue(string_value="a"))
+            assert again.result.changed
+            assert again.previous.value.string_value == "b"
+            # And a different value replaces "c" over "b", with "b" as what it replaced.
+            await set_flag(elsewhere, "checkout", "mode", t.FlagValue(string_value="c"))
+            third = await set_flag(stub, "checkout", "mode", t.FlagValue(string_value="d"))
+            assert third.previous.value.string_value == "c"
+    finally:
+        await other.stop(grace=0)
+    audits = [a for a in await audit_records(raw_etcd, prefix) if a["name"] == "mode"]
+    befores = [(a["before"] or {}).get("value") for a in audits]
+    afters = [a["after"]["value"] for a in audits]
+    assert afters == ["a", "b", "a", "c", "d"]
+    assert befores == [None, "a", "b", "a", "c"]
