@@ -24,7 +24,7 @@ import signal
 import socket
 import ssl
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -249,6 +249,7 @@ class ControlServer:
             if config.metrics
             else None,
             authentication=self.security_summary,
+            event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
         )
         if tls is None and not is_loopback_target(config.listen):
             log.warning(
@@ -799,7 +800,7 @@ def serve(
     )
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(_serve(config))
+            _run(_serve(config))
     except (ServerConfigError, AuthFileError) as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -829,6 +830,21 @@ def _etcd_security(
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+
+
+def _run(main: Coroutine[Any, Any, None]) -> None:
+    """Run the server's loop: uvloop's when installed (CONTROLPLANE_EVENT_LOOP=asyncio
+    keeps the standard one)."""
+    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if os.environ.get("CONTROLPLANE_EVENT_LOOP", "uvloop") != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main)
 
 
 GC_THRESHOLD = (50_000, 50, 100)

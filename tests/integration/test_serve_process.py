@@ -58,6 +58,7 @@ class Serve:
     etcd_endpoint: str
     address: str
     prefix: str
+    event_loop: str
 
 
 def keys_under(endpoint: str, prefix: str) -> set[str]:
@@ -108,12 +109,14 @@ class ServeLauncher:
         )
         self._procs.append(proc)
         started = read_until(proc, r'"event": "embedded_etcd_started"')
+        server_started = read_until(proc, r'"event": "server_started"')
         listening = read_until(proc, r"listening on (127\.0\.0\.1:\d+) .*; prefix (\S+);")
         return Serve(
             proc=proc,
             etcd_endpoint=json.loads(started.string)["endpoint"],
             address=listening.group(1),
             prefix=listening.group(2),
+            event_loop=json.loads(server_started.string)["event_loop"],
         )
 
     def close(self) -> None:
@@ -170,6 +173,7 @@ def test_serve_with_embedded_etcd_answers_and_stops_cleanly_on_signal(
 ) -> None:
     server = serve.start()
     assert server.prefix == DEFAULT_PREFIX
+    assert server.event_loop == "uvloop"
     set_flag(server.address)
     assert f"{DEFAULT_PREFIX}flags/checkout/new-ui" in keys_under(
         server.etcd_endpoint, DEFAULT_PREFIX
@@ -181,6 +185,12 @@ def test_serve_with_embedded_etcd_answers_and_stops_cleanly_on_signal(
     # The embedded etcd went with it.
     assert not port_open(server.etcd_endpoint)
     assert (tmp_path / "data" / "etcd" / "member").is_dir()
+
+
+def test_serve_keeps_asyncios_loop_when_told(serve: ServeLauncher) -> None:
+    server = serve.start(env={"CONTROLPLANE_EVENT_LOOP": "asyncio"})
+    assert server.event_loop == "asyncio"
+    set_flag(server.address)
 
 
 def test_serve_prefix_comes_from_argument_then_environment_then_default(
