@@ -178,12 +178,14 @@ class Backoff:
 
     Args:
         base: The first attempt's upper bound, in seconds.
-        cap: The largest upper bound, in seconds.
+        cap: The largest upper bound, in seconds. 1 s: after a server restart the last of
+            a fleet is back within about a second of the server listening (a refused
+            connection costs both sides little; BENCHMARKS.md, reconnect storm).
         rand: A source of floats in [0, 1).
     """
 
     def __init__(
-        self, base: float = 0.05, cap: float = 2.0, rand: Callable[[], float] = random.random
+        self, base: float = 0.05, cap: float = 1.0, rand: Callable[[], float] = random.random
     ) -> None:
         self.base = base
         self.cap = cap
