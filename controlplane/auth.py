@@ -115,7 +115,7 @@ def _method_rules() -> dict[str, Access]:
         if access is not None:
             rules[f"/{_MITIGATION.full_name}/{name}"] = access
     rules[f"/{_AGENT.full_name}/Sync"] = Access.SYNC
-    for name in ("Check", "Watch"):
+    for name in ("Check", "Watch", "List"):
         rules[f"/grpc.health.v1.Health/{name}"] = Access.OPEN
     for service in (
         "grpc.reflection.v1alpha.ServerReflection",
@@ -523,13 +523,13 @@ class AuthInterceptor(_Interceptor):
         self.config = config
         self.streams = streams
         self.on_denied: Callable[[str, str], None] | None = None  # (method, code)
-        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
+        self._wrapped: dict[str, tuple[Handler, Handler | None]] = {}
 
-    async def intercept_service(
+    async def intercept_service(  # type: ignore[override]  # None: UNIMPLEMENTED, as gRPC's own
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler:
+    ) -> Handler | None:
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
@@ -604,7 +604,7 @@ class AuthInterceptor(_Interceptor):
         finally:
             current_identity.reset(token)
 
-    def _wrap(self, method: str, handler: Handler) -> Handler:
+    def _wrap(self, method: str, handler: Handler) -> Handler | None:
         """``handler`` with its behaviour run inside :meth:`_admitted`."""
         admitted = self._admitted
         kinds = (
@@ -618,15 +618,19 @@ class AuthInterceptor(_Interceptor):
             if behaviour is None:
                 continue
             if inspect.isasyncgenfunction(behaviour):
+                # Streamed responses are written from the call's own task, so that a
+                # revocation (or a client going away) while gRPC is sending reaches
+                # the handler, and the generator closes in the context it ran in.
 
-                async def streaming(
-                    request: Any, context: Any, _b: Behaviour = behaviour
-                ) -> AsyncIterator[Any]:
-                    async with admitted(method, context):
-                        async for response in _b(request, context):
-                            yield response
+                async def streamed(request: Any, context: Any, _b: Behaviour = behaviour) -> None:
+                    async with (
+                        admitted(method, context),
+                        contextlib.aclosing(_b(request, context)) as responses,
+                    ):
+                        async for response in responses:
+                            await context.write(response)
 
-                new: Behaviour = streaming
+                new: Behaviour = streamed
             else:
 
                 async def new(request: Any, context: Any, _b: Behaviour = behaviour) -> Any:
@@ -638,4 +642,6 @@ class AuthInterceptor(_Interceptor):
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
-        return handler
+        # A kind of handler this does not know: refused (UNIMPLEMENTED), never run unchecked.
+        log.error("rpc_handler_unknown", method=_method_name(method))
+        return None
