@@ -836,7 +836,20 @@ class Store:
         return await self._call("range", "Range", request, idempotent=True)
 
     async def _txn(self, compare: list[Any], success: list[Any]) -> Any:
-        return await self._call("txn", "Txn", rpc.TxnRequest(compare=compare, success=success))
+        response = await self._call("txn", "Txn", rpc.TxnRequest(compare=compare, success=success))
+        if response.succeeded and self._known:
+            # What a bundle, a revert or an expiry changed is no longer as last seen
+            # (a write through ``write`` records its own result after this).
+            start = len(self.prefix)
+            for op in success:
+                kind = op.WhichOneof("request")
+                if kind == "request_put":
+                    self._known.pop(op.request_put.key.decode(errors="replace")[start:], None)
+                elif kind == "request_delete_range":
+                    self._known.pop(
+                        op.request_delete_range.key.decode(errors="replace")[start:], None
+                    )
+        return response
 
     async def ping(self) -> int:
         """Read etcd's current revision (a linearizable read); raise if unreachable."""
@@ -1405,13 +1418,19 @@ class Store:
         one compare-and-set transaction."""
         async with self._locked([plan.key.path]):
             known = self._known_for(plan.key, opts)
-            for attempt in range(_MAX_CAS_ATTEMPTS):
-                if attempt and known is None:
-                    await asyncio.sleep(random.uniform(0, min(0.2, 0.005 * 2**attempt)))  # noqa: S311 (jitter)
+            contended = 0
+            for _attempt in range(_MAX_CAS_ATTEMPTS + 1):
+                if contended:
+                    await asyncio.sleep(random.uniform(0, min(0.2, 0.005 * 2**contended)))  # noqa: S311 (jitter)
                 outcome = await self._write_once(plan, opts, known)
                 if outcome is not None:
                     return outcome
-                # What this server knew was stale (another writer): read from now on.
+                if known is None:
+                    contended += 1
+                    if contended == _MAX_CAS_ATTEMPTS:
+                        break
+                # What this server knew was stale (another writer): read from now on,
+                # at once the first time.
                 known = None
         raise UnavailableError(
             f"{self.prefix + plan.key.path} is being changed by others too often: "
@@ -1441,7 +1460,12 @@ class Store:
         key = plan.key
         now = model.utcnow()
         stored = known
-        decision = plan.decide(known.record, now, opts) if known is not None else None
+        decision: Decision | None = None
+        if known is not None:
+            # A refusal decided on what this server last saw (too many layers, say)
+            # may not hold for what etcd has now: decide again on a read.
+            with contextlib.suppress(ControlPlaneError):
+                decision = plan.decide(known.record, now, opts)
         if decision is None or not decision.changed:
             # Only a successful transaction confirms what was known; "nothing to change"
             # is said on what etcd holds now.

@@ -611,3 +611,38 @@ async def test_a_replica_never_decides_on_what_another_replica_changed_since(
     afters = [a["after"]["value"] for a in audits]
     assert afters == ["a", "b", "a", "c", "d"]
     assert befores == [None, "a", "b", "a", "c"]
+
+
+async def test_a_refusal_is_never_decided_on_what_another_replica_changed_since(
+    server: ControlServer, stub: Stub, prefix: str
+) -> None:
+    """This server last saw a full stack of time-boxed layers; another replica cleared
+    one since. Adding a layer here is then allowed, as etcd's state says."""
+    from prometheus_client import CollectorRegistry
+
+    from controlplane.semantics import MAX_LAYERS
+    from tests.integration.conftest import server_config
+
+    ttl = duration_pb2.Duration(seconds=3600)
+    await set_flag(stub, "checkout", "layers", t.FlagValue(number_value=0))
+    for n in range(1, MAX_LAYERS):
+        await set_flag(stub, "checkout", "layers", t.FlagValue(number_value=n), ttl=ttl)
+    with pytest.raises(grpc.aio.AioRpcError) as full:
+        await set_flag(stub, "checkout", "layers", t.FlagValue(number_value=99), ttl=ttl)
+    assert full.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert server.etcd_endpoints
+    other = ControlServer(
+        server_config(server.etcd_endpoints[0], prefix), registry=CollectorRegistry()
+    )
+    await other.start()
+    try:
+        async with grpc.aio.insecure_channel(other.address) as channel:
+            elsewhere = mitigation_pb2_grpc.MitigationServiceStub(channel)
+            await elsewhere.ClearFlag(
+                m.ClearFlagRequest(scope="checkout", name="layers", options=opts())
+            )
+    finally:
+        await other.stop(grace=0)
+    added = await set_flag(stub, "checkout", "layers", t.FlagValue(number_value=99), ttl=ttl)
+    assert added.result.changed
+    assert added.previous.value.number_value == MAX_LAYERS - 2
