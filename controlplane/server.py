@@ -99,6 +99,8 @@ class ServerConfig:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # given: clients must present a certificate it signed
     insecure: bool = False  # allow plaintext on an address that is not loopback
+    no_auth: bool = False  # allow serving without authentication off loopback
+    etcd_insecure: bool = False  # allow plaintext to etcd endpoints off loopback
     max_streams_per_identity: int | None = None
     max_message_bytes: int = 4 * 1024 * 1024
     etcd_security: EtcdSecurity | None = None  # TLS and user to an external etcd
@@ -158,6 +160,23 @@ class ControlServer:
             raise ServerConfigError(
                 f"--listen {config.listen} is not a loopback address: serve TLS "
                 "(--tls-cert and --tls-key) or allow plaintext explicitly (--insecure)"
+            )
+        if (
+            config.auth_file is None
+            and not is_loopback_target(config.listen)
+            and not config.no_auth
+        ):
+            raise ServerConfigError(
+                f"--listen {config.listen} is not a loopback address: give --auth-file "
+                "(who may do what), or --no-auth to let anyone who reaches it change mitigations"
+            )
+        etcd_tls = config.etcd_security is not None and config.etcd_security.uses_tls
+        remote = [e for e in config.etcd if not is_loopback_target(_etcd_host(e))]
+        if remote and not etcd_tls and not config.etcd_insecure:
+            raise ServerConfigError(
+                f"etcd {', '.join(remote)} is not on loopback: reach it over TLS (--etcd-ca, "
+                "and --etcd-cert/--etcd-key for client certificates) or allow plaintext "
+                "explicitly (--etcd-insecure)"
             )
         interceptors: list[AuthInterceptor] = []
         if config.auth_file is not None:
@@ -498,6 +517,11 @@ class ControlServer:
             await asyncio.sleep(delay)
 
 
+def _etcd_host(endpoint: str) -> str:
+    """``host:port`` of an etcd endpoint given as ``host:port`` or an http(s) URL."""
+    return endpoint.split("://", 1)[-1].rstrip("/")
+
+
 def _add_agent_service(servicer: AgentServicer, server: grpc.aio.Server) -> None:
     """Register AgentService as the generated code does, but let Sync write bytes.
 
@@ -716,6 +740,22 @@ def main() -> None:
     help="Allow plaintext on an address that is not loopback (logged as a warning).",
 )
 @click.option(
+    "--no-auth",
+    envvar="CONTROLPLANE_NO_AUTH",
+    is_flag=True,
+    default=False,
+    help="Serve without authentication on an address that is not loopback (logged as a "
+    "warning); without it, such an address needs --auth-file.",
+)
+@click.option(
+    "--etcd-insecure",
+    envvar="CONTROLPLANE_ETCD_INSECURE",
+    is_flag=True,
+    default=False,
+    help="Allow plaintext to etcd endpoints that are not loopback (without it they need "
+    "--etcd-ca).",
+)
+@click.option(
     "--max-streams-per-identity",
     envvar="CONTROLPLANE_MAX_STREAMS_PER_IDENTITY",
     type=click.IntRange(min=0),
@@ -755,6 +795,8 @@ def serve(
     etcd_server_name: str | None,
     etcd_user: str | None,
     etcd_password_file: Path | None,
+    no_auth: bool,
+    etcd_insecure: bool,
 ) -> None:
     """Run the control server until SIGTERM or SIGINT; SIGHUP re-reads the auth file
     and the TLS certificates."""
@@ -797,6 +839,8 @@ def serve(
         max_streams_per_identity=max_streams_per_identity or None,
         max_message_bytes=max_message_bytes,
         etcd_security=etcd_security,
+        no_auth=no_auth,
+        etcd_insecure=etcd_insecure,
     )
     try:
         with contextlib.suppress(KeyboardInterrupt):

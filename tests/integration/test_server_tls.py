@@ -155,14 +155,27 @@ async def test_mutual_tls_the_certificate_subject_is_the_identity(
 async def test_plaintext_off_loopback_needs_insecure(etcd: EmbeddedEtcd, prefix: str) -> None:
     port = free_port()
     with pytest.raises(ServerConfigError, match=r"not a loopback address.*--insecure"):
-        await start(etcd, prefix, listen=f"0.0.0.0:{port}")
-    srv = await start(etcd, prefix, listen=f"0.0.0.0:{port}", insecure=True)
+        await start(etcd, prefix, listen=f"0.0.0.0:{port}", no_auth=True)
+    # Nor without authentication, unless told.
+    with pytest.raises(ServerConfigError, match=r"give --auth-file.*--no-auth"):
+        await start(etcd, prefix, listen=f"0.0.0.0:{port}", insecure=True)
+    srv = await start(etcd, prefix, listen=f"0.0.0.0:{port}", insecure=True, no_auth=True)
     try:
         assert srv.security_summary == "plaintext, authentication off"
         # The server answers (over loopback, which 0.0.0.0 includes).
         await list_pins(ClientSecurity(), f"127.0.0.1:{srv.port}")
     finally:
         await srv.stop(grace=0)
+
+
+async def test_plaintext_to_etcd_off_loopback_needs_etcd_insecure(prefix: str) -> None:
+    # Refused before any connection: no etcd needs to be there.
+    srv = ControlServer(server_config("10.255.255.1:2379", prefix), CollectorRegistry())
+    with pytest.raises(
+        ServerConfigError, match=r"10\.255\.255\.1:2379 is not on loopback.*--etcd-insecure"
+    ):
+        await srv.start()
+    await srv.stop(grace=0)
 
 
 async def test_tls_settings_that_cannot_work_fail_at_start(
