@@ -440,7 +440,7 @@ def check_sync_service(service: str) -> None:
 @dataclass(eq=False)
 class _Stream:
     identity: Identity
-    credential: Credential
+    credential: Credential = field(repr=False)
     task: asyncio.Task[Any] | None
     revoked: str | None = None
 
@@ -478,9 +478,9 @@ class Streams:
         """End the streams whose credential ``config`` no longer grants as it did.
 
         A stream goes on when its token (or certificate subject) still maps to the same
-        identity with the same rights; a removed token or changed rights end it with
-        UNAUTHENTICATED, and the client reconnects with what it now has. Returns how many
-        were ended.
+        identity with at least the rights it had; a removed token, another role or fewer
+        services end it with UNAUTHENTICATED, and the client reconnects with what it now
+        has. Returns how many were ended.
         """
         ended = 0
         for streams in list(self._open.values()):
@@ -488,7 +488,9 @@ class Streams:
                 if stream.revoked is not None or stream.task is None:
                     continue
                 now = config.resolve(stream.credential)
-                if now == stream.identity:
+                if now is not None and _keeps_rights(stream.identity, now):
+                    # Same rights or more (a raised limit, a service added): it goes on.
+                    stream.identity = now
                     continue
                 stream.revoked = (
                     f"the credentials of {stream.identity.name} were revoked"
@@ -498,6 +500,13 @@ class Streams:
                 stream.task.cancel()
                 ended += 1
         return ended
+
+
+def _keeps_rights(old: Identity, new: Identity) -> bool:
+    """Whether ``new`` allows all that ``old`` did (same name and role, services kept)."""
+    if (new.name, new.role) != (old.name, old.role):
+        return False
+    return _ALL_SERVICES in new.services or old.services <= new.services
 
 
 # ---------------------------------------------------------------- the interceptor

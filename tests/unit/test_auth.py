@@ -247,11 +247,25 @@ async def test_streams_count_per_identity_and_revocation_follows_the_credential(
         await old
     assert not new.done()
     assert streams.count("fleet") == 1
-    # The same token with other rights ends the other one.
+    # More rights (a service added, a limit raised): it goes on.
     widened = parse_auth(
-        doc({"name": "fleet", "role": "agent", "services": ["a", "b"], "token_sha256": [H2]})
+        doc(
+            {
+                "name": "fleet",
+                "role": "agent",
+                "services": ["a", "b"],
+                "token_sha256": [H2],
+                "max_streams": 9,
+            }
+        )
     )
-    assert streams.revoke_changed(widened) == 1
+    assert streams.revoke_changed(widened) == 0
+    assert not new.done()
+    # Fewer (its service removed): it ends.
+    narrowed = parse_auth(
+        doc({"name": "fleet", "role": "agent", "services": ["b"], "token_sha256": [H2]})
+    )
+    assert streams.revoke_changed(narrowed) == 1
     with pytest.raises(asyncio.CancelledError):
         await new
     assert streams.count("fleet") == 0
