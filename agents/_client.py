@@ -149,6 +149,9 @@ AUTH_ERROR_REPEAT = 300.0
 """Seconds after which a refused token (or unusable connection settings) is logged
 at ERROR again while it goes on; in between, the same refusal is DEBUG."""
 _AUTH_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+REFUSED_BACKOFF_CAP = 30.0
+"""Seconds: the longest wait before trying again after the server refused the token
+(full jitter from 1 s up; a fixed token file is used at the next try)."""
 
 
 class AgentState(enum.StrEnum):
@@ -432,6 +435,9 @@ class Client:
 
     async def _connect_loop(self) -> None:
         backoff = self.backoff
+        # A refused token is not fixed by retrying at once: a fleet whose token was
+        # revoked must not hammer the servers with handshakes (REFUSED_BACKOFF_CAP).
+        refused_backoff = Backoff(base=1.0, cap=REFUSED_BACKOFF_CAP)
         servers = self.config.servers
         # The last failure per server: a new kind of failure is a warning, the
         # same one again (every couple of seconds while a server is down) is not.
@@ -482,7 +488,10 @@ class Client:
             delay = backoff.next()
             if lost:
                 failures.clear()
+            if synced:
+                refused_backoff.reset()
             if refused is not None:
+                delay = max(delay, refused_backoff.next())
                 failures[target] = detail
                 now = time.monotonic()
                 seen = refusals.get(target)
