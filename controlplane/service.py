@@ -1012,6 +1012,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                     digest=override.digest[:128]
                     or hashlib.sha256(override.content_json.encode()).hexdigest(),
                     actor=actor,
+                    actor_authenticated=current_identity.get() is not None,
                     reason=reason,
                     expires_at=expires,
                     content=content,

@@ -873,6 +873,7 @@ class Store:
         reason: str,
         expires_at: datetime | None,
         content: dict[str, Any] | None,
+        actor_authenticated: bool = False,
     ) -> bool:
         """Audit a host's break-glass override once (by digest); True if written now.
 
@@ -892,6 +893,7 @@ class Store:
                 id=new_audit_id(now),
                 time=now,
                 actor=actor or "unknown",
+                actor_authenticated=actor_authenticated,
                 action="override.applied" if active else "override.cleared",
                 kind="override",
                 scope=service,
@@ -958,6 +960,7 @@ class Store:
             await asyncio.Event().wait()  # keep the stream open until cancelled
 
         stale: str | None = None
+        delivered = False
         for attempt in range(2):
             deadline = time.monotonic() + self._timeout()[0]
             token = await self._stream_token(index, stale, deadline, "watch")
@@ -965,10 +968,17 @@ class Store:
             try:
                 async with contextlib.aclosing(self._watch_responses(call)) as responses:
                     async for revision, batch in responses:
+                        delivered = True
                         yield revision, batch
             except _TokenRejectedError as exc:
                 if token is None or attempt > 0:
                     raise self._refused("watch", exc.code, exc.reason) from None
+                if delivered:
+                    # Created again from start_revision, it would deliver those again:
+                    # the caller resumes from what it has.
+                    raise UnavailableError(
+                        self._unreachable("the watch's token was refused; log in again")
+                    ) from None
                 stale = token
                 continue
             except grpc.aio.AioRpcError as exc:

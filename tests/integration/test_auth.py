@@ -625,3 +625,30 @@ async def test_a_watch_stalled_on_a_slow_reader_is_still_ended_by_revocation(
             assert srv.auth.streams.count("ro-dashboard") == 0
     finally:
         await srv.stop(grace=0)
+
+
+async def test_a_break_glass_override_is_audited_as_the_agent_identity(
+    auth_server: ControlServer, auth_stub: Any
+) -> None:
+    async with grpc.aio.insecure_channel(auth_server.address) as channel:
+        call = agent_pb2_grpc.AgentServiceStub(channel).Sync(metadata=md(TOKENS["agent"]))
+        override = agent_pb2.Override(
+            active=True,
+            digest="d1",
+            content_json='{"flags": {"kill-x": false}}',
+            actor="host-admin",
+            reason="etcd down, flipping by hand",
+        )
+        await call.write(
+            agent_pb2.SyncRequest(
+                hello=agent_pb2.Hello(service="checkout", instance_id="i-9", override=override)
+            )
+        )
+        await call.read()  # the snapshot comes after the override was audited
+        call.cancel()
+    history = await auth_stub.ListHistory(
+        m.ListHistoryRequest(service="checkout"), metadata=md(TOKENS["viewer"])
+    )
+    [entry] = [e for e in history.entries if e.action == "override.applied"]
+    assert (entry.actor, entry.actor_authenticated) == ("checkout-agents", True)
+    assert "override file names host-admin" in entry.reason
