@@ -24,6 +24,7 @@ import signal
 import socket
 import ssl
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -134,6 +135,7 @@ class ControlServer:
         self._stopped = False
         self.auth: AuthInterceptor | None = None
         self._tls_next: Any = None  # certificates read by a reload, for the next handshake
+        self._tls_lock = threading.Lock()
 
     @property
     def address(self) -> str:
@@ -305,32 +307,41 @@ class ControlServer:
         return f"{transport}, {who}"
 
     def _tls_configuration(self) -> Any:
-        """The server certificate (and client CA) read and checked now."""
+        """The server certificate (and client CA), read once and checked as read."""
         config = self.config
         assert config.tls_cert is not None
         if config.tls_key is None:
             raise ServerConfigError("--tls-cert needs --tls-key (the certificate's private key)")
+        try:
+            cert, key = config.tls_cert.read_bytes(), config.tls_key.read_bytes()
+            ca = config.tls_client_ca.read_bytes() if config.tls_client_ca else None
+        except OSError as exc:
+            raise ServerConfigError(
+                f"cannot read {exc.filename}: {exc.strerror or exc} (--tls-cert, --tls-key, "
+                "--tls-client-ca)"
+            ) from None
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         try:
+            # ssl loads a certificate chain only from files: check the files, then that
+            # they still hold the bytes read (a rotation between the two is refused).
             context.load_cert_chain(config.tls_cert, config.tls_key)
+            same = (config.tls_cert.read_bytes(), config.tls_key.read_bytes()) == (cert, key)
         except (OSError, ssl.SSLError) as exc:
             raise ServerConfigError(
                 f"--tls-cert {config.tls_cert} / --tls-key {config.tls_key}: cannot be used "
                 f"together ({exc.strerror or exc})"
             ) from None
-        ca: bytes | None = None
-        if config.tls_client_ca is not None:
+        if not same:
+            raise ServerConfigError(
+                f"--tls-cert {config.tls_cert} / --tls-key {config.tls_key} changed while "
+                "being read: reload again once they are written"
+            )
+        if ca is not None:
             try:
-                context.load_verify_locations(config.tls_client_ca)
-                ca = config.tls_client_ca.read_bytes()
-            except (OSError, ssl.SSLError) as exc:
-                raise ServerConfigError(
-                    f"--tls-client-ca {config.tls_client_ca}: {exc.strerror or exc}"
-                ) from None
-        return grpc.ssl_server_certificate_configuration(
-            [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())],
-            root_certificates=ca,
-        )
+                context.load_verify_locations(cadata=ca.decode("ascii", errors="replace"))
+            except (ValueError, ssl.SSLError) as exc:
+                raise ServerConfigError(f"--tls-client-ca {config.tls_client_ca}: {exc}") from None
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
 
     def _tls_credentials(self) -> grpc.ServerCredentials | None:
         config = self.config
@@ -347,8 +358,10 @@ class ControlServer:
         )
 
     def _next_tls_configuration(self) -> Any:
-        # Called by gRPC before handshakes: certificates a reload read, once.
-        configuration, self._tls_next = self._tls_next, None
+        # Called by gRPC (on a thread of its own) before handshakes: certificates a
+        # reload read, once.
+        with self._tls_lock:
+            configuration, self._tls_next = self._tls_next, None
         return configuration
 
     def reload(self) -> bool:
@@ -380,7 +393,9 @@ class ControlServer:
                 )
         if self.config.tls_cert is not None:
             try:
-                self._tls_next = self._tls_configuration()
+                configuration = self._tls_configuration()
+                with self._tls_lock:
+                    self._tls_next = configuration
             except ServerConfigError as exc:
                 ok = False
                 log.error("tls_reload_failed", error=str(exc), kept="the previous certificate")

@@ -290,3 +290,29 @@ def test_token_command_prints_a_token_and_its_hash(tmp_path: Path) -> None:
         env=env,
     )
     assert hashed.stdout.strip() == digest
+
+
+async def test_reload_rotates_the_server_certificate_for_new_connections(
+    etcd: EmbeddedEtcd, prefix: str, tmp_path: Path
+) -> None:
+    first, second = TestCA(tmp_path / "one", "first CA"), TestCA(tmp_path / "two", "second CA")
+    old = first.server_cert("server")
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    cert.write_bytes(old.cert.read_bytes())
+    key.write_bytes(old.key.read_bytes())
+    srv = await start(etcd, prefix, tls_cert=cert, tls_key=key)
+    try:
+        await list_pins(ClientSecurity(ca=first.cert), srv.address)
+        new = second.server_cert("server")
+        # A half-written rotation (the new certificate, the old key) is refused...
+        cert.write_bytes(new.cert.read_bytes())
+        assert not srv.reload()
+        # ...and the complete one taken, for the connections made from then on.
+        key.write_bytes(new.key.read_bytes())
+        assert srv.reload()
+        await list_pins(ClientSecurity(ca=second.cert), srv.address)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await list_pins(ClientSecurity(ca=first.cert), srv.address)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await srv.stop(grace=0)
