@@ -190,6 +190,7 @@ class ControlServer:
             ).inc()
             self.metrics.auth_identities.set(len(self.auth.config.identities))
             interceptors.append(self.auth)
+            self._warn_unusable_subjects()
         if not config.etcd:
             self.etcd = EmbeddedEtcd(
                 config.data_dir / "etcd",
@@ -364,6 +365,14 @@ class ControlServer:
             configuration, self._tls_next = self._tls_next, None
         return configuration
 
+    def _warn_unusable_subjects(self) -> None:
+        if self.auth is not None and self.auth.config.subjects and not self.config.tls_client_ca:
+            log.warning(
+                "cert_subjects_unused",
+                identities=sorted({i.name for i in self.auth.config.subjects.values()}),
+                message="client-certificate identities need mutual TLS (--tls-client-ca)",
+            )
+
     def reload(self) -> bool:
         """Read the auth file and the TLS certificates again (SIGHUP).
 
@@ -383,6 +392,7 @@ class ControlServer:
                 log.error("auth_reload_failed", error=str(exc), kept="the previous auth file")
             else:
                 self.auth.config = config
+                self._warn_unusable_subjects()
                 ended = self.auth.streams.revoke_changed(config)
                 self.metrics.auth_identities.set(len(config.identities))
                 log.info(

@@ -855,8 +855,11 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
         def on_reader_done(task: asyncio.Task[None]) -> None:
             nonlocal reader_ended
-            reader_ended = not task.cancelled()
-            if reader_ended and task.exception() is not None:
+            # The agent closed its side: the call ends with OK. A reader that failed
+            # (a bug) ends it as cancelled, and says why in the log.
+            failed = not task.cancelled() and task.exception() is not None
+            reader_ended = not task.cancelled() and not failed
+            if failed:
                 log.error(
                     "ack_reader_failed",
                     instance_id=instance.instance_id,
