@@ -30,6 +30,7 @@ from typing import Any
 
 import grpc
 
+from benchmarks import _profile
 from benchmarks._fleet import AgentFleet
 from benchmarks._harness import (
     RESULTS_DIR,
@@ -38,6 +39,7 @@ from benchmarks._harness import (
     machine,
     percentile,
     print_table,
+    py_spy,
     write_results,
 )
 from controlplane.api.v1 import mitigation_pb2 as m
@@ -65,7 +67,9 @@ def _set(address: str, name: str, value: bool) -> int:
     return int(response.result.revision)
 
 
-def _run_case(agents: int, processes: int, writes: int) -> dict[str, Any]:
+def _run_case(
+    agents: int, processes: int, writes: int, profile: Path | None = None
+) -> dict[str, Any]:
     failures: list[str] = []
     with tempfile.TemporaryDirectory(prefix="cp-bench-reconnect-") as tmp:
         root = Path(tmp)
@@ -98,9 +102,11 @@ def _run_case(agents: int, processes: int, writes: int) -> dict[str, Any]:
                 restarted = time.time()
                 a = server_a.start()
                 listening = time.time()
-                answers = fleet.command(
-                    {"cmd": "converged", "timeout": CONVERGE_TIMEOUT}, timeout=CONVERGE_TIMEOUT + 30
-                )
+                with py_spy(a.pid, profile):
+                    answers = fleet.command(
+                        {"cmd": "converged", "timeout": CONVERGE_TIMEOUT},
+                        timeout=CONVERGE_TIMEOUT + 30,
+                    )
                 # The restarted server's CPU from its start until every agent converged.
                 server_cpu = cpu_seconds(a.pid)
                 agents_cpu = sum(cpu_seconds(pid) for pid in fleet.pids) - agents_cpu_before
@@ -153,11 +159,15 @@ def _run_case(agents: int, processes: int, writes: int) -> dict[str, Any]:
 
 
 def run(
-    agents: int = 1000, processes: int = 4, writes: int = 3, out_dir: Path = RESULTS_DIR
+    agents: int = 1000,
+    processes: int = 4,
+    writes: int = 3,
+    out_dir: Path = RESULTS_DIR,
+    profile: Path | None = None,
 ) -> dict[str, Any]:
     """Run the storm once; print the table, write and return the results."""
     host = machine()
-    case = _run_case(agents, processes, max(writes, 1))
+    case = _run_case(agents, processes, max(writes, 1), profile)
     results = {"benchmark": "reconnect", "machine": host, "cases": [case]}
     print_table(
         ["agents", "first connect s", "server start s", "all READY s", "all converged s",
@@ -174,6 +184,8 @@ def run(
         print(f"  {failure}")
     path = write_results("reconnect", results, out_dir)
     print(f"results: {path}")
+    if profile is not None:
+        print(_profile.report(profile, top=20))
     return results
 
 
@@ -183,8 +195,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--processes", type=int, default=4, help="agent processes")
     parser.add_argument("--writes", type=int, default=3, help="writes during the outage")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="py-spy the restarted server until every agent is back: collapsed stacks to "
+        "PROFILE (its 0.5 s attach delays the storm: not a run for figures)",
+    )
     args = parser.parse_args(argv)
-    run(args.agents, args.processes, args.writes, args.out)
+    run(args.agents, args.processes, args.writes, args.out, args.profile)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,9 @@ from controlplane.store import Store
 log = structlog.get_logger("controlplane.presence")
 
 _CHUNK = 500  # instances per presence key: keeps each value well under etcd's limits
+FLUSH_GAP_PER_INSTANCE = 100e-6
+"""Seconds between two flushes at the least, per instance (each encodes every instance)."""
+FLUSH_GAP_MAX = 0.25
 LEASE_TTL = 10
 
 
@@ -58,15 +61,26 @@ class Instance:
     nacks: dict[int, str] = field(default_factory=dict)
     connected: bool = True
     override_active: bool = False
+    # Times as written, kept: every flush writes every instance again.
+    _times: tuple[datetime, datetime, str, str] | None = field(default=None, repr=False)
 
     def to_record(self) -> dict[str, Any]:
+        seen = self.last_seen or self.connected_at
+        times = self._times
+        if times is None or times[0] is not self.connected_at or times[1] is not seen:
+            times = self._times = (
+                self.connected_at,
+                seen,
+                model.format_time(self.connected_at),
+                model.format_time(seen),
+            )
         return {
             "service": self.service,
             "instance_id": self.instance_id,
             "running_version": self.running_version,
             "agent_version": self.agent_version,
-            "connected_at": model.format_time(self.connected_at),
-            "last_seen": model.format_time(self.last_seen or self.connected_at),
+            "connected_at": times[2],
+            "last_seen": times[3],
             "server_id": self.server_id,
             "applied": self.applied,
             "nacks": {str(k): v for k, v in self.nacks.items()},
@@ -335,13 +349,19 @@ class Presence:
 
     async def _flush_loop(self) -> None:
         while True:
+            # Cleared before the flush: an arrival while it is written flushes again.
+            self._flush_now.clear()
             try:
                 with self.store.budget(self.store.etcd_timeout):
                     await self._flush()
             except ControlPlaneError as exc:
                 log.warning("presence_flush_failed", error=exc.message)
                 self._lease = 0 if "lease" in exc.message else self._lease
-            self._flush_now.clear()
+            # Arrivals and departures flush at once, but a flush encodes every instance:
+            # the gap after one grows with their number (100 µs each), so that in a
+            # reconnect storm one flush covers many arrivals, and a few instances are
+            # still reported within a millisecond or so.
+            await asyncio.sleep(min(FLUSH_GAP_MAX, len(self._instances) * FLUSH_GAP_PER_INSTANCE))
             with contextlib.suppress(TimeoutError):
                 # Not asyncio.wait_for: on Python 3.11 it can swallow a cancellation.
                 async with asyncio.timeout(self.flush_interval):
@@ -353,6 +373,9 @@ class Presence:
             self._dirty = True
         revision = self._revision()
         if self._dirty or (self._written_chunks and revision != self._flushed_revision):
+            # Cleared before encoding: an arrival while the transaction is under way
+            # sets it again, for the next flush.
+            self._dirty = False
             rows = [i.to_record() for i in self._instances.values()]
             if rows or self._written_chunks:  # nothing said before and nothing to say: no write
                 chunks = [rows[i : i + _CHUNK] for i in range(0, len(rows), _CHUNK)] or [[]]
@@ -373,11 +396,13 @@ class Presence:
                     self.store.delete_op(f"{base}{index:04d}")
                     for index in range(len(chunks), self._written_chunks)
                 ]
-                await self.store.txn_raw(ops)
+                try:
+                    await self.store.txn_raw(ops)
+                except BaseException:
+                    self._dirty = True  # tried again at the next flush
+                    raise
                 self._written_chunks = len(chunks)
                 self._flushed_revision = revision
-            # Only once written: a failed flush is tried again at the next one.
-            self._dirty = False
         await self._flush_applied()
 
     async def _flush_applied(self) -> None:
