@@ -583,48 +583,36 @@ async def drain(call: Any, within: float) -> None:
 
 
 async def test_a_watch_stalled_on_a_slow_reader_is_still_ended_by_revocation(
-    etcd: EmbeddedEtcd, prefix: str, tmp_path: Path
+    auth_server: ControlServer, auth_stub: Any, tmp_path: Path
 ) -> None:
     """The server is blocked sending to a client that stopped reading when the client's
     token is revoked: the stream still ends with UNAUTHENTICATED."""
-    path = write_auth(tmp_path / "auth.json", auth_document())
-    srv = ControlServer(
-        server_config(etcd.endpoint, prefix, auth_file=path), registry=CollectorRegistry()
+    watch = auth_stub.WatchChanges(
+        m.WatchChangesRequest(service="checkout"), metadata=md(TOKENS["viewer"])
     )
-    await srv.start()
-    try:
-        async with grpc.aio.insecure_channel(srv.address) as channel:
-            stub = mitigation_pb2_grpc.MitigationServiceStub(channel)
-            watch = stub.WatchChanges(
-                m.WatchChangesRequest(service="checkout"), metadata=md(TOKENS["viewer"])
-            )
-            await watch.read()  # live
-            # Far more than HTTP/2's windows hold: the server's writes stall.
-            big = "x" * 60_000
-            for n in range(120):
-                await stub.SetFlag(
-                    m.SetFlagRequest(
-                        scope="checkout",
-                        name="big",
-                        value=t.FlagValue(string_value=f"{n}{big}"),
-                        options=opts(),
-                    ),
-                    metadata=md(TOKENS["operator"]),
-                )
-            assert srv.auth is not None
-            assert srv.auth.streams.count("ro-dashboard") == 1
-            document = auth_document()
-            document["identities"] = [
-                e for e in document["identities"] if e["name"] != "ro-dashboard"
-            ]
-            path.write_text(json.dumps(document))
-            assert srv.reload()
-            with pytest.raises(grpc.aio.AioRpcError) as ended:
-                await drain(watch, within=10)
-            assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED
-            assert srv.auth.streams.count("ro-dashboard") == 0
-    finally:
-        await srv.stop(grace=0)
+    await watch.read()  # live
+    # Far more than HTTP/2's windows hold: the server's writes stall.
+    big = "x" * 60_000
+    for n in range(120):
+        await auth_stub.SetFlag(
+            m.SetFlagRequest(
+                scope="checkout",
+                name="big",
+                value=t.FlagValue(string_value=f"{n}{big}"),
+                options=opts(),
+            ),
+            metadata=md(TOKENS["operator"]),
+        )
+    assert auth_server.auth is not None
+    assert auth_server.auth.streams.count("ro-dashboard") == 1
+    document = auth_document()
+    document["identities"] = [e for e in document["identities"] if e["name"] != "ro-dashboard"]
+    write_auth(tmp_path / "auth.json", document)  # the file auth_server reads
+    assert auth_server.reload()
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        await drain(watch, within=10)
+    assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert auth_server.auth.streams.count("ro-dashboard") == 0
 
 
 async def test_a_break_glass_override_is_audited_as_the_agent_identity(

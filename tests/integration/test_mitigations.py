@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -575,37 +576,41 @@ async def test_history_pages_past_one_etcd_range(
     assert [e.id for e in got.entries][:2] == ["599", "597"]
 
 
-async def test_a_replica_never_decides_on_what_another_replica_changed_since(
-    server: ControlServer, stub: Stub, raw_etcd: RawEtcd, prefix: str
-) -> None:
-    """A server writes on the key as it last saw it (no read first); another replica's
-    write in between must neither be overwritten blindly nor taken for "no change"."""
+@pytest.fixture
+async def elsewhere(server: ControlServer, prefix: str) -> AsyncIterator[Stub]:
+    """A client of a second replica on the same etcd and prefix."""
     from prometheus_client import CollectorRegistry
 
     from tests.integration.conftest import server_config
 
-    assert server.etcd_endpoints
     other = ControlServer(
         server_config(server.etcd_endpoints[0], prefix), registry=CollectorRegistry()
     )
     await other.start()
     try:
         async with grpc.aio.insecure_channel(other.address) as channel:
-            elsewhere = mitigation_pb2_grpc.MitigationServiceStub(channel)
-            first = await set_flag(stub, "checkout", "mode", t.FlagValue(string_value="a"))
-            assert first.result.changed
-            # The other replica changes it; this one still knows "a".
-            await set_flag(elsewhere, "checkout", "mode", t.FlagValue(string_value="b"))
-            # Setting "a" again is a change (etcd holds "b"), not "unchanged".
-            again = await set_flag(stub, "checkout", "mode", t.FlagValue(string_value="a"))
-            assert again.result.changed
-            assert again.previous.value.string_value == "b"
-            # And a different value replaces "c" over "b", with "b" as what it replaced.
-            await set_flag(elsewhere, "checkout", "mode", t.FlagValue(string_value="c"))
-            third = await set_flag(stub, "checkout", "mode", t.FlagValue(string_value="d"))
-            assert third.previous.value.string_value == "c"
+            yield mitigation_pb2_grpc.MitigationServiceStub(channel)
     finally:
         await other.stop(grace=0)
+
+
+async def test_a_replica_never_decides_on_what_another_replica_changed_since(
+    stub: Stub, elsewhere: Stub, raw_etcd: RawEtcd, prefix: str
+) -> None:
+    """A server writes on the key as it last saw it (no read first); another replica's
+    write in between must neither be overwritten blindly nor taken for "no change"."""
+    first = await set_flag(stub, "checkout", "mode", t.FlagValue(string_value="a"))
+    assert first.result.changed
+    # The other replica changes it; this one still knows "a".
+    await set_flag(elsewhere, "checkout", "mode", t.FlagValue(string_value="b"))
+    # Setting "a" again is a change (etcd holds "b"), not "unchanged".
+    again = await set_flag(stub, "checkout", "mode", t.FlagValue(string_value="a"))
+    assert again.result.changed
+    assert again.previous.value.string_value == "b"
+    # And a different value replaces "c" over "b", with "c" as what it replaced.
+    await set_flag(elsewhere, "checkout", "mode", t.FlagValue(string_value="c"))
+    third = await set_flag(stub, "checkout", "mode", t.FlagValue(string_value="d"))
+    assert third.previous.value.string_value == "c"
     audits = [a for a in await audit_records(raw_etcd, prefix) if a["name"] == "mode"]
     befores = [(a["before"] or {}).get("value") for a in audits]
     afters = [a["after"]["value"] for a in audits]
@@ -614,14 +619,11 @@ async def test_a_replica_never_decides_on_what_another_replica_changed_since(
 
 
 async def test_a_refusal_is_never_decided_on_what_another_replica_changed_since(
-    server: ControlServer, stub: Stub, prefix: str
+    stub: Stub, elsewhere: Stub
 ) -> None:
     """This server last saw a full stack of time-boxed layers; another replica cleared
     one since. Adding a layer here is then allowed, as etcd's state says."""
-    from prometheus_client import CollectorRegistry
-
     from controlplane.semantics import MAX_LAYERS
-    from tests.integration.conftest import server_config
 
     ttl = duration_pb2.Duration(seconds=3600)
     await set_flag(stub, "checkout", "layers", t.FlagValue(number_value=0))
@@ -630,19 +632,7 @@ async def test_a_refusal_is_never_decided_on_what_another_replica_changed_since(
     with pytest.raises(grpc.aio.AioRpcError) as full:
         await set_flag(stub, "checkout", "layers", t.FlagValue(number_value=99), ttl=ttl)
     assert full.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert server.etcd_endpoints
-    other = ControlServer(
-        server_config(server.etcd_endpoints[0], prefix), registry=CollectorRegistry()
-    )
-    await other.start()
-    try:
-        async with grpc.aio.insecure_channel(other.address) as channel:
-            elsewhere = mitigation_pb2_grpc.MitigationServiceStub(channel)
-            await elsewhere.ClearFlag(
-                m.ClearFlagRequest(scope="checkout", name="layers", options=opts())
-            )
-    finally:
-        await other.stop(grace=0)
+    await elsewhere.ClearFlag(m.ClearFlagRequest(scope="checkout", name="layers", options=opts()))
     added = await set_flag(stub, "checkout", "layers", t.FlagValue(number_value=99), ttl=ttl)
     assert added.result.changed
     assert added.previous.value.number_value == MAX_LAYERS - 2
