@@ -752,7 +752,15 @@ class Client:
     ) -> StateChange:
         delta = self._swap(new, persist=True, replace_newer=replace_newer)
         self._has_state = True
-        await self._write(call, agent_pb2.SyncRequest(ack=agent_pb2.Ack(revision=new.revision)))
+        try:
+            await self._write(
+                call, agent_pb2.SyncRequest(ack=agent_pb2.Ack(revision=new.revision))
+            )
+        except BaseException:
+            # The state is served whether or not the ack got through (the stream may
+            # have ended under it): its callbacks run all the same.
+            self._notify(delta)
+            raise
         return delta
 
     async def _write(self, call: Any, request: agent_pb2.SyncRequest) -> None:

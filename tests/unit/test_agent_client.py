@@ -1218,3 +1218,32 @@ async def test_a_fork_while_a_callback_holds_the_agent_thread_never_runs_two_thr
         await asyncio.to_thread(agent.close)
         await server.stop(0)
     assert not old.is_alive()
+
+
+async def test_callbacks_run_for_a_change_whose_ack_could_not_be_sent() -> None:
+    """The stream ends right behind a change (the server went, or dropped a paused
+    agent): the change is served, and its callbacks run, though its ack is lost."""
+    servicer = ScriptedSync(
+        [snapshot_msg(3, flag("a", True)), change_msg(4, flag("a", False)), "abort"],
+        # Reconnected, the agent gets revision 4 again (a state it may already serve).
+        [snapshot_msg(4, flag("a", False))],
+    )
+    server, address = await serve(servicer)
+    seen: list[int] = []
+    changed = asyncio.Event()
+
+    def record(change: StateChange) -> None:
+        seen.append(change.revision)
+        changed.set()
+
+    agent = AsyncAgent("checkout", [address], on_change=record)
+    try:
+        await agent.start()
+        async with asyncio.timeout(10):
+            while 4 not in seen:
+                changed.clear()
+                await changed.wait()
+        assert agent.enabled("a", default=True) is False
+    finally:
+        await agent.close()
+        await server.stop(None)
