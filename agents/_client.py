@@ -753,9 +753,7 @@ class Client:
         delta = self._swap(new, persist=True, replace_newer=replace_newer)
         self._has_state = True
         try:
-            await self._write(
-                call, agent_pb2.SyncRequest(ack=agent_pb2.Ack(revision=new.revision))
-            )
+            await self._write(call, agent_pb2.SyncRequest(ack=agent_pb2.Ack(revision=new.revision)))
         except BaseException:
             # The state is served whether or not the ack got through (the stream may
             # have ended under it): its callbacks run all the same.
