@@ -42,6 +42,7 @@ import hmac
 import inspect
 import json
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -512,6 +513,34 @@ def _keeps_rights(old: Identity, new: Identity) -> bool:
 # ---------------------------------------------------------------- the interceptor
 
 
+REFUSALS_LOGGED_PER_SECOND = 20
+"""``rpc_refused`` lines per second at most (a fleet with a revoked token, a scanner);
+the refusals beyond are counted in one line per second, and all in the metric."""
+
+
+class _RateLimit:
+    """At most ``per_second`` events a second; says how many it held back, once a second."""
+
+    def __init__(self, per_second: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_second = per_second
+        self._clock = clock
+        self._second = 0
+        self._allowed = 0
+        self._held = 0
+
+    def allow(self) -> bool:
+        second = int(self._clock())
+        if second != self._second:
+            if self._held:
+                log.info("rpc_refused_not_logged", count=self._held, seconds=1)
+            self._second, self._allowed, self._held = second, 0, 0
+        if self._allowed < self.per_second:
+            self._allowed += 1
+            return True
+        self._held += 1
+        return False
+
+
 Behaviour = Callable[..., Any]
 if TYPE_CHECKING:  # generic only in the type stubs
     Handler = grpc.RpcMethodHandler[Any, Any]
@@ -532,6 +561,7 @@ class AuthInterceptor(_Interceptor):
         self.config = config
         self.streams = streams
         self.on_denied: Callable[[str, str], None] | None = None  # (method, code)
+        self._refusal_log = _RateLimit(REFUSALS_LOGGED_PER_SECOND)
         self._wrapped: dict[str, tuple[Handler, Handler | None]] = {}
 
     async def intercept_service(  # type: ignore[override]  # None: UNIMPLEMENTED, as gRPC's own
@@ -567,13 +597,14 @@ class AuthInterceptor(_Interceptor):
     ) -> NoReturn:
         if self.on_denied is not None:
             self.on_denied(_method_name(method), error.code.name)
-        log.info(
-            "rpc_refused",
-            method=_method_name(method),
-            code=error.code.name,
-            error=error.message,
-            peer=context.peer(),
-        )
+        if self._refusal_log.allow():
+            log.info(
+                "rpc_refused",
+                method=_method_name(method),
+                code=error.code.name,
+                error=error.message,
+                peer=context.peer(),
+            )
         await context.abort(error.code, error.message)
         raise AssertionError("context.abort returned")  # pragma: no cover
 

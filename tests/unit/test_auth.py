@@ -269,3 +269,21 @@ async def test_streams_count_per_identity_and_revocation_follows_the_credential(
     with pytest.raises(asyncio.CancelledError):
         await new
     assert streams.count("fleet") == 0
+
+
+def test_refusals_are_logged_at_most_so_many_a_second() -> None:
+    from structlog.testing import capture_logs
+
+    from controlplane.auth import _RateLimit
+
+    now = [100.0]
+    limit = _RateLimit(3, clock=lambda: now[0])
+    with capture_logs() as logs:
+        first_second = [limit.allow() for _ in range(5)]
+        now[0] = 101.2
+        next_second = [limit.allow() for _ in range(2)]
+    assert first_second == [True, True, True, False, False]
+    assert next_second == [True, True]
+    assert logs == [
+        {"event": "rpc_refused_not_logged", "count": 2, "seconds": 1, "log_level": "info"}
+    ]
