@@ -39,11 +39,11 @@ import time
 import weakref
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, Unpack, overload
 
 from agents import _state
 from agents._client import AgentState, ChangeCallback, Client, release_channels
-from agents._config import AgentConfig, forked_config, resolve_config
+from agents._config import AgentConfig, AgentSettings, forked_config, resolve_config
 from agents._override import Override
 from agents._state import Criticality, FlagValue, PinnedVersion, SheddingLevel, Snapshot
 
@@ -182,41 +182,6 @@ class _Reads:
         self._snapshot = snapshot
 
 
-def _build(
-    service: str | None,
-    servers: Sequence[str] | str | None,
-    *,
-    version: str | None,
-    instance_id: str | None,
-    cache_path: str | os.PathLike[str] | None,
-    override_path: str | os.PathLike[str] | None,
-    token: str | None,
-    token_file: str | os.PathLike[str] | None,
-    tls: bool | None,
-    tls_ca: str | os.PathLike[str] | None,
-    tls_cert: str | os.PathLike[str] | None,
-    tls_key: str | os.PathLike[str] | None,
-    tls_server_name: str | None,
-    insecure: bool | None,
-) -> AgentConfig:
-    return resolve_config(
-        service=service,
-        servers=servers,
-        version=version,
-        instance_id=instance_id,
-        cache_path=cache_path,
-        override_path=override_path,
-        token=token,
-        token_file=token_file,
-        tls=tls,
-        tls_ca=tls_ca,
-        tls_cert=tls_cert,
-        tls_key=tls_key,
-        tls_server_name=tls_server_name,
-        insecure=insecure,
-    )
-
-
 class Agent(_Reads):
     """The control plane's state for one service, kept current by a background thread.
 
@@ -290,39 +255,13 @@ class Agent(_Reads):
         service: str | None = None,
         servers: Sequence[str] | str | None = None,
         *,
-        version: str | None = None,
-        instance_id: str | None = None,
-        cache_path: str | os.PathLike[str] | None = None,
-        override_path: str | os.PathLike[str] | None = None,
-        token: str | None = None,
-        token_file: str | os.PathLike[str] | None = None,
-        tls: bool | None = None,
-        tls_ca: str | os.PathLike[str] | None = None,
-        tls_cert: str | os.PathLike[str] | None = None,
-        tls_key: str | os.PathLike[str] | None = None,
-        tls_server_name: str | None = None,
-        insecure: bool | None = None,
         registry: CollectorRegistry | None = None,
         on_change: ChangeCallback | None = None,
+        **settings: Unpack[AgentSettings],
     ) -> None:
         self._ready = threading.Event()
         self._init_reads(
-            _build(
-                service,
-                servers,
-                version=version,
-                instance_id=instance_id,
-                cache_path=cache_path,
-                override_path=override_path,
-                token=token,
-                token_file=token_file,
-                tls=tls,
-                tls_ca=tls_ca,
-                tls_cert=tls_cert,
-                tls_key=tls_key,
-                tls_server_name=tls_server_name,
-                insecure=insecure,
-            ),
+            resolve_config(service=service, servers=servers, **settings),
             registry,
             on_change,
         )
@@ -635,39 +574,13 @@ class AsyncAgent(_Reads):
         service: str | None = None,
         servers: Sequence[str] | str | None = None,
         *,
-        version: str | None = None,
-        instance_id: str | None = None,
-        cache_path: str | os.PathLike[str] | None = None,
-        override_path: str | os.PathLike[str] | None = None,
-        token: str | None = None,
-        token_file: str | os.PathLike[str] | None = None,
-        tls: bool | None = None,
-        tls_ca: str | os.PathLike[str] | None = None,
-        tls_cert: str | os.PathLike[str] | None = None,
-        tls_key: str | os.PathLike[str] | None = None,
-        tls_server_name: str | None = None,
-        insecure: bool | None = None,
         registry: CollectorRegistry | None = None,
         on_change: ChangeCallback | None = None,
+        **settings: Unpack[AgentSettings],
     ) -> None:
         self._ready = asyncio.Event()
         self._init_reads(
-            _build(
-                service,
-                servers,
-                version=version,
-                instance_id=instance_id,
-                cache_path=cache_path,
-                override_path=override_path,
-                token=token,
-                token_file=token_file,
-                tls=tls,
-                tls_ca=tls_ca,
-                tls_cert=tls_cert,
-                tls_key=tls_key,
-                tls_server_name=tls_server_name,
-                insecure=insecure,
-            ),
+            resolve_config(service=service, servers=servers, **settings),
             registry,
             on_change,
         )

@@ -56,7 +56,7 @@ import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
 if TYPE_CHECKING:
     from controlplane.transport import ClientSecurity
@@ -169,6 +169,25 @@ def forked_config(config: AgentConfig, pid: int) -> AgentConfig:
     return replace(
         config, instance_id=given[: _INSTANCE_MAX - len(suffix)] + suffix, instance_id_given=given
     )
+
+
+class AgentSettings(TypedDict, total=False):
+    """The settings an agent takes by keyword besides service and servers (each
+    ``None`` or absent: from the environment, else the default; see
+    :func:`resolve_config`)."""
+
+    version: str | None
+    instance_id: str | None
+    cache_path: str | os.PathLike[str] | None
+    override_path: str | os.PathLike[str] | None
+    token: str | None
+    token_file: str | os.PathLike[str] | None
+    tls: bool | None
+    tls_ca: str | os.PathLike[str] | None
+    tls_cert: str | os.PathLike[str] | None
+    tls_key: str | os.PathLike[str] | None
+    tls_server_name: str | None
+    insecure: bool | None
 
 
 def resolve_config(
