@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from controlplane.embedded_etcd import EmbeddedEtcd
+from tests.helpers.agent_log import AgentLog, attached
 from tests.helpers.raw_etcd import RawEtcd, delete_prefix_blocking
 
 TEST_KEY_ROOT = "/cp-test/"
@@ -48,3 +49,10 @@ async def raw_etcd(etcd: EmbeddedEtcd) -> AsyncIterator[RawEtcd]:
     """A raw etcd client connected to the session etcd, to check writes independently."""
     async with RawEtcd(etcd.endpoint) as client:
         yield client
+
+
+@pytest.fixture
+async def agent_log() -> AsyncIterator[AgentLog]:
+    """The agent SDK's log records while the test runs, to wait on."""
+    with attached() as handler:
+        yield handler

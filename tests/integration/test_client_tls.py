@@ -13,7 +13,7 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from controlplane.auth import hash_token
 from controlplane.embedded_etcd import EmbeddedEtcd
 from controlplane.server import ControlServer
 from controlplane.transport import ClientSecurity
+from tests.helpers.agent_log import AgentLog
 from tests.helpers.certs import TestCA
 from tests.integration.conftest import server_config
 from tests.integration.test_sidecar import SidecarProcess
@@ -233,44 +234,6 @@ async def test_mutual_tls_needs_a_client_certificate(
 # ---------------------------------------------------------------- the agent
 
 
-class AgentLog(logging.Handler):
-    """The agents' log records, for a test to wait on (from any thread)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    def messages(self, event: str, level: int = logging.DEBUG) -> list[str]:
-        return [
-            r.getMessage()
-            for r in list(self.records)
-            if r.levelno >= level and r.getMessage().startswith(event)
-        ]
-
-    async def wait_for(self, event: str, level: int, text: str, within: float = WAIT) -> str:
-        async with asyncio.timeout(within):
-            while True:
-                for message in self.messages(event, level):
-                    if text in message:
-                        return message
-                await asyncio.sleep(0.01)
-
-
-@pytest.fixture
-def agent_log() -> Iterator[AgentLog]:
-    handler = AgentLog()
-    logger = logging.getLogger("agents")
-    level = logger.level
-    logger.setLevel(logging.DEBUG)
-    logger.addHandler(handler)
-    yield handler
-    logger.removeHandler(handler)
-    logger.setLevel(level)
-
-
 async def set_flag(address: str, ca: TestCA, name: str, value: bool) -> int:
     client = ca.issue("operator-client")  # for a server that requires one
     security = ClientSecurity(
@@ -311,11 +274,11 @@ async def test_the_agent_over_tls_logs_a_refused_token_and_picks_up_a_rotated_on
     await agent.start()
     try:
         # A refused token: an ERROR that says so, and the agent keeps trying.
-        refused = await agent_log.wait_for(
-            "agent_auth_failed", logging.ERROR, "the server refused the token"
+        refused = await agent_log.wait(
+            "agent_auth_failed", "the server refused the token", level=logging.ERROR, within=WAIT
         )
-        assert "UNAUTHENTICATED: unknown or revoked token" in refused
-        assert "token_file/CONTROLPLANE_TOKEN_FILE" in refused
+        assert "UNAUTHENTICATED: unknown or revoked token" in refused.getMessage()
+        assert "token_file/CONTROLPLANE_TOKEN_FILE" in refused.getMessage()
         assert agent.state is AgentState.CONNECTING
         # Rotated in place: the next connection reads it, no restart.
         write_token(token_file, TOKENS["checkout-agent"])
@@ -328,15 +291,22 @@ async def test_the_agent_over_tls_logs_a_refused_token_and_picks_up_a_rotated_on
         write_token(token_file, TOKENS["payments-agent"])
         tls_server.auth_file.write_text(json.dumps(auth_document(without="checkout-agents")))
         assert tls_server.server.reload()
-        denied = await agent_log.wait_for(
-            "agent_auth_failed", logging.ERROR, "the token does not allow service checkout"
+        denied = await agent_log.wait(
+            "agent_auth_failed",
+            "the token does not allow service checkout",
+            level=logging.ERROR,
+            within=WAIT,
         )
-        assert "PERMISSION_DENIED: payments-agents may sync payments, not checkout" in denied
+        assert "PERMISSION_DENIED: payments-agents may sync payments, not checkout" in (
+            denied.getMessage()
+        )
         await until(lambda: agent.state == "STALE", "STALE")
         assert agent.enabled("tls-agent") is True
-        # Retried with the backoff, logged once at ERROR (then DEBUG) per server.
-        await until(lambda: len(agent_log.messages("agent_auth_failed")) >= 4, "retries")
-        errors = agent_log.messages("agent_auth_failed", logging.ERROR)
+        # Retried with the refused-token backoff (1 s, then 2 s... at most), logged
+        # once at ERROR (then DEBUG) per server.
+        first = len(agent_log.messages("agent_auth_failed"))
+        await agent_log.wait("agent_auth_failed", count=first + 2, within=WAIT)
+        errors = agent_log.messages("agent_auth_failed", level=logging.ERROR)
         assert len([e for e in errors if "does not allow service checkout" in e]) == 1
     finally:
         await agent.close()
@@ -356,8 +326,10 @@ async def test_the_agent_over_mutual_tls_and_its_connect_errors(
     bare = AsyncAgent("checkout", [mtls_server.address], tls_ca=ca.cert, token=token)
     await bare.start()
     try:
-        failed = await agent_log.wait_for("agent_connect_failed", logging.WARNING, "could not")
-        assert "could not connect: failed to connect to all addresses" in failed
+        failed = await agent_log.wait(
+            "agent_connect_failed", "could not", level=logging.WARNING, within=WAIT
+        )
+        assert "could not connect: failed to connect to all addresses" in failed.getMessage()
         assert bare.state is AgentState.CONNECTING
     finally:
         await bare.close()

@@ -30,6 +30,7 @@ from controlplane.api.v1 import mitigation_pb2_grpc
 from controlplane.api.v1 import types_pb2 as t
 from controlplane.embedded_etcd import EmbeddedEtcd, free_port
 from controlplane.server import ControlServer
+from tests.helpers.agent_log import AgentLog
 from tests.integration.conftest import server_config
 
 Stub = mitigation_pb2_grpc.MitigationServiceStub
@@ -148,47 +149,6 @@ async def override_shown(stub: Stub, instance_id: str) -> bool | None:
     return found[0] if found else None
 
 
-class Logged(logging.Handler):
-    """The agent's log messages, for a test to wait on."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-        self._loop = asyncio.get_running_loop()
-        self._arrived = asyncio.Event()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self._loop.call_soon_threadsafe(self._add, record)
-
-    def _add(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-        self._arrived.set()
-
-    async def wait(self, *parts: str, within: float = 5.0) -> logging.LogRecord:
-        try:
-            async with asyncio.timeout(within):
-                while True:
-                    for record in self.records:
-                        if all(part in record.getMessage() for part in parts):
-                            return record
-                    self._arrived.clear()
-                    await self._arrived.wait()
-        except TimeoutError:
-            raise AssertionError(f"no log message with {parts} within {within}s") from None
-
-
-@pytest.fixture
-async def logged() -> AsyncIterator[Logged]:
-    handler = Logged()
-    logger = logging.getLogger("agents")
-    level = logger.level
-    logger.setLevel(logging.DEBUG)
-    logger.addHandler(handler)
-    yield handler
-    logger.removeHandler(handler)
-    logger.setLevel(level)
-
-
 @pytest.fixture
 def override_path(tmp_path: Path) -> Path:
     return tmp_path / "checkout.override.json"
@@ -292,7 +252,7 @@ async def test_an_override_file_applies_above_the_server_and_is_reported_and_aud
 
 
 async def test_a_malformed_override_file_is_rejected_logged_and_never_reported(
-    server: ControlServer, stub: Stub, override_path: Path, logged: Logged
+    server: ControlServer, stub: Stub, override_path: Path, agent_log: AgentLog
 ) -> None:
     written = await set_flag(stub, "new-ui", True)
     assert server.hub is not None and await server.hub.wait_for_revision(written, 10)
@@ -305,7 +265,7 @@ async def test_a_malformed_override_file_is_rejected_logged_and_never_reported(
         # Every flag is valid but one: nothing of the file applies.
         bad = override_doc(flags={"new-ui": False, "Beta Flag": True}, shedding=None, pin=None)
         write(override_path, bad)
-        record = await logged.wait("agent_override_rejected", str(override_path))
+        record = await agent_log.wait("agent_override_rejected", str(override_path))
         assert record.levelno == logging.ERROR
         assert "'Beta Flag' is not a flag name" in record.getMessage()
         assert agent.override_active is False
@@ -320,7 +280,7 @@ async def test_a_malformed_override_file_is_rejected_logged_and_never_reported(
         assert json.loads(entry.after_json) == {"flags": {"new-ui": False}}
         # Malformed again while one is in force: the one in force stays.
         write(override_path, "{'flags': 'not json'}")
-        await logged.wait("agent_override_rejected", "not valid JSON")
+        await agent_log.wait("agent_override_rejected", "not valid JSON")
         assert agent.override_active is True
         assert agent.enabled("new-ui", default=True) is False
         assert await override_shown(stub, agent.instance_id) is True

@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ from agents._state import (
 from controlplane.api.v1 import agent_pb2, agent_pb2_grpc
 from controlplane.api.v1 import types_pb2 as t
 from controlplane.embedded_etcd import free_port
+from tests.helpers.agent_log import AgentLog
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 """The parsing tests' clock; the agent tests' is the real one (see :func:`live`)."""
@@ -424,48 +425,6 @@ class Changes:
             raise AssertionError(f"no change {what} within {within}s: {self.seen}") from None
 
 
-class Logged(logging.Handler):
-    """The agent's log messages, for a test to wait on."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-        self._loop = asyncio.get_running_loop()
-        self._arrived = asyncio.Event()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self._loop.call_soon_threadsafe(self._add, record)
-
-    def _add(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-        self._arrived.set()
-
-    async def wait(self, *parts: str, within: float = 5.0) -> logging.LogRecord:
-        """The first message that contains each of ``parts``."""
-        try:
-            async with asyncio.timeout(within):
-                while True:
-                    for record in self.records:
-                        if all(part in record.getMessage() for part in parts):
-                            return record
-                    self._arrived.clear()
-                    await self._arrived.wait()
-        except TimeoutError:
-            raise AssertionError(f"no log message with {parts} within {within}s") from None
-
-
-@pytest.fixture
-async def logged() -> AsyncIterator[Logged]:
-    handler = Logged()
-    logger = logging.getLogger("agents")
-    level = logger.level
-    logger.setLevel(logging.DEBUG)
-    logger.addHandler(handler)
-    yield handler
-    logger.removeHandler(handler)
-    logger.setLevel(level)
-
-
 def nowhere() -> str:
     """A server address nothing listens on: the control plane is down."""
     return f"127.0.0.1:{free_port()}"
@@ -507,7 +466,7 @@ async def test_an_override_applies_without_a_server_and_drops_at_its_expiry(
 
 
 async def test_a_malformed_file_is_logged_and_never_half_applied(
-    tmp_path: Path, logged: Logged
+    tmp_path: Path, agent_log: AgentLog
 ) -> None:
     path = tmp_path / "override.json"
     write(path, live(flags={"new-ui": False}, shedding=None, pin=None))
@@ -520,7 +479,7 @@ async def test_a_malformed_file_is_logged_and_never_half_applied(
         in_force = agent.override
         # Valid flags, then one bad percentage: nothing of it applies.
         write(path, live(flags={"new-ui": True, "beta": True}, shedding={"percent": 250}))
-        record = await logged.wait("agent_override_rejected", str(path))
+        record = await agent_log.wait("agent_override_rejected", str(path))
         assert record.levelno == logging.ERROR
         assert "shedding.percent: 250 is out of range" in record.getMessage()
         assert agent.override is in_force
@@ -529,7 +488,7 @@ async def test_a_malformed_file_is_logged_and_never_half_applied(
         assert agent.should_shed("SHEDDABLE") is False
         # A file that has expired is refused with a warning (left behind after an incident).
         write(path, live(expires_at="2020-01-01T00:00:00Z"))
-        record = await logged.wait("agent_override_rejected", "has passed")
+        record = await agent_log.wait("agent_override_rejected", "has passed")
         assert record.levelno == logging.WARNING
         assert agent.override is in_force
         # Removing the file drops the override in force.
