@@ -138,16 +138,19 @@ def test_expiring_mitigations_expire_on_time_across_a_server_restart(
         # The restarted server catches up: etcd holds the restored value, audited once.
         with grpc.insecure_channel(address) as channel:
             stub = mitigation_pb2_grpc.MitigationServiceStub(channel)
-            deadline = time.monotonic() + CONVERGE_WITHIN
-            while True:
-                flag = stub.GetFlag(
-                    m.GetFlagRequest(scope=run.service, name="degrade"),
-                    timeout=5,
-                    wait_for_ready=True,
-                )
-                if flag.flag.value.string_value == "normal" or time.monotonic() > deadline:
-                    break
-                time.sleep(0.05)  # polling etcd's state through the restarted server
+            watch = stub.WatchChanges(
+                m.WatchChangesRequest(service=run.service), timeout=CONVERGE_WITHIN + 5,
+                wait_for_ready=True,
+            )  # fmt: skip
+            next(watch)  # live: what is written from now on comes through it
+            flag = stub.GetFlag(m.GetFlagRequest(scope=run.service, name="degrade"), timeout=5)
+            if flag.flag.value.string_value != "normal":
+                # Not restored yet: the restore is the next change of that flag.
+                next(
+                    e for r in watch for e in r.changes if e.name == "degrade"
+                )  # fmt: skip
+                flag = stub.GetFlag(m.GetFlagRequest(scope=run.service, name="degrade"), timeout=5)
+            watch.cancel()
             assert flag.flag.value.string_value == "normal"
             history = stub.ListHistory(m.ListHistoryRequest(service=run.service), timeout=5)
         expiries = [e for e in history.entries if e.name == "degrade" and "expire" in e.action]
