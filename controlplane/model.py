@@ -240,8 +240,13 @@ def utcnow() -> datetime:
 
 
 def format_time(value: datetime) -> str:
-    """ISO 8601 in UTC with microseconds and a ``Z``."""
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """ISO 8601 in UTC with microseconds and a ``Z``; the year always has four digits
+    (``strftime("%Y")`` writes year 1 as ``1``, which no ISO parser reads back)."""
+    v = value.astimezone(UTC)
+    return (
+        f"{v.year:04d}-{v.month:02d}-{v.day:02d}T"
+        f"{v.hour:02d}:{v.minute:02d}:{v.second:02d}.{v.microsecond:06d}Z"
+    )
 
 
 def parse_time(text: str) -> datetime:

@@ -213,3 +213,22 @@ def test_parse_duration() -> None:
     for bad in ("", "5", "1x", "m", "-5s"):
         with pytest.raises(ValueError, match="not a duration"):
             parse_duration(bad)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        datetime(1, 1, 1, tzinfo=UTC),
+        datetime(999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(2026, 11, 26, 18, 0, 0, 5, tzinfo=UTC),
+        datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC),
+    ],
+)
+def test_every_time_written_reads_back(value: datetime) -> None:
+    # Found by fuzzing: year 1 was written "1-01-01T...", which no parser reads back,
+    # and the audit record holding it was then unreadable.
+    from controlplane.model import format_time, parse_time
+
+    text = format_time(value)
+    assert len(text) == 27
+    assert parse_time(text) == value
