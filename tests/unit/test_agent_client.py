@@ -18,8 +18,9 @@ import logging
 import os
 import random
 import re
+import socket
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -743,6 +744,13 @@ class LogEvents(logging.Handler):
                 self._arrived.clear()
                 await self._arrived.wait()
 
+    async def wait_count(self, event: str, count: int, within: float = 10.0) -> None:
+        """Until ``count`` messages have started with ``event``."""
+        async with asyncio.timeout(within):
+            while sum(message.startswith(event) for message in self.messages) < count:
+                self._arrived.clear()
+                await self._arrived.wait()
+
 
 @pytest.fixture
 async def log_events() -> AsyncIterator[LogEvents]:
@@ -1025,6 +1033,75 @@ async def test_a_lost_server_leaves_the_agent_stale_with_its_state(
         assert not await agent.wait_ready(0.2)
     finally:
         await agent.close()
+
+
+@contextlib.contextmanager
+def refusing_port() -> Iterator[int]:
+    """A loopback port bound but not listening: connections to it are refused,
+    and no one else takes it until the block ends."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
+async def test_a_server_that_is_down_is_retried_on_one_kept_channel(
+    log_events: LogEvents,
+) -> None:
+    with refusing_port() as port:
+        target = f"127.0.0.1:{port}"
+        agent = AsyncAgent("checkout", [target])
+        await agent.start()
+        try:
+            client = agent._client
+            await log_events.wait_count("agent_connect_failed", 1)
+            kept = client._spares[target].channel
+            await log_events.wait_count("agent_connect_failed", 4)
+            # gRPC retried it in the background; no channel was made anew.
+            assert client._spares[target].channel is kept
+            failures = [m for m in log_events.messages if m.startswith("agent_connect_failed")]
+            assert all("Connection refused" in message for message in failures), failures
+            assert agent.state is AgentState.CONNECTING
+        except BaseException:
+            await agent.close()
+            raise
+    try:
+        servicer = ScriptedSync([snapshot_msg(5, flag("mode", "degraded"))])
+        server = grpc.aio.server()
+        agent_pb2_grpc.add_AgentServiceServicer_to_server(servicer, server)
+        server.add_insecure_port(target)
+        await server.start()
+        try:
+            await servicer.wait_ack(5)
+            # The stream went over the kept channel, which is no spare any more.
+            assert client._spares == {}
+            assert kept.get_state() is grpc.ChannelConnectivity.READY
+            assert agent.value("mode") == "degraded"
+        finally:
+            await server.stop(0)
+    finally:
+        await agent.close()
+
+
+async def test_a_kept_channel_is_made_anew_after_spare_max_age_and_closed_at_the_end(
+    log_events: LogEvents, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(agents._client, "SPARE_MAX_AGE", 0.0)
+    with refusing_port() as port:
+        target = f"127.0.0.1:{port}"
+        agent = AsyncAgent("checkout", [target])
+        await agent.start()
+        try:
+            client = agent._client
+            await log_events.wait_count("agent_connect_failed", 1)
+            first = client._spares[target].channel
+            await log_events.wait_count("agent_connect_failed", 3)
+            assert client._spares[target].channel is not first
+            assert first.get_state() is grpc.ChannelConnectivity.SHUTDOWN
+            last = client._spares[target].channel
+        finally:
+            await agent.close()
+        assert client._spares == {} and client.closing_channels == []
+        assert last.get_state() is grpc.ChannelConnectivity.SHUTDOWN
 
 
 async def test_a_time_boxed_flag_expires_in_the_agent_on_time() -> None:
