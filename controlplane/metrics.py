@@ -37,6 +37,13 @@ class ServerMetrics:
             buckets=_RPC_BUCKETS,
             registry=registry,
         )
+        self.write_batch_size = Histogram(
+            "controlplane_write_batch_size",
+            "Writes sent to etcd together in one shared transaction (group commit), "
+            "for transactions of two or more.",
+            buckets=(2, 4, 8, 16, 24),
+            registry=registry,
+        )
         self.invalid_records = Counter(
             "controlplane_invalid_records_total",
             "Records in etcd that did not parse or broke a rule, by kind (each read counts).",

@@ -636,3 +636,77 @@ async def test_a_refusal_is_never_decided_on_what_another_replica_changed_since(
     added = await set_flag(stub, "checkout", "layers", t.FlagValue(number_value=99), ttl=ttl)
     assert added.result.changed
     assert added.previous.value.number_value == MAX_LAYERS - 2
+
+
+async def test_writes_that_come_while_one_is_at_etcd_share_one_transaction(
+    server: ControlServer, stub: Stub, raw_etcd: RawEtcd, prefix: str
+) -> None:
+    """Group commit: each write is applied, audited and answered with the revision
+    that holds it; the writes that waited for the first one went together."""
+    import asyncio
+
+    from controlplane.model import WriteOptions
+
+    store = server.store
+    assert store is not None
+    names = [f"mode-{i}" for i in range(10)]
+    for name in names:  # the server now knows each key: no read before the writes
+        await set_flag(stub, "checkout", name, boolean(False))
+    outcomes = await asyncio.gather(
+        *(
+            store.set_flag("checkout", name, True, WriteOptions(reason="drill", actor="oncall"))
+            for name in names
+        )
+    )
+    revisions = [outcome.revision for outcome in outcomes]
+    assert all(outcome.changed for outcome in outcomes)
+    # The first went alone; the nine that came while it was at etcd, in one transaction.
+    assert revisions[1:] == [revisions[1]] * 9 and revisions[0] < revisions[1]
+    batches = server.registry.get_sample_value("controlplane_write_batch_size_count")
+    assert batches == 1
+    audits = {a["id"]: a for a in await audit_records(raw_etcd, prefix)}
+    for name, outcome in zip(names, outcomes, strict=True):
+        raw = await raw_etcd.get(prefix + f"flags/checkout/{name}")
+        assert raw is not None and raw[1] == outcome.revision
+        assert json.loads(raw[0])["value"] is True
+        audit = audits[outcome.audit_id]
+        assert (audit["name"], audit["before"]["value"], audit["after"]["value"]) == (
+            name,
+            False,
+            True,
+        )
+
+
+async def test_a_shared_transaction_failing_one_compare_makes_each_write_on_its_own(
+    server: ControlServer, stub: Stub, elsewhere: Stub, raw_etcd: RawEtcd, prefix: str
+) -> None:
+    """Another replica changed one key since this server last saw it: the shared
+    transaction fails, each write is made again alone, and the stale one on a read."""
+    import asyncio
+
+    from controlplane.model import WriteOptions
+
+    store = server.store
+    assert store is not None
+    names = [f"tier-{i}" for i in range(6)]
+    for name in names:
+        await set_flag(stub, "checkout", name, t.FlagValue(string_value="a"))
+    await set_flag(elsewhere, "checkout", names[3], t.FlagValue(string_value="other"))
+    outcomes = await asyncio.gather(
+        *(
+            store.set_flag("checkout", name, "b", WriteOptions(reason="drill", actor="oncall"))
+            for name in names
+        )
+    )
+    assert all(outcome.changed for outcome in outcomes)
+    assert [outcome.previous.value for outcome in outcomes] == ["a", "a", "a", "other", "a", "a"]
+    # One shared transaction was sent (the five behind the first) and failed: each
+    # write then has a revision of its own.
+    assert server.registry.get_sample_value("controlplane_write_batch_size_count") == 1
+    assert len({outcome.revision for outcome in outcomes}) == len(names)
+    audits = {a["id"]: a for a in await audit_records(raw_etcd, prefix)}
+    for name, outcome in zip(names, outcomes, strict=True):
+        raw = await raw_etcd.get(prefix + f"flags/checkout/{name}")
+        assert raw is not None and raw[1] == outcome.revision
+        assert json.loads(raw[0])["value"] == "b"
+        assert audits[outcome.audit_id]["before"]["value"] == outcome.previous.value
