@@ -163,6 +163,13 @@ class AgentFleet:
             answers.append(answer)
         return answers
 
+    def log_tails(self) -> str:
+        """The end of every agent process's log (for a failure report)."""
+        return "".join(
+            f"\n--- agent process {index}{self._log_tail(index) or ': (nothing logged)'}"
+            for index in range(len(self._procs))
+        )
+
     def _log_tail(self, index: int) -> str:
         path = Path(self._logs.name) / f"agents-{index}.log"
         try:

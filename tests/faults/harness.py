@@ -277,6 +277,9 @@ class FaultRun:
                 f"{CONVERGE_WITHIN} s of the faults healing"
             )
         save_figures(name, report, self.writer, **figures)
+        if report.violations:
+            # What the agents said (disconnections, errors) explains most violations.
+            report.violations.append(f"agent logs:{self.fleet.log_tails()}")
         return report
 
 
