@@ -10,13 +10,22 @@ Per agent: (RSS after - RSS before) / N. Also the RSS once those N are gone
 (informational: memory a process freed is not always returned to the system).
 Writes ``benchmarks/results/memory.json``.
 
-    python -m benchmarks.bench_memory [--agents 1000,5000] [--processes 4]
+``--floor`` measures the same way a bare grpc.aio AgentService instead
+(``benchmarks/_bare_sync.py``: one handler per stream that answers one empty
+Snapshot and reads acks; no etcd, hub or presence, so no change is made): what
+grpc.aio itself costs per connected agent, below which no server built on it goes.
+
+    python -m benchmarks.bench_memory [--agents 1000,5000] [--processes 4] [--floor]
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +35,8 @@ from google.protobuf.duration_pb2 import Duration
 from benchmarks._fleet import AgentFleet
 from benchmarks._harness import (
     RESULTS_DIR,
+    ServerProcess,
+    ServerRunner,
     control_server,
     machine,
     print_table,
@@ -63,6 +74,64 @@ def _change(stub: Any, value: bool, expect: int) -> str | None:
     return None
 
 
+@contextmanager
+def bare_server() -> Iterator[ServerProcess]:
+    """``benchmarks._bare_sync`` in a process of its own, stopped after."""
+    with tempfile.TemporaryDirectory(prefix="cp-bench-bare-") as folder:
+        runner = ServerRunner(Path(folder))
+        runner.argv = [sys.executable, "-m", "benchmarks._bare_sync"]
+        try:
+            yield runner.start()
+        finally:
+            runner.stop()
+
+
+def _run_floor(agents: int, processes: int, warm: int, settle: float) -> dict[str, Any]:
+    failures: list[str] = []
+    with bare_server() as server:
+        idle = rss_bytes(server.pid)
+        with AgentFleet([server.address], SERVICE, agents=warm, processes=1, name="warm"):
+            time.sleep(settle)
+            before = rss_bytes(server.pid)
+            with AgentFleet(
+                [server.address], SERVICE, agents=agents, processes=processes, name="mem"
+            ) as fleet:
+                ready = sum(r["ready"] for r in fleet.ready)
+                if ready != agents:
+                    failures.append(f"{agents - ready} agents not READY")
+                time.sleep(settle)
+                after = rss_bytes(server.pid)
+            time.sleep(settle)
+            gone = rss_bytes(server.pid)
+    return _case(agents, len(fleet.counts), warm, (idle, before, after, gone), failures, True)
+
+
+def _case(
+    agents: int,
+    processes: int,
+    warm: int,
+    rss: tuple[int, int, int, int],
+    failures: list[str],
+    floor: bool,
+) -> dict[str, Any]:
+    idle, before, after, gone = rss
+    per_agent = (after - before) / agents
+    return {
+        "server": "bare grpc.aio (floor)" if floor else "controlplane serve",
+        "agents": agents,
+        "processes": processes,
+        "warm_agents": warm,
+        "rss_idle_mib": round(idle / 2**20, 1),
+        "rss_before_mib": round(before / 2**20, 1),
+        "rss_after_mib": round(after / 2**20, 1),
+        "rss_after_close_mib": round(gone / 2**20, 1),
+        "kib_per_agent": round(per_agent / 1024, 1),
+        "target_kib": TARGET_KIB,
+        "met": per_agent / 1024 <= TARGET_KIB,
+        "failures": failures,
+    }
+
+
 def _run_case(agents: int, processes: int, warm: int, settle: float) -> dict[str, Any]:
     failures: list[str] = []
     with (
@@ -92,20 +161,7 @@ def _run_case(agents: int, processes: int, warm: int, settle: float) -> dict[str
                 after = rss_bytes(server.pid)
             time.sleep(settle)
             gone = rss_bytes(server.pid)
-    per_agent = (after - before) / agents
-    return {
-        "agents": agents,
-        "processes": len(fleet.counts),
-        "warm_agents": warm,
-        "rss_idle_mib": round(idle / 2**20, 1),
-        "rss_before_mib": round(before / 2**20, 1),
-        "rss_after_mib": round(after / 2**20, 1),
-        "rss_after_close_mib": round(gone / 2**20, 1),
-        "kib_per_agent": round(per_agent / 1024, 1),
-        "target_kib": TARGET_KIB,
-        "met": per_agent / 1024 <= TARGET_KIB,
-        "failures": failures,
-    }
+    return _case(agents, len(fleet.counts), warm, (idle, before, after, gone), failures, False)
 
 
 def run(
@@ -114,18 +170,27 @@ def run(
     warm: int = 10,
     out_dir: Path = RESULTS_DIR,
     settle: float = SETTLE,
+    floor: bool = False,
 ) -> dict[str, Any]:
-    """Run every size on a fresh server; print the table, write and return the results."""
+    """Run every size on a fresh server; print the table, write and return the results.
+
+    ``floor``: after each size, the same on the bare grpc.aio server.
+    """
     host = machine()
-    cases = [_run_case(agents, processes, warm, settle) for agents in sizes]
+    cases = []
+    for agents in sizes:
+        cases.append(_run_case(agents, processes, warm, settle))
+        if floor:
+            cases.append(_run_floor(agents, processes, warm, settle))
     results = {"benchmark": "memory", "machine": host, "cases": cases}
     print_table(
-        ["agents", "idle MiB", "before MiB", "after MiB", "closed MiB", "KiB/agent", "met",
-         "failures"],
+        ["server", "agents", "idle MiB", "before MiB", "after MiB", "closed MiB", "KiB/agent",
+         "met", "failures"],
         [
             [
-                c["agents"], c["rss_idle_mib"], c["rss_before_mib"], c["rss_after_mib"],
-                c["rss_after_close_mib"], c["kib_per_agent"], "yes" if c["met"] else "NO",
+                c["server"], c["agents"], c["rss_idle_mib"], c["rss_before_mib"],
+                c["rss_after_mib"], c["rss_after_close_mib"], c["kib_per_agent"],
+                "yes" if c["met"] else "NO",
                 len(c["failures"]),
             ]
             for c in cases
@@ -145,8 +210,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--processes", type=int, default=4, help="agent processes")
     parser.add_argument("--warm", type=int, default=10, help="agents in the baseline")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder")
+    parser.add_argument(
+        "--floor", action="store_true", help="also measure a bare grpc.aio server (the floor)"
+    )
     args = parser.parse_args(argv)
-    run([int(a) for a in args.agents.split(",")], args.processes, args.warm, args.out)
+    run(
+        [int(a) for a in args.agents.split(",")],
+        args.processes,
+        args.warm,
+        args.out,
+        floor=args.floor,
+    )
 
 
 if __name__ == "__main__":

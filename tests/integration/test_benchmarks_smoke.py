@@ -85,15 +85,19 @@ def test_hotpath_benchmark_times_every_read(tmp_path: Path) -> None:
     _written(tmp_path, "hotpath", results)
 
 
-def test_memory_benchmark_measures_the_server(tmp_path: Path) -> None:
-    results = bench_memory.run([4], processes=2, warm=2, out_dir=tmp_path, settle=0.1)
+def test_memory_benchmark_measures_the_server_and_the_bare_grpc_floor(tmp_path: Path) -> None:
+    results = bench_memory.run([4], processes=2, warm=2, out_dir=tmp_path, settle=0.1, floor=True)
     _machine(results)
-    [case] = results["cases"]
-    assert case["agents"] == 4
-    assert case["failures"] == []
-    assert case["rss_idle_mib"] > 0
-    assert case["rss_before_mib"] > 0 and case["rss_after_mib"] > 0
-    assert math.isfinite(case["kib_per_agent"])
+    assert [c["server"] for c in results["cases"]] == [
+        "controlplane serve",
+        "bare grpc.aio (floor)",
+    ]
+    for case in results["cases"]:
+        assert case["agents"] == 4
+        assert case["failures"] == []
+        assert case["rss_idle_mib"] > 0
+        assert case["rss_before_mib"] > 0 and case["rss_after_mib"] > 0
+        assert math.isfinite(case["kib_per_agent"])
     _written(tmp_path, "memory", results)
 
 
