@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 
 from controlplane.api.v1 import agent_pb2, agent_pb2_grpc
-from controlplane.server import _run, _tune_gc
+from controlplane.server import run_event_loop, tune_gc
 
 SNAPSHOT = agent_pb2.SyncResponse(snapshot=agent_pb2.Snapshot(revision=1))
 
@@ -38,10 +38,10 @@ async def _serve() -> None:
     agent_pb2_grpc.add_AgentServiceServicer_to_server(BareAgentService(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    _tune_gc()  # as controlplane serve does
+    tune_gc()  # as controlplane serve does
     print(f"listening on 127.0.0.1:{port}", file=sys.stderr, flush=True)
     await server.wait_for_termination()
 
 
 if __name__ == "__main__":
-    _run(_serve())
+    run_event_loop(_serve())

@@ -55,6 +55,8 @@ class ServerMetrics:
             "Records in force, by kind (flag, shedding, pin).",
             ["kind"],
             registry=registry,
+            # With --workers, each worker counts the same records: one count.
+            multiprocess_mode="livemax",
         )
         self.audit_deleted = Counter(
             "controlplane_audit_records_deleted_total",
@@ -69,9 +71,10 @@ class ServerMetrics:
         )
         self.agents_connected = Gauge(
             "controlplane_agents_connected",
-            "Agent streams connected to this server process, by service.",
+            "Agent streams connected, by service (with --workers, all workers together).",
             ["service"],
             registry=registry,
+            multiprocess_mode="livesum",
         )
         self.fanout_seconds = Histogram(
             "controlplane_fanout_duration_seconds",
@@ -118,8 +121,10 @@ class ServerMetrics:
         )
         self.etcd_up = Gauge(
             "controlplane_etcd_up",
-            "1 when the last etcd operation or health probe succeeded, else 0.",
+            "1 when the last etcd operation or health probe succeeded, else 0 (with "
+            "--workers, 0 if any worker's did not).",
             registry=registry,
+            multiprocess_mode="livemin",
         )
         self.auth_refused = Counter(
             "controlplane_auth_refused_total",
@@ -138,4 +143,5 @@ class ServerMetrics:
             "controlplane_auth_identities",
             "Identities in the auth file in force (0 with authentication off).",
             registry=registry,
+            multiprocess_mode="livemax",
         )

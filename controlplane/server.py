@@ -105,6 +105,9 @@ class ServerConfig:
     max_streams_per_identity: int | None = None
     max_message_bytes: int = 4 * 1024 * 1024
     etcd_security: EtcdSecurity | None = None  # TLS and user to an external etcd
+    # One of several worker processes on one port (controlplane.workers): the port is
+    # shared (SO_REUSEPORT). Otherwise a port in use is an error, never shared.
+    worker: int | None = None
 
 
 class ServerConfigError(ValueError):
@@ -226,6 +229,9 @@ class ControlServer:
             options=[
                 *_SERVER_OPTIONS,
                 ("grpc.max_receive_message_length", config.max_message_bytes),
+                # gRPC shares a port with any other process that allows it (its default):
+                # a second server started by mistake would take half the agents.
+                ("grpc.so_reuseport", 1 if config.worker is not None else 0),
             ],
         )
         mitigation_pb2_grpc.add_MitigationServiceServicer_to_server(
@@ -236,13 +242,20 @@ class ControlServer:
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        self.port = (
-            server.add_insecure_port(config.listen)
-            if tls is None
-            else server.add_secure_port(config.listen, tls)
-        )
+        try:
+            self.port = (
+                server.add_insecure_port(config.listen)
+                if tls is None
+                else server.add_secure_port(config.listen, tls)
+            )
+        except RuntimeError:
+            self.port = 0
         if self.port == 0:
-            raise ControlPlaneError(f"could not listen on {config.listen}")
+            await server.stop(None)
+            raise ServerConfigError(
+                f"could not listen on {config.listen}: the address is in use (another "
+                "server?) or not this machine's"
+            )
         self._server = server
         await self._set_serving(False)
         await server.start()
@@ -587,7 +600,9 @@ def configure_logging(fmt: str = "json", level: int = logging.INFO) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # One write per line (print() makes two): lines of --workers' processes,
+        # which share stderr, never run into each other.
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
 
@@ -790,6 +805,16 @@ def main() -> None:
     "max_streams in the auth file overrides it per identity).",
 )
 @click.option(
+    "--workers",
+    envvar="CONTROLPLANE_WORKERS",
+    type=click.IntRange(min=1, max=256),
+    default=1,
+    show_default=True,
+    help="Server processes on the one address (SO_REUSEPORT), each with its own etcd "
+    "watch: agents' connections, and the fan-out, spread over cores. Above 1, a "
+    "supervisor process starts them, restarts one that dies and serves --metrics for all.",
+)
+@click.option(
     "--max-message-bytes",
     envvar="CONTROLPLANE_MAX_MESSAGE_BYTES",
     type=click.IntRange(min=1024, max=64 * 1024 * 1024),
@@ -822,6 +847,7 @@ def serve(
     etcd_password_file: Path | None,
     no_auth: bool,
     etcd_insecure: bool,
+    workers: int,
 ) -> None:
     """Run the control server until SIGTERM or SIGINT; SIGHUP re-reads the auth file
     and the TLS certificates."""
@@ -867,9 +893,17 @@ def serve(
         no_auth=no_auth,
         etcd_insecure=etcd_insecure,
     )
+    if workers > 1:
+        from controlplane.workers import WorkerStartError, run_workers
+
+        try:
+            run_workers(config, workers, log_format)
+        except (ServerConfigError, WorkerStartError) as exc:
+            raise click.ClickException(str(exc)) from None
+        return
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            _run(_serve(config))
+            run_event_loop(serve_until_stopped(config))
     except (ServerConfigError, AuthFileError) as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -901,7 +935,7 @@ def _etcd_security(
         raise click.UsageError(str(exc)) from None
 
 
-def _run(main: Coroutine[Any, Any, None]) -> None:
+def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
     """Run the server's loop: uvloop's when installed (CONTROLPLANE_EVENT_LOOP=asyncio
     keeps the standard one)."""
     factory: Callable[[], asyncio.AbstractEventLoop] | None = None
@@ -924,29 +958,43 @@ counting; with the default thresholds the collector ran every few hundred stream
 ~9 % of the server's CPU at 1,000 agents (BENCHMARKS.md)."""
 
 
-def _tune_gc() -> None:
+def tune_gc() -> None:
     """Move what start-up made out of the collector's sight, and collect less often."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLD)
 
 
-async def _serve(config: ServerConfig) -> None:
+def _say_listening(server: ControlServer, stop: asyncio.Event) -> None:
+    config = server.config
+    click.echo(
+        f"control server listening on {server.address} (etcd {', '.join(server.etcd_endpoints)}"
+        f"{', embedded' if server.etcd else ''}; prefix {config.prefix}; "
+        f"{server.security_summary})",
+        err=True,
+    )
+
+
+async def serve_until_stopped(
+    config: ServerConfig,
+    *,
+    on_ready: Callable[[ControlServer, asyncio.Event], None] = _say_listening,
+    stop_signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT),
+) -> None:
+    """Run a ControlServer until one of ``stop_signals`` (SIGHUP reloads it).
+
+    ``on_ready`` is called once it serves, with the event that stops it.
+    """
     server = ControlServer(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in stop_signals:
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGHUP, server.reload)
     try:
         await server.start()
-        _tune_gc()
-        click.echo(
-            f"control server listening on {server.address} (etcd {', '.join(server.etcd_endpoints)}"
-            f"{', embedded' if server.etcd else ''}; prefix {config.prefix}; "
-            f"{server.security_summary})",
-            err=True,
-        )
+        tune_gc()
+        on_ready(server, stop)
         await stop.wait()
         log.info("shutdown_requested")
     finally:

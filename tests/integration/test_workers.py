@@ -1,0 +1,277 @@
+"""`controlplane serve --workers N`: N server processes on one port under a supervisor."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import duration_pb2
+
+from agents import AsyncAgent
+from controlplane.api.v1 import mitigation_pb2 as m
+from controlplane.api.v1 import mitigation_pb2_grpc
+from controlplane.api.v1 import types_pb2 as t
+from controlplane.auth import hash_token
+from controlplane.embedded_etcd import EmbeddedEtcd
+from tests.helpers.agent_process import ROOT
+from tests.helpers.server_process import ServerProcess
+
+SERVICE = "checkout"
+AGENTS = 12
+
+
+def worker_pids(server: ServerProcess) -> list[int]:
+    match = server.wait_output(r"listening on .*\((\d+) workers, pids ([\d, ]+);")
+    pids = [int(p) for p in match.group(2).split(", ")]
+    assert len(pids) == int(match.group(1))
+    return pids
+
+
+def gone(pid: int) -> bool:
+    """Whether ``pid`` no longer runs (a zombie waiting for its parent counts as gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "\nState:\tZ" in status
+
+
+def wait_gone(pids: list[int], within: float = 20.0) -> None:
+    deadline = time.monotonic() + within
+    while not all(gone(pid) for pid in pids):
+        assert time.monotonic() < deadline, f"still running: {[p for p in pids if not gone(p)]}"
+        time.sleep(0.05)
+
+
+def logged(server: ServerProcess, event: str, start: int = 0) -> dict[str, Any]:
+    """The first JSON log line of ``event`` from ``output[start:]`` on, as it arrives."""
+    line: dict[str, Any] = json.loads(
+        server.wait_output(rf'^\{{.*"event": "{event}".*$', start=start).string
+    )
+    return line
+
+
+def metrics_text(server: ServerProcess) -> str:
+    port = server.wait_output(r'"metrics": "127\.0\.0\.1:(\d+)"').group(1)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text: str = response.read().decode()
+    return text
+
+
+def sample(text: str, name: str, labels: str = "") -> float | None:
+    pattern = re.escape(name) + (re.escape("{" + labels + "}") if labels else r"(?:\{\})?")
+    match = re.search(rf"^{pattern} (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else None
+
+
+@pytest.fixture
+def workers(etcd: EmbeddedEtcd, prefix: str) -> Iterator[ServerProcess]:
+    server = ServerProcess(
+        etcd.endpoint, prefix, extra_args=["--workers", "2", "--metrics", "127.0.0.1:0"]
+    )
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def fleet(workers: ServerProcess) -> AsyncIterator[list[AsyncAgent]]:
+    agents = [AsyncAgent(SERVICE, [workers.address], instance_id=f"w-{i}") for i in range(AGENTS)]
+    for agent in agents:
+        await agent.start()
+    try:
+        assert all(await asyncio.gather(*(a.wait_ready(15) for a in agents)))
+        yield agents
+    finally:
+        await asyncio.gather(*(a.close() for a in agents))
+
+
+async def flip(address: str, value: bool) -> m.WaitAppliedResponse:
+    """Set the flag through any worker and wait until every agent applied it."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = mitigation_pb2_grpc.MitigationServiceStub(channel)
+        written = await stub.SetFlag(
+            m.SetFlagRequest(
+                scope=SERVICE,
+                name="kill",
+                value=t.FlagValue(bool_value=value),
+                options=t.WriteOptions(reason="drill", actor="oncall"),
+            )
+        )
+        waited: m.WaitAppliedResponse = await stub.WaitApplied(
+            m.WaitAppliedRequest(
+                service=SERVICE,
+                revision=written.result.revision,
+                timeout=duration_pb2.Duration(seconds=10),
+            )
+        )
+        return waited
+
+
+async def instances(address: str, count: int, within: float = 10.0) -> list[t.Instance]:
+    """The service's instances once ``count`` are listed (presence is flushed to etcd)."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = mitigation_pb2_grpc.MitigationServiceStub(channel)
+        deadline = time.monotonic() + within
+        while True:
+            status = await stub.GetStatus(m.GetStatusRequest(service=SERVICE))
+            if len(status.instances) == count:
+                return list(status.instances)
+            assert time.monotonic() < deadline, f"{len(status.instances)} instances listed"
+            await asyncio.sleep(0.05)
+
+
+async def test_agents_spread_over_the_workers_and_every_one_applies_a_change(
+    workers: ServerProcess, fleet: list[AsyncAgent]
+) -> None:
+    listed = await instances(workers.address, AGENTS)
+    # The kernel spreads the connections over both workers (12 all on one: 1 in 2,048).
+    assert len({i.server_id for i in listed}) == 2
+    waited = await flip(workers.address, True)
+    assert waited.all_applied and (waited.connected, waited.applied) == (AGENTS, AGENTS)
+    assert all(agent.enabled("kill") for agent in fleet)
+    # One metrics endpoint for all workers: the gauges and counters of both, summed.
+    text = metrics_text(workers)
+    assert sample(text, "controlplane_agents_connected", f'service="{SERVICE}"') == AGENTS
+    assert sample(text, "controlplane_rpcs_total", 'code="OK",method="SetFlag"') == 1
+    assert sample(text, "controlplane_etcd_up") == 1
+
+
+async def test_a_killed_worker_is_restarted_and_its_agents_come_back(
+    workers: ServerProcess, fleet: list[AsyncAgent]
+) -> None:
+    first, second = worker_pids(workers)
+    mark = len(workers.output)
+    os.kill(first, signal.SIGKILL)
+    exited = logged(workers, "worker_exited", mark)
+    assert (exited["pid"], exited["code"], exited["level"]) == (first, -signal.SIGKILL, "error")
+    new = logged(workers, "worker_restarted", mark)["pid"]
+    assert new not in (first, second) and not gone(new)
+    assert all(await asyncio.gather(*(a.wait_ready(15) for a in fleet)))
+    waited = await flip(workers.address, True)
+    assert waited.all_applied and waited.applied == AGENTS
+    assert all(agent.enabled("kill") for agent in fleet)
+    # The dead worker's connections are not counted any more.
+    await instances(workers.address, AGENTS)
+    assert sample(
+        metrics_text(workers), "controlplane_agents_connected", f'service="{SERVICE}"'
+    ) == (AGENTS)
+
+
+def test_sighup_reaches_every_worker_and_sigterm_stops_them_all(
+    etcd: EmbeddedEtcd, prefix: str, tmp_path: Path
+) -> None:
+    auth = tmp_path / "auth.json"
+    auth.write_text(
+        json.dumps(
+            {"identities": [{"name": "oncall", "role": "operator",
+                             "token_sha256": hash_token("a-token-for-the-test")}]}
+        )
+    )  # fmt: skip
+    server = ServerProcess(
+        etcd.endpoint, prefix, extra_args=["--workers", "2", "--auth-file", str(auth)]
+    )
+    try:
+        pids = worker_pids(server)
+        mark = len(server.output)
+        server.proc.send_signal(signal.SIGHUP)
+        reloaded: set[int] = set()
+        while reloaded != {0, 1}:
+            line = logged(server, "auth_reloaded", mark)
+            mark = server.output.index(json.dumps(line) + "\n", mark) + 1
+            reloaded.add(line["worker"])
+        server.stop()
+        assert server.proc.returncode == 0
+        wait_gone(pids, within=1.0)
+    finally:
+        server.stop()
+
+
+def test_workers_stop_by_themselves_when_the_supervisor_is_killed(workers: ServerProcess) -> None:
+    pids = worker_pids(workers)
+    workers.kill()
+    wait_gone(pids)
+
+
+def test_a_worker_that_cannot_listen_fails_the_start_naming_the_address(
+    etcd: EmbeddedEtcd, prefix: str
+) -> None:
+    with socket.socket() as taken:  # listening without SO_REUSEPORT: no one may share it
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "controlplane.server", "serve", "--workers", "2",
+             "--listen", f"127.0.0.1:{port}", "--etcd", etcd.endpoint, "--prefix", prefix,
+             "--metrics", "off"],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert result.returncode == 1
+    assert f"could not listen on 127.0.0.1:{port}: the address is in use" in result.stderr
+
+
+def test_a_single_server_never_shares_its_port_with_another(
+    etcd: EmbeddedEtcd, prefix: str
+) -> None:
+    first = ServerProcess(etcd.endpoint, prefix)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "controlplane.server", "serve", "--listen", first.address,
+             "--etcd", etcd.endpoint, "--prefix", prefix, "--metrics", "off"],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 1
+        assert f"could not listen on {first.address}: the address is in use" in result.stderr
+    finally:
+        first.stop()
+
+
+def test_workers_with_the_embedded_etcd(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONTROLPLANE_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "controlplane.server", "serve", "--workers", "2",
+         "--listen", "127.0.0.1:0", "--embedded-etcd-port", "0", "--data-dir", str(tmp_path),
+         "--metrics", "off"],
+        cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        line = ""
+        for line in proc.stderr:
+            if "listening on" in line:
+                break
+        match = re.search(r"listening on (\S+) \(2 workers.*etcd (\S+), embedded", line)
+        assert match, line
+        address, etcd_endpoint = match.groups()
+        with grpc.insecure_channel(address) as channel:
+            stub = mitigation_pb2_grpc.MitigationServiceStub(channel)
+            written = stub.SetFlag(
+                m.SetFlagRequest(
+                    scope=SERVICE, name="kill", value=t.FlagValue(bool_value=True),
+                    options=t.WriteOptions(reason="drill", actor="oncall"),
+                ),
+                timeout=10,
+            )  # fmt: skip
+            assert written.result.changed
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert proc.returncode == 0
+    with socket.socket() as sock:  # the supervisor stopped its etcd too
+        host, _, port = etcd_endpoint.rpartition(":")
+        assert sock.connect_ex((host, int(port))) != 0
