@@ -29,6 +29,14 @@ class ServerProcess:
 
     address: str
     pid: int
+    workers: tuple[int, ...] = ()
+    """With --workers, the workers' pids."""
+
+    @property
+    def serving(self) -> tuple[int, ...]:
+        """The processes that serve: the server itself, or with --workers its workers
+        (whose CPU is the server's; the supervisor only watches them)."""
+        return self.workers or (self.pid,)
 
 
 @contextmanager
@@ -89,11 +97,11 @@ class ServerRunner:
         with self.log_path.open("w") as log:
             self.proc = subprocess.Popen(self.argv, stderr=log, stdout=subprocess.DEVNULL)
         try:
-            address = _wait_for_address(self.proc, self.log_path)
+            address, workers = _wait_for_address(self.proc, self.log_path)
         except BaseException:
             self.stop()
             raise
-        return ServerProcess(address, self.proc.pid)
+        return ServerProcess(address, self.proc.pid, workers)
 
     def kill(self) -> None:
         """SIGKILL the server and reap it."""
@@ -114,13 +122,17 @@ class ServerRunner:
             proc.wait()
 
 
-def _wait_for_address(proc: subprocess.Popen[bytes], log_path: Path) -> str:
+def _wait_for_address(proc: subprocess.Popen[bytes], log_path: Path) -> tuple[str, tuple[int, ...]]:
+    """The address the server says it listens on, and its workers' pids if it has any."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         text = log_path.read_text()
-        match = re.search(r"listening on (127\.0\.0\.1:\d+)", text)
+        match = re.search(
+            r"listening on (127\.0\.0\.1:\d+)(?: \(\d+ workers, pids ([\d, ]+);)?", text
+        )
         if match:
-            return match.group(1)
+            pids = tuple(int(p) for p in match.group(2).split(", ")) if match.group(2) else ()
+            return match.group(1), pids
         if proc.poll() is not None:
             raise RuntimeError(f"control server exited early:\n{text}")
         time.sleep(0.01)
@@ -159,6 +171,11 @@ def py_spy(pid: int, out: Path | None, *, native: bool = False) -> Iterator[None
         if not out.exists():
             errors.seek(0)
             raise RuntimeError(f"py-spy wrote no profile:\n{errors.read()[-2000:]}")
+
+
+def server_cpu_seconds(server: ServerProcess) -> float:
+    """CPU time of the processes that serve (a server, or its workers)."""
+    return sum(cpu_seconds(pid) for pid in server.serving)
 
 
 def cpu_seconds(pid: int) -> float:

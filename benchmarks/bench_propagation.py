@@ -51,6 +51,7 @@ from benchmarks._harness import (
     percentile,
     print_table,
     py_spy,
+    server_cpu_seconds,
     write_results,
 )
 from controlplane.api.v1 import mitigation_pb2 as m
@@ -162,10 +163,12 @@ def _run_case(
     profile: Path | None,
     native: bool,
     secure: bool = False,
+    workers: int = 1,
 ) -> dict[str, Any]:
+    server_args = ["--workers", str(workers)]
     with (
         _secure(secure) as security,
-        control_server(security.server_args if security else ()) as server,
+        control_server([*(security.server_args if security else ()), *server_args]) as server,
         (security.client if security else ClientSecurity()).channel(server.address) as channel,
     ):
         driver = _Driver(channel, security.client.metadata() if security else ())
@@ -190,11 +193,11 @@ def _run_case(
                 time.sleep(gap)
 
             # What the server spends without any change: keepalives, presence.
-            idle_before = cpu_seconds(server.pid)
+            idle_before = server_cpu_seconds(server)
             time.sleep(IDLE_WINDOW)
-            idle_rate = (cpu_seconds(server.pid) - idle_before) / IDLE_WINDOW
+            idle_rate = (server_cpu_seconds(server) - idle_before) / IDLE_WINDOW
             # What a write costs the server when no agent serves its scope.
-            base_before = cpu_seconds(server.pid)
+            base_before = server_cpu_seconds(server)
             base_started = time.monotonic()
             base_value = False
             for _ in range(BASELINE_WRITES):
@@ -202,17 +205,18 @@ def _run_case(
                 driver.set_flag(BASELINE_SCOPE, base_value)
                 time.sleep(gap)
             base_elapsed = time.monotonic() - base_started
-            base_cpu = cpu_seconds(server.pid) - base_before - idle_rate * base_elapsed
+            base_cpu = server_cpu_seconds(server) - base_before - idle_rate * base_elapsed
             write_cpu = max(base_cpu / BASELINE_WRITES, 0.0)
 
             measured: list[tuple[int, float]] = []
             acked: list[float] = []
             agent_profile = profile.with_name(f"{profile.stem}-agents.txt") if profile else None
             with (
-                py_spy(server.pid, profile, native=native),
+                # With --workers: the first worker's samples.
+                py_spy(server.serving[0], profile, native=native),
                 py_spy(fleet.pids[0], agent_profile, native=native),
             ):
-                cpu_before = cpu_seconds(server.pid)
+                cpu_before = server_cpu_seconds(server)
                 agents_cpu_before = sum(cpu_seconds(pid) for pid in fleet.pids)
                 started = time.monotonic()
                 for _ in range(flips):
@@ -229,7 +233,7 @@ def _run_case(
                         failures.append(f"revision {revision}: {waited.connected} connected")
                     time.sleep(gap)
                 elapsed = time.monotonic() - started
-                server_cpu = cpu_seconds(server.pid) - cpu_before
+                server_cpu = server_cpu_seconds(server) - cpu_before
                 agents_cpu = sum(cpu_seconds(pid) for pid in fleet.pids) - agents_cpu_before
             reports = fleet.command({"cmd": "report", "flags": [FLAG]}, timeout=120)
 
@@ -244,6 +248,7 @@ def _run_case(
     return {
         "agents": agents,
         "secure": secure,
+        "workers": workers,
         "processes": len(fleet.counts),
         "flips": flips,
         "connect_seconds": max(r["seconds"] for r in fleet.ready),
@@ -305,12 +310,14 @@ def run(
     profile: Path | None = None,
     native: bool = False,
     secure: bool = False,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Run every size on a fresh server; print the table, write and return the results."""
     results: dict[str, Any] = {
         "benchmark": "propagation",
         "machine": machine(),
         "secure": secure,
+        "workers": workers,
         "cases": [],
     }
     profiles: list[Path] = []
@@ -320,7 +327,7 @@ def run(
             profile_path = profile.with_name(f"{profile.stem}-{agents}{profile.suffix}")
             profiles += [profile_path, profile_path.with_name(f"{profile_path.stem}-agents.txt")]
         results["cases"].append(
-            _run_case(agents, flips, processes, warmup, gap, profile_path, native, secure)
+            _run_case(agents, flips, processes, warmup, gap, profile_path, native, secure, workers)
         )
     print_table(
         [
@@ -340,7 +347,8 @@ def run(
     for case in results["cases"]:
         for failure in case["failures"][:5]:
             print(f"  {case['agents']} agents: {failure}")
-    path = write_results("propagation-secure" if secure else "propagation", results, out_dir)
+    name = "propagation" + ("-secure" if secure else "") + (f"-{workers}w" if workers > 1 else "")
+    path = write_results(name, results, out_dir)
     print(f"results: {path}")
     for profile_path in profiles:
         print(_profile.report(profile_path, top=15))
@@ -367,11 +375,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--secure", action="store_true", help="TLS and bearer tokens, as in production"
     )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="server processes (controlplane serve --workers)"
+    )
     args = parser.parse_args(argv)
     sizes = [int(a) for a in args.agents.split(",")]
     run(
         sizes, args.flips, args.processes, args.warmup, args.gap, args.out, args.profile,
-        args.native, args.secure,
+        args.native, args.secure, args.workers,
     )  # fmt: skip
 
 

@@ -148,6 +148,10 @@ class Presence:
         # revision -> service -> (time all acked, instance count), waiting to be flushed
         self._applied: dict[tuple[int, str], tuple[datetime, int]] = {}
         self._services: dict[str, _ServiceAcks] = {}
+        # Other processes' presence records as last read, decoded: key -> (raw bytes,
+        # server id, its revision, its instances by service). A wait reads them every
+        # 100 ms; only a record that changed is decoded again.
+        self._remote: dict[str, tuple[bytes, str, int, dict[str, list[Instance]]]] = {}
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -231,6 +235,9 @@ class Presence:
             self._applied[(acks.target, service)] = (model.utcnow(), len(acks.instances))
             acks.recorded = acks.target
             self._touch(service)
+            # Other replicas (or workers) waiting for it learn at the next flush: now,
+            # rather than within flush_interval.
+            self._flush_now.set()
 
     def nack(self, instance: Instance, revision: int, reason: str) -> None:
         instance.last_seen = model.utcnow()
@@ -269,19 +276,21 @@ class Presence:
         had seen when it last reported (its acks for later revisions are not in yet)."""
         found = {(i.server_id, i.instance_id): i for i in self.local(service)}
         reported: dict[str, int] = {}
+        remote: dict[str, tuple[bytes, str, int, dict[str, list[Instance]]]] = {}
         for key, raw in await self.store.get_prefix_raw(f"{self.prefix}servers/"):
             if key.startswith(f"{self.prefix}servers/{self.server_id}/"):
                 continue
-            try:
-                data = json.loads(raw)
-                server = str(data["server_id"])
-                reported[server] = max(reported.get(server, 0), int(data["revision"]))
-                for row in data["instances"]:
-                    if row.get("service") == service:
-                        instance = Instance.from_record(row)
-                        found.setdefault((instance.server_id, instance.instance_id), instance)
-            except (ValueError, KeyError, TypeError) as exc:
-                log.error("presence_invalid", key=key, error=str(exc))
+            decoded = self._remote.get(key)
+            if decoded is None or decoded[0] != raw:
+                decoded = _decode_presence(key, raw)
+                if decoded is None:
+                    continue
+            remote[key] = decoded
+            _raw, server, revision, by_service = decoded
+            reported[server] = max(reported.get(server, 0), revision)
+            for instance in by_service.get(service, ()):
+                found.setdefault((instance.server_id, instance.instance_id), instance)
+        self._remote = remote
         # An agent that moved (its server died, its lease has not expired yet) is listed
         # once: the newest connection wins.
         newest: dict[str, Instance] = {}
@@ -423,3 +432,21 @@ class Presence:
             )
             for key, _ in batch:
                 self._applied.pop(key, None)
+
+
+def _decode_presence(
+    key: str, raw: bytes
+) -> tuple[bytes, str, int, dict[str, list[Instance]]] | None:
+    """One presence record of another process, its instances by service (None: invalid,
+    logged)."""
+    try:
+        data = json.loads(raw)
+        server = str(data["server_id"])
+        by_service: dict[str, list[Instance]] = {}
+        for row in data["instances"]:
+            instance = Instance.from_record(row)
+            by_service.setdefault(instance.service, []).append(instance)
+        return raw, server, int(data["revision"]), by_service
+    except (ValueError, KeyError, TypeError) as exc:
+        log.error("presence_invalid", key=key, error=str(exc))
+        return None
