@@ -64,6 +64,19 @@ def test_propagation_benchmark_runs_secure_with_tls_and_tokens(tmp_path: Path) -
     _written(tmp_path, "propagation-secure", results)
 
 
+def test_propagation_benchmark_runs_with_workers_and_counts_their_cpu(tmp_path: Path) -> None:
+    results = bench_propagation.run(
+        [4], flips=2, processes=1, warmup=1, gap=0.01, out_dir=tmp_path, workers=2
+    )
+    [case] = results["cases"]
+    assert results["workers"] == case["workers"] == 2
+    assert case["failures"] == []
+    assert case["missing"] == 0
+    # The workers' CPU, not the supervisor's (which only watches them): never zero.
+    assert case["server_cpu_us_per_agent_change"] > 0
+    _written(tmp_path, "propagation-2w", results)
+
+
 def test_hotpath_benchmark_times_every_read(tmp_path: Path) -> None:
     results = bench_hotpath.run(repeat=1, number=200, out_dir=tmp_path)
     _machine(results)
