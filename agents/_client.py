@@ -410,6 +410,7 @@ class Client:
         self._cache_wakeup = self._expiry_wakeup = None
         self._report_call = self._report_task = self._write_lock = None
         self._spares = {}
+        self.closing_channels = []
         self.server = None
         self._set_connected(False)
 
@@ -667,7 +668,6 @@ class Client:
             self._synced_at = time.monotonic()
             self.server = target
             self._set_connected(True)
-            await self._drop_spares()
             log.info(
                 "agent_connected service=%s server=%s revision=%d",
                 self.config.service,
@@ -677,6 +677,7 @@ class Client:
             self._report_call = call
             self._flush_reports()
             self._notify(delta)
+            await self._drop_spares()  # other servers' spares: this one answers
             while True:
                 response = await call.read()
                 if response is _EOF:
@@ -1174,6 +1175,13 @@ class _Spare:
         """Why it could not connect (said again while it still cannot)."""
         self.ready = asyncio.ensure_future(_ready(channel))
         """Done when gRPC's retries connected it."""
+        self.ready.add_done_callback(_retrieve)
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Read a finished task's exception, so that asyncio does not log it as lost."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def _ready(channel: grpc.aio.Channel) -> None:

@@ -152,6 +152,8 @@ class Presence:
         # server id, its revision, its instances by service). A wait reads them every
         # 100 ms; only a record that changed is decoded again.
         self._remote: dict[str, tuple[bytes, str, int, dict[str, list[Instance]]]] = {}
+        self._peers = False
+        """Other processes report under the same prefix (read at each flush)."""
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -235,9 +237,11 @@ class Presence:
             self._applied[(acks.target, service)] = (model.utcnow(), len(acks.instances))
             acks.recorded = acks.target
             self._touch(service)
-            # Other replicas (or workers) waiting for it learn at the next flush: now,
-            # rather than within flush_interval.
-            self._flush_now.set()
+            if self._peers:
+                # Other processes (replicas, workers) wait for it through this process's
+                # records: flush now rather than within flush_interval. Alone, the
+                # periodic flush is enough (a flush writes every instance's record).
+                self._flush_now.set()
 
     def nack(self, instance: Instance, revision: int, reason: str) -> None:
         instance.last_seen = model.utcnow()
@@ -412,6 +416,8 @@ class Presence:
                     raise
                 self._written_chunks = len(chunks)
                 self._flushed_revision = revision
+                others = await self.store.count_prefix_raw(f"{self.prefix}servers/")
+                self._peers = others > self._written_chunks
         await self._flush_applied()
 
     async def _flush_applied(self) -> None:

@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import copy
 import hashlib
 import json
 import random
@@ -228,7 +229,6 @@ class _Pending:
     compare: Any
     ops: list[Any]
     size: int
-    deadline: float  # time.monotonic() by which the write's caller gives up
     done: asyncio.Future[Any] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -477,6 +477,14 @@ def _check_txn_size(ops: Sequence[Any]) -> None:
         )
 
 
+def _own_copy(exc: Exception) -> Exception:
+    """``exc`` again, for one more waiter (a traceback of its own), or itself."""
+    try:
+        return copy.copy(exc)
+    except Exception:  # one whose constructor takes other arguments than its args
+        return exc
+
+
 def new_audit_id(now: datetime) -> str:
     """A time-ordered audit id: 20-digit unix nanoseconds and 8 random hex digits."""
     return f"{_ns(now):020d}-{secrets.token_hex(4)}"
@@ -577,6 +585,14 @@ class Store:
 
     async def close(self) -> None:
         """Close the channels. Idempotent."""
+        for task in list(self._batches):
+            task.cancel()
+        await asyncio.gather(*self._batches, return_exceptions=True)
+        for pending in self._queued:
+            if not pending.done.done():
+                pending.done.set_exception(UnavailableError("the server is stopping"))
+        self._queued.clear()
+        self._committing = False
         channels, self._channels, self._kvs, self._leases = self._channels, [], [], []
         self._auths, self._auth_locks, self._tokens = [], [], {}
         for channel in channels:
@@ -1207,6 +1223,11 @@ class Store:
         response = await self._range(start, _range_end(start))
         return [(kv.key.decode(errors="replace"), bytes(kv.value)) for kv in response.kvs]
 
+    async def count_prefix_raw(self, prefix: str) -> int:
+        """How many keys there are under an absolute prefix."""
+        start = prefix.encode()
+        return int((await self._range(start, _range_end(start), count_only=True)).count)
+
     async def delete_prefix_raw(self, prefix: str) -> int:
         """Delete every key under an absolute prefix; returns how many."""
         start = prefix.encode()
@@ -1578,7 +1599,7 @@ class Store:
         if not self._committing or size > _BATCH_MAX_BYTES:
             return await self._commit_alone(compare, ops)
         timeout, caller = self._timeout()
-        pending = _Pending(compare, ops, size, time.monotonic() + timeout)
+        pending = _Pending(compare, ops, size)
         self._queued.append(pending)
         try:
             async with asyncio.timeout(timeout):
@@ -1627,19 +1648,29 @@ class Store:
 
     async def _send_batch(self, batch: list[_Pending]) -> None:
         try:
+            # Writers that gave up since (their deadline) are left out.
+            batch = [pending for pending in batch if not pending.done.done()]
+            if not batch:
+                return
             if len(batch) == 1:
                 compare, ops = [batch[0].compare], batch[0].ops
             else:
                 compare = [pending.compare for pending in batch]
                 ops = [op for pending in batch for op in pending.ops]
-            # As long as the most patient of its writers waits, within the etcd timeout.
-            seconds = max(pending.deadline for pending in batch) - time.monotonic()
-            with self.budget(min(seconds, self.etcd_timeout)):
+            # The etcd timeout, whoever waits: a writer with a shorter deadline stops
+            # waiting by itself (DEADLINE_EXCEEDED) without failing the others, and only
+            # etcd not answering within the timeout says it is unreachable.
+            with self.budget(self.etcd_timeout):
                 response = await self._txn(compare, ops)
+        except asyncio.CancelledError:
+            for pending in batch:
+                if not pending.done.done():
+                    pending.done.set_exception(UnavailableError("the server is stopping"))
+            raise
         except Exception as exc:
             for pending in batch:
                 if not pending.done.done():
-                    pending.done.set_exception(exc)
+                    pending.done.set_exception(_own_copy(exc))
         else:
             outcome = response if response.succeeded or len(batch) == 1 else _ALONE
             if len(batch) > 1:

@@ -139,14 +139,20 @@ class _Supervisor:
             loop.add_signal_handler(signal.SIGHUP, self._reload)
             for index in range(self.count):
                 self._start(index)
-            await self._all_ready()
+            if not await self._all_ready(stop):
+                return  # stopped while they started
             self.serving = True
             if reserved is not None:
                 reserved.close()
                 reserved = None
             metrics_at = None
             if config.metrics:
-                metrics_server, metrics_port = _serve_metrics(config.metrics, self._metrics_dir)
+                try:
+                    metrics_server, metrics_port = _serve_metrics(config.metrics, self._metrics_dir)
+                except OSError as exc:
+                    raise ServerConfigError(
+                        f"could not serve --metrics on {config.metrics}: {exc}"
+                    ) from None
                 metrics_at = f"{config.metrics.rpartition(':')[0]}:{metrics_port}"
             pids = [w.process.pid for w in self.workers if w is not None]
             log.info(
@@ -255,7 +261,16 @@ class _Supervisor:
         await asyncio.sleep(delay)
         if self.stopping:
             return
-        worker = self._start(index)
+        try:
+            worker = self._start(index)
+        except OSError as exc:  # no process could be made: try again later
+            log.error("worker_restart_failed", worker=index, error=str(exc))
+            delay = self._delays[index]
+            self._delays[index] = min(delay * 2, RESTART_DELAY_MAX)
+            task = asyncio.create_task(self._restart(index, delay))
+            self._restarts.append(task)
+            task.add_done_callback(self._restarts.remove)
+            return
         try:
             async with asyncio.timeout(READY_TIMEOUT):
                 await asyncio.shield(worker.ready)
@@ -266,22 +281,46 @@ class _Supervisor:
             return
         log.info("worker_restarted", worker=index, pid=worker.process.pid)
 
-    async def _all_ready(self) -> None:
-        """Until every worker serves; raise the first one's reason it cannot."""
-        futures = [w.ready for w in self.workers if w is not None]
-        done, pending = await asyncio.wait(
-            futures, timeout=READY_TIMEOUT, return_when=asyncio.FIRST_EXCEPTION
-        )
-        failures = [f.exception() for f in done if f.exception() is not None]
-        if failures:
-            raise failures[0]  # type: ignore[misc]
-        if pending:
-            raise WorkerStartError(f"the workers did not all serve within {READY_TIMEOUT:g}s")
+    async def _all_ready(self, stop: asyncio.Event) -> bool:
+        """Until every worker serves (True) or a stop is asked for (False); raise the
+        first one's reason it cannot, also for one that served and died meanwhile."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + READY_TIMEOUT
+        pending: set[asyncio.Future[Any]] = {w.ready for w in self.workers if w is not None}
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            while pending:
+                done, _ = await asyncio.wait(
+                    [*pending, stopped],
+                    timeout=max(deadline - loop.time(), 0.0),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if stopped in done:
+                    return False
+                if not done:
+                    raise WorkerStartError(
+                        f"the workers did not all serve within {READY_TIMEOUT:g}s"
+                    )
+                failures = _failed(done)
+                if failures:
+                    raise failures[0]
+                pending -= done
+        finally:
+            stopped.cancel()
+        for worker in self.workers:
+            if worker is not None and worker.exited.done():
+                raise WorkerStartError(
+                    f"worker {worker.index} exited with code {worker.exited.result()} "
+                    "while the others started"
+                )
+        return True
 
     def _reload(self) -> None:
         log.info("reload_requested", workers=self.count)
         for worker in self.workers:
-            if worker is not None and worker.process.is_alive():
+            # Only to those serving: until its handler is in, a worker would just end
+            # (one starting reads the files anew anyway).
+            if worker is not None and worker.ready.done() and not worker.exited.done():
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(worker.process.pid, signal.SIGHUP)
 
@@ -301,6 +340,14 @@ class _Supervisor:
             await asyncio.wait(pending, timeout=STOP_GRACE)
 
 
+def _failed(futures: Any) -> list[BaseException]:
+    return [
+        exc
+        for f in futures
+        if f.done() and not f.cancelled() and (exc := f.exception()) is not None
+    ]
+
+
 def _settle(worker: _Worker, kind: str, text: str) -> None:
     """A worker's word on its start: ``ready`` (its address) or ``failed`` (why)."""
     if worker.ready.done():
@@ -312,20 +359,33 @@ def _settle(worker: _Worker, kind: str, text: str) -> None:
 
 
 def _reserve(listen: str) -> tuple[str, socket.socket | None]:
-    """``listen`` with a port (0: one picked now, held by a socket until the workers
-    bind it too); raises ServerConfigError for an address that cannot be bound."""
+    """``listen`` with its port, checked free: another process listening on it (even
+    one that would share it) is an error, as for a single server. Port 0: one picked
+    now, held by a socket (SO_REUSEPORT, not listening) until the workers bind it too.
+
+    Raises:
+        ServerConfigError: The address cannot be bound.
+    """
     host, _, port_text = listen.rpartition(":")
-    if port_text != "0":
-        return listen, None
     bare = host.strip("[]")
     family = socket.AF_INET6 if ":" in bare else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((bare, 0))
-    except OSError as exc:
+        if port_text == "0":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        else:
+            # Past connections in TIME_WAIT do not count; a listener does (Linux).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((bare, int(port_text)))
+    except (OSError, ValueError) as exc:
         sock.close()
-        raise ServerConfigError(f"could not listen on {listen}: {exc}") from None
+        raise ServerConfigError(
+            f"could not listen on {listen}: the address is in use (another server?) or not "
+            f"this machine's ({exc})"
+        ) from None
+    if port_text != "0":
+        sock.close()
+        return listen, None
     return f"{host}:{sock.getsockname()[1]}", sock
 
 
@@ -353,6 +413,7 @@ def _mark_dead(pid: int, folder: str) -> None:
 def _worker_main(config: ServerConfig, index: int, log_format: str, link: Connection) -> None:
     """A worker process: one control server until SIGTERM or the supervisor is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the server's own handler is in
     configure_logging(log_format)
     structlog.contextvars.bind_contextvars(worker=index)
 

@@ -15,6 +15,7 @@ from google.protobuf import duration_pb2
 from controlplane.api.v1 import mitigation_pb2 as m
 from controlplane.api.v1 import mitigation_pb2_grpc
 from controlplane.api.v1 import types_pb2 as t
+from controlplane.embedded_etcd import EmbeddedEtcd
 from controlplane.model import datetime_to_timestamp
 from controlplane.server import ControlServer
 from tests.helpers.raw_etcd import RawEtcd
@@ -699,14 +700,60 @@ async def test_a_shared_transaction_failing_one_compare_makes_each_write_on_its_
         )
     )
     assert all(outcome.changed for outcome in outcomes)
-    assert [outcome.previous.value for outcome in outcomes] == ["a", "a", "a", "other", "a", "a"]
+    previous = [o.previous.value if o.previous is not None else None for o in outcomes]
+    assert previous == ["a", "a", "a", "other", "a", "a"]
     # One shared transaction was sent (the five behind the first) and failed: each
     # write then has a revision of its own.
     assert server.registry.get_sample_value("controlplane_write_batch_size_count") == 1
     assert len({outcome.revision for outcome in outcomes}) == len(names)
     audits = {a["id"]: a for a in await audit_records(raw_etcd, prefix)}
-    for name, outcome in zip(names, outcomes, strict=True):
+    for name, outcome, before in zip(names, outcomes, previous, strict=True):
         raw = await raw_etcd.get(prefix + f"flags/checkout/{name}")
         assert raw is not None and raw[1] == outcome.revision
         assert json.loads(raw[0])["value"] == "b"
-        assert audits[outcome.audit_id]["before"]["value"] == outcome.previous.value
+        assert audits[outcome.audit_id]["before"]["value"] == before
+
+
+async def test_a_caller_giving_up_in_a_shared_transaction_fails_alone(
+    fresh_etcd: EmbeddedEtcd,
+) -> None:
+    """A writer whose own deadline runs out while it waits for the shared transaction
+    gets DEADLINE_EXCEEDED; the writes with it go through, and etcd is not said to be
+    down for it."""
+    import asyncio
+
+    from prometheus_client import CollectorRegistry
+
+    from controlplane.errors import DeadlineExceededError
+    from controlplane.metrics import ServerMetrics
+    from controlplane.model import WriteOptions
+    from controlplane.store import Store
+
+    registry = CollectorRegistry()
+    store = Store([fresh_etcd.endpoint], metrics=ServerMetrics(registry), etcd_timeout=5.0)
+    await store.connect()
+    try:
+        drill = WriteOptions(reason="drill", actor="oncall")
+        for name in ("first", "patient", "hasty"):
+            await store.set_flag("checkout", name, False, drill)
+
+        async def hasty() -> None:
+            with store.budget(0.3, caller_deadline=True):
+                await store.set_flag("checkout", "hasty", True, drill)
+
+        fresh_etcd.pause()  # etcd answers late (within the 5 s timeout), not never
+        try:
+            first = asyncio.create_task(store.set_flag("checkout", "first", True, drill))
+            await asyncio.sleep(0)  # the first write is at etcd; the next two queue behind it
+            patient = asyncio.create_task(store.set_flag("checkout", "patient", True, drill))
+            quick = asyncio.create_task(hasty())
+            with pytest.raises(DeadlineExceededError):
+                await quick
+        finally:
+            fresh_etcd.resume()
+        assert (await first).changed and (await patient).changed
+        assert registry.get_sample_value("controlplane_etcd_up") == 1
+        flags = {f.record.name: f.record.value for f in (await store.list_flags("checkout"))[0]}
+        assert flags == {"first": True, "patient": True, "hasty": False}
+    finally:
+        await store.close()

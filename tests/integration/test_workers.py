@@ -224,6 +224,22 @@ def test_a_worker_that_cannot_listen_fails_the_start_naming_the_address(
     assert f"could not listen on 127.0.0.1:{port}: the address is in use" in result.stderr
 
 
+def test_workers_never_share_their_port_with_another_server(
+    workers: ServerProcess, etcd: EmbeddedEtcd, prefix: str
+) -> None:
+    """The workers share their port among themselves (SO_REUSEPORT), and with nobody else:
+    a second ``--workers`` server on it is refused, not let in to take agents."""
+    result = subprocess.run(
+        [sys.executable, "-m", "controlplane.server", "serve", "--workers", "2",
+         "--listen", workers.address, "--etcd", etcd.endpoint, "--prefix", prefix,
+         "--metrics", "off"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert f"could not listen on {workers.address}: the address is in use" in result.stderr
+    assert "worker_started" not in result.stderr  # refused before any worker
+
+
 def test_a_single_server_never_shares_its_port_with_another(
     etcd: EmbeddedEtcd, prefix: str
 ) -> None:
