@@ -71,6 +71,10 @@ class Attempt:
 class Writer:
     """Sets flags of ``service`` at ``rate`` writes per second, each with a unique value.
 
+    ``concurrency`` threads share the rate, each writing its own keys (one writer per key
+    keeps each key's order the order of issue): their writes meet at the server, which
+    sends those that come together in one transaction (group commit).
+
     Writes go to the servers in order, moving on only when a server could not be reached
     (the call was never sent: the write failed, nothing was applied); any other error
     leaves the outcome unknown unless the server said it refused the write.
@@ -84,16 +88,21 @@ class Writer:
         *,
         rate: float = 20.0,
         timeout: float = 3.0,
+        concurrency: int = 1,
     ) -> None:
+        if not 1 <= concurrency <= len(keys):
+            raise ValueError(f"concurrency must be 1 to {len(keys)} (one writer per key)")
         self.servers = list(servers)
         self.service = service
         self.keys = list(keys)
-        self.interval = 1.0 / rate
+        self.concurrency = concurrency
+        self.interval = concurrency / rate
         self.timeout = timeout
         self.attempts: list[Attempt] = []
         self._stop = threading.Event()
         self._progress = threading.Condition()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
+        self._seq = 0
         self._channels = {s: grpc.insecure_channel(s) for s in self.servers}
 
     @property
@@ -104,13 +113,20 @@ class Writer:
         return sum(a.write.outcome == "ok" for a in self.attempts)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="fault-writer", daemon=True)
-        self._thread.start()
+        for index in range(self.concurrency):
+            thread = threading.Thread(
+                target=self._run,
+                args=(self.keys[index :: self.concurrency],),
+                name=f"fault-writer-{index}",
+                daemon=True,
+            )
+            self._threads.append(thread)
+            thread.start()
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+        for thread in self._threads:
+            thread.join(timeout=30)
         for channel in self._channels.values():
             channel.close()
 
@@ -123,16 +139,18 @@ class Writer:
                     f"fewer than {more} writes acknowledged within {within} s: {self.attempts[-3:]}"
                 )
 
-    def _run(self) -> None:
-        seq = 0
+    def _run(self, keys: Sequence[str]) -> None:
+        turn = 0
         next_at = time.monotonic()
         while not self._stop.is_set():
-            key = self.keys[seq % len(self.keys)]
+            key = keys[turn % len(keys)]
+            turn += 1
+            with self._progress:
+                seq, self._seq = self._seq, self._seq + 1
             attempt = self.write_once(seq, key, f"w{seq}")
             with self._progress:
                 self.attempts.append(attempt)
                 self._progress.notify_all()
-            seq += 1
             next_at += self.interval
             # Pacing, not synchronisation: the writer keeps a steady rate.
             self._stop.wait(max(0.0, next_at - time.monotonic()))
@@ -182,6 +200,8 @@ class FaultRun:
     keys: Sequence[str] = ("k0", "k1", "k2", "k3", "k4")
     service: str = "checkout"
     rate: float = 20.0
+    writers: int = 1
+    """Writer threads (one per key at most): more than one makes the server group-commit."""
     server_args: Sequence[str] = ()
     runners: list[ServerRunner] = field(default_factory=list)
     addresses: list[str] = field(default_factory=list)
@@ -212,7 +232,9 @@ class FaultRun:
                 name="fault",
                 record=self.keys,
             ).__enter__()
-            self.writer = Writer(self.addresses, self.service, self.keys, rate=self.rate)
+            self.writer = Writer(
+                self.addresses, self.service, self.keys, rate=self.rate, concurrency=self.writers
+            )
         except BaseException:
             self.close()
             raise
