@@ -128,6 +128,12 @@ CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.http2.max_pings_without_data", 0),
     # The agent reconnects by itself, with its own backoff, to the next server.
     ("grpc.enable_retries", 0),
+    # No bandwidth-delay probing (a ping per burst of data, ~25 % of the CPU of a change
+    # on both sides): a fixed 256 KiB stream window instead, which takes a 1 MiB snapshot
+    # in 4 round trips and bounds what the server can push to an agent that stopped
+    # reading (BENCHMARKS.md, round 3).
+    ("grpc.http2.bdp_probe", 0),
+    ("grpc.http2.lookahead_bytes", 256 * 1024),
     # A channel that could not connect is kept (SPARE_MAX_AGE) and gRPC core
     # retries its connection on this schedule (+-20 % jitter), at ~0.2 ms of
     # CPU an attempt instead of ~1.3 ms for a new channel: what a fleet pays

@@ -66,6 +66,11 @@ _SERVER_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_permit_without_calls", 1),
     # Agents ping every few seconds to notice a dead server: let them.
     ("grpc.http2.min_ping_interval_without_data_ms", 1000),
+    # No bandwidth-delay probing: it pings with every burst of data, so each change sent
+    # and each ack read cost a ping and its answer on every connection, ~25 % of the
+    # fan-out's CPU on both sides (BENCHMARKS.md, round 3). Agents' streams carry small
+    # messages; their receive window is set (CHANNEL_OPTIONS in agents/_client.py).
+    ("grpc.http2.bdp_probe", 0),
 ]
 
 SERVICE_NAMES = (

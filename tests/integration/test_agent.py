@@ -354,6 +354,43 @@ async def test_the_first_server_down_the_agent_connects_to_the_second(
         assert agent.value("mode") == "lite"
 
 
+async def test_a_snapshot_and_a_change_larger_than_the_stream_window_arrive_whole(
+    server: ControlServer, stub: Stub
+) -> None:
+    """The agents' stream window is a fixed 256 KiB (no bandwidth probing): a 720 KB
+    snapshot and a 360 KB change take several window updates, and arrive whole."""
+    big = "x" * 60_000
+    last = 0
+    for i in range(12):
+        written = await stub.SetFlag(
+            m.SetFlagRequest(
+                scope="checkout", name=f"blob-{i}", value=flag_value(f"{i}{big}"),
+                options=write_options(),
+            )
+        )  # fmt: skip
+        last = written.result.revision
+    async with AsyncAgent("checkout", [server.address]) as agent:
+        assert await agent.wait_ready(10)
+        await serving(agent, last)
+        assert [agent.value(f"blob-{i}") for i in range(12)] == [f"{i}{big}" for i in range(12)]
+        applied = await stub.ApplyBundle(
+            m.ApplyBundleRequest(
+                name="six-blobs",
+                changes=[
+                    m.BundleChange(
+                        set_flag=m.SetFlagRequest(
+                            scope="checkout", name=f"blob-{i}", value=flag_value(f"new{i}{big}")
+                        )
+                    )
+                    for i in range(6)
+                ],
+                options=write_options(),
+            )
+        )
+        await serving(agent, applied.result.revision)
+        assert [agent.value(f"blob-{i}") for i in range(6)] == [f"new{i}{big}" for i in range(6)]
+
+
 async def test_async_agent_reads_and_sees_a_flip(server: ControlServer, stub: Stub) -> None:
     first = await stub.SetFlag(
         m.SetFlagRequest(
