@@ -118,6 +118,10 @@ class _Supervisor:
         self._metrics_dir = tempfile.mkdtemp(prefix="controlplane-metrics-")
         # Read by prometheus-client when a worker imports it: multiprocess mode.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = self._metrics_dir
+        # Before anything starts: a stop during start-up stops what started.
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
         try:
             if not config.etcd:
                 etcd = EmbeddedEtcd(
@@ -134,9 +138,8 @@ class _Supervisor:
                 etcd=[etcd.endpoint] if etcd is not None else config.etcd,
                 metrics=None,
             )
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(signum, stop.set)
-            loop.add_signal_handler(signal.SIGHUP, self._reload)
+            if stop.is_set():
+                return
             for index in range(self.count):
                 self._start(index)
             if not await self._all_ready(stop):
@@ -175,9 +178,6 @@ class _Supervisor:
             for task in self._restarts:
                 task.cancel()
             await self._stop_all()
-            for worker in self.workers:  # a start failure was said once; the rest are read
-                if worker is not None and worker.ready.done() and not worker.ready.cancelled():
-                    worker.ready.exception()
             if metrics_server is not None:
                 metrics_server.shutdown()
             if reserved is not None:
@@ -199,6 +199,8 @@ class _Supervisor:
         process.start()
         theirs.close()
         worker = _Worker(index, process, mine)
+        # A start failure is said once (by whoever waits for it); never "not retrieved".
+        worker.ready.add_done_callback(_retrieve)
         self.workers[index] = worker
         loop = asyncio.get_running_loop()
         loop.add_reader(mine.fileno(), self._on_message, worker)
@@ -338,6 +340,11 @@ class _Supervisor:
                 worker.process.kill()
         if pending:
             await asyncio.wait(pending, timeout=STOP_GRACE)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _failed(futures: Any) -> list[BaseException]:
