@@ -24,7 +24,7 @@ import argparse
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -86,40 +86,38 @@ def bare_server() -> Iterator[ServerProcess]:
             runner.stop()
 
 
-def _run_floor(agents: int, processes: int, warm: int, settle: float) -> dict[str, Any]:
-    failures: list[str] = []
-    with bare_server() as server:
-        idle = rss_bytes(server.pid)
-        with AgentFleet([server.address], SERVICE, agents=warm, processes=1, name="warm"):
-            time.sleep(settle)
-            before = rss_bytes(server.pid)
-            with AgentFleet(
-                [server.address], SERVICE, agents=agents, processes=processes, name="mem"
-            ) as fleet:
-                ready = sum(r["ready"] for r in fleet.ready)
-                if ready != agents:
-                    failures.append(f"{agents - ready} agents not READY")
-                time.sleep(settle)
-                after = rss_bytes(server.pid)
-            time.sleep(settle)
-            gone = rss_bytes(server.pid)
-    return _case(agents, len(fleet.counts), warm, (idle, before, after, gone), failures, True)
-
-
-def _case(
+def _measure(
+    server: ServerProcess,
     agents: int,
     processes: int,
     warm: int,
-    rss: tuple[int, int, int, int],
-    failures: list[str],
-    floor: bool,
+    settle: float,
+    change: Callable[[bool, int], str | None],
 ) -> dict[str, Any]:
-    idle, before, after, gone = rss
+    """The server's RSS idle, with ``warm`` agents (each stream having written once:
+    ``change(value, expected agents)``, a failure's text or None), with ``agents``
+    more, and once those left."""
+    failures: list[str] = []
+    idle = rss_bytes(server.pid)
+    with AgentFleet([server.address], SERVICE, agents=warm, processes=1, name="warm"):
+        failures += filter(None, [change(True, warm)])
+        time.sleep(settle)
+        before = rss_bytes(server.pid)
+        with AgentFleet(
+            [server.address], SERVICE, agents=agents, processes=processes, name="mem"
+        ) as fleet:
+            ready = sum(r["ready"] for r in fleet.ready)
+            if ready != agents:
+                failures.append(f"{agents - ready} agents not READY")
+            failures += filter(None, [change(False, warm + agents)])
+            time.sleep(settle)
+            after = rss_bytes(server.pid)
+        time.sleep(settle)
+        gone = rss_bytes(server.pid)
     per_agent = (after - before) / agents
     return {
-        "server": "bare grpc.aio (floor)" if floor else "controlplane serve",
         "agents": agents,
-        "processes": processes,
+        "processes": len(fleet.counts),
         "warm_agents": warm,
         "rss_idle_mib": round(idle / 2**20, 1),
         "rss_before_mib": round(before / 2**20, 1),
@@ -132,8 +130,14 @@ def _case(
     }
 
 
+def _run_floor(agents: int, processes: int, warm: int, settle: float) -> dict[str, Any]:
+    # The bare server has no changes to make: its one Snapshot is each stream's write.
+    with bare_server() as server:
+        case = _measure(server, agents, processes, warm, settle, lambda _v, _n: None)
+    return {"server": "bare grpc.aio (floor)", **case}
+
+
 def _run_case(agents: int, processes: int, warm: int, settle: float) -> dict[str, Any]:
-    failures: list[str] = []
     with (
         control_server() as server,
         grpc.insecure_channel(server.address) as channel,
@@ -145,23 +149,8 @@ def _run_case(agents: int, processes: int, warm: int, settle: float) -> dict[str
             ),
             timeout=10,
         )
-        idle = rss_bytes(server.pid)
-        with AgentFleet([server.address], SERVICE, agents=warm, processes=1, name="warm"):
-            failures += filter(None, [_change(stub, True, warm)])
-            time.sleep(settle)
-            before = rss_bytes(server.pid)
-            with AgentFleet(
-                [server.address], SERVICE, agents=agents, processes=processes, name="mem"
-            ) as fleet:
-                ready = sum(r["ready"] for r in fleet.ready)
-                if ready != agents:
-                    failures.append(f"{agents - ready} agents not READY")
-                failures += filter(None, [_change(stub, False, warm + agents)])
-                time.sleep(settle)
-                after = rss_bytes(server.pid)
-            time.sleep(settle)
-            gone = rss_bytes(server.pid)
-    return _case(agents, len(fleet.counts), warm, (idle, before, after, gone), failures, False)
+        case = _measure(server, agents, processes, warm, settle, lambda v, n: _change(stub, v, n))
+    return {"server": "controlplane serve", **case}
 
 
 def run(
