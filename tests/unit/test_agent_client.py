@@ -20,7 +20,7 @@ import random
 import re
 import socket
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -693,10 +693,12 @@ def _find(acks: list[Ack], revision: int) -> Ack | None:
     return next((ack for ack in acks if ack[0] == revision), None)
 
 
-async def serve(servicer: ScriptedSync) -> tuple[grpc.aio.Server, str]:
+async def serve(
+    servicer: ScriptedSync, address: str = "127.0.0.1:0"
+) -> tuple[grpc.aio.Server, str]:
     server = grpc.aio.server()
     agent_pb2_grpc.add_AgentServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = server.add_insecure_port(address)
     await server.start()
     return server, f"127.0.0.1:{port}"
 
@@ -1035,41 +1037,40 @@ async def test_a_lost_server_leaves_the_agent_stale_with_its_state(
         await agent.close()
 
 
-@contextlib.contextmanager
-def refusing_port() -> Iterator[int]:
-    """A loopback port bound but not listening: connections to it are refused,
-    and no one else takes it until the block ends."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        yield sock.getsockname()[1]
+@contextlib.asynccontextmanager
+async def agent_of_a_down_server(
+    log_events: LogEvents,
+) -> AsyncIterator[tuple[AsyncAgent, str, socket.socket]]:
+    """An agent whose one server is a loopback port bound but not listening
+    (connections refused, and no one else takes the port until the socket closes),
+    once its first attempt failed. Closed at the end."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        target = f"127.0.0.1:{holder.getsockname()[1]}"
+        agent = AsyncAgent("checkout", [target])
+        await agent.start()
+        try:
+            await log_events.wait_count("agent_connect_failed", 1)
+            yield agent, target, holder
+        finally:
+            await agent.close()
 
 
 async def test_a_server_that_is_down_is_retried_on_one_kept_channel(
     log_events: LogEvents,
 ) -> None:
-    with refusing_port() as port:
-        target = f"127.0.0.1:{port}"
-        agent = AsyncAgent("checkout", [target])
-        await agent.start()
-        try:
-            client = agent._client
-            await log_events.wait_count("agent_connect_failed", 1)
-            kept = client._spares[target].channel
-            await log_events.wait_count("agent_connect_failed", 4)
-            # gRPC retried it in the background; no channel was made anew.
-            assert client._spares[target].channel is kept
-            failures = [m for m in log_events.messages if m.startswith("agent_connect_failed")]
-            assert all("Connection refused" in message for message in failures), failures
-            assert agent.state is AgentState.CONNECTING
-        except BaseException:
-            await agent.close()
-            raise
-    try:
+    async with agent_of_a_down_server(log_events) as (agent, target, holder):
+        client = agent._client
+        kept = client._spares[target].channel
+        await log_events.wait_count("agent_connect_failed", 4)
+        # gRPC retried it in the background; no channel was made anew.
+        assert client._spares[target].channel is kept
+        failures = [m for m in log_events.messages if m.startswith("agent_connect_failed")]
+        assert all("Connection refused" in message for message in failures), failures
+        assert agent.state is AgentState.CONNECTING
+        holder.close()  # the server comes up on that port
         servicer = ScriptedSync([snapshot_msg(5, flag("mode", "degraded"))])
-        server = grpc.aio.server()
-        agent_pb2_grpc.add_AgentServiceServicer_to_server(servicer, server)
-        server.add_insecure_port(target)
-        await server.start()
+        server, _ = await serve(servicer, target)
         try:
             await servicer.wait_ack(5)
             # The stream went over the kept channel, which is no spare any more.
@@ -1078,30 +1079,21 @@ async def test_a_server_that_is_down_is_retried_on_one_kept_channel(
             assert agent.value("mode") == "degraded"
         finally:
             await server.stop(0)
-    finally:
-        await agent.close()
 
 
 async def test_a_kept_channel_is_made_anew_after_spare_max_age_and_closed_at_the_end(
     log_events: LogEvents, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(agents._client, "SPARE_MAX_AGE", 0.0)
-    with refusing_port() as port:
-        target = f"127.0.0.1:{port}"
-        agent = AsyncAgent("checkout", [target])
-        await agent.start()
-        try:
-            client = agent._client
-            await log_events.wait_count("agent_connect_failed", 1)
-            first = client._spares[target].channel
-            await log_events.wait_count("agent_connect_failed", 3)
-            assert client._spares[target].channel is not first
-            assert first.get_state() is grpc.ChannelConnectivity.SHUTDOWN
-            last = client._spares[target].channel
-        finally:
-            await agent.close()
-        assert client._spares == {} and client.closing_channels == []
-        assert last.get_state() is grpc.ChannelConnectivity.SHUTDOWN
+    async with agent_of_a_down_server(log_events) as (agent, target, _holder):
+        client = agent._client
+        first = client._spares[target].channel
+        await log_events.wait_count("agent_connect_failed", 3)
+        assert client._spares[target].channel is not first
+        assert first.get_state() is grpc.ChannelConnectivity.SHUTDOWN
+        last = client._spares[target].channel
+    assert client._spares == {} and client.closing_channels == []
+    assert last.get_state() is grpc.ChannelConnectivity.SHUTDOWN
 
 
 async def test_a_time_boxed_flag_expires_in_the_agent_on_time() -> None:
