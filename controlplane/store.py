@@ -1595,9 +1595,15 @@ class Store:
         compare failed. Under load this saves etcd and this server a call, a
         watch event and a raft entry per write; alone, it costs nothing.
         """
+        if not self._committing:
+            self._committing = True
+            try:
+                return await self._txn([compare], ops)
+            finally:
+                self._next_batch()
         size = compare.ByteSize() + sum(op.ByteSize() for op in ops)
-        if not self._committing or size > _BATCH_MAX_BYTES:
-            return await self._commit_alone(compare, ops)
+        if size > _BATCH_MAX_BYTES:  # too big to share: alone, beside the others
+            return await self._txn([compare], ops)
         timeout, caller = self._timeout()
         pending = _Pending(compare, ops, size)
         self._queued.append(pending)
@@ -1618,15 +1624,6 @@ class Store:
         if response is _ALONE:
             return await self._txn([compare], ops)
         return response
-
-    async def _commit_alone(self, compare: Any, ops: list[Any]) -> Any:
-        if self._committing:
-            return await self._txn([compare], ops)
-        self._committing = True
-        try:
-            return await self._txn([compare], ops)
-        finally:
-            self._next_batch()
 
     def _next_batch(self) -> None:
         """Send the queued writes' shared transaction, or say none is at etcd."""
@@ -1652,25 +1649,24 @@ class Store:
             batch = [pending for pending in batch if not pending.done.done()]
             if not batch:
                 return
-            if len(batch) == 1:
-                compare, ops = [batch[0].compare], batch[0].ops
-            else:
-                compare = [pending.compare for pending in batch]
-                ops = [op for pending in batch for op in pending.ops]
             # The etcd timeout, whoever waits: a writer with a shorter deadline stops
             # waiting by itself (DEADLINE_EXCEEDED) without failing the others, and only
             # etcd not answering within the timeout says it is unreachable.
             with self.budget(self.etcd_timeout):
-                response = await self._txn(compare, ops)
-        except asyncio.CancelledError:
+                response = await self._txn(
+                    [pending.compare for pending in batch],
+                    [op for pending in batch for op in pending.ops],
+                )
+        except BaseException as exc:  # a cancel too: no writer may wait on for nothing
             for pending in batch:
                 if not pending.done.done():
-                    pending.done.set_exception(UnavailableError("the server is stopping"))
-            raise
-        except Exception as exc:
-            for pending in batch:
-                if not pending.done.done():
-                    pending.done.set_exception(_own_copy(exc))
+                    pending.done.set_exception(
+                        _own_copy(exc)
+                        if isinstance(exc, Exception)
+                        else UnavailableError("the server is stopping")
+                    )
+            if not isinstance(exc, Exception):
+                raise
         else:
             outcome = response if response.succeeded or len(batch) == 1 else _ALONE
             if len(batch) > 1:
