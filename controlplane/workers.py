@@ -243,8 +243,7 @@ class _Supervisor:
         lived = time.monotonic() - worker.started
         if lived >= STABLE:
             self._delays[worker.index] = RESTART_DELAY
-        delay = self._delays[worker.index]
-        self._delays[worker.index] = min(delay * 2, RESTART_DELAY_MAX)
+        delay = self._schedule_restart(worker.index)
         log.error(
             "worker_exited",
             worker=worker.index,
@@ -253,9 +252,16 @@ class _Supervisor:
             served_s=round(lived, 3),
             restart_in_s=delay,
         )
-        task = asyncio.create_task(self._restart(worker.index, delay))
+
+    def _schedule_restart(self, index: int) -> float:
+        """Restart worker ``index`` after its delay, which doubles for the next time
+        (up to RESTART_DELAY_MAX); returns the delay."""
+        delay = self._delays[index]
+        self._delays[index] = min(delay * 2, RESTART_DELAY_MAX)
+        task = asyncio.create_task(self._restart(index, delay))
         self._restarts.append(task)
         task.add_done_callback(self._restarts.remove)
+        return delay
 
     async def _restart(self, index: int, delay: float) -> None:
         """Start worker ``index`` again after ``delay``; one that does not come up
@@ -267,11 +273,7 @@ class _Supervisor:
             worker = self._start(index)
         except OSError as exc:  # no process could be made: try again later
             log.error("worker_restart_failed", worker=index, error=str(exc))
-            delay = self._delays[index]
-            self._delays[index] = min(delay * 2, RESTART_DELAY_MAX)
-            task = asyncio.create_task(self._restart(index, delay))
-            self._restarts.append(task)
-            task.add_done_callback(self._restarts.remove)
+            self._schedule_restart(index)
             return
         try:
             async with asyncio.timeout(READY_TIMEOUT):
