@@ -15,7 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -37,6 +36,7 @@ from controlplane.api.v1 import types_pb2 as t
 from controlplane.embedded_etcd import EmbeddedEtcd, free_port
 from controlplane.server import ControlServer
 from tests.helpers.agent_process import ROOT, AgentProcess
+from tests.helpers.agent_waits import serving
 from tests.helpers.server_process import ServerProcess
 
 Stub = mitigation_pb2_grpc.MitigationServiceStub
@@ -139,26 +139,6 @@ def is_update(**expected: Any) -> Any:
         )
 
     return check
-
-
-async def serving(agent: Agent | AsyncAgent, revision: int, within: float = 10.0) -> None:
-    """Until ``agent`` serves ``revision`` or a later one.
-
-    A server's snapshot is the state its etcd watch has seen: a write acknowledged
-    a moment before the agent connected may follow as a change.
-    """
-    arrived = threading.Event()
-
-    def check(change: StateChange) -> None:
-        if change.revision >= revision:
-            arrived.set()
-
-    remove = agent.on_change(check)
-    try:
-        if agent.revision < revision:
-            assert await asyncio.to_thread(arrived.wait, within), f"never got to {revision}"
-    finally:
-        remove()
 
 
 def timestamp(ts: Any) -> float:

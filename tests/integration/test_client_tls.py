@@ -13,7 +13,7 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from controlplane.embedded_etcd import EmbeddedEtcd
 from controlplane.server import ControlServer
 from controlplane.transport import ClientSecurity
 from tests.helpers.agent_log import AgentLog
+from tests.helpers.agent_waits import serving
 from tests.helpers.certs import TestCA
 from tests.integration.conftest import server_config
 from tests.integration.test_sidecar import SidecarProcess
@@ -255,15 +256,6 @@ async def set_flag(address: str, ca: TestCA, name: str, value: bool) -> int:
         return revision
 
 
-async def until(check: Callable[[], object], what: str, within: float = WAIT) -> None:
-    """Poll ``check`` (another thread's or process's doing) until it is truthy."""
-    async with asyncio.timeout(within):
-        while True:
-            if check():
-                return
-            await asyncio.sleep(0.01)
-
-
 async def test_the_agent_over_tls_logs_a_refused_token_and_picks_up_a_rotated_one(
     tls_server: TLSServer, tmp_path: Path, agent_log: AgentLog
 ) -> None:
@@ -283,7 +275,7 @@ async def test_the_agent_over_tls_logs_a_refused_token_and_picks_up_a_rotated_on
         # Rotated in place: the next connection reads it, no restart.
         write_token(token_file, TOKENS["checkout-agent"])
         assert await agent.wait_ready(WAIT)
-        await until(lambda: agent.revision >= revision, "the flag's revision")
+        await serving(agent, revision, WAIT)
         assert agent.enabled("tls-agent") is True
 
         # The agent's token is revoked and the file now holds another service's token:
@@ -300,7 +292,8 @@ async def test_the_agent_over_tls_logs_a_refused_token_and_picks_up_a_rotated_on
         assert "PERMISSION_DENIED: payments-agents may sync payments, not checkout" in (
             denied.getMessage()
         )
-        await until(lambda: agent.state == "STALE", "STALE")
+        # Logged after the state changed: the state is the connection's, lost.
+        assert str(agent.state) == "STALE"  # (mypy kept the CONNECTING asserted above)
         assert agent.enabled("tls-agent") is True
         # Retried with the refused-token backoff (1 s, then 2 s... at most), logged
         # once at ERROR (then DEBUG) per server.
@@ -374,14 +367,7 @@ async def test_cp_agent_over_mutual_tls_with_a_token_file(
         refused = await SidecarProcess.start(
             mtls_server.address, *tls[:-1], str(wrong), "--log-level", "info"
         )
-        log = refused.log
-        await until(
-            lambda: any(
-                "ERROR agents agent_auth_failed" in line and "refused the token" in line
-                for line in log
-            ),
-            "the refusal logged",
-        )
+        await refused.wait_log(r"ERROR agents agent_auth_failed.*refused the token", WAIT)
         assert (await refused.get("/healthz"))[0] == 503
         assert WRONG not in refused.output
     finally:

@@ -106,6 +106,7 @@ class SidecarProcess:
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self.proc = proc
         self.log: list[str] = []
+        self._logged = asyncio.Event()
         self.address = ""
         self._listening: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._reader = asyncio.create_task(self._read())
@@ -136,6 +137,7 @@ class SidecarProcess:
         async for raw in self.proc.stderr:
             line = raw.decode(errors="replace")
             self.log.append(line)
+            self._logged.set()
             match = re.search(r"sidecar_listening address=(\S+)", line)
             if match and not self._listening.done():
                 self._listening.set_result(match.group(1))
@@ -145,6 +147,21 @@ class SidecarProcess:
     @property
     def output(self) -> str:
         return "".join(self.log[-60:])
+
+    async def wait_log(self, pattern: str, within: float = WAIT) -> str:
+        """The first log line matching ``pattern``, as it arrives."""
+        seen = 0
+        try:
+            async with asyncio.timeout(within):
+                while True:
+                    self._logged.clear()
+                    for line in self.log[seen:]:
+                        if re.search(pattern, line):
+                            return line
+                    seen = len(self.log)
+                    await self._logged.wait()
+        except TimeoutError:
+            raise AssertionError(f"no log line matching {pattern!r}:\n{self.output}") from None
 
     async def get(self, path: str) -> tuple[int, Body]:
         return await asyncio.to_thread(http_get, f"http://{self.address}{path}")
