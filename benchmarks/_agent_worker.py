@@ -169,8 +169,17 @@ class Worker:
     async def settle(self, flags: dict[str, Any], within: float) -> dict[str, Any]:
         started = time.monotonic()
 
+        recorded = [k for k in flags if k in self.record]
+
         def missing() -> int:
-            return sum(any(agent.value(k) != v for k, v in flags.items()) for agent in self.agents)
+            # The SDK swaps a state in, acknowledges it, and only then calls back: an
+            # agent already serving the flags may not have recorded them yet, and the
+            # history asked for next must hold them. Settled means both.
+            return sum(
+                any(agent.value(k) != v for k, v in flags.items())
+                or any((history[-1][1] if history else {}).get(k) != flags[k] for k in recorded)
+                for agent, history in zip(self.agents, self.histories, strict=True)
+            )
 
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(within):
