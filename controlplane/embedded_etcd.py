@@ -294,6 +294,11 @@ class EmbeddedEtcd:
     # -- properties -------------------------------------------------------------------------
 
     @property
+    def binary(self) -> str | None:
+        """The etcd binary it runs (once started), or the one it was given."""
+        return self._binary
+
+    @property
     def endpoint(self) -> str:
         """The client address as ``host:port``, e.g. ``"127.0.0.1:2379"``."""
         return f"127.0.0.1:{self._client_port}"
@@ -435,6 +440,11 @@ class EmbeddedEtcd:
             raise EmbeddedEtcdError("etcd is not running")
         self._proc.send_signal(signal.SIGSTOP)
         self._paused = True
+        # kill() returns before a multi-threaded process has stopped: a thread busy on
+        # the other core would still answer a request sent right away. Wait for the stop
+        # (or an exit), reaping nothing: the process stays the Popen's to wait for.
+        with contextlib.suppress(ChildProcessError):
+            os.waitid(os.P_PID, self._proc.pid, os.WSTOPPED | os.WEXITED | os.WNOWAIT)
 
     def resume(self) -> None:
         """Continue etcd after ``pause()`` with SIGCONT. No-op if not paused."""
