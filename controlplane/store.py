@@ -52,6 +52,7 @@ import copy
 import hashlib
 import json
 import random
+import re
 import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
@@ -356,7 +357,7 @@ _TOKEN_REJECTED = (
 
 
 class _TokenRejectedError(Exception):
-    """etcd did not accept a stream's token (inside the store only)."""
+    """etcd refused a stream's token or permission (inside the store only)."""
 
     def __init__(self, code: grpc.StatusCode, reason: str) -> None:
         super().__init__(reason)
@@ -416,6 +417,31 @@ def normalize_endpoints(endpoints: Sequence[str], *, tls: bool = False) -> list[
     if not cleaned:
         raise ValueError("no etcd endpoint given")
     return cleaned
+
+
+_VERSION_RE = re.compile(r"^v?(\d+)\.(\d+)\.(\d+)")
+
+
+def etcd_version_risk(version: str) -> str | None:
+    """What is known to be wrong with an etcd release, or None.
+
+    Args:
+        version: The version an etcd member reports (``Maintenance.Status``), e.g. ``3.5.1``.
+
+    Returns:
+        One sentence for operators, or None when nothing is known against it (an
+        unparsable version included).
+    """
+    match = _VERSION_RE.match(version)
+    if match is None:
+        return None
+    major, minor, patch = (int(part) for part in match.groups())
+    if (major, minor) == (3, 5) and patch <= 2:
+        return (
+            f"etcd {version} can lose acknowledged writes when a member crashes under load "
+            "(fixed in 3.5.3): upgrade etcd to 3.5.3 or later"
+        )
+    return None
 
 
 def _range_end(prefix: bytes) -> bytes:
@@ -857,6 +883,28 @@ class Store:
             metadata=self._token_metadata(token),
         )
 
+    async def etcd_versions(self) -> list[tuple[str, str | None]]:
+        """The etcd version each endpoint runs (``Maintenance.Status``), in endpoint order.
+
+        None for an endpoint that gave no answer within the etcd timeout or refused the
+        call: the versions are for the start-up log and its warnings, nothing depends on
+        them.
+        """
+        if not self._channels:
+            raise RuntimeError("Store is not connected")
+
+        async def one(index: int) -> str | None:
+            status = rpc.MaintenanceStub(self._channels[index]).Status
+            deadline = time.monotonic() + self.etcd_timeout
+            try:
+                response = await self._invoke(index, status, rpc.StatusRequest(), deadline)
+            except (grpc.aio.AioRpcError, EtcdAccessError, TimeoutError):
+                return None
+            return str(response.version)
+
+        versions = await asyncio.gather(*(one(index) for index in range(len(self._channels))))
+        return list(zip(self.endpoints, versions, strict=True))
+
     def _spent(self) -> bool:
         budget = _deadline.get()
         return budget is not None and budget[0] - time.monotonic() <= 0.001
@@ -980,9 +1028,11 @@ class Store:
 
         With an etcd user the stream carries the endpoint's token. etcd checks it when
         the watch is created and cancels the watch at once if it rejects it: the token
-        is then renewed and the watch created again, once. A watch created with a good
-        token keeps delivering after the token dies; every new watch (the hub's resume
-        after a break) takes the current token. A refused user or permission raises
+        is then renewed and the watch created again, once (etcd 3.4 calls a dead token
+        invalid, 3.5 answers "permission denied" as for a missing right: both are
+        renewed). A watch created with a good token keeps delivering after the token
+        dies; every new watch (the hub's resume after a break) takes the current token.
+        A refused user, or a permission refused again with a new token, raises
         :class:`EtcdAccessError`.
         """
         if not self._channels:
@@ -1057,17 +1107,21 @@ class Store:
         """A watch stream's responses as ``(revision, events)``, as :meth:`watch` yields them.
 
         Raises:
-            _TokenRejectedError: etcd cancelled the watch over its token, before any event.
+            _TokenRejectedError: etcd cancelled the watch over its token or the user's
+                permissions, before any event.
         """
         async for response in call:
             if response.compact_revision:
                 raise CompactedError(int(response.compact_revision))
             if response.canceled:
                 # etcd gives the gRPC error as text: "rpc error: code = Unauthenticated
-                # desc = etcdserver: invalid auth token".
+                # desc = etcdserver: invalid auth token" (3.4). etcd 3.5 says "permission
+                # denied" for a token it no longer knows as for a user without the right,
+                # so a refusal is a possibly dead token: the caller renews it once, and
+                # only a refusal of the new token is the user's permissions.
                 reason = str(response.cancel_reason)
                 if "permission denied" in reason:
-                    raise self._refused("watch", grpc.StatusCode.PERMISSION_DENIED, reason)
+                    raise _TokenRejectedError(grpc.StatusCode.PERMISSION_DENIED, reason)
                 if "Unauthenticated" in reason or any(t in reason for t in _TOKEN_REJECTED):
                     raise _TokenRejectedError(grpc.StatusCode.UNAUTHENTICATED, reason)
                 raise UnavailableError(f"etcd cancelled the watch: {reason}")

@@ -11,21 +11,19 @@ import grpc
 from aetcd import rpc
 
 from controlplane.embedded_etcd import EmbeddedEtcd, etcd_version, find_etcd_binary, free_port
+from controlplane.store import etcd_version_risk
 
 
 def unsafe_to_kill_reason() -> str | None:
-    """Why etcd members must not be killed in tests with this etcd (None: they may).
-
-    etcd 3.5.0 to 3.5.2 can lose acknowledged writes when a member is killed under load.
-    """
+    """Why etcd members must not be killed in tests with this etcd (None: they may)."""
     version = etcd_version(find_etcd_binary())
-    if (3, 5, 0) <= version <= (3, 5, 2):
-        shown = ".".join(map(str, version))
-        return (
-            f"etcd {shown} can lose data when killed under load (fixed in 3.5.3): install "
-            "etcd 3.4.x (Debian's etcd-server, as CI does) or >= 3.5.3 to run this test"
-        )
-    return None
+    risk = etcd_version_risk(".".join(map(str, version)))
+    if risk is None:
+        return None
+    return (
+        f"{risk}; install etcd 3.4.x (Debian's etcd-server, as CI does) or >= 3.5.3 "
+        "to run this test"
+    )
 
 
 class EtcdCluster:

@@ -23,15 +23,21 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from controlplane.api.v1 import mitigation_pb2 as m
 from controlplane.api.v1 import mitigation_pb2_grpc
 from controlplane.api.v1 import types_pb2 as t
+from controlplane.embedded_etcd import etcd_version, find_etcd_binary
 from controlplane.store import DEFAULT_PREFIX
 from tests.helpers.raw_etcd import prefix_range_end
 
 
-def read_until(proc: subprocess.Popen[str], pattern: str, timeout: float = 60.0) -> re.Match[str]:
-    """Read the process's stderr line by line until ``pattern`` matches."""
+def read_until(
+    proc: subprocess.Popen[str],
+    pattern: str,
+    timeout: float = 60.0,
+    seen: list[str] | None = None,
+) -> re.Match[str]:
+    """Read the process's stderr line by line until ``pattern`` matches (lines go to ``seen``)."""
     assert proc.stderr is not None
     deadline = time.monotonic() + timeout
-    seen: list[str] = []
+    seen = [] if seen is None else seen
     while time.monotonic() < deadline:
         line = proc.stderr.readline()
         if not line:
@@ -59,6 +65,7 @@ class Serve:
     address: str
     prefix: str
     event_loop: str
+    startup: list[str]  # the log lines up to "listening on"
 
 
 def keys_under(endpoint: str, prefix: str) -> set[str]:
@@ -108,15 +115,19 @@ class ServeLauncher:
             env=child_env,
         )
         self._procs.append(proc)
-        started = read_until(proc, r'"event": "embedded_etcd_started"')
-        server_started = read_until(proc, r'"event": "server_started"')
-        listening = read_until(proc, r"listening on (127\.0\.0\.1:\d+) .*; prefix (\S+);")
+        startup: list[str] = []
+        started = read_until(proc, r'"event": "embedded_etcd_started"', seen=startup)
+        server_started = read_until(proc, r'"event": "server_started"', seen=startup)
+        listening = read_until(
+            proc, r"listening on (127\.0\.0\.1:\d+) .*; prefix (\S+);", seen=startup
+        )
         return Serve(
             proc=proc,
             etcd_endpoint=json.loads(started.string)["endpoint"],
             address=listening.group(1),
             prefix=listening.group(2),
             event_loop=json.loads(server_started.string)["event_loop"],
+            startup=startup,
         )
 
     def close(self) -> None:
@@ -179,6 +190,13 @@ def test_serve_with_embedded_etcd_answers_and_stops_cleanly_on_signal(
         server.etcd_endpoint, DEFAULT_PREFIX
     )
     assert port_open(server.etcd_endpoint)
+    # The etcd version is logged; the embedded etcd is for development: never a warning,
+    # whatever its release.
+    events = [json.loads(line) for line in server.startup if line.startswith("{")]
+    versions = [(e["endpoint"], e["version"]) for e in events if e["event"] == "etcd_version"]
+    expected = "{}.{}.{}".format(*etcd_version(find_etcd_binary()))
+    assert versions == [(server.etcd_endpoint, expected)]
+    assert not any(e["event"] == "etcd_version_unsafe" for e in events)
 
     server.proc.send_signal(signum)
     assert server.proc.wait(timeout=20) == 0

@@ -19,9 +19,9 @@ from prometheus_client import CollectorRegistry
 from controlplane.api.v1 import mitigation_pb2 as m
 from controlplane.api.v1 import mitigation_pb2_grpc
 from controlplane.api.v1 import types_pb2 as t
-from controlplane.embedded_etcd import EmbeddedEtcd, free_port
+from controlplane.embedded_etcd import EmbeddedEtcd, etcd_version, free_port
 from controlplane.server import ControlServer
-from controlplane.store import new_audit_id
+from controlplane.store import etcd_version_risk, new_audit_id
 from tests.helpers.raw_etcd import RawEtcd
 from tests.integration.conftest import server_config
 
@@ -349,6 +349,34 @@ async def test_several_etcd_endpoints_fail_over_to_a_live_member(
         assert await raw_etcd.get(prefix + "flags/global/kill") is not None
     finally:
         await srv.stop(grace=0)
+
+
+async def test_start_logs_each_etcd_version_and_warns_of_a_release_that_loses_writes(
+    etcd: EmbeddedEtcd, prefix: str
+) -> None:
+    assert etcd.binary is not None
+    version = "{}.{}.{}".format(*etcd_version(etcd.binary))
+    dead = f"127.0.0.1:{free_port()}"
+    srv = ControlServer(server_config(etcd.endpoint, prefix), registry=CollectorRegistry())
+    srv.config.etcd = [etcd.endpoint, dead]
+    with structlog.testing.capture_logs() as logs:
+        await srv.start()
+    await srv.stop(grace=0)
+    told = {
+        e["endpoint"]: e for e in logs if e["event"] in ("etcd_version", "etcd_version_unknown")
+    }
+    assert told[etcd.endpoint]["event"] == "etcd_version"
+    assert told[etcd.endpoint]["version"] == version
+    assert told[dead]["event"] == "etcd_version_unknown"
+    assert told[dead]["log_level"] == "warning"
+    # The suite runs on etcd 3.4 and 3.5.1: whichever this is, the warning follows the rule.
+    unsafe = [e for e in logs if e["event"] == "etcd_version_unsafe"]
+    risk = etcd_version_risk(version)
+    if risk is None:
+        assert unsafe == []
+    else:
+        assert [(e["endpoint"], e["message"]) for e in unsafe] == [(etcd.endpoint, risk)]
+        assert unsafe[0]["log_level"] == "warning"
 
 
 async def test_reflection_lists_the_services(
