@@ -8,11 +8,25 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.embedded_etcd import EmbeddedEtcd
+from controlplane.embedded_etcd import (
+    EmbeddedEtcd,
+    EmbeddedEtcdError,
+    etcd_version,
+    find_etcd_binary,
+)
 from tests.helpers.agent_log import AgentLog, attached
 from tests.helpers.raw_etcd import RawEtcd, delete_prefix_blocking
 
 TEST_KEY_ROOT = "/cp-test/"
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Name the etcd the tests started: the suite runs on 3.4 and 3.5, told apart here."""
+    try:
+        binary = find_etcd_binary()
+        terminalreporter.write_line("etcd: {} ({}.{}.{})".format(binary, *etcd_version(binary)))
+    except EmbeddedEtcdError as exc:
+        terminalreporter.write_line(f"etcd: {exc}")
 
 
 @pytest.fixture(scope="session")
