@@ -86,7 +86,7 @@ def _secure(enabled: bool) -> Iterator[_Security | None]:
         yield None
         return
     # Certificates come from the test helper (the cryptography package, a dev dependency).
-    from controlplane.auth import hash_token
+    from controlplane.server.auth import hash_token
     from tests.helpers.certs import TestCA
 
     with tempfile.TemporaryDirectory(prefix="cp-bench-tls-") as folder:

@@ -22,9 +22,9 @@ from prometheus_client import CollectorRegistry
 from controlplane.api.v1 import agent_pb2, agent_pb2_grpc, mitigation_pb2_grpc
 from controlplane.api.v1 import mitigation_pb2 as m
 from controlplane.api.v1 import types_pb2 as t
-from controlplane.auth import METHOD_RULES, hash_token
 from controlplane.embedded_etcd import EmbeddedEtcd
 from controlplane.server import ControlServer
+from controlplane.server.auth import METHOD_RULES, hash_token
 from tests.integration.conftest import server_config
 
 TOKENS = {

@@ -25,9 +25,9 @@ from agents import AgentState, AsyncAgent
 from controlplane.api.v1 import mitigation_pb2 as m
 from controlplane.api.v1 import mitigation_pb2_grpc
 from controlplane.api.v1 import types_pb2 as t
-from controlplane.auth import hash_token
 from controlplane.embedded_etcd import EmbeddedEtcd
 from controlplane.server import ControlServer
+from controlplane.server.auth import hash_token
 from controlplane.transport import ClientSecurity
 from tests.helpers.agent_log import AgentLog
 from tests.helpers.agent_waits import serving

@@ -20,9 +20,9 @@ from prometheus_client import CollectorRegistry
 from controlplane.api.v1 import mitigation_pb2 as m
 from controlplane.api.v1 import mitigation_pb2_grpc
 from controlplane.api.v1 import types_pb2 as t
-from controlplane.auth import hash_token
 from controlplane.embedded_etcd import EmbeddedEtcd, free_port
 from controlplane.server import ControlServer, ServerConfigError
+from controlplane.server.auth import hash_token
 from controlplane.transport import ClientSecurity
 from tests.helpers.certs import TestCA
 from tests.helpers.server_process import ServerProcess

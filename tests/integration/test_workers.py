@@ -25,8 +25,8 @@ from agents import AsyncAgent
 from controlplane.api.v1 import mitigation_pb2 as m
 from controlplane.api.v1 import mitigation_pb2_grpc
 from controlplane.api.v1 import types_pb2 as t
-from controlplane.auth import hash_token
 from controlplane.embedded_etcd import EmbeddedEtcd
+from controlplane.server.auth import hash_token
 from tests.helpers.agent_process import ROOT
 from tests.helpers.server_process import ServerProcess
 

@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 import pytest
 
-from controlplane.auth import (
+from controlplane.server.auth import (
     METHOD_RULES,
     Access,
     AuthError,
@@ -274,7 +274,7 @@ async def test_streams_count_per_identity_and_revocation_follows_the_credential(
 def test_refusals_are_logged_at_most_so_many_a_second() -> None:
     from structlog.testing import capture_logs
 
-    from controlplane.auth import _RateLimit
+    from controlplane.server.auth import _RateLimit
 
     now = [100.0]
     limit = _RateLimit(3, clock=lambda: now[0])

@@ -6,7 +6,7 @@ import asyncio
 
 from controlplane.api.v1 import agent_pb2
 from controlplane.api.v1 import types_pb2 as pb
-from controlplane.hub import Feed, coalesce
+from controlplane.server.hub import Feed, coalesce
 
 
 def flag(scope: str, name: str, value: bool) -> pb.Flag:
@@ -88,7 +88,7 @@ def test_a_full_window_keeps_the_newest_and_lookups_stay_exact() -> None:
 
 
 def test_audit_feed_says_when_records_were_dropped() -> None:
-    from controlplane.hub import AuditFeed
+    from controlplane.server.hub import AuditFeed
 
     history = AuditFeed(window=2)
     for revision in (5, 9, 12):
@@ -106,8 +106,8 @@ async def test_snapshot_bytes_carry_the_current_revision_and_the_state() -> None
 
     from prometheus_client import CollectorRegistry
 
-    from controlplane.hub import Hub
     from controlplane.metrics import ServerMetrics
+    from controlplane.server.hub import Hub
 
     hub = Hub(Any, ServerMetrics(CollectorRegistry()))  # type: ignore[arg-type]
     hub._put("flags/global/a", flag("global", "a", True), 3)

@@ -30,7 +30,6 @@ from controlplane import model
 from controlplane.api.v1 import agent_pb2, agent_pb2_grpc, mitigation_pb2_grpc
 from controlplane.api.v1 import mitigation_pb2 as mpb
 from controlplane.api.v1 import types_pb2 as pb
-from controlplane.auth import check_sync_service, current_identity
 from controlplane.errors import (
     ConflictError,
     ControlPlaneError,
@@ -39,10 +38,11 @@ from controlplane.errors import (
     NotFoundError,
     UnavailableError,
 )
-from controlplane.hub import Feed, Hub, coalesce
 from controlplane.metrics import ServerMetrics
 from controlplane.model import GLOBAL_SCOPE
-from controlplane.presence import Instance, Presence
+from controlplane.server._presence import Instance, Presence
+from controlplane.server.auth import check_sync_service, current_identity
+from controlplane.server.hub import Feed, Hub, coalesce
 from controlplane.store import BundleOutcome, BundleView, Plan, Store, WriteOutcome
 
 log = structlog.get_logger("controlplane.rpc")

@@ -44,9 +44,8 @@ from typing import Any
 import click
 import structlog
 
-from controlplane.auth import AuthFileError
 from controlplane.embedded_etcd import EmbeddedEtcd
-from controlplane.server import (
+from controlplane.server._control_server import (
     ControlServer,
     ServerConfig,
     ServerConfigError,
@@ -54,6 +53,7 @@ from controlplane.server import (
     run_event_loop,
     serve_until_stopped,
 )
+from controlplane.server.auth import AuthFileError
 
 log = structlog.get_logger("controlplane.workers")
 

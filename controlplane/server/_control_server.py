@@ -40,20 +40,20 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from controlplane import __version__
 from controlplane.api.v1 import agent_pb2, mitigation_pb2, mitigation_pb2_grpc
-from controlplane.auth import (
+from controlplane.embedded_etcd import EmbeddedEtcd
+from controlplane.errors import ControlPlaneError
+from controlplane.metrics import ServerMetrics
+from controlplane.model import utcnow
+from controlplane.server._presence import Presence
+from controlplane.server._services import AgentServicer, MitigationServicer
+from controlplane.server.auth import (
     AuthFileError,
     AuthInterceptor,
     Streams,
     hash_token,
     load_auth_file,
 )
-from controlplane.embedded_etcd import EmbeddedEtcd
-from controlplane.errors import ControlPlaneError
-from controlplane.hub import Hub
-from controlplane.metrics import ServerMetrics
-from controlplane.model import utcnow
-from controlplane.presence import Presence
-from controlplane.service import AgentServicer, MitigationServicer
+from controlplane.server.hub import Hub
 from controlplane.store import (
     DEFAULT_PREFIX,
     EtcdSecurity,
@@ -105,7 +105,7 @@ class ServerConfig:
     maintenance_interval: float = 60.0
     # Longest wait between looks for expired changes (others' writes may add earlier ones).
     expiry_interval: float = 0.5
-    # Security (see controlplane.auth): None everywhere is the local default.
+    # Security (see controlplane.server.auth): None everywhere is the local default.
     auth_file: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -116,7 +116,7 @@ class ServerConfig:
     max_streams_per_identity: int | None = None
     max_message_bytes: int = 4 * 1024 * 1024
     etcd_security: EtcdSecurity | None = None  # TLS and user to an external etcd
-    # One of several worker processes on one port (controlplane.workers): the port is
+    # One of several worker processes on one port (controlplane.server._workers): the port is
     # shared (SO_REUSEPORT). Otherwise a port in use is an error, never shared.
     worker: int | None = None
 
@@ -926,7 +926,7 @@ def serve(
         etcd_insecure=etcd_insecure,
     )
     if workers > 1:
-        from controlplane.workers import WorkerStartError, run_workers
+        from controlplane.server._workers import WorkerStartError, run_workers
 
         try:
             run_workers(config, workers, log_format)
@@ -1055,7 +1055,3 @@ def token(hash_only: bool) -> None:
     new = secrets.token_urlsafe(32)
     click.echo(f"token:        {new}")
     click.echo(f"token_sha256: {hash_token(new)}")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()
