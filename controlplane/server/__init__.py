@@ -4,15 +4,12 @@
 process, configured by a :class:`ServerConfig`.
 """
 
-from controlplane.server._control_server import (
-    ControlServer,
-    ServerConfig,
-    ServerConfigError,
+from controlplane.server._cli import main, parse_duration, serve
+from controlplane.server._config import ServerConfig, ServerConfigError
+from controlplane.server._control_server import ControlServer
+from controlplane.server._runtime import (
     configure_logging,
-    main,
-    parse_duration,
     run_event_loop,
-    serve,
     serve_until_stopped,
     tune_gc,
 )

@@ -45,14 +45,9 @@ import click
 import structlog
 
 from controlplane.embedded_etcd import EmbeddedEtcd
-from controlplane.server._control_server import (
-    ControlServer,
-    ServerConfig,
-    ServerConfigError,
-    configure_logging,
-    run_event_loop,
-    serve_until_stopped,
-)
+from controlplane.server._config import ServerConfig, ServerConfigError
+from controlplane.server._control_server import ControlServer
+from controlplane.server._runtime import configure_logging, run_event_loop, serve_until_stopped
 from controlplane.server.auth import AuthFileError
 
 log = structlog.get_logger("controlplane.workers")
