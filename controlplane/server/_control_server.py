@@ -29,9 +29,10 @@ from controlplane.embedded_etcd import EmbeddedEtcd
 from controlplane.errors import ControlPlaneError
 from controlplane.metrics import ServerMetrics
 from controlplane.model import utcnow
+from controlplane.server._agent_service import AgentServicer, add_agent_service
 from controlplane.server._config import ServerConfig, ServerConfigError, check_exposure
+from controlplane.server._mitigation_service import MitigationServicer
 from controlplane.server._presence import Presence
-from controlplane.server._services import AgentServicer, MitigationServicer
 from controlplane.server._tls import ServerTls
 from controlplane.server.auth import AuthFileError, AuthInterceptor, Streams, load_auth_file
 from controlplane.server.hub import Hub
@@ -182,7 +183,7 @@ class ControlServer:
         mitigation_pb2_grpc.add_MitigationServiceServicer_to_server(
             MitigationServicer(self.store, self.metrics, self.hub, self.presence), server
         )
-        _add_agent_service(AgentServicer(self.hub, self.presence, self.metrics), server)
+        add_agent_service(AgentServicer(self.hub, self.presence, self.metrics), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -438,24 +439,3 @@ class ControlServer:
                 until = (upcoming - utcnow()).total_seconds()
                 delay = min(delay, max(until, 0.0) + 0.001)
             await asyncio.sleep(delay)
-
-
-def _add_agent_service(servicer: AgentServicer, server: grpc.aio.Server) -> None:
-    """Register AgentService as the generated code does, but let Sync write bytes.
-
-    A change that many agents receive is serialized once by its feed; the stream
-    writes those bytes as they are (a message is serialized as usual).
-    """
-    handlers = {
-        "Sync": grpc.stream_stream_rpc_method_handler(
-            servicer.Sync,
-            request_deserializer=agent_pb2.SyncRequest.FromString,
-            response_serializer=_serialize_response,
-        )
-    }
-    name = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
-
-
-def _serialize_response(message: agent_pb2.SyncResponse | bytes) -> bytes:
-    return message if isinstance(message, bytes) else message.SerializeToString()

@@ -360,9 +360,9 @@ async def test_when_all_instances_applied_a_change_is_recorded_and_pruned_with_t
 async def test_a_lagging_replica_never_sends_an_agent_back_in_time(
     etcd: EmbeddedEtcd, prefix: str, server: ControlServer, stub: Stub, monkeypatch: Any
 ) -> None:
-    from controlplane.server import _services
+    from controlplane.server import _agent_service
 
-    monkeypatch.setattr(_services, "CATCH_UP_TIMEOUT", 0.5)
+    monkeypatch.setattr(_agent_service, "CATCH_UP_TIMEOUT", 0.5)
     lagging = ControlServer(server_config(etcd.endpoint, prefix), registry=CollectorRegistry())
     await lagging.start()
     try:

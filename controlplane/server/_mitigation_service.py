@@ -1,126 +1,51 @@
-"""grpc.aio servicers: validate the request, call the store, map errors. Thin.
+"""MitigationService: what on-call engineers, runbooks and deploy pipelines call.
 
-Every method runs inside :func:`_rpc`, which gives etcd the smaller of
-``etcd_timeout`` and the call's own deadline, converts
-:class:`~controlplane.errors.ControlPlaneError` to its status code (an
-``ABORTED`` carries the current mod revision in the trailing metadata
-``current-mod-revision``), counts the call by method and code, and logs one
-``rpc`` event with method, code, duration and actor.
+Each method validates the request, calls the store and maps the outcome to its
+response; :func:`~controlplane.server._rpc.rpc` gives it its etcd budget, status and
+log line. The service's RPCs come in three families, one class each, which
+:class:`MitigationServicer` puts together: the records (flags, shedding, pins and
+known-good versions), bundles, and what observes them (status, history, the watch,
+the timeline and waits).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import hashlib
-import json
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any
 
-import grpc
 import structlog
 from google.protobuf import json_format
 
 from controlplane import model
-from controlplane.api.v1 import agent_pb2, agent_pb2_grpc, mitigation_pb2_grpc
 from controlplane.api.v1 import mitigation_pb2 as mpb
+from controlplane.api.v1 import mitigation_pb2_grpc
 from controlplane.api.v1 import types_pb2 as pb
 from controlplane.errors import (
-    ConflictError,
-    ControlPlaneError,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
-    UnavailableError,
 )
 from controlplane.metrics import ServerMetrics
 from controlplane.model import GLOBAL_SCOPE
 from controlplane.server._presence import Instance, Presence
-from controlplane.server.auth import check_sync_service, current_identity
-from controlplane.server.hub import Feed, Hub, coalesce
+from controlplane.server._rpc import actor_of, log_rpc, rpc
+from controlplane.server.auth import current_identity
+from controlplane.server.hub import Hub
 from controlplane.store import BundleOutcome, BundleView, Plan, Store, WriteOutcome
 
 log = structlog.get_logger("controlplane.rpc")
 
 MAX_HISTORY_LIMIT = 1000
 DEFAULT_HISTORY_LIMIT = 100
-
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
-Handler = Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]
-
-
-def _rpc(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
-    method = fn.__name__
-
-    @functools.wraps(fn)
-    async def wrapper(
-        self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
-    ) -> Resp:
-        start = time.perf_counter()
-        actor = _actor(request)
-        error: ControlPlaneError | None = None
-        remaining = context.time_remaining()
-        caller_limited = remaining is not None and remaining < self.store.etcd_timeout
-        budget = remaining if remaining is not None and caller_limited else self.store.etcd_timeout
-        try:
-            with self.store.budget(budget, caller_deadline=caller_limited):
-                response = await fn(self, request, context)
-        except ControlPlaneError as exc:
-            error = exc
-        except asyncio.CancelledError:
-            # The client went away or its deadline passed: count and log it, then let
-            # grpc finish the cancellation.
-            _log_rpc(self.metrics, method, "CANCELLED", start, actor, "cancelled by the client")
-            raise
-        except Exception:
-            log.exception("rpc_failed", method=method)
-            error = ControlPlaneError("internal error (logged on the server)")
-        code = grpc.StatusCode.OK if error is None else error.code
-        _log_rpc(
-            self.metrics, method, code.name, start, actor,
-            error.message if error is not None else None,
-        )  # fmt: skip
-        if error is None:
-            return response
-        trailing: tuple[tuple[str, str], ...] = ()
-        if isinstance(error, ConflictError):
-            trailing = (("current-mod-revision", str(error.current)),)
-        await context.abort(error.code, error.message, trailing_metadata=trailing)
-        raise AssertionError("context.abort returned")  # pragma: no cover
-
-    return wrapper
-
-
-def _actor(request: Any = None) -> str:
-    """Who to name in the log: the authenticated identity, else what the caller says."""
-    identity = current_identity.get()
-    if identity is not None:
-        return identity.name
-    options = getattr(request, "options", None)
-    return str(getattr(options, "actor", "")) if options is not None else ""
-
-
-def _log_rpc(
-    metrics: ServerMetrics, method: str, code: str, start: float, actor: str, error: str | None
-) -> None:
-    """Count an RPC and log its one ``rpc`` event."""
-    duration = time.perf_counter() - start
-    metrics.rpcs.labels(method, code).inc()
-    metrics.rpc_seconds.labels(method).observe(duration)
-    log.info(
-        "rpc",
-        method=method,
-        code=code,
-        duration_ms=round(duration * 1000, 3),
-        actor=actor or None,
-        error=error,
-    )
+# How long a wait waits for another replica to report a revision before going on
+# without it (its flushes come every half second while it lives).
+REPLICA_GRACE = 2.0
 
 
 def _result(outcome: WriteOutcome[Any]) -> pb.WriteResult:
@@ -158,8 +83,8 @@ def _write_pair(outcome: WriteOutcome[Any]) -> dict[str, Any]:
     }
 
 
-class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
-    """What on-call engineers, runbooks and deploy pipelines call."""
+class _Servicer:
+    """What every family of the service's RPCs works with."""
 
     def __init__(self, store: Store, metrics: ServerMetrics, hub: Hub, presence: Presence) -> None:
         self.store = store
@@ -177,9 +102,11 @@ class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
         # request says.
         return replace(options, actor=identity.name, actor_authenticated=True)
 
-    # -- flags ---------------------------------------------------------------
 
-    @_rpc
+class _RecordRPCs(_Servicer):
+    """Flags, shedding levels, pins and known-good versions: set, get, list, clear."""
+
+    @rpc
     async def SetFlag(self, request: mpb.SetFlagRequest, context: Any) -> mpb.SetFlagResponse:
         scope = model.validate_scope(request.scope)
         name = model.validate_flag_name(request.name)
@@ -188,7 +115,7 @@ class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
         w = _write_pair(outcome)
         return mpb.SetFlagResponse(result=w["result"], flag=w["current"], previous=w["previous"])
 
-    @_rpc
+    @rpc
     async def GetFlag(self, request: mpb.GetFlagRequest, context: Any) -> mpb.GetFlagResponse:
         scope = model.validate_scope(request.scope)
         name = model.validate_flag_name(request.name)
@@ -205,7 +132,7 @@ class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
             flag=stored.record.to_proto(stored.mod_revision), overridden_by=hidden
         )
 
-    @_rpc
+    @rpc
     async def ListFlags(self, request: mpb.ListFlagsRequest, context: Any) -> mpb.ListFlagsResponse:
         scope = model.validate_scope(request.scope) if request.scope else ""
         flags, revision = await self.store.list_flags(scope, effective=request.effective)
@@ -213,7 +140,7 @@ class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
             flags=[f.record.to_proto(f.mod_revision) for f in flags], revision=revision
         )
 
-    @_rpc
+    @rpc
     async def ClearFlag(self, request: mpb.ClearFlagRequest, context: Any) -> mpb.ClearFlagResponse:
         scope = model.validate_scope(request.scope)
         name = model.validate_flag_name(request.name)
@@ -223,7 +150,7 @@ class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
 
     # -- shedding --------------------------------------------------------------
 
-    @_rpc
+    @rpc
     async def SetShedding(
         self, request: mpb.SetSheddingRequest, context: Any
     ) -> mpb.SetSheddingResponse:
@@ -238,7 +165,7 @@ class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
             result=w["result"], shedding=w["current"], previous=w["previous"]
         )
 
-    @_rpc
+    @rpc
     async def GetShedding(
         self, request: mpb.GetSheddingRequest, context: Any
     ) -> mpb.GetSheddingResponse:
@@ -248,7 +175,7 @@ class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
             raise NotFoundError(f"{service} has no shedding level set")
         return mpb.GetSheddingResponse(shedding=stored.record.to_proto(stored.mod_revision))
 
-    @_rpc
+    @rpc
     async def ListShedding(
         self, request: mpb.ListSheddingRequest, context: Any
     ) -> mpb.ListSheddingResponse:
@@ -257,7 +184,7 @@ class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
             shedding=[r.record.to_proto(r.mod_revision) for r in rows], revision=revision
         )
 
-    @_rpc
+    @rpc
     async def ClearShedding(
         self, request: mpb.ClearSheddingRequest, context: Any
     ) -> mpb.ClearSheddingResponse:
@@ -268,7 +195,7 @@ class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
 
     # -- pins and known-good -------------------------------------------------------
 
-    @_rpc
+    @rpc
     async def PinVersion(
         self, request: mpb.PinVersionRequest, context: Any
     ) -> mpb.PinVersionResponse:
@@ -278,7 +205,7 @@ class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
         w = _write_pair(outcome)
         return mpb.PinVersionResponse(result=w["result"], pin=w["current"], previous=w["previous"])
 
-    @_rpc
+    @rpc
     async def GetPin(self, request: mpb.GetPinRequest, context: Any) -> mpb.GetPinResponse:
         service = model.validate_service(request.service)
         stored = await self.store.get_pin(service)
@@ -286,14 +213,14 @@ class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
             raise NotFoundError(f"{service} is not pinned")
         return mpb.GetPinResponse(pin=stored.record.to_proto(stored.mod_revision))
 
-    @_rpc
+    @rpc
     async def ListPins(self, request: mpb.ListPinsRequest, context: Any) -> mpb.ListPinsResponse:
         rows, revision = await self.store.list_pins()
         return mpb.ListPinsResponse(
             pins=[r.record.to_proto(r.mod_revision) for r in rows], revision=revision
         )
 
-    @_rpc
+    @rpc
     async def UnpinVersion(
         self, request: mpb.UnpinVersionRequest, context: Any
     ) -> mpb.UnpinVersionResponse:
@@ -302,7 +229,7 @@ class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
         outcome = await self.store.unpin(service, opts, all_layers=request.all_layers)
         return mpb.UnpinVersionResponse(**_cleared(outcome))
 
-    @_rpc
+    @rpc
     async def MarkKnownGood(
         self, request: mpb.MarkKnownGoodRequest, context: Any
     ) -> mpb.MarkKnownGoodResponse:
@@ -314,7 +241,7 @@ class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
             result=_result(outcome), known_good=_record(outcome.record, outcome.mod_revision)
         )
 
-    @_rpc
+    @rpc
     async def UnmarkKnownGood(
         self, request: mpb.UnmarkKnownGoodRequest, context: Any
     ) -> mpb.UnmarkKnownGoodResponse:
@@ -327,7 +254,7 @@ class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
             removed=_record(outcome.previous) if outcome.changed else None,
         )
 
-    @_rpc
+    @rpc
     async def ListKnownGood(
         self, request: mpb.ListKnownGoodRequest, context: Any
     ) -> mpb.ListKnownGoodResponse:
@@ -337,7 +264,7 @@ class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
             known_good=[m.record.to_proto(m.mod_revision) for m in marks]
         )
 
-    @_rpc
+    @rpc
     async def Rollback(self, request: mpb.RollbackRequest, context: Any) -> mpb.RollbackResponse:
         service = model.validate_service(request.service)
         opts = self._options(request.options)
@@ -378,7 +305,9 @@ class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
             from_version=current,
         )
 
-    # -- bundles ---------------------------------------------------------------------
+
+class _BundleRPCs(_Servicer):
+    """Bundles: several changes applied together, and reverted together."""
 
     def _bundle_plan(self, index: int, change: mpb.BundleChange, opts: model.WriteOptions) -> Plan:
         """Validate one change of a bundle and plan it; errors name the change and field."""
@@ -435,7 +364,7 @@ class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
             model.validate_service(u.service, f"{field}.service"), all_layers=u.all_layers
         )
 
-    @_rpc
+    @rpc
     async def ApplyBundle(
         self, request: mpb.ApplyBundleRequest, context: Any
     ) -> mpb.ApplyBundleResponse:
@@ -459,7 +388,7 @@ class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
             bundle=_bundle_proto(outcome.view) if outcome.view is not None else None,
         )
 
-    @_rpc
+    @rpc
     async def RevertBundle(
         self, request: mpb.RevertBundleRequest, context: Any
     ) -> mpb.RevertBundleResponse:
@@ -476,7 +405,7 @@ class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
             overwritten_keys=list(outcome.overwritten),
         )
 
-    @_rpc
+    @rpc
     async def ListBundles(
         self, request: mpb.ListBundlesRequest, context: Any
     ) -> mpb.ListBundlesResponse:
@@ -485,7 +414,7 @@ class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
         views = await self.store.list_bundles(limit=request.limit)
         return mpb.ListBundlesResponse(bundles=[_bundle_proto(v) for v in views])
 
-    @_rpc
+    @rpc
     async def GetBundle(self, request: mpb.GetBundleRequest, context: Any) -> mpb.GetBundleResponse:
         bundle_id = _bundle_id(request.bundle_id)
         view = await self.store.get_bundle(bundle_id)
@@ -493,9 +422,11 @@ class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
             raise NotFoundError(f"no bundle {bundle_id}")
         return mpb.GetBundleResponse(bundle=_bundle_proto(view))
 
-    # -- status, history, watch, wait ----------------------------------------------------
 
-    @_rpc
+class _ObservationRPCs(_Servicer):
+    """What the state is and was: status, history, the watch, the timeline, waits."""
+
+    @rpc
     async def GetStatus(self, request: mpb.GetStatusRequest, context: Any) -> mpb.GetStatusResponse:
         service = model.validate_service(request.service)
         flags, _ = await self.store.list_flags(service, effective=True)
@@ -536,7 +467,7 @@ class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
             msg.last_seen.CopyFrom(model.datetime_to_timestamp(instance.last_seen))
         return msg
 
-    @_rpc
+    @rpc
     async def ListHistory(
         self, request: mpb.ListHistoryRequest, context: Any
     ) -> mpb.ListHistoryResponse:
@@ -564,7 +495,7 @@ class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
         try:
             service = model.validate_service(request.service) if request.service else ""
         except InvalidArgumentError as exc:
-            _log_rpc(self.metrics, "WatchChanges", exc.code.name, start, _actor(), exc.message)
+            log_rpc(self.metrics, "WatchChanges", exc.code.name, start, actor_of(), exc.message)
             await context.abort(exc.code, exc.message)
             return
         await self.hub.ready.wait()
@@ -592,9 +523,9 @@ class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
             code = "CANCELLED"
             raise
         finally:
-            _log_rpc(self.metrics, "WatchChanges", code, start, _actor(), None)
+            log_rpc(self.metrics, "WatchChanges", code, start, actor_of(), None)
 
-    @_rpc
+    @rpc
     async def GetTimeline(
         self, request: mpb.GetTimelineRequest, context: Any
     ) -> mpb.GetTimelineResponse:
@@ -617,7 +548,7 @@ class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
             ],
         )
 
-    @_rpc
+    @rpc
     async def WaitApplied(
         self, request: mpb.WaitAppliedRequest, context: Any
     ) -> mpb.WaitAppliedResponse:
@@ -684,6 +615,12 @@ class MitigationServicer(mitigation_pb2_grpc.MitigationServiceServicer):
                 when = await self.presence.applied_at(service, request.revision, servers)
             response.applied_at.CopyFrom(model.datetime_to_timestamp(when or model.utcnow()))
         return response
+
+
+class MitigationServicer(
+    _RecordRPCs, _BundleRPCs, _ObservationRPCs, mitigation_pb2_grpc.MitigationServiceServicer
+):
+    """What on-call engineers, runbooks and deploy pipelines call."""
 
 
 _BUNDLE_CHANGE_KINDS = (
@@ -772,296 +709,3 @@ def _time_or_none(request: Any, field_name: str) -> datetime | None:
         return model.timestamp_to_datetime(getattr(request, field_name))
     except (ValueError, OverflowError):
         raise InvalidArgumentError(field_name, "is not a valid time") from None
-
-
-_INSTANCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}")
-HELLO_TIMEOUT = 10.0
-# How long a wait waits for another replica to report a revision before going on
-# without it (its flushes come every half second while it lives).
-REPLICA_GRACE = 2.0
-LATENCY_SAMPLE_EVERY = 16
-# How long a stream waits for this server to catch up with an agent that already
-# applied a newer revision (it came from a replica that is ahead).
-CATCH_UP_TIMEOUT = 5.0
-
-
-def _override_audit(actor: str, reason: str) -> tuple[str, str]:
-    """The audit actor and reason of a break-glass override. With authentication on,
-    the actor is the agent's identity; the name in the override file is kept in the
-    reason, as what the host reported."""
-    identity = current_identity.get()
-    if identity is None:
-        return actor, reason
-    if actor:
-        reason = f"{reason or 'break-glass override on the host'} (override file names {actor})"
-    return identity.name, reason
-
-
-class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
-    """The agents' Sync stream: hello, snapshot or resume, then changes; acks back."""
-
-    def __init__(self, hub: Hub, presence: Presence, metrics: ServerMetrics) -> None:
-        self.hub = hub
-        self.presence = presence
-        self.metrics = metrics
-        self._streams_seen = 0
-
-    async def Sync(self, request_iterator: Any, context: Any) -> None:
-        start = time.perf_counter()
-        try:
-            hello = await self._hello(request_iterator)
-            check_sync_service(hello.service)
-        except ControlPlaneError as exc:
-            _log_rpc(self.metrics, "Sync", exc.code.name, start, _actor(), exc.message)
-            await context.abort(exc.code, exc.message)
-            return
-        instance = Instance(
-            service=hello.service,
-            instance_id=hello.instance_id,
-            running_version=hello.running_version[:128],
-            agent_version=hello.agent_version[:64],
-            connected_at=model.utcnow(),
-            server_id=self.presence.server_id,
-        )
-        log.info(
-            "agent_connected",
-            service=instance.service,
-            instance_id=instance.instance_id,
-            running_version=instance.running_version,
-            last_applied_revision=hello.last_applied_revision,
-            peer=context.peer(),
-        )
-        self.presence.connect(instance)
-        try:
-            if hello.HasField("override"):
-                await self._override(instance, hello.override)
-        except BaseException:
-            self.presence.disconnect(instance)
-            raise
-        # A feed made before the hub read the state would claim a history it lacks.
-        await self.hub.ready.wait()
-        feed = self.hub.feed(instance.service)
-        feed.streams += 1
-        # Latency histograms take a lock per observation: on the fan-out path, only
-        # one stream in LATENCY_SAMPLE_EVERY is timed.
-        self._streams_seen += 1
-        sampled = self._streams_seen % LATENCY_SAMPLE_EVERY == 1
-        reader = asyncio.create_task(
-            self._read_acks(request_iterator, instance, feed, sampled=sampled)
-        )
-        # The agent closing its side ends the stream (a cancel does that by itself).
-        handler = asyncio.current_task()
-        reader_ended = False
-
-        def on_reader_done(task: asyncio.Task[None]) -> None:
-            nonlocal reader_ended
-            # The agent closed its side: the call ends with OK. A reader that failed
-            # (a bug) ends it as cancelled, and says why in the log.
-            failed = not task.cancelled() and task.exception() is not None
-            reader_ended = not task.cancelled() and not failed
-            if failed:
-                log.error(
-                    "ack_reader_failed",
-                    instance_id=instance.instance_id,
-                    error=repr(task.exception()),
-                )
-            if handler is not None:
-                handler.cancel()
-
-        reader.add_done_callback(on_reader_done)
-        code = "OK"
-        try:
-            sent = await self._first(context, instance, feed, hello.last_applied_revision)
-            while True:
-                # One event wait per stream per change: no task or queue per change.
-                await feed.wait_past(sent)
-                missed = feed.since(sent)
-                if missed is None:
-                    self.metrics.snapshots.labels("behind").inc()
-                    sent = self.hub.revision
-                    instance.sent = sent
-                    await context.write(self.hub.snapshot_response(instance.service))
-                elif missed:
-                    # A stream that keeps up sends the feed's own serialized message.
-                    payload = (
-                        feed.serialized(missed[0].revision)
-                        if len(missed) == 1
-                        else agent_pb2.SyncResponse(change=coalesce(missed))
-                    )
-                    sent = missed[-1].revision
-                    instance.sent = sent
-                    await context.write(payload)
-                    if sampled:
-                        appended = feed.appended_at.get(sent)
-                        if appended is not None:
-                            self.metrics.stream_write_seconds.observe(time.monotonic() - appended)
-        except asyncio.CancelledError:
-            # The agent closed its side (the reader ended and cancelled us): end the call
-            # with OK rather than leave it without a status.
-            if reader_ended and handler is not None and handler.uncancel() == 0:
-                return
-            code = "CANCELLED"
-            raise
-        except ControlPlaneError as exc:
-            code = exc.code.name
-            await context.abort(exc.code, exc.message)
-        finally:
-            reader.cancel()
-            feed.streams -= 1
-            self.hub.release(feed)
-            self.presence.disconnect(instance)
-            _log_rpc(self.metrics, "Sync", code, start, _actor(), None)
-            log.info(
-                "agent_disconnected",
-                service=instance.service,
-                instance_id=instance.instance_id,
-                applied=instance.applied,
-            )
-
-    async def _hello(self, request_iterator: Any) -> agent_pb2.Hello:
-        try:
-            async with asyncio.timeout(HELLO_TIMEOUT):
-                first = await anext(request_iterator)
-        except (StopAsyncIteration, TimeoutError):
-            raise InvalidArgumentError(
-                "hello", f"the stream must open with a Hello within {HELLO_TIMEOUT:g}s"
-            ) from None
-        if first.WhichOneof("message") != "hello":
-            raise InvalidArgumentError("hello", "the first message of Sync must be a Hello")
-        hello: agent_pb2.Hello = first.hello
-        model.validate_service(hello.service, "hello.service")
-        if not _INSTANCE_RE.fullmatch(hello.instance_id):
-            raise InvalidArgumentError(
-                "hello.instance_id",
-                "is required: 1-128 characters A-Z, a-z, 0-9, '.', '_', ':', '@', '/' and '-'",
-            )
-        if hello.last_applied_revision < 0:
-            raise InvalidArgumentError("hello.last_applied_revision", "must not be negative")
-        return hello
-
-    async def _first(self, context: Any, instance: Instance, feed: Feed, last: int) -> int:
-        """Send the snapshot, or resume; return the revision the agent now has."""
-        if last > self.hub.revision and not await self.hub.wait_for_revision(
-            last, CATCH_UP_TIMEOUT
-        ):
-            # Never send an agent back in time: if etcd has the agent's revision, this
-            # server is behind (its watch lags) and the agent should try another.
-            with self.store_budget():
-                current = await self.hub.store.revision()
-            if current >= last:
-                raise UnavailableError(
-                    f"this server is behind etcd (at revision {self.hub.revision}, the agent "
-                    f"applied {last}): try another server"
-                )
-            # etcd itself is older (restored from a backup, or another cluster): the
-            # agent's revision will never come; its state is replaced by a snapshot.
-            log.warning(
-                "agent_ahead_of_etcd",
-                service=instance.service,
-                instance_id=instance.instance_id,
-                agent_revision=last,
-                etcd_revision=current,
-            )
-            last = 0
-        missed = feed.since(last) if last > 0 else None
-        if missed is None:
-            self.metrics.snapshots.labels("connect" if last == 0 else "resume_impossible").inc()
-            revision = self.hub.revision
-            instance.sent = revision
-            await context.write(self.hub.snapshot_response(instance.service))
-            return revision
-        self.metrics.resumes.inc()
-        # Resuming: the agent has ``last`` (it said so; it cannot claim more than that).
-        instance.applied = last
-        instance.sent = last
-        await context.write(
-            agent_pb2.SyncResponse(
-                resume=agent_pb2.Resume(revision=last, server_revision=self.hub.revision)
-            )
-        )
-        if missed:
-            change = coalesce(missed)
-            instance.sent = change.revision
-            await context.write(agent_pb2.SyncResponse(change=change))
-            return change.revision
-        return last
-
-    def store_budget(self) -> Any:
-        return self.hub.store.budget(self.hub.store.etcd_timeout)
-
-    async def _override(self, instance: Instance, override: agent_pb2.Override) -> None:
-        """A host's break-glass override: shown in status, audited once."""
-        instance.override_active = override.active
-        self.presence.touch(instance.service)
-        content: dict[str, Any] | None = None
-        if override.content_json:
-            try:
-                parsed = json.loads(override.content_json)
-                content = parsed if isinstance(parsed, dict) else {"content": parsed}
-                json.dumps(content, ensure_ascii=False).encode()  # lone surrogates
-            except (ValueError, RecursionError):
-                content = {"content": override.content_json[:4096]}
-        expires = None
-        if override.HasField("expires_at"):
-            with contextlib.suppress(ValueError):
-                expires = model.timestamp_to_datetime(override.expires_at)
-        actor, reason = _override_audit(override.actor[:256], override.reason[:1024])
-        try:
-            with self.hub.store.budget(self.hub.store.etcd_timeout):
-                await self.hub.store.record_override(
-                    instance.service,
-                    instance.instance_id,
-                    active=override.active,
-                    digest=override.digest[:128]
-                    or hashlib.sha256(override.content_json.encode()).hexdigest(),
-                    actor=actor,
-                    actor_authenticated=current_identity.get() is not None,
-                    reason=reason,
-                    expires_at=expires,
-                    content=content,
-                )
-        except ControlPlaneError as exc:
-            # Reported again at the agent's next connect; the stream goes on.
-            log.warning(
-                "override_audit_failed", instance_id=instance.instance_id, error=exc.message
-            )
-
-    async def _read_acks(
-        self, request_iterator: Any, instance: Instance, feed: Feed, *, sampled: bool
-    ) -> None:
-        async for request in request_iterator:
-            kind = request.WhichOneof("message")
-            if kind == "override":
-                await self._override(instance, request.override)
-                continue
-            if kind != "ack":
-                continue
-            ack = request.ack
-            if ack.revision > instance.sent:
-                # An agent cannot have applied what it was not sent.
-                log.warning(
-                    "agent_ack_beyond_sent",
-                    service=instance.service,
-                    instance_id=instance.instance_id,
-                    acked=ack.revision,
-                    sent=instance.sent,
-                )
-                continue
-            if ack.rejected_reason:
-                log.warning(
-                    "agent_rejected_change",
-                    service=instance.service,
-                    instance_id=instance.instance_id,
-                    revision=ack.revision,
-                    reason=ack.rejected_reason[:500],
-                )
-                self.presence.nack(instance, ack.revision, ack.rejected_reason)
-            else:
-                if sampled:
-                    appended = feed.appended_at.get(ack.revision)
-                    if appended is not None:
-                        self.metrics.ack_seconds.observe(time.monotonic() - appended)
-                self.presence.ack(instance, ack.revision)
-
-
-__all__ = ["AgentServicer", "MitigationServicer"]
