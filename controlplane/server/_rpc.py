@@ -31,6 +31,7 @@ Handler = Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Re
 
 
 def rpc(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
+    """Run a unary method of a servicer (with ``store`` and ``metrics``) as described above."""
     method = fn.__name__
 
     @functools.wraps(fn)
