@@ -1,7 +1,9 @@
 """Durations and times as people type them (``500ms``, ``1h30m``, ``2026-11-26T18:00Z``).
 
-One parser for the server's options and ``cpctl``. Standard library only: ``cpctl --help``
-imports this module and must stay fast.
+One parser for the server's options, the stored records (``controlplane.model``) and
+``cpctl``. Standard library only: ``cpctl --help`` imports this module and must stay fast,
+and the records' parser must not pull in click. The click parameter type built on it is
+``controlplane._duration_param``.
 """
 
 from __future__ import annotations
@@ -51,16 +53,29 @@ def parse_duration(text: str) -> timedelta:
         raise ValueError(f"duration {text!r} is too large") from e
 
 
-def parse_time(text: str) -> datetime:
-    """Parse an ISO 8601 time (``Z`` allowed); no offset means UTC. Returns UTC.
+def parse_time(text: str, *, zone_required: bool = False) -> datetime:
+    """Parse an ISO 8601 time (``Z`` allowed). Returns UTC.
+
+    What a time without an offset means depends on who wrote it:
+
+    - ``zone_required=False`` (people: ``cpctl --until``, ``--since``, a bundle file's
+      ``until``): UTC, as ``TIME_FORMS`` says; a bare date is its midnight UTC.
+    - ``zone_required=True`` (a time stored in etcd, always written with its offset by
+      ``controlplane.model.format_time``): an error, since a stored time without one was
+      not written by this project and is not guessed at.
 
     Raises:
-        ValueError: not an ISO 8601 time; the message shows the accepted forms.
+        ValueError: not an ISO 8601 time (for people, the message shows the accepted
+            forms), or, with ``zone_required``, a time without an offset.
     """
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
+        if zone_required:
+            raise
         raise ValueError(f"{text!r} is not a time: use {TIME_FORMS}") from None
     if moment.tzinfo is None:
+        if zone_required:
+            raise ValueError(f"time {text!r} has no time zone")
         moment = moment.replace(tzinfo=UTC)
     return moment.astimezone(UTC)

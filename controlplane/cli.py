@@ -54,6 +54,7 @@ import click
 
 from controlplane import __version__
 from controlplane import _cli_format as fmt
+from controlplane._duration_param import DurationParam
 from controlplane._durations import DURATION_FORMS, TIME_FORMS, parse_duration, parse_time
 from controlplane.transport import ClientSecurity, TransportConfigError, path_or_none
 
@@ -309,21 +310,6 @@ else:  # click < 8.4 has no generic ParamType
     _ParamType = click.ParamType
 
 
-class _DurationType(_ParamType):
-    name = "duration"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if isinstance(value, timedelta):
-            return value
-        try:
-            duration = parse_duration(str(value))
-        except ValueError as e:
-            self.fail(str(e), param, ctx)
-        if duration <= timedelta(0):
-            self.fail(f"{value!r} must be longer than zero", param, ctx)
-        return duration
-
-
 class _TimeType(_ParamType):
     """An ISO 8601 time, or with ``past_durations`` also a duration back from now."""
 
@@ -343,7 +329,7 @@ class _TimeType(_ParamType):
             self.fail(str(e), param, ctx)
 
 
-DURATION = _DurationType()
+DURATION = DurationParam(positive=True)
 TIME = _TimeType()
 SINCE = _TimeType(past_durations=True)
 

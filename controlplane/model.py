@@ -250,11 +250,14 @@ def format_time(value: datetime) -> str:
 
 
 def parse_time(text: str) -> datetime:
-    """Parse a time written by :func:`format_time` (any ISO 8601 with a zone)."""
-    value = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    if value.tzinfo is None:
-        raise ValueError(f"time {text!r} has no time zone")
-    return value.astimezone(UTC)
+    """Parse a stored time, as :func:`format_time` writes it (any ISO 8601 with a zone).
+
+    A time without a zone is refused, not taken as UTC: see ``zone_required`` of
+    ``controlplane._durations.parse_time``, the one parser of times.
+    """
+    from controlplane._durations import parse_time as parse
+
+    return parse(text, zone_required=True)
 
 
 def timestamp_to_datetime(ts: timestamp_pb2.Timestamp) -> datetime:

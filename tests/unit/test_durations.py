@@ -9,7 +9,8 @@ from datetime import UTC, datetime, timedelta
 import click
 import pytest
 
-from controlplane import server
+from controlplane import model, server
+from controlplane._duration_param import DurationParam
 from controlplane._durations import parse_duration, parse_time
 
 
@@ -116,3 +117,23 @@ def test_importing_the_parser_pulls_in_nothing_but_the_standard_library() -> Non
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_time_stored_without_a_zone_is_refused_where_a_typed_one_is_utc() -> None:
+    with pytest.raises(ValueError, match="has no time zone"):
+        parse_time("2026-11-26T18:00", zone_required=True)
+    with pytest.raises(ValueError, match="has no time zone"):
+        model.parse_time("2026-11-26T18:00")
+    stored = "2026-11-26T18:00:00.000000Z"
+    assert model.parse_time(stored) == parse_time(stored) == datetime(2026, 11, 26, 18, tzinfo=UTC)
+
+
+def test_one_duration_type_for_cpctl_and_the_server() -> None:
+    typed, setting = DurationParam(positive=True), DurationParam(strip=True)
+    assert typed.convert("500ms", None, None) == timedelta(milliseconds=500)
+    assert setting.convert(" 2s ", None, None) == timedelta(seconds=2)
+    assert setting.convert("0s", None, None) == timedelta(0)
+    with pytest.raises(click.BadParameter, match="must be longer than zero"):
+        typed.convert("0s", None, None)
+    with pytest.raises(click.BadParameter, match="is not a duration"):
+        typed.convert(" 2s", None, None)
