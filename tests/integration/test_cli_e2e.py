@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from controlplane import _cli_format as fmt
+from controlplane.cli import _output as fmt
 from controlplane.embedded_etcd import EmbeddedEtcd, free_port
 from controlplane.server import ControlServer
 from tests.helpers.raw_agent import RawAgent

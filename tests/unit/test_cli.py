@@ -24,7 +24,6 @@ import pytest
 from click.testing import CliRunner, Result
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from controlplane import _cli_format as fmt
 from controlplane.api.v1 import mitigation_pb2, mitigation_pb2_grpc, types_pb2
 from controlplane.cli import (
     OUTCOME_UNKNOWN,
@@ -40,6 +39,7 @@ from controlplane.cli import (
     scope_wait_services,
     wait_exit_code,
 )
+from controlplane.cli import _output as fmt
 from tests.helpers.certs import TestCA
 
 NOW = datetime(2026, 11, 26, 17, 30, tzinfo=UTC)

@@ -53,9 +53,9 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 from controlplane import __version__
-from controlplane import _cli_format as fmt
 from controlplane._duration_param import DurationParam
 from controlplane._durations import DURATION_FORMS, TIME_FORMS, parse_duration, parse_time
+from controlplane.cli import _output as fmt
 from controlplane.transport import ClientSecurity, TransportConfigError, path_or_none
 
 if TYPE_CHECKING:
