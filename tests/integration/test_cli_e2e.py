@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from controlplane.cli import _output as fmt
+from controlplane.cli._output import JSON_SHAPES
 from controlplane.embedded_etcd import EmbeddedEtcd, free_port
 from controlplane.server import ControlServer
 from tests.helpers.raw_agent import RawAgent
@@ -578,7 +578,7 @@ async def test_watch_json_streams_changes_made_while_it_runs(
     assert (first["action"], first["scope"], first["name"]) == ("flag.set", "checkout", "new-ui")
     assert (first["before"], first["after"]["value"]) == (None, False)
     assert (first["actor"], first["reason"], first["incident"]) == ("oncall", "errors", "INC-42")
-    assert list(first) == list(fmt.JSON_SHAPES["AuditEntry"])
+    assert list(first) == list(JSON_SHAPES["AuditEntry"])
     # search's change is not checkout's; the global one is.
     assert (second["action"], second["scope"], second["name"]) == ("flag.set", "global", "kill")
     assert second["revision"] > first["revision"]

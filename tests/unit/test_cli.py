@@ -29,17 +29,32 @@ from controlplane.cli import (
     OUTCOME_UNKNOWN,
     ExitCode,
     WaitArgs,
-    change_services,
     cli,
     exit_code_for_status,
-    key_services,
     parse_flag_value,
     parse_percent,
     parse_since,
-    scope_wait_services,
     wait_exit_code,
 )
-from controlplane.cli import _output as fmt
+from controlplane.cli._output import CLI_SHAPES, JSON_SHAPES, dumps, format_time, to_plain
+from controlplane.cli._write import describe_wait, render_wait, wait_outcome, worst_outcome
+from controlplane.cli.audit import render_change
+from controlplane.cli.bundle import (
+    change_services,
+    key_services,
+    render_bundle_apply,
+    render_bundle_get,
+    render_bundle_list,
+    render_bundle_revert,
+)
+from controlplane.cli.flag import (
+    render_flag_clear,
+    render_flag_list,
+    render_flag_set,
+    scope_wait_services,
+)
+from controlplane.cli.shed import render_shed_clear, render_shed_set
+from controlplane.cli.status import NO_INSTANCES, render_status
 from tests.helpers.certs import TestCA
 
 NOW = datetime(2026, 11, 26, 17, 30, tzinfo=UTC)
@@ -283,7 +298,7 @@ def _set_flag_response(
 
 
 def test_json_shape_of_set_flag_response() -> None:
-    document = json.loads(fmt.dumps(fmt.to_plain(_set_flag_response(expiring=True))))
+    document = json.loads(dumps(to_plain(_set_flag_response(expiring=True))))
     previous = {
         "scope": "checkout",
         "name": "new-ui",
@@ -346,7 +361,7 @@ def test_json_shape_of_set_flag_response() -> None:
     ],
 )
 def test_json_flag_value_is_a_plain_value(value: types_pb2.FlagValue, expected: Any) -> None:
-    document = json.loads(fmt.dumps(fmt.to_plain(types_pb2.Flag(name="x", value=value))))
+    document = json.loads(dumps(to_plain(types_pb2.Flag(name="x", value=value))))
     assert document["value"] == expected
     assert type(document["value"]) is type(expected)
 
@@ -355,21 +370,21 @@ def test_json_audit_entry_carries_records_as_objects() -> None:
     entry = types_pb2.AuditEntry(
         id="a1", revision=9, before_json="", after_json='{"value": false}', time=_ts(NOW)
     )
-    document = json.loads(fmt.dumps(fmt.to_plain(entry)))
+    document = json.loads(dumps(to_plain(entry)))
     assert document["before"] is None
     assert document["after"] == {"value": False}
     assert document["time"] == "2026-11-26T17:30:00Z"
     assert "after_json" not in document
 
 
-@pytest.mark.parametrize("name", [n for n in fmt.JSON_SHAPES if n not in fmt.CLI_SHAPES])
+@pytest.mark.parametrize("name", [n for n in JSON_SHAPES if n not in CLI_SHAPES])
 def test_documented_json_shapes_match_the_output(name: str) -> None:
     message_class = getattr(types_pb2, name, None) or getattr(mitigation_pb2, name)
-    assert tuple(fmt.to_plain(message_class())) == fmt.JSON_SHAPES[name]
+    assert tuple(to_plain(message_class())) == JSON_SHAPES[name]
 
 
 def test_human_line_of_a_set_flag() -> None:
-    rendered = fmt.render_flag_set(fmt.to_plain(_set_flag_response()), NOW)
+    rendered = render_flag_set(to_plain(_set_flag_response()), NOW)
     assert list(rendered.lines) == ["checkout: flag new-ui = false (was true) · rev 812"]
     assert list(rendered.warnings) == [
         "warning: 2 service(s) keep their own flag new-ui and do not see this global change: "
@@ -378,7 +393,7 @@ def test_human_line_of_a_set_flag() -> None:
 
 
 def test_human_line_of_a_time_boxed_set_flag() -> None:
-    rendered = fmt.render_flag_set(fmt.to_plain(_set_flag_response(expiring=True)), NOW)
+    rendered = render_flag_set(to_plain(_set_flag_response(expiring=True)), NOW)
     assert list(rendered.lines) == [
         "checkout: flag new-ui = false (was true) · rev 812"
         " · expires 2026-11-26T18:00:00Z (in 30m), then true"
@@ -386,17 +401,17 @@ def test_human_line_of_a_time_boxed_set_flag() -> None:
 
 
 def test_human_line_of_an_unchanged_set_flag() -> None:
-    unchanged = fmt.render_flag_set(fmt.to_plain(_set_flag_response(changed=False)), NOW)
+    unchanged = render_flag_set(to_plain(_set_flag_response(changed=False)), NOW)
     assert list(unchanged.lines) == ["checkout: flag new-ui = false · unchanged"]
 
 
 def test_dry_run_says_would_set_only_when_the_write_would_change_something() -> None:
     would = _set_flag_response(changed=False, dry_run=True, would_change=True)
-    assert list(fmt.render_flag_set(fmt.to_plain(would), NOW).lines) == [
+    assert list(render_flag_set(to_plain(would), NOW).lines) == [
         "dry run: would set checkout: flag new-ui = false (was true) · nothing written"
     ]
     same = _set_flag_response(changed=False, dry_run=True, would_change=False)
-    assert list(fmt.render_flag_set(fmt.to_plain(same), NOW).lines) == [
+    assert list(render_flag_set(to_plain(same), NOW).lines) == [
         "dry run: unchanged (nothing would change) · checkout: flag new-ui = false"
     ]
 
@@ -404,7 +419,7 @@ def test_dry_run_says_would_set_only_when_the_write_would_change_something() -> 
 @pytest.mark.parametrize("would_change", [True, False])
 def test_json_of_a_dry_run_carries_would_change(would_change: bool) -> None:
     response = _set_flag_response(changed=False, dry_run=True, would_change=would_change)
-    result = json.loads(fmt.dumps(fmt.to_plain(response)))["result"]
+    result = json.loads(dumps(to_plain(response)))["result"]
     assert (result["dry_run"], result["changed"]) == (True, False)
     assert result["would_change"] is would_change
 
@@ -413,7 +428,7 @@ def test_dry_run_of_a_clear_that_would_change_nothing() -> None:
     response = mitigation_pb2.ClearSheddingResponse(
         result=types_pb2.WriteResult(dry_run=True, would_change=False)
     )
-    rendered = fmt.render_shed_clear(fmt.to_plain(response), NOW, "checkout")
+    rendered = render_shed_clear(to_plain(response), NOW, "checkout")
     assert list(rendered.lines) == [
         "dry run: unchanged (nothing would change) · checkout: shedding off"
     ]
@@ -424,13 +439,13 @@ def test_human_line_of_a_shedding_change() -> None:
         result=types_pb2.WriteResult(changed=True, revision=813),
         shedding=types_pb2.Shedding(service="checkout", tier=types_pb2.SHEDDABLE_PLUS, percent=50),
     )
-    rendered = fmt.render_shed_set(fmt.to_plain(response), NOW)
+    rendered = render_shed_set(to_plain(response), NOW)
     assert list(rendered.lines) == ["checkout: shedding SHEDDABLE_PLUS 50% (was off) · rev 813"]
 
 
 def test_human_lines_of_clears() -> None:
     nothing = mitigation_pb2.ClearSheddingResponse(result=types_pb2.WriteResult())
-    rendered = fmt.render_shed_clear(fmt.to_plain(nothing), NOW, "checkout")
+    rendered = render_shed_clear(to_plain(nothing), NOW, "checkout")
     assert list(rendered.lines) == ["checkout: shedding off · unchanged"]
 
     layered = mitigation_pb2.ClearFlagResponse(
@@ -438,7 +453,7 @@ def test_human_lines_of_clears() -> None:
         removed=_flag(types_pb2.FlagValue(bool_value=False)),
         restored=_flag(types_pb2.FlagValue(bool_value=True)),
     )
-    rendered = fmt.render_flag_clear(fmt.to_plain(layered), NOW, "checkout", "new-ui")
+    rendered = render_flag_clear(to_plain(layered), NOW, "checkout", "new-ui")
     assert list(rendered.lines) == [
         "checkout: flag new-ui cleared (was false); true applies again · rev 900"
     ]
@@ -446,10 +461,10 @@ def test_human_lines_of_clears() -> None:
 
 def test_times_keep_fractions_in_json_and_drop_them_for_people() -> None:
     moment = NOW + timedelta(microseconds=250_000)
-    document = json.loads(fmt.dumps(fmt.to_plain(types_pb2.Meta(set_at=_ts(moment)))))
+    document = json.loads(dumps(to_plain(types_pb2.Meta(set_at=_ts(moment)))))
     assert document["set_at"] == "2026-11-26T17:30:00.250000Z"
-    assert fmt.format_time(moment, NOW - timedelta(hours=2)) == "2026-11-26T17:30:00Z (in 2h)"
-    assert fmt.format_time(moment, NOW + timedelta(days=1, hours=3)) == (
+    assert format_time(moment, NOW - timedelta(hours=2)) == "2026-11-26T17:30:00Z (in 2h)"
+    assert format_time(moment, NOW + timedelta(days=1, hours=3)) == (
         "2026-11-26T17:30:00Z (1d2h ago)"
     )
 
@@ -476,7 +491,7 @@ def test_list_is_an_aligned_table() -> None:
             ),
         ]
     )
-    lines = list(fmt.render_flag_list(fmt.to_plain(response), NOW).lines)
+    lines = list(render_flag_list(to_plain(response), NOW).lines)
     assert len(lines) == 3
     header = lines[0]
     for column in ("NAME", "VALUE", "EXPIRES", "REV", "ACTOR", "REASON"):
@@ -1056,33 +1071,33 @@ WAIT_NACKED = mitigation_pb2.WaitAppliedResponse(
 def test_wait_outcome_and_its_exit_code(
     response: mitigation_pb2.WaitAppliedResponse, outcome: str, code: int
 ) -> None:
-    assert fmt.wait_outcome(fmt.to_plain(response)) == outcome
+    assert wait_outcome(to_plain(response)) == outcome
     assert wait_exit_code(outcome) == code
 
 
 def test_the_most_serious_outcome_of_several_services_wins() -> None:
-    assert fmt.worst_outcome([]) == "applied"
-    assert fmt.worst_outcome(["applied", "no_instances"]) == "no_instances"
-    assert fmt.worst_outcome(["no_instances", "timed_out", "applied"]) == "timed_out"
-    assert fmt.worst_outcome(["timed_out", "rejected", "no_instances"]) == "rejected"
+    assert worst_outcome([]) == "applied"
+    assert worst_outcome(["applied", "no_instances"]) == "no_instances"
+    assert worst_outcome(["no_instances", "timed_out", "applied"]) == "timed_out"
+    assert worst_outcome(["timed_out", "rejected", "no_instances"]) == "rejected"
 
 
 def _wait_service(service: str, response: mitigation_pb2.WaitAppliedResponse) -> dict[str, Any]:
-    plain = fmt.to_plain(response)
-    return {"service": service, "outcome": fmt.wait_outcome(plain), "seconds": 0.123, **plain}
+    plain = to_plain(response)
+    return {"service": service, "outcome": wait_outcome(plain), "seconds": 0.123, **plain}
 
 
 def test_wait_lines_say_how_many_applied_and_name_the_problems() -> None:
-    applied = fmt.describe_wait(_wait_service("checkout", WAIT_APPLIED))
+    applied = describe_wait(_wait_service("checkout", WAIT_APPLIED))
     assert applied == "checkout: applied by 3/3 instances in 0.12 s"
-    partly = fmt.describe_wait(_wait_service("checkout", WAIT_PARTLY))
+    partly = describe_wait(_wait_service("checkout", WAIT_PARTLY))
     assert partly == (
         "checkout: applied by only 1/3 instances within 0.1 s; "
         "pending: i-2 (at rev 811), i-3 (at rev 0)"
     )
-    nobody = fmt.describe_wait(_wait_service("chekout", WAIT_NOBODY))
+    nobody = describe_wait(_wait_service("chekout", WAIT_NOBODY))
     assert nobody.startswith("chekout: no connected instance to apply it (is the service name")
-    nacked = fmt.describe_wait(_wait_service("checkout", WAIT_NACKED))
+    nacked = describe_wait(_wait_service("checkout", WAIT_NACKED))
     assert nacked == (
         "checkout: rejected by 1 of 2 instance(s): i-2 (limits.rps must be positive); "
         "applied by 1/2"
@@ -1090,7 +1105,7 @@ def test_wait_lines_say_how_many_applied_and_name_the_problems() -> None:
     many = mitigation_pb2.WaitAppliedResponse(
         connected=20, pending=[_instance(f"i-{n}") for n in range(15)]
     )
-    assert fmt.describe_wait(_wait_service("checkout", many)).endswith("i-9 (at rev 0) and 5 more")
+    assert describe_wait(_wait_service("checkout", many)).endswith("i-9 (at rev 0) and 5 more")
 
     report = {
         "services": [
@@ -1098,13 +1113,13 @@ def test_wait_lines_say_how_many_applied_and_name_the_problems() -> None:
             _wait_service("search", WAIT_PARTLY),
         ]
     }
-    lines, problems = fmt.render_wait(report)
+    lines, problems = render_wait(report)
     assert [line.split(":")[0] for line in lines] == ["checkout"]
     assert [problem.split(":")[0] for problem in problems] == ["search"]
 
 
 def test_wait_document_has_the_documented_shape() -> None:
-    assert tuple(_wait_service("checkout", WAIT_APPLIED)) == fmt.JSON_SHAPES["WaitService"]
+    assert tuple(_wait_service("checkout", WAIT_APPLIED)) == JSON_SHAPES["WaitService"]
 
 
 def test_wait_services_of_a_flag_scope() -> None:
@@ -1141,7 +1156,7 @@ def test_wait_after_a_write_waits_for_its_revision(server: Server) -> None:
     assert request.timeout.ToTimedelta() <= timedelta(seconds=2)
     assert request.timeout.ToTimedelta() > timedelta(seconds=1)
     wait = json.loads(result.stdout)["wait"]
-    assert tuple(wait) == fmt.JSON_SHAPES["Wait"]
+    assert tuple(wait) == JSON_SHAPES["Wait"]
     assert (wait["outcome"], wait["revision"]) == ("applied", 813)
     assert [s["service"] for s in wait["services"]] == ["checkout"]
 
@@ -1172,7 +1187,7 @@ def test_wait_failures_exit_with_their_code_and_keep_the_write_result(
     server.servicer.flags.clear()
     as_json = run("--json", "--server", server.address, *args)
     assert as_json.exit_code == code
-    assert json.loads(as_json.stdout)["wait"]["outcome"] == fmt.wait_outcome(fmt.to_plain(response))
+    assert json.loads(as_json.stdout)["wait"]["outcome"] == wait_outcome(to_plain(response))
     error_doc = json.loads(as_json.stderr)["error"]
     assert (error_doc["code"], error_doc["exit_code"]) == (name, code)
 
@@ -1278,7 +1293,7 @@ def test_status_marks_scope_time_left_drift_lag_and_stale_instances() -> None:
         ],
         drift={"v1.5.0": 1},
     )  # fmt: skip
-    lines = list(fmt.render_status(fmt.to_plain(response), NOW).lines)
+    lines = list(render_status(to_plain(response), NOW).lines)
     assert lines[0] == "checkout · revision 900 · 2 of 3 instance(s) connected"
     new_ui = next(line for line in lines if line.strip().startswith("new-ui"))
     assert "checkout (own)" in new_ui
@@ -1297,16 +1312,16 @@ def test_status_marks_scope_time_left_drift_lag_and_stale_instances() -> None:
     assert "stale (disconnected, last seen 3m ago)" in rows["i-3"]
     assert "lag unknown" in rows["i-3"] and "DRIFT" not in rows["i-3"]
     assert "drift: 1 instance(s) run v1.5.0, not the pinned v1.4.2" in lines
-    assert fmt.NO_INSTANCES not in lines
+    assert NO_INSTANCES not in lines
 
 
 def test_status_without_connected_instances_says_so() -> None:
-    lines = list(fmt.render_status(fmt.to_plain(_status()), NOW).lines)
+    lines = list(render_status(to_plain(_status()), NOW).lines)
     assert lines[0] == "checkout · revision 900 · 0 of 0 instance(s) connected"
     assert lines[2:5] == ["flags: none", "shedding: off", "pin: none"]
-    assert lines[-1] == fmt.NO_INSTANCES
+    assert lines[-1] == NO_INSTANCES
     stale = _status(instances=[_instance("i-1", connected=False)])
-    assert fmt.render_status(fmt.to_plain(stale), NOW).lines[-1] == fmt.NO_INSTANCES
+    assert render_status(to_plain(stale), NOW).lines[-1] == NO_INSTANCES
 
 
 # ---- watch ----
@@ -1355,7 +1370,7 @@ def _entry(kind: str, before: Any, after: Any, **fields: Any) -> types_pb2.Audit
     ],
 )  # fmt: skip
 def test_watch_line_of_a_change(entry: types_pb2.AuditEntry, line: str) -> None:
-    assert fmt.render_change(fmt.to_plain(entry)) == line
+    assert render_change(to_plain(entry)) == line
 
 
 def test_watch_json_lines_then_the_stream_ending_is_an_error(server: Server) -> None:
@@ -1368,7 +1383,7 @@ def test_watch_json_lines_then_the_stream_ending_is_an_error(server: Server) -> 
     lines = result.stdout.splitlines()
     assert [json.loads(line)["action"] for line in lines] == ["flag.set", "pin.set"]
     assert json.loads(lines[0])["after"] == {"value": False}
-    assert tuple(json.loads(lines[1])) == fmt.JSON_SHAPES["AuditEntry"]
+    assert tuple(json.loads(lines[1])) == JSON_SHAPES["AuditEntry"]
     live, error = result.stderr.splitlines()
     assert json.loads(live) == {"watching": {"service": "checkout", "revision": 812}}
     assert json.loads(error)["error"]["message"].startswith("the watch ended: ")
@@ -1435,9 +1450,7 @@ def test_bundle_get_shows_state_changes_and_who_why_when() -> None:
         state=mitigation_pb2.PARTIALLY_OVERRIDDEN, overridden_keys=["shedding/checkout"]
     )
     lines = list(
-        fmt.render_bundle_get(
-            fmt.to_plain(mitigation_pb2.GetBundleResponse(bundle=overridden)), NOW
-        ).lines
+        render_bundle_get(to_plain(mitigation_pb2.GetBundleResponse(bundle=overridden)), NOW).lines
     )
     assert lines == [
         "bundle 20261126-164500-degrade-checkout-3fa2 (degrade-checkout): partially overridden "
@@ -1460,8 +1473,8 @@ def test_bundle_get_shows_state_changes_and_who_why_when() -> None:
             actor="sre-2", reason="recovered", set_at=_ts(NOW - timedelta(minutes=5))
         ),
     )
-    doc = fmt.to_plain(mitigation_pb2.GetBundleResponse(bundle=reverted))
-    text = list(fmt.render_bundle_get(doc, NOW).lines)
+    doc = to_plain(mitigation_pb2.GetBundleResponse(bundle=reverted))
+    text = list(render_bundle_get(doc, NOW).lines)
     assert text[0].endswith(": reverted")
     assert "  reverted  by sre-2, 2026-11-26T17:25:00Z (5m ago): recovered" in text
 
@@ -1477,13 +1490,13 @@ def test_bundle_get_shows_state_changes_and_who_why_when() -> None:
 )
 def test_bundle_list_shows_each_state(state: int, text: str) -> None:
     response = mitigation_pb2.ListBundlesResponse(bundles=[_bundle(state=state)])
-    header, row = fmt.render_bundle_list(fmt.to_plain(response), NOW).lines
+    header, row = render_bundle_list(to_plain(response), NOW).lines
     assert header.split() == [
         "ID", "STATE", "CHANGES", "APPLIED", "EXPIRES", "ACTOR", "INCIDENT", "REASON",
     ]  # fmt: skip
     assert row.startswith(f"20261126-164500-degrade-checkout-3fa2  {text}  ")
     assert " 6  " in row
-    assert fmt.render_bundle_list({"bundles": []}, NOW).lines == ["no bundles"]
+    assert render_bundle_list({"bundles": []}, NOW).lines == ["no bundles"]
 
 
 def test_bundle_apply_and_revert_lines() -> None:
@@ -1492,7 +1505,7 @@ def test_bundle_apply_and_revert_lines() -> None:
         result=types_pb2.WriteResult(changed=True, revision=812, summary=summary),
         bundle=_bundle(state=mitigation_pb2.APPLIED),
     )
-    assert list(fmt.render_bundle_apply(fmt.to_plain(applied), NOW).lines) == [
+    assert list(render_bundle_apply(to_plain(applied), NOW).lines) == [
         "bundle degrade-checkout applied as 20261126-164500-degrade-checkout-3fa2 · rev 812",
         "  checkout: flag new-ui = false (was true)",
         "  checkout: pin v1",
@@ -1501,14 +1514,14 @@ def test_bundle_apply_and_revert_lines() -> None:
     twin = mitigation_pb2.ApplyBundleResponse(
         result=types_pb2.WriteResult(summary="bundle degrade-checkout is already applied as X")
     )
-    assert list(fmt.render_bundle_apply(fmt.to_plain(twin), NOW).lines) == [
+    assert list(render_bundle_apply(to_plain(twin), NOW).lines) == [
         "bundle degrade-checkout is already applied as X · unchanged"
     ]
     dry = mitigation_pb2.ApplyBundleResponse(
         result=types_pb2.WriteResult(dry_run=True, would_change=True, summary=summary),
         bundle=_bundle(),
     )
-    assert fmt.render_bundle_apply(fmt.to_plain(dry), NOW).lines[0] == (
+    assert render_bundle_apply(to_plain(dry), NOW).lines[0] == (
         "dry run: would apply bundle degrade-checkout · nothing written"
     )
     reverted = mitigation_pb2.RevertBundleResponse(
@@ -1520,7 +1533,7 @@ def test_bundle_apply_and_revert_lines() -> None:
         bundle=_bundle(state=mitigation_pb2.REVERTED),
         overwritten_keys=["shedding/checkout"],
     )
-    rendered = fmt.render_bundle_revert(fmt.to_plain(reverted), NOW)
+    rendered = render_bundle_revert(to_plain(reverted), NOW)
     assert list(rendered.lines) == [
         "bundle 20261126-164500-degrade-checkout-3fa2 (degrade-checkout) reverted · rev 900",
         "  checkout: shedding removed",

@@ -1,0 +1,411 @@
+"""The options of every write, and --wait: until the instances applied a change.
+
+A write command parses its arguments, builds one request and hands it to
+``write_and_wait``, which makes the call, prints the result and, with --wait, calls
+``WaitApplied`` for each service the write concerns.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import click
+
+from controlplane.cli._app import App, respond
+from controlplane.cli._errors import HINTS, CliError, ExitCode, invalid
+from controlplane.cli._output import Rendered, dumps, format_age, iso, one_line
+from controlplane.cli._params import DURATION, TIME
+
+if TYPE_CHECKING:
+    from google.protobuf.message import Message
+
+    from controlplane.api.v1 import types_pb2
+
+
+REASON_REQUIRED = (
+    '--reason is required: say why you make this change, e.g. --reason "error rate 40% '
+    'after the 14:02 deploy"; it goes to the audit log for the post-mortem'
+)
+
+
+@dataclass(frozen=True)
+class WriteArgs:
+    """The options every write takes."""
+
+    reason: str
+    incident: str = ""
+    ttl: timedelta | None = None
+    until: datetime | None = None
+    expect_revision: int | None = None
+    dry_run: bool = False
+
+    def to_proto(self, actor: str) -> types_pb2.WriteOptions:
+        from controlplane.api.v1 import types_pb2
+
+        options = types_pb2.WriteOptions(
+            reason=self.reason,
+            incident=self.incident,
+            dry_run=self.dry_run,
+            actor=actor,
+        )
+        if self.ttl is not None:
+            options.ttl.FromTimedelta(self.ttl)
+        if self.until is not None:
+            options.expires_at.FromDatetime(self.until)
+        if self.expect_revision is not None:
+            options.expected_mod_revision = self.expect_revision
+        return options
+
+
+_WRITE_OPTIONS = (
+    click.option(
+        "--reason",
+        metavar="TEXT",
+        help="Why you make this change. Required; recorded in the audit log.",
+    ),
+    click.option("--incident", default="", metavar="ID", help="Incident id, e.g. INC-42."),
+    click.option(
+        "--ttl",
+        type=DURATION,
+        help="Time-box the change (30m, 2h, 1h30m): then what it replaced applies again.",
+    ),
+    click.option(
+        "--until",
+        type=TIME,
+        help="Time-box the change until this time (2026-11-26T18:00Z; UTC without offset).",
+    ),
+    click.option(
+        "--expect-revision",
+        type=click.IntRange(min=0),
+        metavar="N",
+        help="Compare-and-set: apply only if the record's revision is N (0: only if it "
+        "does not exist); else exit 4.",
+    ),
+    click.option(
+        "--dry-run", is_flag=True, help="Show what would change and where; write nothing."
+    ),
+)
+
+
+def write_command(f: Callable[..., None]) -> Callable[..., None]:
+    """Add the write options to a command; it receives them as ``write: WriteArgs``.
+
+    Checks them before the command runs, so a missing --reason fails before any call.
+    """
+
+    @functools.wraps(f)
+    def wrapper(
+        *args: Any,
+        reason: str | None,
+        incident: str,
+        ttl: timedelta | None,
+        until: datetime | None,
+        expect_revision: int | None,
+        dry_run: bool,
+        **kwargs: Any,
+    ) -> None:
+        ctx = click.get_current_context()
+        if reason is None or not reason.strip():
+            raise click.UsageError(REASON_REQUIRED, ctx=ctx)
+        if ttl is not None and until is not None:
+            raise click.UsageError(
+                "--ttl and --until both set an expiry: give one of them", ctx=ctx
+            )
+        if until is not None and until <= datetime.now(UTC):
+            raise invalid(f"--until {iso(until)} is in the past")
+        write = WriteArgs(reason.strip(), incident, ttl, until, expect_revision, dry_run)
+        f(*args, write=write, **kwargs)
+
+    for option in reversed(_WRITE_OPTIONS):
+        wrapper = option(wrapper)
+    return wrapper
+
+
+# ---- --wait: until the instances applied a change ----
+
+DEFAULT_WAIT_TIMEOUT = timedelta(seconds=10)
+# The server's limit for one WaitApplied.
+MAX_WAIT_TIMEOUT = timedelta(seconds=300)
+# A later service of a multi-service wait still gets a quick look when the time is up.
+_MIN_WAIT_SECONDS = 0.05
+
+
+# Outcomes of wait_outcome: exit code and error code name.
+_WAIT_EXIT: dict[str, tuple[ExitCode, str]] = {
+    "applied": (ExitCode.OK, "OK"),
+    "no_instances": (ExitCode.WAIT_NO_INSTANCES, "WAIT_NO_INSTANCES"),
+    "timed_out": (ExitCode.WAIT_TIMEOUT, "WAIT_TIMEOUT"),
+    "rejected": (ExitCode.REJECTED, "REJECTED"),
+}
+
+_WAIT_HINTS: dict[str, str] = {
+    "no_instances": "the change is written (rev {revision}), but no instance is connected to "
+    "apply it",
+    "timed_out": "the change is written (rev {revision}); the pending instances may still "
+    "apply it: `cpctl status {service}` shows each one's applied revision",
+    "rejected": "the change is written (rev {revision}) and applies where it was accepted; "
+    "fix the rejecting instances or undo the change",
+}
+
+# What a service name looks like (the server's rule), checked before anything is written.
+_SERVICE_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def wait_exit_code(outcome: str) -> ExitCode:
+    """The exit code of a wait's outcome (``wait_outcome`` / ``worst_outcome``)."""
+    return _WAIT_EXIT[outcome][0]
+
+
+@dataclass(frozen=True)
+class WaitArgs:
+    """--wait and its options: wait after a changed write until its instances applied it."""
+
+    enabled: bool = False
+    timeout: timedelta = DEFAULT_WAIT_TIMEOUT
+    services: tuple[str, ...] = ()
+
+
+def _check_wait_services(
+    ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
+) -> tuple[str, ...]:
+    for service in value:
+        if service == "global" or not _SERVICE_RE.fullmatch(service):
+            raise click.BadParameter(
+                f"{service!r} is not a service name (a DNS label: a-z, 0-9 and '-')",
+                ctx=ctx,
+                param=param,
+            )
+    return value
+
+
+def wait_command(*, service_option: bool = False) -> Callable[[Callable[..., None]], Any]:
+    """Add --wait and --wait-timeout (and --wait-service) to a write command.
+
+    The command receives them as ``wait: WaitArgs``; --wait-timeout and --wait-service
+    imply --wait.
+    """
+
+    def decorate(f: Callable[..., None]) -> Callable[..., None]:
+        @functools.wraps(f)
+        def wrapper(
+            *args: Any,
+            wait: bool,
+            wait_timeout: timedelta | None,
+            wait_service: tuple[str, ...] = (),
+            **kwargs: Any,
+        ) -> None:
+            ctx = click.get_current_context()
+            timeout = wait_timeout if wait_timeout is not None else DEFAULT_WAIT_TIMEOUT
+            if timeout > MAX_WAIT_TIMEOUT:
+                raise click.BadParameter(
+                    f"at most {format_age(MAX_WAIT_TIMEOUT)} (the server's limit)",
+                    ctx=ctx,
+                    param_hint="'--wait-timeout'",
+                )
+            enabled = wait or wait_timeout is not None or bool(wait_service)
+            f(*args, wait=WaitArgs(enabled, timeout, tuple(wait_service)), **kwargs)
+
+        options = [
+            click.option(
+                "--wait",
+                is_flag=True,
+                help="After the change is written, wait until every connected instance "
+                "applied it: exit 8 if some did not within --wait-timeout, 9 if none is "
+                "connected, 10 if one rejected it.",
+            ),
+            click.option(
+                "--wait-timeout",
+                type=DURATION,
+                metavar="DURATION",
+                help="How long --wait waits (implies --wait; at most 5m).  [default: 10s]",
+            ),
+        ]
+        if service_option:
+            options.append(
+                click.option(
+                    "--wait-service",
+                    multiple=True,
+                    metavar="S",
+                    callback=_check_wait_services,
+                    help="For a global flag: a service whose instances --wait waits for "
+                    "(repeatable; implies --wait).",
+                )
+            )
+        for option in reversed(options):
+            wrapper = option(wrapper)
+        return wrapper
+
+    return decorate
+
+
+def _wait_applied(
+    app: App, services: Sequence[str], revision: int, timeout: timedelta, started: float
+) -> dict[str, Any]:
+    """WaitApplied for each service, within one --wait-timeout; a ``Wait`` document."""
+    from controlplane.api.v1 import mitigation_pb2
+
+    deadline = time.monotonic() + timeout.total_seconds()
+    results = []
+    for service in services:
+        left = max(deadline - time.monotonic(), _MIN_WAIT_SECONDS)
+        request = mitigation_pb2.WaitAppliedRequest(service=service, revision=revision)
+        request.timeout.FromTimedelta(timedelta(seconds=left))
+        # The server answers at the end of the wait: the deadline covers it and a call.
+        plain = app.call("WaitApplied", request, timeout=left + app.timeout.total_seconds())
+        seconds = round(time.monotonic() - started, 3)
+        results.append(
+            {"service": service, "outcome": wait_outcome(plain), "seconds": seconds, **plain}
+        )
+    return {
+        "outcome": worst_outcome(r["outcome"] for r in results),
+        "revision": revision,
+        "seconds": round(time.monotonic() - started, 3),
+        "services": results,
+    }
+
+
+def write_and_wait(
+    app: App,
+    rpc: str,
+    request: Message,
+    render: Callable[[Mapping[str, Any], datetime], Rendered],
+    wait: WaitArgs,
+    services: Callable[[Mapping[str, Any]], Sequence[str]],
+) -> None:
+    """Make a write, print its result and, with --wait, wait for its instances.
+
+    ``services(doc)`` names the services to wait for, from the response. With --json the
+    document gains ``wait``: a ``Wait`` document, or null when nothing was written (an
+    unchanged write or a dry run: nothing to wait for, exit 0).
+
+    Raises:
+        CliError: the write failed, or the wait did not end with every instance applying
+            the change (exit 8, 9 or 10; the message names the instances).
+    """
+    started = time.monotonic()
+    doc = app.call(rpc, request)
+    if not wait.enabled:
+        respond(app, doc, render)
+        return
+    if not app.json_output:
+        # People see the change land at once, before the wait.
+        respond(app, doc, render)
+    result = doc.get("result") or {}
+    revision = int(result.get("revision") or 0)
+    report: dict[str, Any] | None = None
+    failure: CliError | None = None
+    if result.get("changed") and not result.get("dry_run") and revision > 0:
+        chosen = list(services(doc))
+        if chosen:
+            try:
+                report = _wait_applied(app, chosen, revision, wait.timeout, started)
+            except CliError as e:
+                e.hint = f"the change is written (rev {revision}), but --wait failed: " + (
+                    e.hint or HINTS.get(e.code, e.code)
+                )
+                failure = e
+        elif not app.json_output:
+            click.echo("note: nothing to wait for: no service's own record changed", err=True)
+    if app.json_output:
+        click.echo(dumps({**doc, "wait": report}))
+    elif report is not None:
+        for line in render_wait(report).lines:
+            click.echo(line)
+    if failure is not None:
+        raise failure
+    if report is not None and report["outcome"] != "applied":
+        exit_code, code = _WAIT_EXIT[report["outcome"]]
+        problems = render_wait(report).problems
+        worst = next(s for s in report["services"] if s["outcome"] == report["outcome"])
+        hint = _WAIT_HINTS[report["outcome"]].format(revision=revision, service=worst["service"])
+        raise CliError(
+            code, "\n".join(f"--wait: {problem}" for problem in problems), exit_code, hint=hint
+        )
+
+
+# ---- human output of a wait ----
+
+WAIT_OUTCOMES = ("applied", "no_instances", "timed_out", "rejected")
+"""Outcomes of a wait, least to most serious; a wait over several services takes the worst."""
+
+
+def wait_outcome(result: Mapping[str, Any]) -> str:
+    """What a ``WaitAppliedResponse`` (plain) means for one service."""
+    if result.get("nacks"):
+        return "rejected"
+    if int(result.get("connected", 0)) == 0:
+        return "no_instances"
+    if result.get("all_applied"):
+        return "applied"
+    return "timed_out"
+
+
+def worst_outcome(outcomes: Iterable[str]) -> str:
+    """The most serious of several outcomes (``applied`` when there are none)."""
+    return max(outcomes, key=WAIT_OUTCOMES.index, default="applied")
+
+
+_MAX_LISTED = 10
+
+
+def _listed(items: Sequence[str]) -> str:
+    shown = ", ".join(items[:_MAX_LISTED])
+    if len(items) > _MAX_LISTED:
+        shown += f" and {len(items) - _MAX_LISTED} more"
+    return shown
+
+
+def describe_wait(result: Mapping[str, Any]) -> str:
+    """One line about one service of a wait (a ``WaitService`` document)."""
+    service = result.get("service", "?")
+    applied, connected = result.get("applied", 0), result.get("connected", 0)
+    seconds = float(result.get("seconds", 0.0))
+    outcome = result.get("outcome") or wait_outcome(result)
+    if outcome == "applied":
+        return f"{service}: applied by {applied}/{connected} instances in {seconds:.2f} s"
+    if outcome == "no_instances":
+        return (
+            f"{service}: no connected instance to apply it (is the service name right? "
+            f"`cpctl status {service}` shows its instances)"
+        )
+    if outcome == "rejected":
+        nacks = dict(result.get("nacks") or {})
+        reasons = [f"{instance} ({nacks[instance]})" for instance in sorted(nacks)]
+        return (
+            f"{service}: rejected by {len(nacks)} of {connected} instance(s): "
+            f"{_listed(reasons)}; applied by {applied}/{connected}"
+        )
+    pending = [
+        f"{p.get('instance_id', '?')} (at rev {p.get('applied_revision', 0)})"
+        for p in result.get("pending") or []
+    ]
+    text = f"{service}: applied by only {applied}/{connected} instances within {seconds:.1f} s"
+    if pending:
+        text += f"; pending: {_listed(pending)}"
+    else:
+        text += "; another server has not confirmed its instances yet"
+    return text
+
+
+class WaitReport(NamedTuple):
+    """Human output of a wait: lines for the services that applied it, and the problems."""
+
+    lines: Sequence[str]
+    problems: Sequence[str]
+
+
+def render_wait(report: Mapping[str, Any]) -> WaitReport:
+    lines, problems = [], []
+    for result in report.get("services") or []:
+        text = one_line(describe_wait(result))
+        if result.get("outcome") == "applied":
+            lines.append(text)
+        else:
+            problems.append(text)
+    return WaitReport(lines, problems)

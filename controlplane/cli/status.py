@@ -1,0 +1,155 @@
+"""``cpctl status``: what is in force for a service and which instances applied it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+import click
+
+from controlplane.cli._app import App, respond
+from controlplane.cli._output import (
+    Rendered,
+    expires_cell,
+    expiry_note,
+    format_age,
+    format_time,
+    meta_of,
+    one_line,
+    table,
+)
+from controlplane.cli.flag import flag_value_text
+from controlplane.cli.pin import pin_text
+from controlplane.cli.shed import shedding_meaning, shedding_text
+
+
+@click.command()
+@click.argument("service")
+@click.pass_obj
+def status(app: App, service: str) -> None:
+    """What is in force for SERVICE and which of its instances applied it.
+
+    Flags in effect and the scope each comes from, shedding, the pin, and the time left on
+    time-boxed ones; then each instance: its server, whether it is connected, the revision
+    it applied, its lag (changes not yet applied; ? when unknown) and the version it runs,
+    with drift from the pin marked. No connected instance is reported, not an error.
+
+    JSON: {service, revision, flags: [Flag, ...], shedding: Shedding|null, pin: Pin|null,
+    instances: [Instance, ...], drift: {version: count}}.
+    """
+    from controlplane.api.v1 import mitigation_pb2
+
+    doc = app.call("GetStatus", mitigation_pb2.GetStatusRequest(service=service))
+    respond(app, doc, render_status)
+
+
+# ---- output ----
+
+
+def _set_by(record: Mapping[str, Any], now: datetime) -> str:
+    meta = meta_of(record)
+    text = f"  by {meta.get('actor') or '?'}"
+    if meta.get("set_at") is not None:
+        text += f", {format_time(meta['set_at'], now)}"
+    if meta.get("reason"):
+        text += f": {meta['reason']}"
+    if meta.get("incident"):
+        text += f" [{meta['incident']}]"
+    if meta.get("bundle_id"):
+        text += f" (bundle {meta['bundle_id']})"
+    return one_line(text)
+
+
+def _instance_notes(instance: Mapping[str, Any], pinned: str | None, now: datetime) -> str:
+    notes = []
+    running = str(instance.get("running_version") or "")
+    if pinned is not None and running and running != pinned:
+        notes.append(f"DRIFT: pinned {pinned}")
+    if not instance.get("connected"):
+        last_seen = instance.get("last_seen")
+        seen = f", last seen {format_age(now - last_seen)} ago" if last_seen is not None else ""
+        notes.append(f"stale (disconnected{seen})")
+    lag = int(instance.get("lag", 0))
+    if lag < 0:
+        notes.append("lag unknown")
+    elif lag > 0:
+        notes.append(f"behind by {lag} change(s)")
+    if instance.get("override_active"):
+        notes.append("local override active")
+    return "; ".join(notes)
+
+
+NO_INSTANCES = (
+    "no connected instances: nothing applies these mitigations right now "
+    "(is the service name right? are its agents running?)"
+)
+
+
+def render_status(doc: Mapping[str, Any], now: datetime) -> Rendered:
+    """``cpctl status``: what is in force for a service and which instances applied it."""
+    service = str(doc.get("service", "?"))
+    instances = list(doc.get("instances") or [])
+    connected = sum(1 for i in instances if i.get("connected"))
+    lines = [
+        f"{service} · revision {doc.get('revision', 0)} · "
+        f"{connected} of {len(instances)} instance(s) connected",
+        "",
+    ]
+    flags = list(doc.get("flags") or [])
+    if flags:
+        lines.append("flags in effect (the service's own value wins over the global one):")
+        rows = [
+            [
+                str(f.get("name", "")),
+                flag_value_text(f),
+                f"{f.get('scope', '')} (own)" if f.get("scope") == service else "global",
+                expires_cell(f, now),
+                str(meta_of(f).get("actor") or ""),
+                str(meta_of(f).get("incident") or ""),
+                str(meta_of(f).get("reason") or ""),
+            ]
+            for f in flags
+        ]
+        headers = ["NAME", "VALUE", "FROM", "EXPIRES", "ACTOR", "INCIDENT", "REASON"]
+        lines += ["  " + line for line in table(headers, rows)]
+    else:
+        lines.append("flags: none")
+    shedding = doc.get("shedding")
+    if shedding:
+        lines.append(
+            f"shedding: {shedding_text(shedding)} ({shedding_meaning(shedding)})"
+            + expiry_note(shedding, now, shedding_text)
+        )
+        lines.append(_set_by(shedding, now))
+    else:
+        lines.append("shedding: off")
+    pin = doc.get("pin")
+    pinned = str(pin.get("version", "")) if pin else None
+    if pin:
+        lines.append(f"pin: {pinned}" + expiry_note(pin, now, pin_text))
+        lines.append(_set_by(pin, now))
+    else:
+        lines.append("pin: none")
+    lines.append("")
+    if instances:
+        rows = [
+            [
+                str(i.get("instance_id", "")),
+                str(i.get("server_id", "")),
+                "yes" if i.get("connected") else "no",
+                str(i.get("applied_revision") or "-"),
+                "?" if int(i.get("lag", 0)) < 0 else str(i.get("lag", 0)),
+                str(i.get("running_version") or "?"),
+                _instance_notes(i, pinned, now),
+            ]
+            for i in instances
+        ]
+        headers = ["INSTANCE", "SERVER", "CONNECTED", "APPLIED", "LAG", "VERSION", "NOTES"]
+        lines += table(headers, rows)
+    drift = dict(doc.get("drift") or {})
+    for version in sorted(drift):
+        lines.append(f"drift: {drift[version]} instance(s) run {version}, not the pinned {pinned}")
+    if connected == 0:
+        lines.append(NO_INSTANCES)
+    return Rendered(lines)
