@@ -136,6 +136,7 @@ class CliError(click.ClickException):
 
 
 def invalid(message: str) -> CliError:
+    """Invalid input caught before sending (exit 3)."""
     return CliError("INVALID_ARGUMENT", message, ExitCode.INVALID)
 
 

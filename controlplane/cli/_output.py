@@ -1,8 +1,10 @@
-"""Output of ``cpctl``: protobuf responses to plain data, JSON documents and human text.
+"""Output of ``cpctl``: protobuf responses to plain data, JSON documents, and the parts of
+human text every command uses (times, values, tables, the line of a write).
 
 The CLI converts every response to plain Python here (``to_plain``) right after the call;
 everything past that point (JSON output, one-line confirmations, tables) works on plain
-dicts and never on protobuf messages.
+dicts and never on protobuf messages. Each command's own renderer lives with the command,
+in its noun's module.
 
 Plain form of a message: a dict with one key per proto field, named as in the proto
 (snake_case), in field order. Times are aware UTC ``datetime`` objects (ISO 8601 strings
@@ -274,6 +276,7 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
 
 
 def one_line(text: str) -> str:
+    """``text`` on one line: newlines and carriage returns escaped, tabs as spaces."""
     return text.replace("\r", "\\r").replace("\n", "\\n").replace("\t", " ")
 
 
@@ -291,6 +294,7 @@ Renderer = Callable[[Mapping[str, Any], datetime], Rendered]
 
 
 def meta_of(record: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """The ``meta`` of a record, ``{}`` when it has none."""
     if not record:
         return {}
     meta = record.get("meta")
@@ -323,6 +327,7 @@ def expiry_note(
     now: datetime,
     describe: Callable[[Mapping[str, Any] | None], str],
 ) -> str:
+    """`` · expires ..., then <what it replaced>`` for a time-boxed record, else empty."""
     expires_at = meta_of(record).get("expires_at")
     if record is None or expires_at is None:
         return ""
@@ -330,6 +335,7 @@ def expiry_note(
 
 
 def overridden_warning(result: Mapping[str, Any], what: str) -> list[str]:
+    """The warning that services with their own ``what`` do not see a global change."""
     services = list(result.get("overridden_by") or [])
     if not services:
         return []
@@ -364,11 +370,13 @@ def record_details(
 
 
 def expires_cell(record: Mapping[str, Any], now: datetime) -> str:
+    """The EXPIRES cell of a table: when the record expires, ``-`` when it does not."""
     expires_at = meta_of(record).get("expires_at")
     return format_time(expires_at, now) if expires_at is not None else "-"
 
 
 def meta_cells(record: Mapping[str, Any]) -> list[str]:
+    """The REV, ACTOR, INCIDENT and REASON cells of a table."""
     meta = meta_of(record)
     return [
         str(meta.get("mod_revision", 0)),

@@ -185,6 +185,7 @@ def scope_wait_services(scope: str, wait: WaitArgs) -> tuple[str, ...]:
 
 
 def flag_value_text(record: Mapping[str, Any] | None) -> str:
+    """A flag's value as JSON text, ``unset`` when there is no flag."""
     return format_value(record.get("value")) if record else "unset"
 
 

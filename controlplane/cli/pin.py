@@ -189,6 +189,7 @@ def rollback(
 
 
 def pin_text(record: Mapping[str, Any] | None) -> str:
+    """A pin's version, ``unpinned`` when there is no pin."""
     return str(record.get("version", "?")) if record else "unpinned"
 
 

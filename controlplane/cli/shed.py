@@ -130,12 +130,14 @@ def shed_clear(app: App, service: str, all_layers: bool, write: WriteArgs, wait:
 
 
 def shedding_text(record: Mapping[str, Any] | None) -> str:
+    """``SHEDDABLE_PLUS 50%``, ``off`` when there is no shedding."""
     if not record:
         return "off"
     return f"{record.get('tier', '?')} {format_percent(record.get('percent', 0))}"
 
 
 def shedding_meaning(record: Mapping[str, Any]) -> str:
+    """What a shedding level does: ``sheds all of SHEDDABLE and 50% of SHEDDABLE_PLUS``."""
     tier, percent = str(record.get("tier", "?")), format_percent(record.get("percent", 0))
     order = ["CRITICAL_PLUS", "CRITICAL", "SHEDDABLE_PLUS", "SHEDDABLE"]
     below = order[order.index(tier) + 1 :] if tier in order else []
