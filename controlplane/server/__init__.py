@@ -17,7 +17,7 @@ public ones; its modules:
 - ``_cli``: the ``serve`` and ``token`` commands.
 """
 
-from controlplane.server._cli import main, parse_duration, serve
+from controlplane.server._cli import main, serve
 from controlplane.server._config import ServerConfig, ServerConfigError
 from controlplane.server._control_server import ControlServer
 from controlplane.server._runtime import (
@@ -33,7 +33,6 @@ __all__ = [
     "ServerConfigError",
     "configure_logging",
     "main",
-    "parse_duration",
     "run_event_loop",
     "serve",
     "serve_until_stopped",

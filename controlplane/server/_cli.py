@@ -13,35 +13,16 @@ import secrets
 import sys
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import click
 
 from controlplane import __version__
+from controlplane._duration_param import DurationParam
 from controlplane.server._config import MIN_AUDIT_RETENTION, ServerConfig, ServerConfigError
 from controlplane.server._runtime import configure_logging, run_event_loop, serve_until_stopped
 from controlplane.server._workers import WorkerStartError, run_workers
 from controlplane.server.auth import AuthFileError, hash_token
 from controlplane.store import DEFAULT_PREFIX, EtcdSecurity, normalize_endpoints
-
-
-def parse_duration(text: str) -> timedelta:
-    """``500ms``, ``30s``, ``15m``, ``2h``, ``30d`` or combinations such as ``1h30m``."""
-    from controlplane._durations import parse_duration as parse
-
-    return parse(text.strip())
-
-
-class _Duration(click.ParamType):  # type: ignore[type-arg]
-    name = "duration"
-
-    def convert(self, value: Any, param: Any, ctx: Any) -> timedelta:
-        if isinstance(value, timedelta):
-            return value
-        try:
-            return parse_duration(str(value))
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
 
 
 @click.group()
@@ -88,7 +69,7 @@ def main() -> None:
 @click.option(
     "--etcd-timeout",
     envvar="CONTROLPLANE_ETCD_TIMEOUT",
-    type=_Duration(),
+    type=DurationParam(strip=True),
     default="2s",
     show_default=True,
     help="Longest wait for etcd per RPC, before UNAVAILABLE.",
@@ -96,7 +77,7 @@ def main() -> None:
 @click.option(
     "--audit-retention",
     envvar="CONTROLPLANE_AUDIT_RETENTION",
-    type=_Duration(),
+    type=DurationParam(strip=True),
     default="30d",
     show_default=True,
     help="How long audit records are kept.",

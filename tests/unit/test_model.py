@@ -9,10 +9,10 @@ import pytest
 from google.protobuf import duration_pb2
 
 from controlplane import model
+from controlplane._durations import parse_duration
 from controlplane.api.v1 import types_pb2 as pb
 from controlplane.errors import ConflictError, InvalidArgumentError
 from controlplane.model import Flag, Meta, Pin, PinHistory, RecordError, Shedding, Tier
-from controlplane.server import parse_duration
 from controlplane.store import _range_end, new_audit_id, normalize_endpoints
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
