@@ -26,14 +26,9 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from agents._config import AgentConfigError
-from agents._override import Override, OverrideError
-from agents._state import (
-    Criticality,
-    FlagValue,
-    PinnedVersion,
-    SheddingLevel,
-    StateChange,
-)
+from agents._override import OverrideError
+from agents._state import StateChange
+from agents._types import Criticality, FlagValue, Override, PinnedVersion, SheddingLevel
 
 if TYPE_CHECKING:
     from agents._agent import Agent, AsyncAgent

@@ -44,8 +44,8 @@ from typing import TYPE_CHECKING, Any, TypeVar, Unpack, overload
 from agents import _state
 from agents._client import AgentState, ChangeCallback, Client, release_channels
 from agents._config import AgentConfig, AgentSettings, forked_config, resolve_config
-from agents._override import Override
-from agents._state import Criticality, FlagValue, PinnedVersion, SheddingLevel, Snapshot
+from agents._state import Snapshot
+from agents._types import Criticality, FlagValue, Override, PinnedVersion, SheddingLevel
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry

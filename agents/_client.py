@@ -85,7 +85,6 @@ from agents._cache import CacheWriter, read_cache
 from agents._config import SECURITY_NAMES, AgentConfig
 from agents._override import (
     POLL_INTERVAL,
-    Override,
     OverrideExpiredError,
     OverrideFile,
     cleared_to_proto,
@@ -97,6 +96,7 @@ from agents._state import (
     StaleRevisionError,
     StateChange,
 )
+from agents._types import Override
 from controlplane.api.v1 import agent_pb2, agent_pb2_grpc
 from controlplane.transport import TransportConfigError
 

@@ -54,8 +54,8 @@ Write the file atomically (a temporary file in the same directory, then
 half-way is rejected (and logged) until the next change completes it.
 
 This module is pure apart from :class:`OverrideFile`, which stats and reads the
-file; it imports only the agent's own state module, protobuf and the standard
-library.
+file; it imports only the agent's value types (``agents._types``), protobuf
+and the standard library.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from agents._state import Criticality, FlagValue, SheddingLevel
+from agents._types import Criticality, FlagValue, Override, SheddingLevel
 from controlplane.api.v1 import agent_pb2
 
 MAX_AHEAD = timedelta(days=7)
@@ -98,34 +98,6 @@ class OverrideError(ValueError):
 
 class OverrideExpiredError(OverrideError):
     """An override file whose ``expires_at`` has passed (left behind after an incident)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Override:
-    """A valid override, as read from the file.
-
-    Attributes:
-        reason: Why, as the file says.
-        actor: Who, as the file says ("" when it does not).
-        expires_at: When it stops applying (aware, UTC or the file's zone).
-        flags: Flag name to value (numbers as floats, as from the server).
-        shedding: The shedding level it sets, or None.
-        pin: The version it pins, or None.
-        content_json: The canonical JSON of what it sets (``flags``,
-            ``shedding``, ``pin``): sorted keys, no spaces, integral numbers
-            without a fraction. What the server audits.
-        digest: The SHA-256 of ``content_json`` (hex): the server audits each
-            override once by it.
-    """
-
-    reason: str
-    actor: str
-    expires_at: datetime
-    flags: Mapping[str, FlagValue]
-    shedding: SheddingLevel | None
-    pin: str | None
-    content_json: str
-    digest: str
 
 
 # ---------------------------------------------------------------- parsing

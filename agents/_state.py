@@ -44,7 +44,6 @@ the standard library, so that a service embedding it pulls in nothing else.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import json
 import math
 import random
@@ -52,14 +51,19 @@ import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
+from typing import Any, TypeVar
 
 from google.protobuf import json_format, timestamp_pb2
 
+from agents._types import (
+    _CRITICALITY,
+    Criticality,
+    FlagValue,
+    Override,
+    PinnedVersion,
+    SheddingLevel,
+)
 from controlplane.api.v1 import agent_pb2, types_pb2
-
-if TYPE_CHECKING:
-    from agents._override import Override
 
 GLOBAL_SCOPE = "global"
 OVERRIDE_SCOPE = "override"
@@ -67,9 +71,6 @@ OVERRIDE_SCOPE = "override"
 CACHE_FORMAT = 1
 MAX_REVISION = 2**63 - 1
 """The largest revision there is (etcd's revisions are int64)."""
-
-FlagValue: TypeAlias = bool | float | str | dict[str, Any]
-"""A flag's value: a kill switch, a number, a degradation mode or a JSON object."""
 
 _T = TypeVar("_T")
 
@@ -92,50 +93,6 @@ class InvalidChangeError(AgentStateError, ValueError):
 class CorruptCacheError(AgentStateError, ValueError):
     """A cache file that cannot be used; ``str(error)`` says why."""
 
-
-# ---------------------------------------------------------------- criticality
-
-
-class Criticality(enum.IntEnum):
-    """How important a request is, most important first (Google SRE book).
-
-    Values match the protobuf ``Tier``, so a shedding tier and a request's
-    criticality compare as integers: a larger value is less critical.
-    """
-
-    CRITICAL_PLUS = 1
-    CRITICAL = 2
-    SHEDDABLE_PLUS = 3
-    SHEDDABLE = 4
-
-    @classmethod
-    def parse(cls, value: object) -> Criticality:
-        """The criticality a header, metadata value or argument names.
-
-        Tolerant, as request input must be: a member, its value, or its name in any
-        case with ``-`` or ``_`` (``"sheddable-plus"``); anything else (another
-        string, a bool, None, a list, NaN, any object) is :attr:`CRITICAL`, the
-        default of a request. Never raises.
-        """
-        try:
-            found = _CRITICALITY.get(value)
-            if found is not None and not isinstance(value, bool):
-                return found
-            if isinstance(value, str):
-                name = str.upper(str.strip(value)).replace("-", "_")
-                return _CRITICALITY.get(name, cls.CRITICAL)
-        except Exception:  # an unhashable value, or one whose hash or == raises
-            return cls.CRITICAL
-        return cls.CRITICAL
-
-
-# Members (hashing as their int values) and names, for one dict lookup on the read path.
-_CRITICALITY: dict[object, Criticality] = {}
-for _member in Criticality:
-    _CRITICALITY[_member] = _member
-    _CRITICALITY[_member.name] = _member
-    _CRITICALITY[_member.name.lower()] = _member
-del _member
 
 # A snapshot without shedding gets this tier: every criticality compares below it.
 _NO_SHEDDING_TIER: int = max(Criticality) + 1
@@ -206,29 +163,6 @@ class PinRecord:
 
 
 _Record = TypeVar("_Record", FlagRecord, SheddingRecord, PinRecord)
-
-
-# ---------------------------------------------------------------- effective values
-
-
-@dataclass(frozen=True, slots=True)
-class SheddingLevel:
-    """The shedding level in force: every request less critical than ``tier`` is shed,
-    and ``percent`` of the tier itself."""
-
-    tier: Criticality
-    percent: float
-
-
-@dataclass(frozen=True, slots=True)
-class PinnedVersion:
-    """The version the service is pinned to, why, since when and until when (None:
-    until unpinned)."""
-
-    version: str
-    reason: str
-    since: datetime | None
-    expires_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -54,7 +54,7 @@ import grpc
 import grpc.aio
 from prometheus_client import REGISTRY, CollectorRegistry, Counter
 
-from agents._state import Criticality, SheddingLevel
+from agents._types import Criticality, SheddingLevel
 
 if TYPE_CHECKING:
     from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment

@@ -170,14 +170,8 @@ from agents._config import (
     ENV_VERSION,
     AgentConfigError,
 )
-from agents._state import (
-    Criticality,
-    FlagValue,
-    PinnedVersion,
-    SheddingLevel,
-    Snapshot,
-    StateChange,
-)
+from agents._state import Snapshot, StateChange
+from agents._types import Criticality, FlagValue, PinnedVersion, SheddingLevel
 from controlplane.transport import TransportConfigError
 
 __all__ = [

@@ -27,14 +27,8 @@ from datetime import UTC, datetime
 from typing import TypeVar, overload
 
 from agents import _state
-from agents._state import (
-    Criticality,
-    FlagValue,
-    PinnedVersion,
-    SheddingLevel,
-    Snapshot,
-    StateChange,
-)
+from agents._state import Snapshot, StateChange
+from agents._types import Criticality, FlagValue, PinnedVersion, SheddingLevel
 from controlplane.api.v1 import agent_pb2, types_pb2
 
 __all__ = ["StaticAgent"]

@@ -13,13 +13,10 @@ from typing import Any
 
 import pytest
 
-from agents import _state
+from agents import Criticality, PinnedVersion, SheddingLevel, _state
 from agents._state import (
     CorruptCacheError,
-    Criticality,
     InvalidChangeError,
-    PinnedVersion,
-    SheddingLevel,
     Snapshot,
     StaleRevisionError,
 )

@@ -23,12 +23,10 @@ from typing import Any
 import grpc
 import pytest
 
-from agents import Agent, AsyncAgent, Criticality, StateChange
+from agents import Agent, AsyncAgent, Criticality, Override, OverrideError, StateChange
 from agents._config import resolve_config
 from agents._override import (
     MAX_FILE_BYTES,
-    Override,
-    OverrideError,
     OverrideExpiredError,
     OverrideFile,
     parse_override,
