@@ -1,9 +1,9 @@
 """The cache file an agent boots from when no server answers (DESIGN.md, "Fail static").
 
-A write is atomic: the content goes to a temporary file in the same directory,
-is flushed to disk, and replaces the cache with ``os.replace``; a reader (this
-process after a restart, or another worker sharing the path) sees the old file or
-the new one, never a part.
+A write is atomic (``agents._atomic``): the content goes to a temporary file in
+the same directory, is flushed to disk, and replaces the cache with
+``os.replace``; a reader (this process after a restart, or another worker sharing
+the path) sees the old file or the new one, never a part.
 
 Writes are serialised per process and never go backwards: a write of an older
 state than the last one written is skipped (writes run on a worker thread and a
@@ -23,12 +23,12 @@ import contextlib
 import logging
 import os
 import sys
-import tempfile
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+from agents._atomic import write_atomic
 from agents._state import (
     CorruptCacheError,
     Snapshot,
@@ -153,33 +153,3 @@ class CacheWriter:
     def reset_after_fork(self) -> None:
         """A fresh lock in a forked child (the parent's may have been held)."""
         self._lock = threading.Lock()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically (temp file, fsync, ``os.replace``).
-
-    Raises:
-        OSError: The directory cannot be created or written; ``path`` is unchanged
-            and no temporary file is left behind.
-    """
-    directory = path.parent
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    # The rename itself is durable once the directory is synced; a crash before
-    # that leaves the previous cache, which is still a whole state.
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)

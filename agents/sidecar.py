@@ -70,11 +70,11 @@ and the ``revision`` it answers from)::
 Anything else is 404 (unknown path) or 405 (another method), in JSON.
 
 The state file (``--state-file``) holds the ``/v1/state`` document. It is
-replaced atomically (a temporary file in the same directory, fsync, rename;
-mode 0644) whenever what it says changes: a change from the server, a time-boxed
-change expiring, the agent state (READY/STALE) or a hook's status; readers see
-the old file or the new one, never a part. It stays when the sidecar stops
-(fail static: the last state is still the best one).
+replaced atomically (a temporary file in the same directory, fsync, rename,
+fsync of the directory; mode 0644) whenever what it says changes: a change from
+the server, a time-boxed change expiring, the agent state (READY/STALE) or a
+hook's status; readers see the old file or the new one, never a part. It stays
+when the sidecar stops (fail static: the last state is still the best one).
 
 Hooks. ``--on-change CMD`` runs (``/bin/sh -c CMD``) for every change a service
 sees (flags, shedding, pin), with the change as JSON on stdin::
@@ -139,7 +139,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
@@ -154,6 +153,7 @@ from typing import Any, Protocol
 import click
 
 from agents import _state
+from agents._atomic import write_atomic
 from agents._config import (
     ENV_CACHE_PATH,
     ENV_INSECURE,
@@ -199,6 +199,8 @@ HOOK_STOP_GRACE = 10.0
 STATE_POLL_INTERVAL = 0.1
 """Seconds between the state file writer's looks at the agent state (READY,
 STALE), which no change callback reports; changes themselves wake it at once."""
+STATE_FILE_MODE = 0o644
+"""The state file's permissions: readable by the service's other users."""
 _OUTPUT_TAIL = 2000
 
 ENV_LISTEN = "CP_AGENT_LISTEN"
@@ -852,29 +854,6 @@ def _tail(out: bytes | None) -> str:
 # ---------------------------------------------------------------- the state file
 
 
-def write_state_file(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically, readable by other users (0644).
-
-    Raises:
-        OSError: It could not be written; ``path`` is unchanged and no temporary
-            file is left behind.
-    """
-    directory = path.parent
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o644)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 class _StateFileWriter:
     """Rewrites the state file on a thread of its own whenever ``key()`` changes."""
 
@@ -923,7 +902,7 @@ class _StateFileWriter:
                 return
             data = (json.dumps(self._document(), ensure_ascii=False, indent=2) + "\n").encode()
             try:
-                write_state_file(self.path, data)
+                write_atomic(self.path, data, mode=STATE_FILE_MODE)
             except OSError as exc:
                 # Retried at the next look; logged once per kind of failure.
                 if str(exc) != self._failure:
