@@ -41,7 +41,7 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar, Unpack, overload
 
-from agents import _state
+from agents import _shed, _state
 from agents._client import AgentState, ChangeCallback, Client, release_channels
 from agents._config import AgentConfig, AgentSettings, forked_config, resolve_config
 from agents._state import Snapshot
@@ -108,8 +108,8 @@ class _Reads:
                 at random at its percentage.
         """
         if key is None:
-            return _state.should_shed(self._snapshot, criticality, random.random)
-        return _state.should_shed_key(self._snapshot, criticality, key)
+            return _shed.should_shed(self._snapshot, criticality, random.random)
+        return _shed.should_shed_key(self._snapshot, criticality, key)
 
     @property
     def pinned_version(self) -> PinnedVersion | None:

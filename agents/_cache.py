@@ -20,6 +20,7 @@ with its older one. The one exception is a state the server itself sent older
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -28,15 +29,87 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+from google.protobuf import json_format
+
 from agents._atomic import write_atomic
-from agents._state import (
-    CorruptCacheError,
-    Snapshot,
-    snapshot_from_cache,
-    snapshot_to_cache,
-)
+from agents._codec import snapshot_from_proto, snapshot_to_proto
+from agents._state import MAX_REVISION, CorruptCacheError, InvalidChangeError, Snapshot
+from controlplane.api.v1 import agent_pb2
 
 log = logging.getLogger("agents")
+
+CACHE_FORMAT = 1
+
+
+def snapshot_to_cache(snapshot: Snapshot) -> bytes:
+    """The cache file's content: JSON with the service, the revision and the records.
+
+    The records are in protobuf's JSON form (field names as in the .proto), layers
+    included, so that an agent booting from the cache switches on time too.
+    """
+    records = snapshot_to_proto(snapshot)
+    records.ClearField("revision")
+    doc = {
+        "format": CACHE_FORMAT,
+        "service": snapshot.service,
+        "revision": snapshot.revision,
+        "records": json_format.MessageToDict(records, preserving_proto_field_name=True),
+    }
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def snapshot_from_cache(data: bytes, service: str, now: datetime) -> Snapshot:
+    """The snapshot a cache file holds, evaluated at ``now``.
+
+    Fields the .proto does not know are ignored, so that a service rolled back to
+    an older agent still boots from the cache a newer one wrote.
+
+    Raises:
+        CorruptCacheError: The content is not a cache of this format, is for
+            another service, or holds a record the agent would reject; whatever
+            is wrong with the content, never another exception.
+    """
+    try:
+        return _snapshot_from_cache(data, service, now)
+    except CorruptCacheError:
+        raise
+    except InvalidChangeError as exc:
+        raise CorruptCacheError(f"invalid record: {exc}") from None
+    except Exception as exc:  # anything else a damaged or hand-edited file can cause
+        raise CorruptCacheError(f"unusable ({type(exc).__name__}: {exc})") from None
+
+
+def _snapshot_from_cache(data: bytes, service: str, now: datetime) -> Snapshot:
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise CorruptCacheError(f"not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise CorruptCacheError("not a JSON object")
+    if doc.get("format") != CACHE_FORMAT:
+        raise CorruptCacheError(
+            f"format {doc.get('format')!r} is not the supported format {CACHE_FORMAT}"
+        )
+    cached_service = doc.get("service")
+    if cached_service != service:
+        raise CorruptCacheError(f"the cache is for service {cached_service!r}, not {service!r}")
+    revision = doc.get("revision")
+    if (
+        not isinstance(revision, int)
+        or isinstance(revision, bool)
+        or not 0 <= revision <= MAX_REVISION
+    ):
+        raise CorruptCacheError(f"revision {revision!r} is not a revision")
+    records = doc.get("records")
+    if not isinstance(records, dict):
+        raise CorruptCacheError("'records' is missing or not a JSON object")
+    msg = agent_pb2.Snapshot()
+    try:
+        json_format.ParseDict(records, msg, ignore_unknown_fields=True)
+    except (json_format.ParseError, ValueError, TypeError, RecursionError) as exc:
+        raise CorruptCacheError(f"records do not parse: {exc}") from None
+    msg.revision = revision
+    return snapshot_from_proto(service, msg, now)
 
 
 def read_cache(path: Path, service: str, now: datetime) -> Snapshot | None:

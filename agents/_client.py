@@ -80,7 +80,7 @@ import grpc
 import grpc.aio
 
 import controlplane
-from agents import _state
+from agents import _codec, _state
 from agents._cache import CacheWriter, read_cache
 from agents._config import SECURITY_NAMES, AgentConfig
 from agents._override import (
@@ -750,7 +750,7 @@ class Client:
         if kind == "snapshot":
             revision = response.snapshot.revision
             try:
-                new = _state.snapshot_from_proto(service, response.snapshot, _now())
+                new = _codec.snapshot_from_proto(service, response.snapshot, _now())
             except InvalidChangeError as exc:
                 await self._reject(call, "snapshot", revision, str(exc))
             older = self._has_state and revision < self.snapshot.revision
@@ -769,7 +769,7 @@ class Client:
         if kind == "change":
             revision = response.change.revision
             try:
-                new = _state.apply_change(self.snapshot, response.change, _now())
+                new = _codec.apply_change(self.snapshot, response.change, _now())
             except StaleRevisionError:
                 log.debug(
                     "agent_change_stale service=%s revision=%d applied=%d",

@@ -152,7 +152,7 @@ from typing import Any, Protocol
 
 import click
 
-from agents import _state
+from agents import _shed
 from agents._atomic import write_atomic
 from agents._config import (
     ENV_CACHE_PATH,
@@ -1322,9 +1322,9 @@ class Sidecar:
         # Tolerant, as the middleware is: missing or unknown counts as CRITICAL.
         criticality = Criticality.parse(raw) if raw else Criticality.CRITICAL
         if key is None:
-            shed = _state.should_shed(snapshot, criticality)
+            shed = _shed.should_shed(snapshot, criticality)
         else:
-            shed = _state.should_shed_key(snapshot, criticality, key)
+            shed = _shed.should_shed_key(snapshot, criticality, key)
         return Response(
             HTTPStatus.OK,
             {

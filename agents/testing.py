@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import TypeVar, overload
 
-from agents import _state
+from agents import _codec, _shed, _state
 from agents._state import Snapshot, StateChange
 from agents._types import Criticality, FlagValue, PinnedVersion, SheddingLevel
 from controlplane.api.v1 import agent_pb2, types_pb2
@@ -77,7 +77,7 @@ class StaticAgent:
             msg.shedding.CopyFrom(self._shedding(*shedding, now=now))
         if pinned_version is not None:
             msg.pin.CopyFrom(self._pin(pinned_version, _REASON, now))
-        self._snapshot = _state.snapshot_from_proto(service, msg, now)
+        self._snapshot = _codec.snapshot_from_proto(service, msg, now)
 
     # ------------------------------------------------------------ the real agent's API
 
@@ -116,8 +116,8 @@ class StaticAgent:
     def should_shed(self, criticality: Criticality | str, key: str | None = None) -> bool:
         """Whether to shed a request of this criticality; stable per ``key`` when given."""
         if key is None:
-            return _state.should_shed(self._snapshot, criticality, self._rand)
-        return _state.should_shed_key(self._snapshot, criticality, key)
+            return _shed.should_shed(self._snapshot, criticality, self._rand)
+        return _shed.should_shed_key(self._snapshot, criticality, key)
 
     @property
     def pinned_version(self) -> PinnedVersion | None:
@@ -201,7 +201,7 @@ class StaticAgent:
         with self._lock:
             old: Snapshot = self._snapshot
             change.revision = old.revision + 1
-            new = _state.apply_change(old, change, now)
+            new = _codec.apply_change(old, change, now)
             self._snapshot = new
             delta = _state.diff(old, new)
             if delta.empty:
@@ -213,7 +213,7 @@ class StaticAgent:
         return types_pb2.Flag(
             scope=self._service,
             name=name,
-            value=_state.flag_value_to_proto(value),
+            value=_codec.flag_value_to_proto(value),
             meta=_meta(_REASON, now),
         )
 

@@ -29,7 +29,7 @@ from google.protobuf import duration_pb2
 from prometheus_client import CollectorRegistry
 
 from agents import Agent, AgentState, AsyncAgent, StateChange
-from agents._state import snapshot_from_cache
+from agents._cache import snapshot_from_cache
 from controlplane.api.v1 import mitigation_pb2 as m
 from controlplane.api.v1 import mitigation_pb2_grpc
 from controlplane.api.v1 import types_pb2 as t

@@ -34,9 +34,10 @@ import controlplane
 from agents import Agent, AgentConfigError, AgentState, AsyncAgent, Backoff, StateChange
 from agents._agent import _after_fork_plan, _AfterFork, _StopRequest
 from agents._atomic import write_atomic
-from agents._cache import CacheWriter, lock_path, read_cache
+from agents._cache import CacheWriter, lock_path, read_cache, snapshot_to_cache
+from agents._codec import snapshot_from_proto
 from agents._config import default_instance_id, forked_config, resolve_config
-from agents._state import Snapshot, snapshot_from_proto, snapshot_to_cache
+from agents._state import Snapshot
 from controlplane.api.v1 import agent_pb2, agent_pb2_grpc
 from controlplane.api.v1 import types_pb2 as t
 from tests.helpers.certs import TestCA

@@ -24,6 +24,7 @@ import grpc
 import pytest
 
 from agents import Agent, AsyncAgent, Criticality, Override, OverrideError, StateChange
+from agents._codec import apply_change, snapshot_from_proto
 from agents._config import resolve_config
 from agents._override import (
     MAX_FILE_BYTES,
@@ -31,16 +32,8 @@ from agents._override import (
     OverrideFile,
     parse_override,
 )
-from agents._state import (
-    OVERRIDE_SCOPE,
-    Snapshot,
-    apply_change,
-    apply_override,
-    diff,
-    should_shed,
-    should_shed_key,
-    snapshot_from_proto,
-)
+from agents._shed import should_shed, should_shed_key
+from agents._state import OVERRIDE_SCOPE, Snapshot, apply_override, diff
 from controlplane.api.v1 import agent_pb2, agent_pb2_grpc
 from controlplane.api.v1 import types_pb2 as t
 from controlplane.embedded_etcd import free_port
