@@ -1636,7 +1636,3 @@ def _command(
 def main(argv: Sequence[str] | None = None) -> None:
     """The ``cp-agent`` console script."""
     _command.main(args=argv, prog_name="cp-agent")
-
-
-if __name__ == "__main__":
-    main()
