@@ -32,7 +32,8 @@ from agents._types import Criticality, FlagValue, Override, PinnedVersion, Shedd
 
 if TYPE_CHECKING:
     from agents._agent import Agent, AsyncAgent
-    from agents._client import AgentState, Backoff
+    from agents._channels import Backoff
+    from agents._client_state import AgentState
     from agents.openfeature import ControlPlaneProvider
     from agents.shedding import AioShedInterceptor, ASGIShedder, ShedInterceptor, WSGIShedder
 
@@ -42,8 +43,8 @@ if TYPE_CHECKING:
 _LAZY = {
     "Agent": "agents._agent",
     "AsyncAgent": "agents._agent",
-    "AgentState": "agents._client",
-    "Backoff": "agents._client",
+    "AgentState": "agents._client_state",
+    "Backoff": "agents._channels",
     "ShedInterceptor": "agents.shedding",
     "ControlPlaneProvider": "agents.openfeature",
     "AioShedInterceptor": "agents.shedding",

@@ -42,7 +42,9 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar, Unpack, overload
 
 from agents import _shed, _state
-from agents._client import AgentState, ChangeCallback, Client, release_channels
+from agents._channels import release_channels
+from agents._client import Client
+from agents._client_state import AgentState, ChangeCallback
 from agents._config import AgentConfig, AgentSettings, forked_config, resolve_config
 from agents._state import Snapshot
 from agents._types import Criticality, FlagValue, Override, PinnedVersion, SheddingLevel
