@@ -21,6 +21,7 @@ from typing import Any
 
 from google.protobuf import timestamp_pb2
 
+from agents import _types
 from agents._state import (
     GLOBAL_SCOPE,
     FlagRecord,
@@ -33,8 +34,12 @@ from agents._state import (
     StaleRevisionError,
     build,
 )
-from agents._types import _CRITICALITY, Criticality, FlagValue
+from agents._types import Criticality, FlagValue
 from controlplane.api.v1 import agent_pb2, types_pb2
+
+# Bound by assignment, not imported, so that ``_CRITICALITY.get`` compiles to
+# LOAD_METHOD (CPython 3.11 does not use it on an imported name).
+_CRITICALITY = _types._CRITICALITY
 
 # ---------------------------------------------------------------- building
 

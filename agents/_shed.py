@@ -12,8 +12,14 @@ import random
 import zlib
 from collections.abc import Callable
 
+from agents import _types
 from agents._state import Snapshot
-from agents._types import _CRITICALITY, Criticality
+
+# Bound by assignment, not imported: CPython 3.11 compiles a method call on an
+# imported name (``_CRITICALITY.get(...)``) as an attribute load and a call, not
+# LOAD_METHOD, which costs the read path a bound method per call.
+Criticality = _types.Criticality
+_CRITICALITY = _types._CRITICALITY
 
 
 def should_shed(
