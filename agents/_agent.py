@@ -100,7 +100,7 @@ class _Reads:
         return _state.value(self._snapshot, name, default)
 
     def should_shed(self, criticality: Criticality | str, key: str | None = None) -> bool:
-        """Whether to shed a request of this criticality (DESIGN.md, "Load shedding").
+        """Whether to shed a request of this criticality.
 
         Args:
             criticality: The request's criticality; an unknown value, of

@@ -1,4 +1,4 @@
-"""The cache file an agent boots from when no server answers (DESIGN.md, "Fail static").
+"""The cache file an agent boots from when no server answers (fail static).
 
 A write is atomic (``agents._atomic``): the content goes to a temporary file in
 the same directory, is flushed to disk, and replaces the cache with

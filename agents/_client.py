@@ -6,7 +6,7 @@ for :class:`agents.AsyncAgent`. Everything it does happens in that loop, so it
 needs no lock of its own; it hands each new snapshot to the agent through
 ``publish`` (one attribute assignment), which is all the read path ever sees.
 
-Per connection (DESIGN.md, "Agent protocol")::
+Per connection::
 
     channel (own subchannel pool, keepalive; TLS as config.security says)
       -> wait until connected (CONNECT_TIMEOUT; a failure says gRPC's reason,

@@ -90,7 +90,7 @@ OVERRIDE_OUTBOX = 32
 
 
 class AgentState(enum.StrEnum):
-    """Where an agent's state comes from (DESIGN.md, "Agent protocol").
+    """Where an agent's state comes from.
 
     Members compare equal to their names (``agent.state == "READY"``).
     """

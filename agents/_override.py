@@ -2,8 +2,7 @@
 
 When the control plane itself is down (or cannot be reached from the host), an
 engineer on the host writes an override file; the agent applies it within a
-second, whatever the server says, until it expires or the file is removed
-(DESIGN.md, "Break-glass"; issue 5, "Break-glass override").
+second, whatever the server says, until it expires or the file is removed.
 
 Where: ``override_path`` (argument), else ``CONTROLPLANE_OVERRIDE_PATH``, else
 next to the cache file, ``<cache file>.override.json``; no override file without

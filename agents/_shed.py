@@ -27,7 +27,7 @@ def should_shed(
     criticality: Criticality | str | object,
     rand: Callable[[], float] = random.random,
 ) -> bool:
-    """Whether to shed a request of this criticality (DESIGN.md, "Load shedding").
+    """Whether to shed a request of this criticality.
 
     Less critical than the tier: shed; the tier itself: shed when ``rand()`` (in
     [0, 1)) falls below ``percent / 100``; more critical, or no shedding: not shed.

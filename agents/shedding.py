@@ -1,7 +1,7 @@
 """Load shedding at the door: gRPC server interceptors and ASGI/WSGI middleware.
 
-Each request gets a criticality, the agent decides (DESIGN.md, "Load shedding"),
-and a shed request ends before the service's code runs::
+Each request gets a criticality, the agent decides (``Agent.should_shed``), and a
+shed request ends before the service's code runs::
 
     from agents.shedding import AioShedInterceptor, ASGIShedder, ShedInterceptor, WSGIShedder
 
@@ -32,7 +32,7 @@ What a shed request gets::
 
     load shedding: SHEDDABLE_PLUS 30% for checkout; request criticality SHEDDABLE
 
-The agent's read path has no metric (DESIGN.md): the middleware counts each
+The agent's read path has no metric: the middleware counts each
 decision in ``controlplane_shed_decisions_total{criticality,outcome}`` (outcome
 ``shed`` or ``admitted``) on the registry it is given (default: prometheus's
 default registry). Middleware sharing a registry share the counter.

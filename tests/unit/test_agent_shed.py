@@ -29,7 +29,7 @@ ORDER = [
 @pytest.mark.parametrize(
     ("tier", "percent", "expected"),
     [
-        # DESIGN.md's table, columns SHEDDABLE, SHEDDABLE_PLUS, CRITICAL, CRITICAL_PLUS.
+        # The shedding table, columns SHEDDABLE, SHEDDABLE_PLUS, CRITICAL, CRITICAL_PLUS.
         (Criticality.SHEDDABLE, 30, [0.30, 0, 0, 0]),
         (Criticality.SHEDDABLE_PLUS, 100, [1, 1, 0, 0]),
         (Criticality.SHEDDABLE_PLUS, 0, [1, 0, 0, 0]),

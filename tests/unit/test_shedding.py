@@ -332,7 +332,7 @@ def test_the_header_names_the_criticality_anything_else_is_critical(
     assert decisions(registry, counted, "shed" if shed else "admitted") == 1
 
 
-# ---------------------------------------------------------------- DESIGN.md's table
+# ---------------------------------------------------------------- the shedding table
 
 
 @pytest.mark.parametrize(
