@@ -128,6 +128,8 @@ class Client(ClientState):
         """gRPC's channel objects of the sessions closed by a stop, for
         :func:`release_channels`."""
 
+    # ------------------------------------------------------------ start-up
+
     def after_fork_in_child(self, config: AgentConfig) -> None:
         """Forget the parent's connection and locks; keep its state.
 
@@ -145,6 +147,8 @@ class Client(ClientState):
         self.closing_channels = []
         self.server = None
         self._set_connected(False)
+
+    # ------------------------------------------------------------ the coroutine
 
     async def run(self) -> None:
         """Keep a stream to one of the servers until cancelled.
@@ -322,6 +326,8 @@ class Client(ClientState):
         """``text`` without the token in it, should a server have echoed it."""
         token = self._sent_token
         return text.replace(token, "<token>") if token else text
+
+    # ------------------------------------------------------------ one session
 
     async def _session(self, target: str) -> bool:
         """One connection to ``target``; returns (or raises) when it ends.

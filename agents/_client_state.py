@@ -105,7 +105,7 @@ class AgentState(enum.StrEnum):
 
 
 class Keep(enum.Enum):
-    """``Client._update``'s default: the override stays as it is."""
+    """``ClientState._update``'s default: the override stays as it is."""
 
     KEEP = "keep"
 
@@ -232,6 +232,8 @@ class ClientState:
             self._metrics.since_contact.set_function(self._seconds_since_contact)
             self._metrics.override_active.set(0)
 
+    # ------------------------------------------------------------ callbacks
+
     def add_callback(self, callback: ChangeCallback) -> Callable[[], None]:
         """Register ``callback``; return a function that removes it (idempotent)."""
         with self._callbacks_lock:
@@ -245,6 +247,8 @@ class ClientState:
                     self._callbacks = tuple(callbacks)
 
         return remove
+
+    # ------------------------------------------------------------ start-up
 
     def load_cache(self) -> bool:
         """Serve the cache file's state, if there is a usable one (state STALE).
@@ -282,6 +286,8 @@ class ClientState:
         self.check_override(utcnow())
         return self.override is not None
 
+    # ------------------------------------------------------------ state
+
     def _update(
         self, base: Snapshot | None = None, *, override: Override | Keep | None = Keep.KEEP
     ) -> StateChange:
@@ -313,6 +319,8 @@ class ClientState:
             self._cache_pending = (self._cache_sequence, new, replace_newer)
             self._cache_wakeup.set()
         return delta
+
+    # ------------------------------------------------------------ override
 
     def check_override(self, now: datetime) -> StateChange | None:
         """Check the override file; apply, replace or drop the override as it says.
@@ -422,6 +430,8 @@ class ClientState:
         except Exception as exc:  # the stream broke: the session reconnects
             log.debug("agent_override_report_failed service=%s error=%r", self.config.service, exc)
 
+    # ------------------------------------------------------------ acks
+
     async def _applied(
         self, call: Any, new: Snapshot, *, replace_newer: bool = False
     ) -> StateChange:
@@ -463,6 +473,8 @@ class ClientState:
             return
         async with self._write_lock:
             await call.write(request)
+
+    # ------------------------------------------------------------ notifications and state
 
     def _notify(self, delta: StateChange | None) -> None:
         if delta is None or delta.empty:
@@ -512,6 +524,8 @@ class ClientState:
         if self._connected:
             return 0.0
         return max(time.monotonic() - self._last_contact, 0.0)
+
+    # ------------------------------------------------------------ timers and cache
 
     async def _expiry_loop(self) -> None:
         wakeup = self._expiry_wakeup

@@ -68,7 +68,7 @@ class SidecarAgent(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class SidecarOptions:
-    """The sidecar's settings (see the module docstring for each)."""
+    """The sidecar's settings (each described in the ``agents.sidecar`` docstring)."""
 
     service: str
     servers: tuple[str, ...] = ()

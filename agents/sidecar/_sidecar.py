@@ -41,7 +41,7 @@ class Sidecar:
 
     Lifecycle: construction validates and does no I/O; :meth:`start` binds the
     address, starts the threads and the agent (once); :meth:`stop` is
-    idempotent (see the module docstring for the order).
+    idempotent (the order is in the ``agents.sidecar`` docstring).
     """
 
     def __init__(
