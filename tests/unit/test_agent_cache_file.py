@@ -6,6 +6,7 @@ import fcntl
 import json
 import logging
 import os
+import stat
 import threading
 from datetime import timedelta
 from pathlib import Path
@@ -37,6 +38,27 @@ def test_a_cache_write_replaces_the_file_atomically(tmp_path: Path) -> None:
     assert path.read_bytes() == b"second, longer"
     assert path.stat().st_ino != inode
     assert sorted(p.name for p in path.parent.iterdir()) == ["cache.json"]
+
+
+@pytest.mark.parametrize("mode", [None, 0o644], ids=["cache", "state-file"])
+def test_an_atomic_write_syncs_the_file_then_its_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: int | None
+) -> None:
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append("directory" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    path = tmp_path / "state.json"
+    write_atomic(path, b"data", mode=mode)
+    # The content before the rename, the rename itself after it.
+    assert synced == ["file", "directory"]
+    assert path.read_bytes() == b"data"
+    # Without a mode, the temporary file's: readable by the owner only.
+    assert stat.S_IMODE(path.stat().st_mode) == (0o600 if mode is None else mode)
 
 
 def test_a_failed_cache_write_leaves_the_old_file_and_no_temp_file(tmp_path: Path) -> None:
