@@ -307,7 +307,7 @@ async def test_retention_keeps_bundles_in_force(
     await stub.RevertBundle(m.RevertBundleRequest(bundle_id=gone.id, options=opts()))
     assert server.store is not None
     # Everything is "older" than a cutoff in the future.
-    await server.store._prune_bundles(datetime.now(UTC) + timedelta(days=1))
+    await server.store.prune_bundles(datetime.now(UTC) + timedelta(days=1))
     assert await raw_etcd.get(prefix + f"bundles/{kept.id}") is not None
     assert await raw_etcd.get(prefix + f"bundles/{gone.id}") is None
 

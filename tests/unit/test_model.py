@@ -13,7 +13,7 @@ from controlplane._durations import parse_duration
 from controlplane.api.v1 import types_pb2 as pb
 from controlplane.errors import ConflictError, InvalidArgumentError
 from controlplane.model import Flag, Meta, Pin, PinHistory, RecordError, Shedding, Tier
-from controlplane.store import _range_end, new_audit_id, normalize_endpoints
+from controlplane.store import normalize_endpoints
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 META = Meta(actor="oncall", reason="errors", set_at=NOW, incident="INC-42")
@@ -196,15 +196,6 @@ def test_normalize_endpoints() -> None:
         normalize_endpoints(["https://10.0.0.1:2379"])
     with pytest.raises(ValueError, match="no etcd endpoint"):
         normalize_endpoints([" "])
-
-
-def test_range_end_and_audit_ids_sort_by_time() -> None:
-    assert _range_end(b"/a/") == b"/a0"
-    assert _range_end(b"a\xff") == b"b"
-    early = new_audit_id(NOW)
-    late = new_audit_id(NOW + timedelta(microseconds=1))
-    assert early < late
-    assert len(early) == 29
 
 
 def test_parse_duration() -> None:

@@ -1,0 +1,235 @@
+"""The audit trail: history, retention, and break-glass overrides reported by agents.
+
+Audit records are written in the same transaction as the change they describe, under
+``audit/<20-digit unix ns>-<8 hex>``: time-ordered, so retention is one range delete
+and history walks back through time windows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import structlog
+from aetcd import rpc
+
+from controlplane import model
+from controlplane.metrics import ServerMetrics
+from controlplane.model import GLOBAL_SCOPE, AuditEntry, RecordError
+from controlplane.store._commit import retry_cas
+from controlplane.store._etcd import (
+    Etcd,
+    WatchEvent,
+    delete,
+    put,
+    unchanged_since,
+)
+from controlplane.store.keys import (
+    AUDIT,
+    audit_at,
+    audit_path,
+    new_audit_id,
+    ns,
+    override_path,
+    range_end,
+)
+
+__all__ = ["MAX_AUDIT_BYTES", "Audit", "audit_op"]
+
+log = structlog.get_logger("controlplane.store")
+
+# Audit records hold a record before and after (each up to 64 KiB); etcd takes 1.5 MiB.
+MAX_AUDIT_BYTES = 512 * 1024
+_HISTORY_PAGE = 512
+_PARSE_ERRORS = (RecordError, ValueError, TypeError, KeyError, AttributeError)
+
+
+def audit_op(prefix: str, entry: AuditEntry) -> Any:
+    """The put of an audit record, for the transaction of the change it describes."""
+    raw = model.encode_record(entry.to_record(), "audit record", limit=MAX_AUDIT_BYTES)
+    return put((prefix + audit_path(entry.id)).encode(), raw)
+
+
+class Audit:
+    """Reads and trims the audit trail; audits agents' break-glass overrides."""
+
+    def __init__(self, etcd: Etcd, metrics: ServerMetrics) -> None:
+        self._etcd = etcd
+        self._metrics = metrics
+        self.prefix = etcd.prefix
+
+    def _abs(self, path: str) -> bytes:
+        return (self.prefix + path).encode()
+
+    async def list_history(
+        self,
+        *,
+        service: str = "",
+        incident: str = "",
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 100,
+    ) -> list[AuditEntry]:
+        """Audit entries, newest first, filtered (a service's includes global changes)."""
+
+        def accept(entry: AuditEntry) -> bool:
+            if service and entry.scope not in (service, GLOBAL_SCOPE):
+                return False
+            return not incident or entry.incident == incident
+
+        return await self.scan(accept=accept, since=since, until=until, limit=limit)
+
+    async def scan(
+        self,
+        *,
+        accept: Callable[[AuditEntry], bool],
+        limit: int,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> list[AuditEntry]:
+        """Audit entries newest first, walking back through time windows.
+
+        etcd applies a range's limit only in key order (ascending), so the walk
+        reads windows of time ascending and reverses them; windows shrink where
+        records are dense and grow where they are sparse.
+        """
+        base = self._abs(AUDIT)
+        lower = self._abs(audit_at(ns(since))) if since else base
+        upper = self._abs(audit_at(ns(until)) + "~") if until else range_end(base)
+        oldest = await self._etcd.range(lower, upper, limit=1, keys_only=True)
+        if not oldest.kvs:
+            return []
+        lower = bytes(oldest.kvs[0].key)
+        hi_key = upper
+        hi_ns = ns(until) if until else ns(model.utcnow()) + 3_600_000_000_000
+        window = 3_600_000_000_000  # 1 h
+        entries: list[AuditEntry] = []
+        while len(entries) < limit:
+            lo_ns = max(hi_ns - window, 0)
+            lo_key = max(lower, self._abs(audit_at(lo_ns)))
+            count = int((await self._etcd.range(lo_key, hi_key, count_only=True)).count)
+            if count > 4 * _HISTORY_PAGE and window > 1_000_000:
+                window //= 4
+                continue
+            page = await self._read_audit_window(lo_key, hi_key)
+            for entry in reversed(page):
+                if accept(entry):
+                    entries.append(entry)
+                    if len(entries) >= limit:
+                        break
+            if lo_key <= lower:
+                break
+            hi_key, hi_ns = lo_key, lo_ns
+            if count < _HISTORY_PAGE:
+                window *= 4
+        return entries
+
+    async def _read_audit_window(self, lo_key: bytes, hi_key: bytes) -> list[AuditEntry]:
+        entries = []
+        start = lo_key
+        while start < hi_key:
+            response = await self._etcd.range(start, hi_key, limit=_HISTORY_PAGE)
+            for kv in response.kvs:
+                try:
+                    data = model.decode_record(kv.value)
+                    entries.append(AuditEntry.from_record(data, kv.mod_revision))
+                except _PARSE_ERRORS as exc:
+                    self._metrics.invalid_records.labels("audit").inc()
+                    log.error("record_invalid", key=kv.key.decode(errors="replace"), error=str(exc))
+            if not response.more or not response.kvs:
+                break
+            start = bytes(response.kvs[-1].key) + b"\0"
+        return entries
+
+    def decode_event(self, event: WatchEvent) -> AuditEntry | None:
+        """A watched audit record (None, logged and counted, when it does not parse)."""
+        if event.value is None:
+            return None
+        try:
+            return AuditEntry.from_record(model.decode_record(event.value), event.mod_revision)
+        except _PARSE_ERRORS as exc:
+            self._metrics.invalid_records.labels("audit").inc()
+            log.error("record_invalid", key=self.prefix + event.path, error=str(exc))
+            return None
+
+    async def oldest_audit_revision(self) -> int | None:
+        """The revision of the oldest audit record kept (None: none is)."""
+        start = self._abs(AUDIT)
+        response = await self._etcd.range(start, range_end(start), limit=1)
+        return int(response.kvs[0].mod_revision) if response.kvs else None
+
+    async def delete_before(self, cutoff: datetime) -> int:
+        """Delete the audit records older than ``cutoff``; return how many."""
+        response = await self._etcd.call(
+            "delete",
+            "DeleteRange",
+            rpc.DeleteRangeRequest(key=self._abs(AUDIT), range_end=self._abs(audit_at(ns(cutoff)))),
+        )
+        deleted = int(response.deleted)
+        if deleted:
+            self._metrics.audit_deleted.inc(deleted)
+            log.info("audit_retention", deleted=deleted, older_than=model.format_time(cutoff))
+        return deleted
+
+    async def record_override(
+        self,
+        service: str,
+        instance_id: str,
+        *,
+        active: bool,
+        digest: str,
+        actor: str,
+        reason: str,
+        expires_at: datetime | None,
+        content: dict[str, Any] | None,
+        actor_authenticated: bool = False,
+    ) -> bool:
+        """Audit a host's break-glass override once (by digest); True if written now.
+
+        ``overrides/<service>/<instance>`` holds the digest of the override last
+        audited for that instance, so reconnects and replicas do not repeat it.
+        """
+        path = override_path(service, instance_id)
+
+        async def attempt() -> bool | None:
+            response = await self._etcd.range(self._abs(path))
+            kv = response.kvs[0] if response.kvs else None
+            known = bytes(kv.value).decode(errors="replace") if kv is not None else ""
+            mod = int(kv.mod_revision) if kv is not None else 0
+            if (active and known == digest) or (not active and kv is None):
+                return False
+            now = model.utcnow()
+            entry = AuditEntry(
+                id=new_audit_id(now),
+                time=now,
+                actor=actor or "unknown",
+                actor_authenticated=actor_authenticated,
+                action="override.applied" if active else "override.cleared",
+                kind="override",
+                scope=service,
+                name=instance_id,
+                key=self.prefix + path,
+                reason=reason or "break-glass override on the host",
+                after=content if active else None,
+                expires_at=expires_at if active else None,
+            )
+            ops = [audit_op(self.prefix, entry)]
+            if active:
+                ops.append(put(self._abs(path), digest.encode()))
+            else:
+                ops.append(delete(self._abs(path)))
+            result = await self._etcd.txn([unchanged_since(self._abs(path), mod)], ops)
+            if result.succeeded:
+                log.warning(
+                    "override_reported",
+                    service=service,
+                    instance_id=instance_id,
+                    active=active,
+                    actor=actor,
+                    reason=reason,
+                )
+                return True
+            return None  # another replica or a reconnect came first: look again
+
+        return await retry_cas(attempt) or False
