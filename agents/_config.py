@@ -78,7 +78,7 @@ ENV_INSECURE = "CONTROLPLANE_INSECURE"
 OVERRIDE_SUFFIX = ".override.json"
 """The default override file is the cache file's path with this appended."""
 
-# The server's rules (controlplane.model, controlplane.service), repeated so that
+# The server's rules (controlplane.model, controlplane.server), repeated so that
 # the SDK imports nothing of the server.
 _SERVICE_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _INSTANCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}")

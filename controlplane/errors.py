@@ -1,7 +1,7 @@
 """The control plane's error tree; each class knows its gRPC status code.
 
 Errors are raised in the domain (model, store) and converted to gRPC statuses
-at one boundary, the servicers in ``service.py``::
+at one boundary, the gRPC services in ``controlplane.server``::
 
     ControlPlaneError                 INTERNAL
      ├── InvalidArgumentError         INVALID_ARGUMENT   bad input; nothing written

@@ -5,7 +5,7 @@ time, and returns a :class:`Decision`: the record to store (None: delete the
 key), the audit action, a one-line summary, and whether anything changes. The
 store reads, calls one of these, and writes the result in one transaction.
 
-Time-boxed changes (DESIGN.md, "State model"): a record with ``expires_at``
+Time-boxed changes (docs/architecture.md, "State in etcd"): a record with ``expires_at``
 keeps the record it replaced in ``replaced``, which may be time-boxed too (a
 chain). When it expires, the replaced record applies again; if it replaced
 nothing, the key is gone. A write without expiry is the new base (the chain is

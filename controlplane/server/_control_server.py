@@ -51,7 +51,7 @@ _SERVER_OPTIONS: list[tuple[str, Any]] = [
     # No bandwidth-delay probing: it pings with every burst of data, so each change sent
     # and each ack read cost a ping and its answer on every connection, ~25 % of the
     # fan-out's CPU on both sides (BENCHMARKS.md, round 3). Agents' streams carry small
-    # messages; their receive window is set (CHANNEL_OPTIONS in agents/_client.py).
+    # messages; their receive window is set (CHANNEL_OPTIONS in agents/_channels.py).
     ("grpc.http2.bdp_probe", 0),
 ]
 

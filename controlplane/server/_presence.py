@@ -10,6 +10,8 @@ process's lease so a dead process's agents disappear with it::
                                                      instances of a service had
                                                      acked a change, and how many
 
+(the layout is in :mod:`controlplane.store.keys`).
+
 Status and waits read every process's records; this process's own come from
 memory, so they are exact and immediate.
 """
@@ -29,7 +31,7 @@ import structlog
 from controlplane import model
 from controlplane.errors import ControlPlaneError
 from controlplane.metrics import ServerMetrics
-from controlplane.store import Store
+from controlplane.store import Store, keys
 
 log = structlog.get_logger("controlplane.presence")
 
@@ -38,11 +40,6 @@ FLUSH_GAP_PER_INSTANCE = 100e-6
 """Seconds between two flushes at the least, per instance (each encodes every instance)."""
 FLUSH_GAP_MAX = 0.25
 LEASE_TTL = 10
-
-
-def presence_prefix(prefix: str) -> str:
-    """The presence prefix that goes with a record prefix (``/controlplane/v1-presence/``)."""
-    return prefix.rstrip("/") + "-presence/"
 
 
 @dataclass(eq=False, slots=True)
@@ -137,7 +134,8 @@ class Presence:
         self.server_id = server_id
         self.metrics = metrics
         self.flush_interval = flush_interval
-        self.prefix = presence_prefix(store.prefix)
+        self.prefix = keys.presence_prefix(store.prefix)
+        self._applied_end = keys.range_end(keys.applied_prefix(self.prefix).encode()).decode()
         self._instances: dict[tuple[str, str], Instance] = {}
         self._changed: dict[str, asyncio.Event] = {}
         self._dirty = True
@@ -172,7 +170,7 @@ class Presence:
             log.error("background_task_stuck", task=task.get_name())
         with contextlib.suppress(ControlPlaneError), self.store.budget(self.store.etcd_timeout):
             await self._flush_applied()
-            await self.store.delete_prefix_raw(f"{self.prefix}servers/{self.server_id}/")
+            await self.store.delete_prefix_raw(keys.servers_prefix(self.prefix, self.server_id))
 
     # -- streams report here -----------------------------------------------------
 
@@ -281,8 +279,8 @@ class Presence:
         found = {(i.server_id, i.instance_id): i for i in self.local(service)}
         reported: dict[str, int] = {}
         remote: dict[str, tuple[bytes, str, int, dict[str, list[Instance]]]] = {}
-        for key, raw in await self.store.get_prefix_raw(f"{self.prefix}servers/"):
-            if key.startswith(f"{self.prefix}servers/{self.server_id}/"):
+        for key, raw in await self.store.get_prefix_raw(keys.servers_prefix(self.prefix)):
+            if key.startswith(keys.servers_prefix(self.prefix, self.server_id)):
                 continue
             decoded = self._remote.get(key)
             if decoded is None or decoded[0] != raw:
@@ -312,8 +310,8 @@ class Presence:
         for (rev, svc), (when, _count) in self._applied.items():  # not flushed yet
             if svc == service and rev >= revision:
                 done[self.server_id] = min(when, done.get(self.server_id, when))
-        start = f"{self.prefix}applied/{revision:020d}"
-        for key, raw in await self.store.get_range_raw(start, f"{self.prefix}applied0"):
+        start = keys.applied_prefix(self.prefix, revision)
+        for key, raw in await self.store.get_range_raw(start, self._applied_end):
             parts = key[len(self.prefix) :].split("/")
             if len(parts) != 4 or parts[2] != service:
                 continue
@@ -336,8 +334,8 @@ class Presence:
         for (rev, svc), (when, count) in self._applied.items():  # not flushed yet
             if rev >= from_revision:
                 found.setdefault(svc, []).append((rev, self.server_id, when, count))
-        start = f"{self.prefix}applied/{from_revision:020d}"
-        for key, raw in await self.store.get_range_raw(start, f"{self.prefix}applied0"):
+        start = keys.applied_prefix(self.prefix, from_revision)
+        for key, raw in await self.store.get_range_raw(start, self._applied_end):
             parts = key[len(self.prefix) :].split("/")
             if len(parts) != 4 or not parts[1].isdigit():
                 continue
@@ -355,7 +353,7 @@ class Presence:
     async def prune_applied(self, below_revision: int) -> int:
         """Forget when changes older than ``below_revision`` were applied (retention)."""
         return await self.store.delete_range_raw(
-            f"{self.prefix}applied/", f"{self.prefix}applied/{below_revision:020d}"
+            keys.applied_prefix(self.prefix), keys.applied_prefix(self.prefix, below_revision)
         )
 
     # -- flushing ------------------------------------------------------------------
@@ -392,11 +390,10 @@ class Presence:
             rows = [i.to_record() for i in self._instances.values()]
             if rows or self._written_chunks:  # nothing said before and nothing to say: no write
                 chunks = [rows[i : i + _CHUNK] for i in range(0, len(rows), _CHUNK)] or [[]]
-                base = f"{self.prefix}servers/{self.server_id}/"
                 now = model.format_time(model.utcnow())
                 ops = [
                     self.store.put_op(
-                        f"{base}{index:04d}",
+                        keys.server_chunk_key(self.prefix, self.server_id, index),
                         json.dumps(
                             {"server_id": self.server_id, "revision": revision,
                              "reported_at": now, "instances": chunk}
@@ -406,7 +403,7 @@ class Presence:
                     for index, chunk in enumerate(chunks)
                 ]  # fmt: skip
                 ops += [
-                    self.store.delete_op(f"{base}{index:04d}")
+                    self.store.delete_op(keys.server_chunk_key(self.prefix, self.server_id, index))
                     for index in range(len(chunks), self._written_chunks)
                 ]
                 try:
@@ -416,7 +413,7 @@ class Presence:
                     raise
                 self._written_chunks = len(chunks)
                 self._flushed_revision = revision
-                others = await self.store.count_prefix_raw(f"{self.prefix}servers/")
+                others = await self.store.count_prefix_raw(keys.servers_prefix(self.prefix))
                 self._peers = others > self._written_chunks
         await self._flush_applied()
 
@@ -428,7 +425,7 @@ class Presence:
             await self.store.txn_raw(
                 [
                     self.store.put_op(
-                        f"{self.prefix}applied/{revision:020d}/{service}/{self.server_id}",
+                        keys.applied_key(self.prefix, revision, service, self.server_id),
                         json.dumps(
                             {"all_acked_at": model.format_time(when), "instances": count}
                         ).encode(),

@@ -174,13 +174,7 @@ def test_console_scripts_point_at_callables() -> None:
         # A service's SDK pulls in nothing of the server's.
         (
             "agents",
-            (
-                "controlplane.server",
-                "controlplane.store",
-                "controlplane.hub",
-                "controlplane.service",
-                "aetcd",
-            ),
+            ("controlplane.server", "controlplane.store", "aetcd"),
         ),
     ],
 )
