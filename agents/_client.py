@@ -96,15 +96,8 @@ REFUSED_BACKOFF_CAP = 30.0
 
 
 class Client(ClientState):
-    """The background client of one agent: :class:`ClientState` and the stream.
-
-    Args:
-        config: The agent's resolved configuration.
-        publish: Called with each new effective snapshot; must be one attribute
-            assignment.
-        on_state: Called with each new state, in the client's loop.
-        registry: Where to register the agent's metrics, if anywhere.
-    """
+    """The background client of one agent: :class:`ClientState` (whose arguments it
+    takes) and the stream."""
 
     def __init__(
         self,
