@@ -63,6 +63,11 @@ class ServerMetrics:
             "Audit records removed by the retention period.",
             registry=registry,
         )
+        self.override_reports_dropped = Counter(
+            "controlplane_override_reports_dropped_total",
+            "Agents' override reports not audited: over what one instance may report.",
+            registry=registry,
+        )
         self.changes = Counter(
             "controlplane_changes_total",
             "Changes written, by action (flag.set, pin.clear, ...).",

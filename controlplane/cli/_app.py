@@ -23,7 +23,7 @@ from controlplane.cli._errors import (
     ExitCode,
     exit_code_for_status,
 )
-from controlplane.cli._output import Rendered, dumps, to_plain
+from controlplane.cli._output import Rendered, dumps, terminal_safe, to_plain
 from controlplane.transport import ClientSecurity, TransportConfigError
 
 if TYPE_CHECKING:
@@ -32,6 +32,12 @@ if TYPE_CHECKING:
 
 
 ENV_TOKEN = "CPCTL_TOKEN"  # noqa: S105  # a variable's name, not a token
+
+_CHANNEL_OPTIONS = (
+    # A timeline of 10,000 entries is larger than gRPC's default of 4 MiB; the server
+    # bounds what each answer shows (about 4 MiB of records plus the entries).
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+)
 """The variable that holds the bearer token (no option does: see --token-file)."""
 
 CLI_SETTING_NAMES: Mapping[str, str] = {
@@ -156,7 +162,7 @@ class App:
         channel = self._channels.get(target)
         if channel is None:
             try:
-                channel = self.security.channel(target)
+                channel = self.security.channel(target, options=_CHANNEL_OPTIONS)
             except TransportConfigError as e:
                 raise setting_error(e, self.setting_names) from None
             self._channels[target] = channel
@@ -303,6 +309,6 @@ def respond(
         return
     rendered = render(doc, datetime.now(UTC))
     for line in rendered.lines:
-        click.echo(line)
+        click.echo(terminal_safe(line))
     for warning in rendered.warnings:
-        click.echo(warning, err=True)
+        click.echo(terminal_safe(warning), err=True)

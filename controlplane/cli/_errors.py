@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING
 
 import click
 
+from controlplane.cli._output import terminal_safe
+
 if TYPE_CHECKING:
     import grpc
 
@@ -153,7 +155,7 @@ def report_error(error: click.ClickException, as_json: bool) -> int:
         report = {"error": {"code": code, "message": message, "exit_code": error.exit_code}}
         click.echo(json.dumps(report, ensure_ascii=False), err=True)
         return error.exit_code
-    click.echo(f"error: {message}", err=True)
+    click.echo(f"error: {terminal_safe(message)}", err=True)
     if isinstance(error, click.UsageError) and error.ctx is not None:
         click.echo(f"usage: {error.ctx.get_usage().removeprefix('Usage: ')}", err=True)
         click.echo(f"see: {error.ctx.command_path} --help", err=True)
@@ -161,5 +163,5 @@ def report_error(error: click.ClickException, as_json: bool) -> int:
         hint = error.hint if isinstance(error, CliError) else None
         hint = hint or HINTS.get(code)
         if hint:
-            click.echo(f"hint: {hint}", err=True)
+            click.echo(f"hint: {terminal_safe(hint)}", err=True)
     return error.exit_code

@@ -25,8 +25,17 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from controlplane._text import escaped
+
 if TYPE_CHECKING:
     from google.protobuf.message import Message
+
+
+def terminal_safe(text: str) -> str:
+    """``text`` as cpctl prints it in its human form: names, versions and reasons come
+    from the store, and agents write some of them, so the characters a terminal would
+    act on are written out as ``\\uXXXX`` (newlines and tabs are cpctl's own)."""
+    return escaped(text, keep="\n")
 
 
 _FLAG_VALUE = "controlplane.api.v1.FlagValue"

@@ -19,7 +19,14 @@ import click
 
 from controlplane.cli._app import App, respond
 from controlplane.cli._errors import HINTS, CliError, ExitCode, invalid
-from controlplane.cli._output import Rendered, dumps, format_age, iso, one_line
+from controlplane.cli._output import (
+    Rendered,
+    dumps,
+    format_age,
+    iso,
+    one_line,
+    terminal_safe,
+)
 from controlplane.cli._params import DURATION, TIME
 
 if TYPE_CHECKING:
@@ -316,7 +323,7 @@ def write_and_wait(
         click.echo(dumps({**doc, "wait": report}))
     elif report is not None:
         for line in render_wait(report).lines:
-            click.echo(line)
+            click.echo(terminal_safe(line))
     if failure is not None:
         raise failure
     if report is not None and report["outcome"] != "applied":

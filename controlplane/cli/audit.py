@@ -23,6 +23,7 @@ from controlplane.cli._output import (
     iso,
     one_line,
     table,
+    terminal_safe,
 )
 from controlplane.cli._params import SINCE
 
@@ -58,7 +59,9 @@ def watch(app: App, service: str) -> None:
                 _watch_note(app, service, last)
                 continue
             for entry in changes:
-                click.echo(dumps_line(entry) if app.json_output else render_change(entry))
+                click.echo(
+                    dumps_line(entry) if app.json_output else terminal_safe(render_change(entry))
+                )
             last = max(last, int(response.get("revision") or 0))
     except KeyboardInterrupt:
         responses.close()
@@ -150,7 +153,7 @@ def timeline(app: App, incident: str, output: str, limit: int | None) -> None:
         click.echo(dumps(doc))
         return
     for line in render_timeline_md(doc):
-        click.echo(line)
+        click.echo(terminal_safe(line))
 
 
 # ---- output ----
@@ -186,6 +189,9 @@ def describe_record(kind: str, record: Any) -> str:
         return _ABSENT.get(kind, "none")
     if not isinstance(record, Mapping):
         return str(record)
+    if record.get("truncated") is True and "kind" not in record:
+        # The server shows a record too large for the answer as its size and digest.
+        return f"({record.get('bytes', '?')} bytes, too large to show)"
     if kind == "flag" or "value" in record:
         return format_value(record.get("value"))
     if kind == "shedding" or "percent" in record:

@@ -10,6 +10,7 @@ a domain object is always valid.
 
 from controlplane.model._records import (
     MAX_BUNDLE_CHANGES,
+    MAX_SHOWN_RECORD_BYTES,
     AuditEntry,
     Bundle,
     BundleEntry,
@@ -21,6 +22,7 @@ from controlplane.model._records import (
     Record,
     Shedding,
     WriteOptions,
+    shown_json,
     validate_bundle_name,
     write_options_from_proto,
 )
@@ -35,6 +37,7 @@ from controlplane.model._values import (
     FlagValue,
     RecordError,
     Tier,
+    clean_text,
     datetime_to_timestamp,
     decode_record,
     describe_shedding,
@@ -66,6 +69,7 @@ __all__ = [
     "MAX_JSON_DEPTH",
     "MAX_REASON_CHARS",
     "MAX_RECORD_BYTES",
+    "MAX_SHOWN_RECORD_BYTES",
     "MAX_TTL",
     "AuditEntry",
     "Bundle",
@@ -82,6 +86,7 @@ __all__ = [
     "Shedding",
     "Tier",
     "WriteOptions",
+    "clean_text",
     "datetime_to_timestamp",
     "decode_record",
     "describe_shedding",
@@ -93,6 +98,7 @@ __all__ = [
     "format_time",
     "parse_json_object",
     "parse_time",
+    "shown_json",
     "tier_from_proto",
     "timestamp_to_datetime",
     "utcnow",

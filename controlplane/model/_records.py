@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeAlias
 
+from controlplane._text import visible
 from controlplane.api.v1 import types_pb2 as pb
 from controlplane.errors import InvalidArgumentError
 from controlplane.model._values import (
@@ -36,6 +38,22 @@ from controlplane.model._values import (
     validate_version,
 )
 
+MAX_SHOWN_RECORD_BYTES = 64 * 1024
+"""The most JSON of one record an audit entry shows (a stored record is at most 64 KiB;
+older or hand-written audit records may hold more)."""
+
+
+def shown_json(value: Any, limit: int) -> str:
+    """``value`` as JSON if that takes at most ``limit`` bytes, else a short placeholder
+    saying how large it is and its digest."""
+    text = dump_json(value)
+    size = len(text.encode())
+    if size <= limit:
+        return text
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    return dump_json({"truncated": True, "bytes": size, "sha256": digest})
+
+
 # ---------------------------------------------------------------- write options
 
 
@@ -63,6 +81,10 @@ def write_options_from_proto(
             "options.reason", "is required: say why (it goes to the audit trail)"
         )
     check_text(reason, "options.reason", MAX_REASON_CHARS)
+    if not visible(reason):
+        raise InvalidArgumentError(
+            "options.reason", "shows nothing (only spaces or invisible characters): say why"
+        )
     incident = msg.incident.strip()
     if incident and not INCIDENT_RE.fullmatch(incident):
         raise InvalidArgumentError(
@@ -556,7 +578,9 @@ class AuditEntry:
             revision=revision,
         )
 
-    def to_proto(self) -> pb.AuditEntry:
+    def to_proto(self, shown_bytes: int = MAX_SHOWN_RECORD_BYTES) -> pb.AuditEntry:
+        """The entry for the API; a record before or after over ``shown_bytes`` of JSON is
+        shown as ``{"truncated": true, "bytes": N, "sha256": ...}``, never an error."""
         msg = pb.AuditEntry(
             id=self.id,
             revision=self.revision,
@@ -569,8 +593,8 @@ class AuditEntry:
             name=self.name,
             reason=self.reason,
             incident=self.incident,
-            before_json=dump_json(self.before) if self.before is not None else "",
-            after_json=dump_json(self.after) if self.after is not None else "",
+            before_json=shown_json(self.before, shown_bytes) if self.before is not None else "",
+            after_json=shown_json(self.after, shown_bytes) if self.after is not None else "",
             bundle_id=self.bundle_id,
         )
         if self.expires_at is not None:

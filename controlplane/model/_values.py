@@ -11,6 +11,7 @@ from typing import Any, TypeAlias
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
+from controlplane._text import escaped, refused_char
 from controlplane.api.v1 import types_pb2 as pb
 from controlplane.errors import InvalidArgumentError
 
@@ -118,11 +119,21 @@ def show(value: str) -> str:
 
 
 def check_text(value: str, field_name: str, limit: int) -> str:
+    """``value`` if it is at most ``limit`` characters without control characters
+    (a tab aside) or bidirectional controls."""
     if len(value) > limit:
         raise InvalidArgumentError(field_name, f"is {len(value)} characters, over {limit}")
-    if any(ord(c) < 32 and c not in "\t" for c in value):
-        raise InvalidArgumentError(field_name, "must not contain control characters")
+    for c in value:
+        why = refused_char(c)
+        if why is not None:
+            raise InvalidArgumentError(field_name, f"must not contain {why} (found U+{ord(c):04X})")
     return value
+
+
+def clean_text(value: str, limit: int) -> str:
+    """Text someone else wrote (an agent's report), made safe to show: cut to ``limit``
+    characters, each refused character written as ``\\uXXXX``."""
+    return escaped(value[:limit])
 
 
 def validate_json_object(value: Any, field_name: str = "value") -> dict[str, Any]:

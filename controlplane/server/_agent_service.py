@@ -8,9 +8,6 @@ behind; its acks and rejections come back on the same stream and go to presence.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hashlib
-import json
 import re
 import time
 from typing import Any
@@ -23,6 +20,7 @@ from controlplane.api.v1 import agent_pb2, agent_pb2_grpc
 from controlplane.errors import ControlPlaneError, InvalidArgumentError, UnavailableError
 from controlplane.metrics import ServerMetrics
 from controlplane.server._presence import Instance, Presence
+from controlplane.server._reports import ReportLimiter, read_report
 from controlplane.server._rpc import actor_of, log_rpc
 from controlplane.server.auth import check_sync_service, current_identity
 from controlplane.server.hub import Feed, Hub, coalesce
@@ -57,6 +55,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self.presence = presence
         self.metrics = metrics
         self._streams_seen = 0
+        self._reports = ReportLimiter()
 
     async def Sync(self, request_iterator: Any, context: Any) -> None:
         start = time.perf_counter()
@@ -242,35 +241,33 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         return self.hub.store.budget(self.hub.store.etcd_timeout)
 
     async def _override(self, instance: Instance, override: agent_pb2.Override) -> None:
-        """A host's break-glass override: shown in status, audited once."""
+        """A host's break-glass override: shown in status, audited once (bounded and
+        rate-limited per instance: ``_reports``)."""
         instance.override_active = override.active
         self.presence.touch(instance.service)
-        content: dict[str, Any] | None = None
-        if override.content_json:
-            try:
-                parsed = json.loads(override.content_json)
-                content = parsed if isinstance(parsed, dict) else {"content": parsed}
-                json.dumps(content, ensure_ascii=False).encode()  # lone surrogates
-            except (ValueError, RecursionError):
-                content = {"content": override.content_json[:4096]}
-        expires = None
-        if override.HasField("expires_at"):
-            with contextlib.suppress(ValueError):
-                expires = model.timestamp_to_datetime(override.expires_at)
-        actor, reason = _override_audit(override.actor[:256], override.reason[:1024])
+        report = read_report(override)
+        if not self._reports.allow(instance.service, instance.instance_id):
+            self.metrics.override_reports_dropped.inc()
+            log.warning(
+                "override_report_dropped",
+                service=instance.service,
+                instance_id=instance.instance_id,
+                reason="over the reports an instance may have audited",
+            )
+            return
+        actor, reason = _override_audit(report.actor, report.reason)
         try:
             with self.hub.store.budget(self.hub.store.etcd_timeout):
                 await self.hub.store.record_override(
                     instance.service,
                     instance.instance_id,
-                    active=override.active,
-                    digest=override.digest[:128]
-                    or hashlib.sha256(override.content_json.encode()).hexdigest(),
+                    active=report.active,
+                    digest=report.digest,
                     actor=actor,
                     actor_authenticated=current_identity.get() is not None,
                     reason=reason,
-                    expires_at=expires,
-                    content=content,
+                    expires_at=report.expires_at,
+                    content=report.content,
                 )
         except ControlPlaneError as exc:
             # Reported again at the agent's next connect; the stream goes on.

@@ -43,6 +43,17 @@ log = structlog.get_logger("controlplane.rpc")
 
 MAX_HISTORY_LIMIT = 1000
 DEFAULT_HISTORY_LIMIT = 100
+HISTORY_RESPONSE_BYTES = 4 * 1024 * 1024
+"""About the most bytes of records an answer of audit entries shows (history, timeline):
+each entry shows its records before and after up to its share, at least 1 KiB each."""
+
+
+def _shown_bytes(entries: int) -> int:
+    """How much JSON of each record an answer of ``entries`` audit entries shows."""
+    share = HISTORY_RESPONSE_BYTES // (2 * max(entries, 1))
+    return max(1024, min(model.MAX_SHOWN_RECORD_BYTES, share))
+
+
 # How long a wait waits for another replica to report a revision before going on
 # without it (its flushes come every half second while it lives).
 REPLICA_GRACE = 2.0
@@ -485,7 +496,8 @@ class _ObservationRPCs(_Servicer):
             until=until,
             limit=request.limit or DEFAULT_HISTORY_LIMIT,
         )
-        return mpb.ListHistoryResponse(entries=[e.to_proto() for e in entries])
+        shown = _shown_bytes(len(entries))
+        return mpb.ListHistoryResponse(entries=[e.to_proto(shown) for e in entries])
 
     async def WatchChanges(
         self, request: mpb.WatchChangesRequest, context: Any
@@ -537,11 +549,12 @@ class _ObservationRPCs(_Servicer):
         entries = await self.store.list_history(incident=incident, limit=request.limit or 1000)
         entries.reverse()  # oldest first
         records = await self.presence.applied_records(entries[0].revision) if entries else {}
+        shown = _shown_bytes(len(entries))
         return mpb.GetTimelineResponse(
             incident=incident,
             entries=[
                 mpb.TimelineEntry(
-                    change=entry.to_proto(),
+                    change=entry.to_proto(shown),
                     applied=_applied_for(records, entry.scope, entry.revision),
                 )
                 for entry in entries

@@ -19,6 +19,7 @@ from controlplane.metrics import ServerMetrics
 from controlplane.model import GLOBAL_SCOPE, AuditEntry, RecordError
 from controlplane.store._commit import retry_cas
 from controlplane.store._etcd import (
+    AnswerTooLargeError,
     Etcd,
     WatchEvent,
     delete,
@@ -42,6 +43,12 @@ log = structlog.get_logger("controlplane.store")
 # Audit records hold a record before and after (each up to 64 KiB); etcd takes 1.5 MiB.
 MAX_AUDIT_BYTES = 512 * 1024
 _HISTORY_PAGE = 512
+"""At most this many audit records in one range."""
+_PAGE_BYTES = 2 * 1024 * 1024
+"""About this many bytes of audit records in one range (the store takes 16 MiB an answer)."""
+_FIRST_PAGE = 4
+"""Records in the first range of a window, before their size is known (each at most
+what etcd takes in one request, 1.5 MiB by default)."""
 _PARSE_ERRORS = (RecordError, ValueError, TypeError, KeyError, AttributeError)
 
 
@@ -126,10 +133,25 @@ class Audit:
         return entries
 
     async def _read_audit_window(self, lo_key: bytes, hi_key: bytes) -> list[AuditEntry]:
+        """Every audit record in [lo_key, hi_key), in pages bounded in bytes and in count.
+
+        etcd can bound a range only in count, so each page asks for as many records as
+        fit :data:`_PAGE_BYTES` at the size of the largest record of the page before (a
+        record written by hand can be as large as etcd takes), and at most four times as
+        many as the page before. An answer that is still over what this client accepts
+        is asked again for a quarter of the records.
+        """
         entries = []
         start = lo_key
+        page = _FIRST_PAGE
         while start < hi_key:
-            response = await self._etcd.range(start, hi_key, limit=_HISTORY_PAGE)
+            try:
+                response = await self._etcd.range(start, hi_key, limit=page)
+            except AnswerTooLargeError:
+                if page == 1:
+                    raise
+                page = max(1, page // 4)
+                continue
             for kv in response.kvs:
                 try:
                     data = model.decode_record(kv.value)
@@ -140,6 +162,10 @@ class Audit:
             if not response.more or not response.kvs:
                 break
             start = bytes(response.kvs[-1].key) + b"\0"
+            # Grows at most fourfold a page, so that one record far larger than those
+            # before it costs etcd at most a page four times the budget.
+            largest = max(len(kv.value) for kv in response.kvs)
+            page = max(1, min(_HISTORY_PAGE, 4 * page, _PAGE_BYTES // max(largest, 1)))
         return entries
 
     def decode_event(self, event: WatchEvent) -> AuditEntry | None:

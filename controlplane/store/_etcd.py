@@ -43,6 +43,7 @@ from controlplane.store._security import EtcdSecurity
 from controlplane.store.keys import range_end
 
 __all__ = [
+    "AnswerTooLargeError",
     "Etcd",
     "WatchEvent",
     "delete",
@@ -125,6 +126,10 @@ def etcd_version_risk(version: str) -> str | None:
             "(fixed in 3.5.3): upgrade etcd to 3.5.3 or later"
         )
     return None
+
+
+class AnswerTooLargeError(ControlPlaneError):
+    """etcd's answer was over the size this client accepts (ask for fewer keys)."""
 
 
 class Etcd:
@@ -361,7 +366,7 @@ class Etcd:
                             f"etcd refused the write: {details} (its space quota is full: "
                             "compact and defragment etcd)"
                         ) from None
-                    raise ControlPlaneError(f"etcd answer too large: {details}") from None
+                    raise AnswerTooLargeError(f"etcd answer too large: {details}") from None
                 raise ControlPlaneError(f"etcd error ({code.name}): {exc.details()}") from None
             except TimeoutError:
                 # Waited for another call's authentication until the budget ran out.

@@ -24,8 +24,10 @@ class RawAgent:
         last_applied: int = 0,
         version: str = "v1",
         auto_ack: bool = True,
+        token: str | None = None,
     ) -> None:
         self.address = address
+        self.metadata = (("authorization", f"Bearer {token}"),) if token is not None else None
         self.hello = agent_pb2.Hello(
             service=service,
             instance_id=instance_id,
@@ -46,7 +48,7 @@ class RawAgent:
             self.address, options=[("grpc.use_local_subchannel_pool", 1)]
         )
         stub = agent_pb2_grpc.AgentServiceStub(self._channel)
-        call = stub.Sync(self._requests())
+        call = stub.Sync(self._requests(), metadata=self.metadata)
         self._task = asyncio.create_task(self._read(call))
         await self._outbox.put(agent_pb2.SyncRequest(hello=self.hello))
         return self

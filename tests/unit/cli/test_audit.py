@@ -54,6 +54,12 @@ def _entry(kind: str, before: Any, after: Any, **fields: Any) -> types_pb2.Audit
             "2026-11-26T17:30:00Z  rev 812  known_good.mark  checkout/v1  not marked -> "
             "known-good  by sre-1",
         ),
+        (
+            _entry("flag", {"truncated": True, "bytes": 1200000, "sha256": "ab"}, {"value": 1},
+                   action="flag.set", scope="checkout", name="big"),
+            "2026-11-26T17:30:00Z  rev 812  flag.set  checkout/big  (1200000 bytes, too large "
+            "to show) -> 1  by sre-1",
+        ),
     ],
 )  # fmt: skip
 def test_watch_line_of_a_change(entry: types_pb2.AuditEntry, line: str) -> None:
@@ -89,3 +95,17 @@ def test_watch_fails_over_before_it_is_live(server: Server) -> None:
     assert result.exit_code == 6
     assert "watching every service from revision 812" in result.stderr
     assert server.servicer.calls == ["WatchChanges"]
+
+
+def test_watch_writes_out_what_a_terminal_would_act_on(server: Server) -> None:
+    # An agent's report reached the audit trail with an escape sequence and a bidi override.
+    evil = "\x1b]0;pwned\x07\x1b[2J\u202eFAKE"
+    server.servicer.watched = [
+        _entry("override", None, {"flags": {}}, action="override.applied", scope="checkout",
+               name="web-1", reason=evil, actor=evil),
+    ]  # fmt: skip
+    result = run("--server", server.address, "watch", "checkout")
+    assert result.exit_code == 6, result.output
+    assert "\x1b" not in result.output and "\x07" not in result.output
+    assert "\u202e" not in result.output
+    assert "\\u001b]0;pwned\\u0007\\u001b[2J\\u202eFAKE" in result.stdout
