@@ -6,7 +6,10 @@ second, whatever the server says, until it expires or the file is removed.
 
 Where: ``override_path`` (argument), else ``CONTROLPLANE_OVERRIDE_PATH``, else
 next to the cache file, ``<cache file>.override.json``; no override file without
-any of these (``agents._config``).
+any of these (``agents._config``). The file grants power (it changes what the service
+serves and the version it is pinned to), so it is refused unless it and its directory
+are owned by the agent's user or root and writable by no one else, and a symbolic link
+there is refused (``controlplane._files``).
 
 The file is one JSON object (UTF-8, at most 64 KiB)::
 
@@ -71,6 +74,7 @@ from pathlib import Path
 from typing import Any
 
 from agents._types import Criticality, FlagValue, Override, SheddingLevel
+from controlplane._files import UnsafeFileError, read_guarded
 from controlplane.api.v1 import agent_pb2
 
 MAX_AHEAD = timedelta(days=7)
@@ -413,7 +417,10 @@ class OverrideFile:
         change. Never raises.
         """
         try:
-            st = os.stat(self.path)
+            # The link itself, not where it points: a symlink is refused below. Owner and
+            # mode count: a file refused for them is read again once they are fixed.
+            st = os.lstat(self.path)
+            parent = os.stat(self.path.parent)
         except FileNotFoundError:
             if self._seen is None:
                 return None
@@ -425,14 +432,20 @@ class OverrideFile:
                 return None
             self._seen = seen
             return OverrideRead(None, OverrideError(f"cannot stat the file: {exc}"))
-        seen = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        seen = (
+            st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode, st.st_uid,
+            parent.st_mode, parent.st_uid,
+        )  # fmt: skip
         if seen == self._seen:
             return None
         # Recorded before the read: a change during the read is seen at the next check.
         self._seen = seen
         try:
-            with open(self.path, "rb") as f:
-                data = f.read(MAX_FILE_BYTES + 1)
+            data, _ = read_guarded(
+                self.path, "the override file", follow_symlinks=False, max_bytes=MAX_FILE_BYTES + 1
+            )
+        except UnsafeFileError as exc:
+            return OverrideRead(None, OverrideError(str(exc)))
         except FileNotFoundError:
             self._seen = None
             return OverrideRead(None)

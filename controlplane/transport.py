@@ -22,12 +22,15 @@ file), so that rotated files are picked up without a restart.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from controlplane._files import UnsafeFileError, read_guarded
 
 if TYPE_CHECKING:
     import grpc
@@ -174,9 +177,21 @@ def validate_token(token: str, source: str = "{token}", **values: str) -> str:
     return token
 
 
-def _read(path: Path, setting: str, what: str) -> bytes:
+_warned: set[str] = set()
+"""Secret files already warned of (the token file is read at every call)."""
+
+
+def _read(path: Path, setting: str, what: str, *, secret: bool = False) -> bytes:
     try:
-        data = path.read_bytes()
+        if secret:
+            data, warning = read_guarded(path, f"the {what}", secret=True)
+            if warning is not None and str(path) not in _warned:
+                _warned.add(str(path))
+                logging.getLogger("controlplane.transport").warning("%s", warning)
+        else:
+            data = path.read_bytes()
+    except UnsafeFileError as exc:
+        raise TransportConfigError(f"{{{setting}}}: {{message}}", message=str(exc)) from None
     except OSError as exc:
         raise TransportConfigError(
             f"cannot read {{{setting}}} {{path}} ({what}): {{error}}",
@@ -189,7 +204,7 @@ def _read(path: Path, setting: str, what: str) -> bytes:
 
 
 def _read_pem(path: Path, setting: str, what: str) -> bytes:
-    data = _read(path, setting, what)
+    data = _read(path, setting, what, secret=setting == "key")
     if setting == "key":
         ok, expected = _PEM_PRIVATE_KEY.search(data) is not None, "-----BEGIN PRIVATE KEY-----"
     else:
@@ -291,7 +306,7 @@ class ClientSecurity:
             return self.token
         if self.token_file is None:
             return None
-        raw = _read(self.token_file, "token_file", "token file")
+        raw = _read(self.token_file, "token_file", "token file", secret=True)
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:

@@ -15,14 +15,18 @@ from datetime import timedelta
 from pathlib import Path
 
 import click
+import structlog
 
 from controlplane import __version__
 from controlplane._duration_param import DurationParam
+from controlplane._files import UnsafeFileError, read_guarded
 from controlplane.server._config import MIN_AUDIT_RETENTION, ServerConfig, ServerConfigError
 from controlplane.server._runtime import configure_logging, run_event_loop, serve_until_stopped
 from controlplane.server._workers import WorkerStartError, run_workers
 from controlplane.server.auth import AuthFileError, hash_token
 from controlplane.store import DEFAULT_PREFIX, EtcdSecurity, normalize_endpoints
+
+log = structlog.get_logger("controlplane.server")
 
 
 @click.group()
@@ -313,12 +317,18 @@ def _etcd_security(
     """The etcd TLS and user settings; the password from its file or the environment."""
     password = os.environ.get("CONTROLPLANE_ETCD_PASSWORD") or None
     if password_file is not None:
+        what = "the etcd password file (--etcd-password-file)"
         try:
-            password = password_file.read_text(encoding="utf-8").rstrip("\r\n")
+            raw, warning = read_guarded(password_file, what, secret=True)
+            password = raw.decode("utf-8").rstrip("\r\n")
+        except UnsafeFileError as exc:
+            raise click.BadParameter(str(exc), param_hint="--etcd-password-file") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise click.BadParameter(
                 f"cannot read {password_file}: {exc}", param_hint="--etcd-password-file"
             ) from None
+        if warning is not None:
+            log.warning("secret_file_readable", file=str(password_file), message=warning)
     if not any((ca, cert, key, server_name, user, password)):
         return None
     try:

@@ -12,8 +12,12 @@ import threading
 from typing import Any
 
 import grpc
+import structlog
 
+from controlplane._files import UnsafeFileError, read_guarded
 from controlplane.server._config import ServerConfig, ServerConfigError
+
+log = structlog.get_logger("controlplane.server")
 
 
 class ServerTls:
@@ -60,13 +64,18 @@ class ServerTls:
         if config.tls_key is None:
             raise ServerConfigError("--tls-cert needs --tls-key (the certificate's private key)")
         try:
-            cert, key = config.tls_cert.read_bytes(), config.tls_key.read_bytes()
+            key, warning = read_guarded(config.tls_key, "the TLS key (--tls-key)", secret=True)
+            cert = config.tls_cert.read_bytes()
             ca = config.tls_client_ca.read_bytes() if config.tls_client_ca else None
+        except UnsafeFileError as exc:
+            raise ServerConfigError(str(exc)) from None
         except OSError as exc:
             raise ServerConfigError(
                 f"cannot read {exc.filename}: {exc.strerror or exc} (--tls-cert, --tls-key, "
                 "--tls-client-ca)"
             ) from None
+        if warning is not None:
+            log.warning("secret_file_readable", file=str(config.tls_key), message=warning)
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         try:
             # ssl loads a certificate chain only from files: check the files, then that

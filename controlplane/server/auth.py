@@ -52,6 +52,7 @@ import grpc
 import structlog
 import yaml
 
+from controlplane._files import UnsafeFileError, read_guarded
 from controlplane.api.v1 import agent_pb2, mitigation_pb2
 from controlplane.errors import PermissionDeniedError
 from controlplane.transport import AUTHORIZATION
@@ -320,10 +321,14 @@ def load_auth_file(path: Path) -> AuthConfig:
     """Read and validate the auth file (``.json``: JSON; anything else: YAML).
 
     Raises:
-        AuthFileError: it cannot be read, does not parse or is invalid.
+        AuthFileError: it cannot be read, someone else than its owner (this user or
+            root) can change it or its directory, it does not parse or is invalid.
     """
     try:
-        text = path.read_text(encoding="utf-8")
+        raw, _ = read_guarded(path, "the auth file")
+        text = raw.decode("utf-8")
+    except UnsafeFileError as exc:
+        raise AuthFileError(str(exc)) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise AuthFileError(f"cannot read auth file {path}: {exc}") from None
     try:

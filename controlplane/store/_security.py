@@ -7,10 +7,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import structlog
 
+from controlplane._files import UnsafeFileError, read_guarded
 from controlplane.errors import EtcdAccessError
 
 __all__ = ["EtcdSecurity", "normalize_endpoints"]
+
+log = structlog.get_logger("controlplane.store")
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +100,14 @@ class EtcdSecurity:
 
 def _read_pem(path: Path, option: str, kind: bytes) -> bytes:
     try:
-        data = path.read_bytes()
+        if kind == b"PRIVATE KEY":
+            data, warning = read_guarded(path, f"the {option} file", secret=True)
+            if warning is not None:
+                log.warning("secret_file_readable", file=str(path), message=warning)
+        else:
+            data = path.read_bytes()
+    except UnsafeFileError as exc:
+        raise EtcdAccessError(str(exc)) from None
     except OSError as exc:
         raise EtcdAccessError(f"cannot read {option} file {path}: {exc.strerror or exc}") from None
     if b"-----BEGIN " not in data or kind + b"-----" not in data:

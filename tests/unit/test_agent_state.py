@@ -194,4 +194,6 @@ def test_the_agent_imports_no_server_module() -> None:
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
-    assert out.stdout.strip() == "['controlplane'] []"
+    # controlplane._files: the standard-library check of files that grant power, shared
+    # with the server.
+    assert out.stdout.strip() == "['controlplane', 'controlplane._files'] []"
