@@ -1,5 +1,10 @@
 """The hooks: commands run on a change, retried, merged while one runs, their
 last outcome kept across restarts in the state file.
+
+A hook runs with the sidecar's environment less the sidecar's own settings (every
+``CONTROLPLANE_*`` and ``CPCTL_*`` variable: the token, the token file, the TLS key...),
+plus its ``CP_*`` variables. A failed run's output is logged cut to its last
+:data:`_OUTPUT_TAIL` characters, with the sidecar's token written as ``<redacted>``.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import random
 import signal
 import subprocess
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +35,21 @@ from agents.sidecar._options import (
 log = logging.getLogger("agents.sidecar")
 
 
-_OUTPUT_TAIL = 2000
+_OUTPUT_TAIL = 500
+_SETTINGS_PREFIXES = ("CONTROLPLANE_", "CPCTL_")
+"""Environment variables a hook does not get: the sidecar's own settings."""
+
+
+def hook_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` without the sidecar's settings (token, token file, TLS files...)."""
+    return {k: v for k, v in environ.items() if not k.upper().startswith(_SETTINGS_PREFIXES)}
+
+
+def redacted(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every secret of at least 8 characters written as ``<redacted>``."""
+    for secret in sorted({s for s in secrets if len(s) >= 8}, key=len, reverse=True):
+        text = text.replace(secret, "<redacted>")
+    return text
 
 
 def _same(a: object, b: object) -> bool:
@@ -127,6 +146,7 @@ class HookRunner:
             state file.
         execute: Runs a command; the default runs it in a new process group.
         env: Extra environment variables for every run.
+        secrets: The secrets (the token) a failed run's logged output must not show.
 
     Lifecycle: :meth:`start` once; :meth:`submit` from any thread (it only
     queues); :meth:`stop` is idempotent.
@@ -147,6 +167,7 @@ class HookRunner:
         execute: Executor | None = None,
         env: Mapping[str, str] | None = None,
         rand: Callable[[], float] = random.random,
+        secrets: Callable[[], Iterable[str]] = tuple,
     ) -> None:
         if attempts < 1:
             raise ValueError("attempts must be at least 1")
@@ -159,6 +180,7 @@ class HookRunner:
         self._execute = execute or self._run_process
         self._env = dict(env or {})
         self._rand = rand
+        self._secrets = secrets
         self._cond = threading.Condition()
         self._pending: _Job | None = None
         self._busy = False
@@ -302,10 +324,14 @@ class HookRunner:
             result = self._execute(
                 self.command,
                 json.dumps(payload).encode(),
-                {**os.environ, **self._env, **env},
+                {**hook_environment(os.environ), **self._env, **env},
                 self.timeout,
             )
             revision = job.change.revision
+            if not result.ok and result.output:
+                result = dataclasses.replace(
+                    result, output=redacted(result.output, self._secrets())
+                )
             if result.ok:
                 log.info("hook_ran hook=%s revision=%d attempt=%d", self.kind, revision, attempt)
                 self._finish(job, "ok", attempt)

@@ -4,12 +4,15 @@ one service, started and stopped together.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import threading
 import urllib.parse
 from collections.abc import Callable, Mapping
 from http import HTTPStatus
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -93,6 +96,17 @@ class Sidecar:
         self.address = ""
         """``host:port`` the endpoint listens on, once started."""
 
+    def _secrets(self) -> list[str]:
+        """What a hook's logged output must not show: the token, however it is given."""
+        found = [self.options.token or ""]
+        found += [v for k, v in os.environ.items() if k.upper().startswith("CONTROLPLANE_TOKEN")]
+        paths = [self.options.token_file, os.environ.get("CONTROLPLANE_TOKEN_FILE")]
+        for path in paths:
+            if path:
+                with contextlib.suppress(OSError, UnicodeDecodeError):
+                    found.append(Path(path).read_text(encoding="utf-8").strip())
+        return [value.strip() for value in found if value.strip()]
+
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
@@ -135,6 +149,7 @@ class Sidecar:
             "on_status": self._hook_status_changed,
             "execute": self._execute,
             "env": {"CP_STATE_FILE": str(options.state_file or "")},
+            "secrets": self._secrets,
         }
         if options.on_change:
             self._hooks.append(

@@ -112,9 +112,13 @@ class SidecarProcess:
         self._reader = asyncio.create_task(self._read())
 
     @classmethod
-    async def start(cls, server: str, *args: str) -> SidecarProcess:
+    async def start(
+        cls, server: str, *args: str, env: dict[str, str] | None = None
+    ) -> SidecarProcess:
+        """Start one; ``env``: variables of its own (the test's CONTROLPLANE_* are not)."""
+        given = env or {}
         env = {k: v for k, v in os.environ.items() if not k.startswith(("CONTROLPLANE_", "CP_"))}
-        env["PYTHONUNBUFFERED"] = "1"
+        env.update(given, PYTHONUNBUFFERED="1")
         proc = await asyncio.create_subprocess_exec(
             *(sys.executable, "-m", "agents.sidecar", "--service", "checkout"),
             *("--servers", server, "--listen", "127.0.0.1:0", *args),
