@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -47,6 +48,15 @@ def _override_audit(actor: str, reason: str) -> tuple[str, str]:
     return identity.name, reason
 
 
+@dataclass(slots=True, eq=False)
+class _Live:
+    """An instance's live Sync stream in this process."""
+
+    task: asyncio.Task[Any] | None
+    peer: str
+    replaced_by: str | None = None  # the peer of the stream that replaced it
+
+
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     """The agents' Sync stream: hello, snapshot or resume, then changes; acks back."""
 
@@ -56,6 +66,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self.metrics = metrics
         self._streams_seen = 0
         self._reports = ReportLimiter()
+        # The live Sync of each instance in this process: one at a time.
+        self._live: dict[tuple[str, str], _Live] = {}
 
     async def Sync(self, request_iterator: Any, context: Any) -> None:
         start = time.perf_counter()
@@ -69,11 +81,13 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         instance = Instance(
             service=hello.service,
             instance_id=hello.instance_id,
-            running_version=hello.running_version[:128],
-            agent_version=hello.agent_version[:64],
+            # Shown to operators as the agent wrote them: bounded, nothing a terminal acts on.
+            running_version=model.clean_text(hello.running_version, 128),
+            agent_version=model.clean_text(hello.agent_version, 64),
             connected_at=model.utcnow(),
             server_id=self.presence.server_id,
         )
+        live = self._replace_live(instance, context.peer())
         log.info(
             "agent_connected",
             service=instance.service,
@@ -88,6 +102,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 await self._override(instance, hello.override)
         except BaseException:
             self.presence.disconnect(instance)
+            self._forget_live(instance, live)
             raise
         # A feed made before the hub read the state would claim a history it lacks.
         await self.hub.ready.wait()
@@ -151,6 +166,14 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             # with OK rather than leave it without a status.
             if reader_ended and handler is not None and handler.uncancel() == 0:
                 return
+            if live.replaced_by is not None and handler is not None:
+                handler.uncancel()
+                code = "ABORTED"
+                await context.abort(
+                    grpc.StatusCode.ABORTED,
+                    f"another stream of instance {instance.instance_id} (from "
+                    f"{live.replaced_by}) replaced this one: two agents share an instance id",
+                )
             code = "CANCELLED"
             raise
         except ControlPlaneError as exc:
@@ -161,6 +184,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             feed.streams -= 1
             self.hub.release(feed)
             self.presence.disconnect(instance)
+            self._forget_live(instance, live)
             log_rpc(self.metrics, "Sync", code, start, actor_of(), None)
             log.info(
                 "agent_disconnected",
@@ -168,6 +192,35 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 instance_id=instance.instance_id,
                 applied=instance.applied,
             )
+
+    def _replace_live(self, instance: Instance, peer: str) -> _Live:
+        """Make this stream the instance's one live stream, ending an older one.
+
+        Two streams with one instance id would show as one instance (a rogue agent
+        could hide a real one from status): the newer replaces the older, which ends
+        with ABORTED, and both are logged, so that a flapping pair is seen.
+        """
+        key = (instance.service, instance.instance_id)
+        live = _Live(asyncio.current_task(), peer)
+        old = self._live.get(key)
+        self._live[key] = live
+        if old is not None and old.task is not None and not old.task.done():
+            log.warning(
+                "agent_stream_replaced",
+                service=instance.service,
+                instance_id=instance.instance_id,
+                old_peer=old.peer,
+                new_peer=peer,
+                message="a second stream with this instance id replaces the first",
+            )
+            old.replaced_by = peer
+            old.task.cancel()
+        return live
+
+    def _forget_live(self, instance: Instance, live: _Live) -> None:
+        key = (instance.service, instance.instance_id)
+        if self._live.get(key) is live:
+            del self._live[key]
 
     async def _hello(self, request_iterator: Any) -> agent_pb2.Hello:
         try:

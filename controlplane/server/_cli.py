@@ -201,8 +201,9 @@ def main() -> None:
     type=click.IntRange(min=0),
     default=0,
     show_default=True,
-    help="Most open Sync and WatchChanges streams per identity (0: no limit; "
-    "max_streams in the auth file overrides it per identity).",
+    help="Most open Sync and WatchChanges streams per identity in each server process "
+    "(0: by role, 20000 for an agent identity, 100 for the others; max_streams in the "
+    "auth file overrides it per identity).",
 )
 @click.option(
     "--workers",

@@ -451,25 +451,47 @@ class _Stream:
     revoked: str | None = None
 
 
+DEFAULT_STREAM_LIMITS: dict[Role, int] = {
+    Role.AGENT: 20_000,
+    Role.VIEWER: 100,
+    Role.OPERATOR: 100,
+    Role.ADMIN: 100,
+}
+"""Open streams per identity in one server process, by role, when neither the auth file
+(``max_streams``) nor ``--max-streams-per-identity`` says otherwise. An agent identity
+serves a service's whole fleet (the benchmarks run 5,000 agents on one token); a person
+or a dashboard watches with a few streams. Each stream costs the server about 40 KiB."""
+
+
 class Streams:
-    """The open streams per identity: the optional limit, and ending revoked ones."""
+    """The open streams per identity: their limit, and ending revoked ones.
+
+    ``default_limit``: every identity's limit unless the auth file gives its own;
+    None: :data:`DEFAULT_STREAM_LIMITS` by role.
+    """
 
     def __init__(self, default_limit: int | None) -> None:
         self.default_limit = default_limit
         self._open: dict[str, set[_Stream]] = {}
+
+    def limit(self, identity: Identity) -> int:
+        """How many streams ``identity`` may hold open in this process."""
+        by_role = DEFAULT_STREAM_LIMITS[identity.role]
+        return identity.max_streams or self.default_limit or by_role
 
     def count(self, name: str) -> int:
         return len(self._open.get(name, ()))
 
     @contextlib.contextmanager
     def hold(self, identity: Identity, credential: Credential) -> Iterator[_Stream]:
-        limit = identity.max_streams or self.default_limit
+        limit = self.limit(identity)
         streams = self._open.setdefault(identity.name, set())
-        if limit is not None and len(streams) >= limit:
+        if len(streams) >= limit:
             raise AuthError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{identity.name} already has {len(streams)} open streams, its limit "
-                "(max_streams in the auth file, else --max-streams-per-identity)",
+                "(max_streams in the auth file, else --max-streams-per-identity, else "
+                f"{DEFAULT_STREAM_LIMITS[identity.role]} for the {identity.role} role)",
             )
         stream = _Stream(identity, credential, asyncio.current_task())
         streams.add(stream)

@@ -191,3 +191,56 @@ async def test_records_too_large_to_show_are_shown_truncated_never_an_error(
         timeline = stub.GetTimeline(m.GetTimelineRequest(incident="INC-BIG"), metadata=_auth())
         assert len(timeline.entries) == 16
         assert timeline.ByteSize() < DEFAULT_RECEIVE
+
+
+async def test_a_viewer_token_cannot_open_streams_without_end(guarded: ServerProcess) -> None:
+    # The attack: one viewer token opens WatchChanges streams until the server gives out.
+    # No limit is configured: the default for a viewer holds.
+    async with grpc.aio.insecure_channel(guarded.address) as channel:
+        stub = mitigation_pb2_grpc.MitigationServiceStub(channel)
+        calls = []
+        try:
+            for _ in range(100):
+                call = stub.WatchChanges(m.WatchChangesRequest(), metadata=_auth())
+                await call.read()  # the first answer: the stream is open
+                calls.append(call)
+            refused = stub.WatchChanges(m.WatchChangesRequest(), metadata=_auth())
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await refused.read()
+            assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert info.value.details() == (
+                "dashboard already has 100 open streams, its limit (max_streams in the auth "
+                "file, else --max-streams-per-identity, else 100 for the viewer role)"
+            )
+        finally:
+            for call in calls:
+                call.cancel()
+
+
+async def test_a_second_stream_with_an_instances_id_replaces_the_first_and_is_logged(
+    guarded: ServerProcess,
+) -> None:
+    # The attack: a rogue agent takes a real instance's id, to hide it from status.
+    async with RawAgent(
+        guarded.address, "checkout", "web-1", token=AGENT, version="v1.5.0"
+    ) as real:
+        await real.next()
+        start = len(guarded.output)
+        async with RawAgent(
+            guarded.address, "checkout", "web-1", token=AGENT, version="\x1b[2Jv6.6.6"
+        ) as rogue:
+            await rogue.next()
+            replaced = await asyncio.to_thread(
+                guarded.wait_output, "agent_stream_replaced", 15.0, start
+            )
+            assert "old_peer" in replaced.string and "new_peer" in replaced.string
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await real.next()  # the real one's stream ended: it would reconnect
+            assert info.value.code() is grpc.StatusCode.ABORTED
+            assert "replaced this one: two agents share an instance id" in str(info.value.details())
+            channel, stub = _viewer(guarded.address)
+            with channel:
+                status = stub.GetStatus(m.GetStatusRequest(service="checkout"), metadata=_auth())
+            [shown] = status.instances
+            # What the rogue wrote is shown, never acted on by a terminal.
+            assert shown.running_version == "\\u001b[2Jv6.6.6"
