@@ -25,6 +25,11 @@ class _Endpoint(Protocol):
 class EndpointServer(ThreadingHTTPServer):
     daemon_threads = True
     sidecar: _Endpoint
+    allowed_hosts: frozenset[str] | None = frozenset({"localhost", "127.0.0.1", "::1"})
+    """The names a request's ``Host`` may give (with or without the port): loopback's and
+    the address the endpoint listens on, so that a web page the host's browser loads
+    cannot reach the endpoint through a name of its own (DNS rebinding). None: any (an
+    endpoint on a wildcard address answers the network, under every name)."""
 
 
 class EndpointServer6(EndpointServer):
@@ -49,6 +54,18 @@ class EndpointHandler(BaseHTTPRequestHandler):
         self._answer(self._handle())
 
     def _handle(self) -> Response:
+        host = self.headers.get("Host")
+        allowed = self.server.allowed_hosts
+        if host is not None and allowed is not None and _host_name(host) not in allowed:
+            self.close_connection = True
+            return Response(
+                HTTPStatus.MISDIRECTED_REQUEST,
+                {
+                    "error": "misdirected",
+                    "message": f"Host {host!r} is not this endpoint's: ask for "
+                    + " or ".join(sorted(allowed)),
+                },
+            )
         try:
             return self.server.sidecar.handle(self.command, self.path)
         except Exception:
@@ -76,6 +93,15 @@ class EndpointHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("http_request client=%s " + format, self.address_string(), *args)
+
+
+def _host_name(host: str) -> str:
+    """The name in a ``Host`` header, without the port and the IPv6 brackets."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    name, _, port = host.rpartition(":")
+    return name if name and port.isdigit() else host
 
 
 ENDPOINTS = ("/v1/state", "/v1/flags", "/v1/flags/NAME", "/v1/shed", "/v1/pin", "/healthz")

@@ -127,6 +127,11 @@ class Sidecar:
         server_class = EndpointServer6 if ":" in host else EndpointServer
         self._http = server_class((host, port), EndpointHandler)
         self._http.sidecar = self
+        name = host.strip("[]").lower()
+        if name in ("", "0.0.0.0", "::"):
+            self._http.allowed_hosts = None
+        else:
+            self._http.allowed_hosts = frozenset({"localhost", "127.0.0.1", "::1", name})
         bound_host, bound_port = str(self._http.server_address[0]), self._http.server_address[1]
         self.address = (
             f"[{bound_host}]:{bound_port}" if ":" in bound_host else f"{bound_host}:{bound_port}"

@@ -212,6 +212,13 @@ class ControlServer:
                 int(port), addr=host or "127.0.0.1", registry=self.registry
             )
             self.metrics_port = int(self._metrics_server.server_port)
+            if not is_loopback_target(f"{host or '127.0.0.1'}:{self.metrics_port}"):
+                log.warning(
+                    "metrics_not_loopback",
+                    address=config.metrics,
+                    message="the metrics endpoint has no authentication: anyone who can "
+                    "reach it reads the services, identities and error counts",
+                )
 
         for loop, name in (
             (self._health_loop, "health"),

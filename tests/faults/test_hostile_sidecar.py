@@ -1,14 +1,18 @@
-"""A sidecar's hooks must not hand its secrets on: the attack is a hook that prints them.
+"""Attacks on the cp-agent sidecar from the host: each test is the attack.
 
 Whoever writes a hook (or a script it calls) should not learn the sidecar's token, nor
-read it in the sidecar's log when the hook fails.
+read it in the sidecar's log when the hook fails; a web page in the host's browser
+should not read the sidecar's endpoint through a name of its own (DNS rebinding).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shlex
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -80,3 +84,31 @@ async def test_a_hook_never_sees_nor_leaks_the_sidecars_token(
     assert env["CP_SERVICE"] == "checkout"
     assert TOKEN not in given_up and TOKEN not in car.output
     assert "token: None <redacted>" in given_up
+
+
+def _get(address: str, host: str) -> tuple[int, dict[str, object]]:
+    request = urllib.request.Request(f"http://{address}/v1/state", headers={"Host": host})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=5) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+async def test_a_page_in_the_hosts_browser_cannot_read_the_endpoint_by_another_name(
+    server: ServerProcess,
+) -> None:
+    car = await SidecarProcess.start(server.address)
+    try:
+        port = car.address.rpartition(":")[2]
+        # The attack: evil.example resolves to 127.0.0.1 now; the browser sends its name.
+        status, body = await asyncio.to_thread(_get, car.address, f"evil.example:{port}")
+        assert status == 421
+        assert body["error"] == "misdirected"
+        assert "Host 'evil.example:" in str(body["message"])
+        for name in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost"):
+            status, _ = await asyncio.to_thread(_get, car.address, name)
+            assert status in (200, 503), name  # answered (503 until READY)
+    finally:
+        await car.stop()
