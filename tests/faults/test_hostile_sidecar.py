@@ -112,3 +112,14 @@ async def test_a_page_in_the_hosts_browser_cannot_read_the_endpoint_by_another_n
             assert status in (200, 503), name  # answered (503 until READY)
     finally:
         await car.stop()
+
+
+async def test_a_sidecar_listening_off_loopback_says_anyone_can_read_it(
+    server: ServerProcess,
+) -> None:
+    car = await SidecarProcess.start(server.address, "--listen", "0.0.0.0:0")
+    try:
+        warned = await car.wait_log("sidecar_not_loopback")
+        assert "the endpoint has no authentication" in warned
+    finally:
+        await car.stop()
