@@ -206,7 +206,12 @@ class ClientState:
         # before run() (cache, override file): they hear of them when it starts.
         self._unnotified: Snapshot | None = None
         self._override_file = (
-            OverrideFile(config.override_path) if config.override_path is not None else None
+            OverrideFile(
+                config.override_path,
+                insecure_permissions=config.override_insecure_permissions,
+            )
+            if config.override_path is not None
+            else None
         )
         # Override reports not yet written to a stream, oldest first.
         self._outbox: list[agent_pb2.Override] = []

@@ -20,6 +20,10 @@ argument             environment variable              default
 ``insecure``         ``CONTROLPLANE_INSECURE``         off: plaintext only to loopback
 ===================  ================================  ===================================
 
+``CONTROLPLANE_OVERRIDE_INSECURE_PERMISSIONS=1`` (environment only: a host's choice, not
+a program's) reads an override file that someone other than its owner can change, or a
+symbolic link, all the same, with a warning each time it is read.
+
 ``override_path`` is the break-glass override file (``agents._override``); an
 empty argument (``override_path=""``) turns it off even with a cache file.
 
@@ -67,6 +71,7 @@ ENV_VERSION = "CONTROLPLANE_VERSION"
 ENV_INSTANCE_ID = "CONTROLPLANE_INSTANCE_ID"
 ENV_CACHE_PATH = "CONTROLPLANE_CACHE_PATH"
 ENV_OVERRIDE_PATH = "CONTROLPLANE_OVERRIDE_PATH"
+ENV_OVERRIDE_INSECURE = "CONTROLPLANE_OVERRIDE_INSECURE_PERMISSIONS"
 ENV_TOKEN = "CONTROLPLANE_TOKEN"  # noqa: S105  # a variable's name, not a token
 ENV_TOKEN_FILE = "CONTROLPLANE_TOKEN_FILE"  # noqa: S105
 ENV_TLS = "CONTROLPLANE_TLS"
@@ -126,6 +131,8 @@ class AgentConfig:
         instance_id: This process's id in status and acks.
         cache_path: Where the last applied state is kept, or None.
         override_path: The break-glass override file to watch, or None.
+        override_insecure_permissions: Read the override file even when someone else
+            can change it (``CONTROLPLANE_OVERRIDE_INSECURE_PERMISSIONS``), warning.
         instance_id_generated: Whether ``instance_id`` is the default (then a
             forked child makes its own, with its own pid).
         instance_id_given: The id as given, when it was (a forked child's
@@ -142,6 +149,7 @@ class AgentConfig:
     instance_id_generated: bool = False
     instance_id_given: str = ""
     override_path: Path | None = None
+    override_insecure_permissions: bool = False
     security: ClientSecurity = field(default_factory=_plaintext)
 
 
@@ -317,8 +325,19 @@ def resolve_config(
         instance_id_generated=generated,
         instance_id_given="" if generated else resolved_instance,
         override_path=resolved_override,
+        override_insecure_permissions=_insecure_override(from_env),
         security=security,
     )
+
+
+def _insecure_override(from_env: Callable[[str], str | None]) -> bool:
+    from controlplane.transport import TransportConfigError, parse_bool
+
+    raw = from_env(ENV_OVERRIDE_INSECURE)
+    try:
+        return parse_bool(raw, ENV_OVERRIDE_INSECURE) if raw is not None else False
+    except TransportConfigError as exc:
+        raise AgentConfigError(str(exc)) from None
 
 
 def _resolve_security(

@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -76,6 +77,8 @@ from typing import Any
 from agents._types import Criticality, FlagValue, Override, SheddingLevel
 from controlplane._files import UnsafeFileError, read_guarded
 from controlplane.api.v1 import agent_pb2
+
+log = logging.getLogger("agents")
 
 MAX_AHEAD = timedelta(days=7)
 """The latest an override may expire, from the moment it is read."""
@@ -403,10 +406,13 @@ class OverrideFile:
 
     Args:
         path: The file's path (it need not exist).
+        insecure_permissions: Read it even when someone else can change it (or it is a
+            symlink), the refusal logged as a warning each time.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, insecure_permissions: bool = False) -> None:
         self.path = path
+        self.insecure_permissions = insecure_permissions
         self._seen: tuple[int, ...] | None = None
 
     def check(self, now: datetime) -> OverrideRead | None:
@@ -441,9 +447,20 @@ class OverrideFile:
         # Recorded before the read: a change during the read is seen at the next check.
         self._seen = seen
         try:
-            data, _ = read_guarded(
-                self.path, "the override file", follow_symlinks=False, max_bytes=MAX_FILE_BYTES + 1
+            data, warning = read_guarded(
+                self.path,
+                "the override file",
+                follow_symlinks=self.insecure_permissions,
+                max_bytes=MAX_FILE_BYTES + 1,
+                strict=not self.insecure_permissions,
             )
+            if warning is not None:
+                log.warning(
+                    "agent_override_insecure path=%s: %s; read all the same (%s=1)",
+                    self.path,
+                    warning,
+                    "CONTROLPLANE_OVERRIDE_INSECURE_PERMISSIONS",
+                )
         except UnsafeFileError as exc:
             return OverrideRead(None, OverrideError(str(exc)))
         except FileNotFoundError:

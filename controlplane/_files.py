@@ -77,6 +77,7 @@ def read_guarded(
     secret: bool = False,
     follow_symlinks: bool = True,
     max_bytes: int = -1,
+    strict: bool = True,
 ) -> tuple[bytes, str | None]:
     """Read ``path`` if no one but its owner (this user or root) can change it.
 
@@ -86,6 +87,8 @@ def read_guarded(
         secret: It holds a secret: others reading it gets a warning.
         follow_symlinks: False opens the file itself only (a symlink is refused).
         max_bytes: Read at most this many bytes (-1: all).
+        strict: False reads a file someone else can change all the same, the refusal
+            returned as the warning (an operator's explicit choice).
 
     Returns:
         The content, and a warning to log (None: nothing to say).
@@ -108,7 +111,12 @@ def read_guarded(
             ) from exc
         raise
     with os.fdopen(fd, "rb") as f:
-        warning = _check(path, what, os.fstat(f.fileno()), secret=secret)
+        try:
+            warning = _check(path, what, os.fstat(f.fileno()), secret=secret)
+        except UnsafeFileError as exc:
+            if strict:
+                raise
+            warning = str(exc)
         return f.read(max_bytes), warning
 
 

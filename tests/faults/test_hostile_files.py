@@ -152,3 +152,29 @@ def test_an_auth_file_others_can_write_is_neither_loaded_nor_reloaded(
     # Nor does a server start on it.
     with pytest.raises(AssertionError, match="writable by others"):
         ServerProcess(etcd.endpoint, prefix, extra_args=["--auth-file", str(auth)])
+
+
+async def test_an_explicit_choice_reads_an_unsafe_override_file_with_a_warning(
+    server: ServerProcess, tmp_path: Path, agent_log: AgentLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A host where the override file must live in a group-writable volume: the operator
+    # says so, and every read says it again.
+    monkeypatch.setenv("CONTROLPLANE_OVERRIDE_INSECURE_PERMISSIONS", "1")
+    cache = tmp_path / "shared"
+    cache.mkdir()
+    cache.chmod(0o775)
+    path = cache / "checkout.override.json"
+    agent = AsyncAgent("checkout", [server.address], override_path=path)
+    await agent.start()
+    try:
+        assert await agent.wait_ready(10)
+        path.write_text(_evil_override())
+        path.chmod(0o664)
+        record = await agent_log.wait("agent_override_insecure", str(path), within=10)
+        assert record.levelno == logging.WARNING
+        assert "is writable by its group" in record.getMessage()
+        await agent_log.wait("agent_override_applied", str(path), within=10)
+        assert agent.override_active is True
+        assert agent.pinned_version is not None and agent.pinned_version.version == "v0.0.1-evil"
+    finally:
+        await agent.close()
