@@ -11,8 +11,6 @@ import asyncio
 import json
 import shlex
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +22,7 @@ from controlplane.api.v1 import mitigation_pb2_grpc
 from controlplane.api.v1 import types_pb2 as t
 from controlplane.embedded_etcd import EmbeddedEtcd
 from tests.helpers.server_process import ServerProcess
-from tests.integration.test_sidecar import SidecarProcess
+from tests.integration.test_sidecar import SidecarProcess, http_get
 
 TOKEN = "sidecar-secret-token-0123456789"
 
@@ -87,13 +85,7 @@ async def test_a_hook_never_sees_nor_leaks_the_sidecars_token(
 
 
 def _get(address: str, host: str) -> tuple[int, dict[str, object]]:
-    request = urllib.request.Request(f"http://{address}/v1/state", headers={"Host": host})
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(request, timeout=5) as answer:
-            return answer.status, json.loads(answer.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+    return http_get(f"http://{address}/v1/state", {"Host": host})
 
 
 async def test_a_page_in_the_hosts_browser_cannot_read_the_endpoint_by_another_name(

@@ -54,10 +54,12 @@ async def set_flag(stub: Stub, name: str, value: bool | str) -> int:
     return revision
 
 
-def http_get(url: str) -> tuple[int, Body]:
+def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, Body]:
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with opener.open(url, timeout=5) as answer:
+        # Always http://127.0.0.1:<port>/... of a sidecar the test started.
+        request = urllib.request.Request(url, headers=headers or {})  # noqa: S310
+        with opener.open(request, timeout=5) as answer:
             return answer.status, json.loads(answer.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
