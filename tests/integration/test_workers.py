@@ -145,6 +145,20 @@ async def instances(address: str, count: int, within: float = 10.0) -> list[t.In
             await asyncio.sleep(0.05)
 
 
+async def on_live_workers(address: str, count: int, dead: int, within: float = 15.0) -> None:
+    """Until ``count`` instances are connected to workers other than pid ``dead``."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = mitigation_pb2_grpc.MitigationServiceStub(channel)
+        deadline = time.monotonic() + within
+        while True:
+            status = await stub.GetStatus(m.GetStatusRequest(service=SERVICE))
+            live = [i for i in status.instances if f"-{dead}-" not in i.server_id]
+            if len(live) >= count:
+                return
+            assert time.monotonic() < deadline, f"{len(live)} instances on live workers"
+            await asyncio.sleep(0.05)
+
+
 async def test_agents_spread_over_the_workers_and_every_one_applies_a_change(
     workers: ServerProcess, fleet: list[AsyncAgent]
 ) -> None:
@@ -172,6 +186,9 @@ async def test_a_killed_worker_is_restarted_and_its_agents_come_back(
     new = logged(workers, "worker_restarted", mark)["pid"]
     assert new not in (first, second) and not gone(new)
     assert all(await asyncio.gather(*(a.wait_ready(15) for a in fleet)))
+    # An agent is READY until it notices its connection died: wait until every one is
+    # connected to a live worker again.
+    await on_live_workers(workers.address, AGENTS, dead=first)
     waited = await flip(workers.address, True)
     assert waited.all_applied and waited.applied == AGENTS
     assert all(agent.enabled("kill") for agent in fleet)
