@@ -58,7 +58,10 @@ class _Signals:
     """SIGTERM and SIGINT, turned into a byte on a pipe the main thread reads.
 
     The handler only writes to a pipe: it takes no lock, so it cannot deadlock
-    with whatever the main thread was doing when the signal came.
+    with whatever the main thread was doing when the signal came. The pipe is also
+    the interpreter's wakeup fd: the kernel may deliver the signal to another thread
+    (the agent's, the HTTP server's), and then Python's handler would only run once
+    the main thread woke up, which it never does while it blocks reading the pipe.
     """
 
     read_fd: int = -1
@@ -67,6 +70,8 @@ class _Signals:
 
     def install(self) -> None:
         self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.write_fd, False)
+        signal.set_wakeup_fd(self.write_fd)
         for signum in (signal.SIGTERM, signal.SIGINT):
             self.previous[signum] = signal.signal(signum, self._handle)
 
