@@ -305,7 +305,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 "override_report_dropped",
                 service=instance.service,
                 instance_id=instance.instance_id,
-                reason="over the reports an instance may have audited",
+                report_reason=report.reason[:200],
+                why="over the reports an instance may have audited",
             )
             return
         actor, reason = _override_audit(report.actor, report.reason)

@@ -400,8 +400,8 @@ def sync_check(agent: AgentTarget, first: a.SyncRequest, follow: list[a.SyncRequ
     start = len(agent.server.output)
     agent.alive()
     before = agent.etcd.keys(agent.prefix)
-    # The ack reader handles messages in order: once it audited this override it handled
-    # the follow-ups.
+    # The ack reader handles messages in order: once it audited this override (or logged
+    # it dropped, over the instance's report budget) it handled the follow-ups.
     token = f"fuzz-sentinel-{uuid.uuid4().hex}"
     sentinel = a.SyncRequest(override=a.Override(active=True, reason=token, digest=token))
     call, outbox = open_sync(agent, first)
