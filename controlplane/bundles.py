@@ -48,7 +48,7 @@ _TOP_KEYS = {"name", "reason", "incident", "ttl", "until", "changes"}
 _TIERS = {tier.name: tier for tier in model.Tier}
 _CHANGE_FIELDS: dict[str, tuple[set[str], set[str]]] = {
     # kind: (required fields, optional fields)
-    "flag": ({"name", "value"}, {"service", "scope"}),
+    "flag": ({"name", "value"}, {"service", "scope", "change_type"}),
     "clear_flag": ({"name"}, {"service", "scope", "all_layers"}),
     "shed": ({"service", "percent"}, {"tier"}),
     "clear_shed": ({"service"}, {"all_layers"}),
@@ -194,7 +194,14 @@ def _change(index: int, item: Any, source: str) -> mpb.BundleChange:
                 clear_flag=mpb.ClearFlagRequest(scope=scope, name=name, all_layers=all_layers)
             )
         value = _flag_value(body["value"], f"{where}.value")
-        return mpb.BundleChange(set_flag=mpb.SetFlagRequest(scope=scope, name=name, value=value))
+        change_type = body.get("change_type", False)
+        if not isinstance(change_type, bool):
+            raise BundleFileError(f"{where}.change_type: must be true or false")
+        return mpb.BundleChange(
+            set_flag=mpb.SetFlagRequest(
+                scope=scope, name=name, value=value, change_type=change_type
+            )
+        )
     if kind == "shed":
         percent = body["percent"]
         if isinstance(percent, bool) or not isinstance(percent, int | float):

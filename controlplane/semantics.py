@@ -170,11 +170,57 @@ def describe_record(record: Any) -> str:
 # ---------------------------------------------------------------- flags
 
 
+def flag_type(value: FlagValue) -> str:
+    """The type of a flag's value, as people name it: boolean, number, string, object."""
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "object"
+
+
+def _a(word: str) -> str:
+    return f"an {word}" if word[0] in "aeiou" else f"a {word}"
+
+
+def _type_refusal(name: str, held: str, value: FlagValue) -> InvalidArgumentError:
+    given = flag_type(value)
+    shown = repr(value) if isinstance(value, str) else model.describe_value(value)
+    expected = {
+        "boolean": "true or false",
+        "number": "a number",
+        "string": "a string",
+        "object": "a JSON object",
+    }[held]
+    return InvalidArgumentError(
+        "value",
+        f"{name} is {_a(held)} flag; {shown} is not {expected} but {_a(given)}: set {expected}, "
+        f"or change the flag's type on purpose (change_type; cpctl flag set --change-type)",
+    )
+
+
 def decide_set_flag(
-    current: Flag | None, now: datetime, scope: str, name: str, value: FlagValue, opts: WriteOptions
+    current: Flag | None,
+    now: datetime,
+    scope: str,
+    name: str,
+    value: FlagValue,
+    opts: WriteOptions,
+    *,
+    change_type: bool = False,
 ) -> Decision:
+    """Set a flag. Its type is the one of the value it holds: a value of another type is
+    refused (a typo must not turn a kill switch into a string that readers take for
+    "unset") unless ``change_type`` says it is meant; the summary then says so."""
     cur = prune_expired(current, now)
     was = f" (was {model.describe_value(cur.value)})" if cur else " (was unset)"
+    held = flag_type(cur.value) if cur is not None else None
+    if held is not None and held != flag_type(value):
+        if not change_type:
+            raise _type_refusal(name, held, value)
+        was += f" (type changed from {held} to {flag_type(value)})"
     key = model.value_key(value)
     return _layered_set(
         current,

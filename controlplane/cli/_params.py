@@ -43,7 +43,7 @@ def parse_flag_value(text: str, *, force_string: bool = False) -> FlagValue:
     """
     if force_string:
         return text
-    lowered = text.lower()
+    lowered = text.strip().lower()
     if lowered in ("true", "false"):
         return lowered == "true"
     if _NUMBER_RE.fullmatch(text):

@@ -44,6 +44,13 @@ def flag() -> None:
 @click.argument("name")
 @click.argument("value")
 @click.option("--string", "force_string", is_flag=True, help="Store VALUE as a string, as is.")
+@click.option(
+    "--change-type",
+    is_flag=True,
+    help="VALUE's type may differ from the flag's (boolean, number, string, object): "
+    "without it, such a write is refused, so that a typo cannot turn a kill switch into "
+    "a string.",
+)
 @write_command
 @wait_command(service_option=True)
 @click.pass_obj
@@ -53,6 +60,7 @@ def flag_set(
     name: str,
     value: str,
     force_string: bool,
+    change_type: bool,
     write: WriteArgs,
     wait: WaitArgs,
 ) -> None:
@@ -60,6 +68,8 @@ def flag_set(
 
     VALUE: true/false -> bool; 50 or 0.5 -> number; @PATH -> the JSON object in a file
     (@- reads stdin); {"mode": "lite"} -> a JSON object; anything else -> a string.
+    A flag keeps the type it was first set with: a VALUE of another type is refused
+    unless --change-type.
 
     JSON: {result: WriteResult, flag: Flag, previous: Flag|null} (+ wait: Wait|null).
     """
@@ -71,7 +81,11 @@ def flag_set(
         raise invalid(str(e)) from e
     services = scope_wait_services(scope, wait)
     request = mitigation_pb2.SetFlagRequest(
-        scope=scope, name=name, value=flag_value_proto(parsed), options=write.to_proto(app.actor)
+        scope=scope,
+        name=name,
+        value=flag_value_proto(parsed),
+        options=write.to_proto(app.actor),
+        change_type=change_type,
     )
     write_and_wait(app, "SetFlag", request, render_flag_set, wait, lambda _: services)
 

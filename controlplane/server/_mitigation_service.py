@@ -122,7 +122,9 @@ class _RecordRPCs(_Servicer):
         scope = model.validate_scope(request.scope)
         name = model.validate_flag_name(request.name)
         value = model.flag_value_from_proto(request.value)
-        outcome = await self.store.set_flag(scope, name, value, self._options(request.options))
+        outcome = await self.store.set_flag(
+            scope, name, value, self._options(request.options), change_type=request.change_type
+        )
         w = _write_pair(outcome)
         return mpb.SetFlagResponse(result=w["result"], flag=w["current"], previous=w["previous"])
 
@@ -344,6 +346,7 @@ class _BundleRPCs(_Servicer):
                 model.validate_scope(r.scope, f"{field}.scope"),
                 model.validate_flag_name(r.name, f"{field}.name"),
                 model.flag_value_from_proto(r.value, f"{field}.value"),
+                change_type=r.change_type,
             )
         if kind == "clear_flag":
             c = change.clear_flag

@@ -168,10 +168,14 @@ class Store:
 
     # -- flags -------------------------------------------------------------------------
 
-    def plan_set_flag(self, scope: str, name: str, value: FlagValue) -> Plan:
+    def plan_set_flag(
+        self, scope: str, name: str, value: FlagValue, *, change_type: bool = False
+    ) -> Plan:
         return Plan(
             flag_key(scope, name),
-            lambda cur, now, o: semantics.decide_set_flag(cur, now, scope, name, value, o),
+            lambda cur, now, o: semantics.decide_set_flag(
+                cur, now, scope, name, value, o, change_type=change_type
+            ),
             overridden_flag=name if scope == GLOBAL_SCOPE else "",
         )
 
@@ -183,10 +187,18 @@ class Store:
         )
 
     async def set_flag(
-        self, scope: str, name: str, value: FlagValue, opts: WriteOptions
+        self,
+        scope: str,
+        name: str,
+        value: FlagValue,
+        opts: WriteOptions,
+        *,
+        change_type: bool = False,
     ) -> WriteOutcome[Flag]:
-        """Set a flag for a scope (``global`` or a service)."""
-        return await self._writer.write(self.plan_set_flag(scope, name, value), opts)
+        """Set a flag for a scope (``global`` or a service); a value of another type than
+        the flag's is refused unless ``change_type``."""
+        plan = self.plan_set_flag(scope, name, value, change_type=change_type)
+        return await self._writer.write(plan, opts)
 
     async def clear_flag(
         self, scope: str, name: str, opts: WriteOptions, *, all_layers: bool = False

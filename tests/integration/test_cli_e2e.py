@@ -604,3 +604,36 @@ async def test_watch_prints_one_line_per_change_and_ctrl_c_exits_130_quietly(
         line,
     ), line
     assert (code, rest, errors) == (130, "", "")
+
+
+async def test_a_typo_never_turns_a_kill_switch_into_a_string(
+    cpctl: Run, raw_etcd: RawEtcd, prefix: str, tmp_path: Path
+) -> None:
+    assert (
+        await cpctl("flag", "set", "checkout", "new-ui", "true", "--reason", "r")
+    ).returncode == 0
+    before = await raw_etcd.get(prefix + "flags/checkout/new-ui")
+    # The tired engineer's typo: refused, exit 3, nothing written.
+    typo = await cpctl("flag", "set", "checkout", "new-ui", "flase", "--reason", "kill it")
+    assert typo.returncode == 3, typo.stdout
+    assert "new-ui is a boolean flag; 'flase' is not true or false but a string" in typo.stderr
+    assert "--change-type" in typo.stderr
+    assert await raw_etcd.get(prefix + "flags/checkout/new-ui") == before
+    # Booleans are true/false in any case, spaces around them aside.
+    spaced = await cpctl("flag", "set", "checkout", "new-ui", " False ", "--reason", "kill it")
+    assert spaced.returncode == 0, spaced.stderr
+    # A bundle follows the same rule.
+    path = tmp_path / "typo.yaml"
+    path.write_text(
+        "name: typo\nreason: r\nchanges:\n"
+        "  - flag: {service: checkout, name: new-ui, value: 'off'}\n"
+    )
+    bundle = await cpctl("bundle", "apply", str(path))
+    assert bundle.returncode == 3, bundle.stdout
+    assert "is a boolean flag" in bundle.stderr
+    # A change of type on purpose is written, and the audit says so.
+    meant = await cpctl(
+        "--json", "flag", "set", "checkout", "new-ui", "off", "--change-type", "--reason", "r"
+    )
+    assert meant.returncode == 0, meant.stderr
+    assert "type changed from boolean to string" in json.loads(meant.stdout)["result"]["summary"]

@@ -8,7 +8,7 @@ import pytest
 
 from controlplane import semantics
 from controlplane.errors import InvalidArgumentError
-from controlplane.model import Flag, Meta, Pin, Shedding, Tier, WriteOptions
+from controlplane.model import Flag, FlagValue, Meta, Pin, Shedding, Tier, WriteOptions
 
 T0 = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 
@@ -18,7 +18,7 @@ def opts(ttl: timedelta | None = None, now: datetime = T0, reason: str = "r") ->
 
 
 def set_flag(
-    current: Flag | None, value: bool, ttl: timedelta | None = None, now: datetime = T0
+    current: Flag | None, value: FlagValue, ttl: timedelta | None = None, now: datetime = T0
 ) -> semantics.Decision:
     return semantics.decide_set_flag(current, now, "checkout", "new-ui", value, opts(ttl, now))
 
@@ -140,3 +140,48 @@ def test_pins_keep_the_previous_pin_and_rollback_action() -> None:
     unpinned = semantics.decide_unpin(second.new, T0, all_layers=False)
     assert unpinned.new is None
     assert "was v2" in unpinned.summary
+
+
+@pytest.mark.parametrize(
+    ("first", "then", "message"),
+    [
+        (
+            False,
+            "flase",
+            "x is a boolean flag; 'flase' is not true or false but a string: set true or "
+            "false, or change the flag's type on purpose (change_type; cpctl flag set "
+            "--change-type)",
+        ),
+        ("read-only", True, "x is a string flag; true is not a string but a boolean"),
+        (30.0, "30%", "x is a number flag; '30%' is not a number but a string"),
+        ({"mode": "lite"}, "lite", "x is an object flag; 'lite' is not a JSON object but a string"),
+    ],
+)
+def test_a_flag_keeps_its_type_unless_the_change_is_meant(
+    first: FlagValue, then: FlagValue, message: str
+) -> None:
+    current = set_flag(None, first).new
+    with pytest.raises(InvalidArgumentError) as info:
+        semantics.decide_set_flag(current, T0, "checkout", "x", then, opts())
+    assert message in str(info.value)
+    meant = semantics.decide_set_flag(
+        current,
+        T0,
+        "checkout",
+        "x",
+        then,
+        opts(),
+        change_type=True,
+    )
+    assert meant.changed
+    assert meant.new.value == then
+    assert "type changed from" in meant.summary
+
+
+def test_numbers_of_either_kind_and_a_cleared_flag_take_any_value() -> None:
+    current = set_flag(None, 1.0).new
+    assert semantics.decide_set_flag(current, T0, "checkout", "x", 2.5, opts()).changed
+    # Expired: nothing in force, so no type either.
+    boxed = set_flag(None, False, ttl=timedelta(minutes=5)).new
+    later = T0 + timedelta(hours=1)
+    assert semantics.decide_set_flag(boxed, later, "checkout", "x", "on", opts(now=later)).changed

@@ -26,16 +26,18 @@ EXPIRED: BundleState
 PARTIALLY_OVERRIDDEN: BundleState
 
 class SetFlagRequest(_message.Message):
-    __slots__ = ("scope", "name", "value", "options")
+    __slots__ = ("scope", "name", "value", "options", "change_type")
     SCOPE_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    CHANGE_TYPE_FIELD_NUMBER: _ClassVar[int]
     scope: str
     name: str
     value: _types_pb2.FlagValue
     options: _types_pb2.WriteOptions
-    def __init__(self, scope: _Optional[str] = ..., name: _Optional[str] = ..., value: _Optional[_Union[_types_pb2.FlagValue, _Mapping]] = ..., options: _Optional[_Union[_types_pb2.WriteOptions, _Mapping]] = ...) -> None: ...
+    change_type: bool
+    def __init__(self, scope: _Optional[str] = ..., name: _Optional[str] = ..., value: _Optional[_Union[_types_pb2.FlagValue, _Mapping]] = ..., options: _Optional[_Union[_types_pb2.WriteOptions, _Mapping]] = ..., change_type: _Optional[bool] = ...) -> None: ...
 
 class SetFlagResponse(_message.Message):
     __slots__ = ("result", "flag", "previous")
