@@ -161,8 +161,17 @@ async def test_repeated_write_is_unchanged_with_no_revision_and_no_audit(
     pin = m.PinVersionRequest(service="checkout", version="v1", options=opts())
     assert (await stub.PinVersion(pin)).result.changed
     assert not (await stub.PinVersion(pin)).result.changed
-    # true and 1 are different values: not a no-op.
-    changed = await set_flag(stub, "checkout", "new-ui", t.FlagValue(number_value=0))
+    # false and 0 are different values (and types): not a no-op, once the type change is
+    # meant; refused without it.
+    zero = t.FlagValue(number_value=0)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await set_flag(stub, "checkout", "new-ui", zero)
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    changed = await stub.SetFlag(
+        m.SetFlagRequest(
+            scope="checkout", name="new-ui", value=zero, options=opts(), change_type=True
+        )
+    )
     assert changed.result.changed
 
 
