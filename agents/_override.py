@@ -425,7 +425,8 @@ class OverrideFile:
         try:
             # The link itself, not where it points: a symlink is refused below. Owner and
             # mode count: a file refused for them is read again once they are fixed.
-            st = os.lstat(self.path)
+            # (With insecure permissions allowed, a symlink is followed: its target counts.)
+            st = os.stat(self.path) if self.insecure_permissions else os.lstat(self.path)
             parent = os.stat(self.path.parent)
         except FileNotFoundError:
             if self._seen is None:

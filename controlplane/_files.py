@@ -98,7 +98,8 @@ def read_guarded(
             symlink where none is allowed.
         OSError: It cannot be read (missing, no permission...).
     """
-    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+    # Non-blocking: a FIFO someone put there must not hang the reader on its open.
+    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
     if not follow_symlinks:
         flags |= getattr(os, "O_NOFOLLOW", 0)
     try:
@@ -111,8 +112,12 @@ def read_guarded(
             ) from exc
         raise
     with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafeFileError(f"{what} {path} is refused: it is not a regular file")
+        os.set_blocking(f.fileno(), True)
         try:
-            warning = _check(path, what, os.fstat(f.fileno()), secret=secret)
+            warning = _check(path, what, st, secret=secret)
         except UnsafeFileError as exc:
             if strict:
                 raise

@@ -187,7 +187,10 @@ def _a(word: str) -> str:
 
 def _type_refusal(name: str, held: str, value: FlagValue) -> InvalidArgumentError:
     given = flag_type(value)
-    shown = repr(value) if isinstance(value, str) else model.describe_value(value)
+    text = value if isinstance(value, str) else model.describe_value(value)
+    shown = repr(text if len(text) <= 80 else text[:77] + "...")
+    if not isinstance(value, str):
+        shown = shown[1:-1]
     expected = {
         "boolean": "true or false",
         "number": "a number",

@@ -36,6 +36,8 @@ log = logging.getLogger("agents.sidecar")
 
 
 _OUTPUT_TAIL = 500
+_CAPTURED = 8 * _OUTPUT_TAIL
+"""What is kept of a run's output before redaction and the final cut."""
 _SETTINGS_PREFIXES = ("CONTROLPLANE_", "CPCTL_")
 """Environment variables a hook does not get: the sidecar's own settings."""
 
@@ -329,9 +331,9 @@ class HookRunner:
             )
             revision = job.change.revision
             if not result.ok and result.output:
-                result = dataclasses.replace(
-                    result, output=redacted(result.output, self._secrets())
-                )
+                # Redacted before the cut: a token straddling the cut is not half shown.
+                shown = redacted(result.output, self._secrets())[-_OUTPUT_TAIL:]
+                result = dataclasses.replace(result, output=shown)
             if result.ok:
                 log.info("hook_ran hook=%s revision=%d attempt=%d", self.kind, revision, attempt)
                 self._finish(job, "ok", attempt)
@@ -534,4 +536,4 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
 
 def _tail(out: bytes | None) -> str:
     text = (out or b"").decode("utf-8", errors="replace").strip()
-    return text[-_OUTPUT_TAIL:]
+    return text[-_CAPTURED:]

@@ -133,7 +133,7 @@ def check_text(value: str, field_name: str, limit: int) -> str:
 def clean_text(value: str, limit: int) -> str:
     """Text someone else wrote (an agent's report), made safe to show: cut to ``limit``
     characters, each refused character written as ``\\uXXXX``."""
-    return escaped(value[:limit])
+    return escaped(value[:limit])[:limit]
 
 
 def validate_json_object(value: Any, field_name: str = "value") -> dict[str, Any]:

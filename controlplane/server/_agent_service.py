@@ -100,12 +100,12 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         try:
             if hello.HasField("override"):
                 await self._override(instance, hello.override)
+            # A feed made before the hub read the state would claim a history it lacks.
+            await self.hub.ready.wait()
         except BaseException:
             self.presence.disconnect(instance)
             self._forget_live(instance, live)
             raise
-        # A feed made before the hub read the state would claim a history it lacks.
-        await self.hub.ready.wait()
         feed = self.hub.feed(instance.service)
         feed.streams += 1
         # Latency histograms take a lock per observation: on the fan-out path, only

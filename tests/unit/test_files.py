@@ -100,3 +100,11 @@ def test_a_secret_others_can_read_works_with_a_warning(place: Path) -> None:
 def test_a_missing_file_is_an_os_error_not_a_refusal(place: Path) -> None:
     with pytest.raises(FileNotFoundError):
         read_guarded(place / "absent", "the auth file", follow_symlinks=False)
+
+
+def test_a_fifo_in_the_files_place_is_refused_without_waiting_for_a_writer(place: Path) -> None:
+    # Someone could mkfifo the override file's path: opening it for reading would wait.
+    fifo = place / "override.json"
+    os.mkfifo(fifo, 0o600)
+    with pytest.raises(UnsafeFileError, match="is not a regular file"):
+        read_guarded(fifo, "the override file", follow_symlinks=False)
