@@ -28,7 +28,8 @@ def refused_char(c: str) -> str | None:
 
 
 def escaped(text: str, keep: str = "") -> str:
-    """``text`` with each refused character but those in ``keep`` written as ``\\uXXXX``."""
+    """``text`` with each refused character but those in ``keep`` written as a ``\\u``
+    escape (``\\u001b``)."""
     if text.isprintable():
         return text
     return "".join(

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 def terminal_safe(text: str) -> str:
     """``text`` as cpctl prints it in its human form: names, versions and reasons come
     from the store, and agents write some of them, so the characters a terminal would
-    act on are written out as ``\\uXXXX`` (newlines and tabs are cpctl's own)."""
+    act on are written out as ``\\u`` escapes (``\\u001b``) (newlines and tabs are cpctl's own)."""
     return escaped(text, keep="\n")
 
 

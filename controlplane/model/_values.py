@@ -132,7 +132,7 @@ def check_text(value: str, field_name: str, limit: int) -> str:
 
 def clean_text(value: str, limit: int) -> str:
     """Text someone else wrote (an agent's report), made safe to show: cut to ``limit``
-    characters, each refused character written as ``\\uXXXX``."""
+    characters, each refused character written as a ``\\u`` escape (``\\u001b``)."""
     return escaped(value[:limit])[:limit]
 
 

@@ -5,7 +5,7 @@ becomes an audit record, so the server bounds it before anything is written: the
 override file's content is at most :data:`MAX_REPORT_BYTES` (a file people write by
 hand: larger content is recorded as its size and digest), its reason and actor are cut
 to the operators' limits with control and bidirectional characters written out as
-``\\uXXXX``, the digest that makes "audited once" is computed here from what is
+``\\u`` escapes (``\\u001b``), the digest that makes "audited once" is computed here from what is
 audited (the one the agent sends is not trusted), and each instance may have a
 report audited at most :data:`REPORT_BURST` times at once, then one every
 :data:`REPORT_EVERY` seconds.

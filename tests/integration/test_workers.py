@@ -132,30 +132,20 @@ async def flip(address: str, value: bool) -> m.WaitAppliedResponse:
         return waited
 
 
-async def instances(address: str, count: int, within: float = 10.0) -> list[t.Instance]:
-    """The service's instances once ``count`` are listed (presence is flushed to etcd)."""
+async def instances(
+    address: str, count: int, within: float = 10.0, dead: int | None = None
+) -> list[t.Instance]:
+    """The service's instances once ``count`` are listed (presence is flushed to etcd);
+    with ``dead``, once ``count`` are on workers other than that pid."""
     async with grpc.aio.insecure_channel(address) as channel:
         stub = mitigation_pb2_grpc.MitigationServiceStub(channel)
         deadline = time.monotonic() + within
         while True:
             status = await stub.GetStatus(m.GetStatusRequest(service=SERVICE))
-            if len(status.instances) == count:
-                return list(status.instances)
-            assert time.monotonic() < deadline, f"{len(status.instances)} instances listed"
-            await asyncio.sleep(0.05)
-
-
-async def on_live_workers(address: str, count: int, dead: int, within: float = 15.0) -> None:
-    """Until ``count`` instances are connected to workers other than pid ``dead``."""
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = mitigation_pb2_grpc.MitigationServiceStub(channel)
-        deadline = time.monotonic() + within
-        while True:
-            status = await stub.GetStatus(m.GetStatusRequest(service=SERVICE))
-            live = [i for i in status.instances if f"-{dead}-" not in i.server_id]
-            if len(live) >= count:
-                return
-            assert time.monotonic() < deadline, f"{len(live)} instances on live workers"
+            listed = [i for i in status.instances if dead is None or f"-{dead}-" not in i.server_id]
+            if len(listed) == count:
+                return listed
+            assert time.monotonic() < deadline, f"{len(listed)} instances listed"
             await asyncio.sleep(0.05)
 
 
@@ -188,7 +178,7 @@ async def test_a_killed_worker_is_restarted_and_its_agents_come_back(
     assert all(await asyncio.gather(*(a.wait_ready(15) for a in fleet)))
     # An agent is READY until it notices its connection died: wait until every one is
     # connected to a live worker again.
-    await on_live_workers(workers.address, AGENTS, dead=first)
+    await instances(workers.address, AGENTS, within=15.0, dead=first)
     waited = await flip(workers.address, True)
     assert waited.all_applied and waited.applied == AGENTS
     assert all(agent.enabled("kill") for agent in fleet)
