@@ -17,7 +17,7 @@ the chain is rewritten.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, TypeVar
@@ -185,7 +185,7 @@ def _a(word: str) -> str:
     return f"an {word}" if word[0] in "aeiou" else f"a {word}"
 
 
-def _type_refusal(name: str, held: str, value: FlagValue) -> InvalidArgumentError:
+def _type_refusal(name: str, held: str, value: FlagValue, where: str = "") -> InvalidArgumentError:
     given = flag_type(value)
     text = value if isinstance(value, str) else model.describe_value(value)
     shown = repr(text if len(text) <= 80 else text[:77] + "...")
@@ -199,8 +199,30 @@ def _type_refusal(name: str, held: str, value: FlagValue) -> InvalidArgumentErro
     }[held]
     return InvalidArgumentError(
         "value",
-        f"{name} is {_a(held)} flag; {shown} is not {expected} but {_a(given)}: set {expected}, "
+        f"{name} is {_a(held)} flag{where}; {shown} is not {expected} but {_a(given)}: "
+        f"set {expected}, "
         f"or change the flag's type on purpose (change_type; cpctl flag set --change-type)",
+    )
+
+
+def check_type_across_scopes(name: str, value: FlagValue, others: Mapping[str, FlagValue]) -> None:
+    """Refuse a first value for ``name`` in a scope whose type differs from the flag's
+    in other scopes (``others``: scope -> value in force there).
+
+    A service's own entry wins over the global one: a string under ``checkout`` would
+    turn a global kill switch into a value that ``enabled()`` takes for "unset" there.
+    """
+    given = flag_type(value)
+    held: dict[str, list[str]] = {}
+    for scope, other in sorted(others.items()):
+        if flag_type(other) != given:
+            held.setdefault(flag_type(other), []).append(scope)
+    if not held:
+        return
+    kind, scopes = max(held.items(), key=lambda item: (model.GLOBAL_SCOPE in item[1], len(item[1])))
+    shown = ", ".join(scopes[:5]) + (f" and {len(scopes) - 5} more" if len(scopes) > 5 else "")
+    raise _type_refusal(
+        name, kind, value, f" ({'scope' if len(scopes) == 1 else 'scopes'} {shown})"
     )
 
 

@@ -171,12 +171,26 @@ class Store:
     def plan_set_flag(
         self, scope: str, name: str, value: FlagValue, *, change_type: bool = False
     ) -> Plan:
+        async def check(current: Flag | None, now: datetime) -> None:
+            # The flag's first value in this scope takes the type it has elsewhere.
+            if change_type or semantics.prune_expired(current, now) is not None:
+                return
+            others: dict[str, FlagValue] = {}
+            for other in await self._records.flag_scopes(name):
+                if other != scope:
+                    found = await self._records.read(flag_key(other, name))
+                    record = semantics.prune_expired(found.record, now)
+                    if record is not None:
+                        others[other] = record.value
+            semantics.check_type_across_scopes(name, value, others)
+
         return Plan(
             flag_key(scope, name),
             lambda cur, now, o: semantics.decide_set_flag(
                 cur, now, scope, name, value, o, change_type=change_type
             ),
             overridden_flag=name if scope == GLOBAL_SCOPE else "",
+            check=check,
         )
 
     def plan_clear_flag(self, scope: str, name: str, *, all_layers: bool = False) -> Plan:

@@ -168,6 +168,8 @@ class Bundles:
         decisions = []
         for plan, current in zip(plans, currents, strict=True):
             decision = plan.decide(current.record, now, bopts)
+            if plan.check is not None and decision.changed:
+                await plan.check(current.record, now)
             if current.invalid is not None and not decision.changed:
                 decision = replace(decision, changed=True)
             decisions.append(decision)

@@ -195,16 +195,20 @@ class Records:
             return None  # keep serving what agents have
         return key.kind, record
 
-    async def services_overriding(self, name: str) -> list[str]:
-        """Services with an entry of their own for flag ``name`` (hiding the global one)."""
+    async def flag_scopes(self, name: str) -> list[str]:
+        """Every scope (``global`` and services) with an entry for flag ``name``."""
         start = self.abs(FLAGS)
         response = await self._etcd.range(start, range_end(start), keys_only=True)
-        services = []
+        scopes = []
         for kv in response.kvs:
             parts = kv.key.decode(errors="replace")[len(self.prefix) :].split("/")
-            if len(parts) == 3 and parts[2] == name and parts[1] != GLOBAL_SCOPE:
-                services.append(parts[1])
-        return sorted(services)
+            if len(parts) == 3 and parts[2] == name:
+                scopes.append(parts[1])
+        return sorted(scopes)
+
+    async def services_overriding(self, name: str) -> list[str]:
+        """Services with an entry of their own for flag ``name`` (hiding the global one)."""
+        return [scope for scope in await self.flag_scopes(name) if scope != GLOBAL_SCOPE]
 
     # -- what this server last saw of a key -----------------------------------------------
 

@@ -12,7 +12,7 @@ writes nothing (no revision, no audit record).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Generic
@@ -52,6 +52,9 @@ class Plan:
     decide: Callable[[Any, datetime, WriteOptions], Decision]
     # For a global flag: its name, to report the services that keep their own value.
     overridden_flag: str = ""
+    # Checks that need more than the key's own record (a flag's type in other scopes):
+    # given the key's record and the time; raises to refuse. Run only for a change.
+    check: Callable[[Any, datetime], Awaitable[None]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +218,8 @@ class Writer:
             stored = await self._records.read(key)
             decision = plan.decide(stored.record, now, opts)
         assert stored is not None
+        if plan.check is not None and decision.changed:
+            await plan.check(stored.record, now)
         expected = opts.expected_mod_revision
         if expected is not None and expected != stored.mod_revision:
             raise ConflictError(self.prefix + key.path, expected, stored.mod_revision)

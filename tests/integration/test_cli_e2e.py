@@ -637,3 +637,17 @@ async def test_a_typo_never_turns_a_kill_switch_into_a_string(
     )
     assert meant.returncode == 0, meant.stderr
     assert "type changed from boolean to string" in json.loads(meant.stdout)["result"]["summary"]
+    # A service's first entry takes the type the flag has globally: its own entry would
+    # win over the global kill switch.
+    killed = await cpctl("flag", "set", "global", "pay-v2", "false", "--reason", "r")
+    assert killed.returncode == 0, killed.stderr
+    stray = await cpctl("flag", "set", "payments", "pay-v2", "Off", "--reason", "kill it")
+    assert stray.returncode == 3, stray.stdout
+    assert "pay-v2 is a boolean flag (scope global); 'Off' is not true or false" in stray.stderr
+    assert await raw_etcd.get(prefix + "flags/payments/pay-v2") is None
+    # And a new global value takes the type the services hold.
+    lone = await cpctl("flag", "set", "payments", "tier", "gold", "--reason", "r")
+    assert lone.returncode == 0, lone.stderr
+    clash = await cpctl("flag", "set", "global", "tier", "true", "--reason", "r")
+    assert clash.returncode == 3, clash.stdout
+    assert "tier is a string flag (scope payments)" in clash.stderr

@@ -185,3 +185,21 @@ def test_numbers_of_either_kind_and_a_cleared_flag_take_any_value() -> None:
     boxed = set_flag(None, False, ttl=timedelta(minutes=5)).new
     later = T0 + timedelta(hours=1)
     assert semantics.decide_set_flag(boxed, later, "checkout", "x", "on", opts(now=later)).changed
+
+
+def test_a_first_value_in_a_scope_takes_the_flags_type_elsewhere() -> None:
+    # Same type, or no other scope: nothing to say.
+    semantics.check_type_across_scopes("new-ui", False, {"global": True, "payments": False})
+    semantics.check_type_across_scopes("new-ui", "lite", {})
+    with pytest.raises(InvalidArgumentError) as info:
+        semantics.check_type_across_scopes("new-ui", "flase", {"global": True})
+    assert "new-ui is a boolean flag (scope global); 'flase' is not true or false" in str(
+        info.value
+    )
+    # Services disagreeing with the value: the type the most of them hold is named, with
+    # global first.
+    with pytest.raises(InvalidArgumentError) as info:
+        semantics.check_type_across_scopes(
+            "mode", 3, {"a": "lite", "b": "lite", "c": {"x": 1}, "global": {"y": 2}}
+        )
+    assert "mode is an object flag (scopes c, global); 3 is not a JSON object" in str(info.value)
