@@ -1,13 +1,13 @@
 """``cpctl``: change and inspect mitigations from a terminal or a runbook.
 
 Layout: one module per noun holds its click commands and their human output (``flag``,
-``shed``, ``pin`` with ``known-good`` and ``rollback``, ``bundle``, ``status``, and
-``audit`` for ``watch``, ``history`` and ``timeline``). What every noun uses is in the
-private modules: ``_errors`` (exit codes, ``CliError``, the gRPC status table, the error
-report), ``_params`` (parsing what people type, the click types), ``_app`` (``App``: the
-servers, failover, the calls; printing a result), ``_write`` (the write options and
---wait) and ``_output`` (plain form of a response, JSON, tables). ``_root`` is the
-``cpctl`` group itself: the global options, the help and ``main``.
+``shed``, ``pin`` with ``known-good`` and ``rollback``, ``bundle``, ``status`` with
+``services``, and ``audit`` for ``watch``, ``history`` and ``timeline``). What every noun
+uses is in the private modules: ``_errors`` (exit codes, ``CliError``, the gRPC status
+table, the error report), ``_params`` (parsing what people type, the click types), ``_app``
+(``App``: the servers, failover, the calls; printing a result), ``_write`` (the write
+options and --wait) and ``_output`` (plain form of a response, JSON, tables). ``_root`` is
+the ``cpctl`` group itself: the global options, the help and ``main``.
 
 A command parses its arguments, builds one request, calls ``App.call`` and hands the
 plain response to ``respond`` with its renderer; a write goes through ``write_and_wait``

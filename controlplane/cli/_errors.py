@@ -66,11 +66,11 @@ EXIT_CODE_HELP: dict[ExitCode, str] = {
     ExitCode.PERMISSION_DENIED: "permission denied (PERMISSION_DENIED, UNAUTHENTICATED): no "
     "token, a token the server refused, or one whose role does not allow the call",
     ExitCode.WAIT_TIMEOUT: "--wait timed out with the change only partly applied (the pending "
-    "instances are listed); the change is written",
+    "instances are listed); the change is in force",
     ExitCode.WAIT_NO_INSTANCES: "--wait found no connected instance of the service (a "
-    "mistyped service name?); the change is written",
+    "mistyped service name?); the change is in force",
     ExitCode.REJECTED: "--wait: an instance rejected the change (instance and reason are "
-    "listed); the change is written",
+    "listed); the change is in force",
     ExitCode.FAILED_PRECONDITION: "failed precondition, e.g. nothing to roll back to, or an "
     "expired bundle reverted without --force",
     ExitCode.UNIMPLEMENTED: "not implemented by the server yet (UNIMPLEMENTED)",

@@ -57,7 +57,9 @@ JSON_SHAPES: dict[str, tuple[str, ...]] = {
         "audit_id",
         "summary",
         "would_change",
+        "unknown_services",
     ),
+    "UnknownService": ("service", "did_you_mean", "memory"),
     "Meta": (
         "actor",
         "actor_authenticated",

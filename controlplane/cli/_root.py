@@ -27,7 +27,7 @@ from controlplane.cli.bundle import bundle
 from controlplane.cli.flag import flag
 from controlplane.cli.pin import known_good, pin, rollback
 from controlplane.cli.shed import shed
-from controlplane.cli.status import status
+from controlplane.cli.status import services, status
 from controlplane.transport import ClientSecurity, TransportConfigError, path_or_none
 
 
@@ -331,6 +331,7 @@ cli.add_command(known_good)
 cli.add_command(rollback)
 cli.add_command(bundle)
 cli.add_command(status)
+cli.add_command(services)
 cli.add_command(watch)
 cli.add_command(history)
 cli.add_command(timeline)

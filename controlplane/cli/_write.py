@@ -152,11 +152,11 @@ _WAIT_EXIT: dict[str, tuple[ExitCode, str]] = {
 }
 
 _WAIT_HINTS: dict[str, str] = {
-    "no_instances": "the change is written (rev {revision}), but no instance is connected to "
+    "no_instances": "the change is {state} (rev {revision}), but no instance is connected to "
     "apply it",
-    "timed_out": "the change is written (rev {revision}); the pending instances may still "
+    "timed_out": "the change is {state} (rev {revision}); the pending instances may still "
     "apply it: `cpctl status {service}` shows each one's applied revision",
-    "rejected": "the change is written (rev {revision}) and applies where it was accepted; "
+    "rejected": "the change is {state} (rev {revision}) and applies where it was accepted; "
     "fix the rejecting instances or undo the change",
 }
 
@@ -287,9 +287,14 @@ def write_and_wait(
 ) -> None:
     """Make a write, print its result and, with --wait, wait for its instances.
 
-    ``services(doc)`` names the services to wait for, from the response. With --json the
-    document gains ``wait``: a ``Wait`` document, or null when nothing was written (an
-    unchanged write or a dry run: nothing to wait for, exit 0).
+    ``services(doc)`` names the services to wait for, from the response. An unchanged
+    write waits too: the question is whether what is in force is applied everywhere
+    (it waits for the key's mod revision; for a key that is not set, that a connected
+    instance of each service is there). With --json the document gains ``wait``: a
+    ``Wait`` document, or null on a dry run (nothing written, exit 0).
+
+    The services the write concerns that no agent has reported are named on stderr
+    (``unknown_services`` in the result), with the closest known names.
 
     Raises:
         CliError: the write failed, or the wait did not end with every instance applying
@@ -297,6 +302,7 @@ def write_and_wait(
     """
     started = time.monotonic()
     doc = app.call(rpc, request)
+    render = _with_notices(render)
     if not wait.enabled:
         respond(app, doc, render)
         return
@@ -304,16 +310,23 @@ def write_and_wait(
         # People see the change land at once, before the wait.
         respond(app, doc, render)
     result = doc.get("result") or {}
-    revision = int(result.get("revision") or 0)
+    if result.get("changed"):
+        revision = int(result.get("revision") or 0)
+    else:
+        # Unchanged: what is in force since the key's last change must be applied; a key
+        # that is not set was deleted at some revision no agent can be behind of for long,
+        # so the wait then checks that instances are connected and current.
+        revision = max(int(result.get("mod_revision") or 0), 1)
+    state = "written" if result.get("changed") else "in force"
     report: dict[str, Any] | None = None
     failure: CliError | None = None
-    if result.get("changed") and not result.get("dry_run") and revision > 0:
+    if not result.get("dry_run") and revision > 0:
         chosen = list(services(doc))
         if chosen:
             try:
                 report = _wait_applied(app, chosen, revision, wait.timeout, started)
             except CliError as e:
-                e.hint = f"the change is written (rev {revision}), but --wait failed: " + (
+                e.hint = f"the change is {state} (rev {revision}), but --wait failed: " + (
                     e.hint or HINTS.get(e.code, e.code)
                 )
                 failure = e
@@ -330,10 +343,37 @@ def write_and_wait(
         exit_code, code = _WAIT_EXIT[report["outcome"]]
         problems = render_wait(report).problems
         worst = next(s for s in report["services"] if s["outcome"] == report["outcome"])
-        hint = _WAIT_HINTS[report["outcome"]].format(revision=revision, service=worst["service"])
+        hint = _WAIT_HINTS[report["outcome"]].format(
+            revision=revision, service=worst["service"], state=state
+        )
         raise CliError(
             code, "\n".join(f"--wait: {problem}" for problem in problems), exit_code, hint=hint
         )
+
+
+def _with_notices(
+    render: Callable[[Mapping[str, Any], datetime], Rendered],
+) -> Callable[[Mapping[str, Any], datetime], Rendered]:
+    """``render``, with a warning for each service of the write no agent has reported."""
+
+    def rendered(doc: Mapping[str, Any], now: datetime) -> Rendered:
+        base = render(doc, now)
+        notices = (doc.get("result") or {}).get("unknown_services") or []
+        return Rendered(base.lines, [*base.warnings, *map(unknown_service_warning, notices)])
+
+    return rendered
+
+
+def unknown_service_warning(notice: Mapping[str, Any]) -> str:
+    """What to say of a service no agent has reported (an ``UnknownService`` document)."""
+    service = notice.get("service", "?")
+    memory = notice.get("memory")
+    within = f"in the last {format_age(memory)}" if isinstance(memory, timedelta) else "yet"
+    text = f"warning: no agent of service {service} has connected {within}"
+    close = list(notice.get("did_you_mean") or [])
+    if close:
+        text += f"; did you mean {' or '.join(close)}?"
+    return text + " (`cpctl services` lists the services known)"
 
 
 # ---- human output of a wait ----

@@ -4,7 +4,7 @@ their output. The file itself is parsed by ``controlplane.bundles``."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -119,16 +119,21 @@ def bundle_apply(
                 err=True,
             )
     request = spec.to_request(actor=app.actor, dry_run=dry_run)
-    write_and_wait(app, "ApplyBundle", request, render_bundle_apply, wait, _bundle_wait(wait))
+    named, _ = change_services(to_plain(c) for c in spec.changes)
+    write_and_wait(
+        app, "ApplyBundle", request, render_bundle_apply, wait, _bundle_wait(wait, named)
+    )
 
 
-def _bundle_wait(wait: WaitArgs) -> Callable[[Mapping[str, Any]], list[str]]:
-    """The services to wait for after a bundle write: those whose keys it wrote, and
-    --wait-service."""
+def _bundle_wait(
+    wait: WaitArgs, changed: Sequence[str] = ()
+) -> Callable[[Mapping[str, Any]], list[str]]:
+    """The services to wait for after a bundle write: those whose keys it wrote (when it
+    wrote nothing, those its ``changed`` name), and --wait-service."""
 
     def services(doc: Mapping[str, Any]) -> list[str]:
         named, _ = key_services((doc.get("bundle") or {}).get("keys") or [])
-        return sorted({*named, *wait.services})
+        return sorted({*(named or changed), *wait.services})
 
     return services
 

@@ -1,4 +1,5 @@
-"""``cpctl status``: what is in force for a service and which instances applied it."""
+"""``cpctl status``: what is in force for a service and which instances applied it;
+``cpctl services``: which services the control plane knows."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from controlplane.cli._output import (
     one_line,
     table,
 )
+from controlplane.cli._write import unknown_service_warning
 from controlplane.cli.flag import flag_value_text
 from controlplane.cli.pin import pin_text
 from controlplane.cli.shed import shedding_meaning, shedding_text
@@ -35,8 +37,12 @@ def status(app: App, service: str) -> None:
     it applied, its lag (changes not yet applied; ? when unknown) and the version it runs,
     with drift from the pin marked. No connected instance is reported, not an error.
 
+    A service no agent has connected for within the server's memory of agents is said
+    to be unknown, with the closest known names (a mistyped name?).
+
     JSON: {service, revision, flags: [Flag, ...], shedding: Shedding|null, pin: Pin|null,
-    instances: [Instance, ...], drift: {version: count}}.
+    instances: [Instance, ...], drift: {version: count}, last_contact: time|null,
+    unknown: UnknownService|null}.
     """
     from controlplane.api.v1 import mitigation_pb2
 
@@ -44,7 +50,65 @@ def status(app: App, service: str) -> None:
     respond(app, doc, render_status)
 
 
+@click.command()
+@click.pass_obj
+def services(app: App) -> None:
+    """The services known: agents seen (instances connected now, last contact) or records
+    held (own flags, shedding, pin, known-good marks).
+
+    A service with records but no agent seen within the server's memory of agents (as
+    long as its audit retention) is marked: a mistyped name, or one not running yet.
+    Remove a stray one's records with `flag clear`, `shed clear`, `pin clear`.
+
+    JSON: {services: [{service, connected, last_contact: time|null, flags, shedding,
+    pinned_version, known_good}, ...], memory: seconds}.
+    """
+    from controlplane.api.v1 import mitigation_pb2
+
+    doc = app.call("ListServices", mitigation_pb2.ListServicesRequest())
+    respond(app, doc, render_services)
+
+
 # ---- output ----
+
+
+def render_services(doc: Mapping[str, Any], now: datetime) -> Rendered:
+    """``cpctl services``: one row per known service."""
+    rows = []
+    never = []
+    for entry in doc.get("services") or []:
+        service = str(entry.get("service", "?"))
+        contact = entry.get("last_contact")
+        connected = int(entry.get("connected", 0))
+        if connected:
+            seen = "now"
+        elif contact is not None:
+            seen = f"{format_age(now - contact)} ago"
+        else:
+            seen = "never"
+            never.append(service)
+        held = []
+        if entry.get("flags"):
+            held.append(f"{entry['flags']} flag(s)")
+        if entry.get("shedding"):
+            held.append("shedding")
+        if entry.get("pinned_version"):
+            held.append(f"pin {entry['pinned_version']}")
+        if entry.get("known_good"):
+            held.append(f"{entry['known_good']} known-good")
+        rows.append([service, str(connected), seen, ", ".join(held) or "-"])
+    if not rows:
+        return Rendered(["no services known: no agent has connected and no record is held"])
+    lines = table(["SERVICE", "INSTANCES", "LAST CONTACT", "RECORDS"], rows)
+    memory = doc.get("memory")
+    warnings = []
+    if never:
+        within = f" in the last {format_age(memory)}" if memory is not None else ""
+        warnings.append(
+            f"warning: no agent of {', '.join(never)} has connected{within}: records held for "
+            "a service nobody runs apply to no one (a mistyped name?)"
+        )
+    return Rendered(lines, warnings)
 
 
 def _set_by(record: Mapping[str, Any], now: datetime) -> str:
@@ -150,6 +214,13 @@ def render_status(doc: Mapping[str, Any], now: datetime) -> Rendered:
     drift = dict(doc.get("drift") or {})
     for version in sorted(drift):
         lines.append(f"drift: {drift[version]} instance(s) run {version}, not the pinned {pinned}")
+    warnings = []
     if connected == 0:
-        lines.append(NO_INSTANCES)
-    return Rendered(lines)
+        unknown = doc.get("unknown")
+        if unknown:
+            warnings.append(unknown_service_warning(unknown))
+        else:
+            lines.append(NO_INSTANCES)
+            if doc.get("last_contact") is not None:
+                lines.append(f"last contact: {format_time(doc['last_contact'], now)}")
+    return Rendered(lines, warnings)

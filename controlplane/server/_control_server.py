@@ -23,7 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
-from controlplane import __version__
+from controlplane import __version__, model
 from controlplane.api.v1 import agent_pb2, mitigation_pb2, mitigation_pb2_grpc
 from controlplane.embedded_etcd import EmbeddedEtcd
 from controlplane.errors import ControlPlaneError
@@ -33,6 +33,7 @@ from controlplane.server._agent_service import AgentServicer, add_agent_service
 from controlplane.server._config import ServerConfig, ServerConfigError, check_exposure
 from controlplane.server._mitigation_service import MitigationServicer
 from controlplane.server._presence import Presence
+from controlplane.server._services import ServiceDirectory
 from controlplane.server._tls import ServerTls
 from controlplane.server.auth import AuthFileError, AuthInterceptor, Streams, load_auth_file
 from controlplane.server.hub import Hub
@@ -181,7 +182,14 @@ class ControlServer:
             ],
         )
         mitigation_pb2_grpc.add_MitigationServiceServicer_to_server(
-            MitigationServicer(self.store, self.metrics, self.hub, self.presence), server
+            MitigationServicer(
+                self.store,
+                self.metrics,
+                self.hub,
+                self.presence,
+                ServiceDirectory(self.store, self.presence, self.config.audit_retention),
+            ),
+            server,
         )
         add_agent_service(AgentServicer(self.hub, self.presence, self.metrics), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -415,6 +423,9 @@ class ControlServer:
                     if oldest is not None and self.presence is not None:
                         # When changes were applied goes with the audit of the changes.
                         await self.presence.prune_applied(oldest)
+                    if self.presence is not None:
+                        cutoff = model.utcnow() - self.config.audit_retention
+                        await self.presence.prune_seen(cutoff)
                     for kind, count in (await self.store.count_active()).items():
                         self.metrics.active_mitigations.labels(kind).set(count)
             except ControlPlaneError as exc:

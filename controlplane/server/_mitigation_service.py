@@ -35,6 +35,7 @@ from controlplane.metrics import ServerMetrics
 from controlplane.model import GLOBAL_SCOPE
 from controlplane.server._presence import Instance, Presence
 from controlplane.server._rpc import actor_of, log_rpc, rpc
+from controlplane.server._services import ServiceDirectory
 from controlplane.server.auth import current_identity
 from controlplane.server.hub import Hub
 from controlplane.store import BundleOutcome, BundleView, Plan, Store, WriteOutcome
@@ -97,11 +98,23 @@ def _write_pair(outcome: WriteOutcome[Any]) -> dict[str, Any]:
 class _Servicer:
     """What every family of the service's RPCs works with."""
 
-    def __init__(self, store: Store, metrics: ServerMetrics, hub: Hub, presence: Presence) -> None:
+    def __init__(
+        self,
+        store: Store,
+        metrics: ServerMetrics,
+        hub: Hub,
+        presence: Presence,
+        services: ServiceDirectory,
+    ) -> None:
         self.store = store
         self.metrics = metrics
         self.hub = hub
         self.presence = presence
+        self.services = services
+
+    async def _note(self, result: pb.WriteResult, *services: str) -> None:
+        """Name in a write's result the services it concerns that no agent has reported."""
+        result.unknown_services.extend(await self.services.unknown_of(services))
 
     @staticmethod
     def _options(msg: pb.WriteOptions, *, allow_expiry: bool = True) -> model.WriteOptions:
@@ -126,6 +139,7 @@ class _RecordRPCs(_Servicer):
             scope, name, value, self._options(request.options), change_type=request.change_type
         )
         w = _write_pair(outcome)
+        await self._note(w["result"], scope)
         return mpb.SetFlagResponse(result=w["result"], flag=w["current"], previous=w["previous"])
 
     @rpc
@@ -159,7 +173,9 @@ class _RecordRPCs(_Servicer):
         name = model.validate_flag_name(request.name)
         opts = self._options(request.options, allow_expiry=False)
         outcome = await self.store.clear_flag(scope, name, opts, all_layers=request.all_layers)
-        return mpb.ClearFlagResponse(**_cleared(outcome))
+        cleared = _cleared(outcome)
+        await self._note(cleared["result"], scope)
+        return mpb.ClearFlagResponse(**cleared)
 
     # -- shedding --------------------------------------------------------------
 
@@ -174,6 +190,7 @@ class _RecordRPCs(_Servicer):
             service, tier, percent, self._options(request.options)
         )
         w = _write_pair(outcome)
+        await self._note(w["result"], service)
         return mpb.SetSheddingResponse(
             result=w["result"], shedding=w["current"], previous=w["previous"]
         )
@@ -204,7 +221,9 @@ class _RecordRPCs(_Servicer):
         service = model.validate_service(request.service)
         opts = self._options(request.options, allow_expiry=False)
         outcome = await self.store.clear_shedding(service, opts, all_layers=request.all_layers)
-        return mpb.ClearSheddingResponse(**_cleared(outcome))
+        cleared = _cleared(outcome)
+        await self._note(cleared["result"], service)
+        return mpb.ClearSheddingResponse(**cleared)
 
     # -- pins and known-good -------------------------------------------------------
 
@@ -216,6 +235,7 @@ class _RecordRPCs(_Servicer):
         version = model.validate_version(request.version)
         outcome = await self.store.pin(service, version, self._options(request.options))
         w = _write_pair(outcome)
+        await self._note(w["result"], service)
         return mpb.PinVersionResponse(result=w["result"], pin=w["current"], previous=w["previous"])
 
     @rpc
@@ -240,7 +260,9 @@ class _RecordRPCs(_Servicer):
         service = model.validate_service(request.service)
         opts = self._options(request.options, allow_expiry=False)
         outcome = await self.store.unpin(service, opts, all_layers=request.all_layers)
-        return mpb.UnpinVersionResponse(**_cleared(outcome))
+        cleared = _cleared(outcome)
+        await self._note(cleared["result"], service)
+        return mpb.UnpinVersionResponse(**cleared)
 
     @rpc
     async def MarkKnownGood(
@@ -397,8 +419,10 @@ class _BundleRPCs(_Servicer):
         plans = [self._bundle_plan(i, c, opts) for i, c in enumerate(request.changes)]
         changes = [_change_json(c) for c in request.changes]
         outcome = await self.store.apply_bundle(name, plans, changes, opts)
+        result = _bundle_result(outcome)
+        await self._note(result, *(plan.key.scope for plan in plans))
         return mpb.ApplyBundleResponse(
-            result=_bundle_result(outcome),
+            result=result,
             bundle=_bundle_proto(outcome.view) if outcome.view is not None else None,
         )
 
@@ -463,7 +487,20 @@ class _ObservationRPCs(_Servicer):
                     response.drift[instance.running_version] = (
                         response.drift.get(instance.running_version, 0) + 1
                     )
+        contact = await self.presence.last_contact(service)
+        if contact is not None:
+            response.last_contact.CopyFrom(model.datetime_to_timestamp(contact))
+        else:
+            unknown = await self.services.unknown(service)
+            if unknown is not None:
+                response.unknown.CopyFrom(unknown)
         return response
+
+    @rpc
+    async def ListServices(
+        self, request: mpb.ListServicesRequest, context: Any
+    ) -> mpb.ListServicesResponse:
+        return await self.services.summaries()
 
     def _instance_proto(self, instance: Instance) -> pb.Instance:
         lag = self.hub.relevant_since(instance.service, instance.applied)
@@ -668,6 +705,7 @@ def _bundle_result(outcome: BundleOutcome) -> pb.WriteResult:
         changed=outcome.changed,
         dry_run=outcome.dry_run,
         revision=outcome.revision,
+        mod_revision=outcome.mod_revision,
         summary=outcome.summary,
         would_change=outcome.would_change,
         audit_id=outcome.audit_ids[0] if outcome.audit_ids else "",

@@ -9,6 +9,9 @@ process's lease so a dead process's agents disappear with it::
                                                      when all of this process's
                                                      instances of a service had
                                                      acked a change, and how many
+    <presence prefix>seen/<service>                  when an agent of the service
+                                                     was last connected (kept as
+                                                     long as the audit trail)
 
 (the layout is in :mod:`controlplane.store.keys`).
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -40,6 +44,8 @@ FLUSH_GAP_PER_INSTANCE = 100e-6
 """Seconds between two flushes at the least, per instance (each encodes every instance)."""
 FLUSH_GAP_MAX = 0.25
 LEASE_TTL = 10
+SEEN_REFRESH = 60.0
+"""Seconds between two writes of a service's last contact while its agents stay connected."""
 
 
 @dataclass(eq=False, slots=True)
@@ -152,6 +158,11 @@ class Presence:
         self._remote: dict[str, tuple[bytes, str, int, dict[str, list[Instance]]]] = {}
         self._peers = False
         """Other processes report under the same prefix (read at each flush)."""
+        # Last contact: when it was last written per service (monotonic), and the
+        # services whose last instance here left since the last flush.
+        self._seen_written: dict[str, float] = {}
+        self._flush_lock = asyncio.Lock()
+        self._departed: set[str] = set()
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -168,7 +179,10 @@ class Presence:
         _, stuck = await asyncio.wait({task}, timeout=5.0)
         if stuck:
             log.error("background_task_stuck", task=task.get_name())
+        # The agents here are in contact until now.
+        self._departed |= {service for service, acks in self._services.items() if acks.instances}
         with contextlib.suppress(ControlPlaneError), self.store.budget(self.store.etcd_timeout):
+            await self._flush_seen()
             await self._flush_applied()
             await self.store.delete_prefix_raw(keys.servers_prefix(self.prefix, self.server_id))
 
@@ -203,6 +217,8 @@ class Presence:
                 acks.acked -= 1
             self._maybe_complete(instance.service, acks)
         instance.connected = False
+        if not acks.instances:
+            self._departed.add(instance.service)
         self.metrics.agents_connected.labels(instance.service).dec()
         self._touch(instance.service)
         self._flush_now.set()
@@ -303,6 +319,20 @@ class Presence:
         ordered = sorted(newest.values(), key=lambda i: i.instance_id)
         return ordered, reported
 
+    async def connected_counts(self) -> dict[str, int]:
+        """How many instances of each service are connected, here and elsewhere."""
+        found = {(i.service, i.instance_id) for i in self._instances.values()}
+        own = keys.servers_prefix(self.prefix, self.server_id)
+        for key, raw in await self.store.get_prefix_raw(keys.servers_prefix(self.prefix)):
+            decoded = None if key.startswith(own) else _decode_presence(key, raw)
+            if decoded is not None:
+                for service, instances in decoded[3].items():
+                    found.update((service, i.instance_id) for i in instances)
+        counts: dict[str, int] = {}
+        for service, _instance in found:
+            counts[service] = counts.get(service, 0) + 1
+        return counts
+
     async def applied_at(self, service: str, revision: int, servers: set[str]) -> datetime | None:
         """When every instance of ``service`` on each of ``servers`` had applied ``revision``
         (or a later change), from the processes' records; None if one has no record yet."""
@@ -363,8 +393,9 @@ class Presence:
             # Cleared before the flush: an arrival while it is written flushes again.
             self._flush_now.clear()
             try:
-                with self.store.budget(self.store.etcd_timeout):
-                    await self._flush()
+                async with self._flush_lock:
+                    with self.store.budget(self.store.etcd_timeout):
+                        await self._flush()
             except ControlPlaneError as exc:
                 log.warning("presence_flush_failed", error=exc.message)
                 self._lease = 0 if "lease" in exc.message else self._lease
@@ -415,7 +446,78 @@ class Presence:
                 self._flushed_revision = revision
                 others = await self.store.count_prefix_raw(keys.servers_prefix(self.prefix))
                 self._peers = others > self._written_chunks
+        await self._flush_seen()
         await self._flush_applied()
+
+    async def flush(self) -> None:
+        """Write now what would be written at the next flush (instances, last contacts,
+        "all applied" records)."""
+        async with self._flush_lock:
+            with self.store.budget(self.store.etcd_timeout):
+                await self._flush()
+
+    async def _flush_seen(self) -> None:
+        """Write the last contact of services whose agents are here (at most once a
+        minute each while they stay) or whose last agent here just left."""
+        clock = time.monotonic()
+        due = {
+            service
+            for service, acks in self._services.items()
+            if acks.instances
+            and clock - self._seen_written.get(service, -SEEN_REFRESH) >= SEEN_REFRESH
+        } | self._departed
+        if not due:
+            return
+        now = model.format_time(model.utcnow())
+        ops = [
+            self.store.put_op(
+                keys.seen_key(self.prefix, service),
+                json.dumps({"service": service, "last_contact": now}).encode(),
+            )
+            for service in sorted(due)
+        ]
+        for start in range(0, len(ops), 100):
+            await self.store.txn_raw(ops[start : start + 100])
+        self._departed -= due
+        for service in due:
+            self._seen_written[service] = clock
+
+    async def last_contacts(self) -> dict[str, datetime]:
+        """When an agent of each service known was last connected (now, if one is)."""
+        found: dict[str, datetime] = {}
+        for key, raw in await self.store.get_prefix_raw(keys.seen_prefix(self.prefix)):
+            try:
+                found[key.rsplit("/", 1)[-1]] = model.parse_time(
+                    str(json.loads(raw)["last_contact"])
+                )
+            except (ValueError, KeyError, TypeError):
+                log.error("presence_invalid", key=key)
+        now = model.utcnow()
+        for service, acks in self._services.items():
+            if acks.instances:
+                found[service] = now
+        return found
+
+    async def last_contact(self, service: str) -> datetime | None:
+        """When an agent of ``service`` was last connected (None: not within memory)."""
+        if self.local(service):
+            return model.utcnow()
+        key = keys.seen_key(self.prefix, service)
+        for _key, raw in await self.store.get_range_raw(key, key + "\0"):
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                return model.parse_time(str(json.loads(raw)["last_contact"]))
+        return None
+
+    async def prune_seen(self, cutoff: datetime) -> int:
+        """Forget services whose agents were last connected before ``cutoff``."""
+        stale = [
+            key
+            for key, raw in await self.store.get_prefix_raw(keys.seen_prefix(self.prefix))
+            if _seen_before(raw, cutoff)
+        ]
+        for start in range(0, len(stale), 100):
+            await self.store.txn_raw([self.store.delete_op(k) for k in stale[start : start + 100]])
+        return len(stale)
 
     async def _flush_applied(self) -> None:
         """Write the pending "all applied" records, 100 to a transaction; keep any not written."""
@@ -453,3 +555,10 @@ def _decode_presence(
     except (ValueError, KeyError, TypeError) as exc:
         log.error("presence_invalid", key=key, error=str(exc))
         return None
+
+
+def _seen_before(raw: bytes, cutoff: datetime) -> bool:
+    try:
+        return model.parse_time(str(json.loads(raw)["last_contact"])) < cutoff
+    except (ValueError, KeyError, TypeError):
+        return True  # unreadable: nothing to keep

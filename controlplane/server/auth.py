@@ -96,8 +96,8 @@ _WRITES = {
 _ADMIN_WRITES = {"MarkKnownGood", "UnmarkKnownGood"}
 _READS = {
     "GetFlag", "ListFlags", "GetShedding", "ListShedding", "GetPin", "ListPins",
-    "ListKnownGood", "ListBundles", "GetBundle", "GetStatus", "ListHistory", "WatchChanges",
-    "WaitApplied", "GetTimeline",
+    "ListKnownGood", "ListBundles", "GetBundle", "GetStatus", "ListServices", "ListHistory",
+    "WatchChanges", "WaitApplied", "GetTimeline",
 }  # fmt: skip
 
 

@@ -49,6 +49,7 @@ from controlplane.store._writes import Plan, WriteOutcome, Writer
 from controlplane.store.keys import (
     DEFAULT_PREFIX,
     FLAGS,
+    KNOWN_GOOD,
     PINS,
     SHEDDING,
     flag_key,
@@ -342,6 +343,20 @@ class Store:
             lambda cur, now, o: semantics.decide_unmark(cur, now, version),
         )
         return await self._writer.write(plan, opts)
+
+    async def records_by_service(self) -> dict[str, dict[str, int]]:
+        """How many records each service has of each kind (flag, shedding, pin,
+        known_good), from the keys alone."""
+        counts: dict[str, dict[str, int]] = {}
+        for kind, path_prefix in (
+            ("flag", FLAGS), ("shedding", SHEDDING), ("pin", PINS), ("known_good", KNOWN_GOOD),
+        ):  # fmt: skip
+            for path in await self._records.paths_under(path_prefix):
+                service = path[len(path_prefix) :].split("/", 1)[0]
+                if service and service != GLOBAL_SCOPE:
+                    per = counts.setdefault(service, {})
+                    per[kind] = per.get(kind, 0) + 1
+        return counts
 
     async def list_known_good(self, service: str) -> list[Stored[KnownGood]]:
         """A service's known-good versions, most recently marked first."""

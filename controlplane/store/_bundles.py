@@ -76,6 +76,9 @@ class BundleOutcome:
     would_change: bool = False
     overwritten: tuple[str, ...] = ()
     audit_ids: tuple[str, ...] = ()
+    # When nothing changed: the newest mod revision among the bundle's keys (what a
+    # wait for "applied everywhere" waits for).
+    mod_revision: int = 0
 
 
 def _check_bundle_shape(paths: Sequence[str]) -> None:
@@ -146,6 +149,7 @@ class Bundles:
                 return BundleOutcome(
                     changed=False, dry_run=opts.dry_run, revision=0, view=twin,
                     summary=f"bundle {name} is already applied as {twin.bundle.id}",
+                    mod_revision=twin.revision,
                 )  # fmt: skip
             return await self._apply_once(name, plans, changes, digest, opts)
 
@@ -177,6 +181,7 @@ class Bundles:
             return BundleOutcome(
                 changed=False, dry_run=opts.dry_run, revision=0, view=None,
                 summary=f"bundle {name}: every change is already in force",
+                mod_revision=max(c.mod_revision for c in currents),
             )  # fmt: skip
         ops: list[Any] = []
         entries = []

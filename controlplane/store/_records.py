@@ -206,6 +206,12 @@ class Records:
                 scopes.append(parts[1])
         return sorted(scopes)
 
+    async def paths_under(self, path_prefix: str) -> list[str]:
+        """The relative paths of every key under ``path_prefix`` (keys only)."""
+        start = self.abs(path_prefix)
+        response = await self._etcd.range(start, range_end(start), keys_only=True)
+        return [kv.key.decode(errors="replace")[len(self.prefix) :] for kv in response.kvs]
+
     async def services_overriding(self, name: str) -> list[str]:
         """Services with an entry of their own for flag ``name`` (hiding the global one)."""
         return [scope for scope in await self.flag_scopes(name) if scope != GLOBAL_SCOPE]

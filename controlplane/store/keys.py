@@ -19,6 +19,7 @@ of its own, which agents do not watch (``/controlplane/v1-presence/``)::
     servers/<server id>/<chunk>                a server process's instances (leased)
     applied/<20-digit revision>/<service>/<server id>
                                                when its instances applied a revision
+    seen/<service>                             when an agent of it was last connected
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ __all__ = [
     "DEFAULT_PREFIX",
     "EXPIRIES",
     "FLAGS",
+    "KNOWN_GOOD",
     "MITIGATIONS",
     "PINS",
     "SHEDDING",
@@ -65,6 +67,8 @@ __all__ = [
     "pin_key",
     "presence_prefix",
     "range_end",
+    "seen_key",
+    "seen_prefix",
     "server_chunk_key",
     "servers_prefix",
     "shedding_key",
@@ -270,3 +274,11 @@ def applied_prefix(presence: str, revision: int | None = None) -> str:
 
 def applied_key(presence: str, revision: int, service: str, server_id: str) -> str:
     return f"{presence}applied/{revision:020d}/{service}/{server_id}"
+
+
+def seen_prefix(presence: str) -> str:
+    return f"{presence}seen/"
+
+
+def seen_key(presence: str, service: str) -> str:
+    return f"{presence}seen/{service}"

@@ -53,7 +53,8 @@ DOCUMENTED_CODES = frozenset(
 READS = frozenset(
     {
         "GetFlag", "ListFlags", "GetShedding", "ListShedding", "GetPin", "ListPins",
-        "ListKnownGood", "ListBundles", "GetBundle", "GetStatus", "ListHistory",
+        "ListKnownGood", "ListBundles", "GetBundle", "GetStatus", "ListServices",
+        "ListHistory",
         "WatchChanges", "WaitApplied", "GetTimeline",
     }
 )  # fmt: skip
@@ -618,6 +619,7 @@ VALID_REQUESTS: dict[str, Callable[[], st.SearchStrategy[Any]]] = {
     "ListBundles": lambda: _b(m.ListBundlesRequest, limit=st.integers(0, 50)),
     "GetBundle": lambda: _b(m.GetBundleRequest, bundle_id=_bundle_ids()),
     "GetStatus": lambda: _b(m.GetStatusRequest, service=services()),
+    "ListServices": lambda: _b(m.ListServicesRequest),
     "ListHistory": lambda: _b(
         m.ListHistoryRequest,
         service=st.just("") | services(), incident=incidents(), since=_past_times(),

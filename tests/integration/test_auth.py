@@ -197,6 +197,7 @@ def calls(seeded: Seeded) -> dict[str, Callable[[Any, Any], Any]]:
         "ListBundles": lambda s, k: s.ListBundles(m.ListBundlesRequest(), **k),
         "GetBundle": lambda s, k: s.GetBundle(m.GetBundleRequest(bundle_id=seeded.bundle_id), **k),
         "GetStatus": lambda s, k: s.GetStatus(m.GetStatusRequest(service="checkout"), **k),
+        "ListServices": lambda s, k: s.ListServices(m.ListServicesRequest(), **k),
         "ListHistory": lambda s, k: s.ListHistory(m.ListHistoryRequest(service="checkout"), **k),
         "WatchChanges": _first_watch_response,
         "WaitApplied": lambda s, k: s.WaitApplied(

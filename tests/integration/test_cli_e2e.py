@@ -314,10 +314,10 @@ async def test_wait_until_every_instance_applied_the_change(
         assert re.search(r"^checkout: applied by 2/2 instances in \d+\.\d\d s$", human.stdout, re.M)
         assert re.search(r"^search: applied by 1/1 instances in \d+\.\d\d s$", human.stdout, re.M)
 
-        # Re-run: unchanged, nothing to wait for, exit 0.
+        # Re-run: unchanged, and --wait still answers whether it is applied everywhere.
         again = await cpctl("--json", "shed", "set", "checkout", "30", "--reason", "r", "--wait")
         assert again.returncode == 0, again.stderr
-        assert json.loads(again.stdout)["wait"] is None
+        assert json.loads(again.stdout)["wait"]["outcome"] == "applied"
 
 
 async def test_wait_for_a_global_flag_needs_a_service(cpctl: Run, raw_etcd: RawEtcd) -> None:

@@ -410,7 +410,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self, service: _Optional[str] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("service", "revision", "flags", "shedding", "pin", "instances", "drift")
+    __slots__ = ("service", "revision", "flags", "shedding", "pin", "instances", "drift", "last_contact", "unknown")
     class DriftEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -425,6 +425,8 @@ class GetStatusResponse(_message.Message):
     PIN_FIELD_NUMBER: _ClassVar[int]
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
     DRIFT_FIELD_NUMBER: _ClassVar[int]
+    LAST_CONTACT_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_FIELD_NUMBER: _ClassVar[int]
     service: str
     revision: int
     flags: _containers.RepeatedCompositeFieldContainer[_types_pb2.Flag]
@@ -432,7 +434,39 @@ class GetStatusResponse(_message.Message):
     pin: _types_pb2.Pin
     instances: _containers.RepeatedCompositeFieldContainer[_types_pb2.Instance]
     drift: _containers.ScalarMap[str, int]
-    def __init__(self, service: _Optional[str] = ..., revision: _Optional[int] = ..., flags: _Optional[_Iterable[_Union[_types_pb2.Flag, _Mapping]]] = ..., shedding: _Optional[_Union[_types_pb2.Shedding, _Mapping]] = ..., pin: _Optional[_Union[_types_pb2.Pin, _Mapping]] = ..., instances: _Optional[_Iterable[_Union[_types_pb2.Instance, _Mapping]]] = ..., drift: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    last_contact: _timestamp_pb2.Timestamp
+    unknown: _types_pb2.UnknownService
+    def __init__(self, service: _Optional[str] = ..., revision: _Optional[int] = ..., flags: _Optional[_Iterable[_Union[_types_pb2.Flag, _Mapping]]] = ..., shedding: _Optional[_Union[_types_pb2.Shedding, _Mapping]] = ..., pin: _Optional[_Union[_types_pb2.Pin, _Mapping]] = ..., instances: _Optional[_Iterable[_Union[_types_pb2.Instance, _Mapping]]] = ..., drift: _Optional[_Mapping[str, int]] = ..., last_contact: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., unknown: _Optional[_Union[_types_pb2.UnknownService, _Mapping]] = ...) -> None: ...
+
+class ListServicesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ServiceSummary(_message.Message):
+    __slots__ = ("service", "connected", "last_contact", "flags", "shedding", "pinned_version", "known_good")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    LAST_CONTACT_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
+    SHEDDING_FIELD_NUMBER: _ClassVar[int]
+    PINNED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    KNOWN_GOOD_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    connected: int
+    last_contact: _timestamp_pb2.Timestamp
+    flags: int
+    shedding: bool
+    pinned_version: str
+    known_good: int
+    def __init__(self, service: _Optional[str] = ..., connected: _Optional[int] = ..., last_contact: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., flags: _Optional[int] = ..., shedding: _Optional[bool] = ..., pinned_version: _Optional[str] = ..., known_good: _Optional[int] = ...) -> None: ...
+
+class ListServicesResponse(_message.Message):
+    __slots__ = ("services", "memory")
+    SERVICES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FIELD_NUMBER: _ClassVar[int]
+    services: _containers.RepeatedCompositeFieldContainer[ServiceSummary]
+    memory: _duration_pb2.Duration
+    def __init__(self, services: _Optional[_Iterable[_Union[ServiceSummary, _Mapping]]] = ..., memory: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class ListHistoryRequest(_message.Message):
     __slots__ = ("service", "incident", "since", "until", "limit")

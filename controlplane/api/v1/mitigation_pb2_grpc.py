@@ -139,6 +139,11 @@ class MitigationServiceStub:
                 request_serializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.GetStatusResponse.FromString,
                 _registered_method=True)
+        self.ListServices = channel.unary_unary(
+                '/controlplane.api.v1.MitigationService/ListServices',
+                request_serializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.ListServicesRequest.SerializeToString,
+                response_deserializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.ListServicesResponse.FromString,
+                _registered_method=True)
         self.ListHistory = channel.unary_unary(
                 '/controlplane.api.v1.MitigationService/ListHistory',
                 request_serializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.ListHistoryRequest.SerializeToString,
@@ -295,6 +300,13 @@ class MitigationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListServices(self, request, context):
+        """The services known: agents seen (with their last contact) or records held.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListHistory(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -428,6 +440,11 @@ def add_MitigationServiceServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.GetStatusRequest.FromString,
                     response_serializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.GetStatusResponse.SerializeToString,
+            ),
+            'ListServices': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListServices,
+                    request_deserializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.ListServicesRequest.FromString,
+                    response_serializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.ListServicesResponse.SerializeToString,
             ),
             'ListHistory': grpc.unary_unary_rpc_method_handler(
                     servicer.ListHistory,
@@ -1017,6 +1034,33 @@ class MitigationService:
             '/controlplane.api.v1.MitigationService/GetStatus',
             controlplane_dot_api_dot_v1_dot_mitigation__pb2.GetStatusRequest.SerializeToString,
             controlplane_dot_api_dot_v1_dot_mitigation__pb2.GetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListServices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/controlplane.api.v1.MitigationService/ListServices',
+            controlplane_dot_api_dot_v1_dot_mitigation__pb2.ListServicesRequest.SerializeToString,
+            controlplane_dot_api_dot_v1_dot_mitigation__pb2.ListServicesResponse.FromString,
             options,
             channel_credentials,
             insecure,

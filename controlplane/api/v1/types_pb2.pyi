@@ -139,7 +139,7 @@ class KnownGood(_message.Message):
     def __init__(self, service: _Optional[str] = ..., version: _Optional[str] = ..., meta: _Optional[_Union[Meta, _Mapping]] = ...) -> None: ...
 
 class WriteResult(_message.Message):
-    __slots__ = ("changed", "dry_run", "revision", "mod_revision", "overridden_by", "audit_id", "summary", "would_change")
+    __slots__ = ("changed", "dry_run", "revision", "mod_revision", "overridden_by", "audit_id", "summary", "would_change", "unknown_services")
     CHANGED_FIELD_NUMBER: _ClassVar[int]
     DRY_RUN_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +148,7 @@ class WriteResult(_message.Message):
     AUDIT_ID_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
     WOULD_CHANGE_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_SERVICES_FIELD_NUMBER: _ClassVar[int]
     changed: bool
     dry_run: bool
     revision: int
@@ -156,7 +157,18 @@ class WriteResult(_message.Message):
     audit_id: str
     summary: str
     would_change: bool
-    def __init__(self, changed: _Optional[bool] = ..., dry_run: _Optional[bool] = ..., revision: _Optional[int] = ..., mod_revision: _Optional[int] = ..., overridden_by: _Optional[_Iterable[str]] = ..., audit_id: _Optional[str] = ..., summary: _Optional[str] = ..., would_change: _Optional[bool] = ...) -> None: ...
+    unknown_services: _containers.RepeatedCompositeFieldContainer[UnknownService]
+    def __init__(self, changed: _Optional[bool] = ..., dry_run: _Optional[bool] = ..., revision: _Optional[int] = ..., mod_revision: _Optional[int] = ..., overridden_by: _Optional[_Iterable[str]] = ..., audit_id: _Optional[str] = ..., summary: _Optional[str] = ..., would_change: _Optional[bool] = ..., unknown_services: _Optional[_Iterable[_Union[UnknownService, _Mapping]]] = ...) -> None: ...
+
+class UnknownService(_message.Message):
+    __slots__ = ("service", "did_you_mean", "memory")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    DID_YOU_MEAN_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    did_you_mean: _containers.RepeatedScalarFieldContainer[str]
+    memory: _duration_pb2.Duration
+    def __init__(self, service: _Optional[str] = ..., did_you_mean: _Optional[_Iterable[str]] = ..., memory: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class AuditEntry(_message.Message):
     __slots__ = ("id", "revision", "time", "actor", "actor_authenticated", "action", "kind", "scope", "name", "reason", "incident", "before_json", "after_json", "bundle_id", "expires_at")

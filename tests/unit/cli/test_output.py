@@ -42,6 +42,7 @@ def test_json_shape_of_set_flag_response() -> None:
             "audit_id": "audit-1",
             "summary": "flag new-ui = false (was true)",
             "would_change": False,
+            "unknown_services": [],
         },
         "flag": {
             "scope": "checkout",

@@ -38,8 +38,8 @@ def test_commands_are_listed_in_incident_order() -> None:
     assert isinstance(cli, click.Group)
     ctx = click.Context(cli)
     assert cli.list_commands(ctx) == [
-        "flag", "shed", "pin", "known-good", "rollback", "bundle", "status", "watch", "history",
-        "timeline",
+        "flag", "shed", "pin", "known-good", "rollback", "bundle", "status", "services", "watch",
+        "history", "timeline",
     ]  # fmt: skip
 
 

@@ -274,12 +274,21 @@ def test_wait_failures_exit_with_their_code_and_keep_the_write_result(
     assert (error_doc["code"], error_doc["exit_code"]) == (name, code)
 
 
-def test_no_wait_for_an_unchanged_write_or_a_dry_run(server: Server) -> None:
+def test_an_unchanged_write_waits_too_and_a_dry_run_does_not(server: Server) -> None:
+    # The question --wait answers is "is what is in force applied everywhere": re-running a
+    # write to a service nobody runs must not look like success.
     server.servicer.waits["checkout"] = WAIT_NOBODY
     base = ["--server", server.address, "flag", "set", "checkout", "new-ui"]
     unchanged = run("--json", *base, "false", "--reason", "again", "--wait")
-    assert unchanged.exit_code == 0, unchanged.output
-    assert json.loads(unchanged.stdout)["wait"] is None
+    assert unchanged.exit_code == 9, unchanged.output
+    doc = json.loads(unchanged.stdout)
+    assert doc["result"]["changed"] is False
+    assert doc["wait"]["outcome"] == "no_instances"
+    assert [r.revision for r in server.servicer.wait_requests] == [doc["result"]["mod_revision"]]
+    human = run(*base, "false", "--reason", "again", "--wait")
+    assert human.exit_code == 9, human.output
+    assert "hint: the change is in force (rev " in human.stderr
+    server.servicer.wait_requests.clear()
     dry = run(*base, "true", "--reason", "r", "--wait", "--dry-run")
     assert dry.exit_code == 0, dry.output
     assert server.servicer.wait_requests == []

@@ -1,0 +1,119 @@
+"""A service nobody runs is suspicious: writes, dry runs and status say so, `cpctl services`
+lists what is known, and --wait answers "is it applied everywhere" also when unchanged."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+from controlplane import model
+from controlplane.server import ControlServer
+from controlplane.store import keys
+from tests.helpers.raw_agent import RawAgent
+from tests.helpers.raw_etcd import RawEtcd
+from tests.integration import test_cli_e2e
+from tests.integration.test_cli_e2e import Run, connected
+
+cpctl = test_cli_e2e.cpctl  # the fixture: the real console script against the test's server
+
+
+async def _gone(server: ControlServer, service: str) -> None:
+    """Until the server has seen every instance of ``service`` leave."""
+    assert server.presence is not None
+    while server.presence.local(service):
+        await server.presence.changed(service)
+
+
+async def test_a_mistyped_service_is_named_with_the_closest_known_ones(
+    cpctl: Run, server: ControlServer, raw_etcd: RawEtcd, prefix: str
+) -> None:
+    async with RawAgent(server.address, "checkout", "checkout-1") as agent:
+        await connected(agent)
+        # A write to the service its agents run: no warning.
+        ok = await cpctl("flag", "set", "checkout", "new-ui", "false", "--reason", "r")
+        assert ok.returncode == 0, ok.stderr
+        assert "warning" not in ok.stderr
+
+        # The typo: written all the same (a kill switch may be staged before a service
+        # ships), but said, with the closest known name.
+        typo = await cpctl("flag", "set", "chekout", "new-ui", "false", "--reason", "r")
+        assert typo.returncode == 0, typo.stderr
+        assert (
+            "warning: no agent of service chekout has connected in the last 30d; did you mean "
+            "checkout? (`cpctl services` lists the services known)"
+        ) in typo.stderr
+        assert await raw_etcd.get(prefix + "flags/chekout/new-ui") is not None
+        doc = json.loads(
+            (
+                await cpctl("--json", "shed", "set", "chekout", "50", "--reason", "r", "--dry-run")
+            ).stdout
+        )
+        (unknown,) = doc["result"]["unknown_services"]
+        assert unknown == {
+            "service": "chekout",
+            "did_you_mean": ["checkout"],
+            "memory": 30 * 86400,
+        }
+        status = await cpctl("status", "chekout")
+        assert status.returncode == 0, status.stderr
+        assert "no agent of service chekout has connected" in status.stderr
+        assert "did you mean checkout?" in status.stderr
+
+        # Re-running the --wait write: unchanged, and still exit 9, since nobody runs it.
+        again = await cpctl(
+            "--json", "flag", "set", "chekout", "new-ui", "false", "--reason", "r", "--wait"
+        )
+        assert again.returncode == 9, again.stderr
+        wait = json.loads(again.stdout)
+        assert wait["result"]["changed"] is False
+        assert wait["wait"]["outcome"] == "no_instances"
+        # For the real service, an unchanged write waits and finds it applied.
+        applied = await cpctl(
+            "--json", "flag", "set", "checkout", "new-ui", "false", "--reason", "r", "--wait"
+        )
+        assert applied.returncode == 0, applied.stderr
+        assert json.loads(applied.stdout)["wait"]["outcome"] == "applied"
+
+        listed = json.loads((await cpctl("--json", "services")).stdout)
+        by_name = {s["service"]: s for s in listed["services"]}
+        assert by_name["checkout"]["connected"] == 1
+        assert by_name["checkout"]["last_contact"] is not None
+        assert by_name["chekout"]["connected"] == 0
+        assert by_name["chekout"]["last_contact"] is None
+        assert by_name["chekout"]["flags"] == 1
+        human = await cpctl("services")
+        assert human.returncode == 0, human.stderr
+        rows = {line.split()[0]: line for line in human.stdout.splitlines()[1:]}
+        assert rows["checkout"].split()[1:3] == ["1", "now"]
+        assert rows["chekout"].split()[1:3] == ["0", "never"]
+        assert "warning: no agent of chekout has connected in the last 30d" in human.stderr
+
+    # The agent left: its service stays known, with when it was last in contact.
+    await _gone(server, "checkout")
+    assert server.presence is not None
+    await server.presence.flush()
+    raw = await raw_etcd.get(keys.seen_key(keys.presence_prefix(prefix), "checkout"))
+    assert raw is not None
+    left = json.loads((await cpctl("--json", "services")).stdout)
+    (checkout,) = [s for s in left["services"] if s["service"] == "checkout"]
+    assert checkout["connected"] == 0
+    assert checkout["last_contact"] is not None
+    quiet = await cpctl("flag", "set", "checkout", "old-ui", "true", "--reason", "r")
+    assert "warning" not in quiet.stderr, quiet.stderr
+
+
+async def test_last_contacts_are_forgotten_with_the_audit_trail(
+    server: ControlServer, raw_etcd: RawEtcd, prefix: str
+) -> None:
+    assert server.presence is not None
+    async with RawAgent(server.address, "checkout", "checkout-1") as agent:
+        await connected(agent)
+    await _gone(server, "checkout")
+    await server.presence.flush()
+    seen = keys.seen_key(keys.presence_prefix(prefix), "checkout")
+    assert await raw_etcd.get(seen) is not None
+    # Kept while within memory...
+    assert await server.presence.prune_seen(model.utcnow() - timedelta(days=30)) == 0
+    # ...and forgotten past it.
+    assert await server.presence.prune_seen(model.utcnow() + timedelta(seconds=1)) == 1
+    assert await raw_etcd.get(seen) is None
