@@ -216,11 +216,9 @@ def render_status(doc: Mapping[str, Any], now: datetime) -> Rendered:
         lines.append(f"drift: {drift[version]} instance(s) run {version}, not the pinned {pinned}")
     warnings = []
     if connected == 0:
-        unknown = doc.get("unknown")
-        if unknown:
-            warnings.append(unknown_service_warning(unknown))
-        else:
-            lines.append(NO_INSTANCES)
-            if doc.get("last_contact") is not None:
-                lines.append(f"last contact: {format_time(doc['last_contact'], now)}")
+        lines.append(NO_INSTANCES)
+        if doc.get("last_contact") is not None:
+            lines.append(f"last contact: {format_time(doc['last_contact'], now)}")
+        if doc.get("unknown"):
+            warnings.append(unknown_service_warning(doc["unknown"]))
     return Rendered(lines, warnings)

@@ -237,6 +237,7 @@ ALLOWED: dict[str, set[str]] = {
             "ListBundles",
             "GetBundle",
             "GetStatus",
+            "ListServices",
             "ListHistory",
             "WatchChanges",
             "WaitApplied",

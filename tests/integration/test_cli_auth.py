@@ -109,6 +109,7 @@ def commands(seeded: Seeded, bundle_file: Path) -> list[Command]:
         Command("ListBundles", ("bundle", "list")),
         Command("GetBundle", ("bundle", "get", seeded.bundle_id)),
         Command("GetStatus", ("status", "checkout")),
+        Command("ListServices", ("services",)),
         Command("ListHistory", ("history", "--service", "checkout")),
         Command("GetTimeline", ("timeline", "--incident", "INC-7")),
         # Runs until stopped: only refused callers here (test_watch_... runs an allowed one).
@@ -265,8 +266,8 @@ async def test_every_command_for_every_caller_exits_as_the_role_allows(
                 where = f"cpctl {' '.join(args)} as {caller}"
                 failures.extend(f"{where}: {problem}" for problem in problems)
     assert not failures, "\n".join(failures)
-    # 23 commands x 6 callers, and watch x 3 refused callers; each human and --json.
-    assert checked == (23 * 6 + 3) * 2
+    # 24 commands x 6 callers, and watch x 3 refused callers; each human and --json.
+    assert checked == (24 * 6 + 3) * 2
     assert await raw_etcd.get_prefix(prefix) == before
 
 
