@@ -24,6 +24,8 @@ from controlplane.store import Store
 SUGGESTIONS = 3
 KNOWN_FOR = 60.0
 """Seconds a service found known stays known without asking etcd again."""
+UNKNOWN_FOR = 1.0
+"""Seconds a service found unknown stays so (writes in a burst ask etcd once)."""
 
 
 class ServiceDirectory:
@@ -33,20 +35,28 @@ class ServiceDirectory:
         self.store = store
         self.presence = presence
         self.memory = memory
-        self._known: dict[str, float] = {}
+        # service -> (monotonic time decided, the notice; None: known)
+        self._decided: dict[str, tuple[float, pb.UnknownService | None]] = {}
 
     async def unknown(self, service: str) -> pb.UnknownService | None:
         """None when an agent of ``service`` has connected within memory; else what to say."""
-        seen = self._known.get(service)
-        if seen is not None and time.monotonic() - seen < KNOWN_FOR:
+        if self.presence.local(service):
             return None
+        decided = self._decided.get(service)
+        if decided is not None:
+            age = time.monotonic() - decided[0]
+            if age < (KNOWN_FOR if decided[1] is None else UNKNOWN_FOR):
+                return decided[1]
+        notice = await self._decide(service)
+        if len(self._decided) > 10_000:
+            self._decided.clear()
+        self._decided[service] = (time.monotonic(), notice)
+        return notice
+
+    async def _decide(self, service: str) -> pb.UnknownService | None:
         if await self.presence.last_contact(service) is not None:
-            if len(self._known) > 10_000:
-                self._known.clear()
-            self._known[service] = time.monotonic()
             return None
-        contacts = await self.presence.last_contacts()
-        candidates = list(contacts)
+        candidates = list(await self.presence.last_contacts())
         if not candidates:
             candidates = list(await self.store.records_by_service())
         notice = pb.UnknownService(service=service, did_you_mean=closest(service, candidates))
