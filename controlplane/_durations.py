@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime, timedelta
 
-__all__ = ["DURATION_FORMS", "TIME_FORMS", "parse_duration", "parse_time"]
+__all__ = ["DURATION_FORMS", "TIME_FORMS", "in_the_past", "parse_duration", "parse_time"]
 
 _DURATION_RE = re.compile(
     r"(?:(?P<d>\d+)d)?(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m(?!s))?(?:(?P<s>\d+)s)?(?:(?P<ms>\d+)ms)?"
@@ -79,3 +79,17 @@ def parse_time(text: str, *, zone_required: bool = False) -> datetime:
             raise ValueError(f"time {text!r} has no time zone")
         moment = moment.replace(tzinfo=UTC)
     return moment.astimezone(UTC)
+
+
+def in_the_past(moment: datetime, now: datetime) -> str:
+    """What to say of a time that has gone by, showing the time now to compare with:
+    ``2026-11-26T17:00:00Z is in the past: it is now 2026-11-26T17:30:05Z (UTC)``.
+
+    Both to the second, in UTC: a time typed as local time but read as UTC (no offset) is
+    the usual cause, and the two side by side show it.
+    """
+    return f"{_utc_seconds(moment)} is in the past: it is now {_utc_seconds(now)} (UTC)"
+
+
+def _utc_seconds(moment: datetime) -> str:
+    return moment.astimezone(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")

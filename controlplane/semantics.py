@@ -107,8 +107,15 @@ def _layered_clear(
     all_layers: bool,
     action: str,
     label: str,
+    layer: str,
     describe: Callable[[Layered], str],
 ) -> Decision:
+    """Clear a layered record: its top layer, or with ``all_layers`` the whole chain.
+
+    ``layer`` names one layer as people say it ("value", "level", "pin"). When a layer
+    beneath comes back, the summary says the removed one was time-boxed and that the one
+    beneath applies now (with its own expiry), since the key is still set.
+    """
     if current is None:
         return Decision(None, action, f"{label} not set", changed=False)
     cur = prune_expired(current, now)
@@ -116,15 +123,26 @@ def _layered_clear(
         # Everything in it has expired: nothing is set; the expiry restores it and
         # writes its own audit record.
         return Decision(current, action, f"{label} not set (expired)", changed=False)
+    if all_layers and cur.replaced is not None:
+        beneath: list[str] = []
+        below: Layered | None = cur.replaced
+        while below is not None:
+            beneath.append(describe(below))
+            below = below.replaced
+        summary = (
+            f"{label} cleared (was {describe(cur)}) with every layer beneath it "
+            f"({', '.join(beneath)})"
+        )
+        return Decision(None, action, summary)
     restored = None if all_layers else cur.replaced
-    again = f"; {describe(restored)} applies again{_until(restored.meta)}" if restored else ""
-    everything = " and every layer beneath" if all_layers and cur.replaced else ""
-    return Decision(
-        restored,
-        action,
-        f"{label} cleared (was {describe(cur)}){everything}{again}",
-        restored=restored,
+    if restored is None:
+        return Decision(None, action, f"{label} cleared (was {describe(cur)})")
+    boxed = "time-boxed " if cur.meta.expires_at is not None else ""
+    summary = (
+        f"{label}: {boxed}{layer} {describe(cur)} removed (the {layer} beneath it, "
+        f"{describe(restored)}, applies now{_until(restored.meta)})"
     )
+    return Decision(restored, action, summary, restored=restored)
 
 
 def decide_expiry(current: Layered | None, now: datetime, label: str) -> Decision:
@@ -268,6 +286,7 @@ def decide_clear_flag(
         all_layers=all_layers,
         action="flag.clear",
         label=f"flag {name}",
+        layer="value",
         describe=lambda rec: model.describe_value(rec.value),
     )
 
@@ -304,6 +323,7 @@ def decide_clear_shedding(current: Shedding | None, now: datetime, *, all_layers
         all_layers=all_layers,
         action="shedding.clear",
         label="shedding",
+        layer="level",
         describe=lambda rec: rec.describe(),
     )
 
@@ -342,6 +362,7 @@ def decide_unpin(current: Pin | None, now: datetime, *, all_layers: bool) -> Dec
         all_layers=all_layers,
         action="pin.clear",
         label="pin",
+        layer="pin",
         describe=lambda rec: rec.version,
     )
 

@@ -14,15 +14,18 @@ Errors::
                                      failures (1)
 
 ``report_error`` prints every error to stderr, as ``error: ...`` or, with ``--json``, as
-``{"error": {"code": ..., "message": ..., "exit_code": ...}}``; stdout only ever carries
-the command's result.
+``{"error": {"code": ..., "message": ..., "exit_code": ...}}`` (plus the error's
+``details``, e.g. ``did_you_mean``); stdout only ever carries the command's result.
+``report_warning`` does the same for a command that succeeds but has something to say
+(``warning: ...``, or ``{"warning": {"code": ..., "message": ..., ...}}``).
 """
 
 from __future__ import annotations
 
 import enum
 import json
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -125,12 +128,20 @@ class CliError(click.ClickException):
     """An error with a status-like code name (``ABORTED``, ``INVALID_ARGUMENT``, ...)."""
 
     def __init__(
-        self, code: str, message: str, exit_code: ExitCode, *, hint: str | None = None
+        self,
+        code: str,
+        message: str,
+        exit_code: ExitCode,
+        *,
+        hint: str | None = None,
+        details: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
         # Shown under the error line instead of the code's entry in HINTS.
         self.hint = hint
+        # More fields of the --json error object (``did_you_mean``, ...).
+        self.details: dict[str, Any] = dict(details or {})
         # click declares exit_code per class; ours varies per instance and click reads it
         # from the instance.
         self.exit_code = int(exit_code)  # type: ignore[misc]
@@ -152,8 +163,10 @@ def report_error(error: click.ClickException, as_json: bool) -> int:
         code = "INVALID_ARGUMENT" if error.exit_code == ExitCode.INVALID else "UNKNOWN"
     message = error.format_message()
     if as_json:
-        report = {"error": {"code": code, "message": message, "exit_code": error.exit_code}}
-        click.echo(json.dumps(report, ensure_ascii=False), err=True)
+        fields: dict[str, Any] = {"code": code, "message": message, "exit_code": error.exit_code}
+        if isinstance(error, CliError):
+            fields.update({k: v for k, v in error.details.items() if k not in fields})
+        click.echo(json.dumps({"error": fields}, ensure_ascii=False), err=True)
         return error.exit_code
     click.echo(f"error: {terminal_safe(message)}", err=True)
     if isinstance(error, click.UsageError) and error.ctx is not None:
@@ -165,3 +178,24 @@ def report_error(error: click.ClickException, as_json: bool) -> int:
         if hint:
             click.echo(f"hint: {terminal_safe(hint)}", err=True)
     return error.exit_code
+
+
+def report_warning(
+    code: str,
+    message: str,
+    as_json: bool,
+    *,
+    hint: str | None = None,
+    details: Mapping[str, Any] | None = None,
+) -> None:
+    """Print a warning to stderr: ``warning: ...`` and ``hint: ...`` lines or, with
+    ``as_json``, one line ``{"warning": {"code": ..., "message": ..., **details}}`` (no
+    hint, as for errors); the command's result on stdout stays one JSON document."""
+    if as_json:
+        fields: dict[str, Any] = {"code": code, "message": message}
+        fields.update({k: v for k, v in (details or {}).items() if k not in fields})
+        click.echo(json.dumps({"warning": fields}, ensure_ascii=False), err=True)
+        return
+    click.echo(f"warning: {terminal_safe(message)}", err=True)
+    if hint:
+        click.echo(f"hint: {terminal_safe(hint)}", err=True)

@@ -44,6 +44,8 @@ _DURATION = "google.protobuf.Duration"
 _JSON_TEXT_SUFFIX = "_json"
 # Doubles that are whole numbers up to this size print as integers ("50", not "50.0").
 _MAX_EXACT_INT = 2**53
+# Durations shorter than this show their seconds (4m30s); longer ones whole minutes.
+_SECONDS_SHOWN_UNDER = 10 * 60
 
 # The JSON objects cpctl prints, for `cpctl --help`; a unit test checks them against the
 # proto so the help cannot drift from the output.
@@ -243,22 +245,31 @@ def iso(moment: datetime, *, seconds: bool = False) -> str:
 
 
 def format_age(delta: timedelta) -> str:
-    """A short rounded duration: ``45s``, ``12m``, ``2h5m``, ``3d4h``."""
-    seconds = int(abs(delta.total_seconds()))
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days}d{hours}h" if hours else f"{days}d"
-    if hours:
+    """A short duration, rounded to the nearest unit it shows: ``45s``, ``4m30s`` (seconds
+    up to 10 minutes), ``29m``, ``2h5m``, ``3d4h``.
+
+    Rounded, not truncated: an expiry 30 minutes away, read a moment after it was written
+    (29m59.8s), is ``30m``, not ``29m``.
+    """
+    seconds = int(abs(delta.total_seconds()) + 0.5)
+    if seconds < _SECONDS_SHOWN_UNDER:
+        minutes, secs = divmod(seconds, 60)
+        if not minutes:
+            return f"{secs}s"
+        return f"{minutes}m{secs}s" if secs else f"{minutes}m"
+    minutes = (seconds + 30) // 60
+    if minutes < 24 * 60:
+        hours, minutes = divmod(minutes, 60)
+        if not hours:
+            return f"{minutes}m"
         return f"{hours}h{minutes}m" if minutes else f"{hours}h"
-    if minutes:
-        return f"{minutes}m"
-    return f"{secs}s"
+    days, hours = divmod((seconds + 1800) // 3600, 24)
+    return f"{days}d{hours}h" if hours else f"{days}d"
 
 
 def format_time(moment: datetime | None, now: datetime) -> str:
-    """``2026-11-26T18:00:00Z (in 29m)`` or ``... (12m ago)``; ``-`` when unset."""
+    """``2026-11-26T18:00:00Z (in 30m)`` or ``... (12m ago)`` (``format_age``); ``-`` when
+    unset."""
     if moment is None:
         return "-"
     delta = moment - now
@@ -397,17 +408,71 @@ def meta_cells(record: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def cleared(
-    doc: Mapping[str, Any],
+class Cleared(NamedTuple):
+    """What a clear's answer says, for its renderer."""
+
+    result: Mapping[str, Any]
+    removed: Mapping[str, Any] | None
+    """The layer removed (the top one), with the chain beneath it as stored."""
+    restored: Mapping[str, Any] | None
+    """The layer beneath that applies now, if one came back."""
+    beneath: list[Mapping[str, Any]]
+    """The layers beneath ``removed`` that had not expired: removed with it (--all-layers)
+    when nothing was restored."""
+
+
+def cleared(doc: Mapping[str, Any], now: datetime) -> Cleared:
+    """A clear's answer (``removed``, ``restored``) taken apart for its renderer."""
+    removed, restored = doc.get("removed"), doc.get("restored")
+    beneath: list[Mapping[str, Any]] = []
+    below = removed.get("replaced") if removed else None
+    while below:
+        expires_at = meta_of(below).get("expires_at")
+        if expires_at is None or expires_at > now:
+            beneath.append(below)
+        below = below.get("replaced")
+    return Cleared(doc.get("result") or {}, removed, restored, beneath if not restored else [])
+
+
+def time_boxed(record: Mapping[str, Any] | None) -> str:
+    """``time-boxed `` for a record with an expiry, else empty."""
+    return "time-boxed " if meta_of(record).get("expires_at") is not None else ""
+
+
+def every_layer(
+    beneath: Sequence[Mapping[str, Any]], describe: Callable[[Mapping[str, Any] | None], str]
+) -> str:
+    """``, and every layer beneath it: a, b`` when --all-layers removed layers beneath."""
+    if not beneath:
+        return ""
+    return f", and every layer beneath it: {', '.join(describe(b) for b in beneath)}"
+
+
+def beneath_lines(
+    clear: Cleared,
     now: datetime,
     describe: Callable[[Mapping[str, Any] | None], str],
-    prefix: str = "",
-) -> tuple[Mapping[str, Any], Mapping[str, Any] | None, str]:
-    """A clear's result, what it removed, and "; X applies again" when a layer came back."""
-    result, removed, restored = doc.get("result") or {}, doc.get("removed"), doc.get("restored")
-    after = ""
-    if restored:
-        after = f"; {prefix}{describe(restored)} applies again" + expiry_note(
-            restored, now, describe
-        )
-    return result, removed, after
+    *,
+    layer: str,
+    command: str,
+) -> list[str]:
+    """The lines under a clear that removed a time-boxed layer and left the one beneath in
+    force: that one applies now (and until when), and ``command`` with --all-layers
+    removes every layer.
+
+    ``layer`` names a layer as people say it ("pin", "value", "level").
+    """
+    restored = clear.restored
+    if not restored:
+        return []
+    applies = "would apply" if clear.result.get("dry_run") else "applies now"
+    expires_at = meta_of(restored).get("expires_at")
+    until = (
+        f", until {format_time(expires_at, now)}, then {describe(restored.get('replaced'))}"
+        if expires_at is not None
+        else " (no expiry)"
+    )
+    return [
+        f"  the {layer} beneath it, {describe(restored)}, {applies}{until}",
+        f'  to remove every layer: {command} --all-layers --reason "..."',
+    ]

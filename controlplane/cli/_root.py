@@ -89,7 +89,9 @@ _EPILOG = "\n\n".join(
         "an absent record null; a flag's value is a plain JSON value (true, 50, "
         '"read-only", {...}); an audit entry\'s before and after are the records as JSON '
         "objects. Each command's help gives its top-level keys. Errors go to "
-        'stderr as {"error": {"code": "ABORTED", "message": "...", "exit_code": 4}}. '
+        'stderr as {"error": {"code": "ABORTED", "message": "...", "exit_code": 4}}, and '
+        'warnings as one line {"warning": {"code": ..., "message": ...}}; both may carry '
+        'more fields, e.g. "did_you_mean": [{"scope": ..., "name": ...}] for a flag not set. '
         "`watch --json` prints JSON Lines instead: one AuditEntry per line, as changes are "
         "made.",
         '--wait adds "wait" to a write\'s document: a Wait object (null when nothing was '

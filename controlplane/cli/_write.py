@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import click
 
+from controlplane._durations import in_the_past
 from controlplane.cli._app import App, respond
 from controlplane.cli._errors import HINTS, CliError, ExitCode, invalid
 from controlplane.cli._output import (
     Rendered,
     dumps,
     format_age,
-    iso,
     one_line,
     terminal_safe,
 )
@@ -100,6 +100,22 @@ _WRITE_OPTIONS = (
 )
 
 
+def check_until(until: datetime | None) -> None:
+    """Refuse an --until that has gone by, showing the time now and offering --ttl.
+
+    Raises:
+        CliError: ``until`` is not in the future (exit 3).
+    """
+    if until is None:
+        return
+    now = datetime.now(UTC)
+    if until <= now:
+        raise invalid(
+            f"--until {in_the_past(until, now)}; give a later time (one without an offset "
+            "is UTC), or a duration from now with --ttl instead, e.g. --ttl 30m"
+        )
+
+
 def write_command(f: Callable[..., None]) -> Callable[..., None]:
     """Add the write options to a command; it receives them as ``write: WriteArgs``.
 
@@ -124,8 +140,7 @@ def write_command(f: Callable[..., None]) -> Callable[..., None]:
             raise click.UsageError(
                 "--ttl and --until both set an expiry: give one of them", ctx=ctx
             )
-        if until is not None and until <= datetime.now(UTC):
-            raise invalid(f"--until {iso(until)} is in the past")
+        check_until(until)
         write = WriteArgs(reason.strip(), incident, ttl, until, expect_revision, dry_run)
         f(*args, write=write, **kwargs)
 
@@ -284,8 +299,9 @@ def write_and_wait(
     render: Callable[[Mapping[str, Any], datetime], Rendered],
     wait: WaitArgs,
     services: Callable[[Mapping[str, Any]], Sequence[str]],
-) -> None:
-    """Make a write, print its result and, with --wait, wait for its instances.
+) -> Mapping[str, Any]:
+    """Make a write, print its result and, with --wait, wait for its instances; return
+    the write's answer (plain), for what a command says after it.
 
     ``services(doc)`` names the services to wait for, from the response. An unchanged
     write waits too: the question is whether what is in force is applied everywhere
@@ -305,7 +321,7 @@ def write_and_wait(
     render = _with_notices(render)
     if not wait.enabled:
         respond(app, doc, render)
-        return
+        return doc
     if not app.json_output:
         # People see the change land at once, before the wait.
         respond(app, doc, render)
@@ -349,6 +365,7 @@ def write_and_wait(
         raise CliError(
             code, "\n".join(f"--wait: {problem}" for problem in problems), exit_code, hint=hint
         )
+    return doc
 
 
 def _with_notices(

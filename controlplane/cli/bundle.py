@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,13 @@ from controlplane.cli._output import (
     to_plain,
 )
 from controlplane.cli._params import DURATION, TIME
-from controlplane.cli._write import REASON_REQUIRED, WaitArgs, wait_command, write_and_wait
+from controlplane.cli._write import (
+    REASON_REQUIRED,
+    WaitArgs,
+    check_until,
+    wait_command,
+    write_and_wait,
+)
 
 
 @click.group()
@@ -91,8 +97,7 @@ def bundle_apply(
         raise click.UsageError("--ttl and --until both set an expiry: give one of them")
     if reason is not None and not reason.strip():
         raise click.UsageError("--reason is empty: leave it out to keep the file's reason")
-    if until is not None and until <= datetime.now(UTC):
-        raise invalid(f"--until {iso(until)} is in the past")
+    check_until(until)
     try:
         spec = load_bundle_file(file)
     except BundleFileError as e:
@@ -376,6 +381,26 @@ def render_bundle_revert(doc: Mapping[str, Any], now: datetime) -> Rendered:
     return Rendered([one_line(line) for line in [head, *items]], warnings)
 
 
+def _expires_cell(bundle: Mapping[str, Any], now: datetime) -> str:
+    """A bundle's EXPIRES cell: ``-`` once reverted (its expiry no longer comes)."""
+    if str(bundle.get("state", "")) == "REVERTED":
+        return "-"
+    return expires_cell(bundle, now)
+
+
+def _expiry_line(bundle: Mapping[str, Any], expires_at: datetime, now: datetime) -> str:
+    """The expiry line of ``bundle get``, in the tense its state calls for."""
+    state = str(bundle.get("state", ""))
+    if state == "REVERTED":
+        return f"expiry    none: reverted before its expiry at {iso(expires_at, seconds=True)}"
+    if state == "EXPIRED":
+        return (
+            f"expired   {format_time(expires_at, now)}: what each change replaced applied "
+            "again then"
+        )
+    return f"expires   {format_time(expires_at, now)}, then what each change replaced applies again"
+
+
 def render_bundle_list(doc: Mapping[str, Any], now: datetime) -> Rendered:
     bundles = doc.get("bundles") or []
     if not bundles:
@@ -386,7 +411,7 @@ def render_bundle_list(doc: Mapping[str, Any], now: datetime) -> Rendered:
             _STATES.get(str(b.get("state", "")), str(b.get("state", "")).lower()),
             str(len(b.get("changes") or [])),
             format_time(meta_of(b).get("set_at"), now),
-            expires_cell(b, now),
+            _expires_cell(b, now),
             str(meta_of(b).get("actor") or ""),
             str(meta_of(b).get("incident") or ""),
             str(meta_of(b).get("reason") or ""),
@@ -410,10 +435,7 @@ def render_bundle_get(doc: Mapping[str, Any], now: datetime) -> Rendered:
     if meta.get("incident"):
         lines.append(f"  incident  {meta['incident']}")
     if meta.get("expires_at") is not None:
-        lines.append(
-            f"  expires   {format_time(meta['expires_at'], now)}, then what each change "
-            "replaced applies again"
-        )
+        lines.append(f"  {_expiry_line(bundle, meta['expires_at'], now)}")
     reverted = bundle.get("reverted")
     if reverted:
         text = f"  reverted  by {reverted.get('actor') or '?'}, "

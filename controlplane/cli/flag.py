@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import difflib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import click
 
 from controlplane.cli._app import App, respond
-from controlplane.cli._errors import invalid
+from controlplane.cli._errors import CliError, invalid, report_warning
 from controlplane.cli._output import (
     Rendered,
+    beneath_lines,
     cleared,
+    every_layer,
     expires_cell,
     expiry_note,
     format_value,
@@ -21,6 +24,7 @@ from controlplane.cli._output import (
     overridden_warning,
     record_details,
     table,
+    time_boxed,
     write_line,
 )
 from controlplane.cli._params import FlagValue, parse_flag_value
@@ -100,12 +104,24 @@ def flag_set(
 def flag_get(app: App, scope: str, name: str, effective: bool) -> None:
     """Show flag NAME in SCOPE, who set it, why and until when.
 
+    A NAME that is not set exits 5 naming the flags SCOPE sees with the closest names
+    (with --json: did_you_mean: [{scope, name}, ...] in the error).
+
     JSON: {flag: Flag, overridden_by: [service, ...]}.
     """
     from controlplane.api.v1 import mitigation_pb2
 
     request = mitigation_pb2.GetFlagRequest(scope=scope, name=name, effective=effective)
-    doc = app.call("GetFlag", request)
+    try:
+        doc = app.call("GetFlag", request)
+    except CliError as e:
+        if e.code == "NOT_FOUND":
+            seen = flags_seen(app, scope)
+            if seen is not None:
+                similar = closest_flags(name, seen)
+                e.hint = did_you_mean_hint(scope, similar)
+                e.details["did_you_mean"] = suggestions_json(similar)
+        raise
     respond(app, doc, lambda d, now: render_flag_get(d, now, scope, name))
 
 
@@ -138,6 +154,10 @@ def flag_clear(
 ) -> None:
     """Remove flag NAME from SCOPE (what it replaced, if time-boxed, applies again).
 
+    Clearing a flag that is not set changes nothing (exit 0, so runbooks can be re-run)
+    and warns on stderr, naming the flags SCOPE sees with the closest names (with --json:
+    {"warning": {..., did_you_mean: [{scope, name}, ...]}}).
+
     JSON: {result: WriteResult, removed: Flag|null, restored: Flag|null} (+ wait: Wait|null).
     """
     from controlplane.api.v1 import mitigation_pb2
@@ -150,7 +170,10 @@ def flag_clear(
     def render(doc: Mapping[str, Any], now: datetime) -> Rendered:
         return render_flag_clear(doc, now, scope, name)
 
-    write_and_wait(app, "ClearFlag", request, render, wait, lambda _: services)
+    doc = write_and_wait(app, "ClearFlag", request, render, wait, lambda _: services)
+    result = doc.get("result") or {}
+    if not result.get("changed") and not result.get("would_change"):
+        warn_not_set(app, scope, name)
 
 
 # ---- the wire form and --wait of a flag ----
@@ -195,6 +218,79 @@ def scope_wait_services(scope: str, wait: WaitArgs) -> tuple[str, ...]:
     return (scope,)
 
 
+# ---- a name that is not set: the closest ones ----
+
+MAX_SUGGESTIONS = 3
+# difflib's ratio a name must reach to be suggested (its default).
+SUGGESTION_CUTOFF = 0.6
+
+
+def flags_seen(app: App, scope: str) -> list[tuple[str, str]] | None:
+    """The flags ``scope`` sees, as (scope, name): for a service its own and the global
+    ones; for ``global`` the global ones. None when they cannot be listed (the lookup only
+    adds to a message, so its failure is not the command's)."""
+    from controlplane.api.v1 import mitigation_pb2
+
+    request = mitigation_pb2.ListFlagsRequest(scope=scope, effective=scope != "global")
+    try:
+        doc = app.call("ListFlags", request)
+    except CliError:
+        return None
+    return [(str(f.get("scope", "")), str(f.get("name", ""))) for f in doc.get("flags") or []]
+
+
+def closest_flags(
+    name: str, seen: Iterable[tuple[str, str]], *, limit: int = MAX_SUGGESTIONS
+) -> list[tuple[str, str]]:
+    """The flags among ``seen`` (scope, name) whose names are closest to ``name``, closest
+    first: by difflib's ratio (at least ``SUGGESTION_CUTOFF``), then a name with the same
+    letters (two swapped: ``new-iu`` for ``new-ui``), then a service's own flag before a
+    global one, then by name."""
+    ranked = []
+    for scope, candidate in dict.fromkeys(seen):
+        ratio = difflib.SequenceMatcher(None, name, candidate).ratio()
+        if ratio >= SUGGESTION_CUTOFF:
+            key = (-ratio, sorted(candidate) != sorted(name), scope == "global", candidate)
+            ranked.append((key, (scope, candidate)))
+    ranked.sort()
+    return [flag for _, flag in ranked[:limit]]
+
+
+def did_you_mean_hint(scope: str, similar: Sequence[tuple[str, str]]) -> str:
+    """``did you mean new-ui (in checkout), new-ux (in global)?``, or where to look."""
+    if similar:
+        shown = ", ".join(f"{name} (in {where})" for where, name in similar)
+        return f"did you mean {shown}?"
+    if scope == "global":
+        return "no global flag has a similar name: `cpctl flag list global` lists them"
+    return (
+        f"no flag {scope} sees (its own or global) has a similar name: "
+        f"`cpctl flag list {scope} --effective` lists them"
+    )
+
+
+def suggestions_json(similar: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
+    """The ``did_you_mean`` field of --json errors and warnings."""
+    return [{"scope": where, "name": name} for where, name in similar]
+
+
+def warn_not_set(app: App, scope: str, name: str) -> None:
+    """Warn that a clear found no flag ``name`` in ``scope``, with the closest names."""
+    message = f"no flag {name} is set in {scope}, so there is nothing to clear"
+    seen = flags_seen(app, scope)
+    if seen is None:
+        report_warning("NOT_FOUND", message, app.json_output)
+        return
+    similar = closest_flags(name, seen)
+    report_warning(
+        "NOT_FOUND",
+        message,
+        app.json_output,
+        hint=did_you_mean_hint(scope, similar),
+        details={"did_you_mean": suggestions_json(similar)},
+    )
+
+
 # ---- output ----
 
 
@@ -218,17 +314,31 @@ def render_flag_set(doc: Mapping[str, Any], now: datetime) -> Rendered:
 
 
 def render_flag_clear(doc: Mapping[str, Any], now: datetime, scope: str, name: str) -> Rendered:
-    result, removed, after = cleared(doc, now, flag_value_text)
-    if not after and scope != "global":
-        after = "; the global value applies, if any"
-    was = flag_value_text(removed)
+    clear = cleared(doc, now)
+    was = flag_value_text(clear.removed)
+    warnings = overridden_warning(clear.result, f"flag {name}")
+    if clear.restored:
+        # A time-boxed value came off and the value beneath it applies: still set.
+        boxed = time_boxed(clear.removed)
+        line = write_line(
+            clear.result,
+            done=f"{scope}: {boxed}value {was} of flag {name} removed; {name} is still set",
+            would=f"remove the {boxed}value {was} of {scope}: flag {name}; {name} would stay set",
+            same=f"{scope}: flag {name} not set",
+        )
+        more = beneath_lines(
+            clear, now, flag_value_text, layer="value", command=f"cpctl flag clear {scope} {name}"
+        )
+        return Rendered([line, *more], warnings)
+    was += every_layer(clear.beneath, flag_value_text)
+    after = "; the global value applies, if any" if scope != "global" else ""
     line = write_line(
-        result,
+        clear.result,
         done=f"{scope}: flag {name} cleared (was {was}){after}",
         would=f"clear {scope}: flag {name} (was {was}){after}",
         same=f"{scope}: flag {name} not set",
     )
-    return Rendered([line], overridden_warning(result, f"flag {name}"))
+    return Rendered([line], warnings)
 
 
 def render_flag_get(doc: Mapping[str, Any], now: datetime, scope: str, name: str) -> Rendered:

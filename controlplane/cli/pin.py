@@ -12,7 +12,9 @@ import click
 from controlplane.cli._app import App, respond
 from controlplane.cli._output import (
     Rendered,
+    beneath_lines,
     cleared,
+    every_layer,
     expires_cell,
     expiry_note,
     format_time,
@@ -20,6 +22,7 @@ from controlplane.cli._output import (
     meta_of,
     record_details,
     table,
+    time_boxed,
     write_line,
 )
 from controlplane.cli._write import WaitArgs, WriteArgs, wait_command, write_and_wait, write_command
@@ -85,6 +88,10 @@ def pin_list(app: App) -> None:
 @click.pass_obj
 def pin_clear(app: App, service: str, all_layers: bool, write: WriteArgs, wait: WaitArgs) -> None:
     """Unpin SERVICE.
+
+    Clearing a time-boxed pin removes only that pin: the pin it replaced applies again
+    (SERVICE stays pinned; the output says to which version, until when). --all-layers
+    removes every pin in the chain.
 
     JSON: {result: WriteResult, removed: Pin|null, restored: Pin|null} (+ wait: Wait|null).
     """
@@ -172,8 +179,11 @@ def rollback(
 ) -> None:
     """Pin SERVICE to its most recently marked known-good version other than the current one.
 
-    "Current" is the pin or, without one, --current-version. Exit 11 when there is nothing
-    to roll back to.
+    "Current" is the pin or, without one, --current-version. Back, never forward: when the
+    current version is itself marked known-good, only versions marked before it qualify
+    (pin a version marked after it with `cpctl pin set` if you mean to go there). Exit 11
+    when there is nothing to roll back to; the error names each version considered and
+    why it was not taken.
 
     JSON: {result: WriteResult, pin: Pin, from_version: V} (+ wait: Wait|null).
     """
@@ -213,11 +223,26 @@ def render_pin_set(doc: Mapping[str, Any], now: datetime) -> Rendered:
 
 
 def render_pin_clear(doc: Mapping[str, Any], now: datetime, service: str) -> Rendered:
-    result, removed, after = cleared(doc, now, pin_text, prefix="pin ")
+    clear = cleared(doc, now)
+    was = pin_text(clear.removed)
+    if clear.restored:
+        # A time-boxed pin came off and the pin beneath it applies: still pinned.
+        boxed = time_boxed(clear.removed)
+        line = write_line(
+            clear.result,
+            done=f"{service}: {boxed}pin {was} removed; {service} is still pinned",
+            would=f"remove the {boxed}pin {was} of {service}; it would stay pinned",
+            same=f"{service}: not pinned",
+        )
+        more = beneath_lines(
+            clear, now, pin_text, layer="pin", command=f"cpctl pin clear {service}"
+        )
+        return Rendered([line, *more])
+    was += every_layer(clear.beneath, pin_text)
     line = write_line(
-        result,
-        done=f"{service}: unpinned (was {pin_text(removed)}){after}",
-        would=f"unpin {service} (was {pin_text(removed)}){after}",
+        clear.result,
+        done=f"{service}: unpinned (was {was})",
+        would=f"unpin {service} (was {was})",
         same=f"{service}: not pinned",
     )
     return Rendered([line])

@@ -12,13 +12,16 @@ from controlplane.cli._app import App, respond
 from controlplane.cli._errors import invalid
 from controlplane.cli._output import (
     Rendered,
+    beneath_lines,
     cleared,
+    every_layer,
     expires_cell,
     expiry_note,
     format_percent,
     meta_cells,
     record_details,
     table,
+    time_boxed,
     write_line,
 )
 from controlplane.cli._params import parse_percent
@@ -111,6 +114,9 @@ def shed_list(app: App) -> None:
 def shed_clear(app: App, service: str, all_layers: bool, write: WriteArgs, wait: WaitArgs) -> None:
     """Stop shedding load on SERVICE.
 
+    Clearing a time-boxed level removes only that level: the level it replaced applies
+    again (the output says which, until when). --all-layers removes every level.
+
     JSON: {result: WriteResult, removed: Shedding|null, restored: Shedding|null}
     (+ wait: Wait|null).
     """
@@ -160,11 +166,26 @@ def render_shed_set(doc: Mapping[str, Any], now: datetime) -> Rendered:
 
 
 def render_shed_clear(doc: Mapping[str, Any], now: datetime, service: str) -> Rendered:
-    result, removed, after = cleared(doc, now, shedding_text)
+    clear = cleared(doc, now)
+    was = shedding_text(clear.removed)
+    if clear.restored:
+        # A time-boxed level came off and the level beneath it applies.
+        boxed = time_boxed(clear.removed)
+        line = write_line(
+            clear.result,
+            done=f"{service}: {boxed}shedding {was} removed; shedding is still set",
+            would=f"remove the {boxed}shedding {was} of {service}; shedding would stay set",
+            same=f"{service}: shedding off",
+        )
+        more = beneath_lines(
+            clear, now, shedding_text, layer="level", command=f"cpctl shed clear {service}"
+        )
+        return Rendered([line, *more])
+    was += every_layer(clear.beneath, shedding_text)
     line = write_line(
-        result,
-        done=f"{service}: shedding off (was {shedding_text(removed)}){after}",
-        would=f"clear {service}: shedding (was {shedding_text(removed)}){after}",
+        clear.result,
+        done=f"{service}: shedding off (was {was})",
+        would=f"clear {service}: shedding (was {was})",
         same=f"{service}: shedding off",
     )
     return Rendered([line])

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeAlias
 
+from controlplane._durations import in_the_past
 from controlplane._text import visible
 from controlplane.api.v1 import types_pb2 as pb
 from controlplane.errors import InvalidArgumentError
@@ -114,7 +115,9 @@ def write_options_from_proto(
             raise InvalidArgumentError("options.expires_at", "is not a valid time") from None
         if expires_at <= now:
             raise InvalidArgumentError(
-                "options.expires_at", f"{format_time(expires_at)} is not in the future"
+                "options.expires_at",
+                f"{in_the_past(expires_at, now)}; give a later time, or a duration from now "
+                "as ttl instead (cpctl --ttl 30m; in a bundle file, ttl: 30m)",
             )
         if expires_at - now > MAX_TTL:
             raise InvalidArgumentError(

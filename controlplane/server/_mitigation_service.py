@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from datetime import datetime
 from typing import Any
@@ -55,6 +55,9 @@ def _shown_bytes(entries: int) -> int:
     return max(1024, min(model.MAX_SHOWN_RECORD_BYTES, share))
 
 
+# The most versions a failed rollback lists, each with why it was not taken.
+ROLLBACK_REASONS_SHOWN = 10
+
 # How long a wait waits for another replica to report a revision before going on
 # without it (its flushes come every half second while it lives).
 REPLICA_GRACE = 2.0
@@ -78,10 +81,12 @@ def _record(record: Any, mod_revision: int = 0) -> Any:
 
 
 def _cleared(outcome: WriteOutcome[Any]) -> dict[str, Any]:
-    """The fields of a clear's response: the result, what was removed, what applies again."""
+    """The fields of a clear's response: the result, what was removed (or would be, on a
+    dry run), what applies again."""
+    removed = outcome.changed or outcome.would_change
     return {
         "result": _result(outcome),
-        "removed": _record(outcome.previous) if outcome.changed else None,
+        "removed": _record(outcome.previous) if removed else None,
         "restored": _record(outcome.restored, outcome.mod_revision),
     }
 
@@ -301,6 +306,14 @@ class _RecordRPCs(_Servicer):
 
     @rpc
     async def Rollback(self, request: mpb.RollbackRequest, context: Any) -> mpb.RollbackResponse:
+        """Pin the service to the version ``rollback_target`` chooses: back, never forward.
+
+        "Current" is the pin or, without one, ``current_version``. The most recently marked
+        known-good version other than the current one is pinned; when the current version
+        is itself marked known-good, only versions marked before it qualify. Nothing to
+        roll back to is FAILED_PRECONDITION, naming each version considered and why it was
+        not taken.
+        """
         service = model.validate_service(request.service)
         opts = self._options(request.options)
         if request.current_version:
@@ -316,29 +329,65 @@ class _RecordRPCs(_Servicer):
                 "version it runs (current_version)"
             )
         marks = await self.store.list_known_good(service)
-        # Back, never forward: when the current version is itself marked known-good,
-        # only versions marked before it qualify.
-        current_mark = next((m for m in marks if m.record.version == current), None)
-        candidates = [
-            m
-            for m in marks
-            if m.record.version != current
-            and (current_mark is None or m.record.meta.set_at < current_mark.record.meta.set_at)
-        ]
-        if not candidates:
-            have = ", ".join(m.record.version for m in marks) or "none"
-            older = " marked before it" if current_mark is not None else ""
-            raise FailedPreconditionError(
-                f"nothing to roll back to: {service} has no known-good version other than "
-                f"{current}{older} (known-good: {have})"
-            )
-        target = candidates[0].record.version
+        target = rollback_target(
+            service,
+            current,
+            [m.record for m in marks],
+            source="its pin" if pin is not None else "the current_version given",
+        )
         outcome = await self.store.pin(service, target, opts, action="pin.rollback")
         return mpb.RollbackResponse(
             result=_result(outcome),
             pin=_record(outcome.record, outcome.mod_revision),
             from_version=current,
         )
+
+
+def rollback_target(
+    service: str, current: str, marks: Sequence[model.KnownGood], *, source: str
+) -> str:
+    """The version a rollback of ``service`` from ``current`` pins: back, never forward.
+
+    ``marks`` are the service's known-good versions, most recently marked first. The
+    target is the most recently marked one other than ``current``. When ``current`` is
+    itself marked known-good, only versions marked before it qualify: one marked after it
+    is a newer release than the one running, and going there is a roll forward, which is
+    for ``pin set`` to do on purpose. (When ``current`` is not marked, nothing says which
+    versions are older, and every other mark qualifies.) ``source`` says where
+    ``current`` came from, for the error.
+
+    Raises:
+        FailedPreconditionError: no version qualifies; the message lists each version
+            considered and why it was not taken.
+    """
+    at = next((i for i, m in enumerate(marks) if m.version == current), None)
+    if at is None:
+        # Not marked itself: the most recently marked version, if there is one.
+        if marks:
+            return marks[0].version
+        raise FailedPreconditionError(
+            f"nothing to roll back to: {service} is on {current} ({source}) and has no "
+            f"known-good versions: mark one (`cpctl known-good mark {service} VERSION`), or "
+            "pin a version with `cpctl pin set`"
+        )
+    if at + 1 < len(marks):
+        return marks[at + 1].version
+    later = [
+        f"{mark.version} was marked after {current} (a rollback goes back, never forward); "
+        f"pin it with `cpctl pin set {service} {mark.version}` if you mean it"
+        for mark in marks[:at]
+    ]
+    if len(later) > ROLLBACK_REASONS_SHOWN:
+        hidden = len(later) - ROLLBACK_REASONS_SHOWN
+        later = [*later[:ROLLBACK_REASONS_SHOWN], f"and {hidden} more marked after {current}"]
+    considered = "".join(
+        f"\n  {reason}" for reason in [*later, f"{current} is the current version"]
+    )
+    raise FailedPreconditionError(
+        f"nothing to roll back to: {service} is on {current} ({source}); {current} is itself "
+        f"marked known-good, so only versions marked before it qualify, and there is none. "
+        f"Considered:{considered}"
+    )
 
 
 class _BundleRPCs(_Servicer):

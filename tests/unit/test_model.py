@@ -93,7 +93,7 @@ def test_write_options_validation() -> None:
             pb.WriteOptions(reason="x", ttl=duration_pb2.Duration(seconds=91 * 86400)), now=NOW
         )
     past = model.datetime_to_timestamp(NOW - timedelta(seconds=1))
-    with pytest.raises(InvalidArgumentError, match="not in the future"):
+    with pytest.raises(InvalidArgumentError, match=r"is in the past: it is now .* --ttl"):
         model.write_options_from_proto(pb.WriteOptions(reason="x", expires_at=past), now=NOW)
     with pytest.raises(InvalidArgumentError, match="cannot expire"):
         model.write_options_from_proto(

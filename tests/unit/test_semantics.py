@@ -97,9 +97,12 @@ def test_clear_restores_the_layer_beneath_or_everything_with_all_layers() -> Non
     cleared = semantics.decide_clear_flag(layer, T0, "new-ui", all_layers=False)
     assert cleared.new == base
     assert cleared.restored == base
-    assert "true applies again" in cleared.summary
+    assert cleared.summary == (
+        "flag new-ui: time-boxed value false removed (the value beneath it, true, applies now)"
+    )
     wiped = semantics.decide_clear_flag(layer, T0, "new-ui", all_layers=True)
     assert wiped.new is None
+    assert wiped.summary == "flag new-ui cleared (was false) with every layer beneath it (true)"
     assert not semantics.decide_clear_flag(None, T0, "new-ui", all_layers=False).changed
     # Everything in it expired (the server has not restored it yet): nothing is set.
     gone = semantics.decide_clear_flag(layer, T0 + timedelta(hours=1), "new-ui", all_layers=False)

@@ -263,7 +263,13 @@ class MitigationServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Rollback(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Pin the most recently marked known-good version other than the current one
+        (the pin, else current_version). Back, never forward: when the current
+        version is itself marked known-good, only versions marked before it qualify
+        (pin a newer one with PinVersion if that is meant). FAILED_PRECONDITION
+        when none qualifies; the message names each version considered and why it
+        was not taken.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

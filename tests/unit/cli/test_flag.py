@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from pathlib import Path
 
 import click
@@ -13,7 +14,7 @@ from controlplane.cli import WaitArgs
 from controlplane.cli._output import to_plain
 from controlplane.cli.flag import render_flag_clear, render_flag_set, scope_wait_services
 from controlplane.cli.shed import render_shed_clear
-from tests.unit.cli.support import NOW, Server, flag_message, run, set_flag_response
+from tests.unit.cli.support import NOW, Server, flag_message, run, set_flag_response, ts
 
 
 def test_human_line_of_a_set_flag() -> None:
@@ -54,14 +55,21 @@ def test_human_lines_of_clears() -> None:
     rendered = render_shed_clear(to_plain(nothing), NOW, "checkout")
     assert list(rendered.lines) == ["checkout: shedding off · unchanged"]
 
+    beneath = flag_message(types_pb2.FlagValue(bool_value=True))
+    removed = flag_message(
+        types_pb2.FlagValue(bool_value=False), expires_at=ts(NOW + timedelta(minutes=30))
+    )
+    removed.replaced.CopyFrom(beneath)
     layered = mitigation_pb2.ClearFlagResponse(
         result=types_pb2.WriteResult(changed=True, revision=900),
-        removed=flag_message(types_pb2.FlagValue(bool_value=False)),
-        restored=flag_message(types_pb2.FlagValue(bool_value=True)),
+        removed=removed,
+        restored=beneath,
     )
     rendered = render_flag_clear(to_plain(layered), NOW, "checkout", "new-ui")
     assert list(rendered.lines) == [
-        "checkout: flag new-ui cleared (was false); true applies again · rev 900"
+        "checkout: time-boxed value false of flag new-ui removed; new-ui is still set · rev 900",
+        "  the value beneath it, true, applies now (no expiry)",
+        '  to remove every layer: cpctl flag clear checkout new-ui --all-layers --reason "..."',
     ]
 
 

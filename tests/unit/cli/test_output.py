@@ -115,7 +115,7 @@ def test_times_keep_fractions_in_json_and_drop_them_for_people() -> None:
     assert document["set_at"] == "2026-11-26T17:30:00.250000Z"
     assert format_time(moment, NOW - timedelta(hours=2)) == "2026-11-26T17:30:00Z (in 2h)"
     assert format_time(moment, NOW + timedelta(days=1, hours=3)) == (
-        "2026-11-26T17:30:00Z (1d2h ago)"
+        "2026-11-26T17:30:00Z (1d3h ago)"
     )
 
 
