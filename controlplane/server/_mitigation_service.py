@@ -336,8 +336,10 @@ class _RecordRPCs(_Servicer):
             source="its pin" if pin is not None else "the current_version given",
         )
         outcome = await self.store.pin(service, target, opts, action="pin.rollback")
+        result = _result(outcome)
+        await self._note(result, service)
         return mpb.RollbackResponse(
-            result=_result(outcome),
+            result=result,
             pin=_record(outcome.record, outcome.mod_revision),
             from_version=current,
         )
