@@ -203,7 +203,12 @@ def _a(word: str) -> str:
     return f"an {word}" if word[0] in "aeiou" else f"a {word}"
 
 
-def _type_refusal(name: str, held: str, value: FlagValue, where: str = "") -> InvalidArgumentError:
+_CHANGE_TYPE = "change_type; cpctl flag set --change-type; change_type: true in a bundle file"
+
+
+def _type_refusal(
+    name: str, held: str, value: FlagValue, where: str = "", fix: str = ""
+) -> InvalidArgumentError:
     given = flag_type(value)
     text = value if isinstance(value, str) else model.describe_value(value)
     shown = repr(text if len(text) <= 80 else text[:77] + "...")
@@ -215,32 +220,49 @@ def _type_refusal(name: str, held: str, value: FlagValue, where: str = "") -> In
         "string": "a string",
         "object": "a JSON object",
     }[held]
+    fix = fix or f"change the flag's type on purpose ({_CHANGE_TYPE})"
     return InvalidArgumentError(
         "value",
         f"{name} is {_a(held)} flag{where}; {shown} is not {expected} but {_a(given)}: "
-        f"set {expected}, "
-        f"or change the flag's type on purpose (change_type; cpctl flag set --change-type)",
+        f"set {expected}, or {fix}",
     )
 
 
-def check_type_across_scopes(name: str, value: FlagValue, others: Mapping[str, FlagValue]) -> None:
-    """Refuse a first value for ``name`` in a scope whose type differs from the flag's
-    in other scopes (``others``: scope -> value in force there).
+def check_type_across_scopes(
+    name: str,
+    scope: str,
+    value: FlagValue,
+    others: Mapping[str, FlagValue],
+    *,
+    change_type: bool = False,
+) -> str:
+    """Check a first value for ``name`` in ``scope`` against the flag's type in the other
+    scopes (``others``: scope -> value in force there).
 
     A service's own entry wins over the global one: a string under ``checkout`` would
-    turn a global kill switch into a value that ``enabled()`` takes for "unset" there.
+    turn a global kill switch into a value that ``enabled()`` takes for "unset" there. A
+    value of another type is refused unless ``change_type``; then the returned note (for
+    the summary, hence the audit) says which scopes hold which type. Empty: same type.
     """
     given = flag_type(value)
     held: dict[str, list[str]] = {}
-    for scope, other in sorted(others.items()):
+    for other_scope, other in sorted(others.items()):
         if flag_type(other) != given:
-            held.setdefault(flag_type(other), []).append(scope)
+            held.setdefault(flag_type(other), []).append(other_scope)
     if not held:
-        return
+        return ""
     kind, scopes = max(held.items(), key=lambda item: (model.GLOBAL_SCOPE in item[1], len(item[1])))
     shown = ", ".join(scopes[:5]) + (f" and {len(scopes) - 5} more" if len(scopes) > 5 else "")
+    where = f"{'scope' if len(scopes) == 1 else 'scopes'} {shown}"
+    holds = f"{where} {'holds' if len(scopes) == 1 else 'hold'} {_a(kind)}"
+    if change_type:
+        return f" ({_a(given)} in {scope}, where {holds})"
     raise _type_refusal(
-        name, kind, value, f" ({'scope' if len(scopes) == 1 else 'scopes'} {shown})"
+        name,
+        kind,
+        value,
+        f" ({where})",
+        f"if {scope} is meant to hold {_a(given)} where {holds}, say so ({_CHANGE_TYPE})",
     )
 
 

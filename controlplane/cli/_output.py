@@ -60,6 +60,7 @@ JSON_SHAPES: dict[str, tuple[str, ...]] = {
         "summary",
         "would_change",
         "unknown_services",
+        "in_force_since",
     ),
     "UnknownService": ("service", "did_you_mean", "memory"),
     "Meta": (
@@ -126,12 +127,13 @@ JSON_SHAPES: dict[str, tuple[str, ...]] = {
         "pin_version",
         "unpin_version",
     ),
-    # Not proto messages: what a write with --wait adds under "wait" (null when nothing
-    # was written, so there was nothing to wait for).
+    # Not proto messages: what a write with --wait adds under "wait" (null on a dry run,
+    # or when no service was named to wait for).
     "Wait": ("outcome", "revision", "seconds", "services"),
     "WaitService": (
         "service",
         "outcome",
+        "revision",
         "seconds",
         "all_applied",
         "connected",

@@ -94,8 +94,9 @@ _EPILOG = "\n\n".join(
         'more fields, e.g. "did_you_mean": [{"scope": ..., "name": ...}] for a flag not set. '
         "`watch --json` prints JSON Lines instead: one AuditEntry per line, as changes are "
         "made.",
-        '--wait adds "wait" to a write\'s document: a Wait object (null when nothing was '
-        "written, so nothing was waited for) with one WaitService per service. Its outcome: "
+        '--wait adds "wait" to a write\'s document: a Wait object (null on a dry run, or '
+        "when no service was named to wait for) with one WaitService per service; an "
+        "unchanged write waits too, for the revision from which it is in force. Its outcome: "
         "applied (exit 0), no_instances (9), timed_out (8) or rejected (10); several "
         "services take the most serious, in that order.",
         "\b\nJSON objects:\n"

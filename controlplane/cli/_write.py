@@ -167,11 +167,10 @@ _WAIT_EXIT: dict[str, tuple[ExitCode, str]] = {
 }
 
 _WAIT_HINTS: dict[str, str] = {
-    "no_instances": "the change is {state} (rev {revision}), but no instance is connected to "
-    "apply it",
-    "timed_out": "the change is {state} (rev {revision}); the pending instances may still "
+    "no_instances": "{state}, but no instance is connected to apply it",
+    "timed_out": "{state}; the pending instances may still "
     "apply it: `cpctl status {service}` shows each one's applied revision",
-    "rejected": "the change is {state} (rev {revision}) and applies where it was accepted; "
+    "rejected": "{state} and applies where it was accepted; "
     "fix the rejecting instances or undo the change",
 }
 
@@ -237,9 +236,9 @@ def wait_command(*, service_option: bool = False) -> Callable[[Callable[..., Non
             click.option(
                 "--wait",
                 is_flag=True,
-                help="After the change is written, wait until every connected instance "
-                "applied it: exit 8 if some did not within --wait-timeout, 9 if none is "
-                "connected, 10 if one rejected it.",
+                help="After the write (an unchanged one too), wait until every connected "
+                "instance applied what it asked for: exit 8 if some did not within "
+                "--wait-timeout, 9 if none is connected, 10 if one rejected it.",
             ),
             click.option(
                 "--wait-timeout",
@@ -267,14 +266,15 @@ def wait_command(*, service_option: bool = False) -> Callable[[Callable[..., Non
 
 
 def _wait_applied(
-    app: App, services: Sequence[str], revision: int, timeout: timedelta, started: float
+    app: App, revisions: Mapping[str, int], timeout: timedelta, started: float
 ) -> dict[str, Any]:
-    """WaitApplied for each service, within one --wait-timeout; a ``Wait`` document."""
+    """WaitApplied for each service at its revision, within one --wait-timeout; a ``Wait``
+    document."""
     from controlplane.api.v1 import mitigation_pb2
 
     deadline = time.monotonic() + timeout.total_seconds()
     results = []
-    for service in services:
+    for service, revision in revisions.items():
         left = max(deadline - time.monotonic(), _MIN_WAIT_SECONDS)
         request = mitigation_pb2.WaitAppliedRequest(service=service, revision=revision)
         request.timeout.FromTimedelta(timedelta(seconds=left))
@@ -282,14 +282,33 @@ def _wait_applied(
         plain = app.call("WaitApplied", request, timeout=left + app.timeout.total_seconds())
         seconds = round(time.monotonic() - started, 3)
         results.append(
-            {"service": service, "outcome": wait_outcome(plain), "seconds": seconds, **plain}
+            {
+                "service": service,
+                "outcome": wait_outcome(plain),
+                "revision": revision,
+                "seconds": seconds,
+                **plain,
+            }
         )
     return {
         "outcome": worst_outcome(r["outcome"] for r in results),
-        "revision": revision,
+        "revision": max(revisions.values(), default=0),
         "seconds": round(time.monotonic() - started, 3),
         "services": results,
     }
+
+
+def _wait_revisions(result: Mapping[str, Any], services: Sequence[str]) -> dict[str, int]:
+    """The revision each service's instances must have applied for the write to be applied
+    everywhere: the write's own, or, when it changed nothing, the revision from which what
+    it asked for is in force for that service (its keys' and global's newest; 0: none of
+    its keys is set)."""
+    if result.get("changed"):
+        return dict.fromkeys(services, int(result.get("revision") or 0))
+    since = {str(k): int(v) for k, v in (result.get("in_force_since") or {}).items()}
+    if not since:
+        return dict.fromkeys(services, int(result.get("mod_revision") or 0))
+    return {s: max(since.get(s, 0), since.get("global", 0)) for s in services}
 
 
 def write_and_wait(
@@ -326,28 +345,30 @@ def write_and_wait(
         # People see the change land at once, before the wait.
         respond(app, doc, render)
     result = doc.get("result") or {}
-    if result.get("changed"):
-        revision = int(result.get("revision") or 0)
-    else:
-        # Unchanged: what is in force since the key's last change must be applied; a key
-        # that is not set was deleted at some revision no agent can be behind of for long,
-        # so the wait then checks that instances are connected and current.
-        revision = max(int(result.get("mod_revision") or 0), 1)
-    state = "written" if result.get("changed") else "in force"
+    revision = int(result.get("revision") or 0)
+    state = f"the change is written (rev {revision})"
     report: dict[str, Any] | None = None
     failure: CliError | None = None
-    if not result.get("dry_run") and revision > 0:
-        chosen = list(services(doc))
-        if chosen:
-            try:
-                report = _wait_applied(app, chosen, revision, wait.timeout, started)
-            except CliError as e:
-                e.hint = f"the change is {state} (rev {revision}), but --wait failed: " + (
-                    e.hint or HINTS.get(e.code, e.code)
-                )
-                failure = e
-        elif not app.json_output:
-            click.echo("note: nothing to wait for: no service's own record changed", err=True)
+    chosen = [] if result.get("dry_run") else list(services(doc))
+    if chosen:
+        revisions = _wait_revisions(result, chosen)
+        revision = max(revisions.values())
+        if not result.get("changed"):
+            state = (
+                f"the change is in force (rev {revision})"
+                if revision
+                else "nothing is set there, so there is nothing to apply"
+            )
+        # Nothing set for a service: its instances have nothing to apply, but --wait still
+        # says whether any is connected (each applied a snapshot at least).
+        revisions = {service: max(rev, 1) for service, rev in revisions.items()}
+        try:
+            report = _wait_applied(app, revisions, wait.timeout, started)
+        except CliError as e:
+            e.hint = f"{state}, but --wait failed: " + (e.hint or HINTS.get(e.code, e.code))
+            failure = e
+    elif not result.get("dry_run") and not app.json_output:
+        click.echo("note: nothing to wait for: no service's own record changed", err=True)
     if app.json_output:
         click.echo(dumps({**doc, "wait": report}))
     elif report is not None:
@@ -359,9 +380,7 @@ def write_and_wait(
         exit_code, code = _WAIT_EXIT[report["outcome"]]
         problems = render_wait(report).problems
         worst = next(s for s in report["services"] if s["outcome"] == report["outcome"])
-        hint = _WAIT_HINTS[report["outcome"]].format(
-            revision=revision, service=worst["service"], state=state
-        )
+        hint = _WAIT_HINTS[report["outcome"]].format(service=worst["service"], state=state)
         raise CliError(
             code, "\n".join(f"--wait: {problem}" for problem in problems), exit_code, hint=hint
         )

@@ -58,7 +58,8 @@ def services(app: App) -> None:
 
     A service with records but no agent seen within the server's memory of agents (as
     long as its audit retention) is marked: a mistyped name, or one not running yet.
-    Remove a stray one's records with `flag clear`, `shed clear`, `pin clear`.
+    Remove a stray one's records with `flag clear`, `shed clear`, `pin clear` and
+    `known-good unmark`.
 
     JSON: {services: [{service, connected, last_contact: time|null, flags, shedding,
     pinned_version, known_good}, ...], memory: seconds}.

@@ -27,6 +27,7 @@ from controlplane.api.v1 import mitigation_pb2 as mpb
 from controlplane.api.v1 import mitigation_pb2_grpc
 from controlplane.api.v1 import types_pb2 as pb
 from controlplane.errors import (
+    ControlPlaneError,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
@@ -57,6 +58,9 @@ def _shown_bytes(entries: int) -> int:
 
 # The most versions a failed rollback lists, each with why it was not taken.
 ROLLBACK_REASONS_SHOWN = 10
+
+NOTICE_BUDGET = 0.5
+"""Seconds a write's answer may spend finding out whether its services are known."""
 
 # How long a wait waits for another replica to report a revision before going on
 # without it (its flushes come every half second while it lives).
@@ -118,8 +122,15 @@ class _Servicer:
         self.services = services
 
     async def _note(self, result: pb.WriteResult, *services: str) -> None:
-        """Name in a write's result the services it concerns that no agent has reported."""
-        result.unknown_services.extend(await self.services.unknown_of(services))
+        """Name in a write's result the services it concerns that no agent has reported.
+
+        Best effort, after the write: a committed write (a rollback, say) must never be
+        answered as failed because this could not be found out."""
+        try:
+            with self.store.budget(NOTICE_BUDGET):
+                result.unknown_services.extend(await self.services.unknown_of(services))
+        except ControlPlaneError as exc:
+            log.warning("unknown_service_check_failed", error=exc.message)
 
     @staticmethod
     def _options(msg: pb.WriteOptions, *, allow_expiry: bool = True) -> model.WriteOptions:
@@ -538,7 +549,11 @@ class _ObservationRPCs(_Servicer):
                     response.drift[instance.running_version] = (
                         response.drift.get(instance.running_version, 0) + 1
                     )
-        contact = await self.presence.last_contact(service)
+        contact = (
+            model.utcnow()
+            if any(i.connected for i in instances)
+            else await self.presence.last_contact(service)
+        )
         if contact is not None:
             response.last_contact.CopyFrom(model.datetime_to_timestamp(contact))
         else:
@@ -756,7 +771,7 @@ def _bundle_result(outcome: BundleOutcome) -> pb.WriteResult:
         changed=outcome.changed,
         dry_run=outcome.dry_run,
         revision=outcome.revision,
-        mod_revision=outcome.mod_revision,
+        in_force_since=outcome.in_force_since,
         summary=outcome.summary,
         would_change=outcome.would_change,
         audit_id=outcome.audit_ids[0] if outcome.audit_ids else "",

@@ -44,8 +44,9 @@ FLUSH_GAP_PER_INSTANCE = 100e-6
 """Seconds between two flushes at the least, per instance (each encodes every instance)."""
 FLUSH_GAP_MAX = 0.25
 LEASE_TTL = 10
-SEEN_REFRESH = 60.0
-"""Seconds between two writes of a service's last contact while its agents stay connected."""
+SEEN_REFRESH = 600.0
+"""Seconds between two writes of a service's last contact while its agents stay connected
+(a connected service's last contact is "now" anyway: this bounds what a crash loses)."""
 
 
 @dataclass(eq=False, slots=True)
@@ -179,12 +180,20 @@ class Presence:
         _, stuck = await asyncio.wait({task}, timeout=5.0)
         if stuck:
             log.error("background_task_stuck", task=task.get_name())
-        # The agents here are in contact until now.
-        self._departed |= {service for service, acks in self._services.items() if acks.instances}
-        with contextlib.suppress(ControlPlaneError), self.store.budget(self.store.etcd_timeout):
-            await self._flush_seen()
-            await self._flush_applied()
-            await self.store.delete_prefix_raw(keys.servers_prefix(self.prefix, self.server_id))
+        # Each step on its own: one failing must not keep this process's instances listed
+        # (waits elsewhere would count them until the lease expires).
+        lock: contextlib.AbstractAsyncContextManager[Any] = (
+            contextlib.nullcontext() if stuck else self._flush_lock
+        )
+        async with lock:
+            with contextlib.suppress(ControlPlaneError), self.store.budget(self.store.etcd_timeout):
+                await self.store.delete_prefix_raw(keys.servers_prefix(self.prefix, self.server_id))
+            with contextlib.suppress(ControlPlaneError), self.store.budget(self.store.etcd_timeout):
+                await self._flush_applied()
+            # The agents here were in contact until now.
+            self._departed |= {s for s, acks in self._services.items() if acks.instances}
+            with contextlib.suppress(ControlPlaneError), self.store.budget(self.store.etcd_timeout):
+                await self._flush_seen()
 
     # -- streams report here -----------------------------------------------------
 
@@ -446,8 +455,8 @@ class Presence:
                 self._flushed_revision = revision
                 others = await self.store.count_prefix_raw(keys.servers_prefix(self.prefix))
                 self._peers = others > self._written_chunks
-        await self._flush_seen()
         await self._flush_applied()
+        await self._flush_seen()
 
     async def flush(self) -> None:
         """Write now what would be written at the next flush (instances, last contacts,
@@ -491,7 +500,7 @@ class Presence:
                     str(json.loads(raw)["last_contact"])
                 )
             except (ValueError, KeyError, TypeError):
-                log.error("presence_invalid", key=key)
+                log.warning("presence_invalid", key=key)
         now = model.utcnow()
         for service, acks in self._services.items():
             if acks.instances:

@@ -56,10 +56,16 @@ class ServiceDirectory:
     async def _decide(self, service: str) -> pb.UnknownService | None:
         if await self.presence.last_contact(service) is not None:
             return None
-        candidates = list(await self.presence.last_contacts())
-        if not candidates:
-            candidates = list(await self.store.records_by_service())
-        notice = pb.UnknownService(service=service, did_you_mean=closest(service, candidates))
+        # Agents connected to a replica that has not recorded their last contact yet.
+        connected = await self.presence.connected_counts()
+        if connected.get(service):
+            return None
+        contacts = await self.presence.last_contacts()
+        seen = closest(service, [*contacts, *connected])
+        held = closest(service, await self.store.records_by_service())
+        # Services agents run first, then those only records name.
+        candidates = [*seen, *(name for name in held if name not in seen)][:SUGGESTIONS]
+        notice = pb.UnknownService(service=service, did_you_mean=candidates)
         notice.memory.FromTimedelta(self.memory)
         return notice
 

@@ -172,18 +172,24 @@ class Store:
     def plan_set_flag(
         self, scope: str, name: str, value: FlagValue, *, change_type: bool = False
     ) -> Plan:
-        async def check(current: Flag | None, now: datetime) -> None:
-            # The flag's first value in this scope takes the type it has elsewhere.
-            if change_type or semantics.prune_expired(current, now) is not None:
-                return
+        async def check(current: Flag | None, now: datetime) -> str:
+            # The flag's first value in this scope takes the type it has elsewhere: for a
+            # service, the global value it would hide; for global, the services' own.
+            if semantics.prune_expired(current, now) is not None:
+                return ""
+            scopes = (
+                await self._records.flag_scopes(name) if scope == GLOBAL_SCOPE else [GLOBAL_SCOPE]
+            )
             others: dict[str, FlagValue] = {}
-            for other in await self._records.flag_scopes(name):
+            for other in scopes:
                 if other != scope:
-                    found = await self._records.read(flag_key(other, name))
+                    found = await self._records.read(flag_key(other, name), remember=False)
                     record = semantics.prune_expired(found.record, now)
                     if record is not None:
                         others[other] = record.value
-            semantics.check_type_across_scopes(name, value, others)
+            return semantics.check_type_across_scopes(
+                name, scope, value, others, change_type=change_type
+            )
 
         return Plan(
             flag_key(scope, name),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -32,8 +32,8 @@ from controlplane.semantics import Decision
 from controlplane.store._audit import audit_op
 from controlplane.store._commit import KeyLocks, retry_cas
 from controlplane.store._etcd import Etcd, delete, put, unchanged_since
-from controlplane.store._records import Records
-from controlplane.store._writes import Plan, audit_entry, log_change, record_ops
+from controlplane.store._records import Current, Records
+from controlplane.store._writes import Plan, audit_entry, log_change, record_ops, with_note
 from controlplane.store.keys import (
     BUNDLES,
     bundle_id_of,
@@ -64,6 +64,10 @@ class BundleView:
     overridden_keys: tuple[str, ...]
 
 
+_SETS = {"flag": "set_flag", "shedding": "set_shedding", "pin": "pin_version"}
+"""The bundle change that sets a key of each kind (only sets are refused on their value)."""
+
+
 @dataclass(frozen=True, slots=True)
 class BundleOutcome:
     """What applying or reverting a bundle did (or would do)."""
@@ -76,9 +80,19 @@ class BundleOutcome:
     would_change: bool = False
     overwritten: tuple[str, ...] = ()
     audit_ids: tuple[str, ...] = ()
-    # When nothing changed: the newest mod revision among the bundle's keys (what a
-    # wait for "applied everywhere" waits for).
-    mod_revision: int = 0
+    # When nothing changed: per scope, the newest mod revision of the bundle's keys there
+    # (what a wait for "applied everywhere" waits for).
+    in_force_since: dict[str, int] = field(default_factory=dict)
+
+
+def _in_force_since(plans: Sequence[Plan], currents: Sequence[Current]) -> dict[str, int]:
+    """Per scope, the newest mod revision of the keys there (keys not set aside)."""
+    since: dict[str, int] = {}
+    for plan, current in zip(plans, currents, strict=True):
+        if current.mod_revision:
+            scope = plan.key.scope
+            since[scope] = max(since.get(scope, 0), current.mod_revision)
+    return since
 
 
 def _check_bundle_shape(paths: Sequence[str]) -> None:
@@ -146,10 +160,11 @@ class Bundles:
             # A time-boxed bundle applied again moves its expiry: not a no-op.
             twin = None if opts.expires_at else await self._applied_twin(digest)
             if twin is not None:
+                currents = [await self._records.read(plan.key) for plan in plans]
                 return BundleOutcome(
                     changed=False, dry_run=opts.dry_run, revision=0, view=twin,
                     summary=f"bundle {name} is already applied as {twin.bundle.id}",
-                    mod_revision=twin.revision,
+                    in_force_since=_in_force_since(plans, currents),
                 )  # fmt: skip
             return await self._apply_once(name, plans, changes, digest, opts)
 
@@ -170,10 +185,15 @@ class Bundles:
         bopts = replace(opts, bundle_id=bundle_id)
         currents = [await self._records.read(plan.key) for plan in plans]
         decisions = []
-        for plan, current in zip(plans, currents, strict=True):
-            decision = plan.decide(current.record, now, bopts)
-            if plan.check is not None and decision.changed:
-                await plan.check(current.record, now)
+        for index, (plan, current) in enumerate(zip(plans, currents, strict=True)):
+            try:
+                decision = plan.decide(current.record, now, bopts)
+                if plan.check is not None and decision.changed:
+                    decision = with_note(decision, await plan.check(current.record, now))
+            except InvalidArgumentError as e:
+                # Named as the request names it: which change, which of its fields.
+                kind = _SETS.get(plan.key.kind, plan.key.kind)
+                raise InvalidArgumentError(f"changes[{index}].{kind}.{e.field}", e.rule) from e
             if current.invalid is not None and not decision.changed:
                 decision = replace(decision, changed=True)
             decisions.append(decision)
@@ -181,7 +201,7 @@ class Bundles:
             return BundleOutcome(
                 changed=False, dry_run=opts.dry_run, revision=0, view=None,
                 summary=f"bundle {name}: every change is already in force",
-                mod_revision=max(c.mod_revision for c in currents),
+                in_force_since=_in_force_since(plans, currents),
             )  # fmt: skip
         ops: list[Any] = []
         entries = []

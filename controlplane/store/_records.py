@@ -127,7 +127,9 @@ class Records:
 
     # -- reads ------------------------------------------------------------------------------
 
-    async def read(self, key: Key) -> Current:
+    async def read(self, key: Key, *, remember: bool = True) -> Current:
+        """The key as etcd has it now; ``remember``: as this server's last sight of it
+        (only under the key's lock)."""
         response = await self._etcd.range(self.abs(key.path))
         if not response.kvs:
             self._last_good.pop(key.path, None)
@@ -136,7 +138,8 @@ class Records:
             kv = response.kvs[0]
             record, valid = await self.decode(key, kv.value, kv.mod_revision)
             current = Current(record, int(kv.mod_revision), None if valid else bytes(kv.value))
-        self.know(key.path, current)
+        if remember:
+            self.know(key.path, current)
         return current
 
     async def read_prefix(self, path_prefix: str) -> tuple[list[tuple[Key, Any, int]], int]:

@@ -11,7 +11,6 @@ writes nothing (no revision, no audit record).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -39,6 +38,7 @@ __all__ = [
     "index_value",
     "log_change",
     "record_ops",
+    "with_note",
 ]
 
 log = structlog.get_logger("controlplane.store")
@@ -53,8 +53,9 @@ class Plan:
     # For a global flag: its name, to report the services that keep their own value.
     overridden_flag: str = ""
     # Checks that need more than the key's own record (a flag's type in other scopes):
-    # given the key's record and the time; raises to refuse. Run only for a change.
-    check: Callable[[Any, datetime], Awaitable[None]] | None = None
+    # given the key's record as read from etcd and the time; raises to refuse, or returns
+    # a note for the summary. Run only for a change.
+    check: Callable[[Any, datetime], Awaitable[str]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +161,11 @@ def log_change(
     )
 
 
+def with_note(decision: Decision, note: str) -> Decision:
+    """The decision with ``note`` (from a plan's check) added to its summary."""
+    return replace(decision, summary=decision.summary + note) if note else decision
+
+
 class Writer:
     """Writes one key at a time, each with its audit record, in a compare-and-set."""
 
@@ -208,18 +214,23 @@ class Writer:
         stored = known
         decision: Decision | None = None
         if known is not None:
-            # A refusal decided on what this server last saw (too many layers, say)
-            # may not hold for what etcd has now: decide again on a read.
-            with contextlib.suppress(ControlPlaneError):
+            # A refusal decided on what this server last saw (too many layers, say, or a
+            # type it has not seen change) may not hold for what etcd has now: decide
+            # again on a read.
+            try:
                 decision = plan.decide(known.record, now, opts)
+                if plan.check is not None and decision.changed:
+                    decision = with_note(decision, await plan.check(known.record, now))
+            except ControlPlaneError:
+                decision = None
         if decision is None or not decision.changed:
             # Only a successful transaction confirms what was known; "nothing to change"
             # is said on what etcd holds now.
             stored = await self._records.read(key)
             decision = plan.decide(stored.record, now, opts)
+            if plan.check is not None and decision.changed:
+                decision = with_note(decision, await plan.check(stored.record, now))
         assert stored is not None
-        if plan.check is not None and decision.changed:
-            await plan.check(stored.record, now)
         expected = opts.expected_mod_revision
         if expected is not None and expected != stored.mod_revision:
             raise ConflictError(self.prefix + key.path, expected, stored.mod_revision)

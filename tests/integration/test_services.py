@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from datetime import timedelta
+from pathlib import Path
 
 from controlplane import model
 from controlplane.server import ControlServer
@@ -117,3 +118,70 @@ async def test_last_contacts_are_forgotten_with_the_audit_trail(
     # ...and forgotten past it.
     assert await server.presence.prune_seen(model.utcnow() + timedelta(seconds=1)) == 1
     assert await raw_etcd.get(seen) is None
+
+
+async def test_an_unchanged_bundle_waits_for_each_services_own_revision(
+    cpctl: Run, server: ControlServer, tmp_path: Path
+) -> None:
+    async with (
+        RawAgent(server.address, "alpha", "a-1") as a,
+        RawAgent(server.address, "beta", "b-1") as b,
+    ):
+        await connected(a)
+        await connected(b)
+        for service, name in (("alpha", "x"), ("beta", "y")):
+            out = await cpctl("flag", "set", service, name, "false", "--reason", "r", "--wait")
+            assert out.returncode == 0, out.stderr
+        bundle = tmp_path / "both.yaml"
+        bundle.write_text(
+            "name: both\nreason: r\nchanges:\n"
+            "  - flag: {service: alpha, name: x, value: false}\n"
+            "  - flag: {service: beta, name: y, value: false}\n"
+        )
+        # Every change is in force already: alpha's instances never see beta's newer
+        # revision, and need not, so each service is waited for at its own.
+        again = await cpctl("--json", "bundle", "apply", str(bundle), "--wait")
+        assert again.returncode == 0, again.stderr
+        doc = json.loads(again.stdout)
+        assert doc["result"]["changed"] is False
+        since = doc["result"]["in_force_since"]
+        assert set(since) == {"alpha", "beta"} and since["alpha"] < since["beta"]
+        waited = {s["service"]: s for s in doc["wait"]["services"]}
+        assert waited["alpha"]["revision"] == since["alpha"]
+        assert waited["beta"]["revision"] == since["beta"]
+        assert doc["wait"]["outcome"] == "applied"
+
+        # A clear of what is not set: nothing to apply, but --wait still says whether
+        # instances are there.
+        unset = await cpctl("flag", "clear", "alpha", "z", "--reason", "r", "--wait")
+        assert unset.returncode == 0, unset.stderr
+        assert "alpha: applied by 1/1 instances" in unset.stdout
+    nobody = await cpctl("flag", "clear", "gamma", "z", "--reason", "r", "--wait")
+    assert nobody.returncode == 9, nobody.stderr
+    assert (
+        "hint: nothing is set there, so there is nothing to apply, but no instance" in nobody.stderr
+    )
+
+
+async def test_a_departure_moves_the_last_contact_and_bad_records_are_skipped(
+    cpctl: Run, server: ControlServer, raw_etcd: RawEtcd, prefix: str
+) -> None:
+    assert server.presence is not None
+    seen = keys.seen_key(keys.presence_prefix(prefix), "checkout")
+    async with RawAgent(server.address, "checkout", "checkout-1") as agent:
+        await connected(agent)
+        await server.presence.flush()
+        arrived = await raw_etcd.get(seen)
+        assert arrived is not None
+    await _gone(server, "checkout")
+    await server.presence.flush()
+    left = await raw_etcd.get(seen)
+    assert left is not None
+    assert left[1] > arrived[1]  # written again when the last instance left
+    assert json.loads(left[0])["last_contact"] >= json.loads(arrived[0])["last_contact"]
+    # A record that does not parse is skipped, not fatal.
+    await raw_etcd.put(keys.seen_key(keys.presence_prefix(prefix), "broken"), b"{not json")
+    listed = await cpctl("--json", "services")
+    assert listed.returncode == 0, listed.stderr
+    names = [s["service"] for s in json.loads(listed.stdout)["services"]]
+    assert "checkout" in names and "broken" not in names

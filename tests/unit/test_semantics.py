@@ -153,7 +153,7 @@ def test_pins_keep_the_previous_pin_and_rollback_action() -> None:
             "flase",
             "x is a boolean flag; 'flase' is not true or false but a string: set true or "
             "false, or change the flag's type on purpose (change_type; cpctl flag set "
-            "--change-type)",
+            "--change-type; change_type: true in a bundle file)",
         ),
         ("read-only", True, "x is a string flag; true is not a string but a boolean"),
         (30.0, "30%", "x is a number flag; '30%' is not a number but a string"),
@@ -191,18 +191,24 @@ def test_numbers_of_either_kind_and_a_cleared_flag_take_any_value() -> None:
 
 
 def test_a_first_value_in_a_scope_takes_the_flags_type_elsewhere() -> None:
+    check = semantics.check_type_across_scopes
     # Same type, or no other scope: nothing to say.
-    semantics.check_type_across_scopes("new-ui", False, {"global": True, "payments": False})
-    semantics.check_type_across_scopes("new-ui", "lite", {})
+    assert check("new-ui", "checkout", False, {"global": True, "payments": False}) == ""
+    assert check("new-ui", "checkout", "lite", {}) == ""
     with pytest.raises(InvalidArgumentError) as info:
-        semantics.check_type_across_scopes("new-ui", "flase", {"global": True})
-    assert "new-ui is a boolean flag (scope global); 'flase' is not true or false" in str(
-        info.value
+        check("new-ui", "checkout", "flase", {"global": True})
+    assert str(info.value) == (
+        "value: new-ui is a boolean flag (scope global); 'flase' is not true or false but a "
+        "string: set true or false, or if checkout is meant to hold a string where scope "
+        "global holds a boolean, say so (change_type; cpctl flag set --change-type; "
+        "change_type: true in a bundle file)"
+    )
+    # Meant: written, and the note for the summary (the audit) says what differs.
+    assert check("new-ui", "checkout", "lite", {"global": True}, change_type=True) == (
+        " (a string in checkout, where scope global holds a boolean)"
     )
     # Services disagreeing with the value: the type the most of them hold is named, with
     # global first.
     with pytest.raises(InvalidArgumentError) as info:
-        semantics.check_type_across_scopes(
-            "mode", 3, {"a": "lite", "b": "lite", "c": {"x": 1}, "global": {"y": 2}}
-        )
-    assert "mode is an object flag (scopes c, global); 3 is not a JSON object" in str(info.value)
+        check("mode", "global", 3, {"a": "lite", "b": "lite", "c": {"x": 1}, "d": {"y": 2}})
+    assert "mode is a string flag (scopes a, b); 3 is not a string" in str(info.value)

@@ -139,7 +139,14 @@ class KnownGood(_message.Message):
     def __init__(self, service: _Optional[str] = ..., version: _Optional[str] = ..., meta: _Optional[_Union[Meta, _Mapping]] = ...) -> None: ...
 
 class WriteResult(_message.Message):
-    __slots__ = ("changed", "dry_run", "revision", "mod_revision", "overridden_by", "audit_id", "summary", "would_change", "unknown_services")
+    __slots__ = ("changed", "dry_run", "revision", "mod_revision", "overridden_by", "audit_id", "summary", "would_change", "unknown_services", "in_force_since")
+    class InForceSinceEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     CHANGED_FIELD_NUMBER: _ClassVar[int]
     DRY_RUN_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
@@ -149,6 +156,7 @@ class WriteResult(_message.Message):
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
     WOULD_CHANGE_FIELD_NUMBER: _ClassVar[int]
     UNKNOWN_SERVICES_FIELD_NUMBER: _ClassVar[int]
+    IN_FORCE_SINCE_FIELD_NUMBER: _ClassVar[int]
     changed: bool
     dry_run: bool
     revision: int
@@ -158,7 +166,8 @@ class WriteResult(_message.Message):
     summary: str
     would_change: bool
     unknown_services: _containers.RepeatedCompositeFieldContainer[UnknownService]
-    def __init__(self, changed: _Optional[bool] = ..., dry_run: _Optional[bool] = ..., revision: _Optional[int] = ..., mod_revision: _Optional[int] = ..., overridden_by: _Optional[_Iterable[str]] = ..., audit_id: _Optional[str] = ..., summary: _Optional[str] = ..., would_change: _Optional[bool] = ..., unknown_services: _Optional[_Iterable[_Union[UnknownService, _Mapping]]] = ...) -> None: ...
+    in_force_since: _containers.ScalarMap[str, int]
+    def __init__(self, changed: _Optional[bool] = ..., dry_run: _Optional[bool] = ..., revision: _Optional[int] = ..., mod_revision: _Optional[int] = ..., overridden_by: _Optional[_Iterable[str]] = ..., audit_id: _Optional[str] = ..., summary: _Optional[str] = ..., would_change: _Optional[bool] = ..., unknown_services: _Optional[_Iterable[_Union[UnknownService, _Mapping]]] = ..., in_force_since: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class UnknownService(_message.Message):
     __slots__ = ("service", "did_you_mean", "memory")

@@ -43,6 +43,7 @@ def test_json_shape_of_set_flag_response() -> None:
             "summary": "flag new-ui = false (was true)",
             "would_change": False,
             "unknown_services": [],
+            "in_force_since": {},
         },
         "flag": {
             "scope": "checkout",

@@ -189,7 +189,13 @@ def test_the_most_serious_outcome_of_several_services_wins() -> None:
 
 def _wait_service(service: str, response: mitigation_pb2.WaitAppliedResponse) -> dict[str, Any]:
     plain = to_plain(response)
-    return {"service": service, "outcome": wait_outcome(plain), "seconds": 0.123, **plain}
+    return {
+        "service": service,
+        "outcome": wait_outcome(plain),
+        "revision": 813,
+        "seconds": 0.123,
+        **plain,
+    }
 
 
 def test_wait_lines_say_how_many_applied_and_name_the_problems() -> None:
@@ -241,6 +247,8 @@ def test_wait_after_a_write_waits_for_its_revision(server: Server) -> None:
     assert tuple(wait) == JSON_SHAPES["Wait"]
     assert (wait["outcome"], wait["revision"]) == ("applied", 813)
     assert [s["service"] for s in wait["services"]] == ["checkout"]
+    assert tuple(wait["services"][0]) == JSON_SHAPES["WaitService"]
+    assert wait["services"][0]["revision"] == 813
 
 
 @pytest.mark.parametrize(
