@@ -2,12 +2,62 @@
 
 Names are ``controlplane_*`` with ``_total`` / ``_seconds`` suffixes. Tests build
 :class:`ServerMetrics` on a fresh ``CollectorRegistry`` and read samples with
-``registry.get_sample_value``.
+``registry.get_sample_value``. :class:`MetricsEndpoint` serves a registry over HTTP.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import socket
+import threading
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
+
+METRICS_POLL_S = 0.1
+"""How often the endpoint's thread looks for a stop: the longest a stop waits for it
+(prometheus-client's own endpoint looks every 0.5 s, half a second of every stop)."""
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """No line per scrape."""
+
+
+class MetricsEndpoint:
+    """A registry served over HTTP (``/metrics``) by a thread of its own.
+
+    Binds at construction (``OSError`` when it cannot: the port in use, ...), serves
+    until :meth:`close`.
+    """
+
+    def __init__(self, host: str, port: int, registry: CollectorRegistry) -> None:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, _, _, _, sockaddr = infos[0]
+
+        class Server(ThreadingWSGIServer):
+            address_family = family
+
+        self._server = make_server(
+            str(sockaddr[0]), port, make_wsgi_app(registry), Server, handler_class=_Quiet
+        )
+        self.host = host
+        self.port: int = self._server.server_port
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": METRICS_POLL_S},
+            name="metrics-endpoint",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop serving and let the port go (within METRICS_POLL_S). Idempotent."""
+        if self._thread.is_alive():
+            self._server.shutdown()
+        self._server.server_close()
+
 
 _RPC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 

@@ -12,6 +12,8 @@ public ones; its modules:
 - ``hub``: the one etcd watch per process, fanned out to the agents' streams;
 - ``_presence``: the agents connected to this process and what each applied;
 - ``auth``: identities, roles, the auth file and the interceptor enforcing them;
+- ``_ports``: the ports ``serve`` opens, checked free before anything starts, and a
+  port in use said in one line (what holds it, the option that moves it);
 - ``_runtime``: logging, the event loop, the collector, running a server until stopped;
 - ``_workers``: ``--workers``, several server processes on one port under a supervisor;
 - ``_cli``: the ``serve`` and ``token`` commands.

@@ -3,6 +3,8 @@
 An agent opens the stream with a Hello, gets a snapshot (or resumes from the revision
 it applied), then every change that concerns its service, coalesced when it falls
 behind; its acks and rejections come back on the same stream and go to presence.
+When the server stops, the stream ends at once with UNAVAILABLE (``OpenStreams``):
+the agent keeps what it has and connects again, to another server if it knows one.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from controlplane.errors import ControlPlaneError, InvalidArgumentError, Unavail
 from controlplane.metrics import ServerMetrics
 from controlplane.server._presence import Instance, Presence
 from controlplane.server._reports import ReportLimiter, read_report
-from controlplane.server._rpc import actor_of, log_rpc
+from controlplane.server._rpc import SHUTTING_DOWN, OpenStreams, actor_of, log_rpc
 from controlplane.server.auth import check_sync_service, current_identity
 from controlplane.server.hub import Feed, Hub, coalesce
 
@@ -60,16 +62,37 @@ class _Live:
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     """The agents' Sync stream: hello, snapshot or resume, then changes; acks back."""
 
-    def __init__(self, hub: Hub, presence: Presence, metrics: ServerMetrics) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        presence: Presence,
+        metrics: ServerMetrics,
+        *,
+        streams: OpenStreams | None = None,
+    ) -> None:
         self.hub = hub
         self.presence = presence
         self.metrics = metrics
+        self.streams = streams if streams is not None else OpenStreams()
         self._streams_seen = 0
         self._reports = ReportLimiter()
         # The live Sync of each instance in this process: one at a time.
         self._live: dict[tuple[str, str], _Live] = {}
 
     async def Sync(self, request_iterator: Any, context: Any) -> None:
+        if self.streams.closing:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+        with self.streams.held():
+            try:
+                await self._sync(request_iterator, context)
+            except asyncio.CancelledError:
+                # Ended by the server's stop before it was under way (no hello yet, say);
+                # once under way, _sync says so itself.
+                if not self.streams.ended_by_close():
+                    raise
+                await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+
+    async def _sync(self, request_iterator: Any, context: Any) -> None:
         start = time.perf_counter()
         try:
             hello = await self._hello(request_iterator)
@@ -122,15 +145,12 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         def on_reader_done(task: asyncio.Task[None]) -> None:
             nonlocal reader_ended
             # The agent closed its side: the call ends with OK. A reader that failed
-            # (a bug) ends it as cancelled, and says why in the log.
-            failed = not task.cancelled() and task.exception() is not None
-            reader_ended = not task.cancelled() and not failed
-            if failed:
-                log.error(
-                    "ack_reader_failed",
-                    instance_id=instance.instance_id,
-                    error=repr(task.exception()),
-                )
+            # (a bug) ends it as cancelled, and says why in the log; one that read on
+            # after this handler ended the call (an abort) did not fail.
+            error = None if task.cancelled() else task.exception()
+            reader_ended = not task.cancelled() and error is None
+            if error is not None and not isinstance(error, grpc.aio.AbortError):
+                log.error("ack_reader_failed", instance_id=instance.instance_id, error=repr(error))
             if handler is not None:
                 handler.cancel()
 
@@ -174,6 +194,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                     f"another stream of instance {instance.instance_id} (from "
                     f"{live.replaced_by}) replaced this one: two agents share an instance id",
                 )
+            if self.streams.ended_by_close():
+                # Said while the ack reader still runs: its end would cancel us again.
+                code = "UNAVAILABLE"
+                await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
             code = "CANCELLED"
             raise
         except ControlPlaneError as exc:

@@ -13,6 +13,7 @@ import secrets
 import sys
 from datetime import timedelta
 from pathlib import Path
+from typing import IO, Any
 
 import click
 import structlog
@@ -21,12 +22,22 @@ from controlplane import __version__
 from controlplane._duration_param import DurationParam
 from controlplane._files import UnsafeFileError, read_guarded
 from controlplane.server._config import MIN_AUDIT_RETENTION, ServerConfig, ServerConfigError
+from controlplane.server._ports import split_host_port
 from controlplane.server._runtime import configure_logging, run_event_loop, serve_until_stopped
 from controlplane.server._workers import WorkerStartError, run_workers
 from controlplane.server.auth import AuthFileError, hash_token
 from controlplane.store import DEFAULT_PREFIX, EtcdSecurity, normalize_endpoints
 
 log = structlog.get_logger("controlplane.server")
+
+
+class StartError(click.ClickException):
+    """Why the server cannot start: one ``Error:`` line per problem (each port in use
+    is one)."""
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        for line in self.format_message().splitlines():
+            click.echo(f"Error: {line}", file=file, err=file is None)
 
 
 @click.group()
@@ -61,7 +72,7 @@ def main() -> None:
     envvar="CONTROLPLANE_METRICS",
     default="127.0.0.1:9464",
     show_default=True,
-    help="Prometheus endpoint address; 'off' disables it.",
+    help="Prometheus endpoint address (HOST:PORT); 'off' disables it.",
 )
 @click.option(
     "--log-format",
@@ -97,10 +108,10 @@ def main() -> None:
 @click.option(
     "--embedded-etcd-port",
     envvar="CONTROLPLANE_EMBEDDED_ETCD_PORT",
-    type=int,
+    type=click.IntRange(min=0, max=65534),
     default=2379,
     show_default=True,
-    help="Client port of the embedded etcd (0: any free port).",
+    help="Client port of the embedded etcd; its peer port is the next one (0: any free ports).",
 )
 @click.option(
     "--etcd-ca",
@@ -262,6 +273,11 @@ def serve(
         )
     if not prefix.startswith("/"):
         raise click.BadParameter(f"{prefix!r} must start with '/'", param_hint="--prefix")
+    if metrics not in ("", "off") and split_host_port(metrics) is None:
+        raise click.BadParameter(
+            f"{metrics!r} is not HOST:PORT (e.g. 127.0.0.1:9464; 'off': no metrics endpoint)",
+            param_hint="--metrics",
+        )
     endpoints = [e.strip() for e in etcd.split(",") if e.strip()]
     etcd_security = _etcd_security(
         etcd_ca, etcd_cert, etcd_key, etcd_server_name, etcd_user, etcd_password_file
@@ -298,13 +314,13 @@ def serve(
         try:
             run_workers(config, workers, log_format)
         except (ServerConfigError, WorkerStartError) as exc:
-            raise click.ClickException(str(exc)) from None
+            raise StartError(str(exc)) from None
         return
     try:
         with contextlib.suppress(KeyboardInterrupt):
             run_event_loop(serve_until_stopped(config))
     except (ServerConfigError, AuthFileError) as exc:
-        raise click.ClickException(str(exc)) from None
+        raise StartError(str(exc)) from None
 
 
 def _etcd_security(

@@ -1,10 +1,12 @@
 """The control server: build, start and stop; health, reflection, metrics, logs.
 
-Lifecycle of :class:`ControlServer`: ``await start()`` once (binds the port,
-``address`` then says where), ``await stop(grace)`` is idempotent and lets
-in-flight RPCs finish for ``grace`` seconds. Health (``grpc.health.v1``) is
-SERVING while etcd answers and NOT_SERVING while it does not; the server keeps
-running and recovers by itself.
+Lifecycle of :class:`ControlServer`: ``await start()`` once (checks its ports free
+before anything starts, binds them, ``address`` then says where); ``await
+stop(grace)`` is idempotent: it ends the long-lived streams (agents' ``Sync``,
+``WatchChanges``) at once with UNAVAILABLE, so that their clients reconnect
+elsewhere, and lets unary calls in flight finish for ``grace`` seconds. Health
+(``grpc.health.v1``) is SERVING while etcd answers and NOT_SERVING while it does
+not; the server keeps running and recovers by itself.
 """
 
 from __future__ import annotations
@@ -21,18 +23,35 @@ import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from controlplane import __version__, model
 from controlplane.api.v1 import agent_pb2, mitigation_pb2, mitigation_pb2_grpc
-from controlplane.embedded_etcd import EmbeddedEtcd
+from controlplane.embedded_etcd import (
+    EmbeddedEtcd,
+    EmbeddedEtcdError,
+    EtcdPortInUseError,
+    EtcdStartError,
+)
 from controlplane.errors import ControlPlaneError
-from controlplane.metrics import ServerMetrics
+from controlplane.metrics import MetricsEndpoint, ServerMetrics
 from controlplane.model import utcnow
 from controlplane.server._agent_service import AgentServicer, add_agent_service
 from controlplane.server._config import ServerConfig, ServerConfigError, check_exposure
 from controlplane.server._mitigation_service import MitigationServicer
+from controlplane.server._ports import (
+    PortError,
+    add_grpc_port,
+    bind_problem,
+    check_ports,
+    etcd_ports,
+    grpc_port,
+    metrics_port,
+    port_error,
+    serve_ports,
+)
 from controlplane.server._presence import Presence
+from controlplane.server._rpc import OpenStreams
 from controlplane.server._services import ServiceDirectory
 from controlplane.server._tls import ServerTls
 from controlplane.server.auth import AuthFileError, AuthInterceptor, Streams, load_auth_file
@@ -62,6 +81,61 @@ SERVICE_NAMES = (
 )
 
 
+def serve_metrics(config: ServerConfig, registry: CollectorRegistry) -> MetricsEndpoint:
+    """Serve ``registry`` on ``--metrics``.
+
+    Raises:
+        PortError: The address cannot be bound (the option and what holds it named).
+    """
+    port = metrics_port(config)
+    assert port is not None
+    try:
+        return MetricsEndpoint(port.host, port.port, registry)
+    except OSError as exc:
+        raise port_error(port, exc) from None
+
+
+async def start_embedded_etcd(config: ServerConfig) -> EmbeddedEtcd:
+    """Start the embedded etcd of ``config`` (under ``--data-dir``).
+
+    Raises:
+        PortError: One of its ports is taken (it was free when checked: taken since).
+        ServerConfigError: It did not start, or its data directory cannot be made: the
+            reason in one line (and its log file).
+    """
+    etcd = EmbeddedEtcd(
+        config.data_dir / "etcd",
+        client_port=config.embedded_etcd_client_port,
+        peer_port=config.embedded_etcd_peer_port,
+    )
+    try:
+        await asyncio.to_thread(etcd.start)
+    except EtcdPortInUseError as exc:
+        for port in etcd_ports(config):
+            if port.port == exc.port:
+                raise port_error(port, None) from None
+        raise ServerConfigError(str(exc)) from None
+    except EtcdStartError as exc:
+        if "address already in use" in exc.log_tail:
+            for port in etcd_ports(config):
+                problem = bind_problem(port)
+                if problem is not None:
+                    raise port_error(port, problem) from None
+        lines = [line.strip() for line in exc.log_tail.splitlines() if line.strip()]
+        last = f"; its log ends: {lines[-1][:300]}" if lines else ""
+        raise ServerConfigError(
+            f"the embedded etcd did not start: {str(exc).splitlines()[0]}{last}"
+        ) from None
+    except EmbeddedEtcdError as exc:
+        raise ServerConfigError(str(exc)) from None
+    except OSError as exc:  # its data directory cannot be made
+        raise ServerConfigError(
+            f"the embedded etcd cannot keep its data in {etcd.data_dir}: "
+            f"{exc.strerror or exc}; give a directory this user may write with --data-dir DIR"
+        ) from None
+    return etcd
+
+
 class ControlServer:
     """One control-server process: gRPC services over one store."""
 
@@ -77,8 +151,10 @@ class ControlServer:
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.port = 0
         self.metrics_port = 0
+        self.streams = OpenStreams()
+        """The long-lived calls, ended at once by :meth:`stop`."""
         self._server: grpc.aio.Server | None = None
-        self._metrics_server: Any = None
+        self._metrics: MetricsEndpoint | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._serving: bool | None = None
         self._health_wakeup = asyncio.Event()
@@ -140,17 +216,19 @@ class ControlServer:
             self.metrics.auth_identities.set(len(self.auth.config.identities))
             interceptors.append(self.auth)
             self._warn_unusable_subjects()
+        # Every port, before anything starts (a worker of --workers shares its address,
+        # which the supervisor checked).
+        check_ports(serve_ports(config, listen=config.worker is None))
+        if config.metrics:
+            self._metrics = serve_metrics(config, self.registry)
+            self.metrics_port = self._metrics.port
+            log.info("metrics_listening", address=f"{self._metrics.host}:{self.metrics_port}")
         if not config.etcd:
-            self.etcd = EmbeddedEtcd(
-                config.data_dir / "etcd",
-                client_port=config.embedded_etcd_client_port,
-                peer_port=config.embedded_etcd_peer_port,
-            )
-            await asyncio.to_thread(self.etcd.start)
+            self.etcd = await start_embedded_etcd(config)
             log.info(
                 "embedded_etcd_started",
                 endpoint=self.etcd.endpoint,
-                data_dir=str(config.data_dir / "etcd"),
+                data_dir=str(self.etcd.data_dir),
             )
         self.store = Store(
             self.etcd_endpoints,
@@ -188,45 +266,35 @@ class ControlServer:
                 self.hub,
                 self.presence,
                 ServiceDirectory(self.store, self.presence, self.config.audit_retention),
+                streams=self.streams,
             ),
             server,
         )
-        add_agent_service(AgentServicer(self.hub, self.presence, self.metrics), server)
+        add_agent_service(
+            AgentServicer(self.hub, self.presence, self.metrics, streams=self.streams), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         try:
-            self.port = (
-                server.add_insecure_port(config.listen)
-                if tls is None
-                else server.add_secure_port(config.listen, tls)
-            )
-        except RuntimeError:
-            self.port = 0
-        if self.port == 0:
+            self.port = add_grpc_port(server, grpc_port(config), config.listen, tls)
+        except PortError:
             await server.stop(None)
-            raise ServerConfigError(
-                f"could not listen on {config.listen}: the address is in use (another "
-                "server?) or not this machine's"
-            )
+            raise
         self._server = server
         await self._set_serving(False)
         await server.start()
 
-        if config.metrics:
-            host, _, port = config.metrics.rpartition(":")
-            self._metrics_server, _thread = start_http_server(
-                int(port), addr=host or "127.0.0.1", registry=self.registry
+        if self._metrics is not None and not is_loopback_target(
+            f"{self._metrics.host}:{self.metrics_port}"
+        ):
+            log.warning(
+                "metrics_not_loopback",
+                address=config.metrics,
+                message="the metrics endpoint has no authentication: anyone who can "
+                "reach it reads the services, identities and error counts",
             )
-            self.metrics_port = int(self._metrics_server.server_port)
-            if not is_loopback_target(f"{host or '127.0.0.1'}:{self.metrics_port}"):
-                log.warning(
-                    "metrics_not_loopback",
-                    address=config.metrics,
-                    message="the metrics endpoint has no authentication: anyone who can "
-                    "reach it reads the services, identities and error counts",
-                )
 
         for loop, name in (
             (self._health_loop, "health"),
@@ -241,11 +309,13 @@ class ControlServer:
             etcd=self.etcd_endpoints,
             embedded_etcd=self.etcd is not None,
             prefix=config.prefix,
-            metrics=f"{config.metrics.rpartition(':')[0]}:{self.metrics_port}"
-            if config.metrics
+            metrics=f"{self._metrics.host}:{self.metrics_port}"
+            if self._metrics is not None
             else None,
             authentication=self.security_summary,
             event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
+            etcd_data_dir=str(self.etcd.data_dir) if self.etcd is not None else None,
+            etcd_data_bytes=self.etcd.disk_usage() if self.etcd is not None else None,
         )
         if tls is None and not is_loopback_target(config.listen):
             log.warning(
@@ -329,22 +399,30 @@ class ControlServer:
         return ok
 
     async def stop(self, grace: float = 5.0) -> None:
-        """Stop serving, let in-flight RPCs finish for ``grace`` s, stop etcd. Idempotent."""
+        """Stop serving: end the long-lived streams at once (UNAVAILABLE: their clients
+        reconnect, to another server), let unary calls in flight finish for ``grace``
+        s, stop etcd. Idempotent."""
         if self._stopped:
             return
         self._stopped = True
+        # A start refused before anything started (a port in use) stops without a word.
+        started = any(x is not None for x in (self._metrics, self.etcd, self.store))
         for task in self._tasks:
             task.cancel()
         if self._tasks:
             _, stuck = await asyncio.wait(self._tasks, timeout=5.0)
             if stuck:
                 log.error("background_tasks_stuck", tasks=[t.get_name() for t in stuck])
+        closing: list[Awaitable[Any]] = []
+        if self._metrics is not None:
+            closing.append(asyncio.to_thread(self._metrics.close))
         if self._server is not None:
             await self.health.enter_graceful_shutdown()
-            await self._server.stop(grace)
-        if self._metrics_server is not None:
-            self._metrics_server.shutdown()
-            self._metrics_server.server_close()
+            # gather runs the server's stop first: its first step refuses new calls, then
+            # it waits for those in flight. The streams, which would hold it for the whole
+            # grace period, end meanwhile; unary calls get the grace period.
+            closing += [self._server.stop(grace), self._end_streams()]
+        await asyncio.gather(*closing)
         if self.presence is not None:
             await self.presence.stop()
         if self.hub is not None:
@@ -353,7 +431,13 @@ class ControlServer:
             await self.store.close()
         if self.etcd is not None:
             await asyncio.to_thread(self.etcd.stop)
-        log.info("server_stopped")
+        if started:
+            log.info("server_stopped")
+
+    async def _end_streams(self) -> None:
+        ended = self.streams.close()
+        if ended:
+            log.info("streams_ended", streams=ended, code="UNAVAILABLE")
 
     async def wait_for_termination(self) -> None:
         """Block until the gRPC server ends."""

@@ -19,6 +19,7 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
+import grpc
 import structlog
 from google.protobuf import json_format
 
@@ -35,7 +36,7 @@ from controlplane.errors import (
 from controlplane.metrics import ServerMetrics
 from controlplane.model import GLOBAL_SCOPE
 from controlplane.server._presence import Instance, Presence
-from controlplane.server._rpc import actor_of, log_rpc, rpc
+from controlplane.server._rpc import SHUTTING_DOWN, OpenStreams, actor_of, log_rpc, rpc
 from controlplane.server._services import ServiceDirectory
 from controlplane.server.auth import current_identity
 from controlplane.server.hub import Hub
@@ -114,12 +115,15 @@ class _Servicer:
         hub: Hub,
         presence: Presence,
         services: ServiceDirectory,
+        *,
+        streams: OpenStreams | None = None,
     ) -> None:
         self.store = store
         self.metrics = metrics
         self.hub = hub
         self.presence = presence
         self.services = services
+        self.streams = streams if streams is not None else OpenStreams()
 
     async def _note(self, result: pb.WriteResult, *services: str) -> None:
         """Name in a write's result the services it concerns that no agent has reported.
@@ -616,32 +620,38 @@ class _ObservationRPCs(_Servicer):
             log_rpc(self.metrics, "WatchChanges", exc.code.name, start, actor_of(), exc.message)
             await context.abort(exc.code, exc.message)
             return
-        await self.hub.ready.wait()
-        history = self.hub.history
-        sent = self.hub.revision
+        if self.streams.closing:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         code = "OK"
-        try:
-            # First, the revision the watch starts after (no changes): the watch is live.
-            yield mpb.WatchChangesResponse(revision=sent)
-            while True:
-                await history.wait_past(sent)
-                batches, dropped = history.since(sent)
-                if dropped:
-                    log.warning("watch_fell_behind", service=service or None, after=sent)
-                for revision, entries in batches:
-                    chosen = [
-                        e.to_proto()
-                        for e in entries
-                        if not service or e.scope in (service, GLOBAL_SCOPE)
-                    ]
-                    if chosen:
-                        yield mpb.WatchChangesResponse(revision=revision, changes=chosen)
-                    sent = revision
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        finally:
-            log_rpc(self.metrics, "WatchChanges", code, start, actor_of(), None)
+        with self.streams.held():
+            try:
+                await self.hub.ready.wait()
+                history = self.hub.history
+                sent = self.hub.revision
+                # First, the revision the watch starts after (no changes): the watch is live.
+                yield mpb.WatchChangesResponse(revision=sent)
+                while True:
+                    await history.wait_past(sent)
+                    batches, dropped = history.since(sent)
+                    if dropped:
+                        log.warning("watch_fell_behind", service=service or None, after=sent)
+                    for revision, entries in batches:
+                        chosen = [
+                            e.to_proto()
+                            for e in entries
+                            if not service or e.scope in (service, GLOBAL_SCOPE)
+                        ]
+                        if chosen:
+                            yield mpb.WatchChangesResponse(revision=revision, changes=chosen)
+                        sent = revision
+            except asyncio.CancelledError:
+                if self.streams.ended_by_close():
+                    code = "UNAVAILABLE"
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+                code = "CANCELLED"
+                raise
+            finally:
+                log_rpc(self.metrics, "WatchChanges", code, start, actor_of(), None)
 
     @rpc
     async def GetTimeline(

@@ -5,15 +5,17 @@ of ``etcd_timeout`` and the call's own deadline, converts
 :class:`~controlplane.errors.ControlPlaneError` to its status code (an ``ABORTED``
 carries the current mod revision in the trailing metadata ``current-mod-revision``),
 counts the call by method and code, and logs one ``rpc`` event with method, code,
-duration and actor. Streaming methods count and log themselves with :func:`log_rpc`.
+duration and actor. Streaming methods count and log themselves with :func:`log_rpc`,
+and are held in :class:`OpenStreams`, which ends them when the server stops.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
@@ -97,3 +99,58 @@ def log_rpc(
         actor=actor or None,
         error=error,
     )
+
+
+SHUTTING_DOWN = "the server is shutting down: try another one"
+"""The details of the UNAVAILABLE that ends a stream when the server stops."""
+
+
+class OpenStreams:
+    """The long-lived calls of a server process (agents' ``Sync``, ``WatchChanges``),
+    ended at once when it stops.
+
+    gRPC's graceful stop waits for every call in flight; a stream lasts as long as
+    its client, so any connected agent would hold every stop for its whole grace
+    period. :meth:`close` cancels the streams' tasks; each handler, seeing
+    :meth:`ended_by_close`, ends its call with UNAVAILABLE (:data:`SHUTTING_DOWN`),
+    which agents take as "reconnect": they keep serving what they have and connect
+    to another server. Unary calls are not held here: they get the grace period.
+    """
+
+    def __init__(self) -> None:
+        self.closing = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._asked: set[asyncio.Task[Any]] = set()
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Hold the calling stream's task while the block runs."""
+        task = asyncio.current_task()
+        if task is None:  # pragma: no cover (handlers run in tasks)
+            yield
+            return
+        self._tasks.add(task)
+        try:
+            yield
+        finally:
+            self._tasks.discard(task)
+            self._asked.discard(task)
+
+    def close(self) -> int:
+        """End every held stream (and refuse new ones); returns how many there were."""
+        self.closing = True
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        return len(tasks)
+
+    def ended_by_close(self) -> bool:
+        """In a handler that caught CancelledError: whether :meth:`close` ended it and
+        nothing else cancelled it too (the client going away). Then the cancellation is
+        taken back (``uncancel``) and the handler is to end its call with UNAVAILABLE.
+        Asked again for the same cancellation (by an outer handler), False."""
+        task = asyncio.current_task()
+        if not self.closing or task is None or task in self._asked:
+            return False
+        self._asked.add(task)
+        return task.uncancel() == 0

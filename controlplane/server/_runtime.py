@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import math
 import os
 import signal
 import sys
@@ -19,6 +20,7 @@ from typing import Any
 import click
 import structlog
 
+from controlplane.embedded_etcd import EmbeddedEtcd
 from controlplane.server._config import ServerConfig
 from controlplane.server._control_server import ControlServer
 
@@ -78,12 +80,25 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLD)
 
 
+EMBEDDED_ETCD_MOST = "~2.5 GiB"
+"""About the most the embedded etcd's data directory grows to: etcd's quota for its
+database (2 GiB: past it, writes fail) and its write-ahead log (64 MB segments: 5 kept
+once a snapshot lets older ones go, and the next allocated ahead, ~0.4 GiB)."""
+
+
+def embedded_etcd_data(etcd: EmbeddedEtcd) -> str:
+    """Where the embedded etcd keeps its data and how big it is, for the start-up line:
+    ``data in /abs/path: 123 MiB now, at most ~2.5 GiB`` (MiB rounded up, as ``du -h``)."""
+    size = math.ceil(etcd.disk_usage() / 2**20)
+    return f"data in {etcd.data_dir}: {size} MiB now, at most {EMBEDDED_ETCD_MOST}"
+
+
 def _say_listening(server: ControlServer, stop: asyncio.Event) -> None:
     config = server.config
+    embedded = f", embedded, {embedded_etcd_data(server.etcd)}" if server.etcd else ""
     click.echo(
         f"control server listening on {server.address} (etcd {', '.join(server.etcd_endpoints)}"
-        f"{', embedded' if server.etcd else ''}; prefix {config.prefix}; "
-        f"{server.security_summary})",
+        f"{embedded}; prefix {config.prefix}; {server.security_summary})",
         err=True,
     )
 

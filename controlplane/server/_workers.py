@@ -9,6 +9,7 @@ status, expiries) works across workers as across replicas.
 
 The supervisor:
 
+- checks every port free before anything starts (as a single server does);
 - starts the embedded etcd (without ``--etcd``) and gives its endpoint to the
   workers; picks the port when ``--listen`` says 0;
 - serves ``--metrics`` for all workers (prometheus-client's multiprocess mode:
@@ -45,9 +46,20 @@ import click
 import structlog
 
 from controlplane.embedded_etcd import EmbeddedEtcd
+from controlplane.metrics import MetricsEndpoint
 from controlplane.server._config import ServerConfig, ServerConfigError
-from controlplane.server._control_server import ControlServer
-from controlplane.server._runtime import configure_logging, run_event_loop, serve_until_stopped
+from controlplane.server._control_server import (
+    ControlServer,
+    serve_metrics,
+    start_embedded_etcd,
+)
+from controlplane.server._ports import check_ports, grpc_port, port_error, serve_ports
+from controlplane.server._runtime import (
+    configure_logging,
+    embedded_etcd_data,
+    run_event_loop,
+    serve_until_stopped,
+)
 from controlplane.server.auth import AuthFileError
 
 log = structlog.get_logger("controlplane.workers")
@@ -109,7 +121,7 @@ class _Supervisor:
         stop = asyncio.Event()
         etcd: EmbeddedEtcd | None = None
         reserved: socket.socket | None = None
-        metrics_server: Any = None
+        metrics_server: MetricsEndpoint | None = None
         self._metrics_dir = tempfile.mkdtemp(prefix="controlplane-metrics-")
         # Read by prometheus-client when a worker imports it: multiprocess mode.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = self._metrics_dir
@@ -118,15 +130,15 @@ class _Supervisor:
             loop.add_signal_handler(signum, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload)
         try:
+            check_ports(serve_ports(config))
+            if config.metrics:
+                metrics_server = _serve_metrics(config, self._metrics_dir)
             if not config.etcd:
-                etcd = EmbeddedEtcd(
-                    config.data_dir / "etcd",
-                    client_port=config.embedded_etcd_client_port,
-                    peer_port=config.embedded_etcd_peer_port,
+                etcd = await start_embedded_etcd(config)
+                log.info(
+                    "embedded_etcd_started", endpoint=etcd.endpoint, data_dir=str(etcd.data_dir)
                 )
-                await asyncio.to_thread(etcd.start)
-                log.info("embedded_etcd_started", endpoint=etcd.endpoint)
-            listen, reserved = _reserve(config.listen)
+            listen, reserved = _reserve(config)
             self.config = replace(
                 config,
                 listen=listen,
@@ -143,15 +155,11 @@ class _Supervisor:
             if reserved is not None:
                 reserved.close()
                 reserved = None
-            metrics_at = None
-            if config.metrics:
-                try:
-                    metrics_server, metrics_port = _serve_metrics(config.metrics, self._metrics_dir)
-                except OSError as exc:
-                    raise ServerConfigError(
-                        f"could not serve --metrics on {config.metrics}: {exc}"
-                    ) from None
-                metrics_at = f"{config.metrics.rpartition(':')[0]}:{metrics_port}"
+            metrics_at = (
+                f"{metrics_server.host}:{metrics_server.port}"
+                if metrics_server is not None
+                else None
+            )
             pids = [w.process.pid for w in self.workers if w is not None]
             log.info(
                 "workers_started",
@@ -163,7 +171,8 @@ class _Supervisor:
             click.echo(
                 f"control server listening on {listen} ({self.count} workers, pids "
                 f"{', '.join(map(str, pids))}; etcd {', '.join(self.config.etcd)}"
-                f"{', embedded' if etcd is not None else ''}; prefix {config.prefix})",
+                f"{f', embedded, {embedded_etcd_data(etcd)}' if etcd is not None else ''}; "
+                f"prefix {config.prefix})",
                 err=True,
             )
             await stop.wait()
@@ -174,7 +183,7 @@ class _Supervisor:
                 task.cancel()
             await self._stop_all()
             if metrics_server is not None:
-                metrics_server.shutdown()
+                await asyncio.to_thread(metrics_server.close)
             if reserved is not None:
                 reserved.close()
             if etcd is not None:
@@ -362,45 +371,49 @@ def _settle(worker: _Worker, kind: str, text: str) -> None:
         worker.ready.set_exception(WorkerStartError(text))
 
 
-def _reserve(listen: str) -> tuple[str, socket.socket | None]:
-    """``listen`` with its port, checked free: another process listening on it (even
+def _reserve(config: ServerConfig) -> tuple[str, socket.socket | None]:
+    """``--listen`` with its port, checked free: another process listening on it (even
     one that would share it) is an error, as for a single server. Port 0: one picked
     now, held by a socket (SO_REUSEPORT, not listening) until the workers bind it too.
 
     Raises:
         ServerConfigError: The address cannot be bound.
     """
-    host, _, port_text = listen.rpartition(":")
-    bare = host.strip("[]")
-    family = socket.AF_INET6 if ":" in bare else socket.AF_INET
+    listen = config.listen
+    port = grpc_port(config)
+    if port is None:
+        raise ServerConfigError(
+            f"--listen {listen!r} is not HOST:PORT, which --workers needs (e.g. 127.0.0.1:50051)"
+        )
+    family = socket.AF_INET6 if ":" in port.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        if port_text == "0":
+        if port.port == 0:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         else:
             # Past connections in TIME_WAIT do not count; a listener does (Linux).
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((bare, int(port_text)))
-    except (OSError, ValueError) as exc:
+        sock.bind((port.host, port.port))
+    except OSError as exc:
         sock.close()
-        raise ServerConfigError(
-            f"could not listen on {listen}: the address is in use (another server?) or not "
-            f"this machine's ({exc})"
-        ) from None
-    if port_text != "0":
+        raise port_error(port, exc) from None
+    if port.port != 0:
         sock.close()
         return listen, None
-    return f"{host}:{sock.getsockname()[1]}", sock
+    return f"{listen.rpartition(':')[0]}:{sock.getsockname()[1]}", sock
 
 
-def _serve_metrics(address: str, folder: str) -> tuple[Any, int]:
-    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+def _serve_metrics(config: ServerConfig, folder: str) -> MetricsEndpoint:
+    """Serve the workers' metrics on ``--metrics``, summed from ``folder``.
+
+    Raises:
+        PortError: The address cannot be bound.
+    """
+    from prometheus_client import CollectorRegistry, multiprocess
 
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=folder)  # type: ignore[no-untyped-call]
-    host, _, port = address.rpartition(":")
-    server, _thread = start_http_server(int(port), addr=host or "127.0.0.1", registry=registry)
-    return server, int(server.server_port)
+    return serve_metrics(config, registry)
 
 
 def _mark_dead(pid: int, folder: str) -> None:

@@ -235,7 +235,7 @@ def test_a_worker_that_cannot_listen_fails_the_start_naming_the_address(
             cwd=ROOT, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
     assert result.returncode == 1
-    assert f"could not listen on 127.0.0.1:{port}: the address is in use" in result.stderr
+    assert f"127.0.0.1:{port} (gRPC) is in use by pid {os.getpid()} (" in result.stderr
 
 
 def test_workers_never_share_their_port_with_another_server(
@@ -250,7 +250,9 @@ def test_workers_never_share_their_port_with_another_server(
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 1
-    assert f"could not listen on {workers.address}: the address is in use" in result.stderr
+    # The workers listen on it, not the supervisor.
+    pids = ", ".join(map(str, sorted(worker_pids(workers))))
+    assert f"{workers.address} (gRPC) is in use by pids {pids} (" in result.stderr
     assert "worker_started" not in result.stderr  # refused before any worker
 
 
@@ -265,7 +267,7 @@ def test_a_single_server_never_shares_its_port_with_another(
             cwd=ROOT, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert result.returncode == 1
-        assert f"could not listen on {first.address}: the address is in use" in result.stderr
+        assert f"{first.address} (gRPC) is in use by pid {first.proc.pid} (" in result.stderr
     finally:
         first.stop()
 
