@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
 from collections.abc import AsyncIterator
 
 import grpc
@@ -11,6 +13,7 @@ from prometheus_client import CollectorRegistry
 from controlplane.api.v1 import mitigation_pb2_grpc
 from controlplane.embedded_etcd import EmbeddedEtcd
 from controlplane.server import ControlServer, ServerConfig
+from tests.helpers.cpctl import CPCTL, Run, clean_env
 
 
 def server_config(endpoint: str, prefix: str, **overrides: object) -> ServerConfig:
@@ -48,3 +51,22 @@ async def channel(server: ControlServer) -> AsyncIterator[grpc.aio.Channel]:
 def stub(channel: grpc.aio.Channel) -> mitigation_pb2_grpc.MitigationServiceStub:
     """A MitigationService client for the test's server."""
     return mitigation_pb2_grpc.MitigationServiceStub(channel)
+
+
+@pytest.fixture
+def cpctl(server: ControlServer) -> Run:
+    """Run the installed cpctl console script against the test's server."""
+    if not CPCTL.exists():
+        pytest.fail(f"{CPCTL} is missing: install the project (make install)")
+
+    async def run(*args: str, server_list: str | None = None) -> subprocess.CompletedProcess[str]:
+        # A subprocess of the event loop: the server runs on the same loop and must keep serving.
+        argv = [str(CPCTL), "--server", server_list or server.address, "--actor", "oncall", *args]
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env()
+        )
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode is not None
+        return subprocess.CompletedProcess(argv, proc.returncode, stdout.decode(), stderr.decode())
+
+    return run

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import signal
 import subprocess
-import sys
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -19,37 +16,10 @@ from prometheus_client import CollectorRegistry
 from controlplane.cli._output import JSON_SHAPES
 from controlplane.embedded_etcd import EmbeddedEtcd, free_port
 from controlplane.server import ControlServer
+from tests.helpers.cpctl import CPCTL, Run, clean_env
 from tests.helpers.raw_agent import RawAgent
 from tests.helpers.raw_etcd import RawEtcd
 from tests.integration.conftest import server_config
-
-CPCTL = Path(sys.executable).parent / "cpctl"
-
-Run = Callable[..., Coroutine[Any, Any, subprocess.CompletedProcess[str]]]
-
-
-def clean_env() -> dict[str, str]:
-    """This process's environment without the CPCTL_* settings a developer may have."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("CPCTL_")}
-
-
-@pytest.fixture
-def cpctl(server: ControlServer) -> Run:
-    """Run the installed cpctl console script against the test's server."""
-    if not CPCTL.exists():
-        pytest.fail(f"{CPCTL} is missing: install the project (make install)")
-
-    async def run(*args: str, server_list: str | None = None) -> subprocess.CompletedProcess[str]:
-        # A subprocess of the event loop: the server runs on the same loop and must keep serving.
-        argv = [str(CPCTL), "--server", server_list or server.address, "--actor", "oncall", *args]
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env()
-        )
-        stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
-        assert proc.returncode is not None
-        return subprocess.CompletedProcess(argv, proc.returncode, stdout.decode(), stderr.decode())
-
-    return run
 
 
 async def test_the_readme_commands(cpctl: Run, raw_etcd: RawEtcd, prefix: str) -> None:

@@ -6,36 +6,13 @@ and checks it against the state in etcd.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
-import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import pytest
-
-from controlplane.server import ControlServer
+from tests.helpers.cpctl import Run
 from tests.helpers.raw_etcd import RawEtcd
-from tests.integration.test_cli_e2e import CPCTL, Run, clean_env
-
-
-@pytest.fixture
-def cpctl(server: ControlServer) -> Run:
-    """Run the installed cpctl console script against the test's server."""
-    if not CPCTL.exists():
-        pytest.fail(f"{CPCTL} is missing: install the project (make install)")
-
-    async def run(*args: str, server_list: str | None = None) -> subprocess.CompletedProcess[str]:
-        argv = [str(CPCTL), "--server", server_list or server.address, "--actor", "oncall", *args]
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env()
-        )
-        stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
-        assert proc.returncode is not None
-        return subprocess.CompletedProcess(argv, proc.returncode, stdout.decode(), stderr.decode())
-
-    return run
 
 
 async def ok(cpctl: Run, *args: str) -> str:

@@ -11,12 +11,9 @@ from prometheus_client import CollectorRegistry
 
 from controlplane.embedded_etcd import EmbeddedEtcd
 from controlplane.server import ControlServer
+from tests.helpers.cpctl import Run
 from tests.helpers.raw_etcd import RawEtcd
-from tests.integration import test_cli_e2e
 from tests.integration.conftest import server_config
-from tests.integration.test_cli_e2e import Run
-
-cpctl = test_cli_e2e.cpctl  # the fixture: the real console script against the test's server
 
 
 @pytest.fixture

@@ -10,12 +10,10 @@ from pathlib import Path
 from controlplane import model
 from controlplane.server import ControlServer
 from controlplane.store import keys
+from tests.helpers.cpctl import Run
 from tests.helpers.raw_agent import RawAgent
 from tests.helpers.raw_etcd import RawEtcd
-from tests.integration import test_cli_e2e
-from tests.integration.test_cli_e2e import Run, connected
-
-cpctl = test_cli_e2e.cpctl  # the fixture: the real console script against the test's server
+from tests.integration.test_cli_e2e import connected
 
 
 async def _gone(server: ControlServer, service: str) -> None:
