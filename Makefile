@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-PROTOS := $(wildcard proto/controlplane/api/v1/*.proto)
+PROTOS := $(wildcard proto/controlplane/api/v1/*.proto proto/controlplane/api/flagd/sync/v1/*.proto)
 
 .PHONY: run test test-faults lint proto proto-check bench install clean
 

@@ -94,6 +94,24 @@ def validate_flag_name(value: str, field_name: str = "name") -> str:
     return value
 
 
+RESERVED_FLAG_PREFIX = "controlplane."
+"""Flag names the control plane serves itself (``controlplane.shedding``, ``controlplane.pin``
+to OpenFeature providers): not for writes."""
+
+
+def validate_new_flag_name(value: str, field_name: str = "name") -> str:
+    """:func:`validate_flag_name`, and not a reserved name (for writes that set a flag)."""
+    validate_flag_name(value, field_name)
+    if value.startswith(RESERVED_FLAG_PREFIX):
+        raise InvalidArgumentError(
+            field_name,
+            f"{show(value)} starts with {RESERVED_FLAG_PREFIX!r}, which is reserved (OpenFeature "
+            "clients read shedding and the pin as controlplane.shedding and controlplane.pin): "
+            "pick another name",
+        )
+    return value
+
+
 def validate_version(value: str, field_name: str = "version") -> str:
     """Return ``value`` if it is a version label such as ``v1.4.2``."""
     if not value:

@@ -38,6 +38,8 @@ from controlplane.metrics import MetricsEndpoint, ServerMetrics
 from controlplane.model import utcnow
 from controlplane.server._agent_service import AgentServicer, add_agent_service
 from controlplane.server._config import ServerConfig, ServerConfigError, check_exposure
+from controlplane.server._flagd import SERVICE_NAME as FLAG_SYNC_SERVICE
+from controlplane.server._flagd import FlagSyncServicer, add_flag_sync_service
 from controlplane.server._mitigation_service import MitigationServicer
 from controlplane.server._ports import (
     PortError,
@@ -78,6 +80,7 @@ _SERVER_OPTIONS: list[tuple[str, Any]] = [
 SERVICE_NAMES = (
     mitigation_pb2.DESCRIPTOR.services_by_name["MitigationService"].full_name,
     agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
+    FLAG_SYNC_SERVICE,
 )
 
 
@@ -273,6 +276,7 @@ class ControlServer:
         add_agent_service(
             AgentServicer(self.hub, self.presence, self.metrics, streams=self.streams), server
         )
+        add_flag_sync_service(FlagSyncServicer(self.hub, self.metrics, self.streams), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server

@@ -153,7 +153,7 @@ class _RecordRPCs(_Servicer):
     @rpc
     async def SetFlag(self, request: mpb.SetFlagRequest, context: Any) -> mpb.SetFlagResponse:
         scope = model.validate_scope(request.scope)
-        name = model.validate_flag_name(request.name)
+        name = model.validate_new_flag_name(request.name)
         value = model.flag_value_from_proto(request.value)
         outcome = await self.store.set_flag(
             scope, name, value, self._options(request.options), change_type=request.change_type
@@ -432,7 +432,7 @@ class _BundleRPCs(_Servicer):
             r = change.set_flag
             return self.store.plan_set_flag(
                 model.validate_scope(r.scope, f"{field}.scope"),
-                model.validate_flag_name(r.name, f"{field}.name"),
+                model.validate_new_flag_name(r.name, f"{field}.name"),
                 model.flag_value_from_proto(r.value, f"{field}.value"),
                 change_type=r.change_type,
             )

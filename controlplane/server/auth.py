@@ -88,6 +88,7 @@ ROLES_FOR: dict[Access, frozenset[Role]] = {
 
 _MITIGATION = mitigation_pb2.DESCRIPTOR.services_by_name["MitigationService"]
 _AGENT = agent_pb2.DESCRIPTOR.services_by_name["AgentService"]
+_FLAG_SYNC = "flagd.sync.v1.FlagSyncService"
 
 _WRITES = {
     "SetFlag", "ClearFlag", "SetShedding", "ClearShedding", "PinVersion", "UnpinVersion",
@@ -117,6 +118,10 @@ def _method_rules() -> dict[str, Access]:
         if access is not None:
             rules[f"/{_MITIGATION.full_name}/{name}"] = access
     rules[f"/{_AGENT.full_name}/Sync"] = Access.SYNC
+    # OpenFeature's flagd providers: sync clients are agents (the service they select
+    # is checked as the agents' own).
+    for name in ("SyncFlags", "FetchAllFlags", "GetMetadata"):
+        rules[f"/{_FLAG_SYNC}/{name}"] = Access.SYNC
     for name in ("Check", "Watch", "List"):
         rules[f"/grpc.health.v1.Health/{name}"] = Access.OPEN
     for service in (
@@ -131,7 +136,11 @@ METHOD_RULES: dict[str, Access] = _method_rules()
 """Full method name (``/package.Service/Method``) -> what it needs; absent: refused."""
 
 STREAMING_METHODS = frozenset(
-    {f"/{_AGENT.full_name}/Sync", f"/{_MITIGATION.full_name}/WatchChanges"}
+    {
+        f"/{_AGENT.full_name}/Sync",
+        f"/{_MITIGATION.full_name}/WatchChanges",
+        f"/{_FLAG_SYNC}/SyncFlags",
+    }
 )
 """The long-lived streams that ``max_streams`` counts."""
 

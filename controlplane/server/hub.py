@@ -419,6 +419,10 @@ class Hub:
             feed = self._feeds[service] = Feed(service, self.revision, self.window)
         return feed
 
+    def stamp(self, service: str) -> int:
+        """The last revision that changed what concerns ``service`` (its own or global)."""
+        return max(self._touched_at.get(service, 0), self._touched_at.get(GLOBAL_SCOPE, 0))
+
     def snapshot(self, service: str) -> agent_pb2.Snapshot:
         """Everything that concerns ``service`` now: its own entries and the global ones."""
         return agent_pb2.SyncResponse.FromString(self.snapshot_response(service)).snapshot
@@ -430,7 +434,7 @@ class Hub:
         revision field is written in front of the cached body (protobuf reads fields
         in any order), so a reconnect storm costs no scan and no re-serialization.
         """
-        stamp = max(self._touched_at.get(service, 0), self._touched_at.get(GLOBAL_SCOPE, 0))
+        stamp = self.stamp(service)
         cached = self._snapshots.get(service)
         if cached is None or cached[0] != stamp:
             body = agent_pb2.Snapshot()

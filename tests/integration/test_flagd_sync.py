@@ -1,0 +1,203 @@
+"""OpenFeature's stock flagd provider (in-process mode, a process of its own) against the
+control server's flagd sync service: the values our agents get, flips, a server killed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from prometheus_client import CollectorRegistry
+
+from agents import AsyncAgent
+from controlplane.api.flagd.sync.v1 import sync_pb2, sync_pb2_grpc
+from controlplane.api.v1 import mitigation_pb2 as m
+from controlplane.api.v1 import mitigation_pb2_grpc
+from controlplane.api.v1 import types_pb2 as t
+from controlplane.embedded_etcd import EmbeddedEtcd
+from controlplane.model import flag_value_to_proto
+from controlplane.server import ControlServer
+from tests.integration.conftest import server_config
+
+WAIT = 10.0  # seconds a provider gets to say something before the test fails
+
+
+class Provider:
+    """The flagd provider in a subprocess: its events, and resolutions on demand."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.answers: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.proc.stdout is not None
+        async for line in self.proc.stdout:
+            document = json.loads(line)
+            await (self.events if "event" in document else self.answers).put(document)
+
+    async def event(self, name: str) -> dict[str, Any]:
+        """The next event called ``name`` (others before it are skipped)."""
+        async with asyncio.timeout(WAIT):
+            while True:
+                event = await self.events.get()
+                if event["event"] == name:
+                    return event
+
+    async def resolve(self, kind: str, key: str, default: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"{kind} {key} {json.dumps(default)}\n".encode())
+        await self.proc.stdin.drain()
+        async with asyncio.timeout(WAIT):
+            return await self.answers.get()
+
+    async def close(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+        self._reader.cancel()
+
+
+async def start_provider(address: str, selector: str) -> Provider:
+    host, port = address.rsplit(":", 1)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.helpers.flagd_client", host, port, selector,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    return Provider(proc)
+
+
+@pytest.fixture
+async def mitigation(server: ControlServer) -> AsyncIterator[Any]:
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        yield mitigation_pb2_grpc.MitigationServiceStub(channel)
+
+
+def _opts() -> t.WriteOptions:
+    return t.WriteOptions(reason="test", actor="oncall")
+
+
+async def set_flag(stub: Any, scope: str, name: str, value: Any) -> int:
+    response = await stub.SetFlag(
+        m.SetFlagRequest(scope=scope, name=name, value=flag_value_to_proto(value), options=_opts())
+    )
+    return int(response.result.revision)
+
+
+async def test_a_stock_flagd_provider_reads_what_our_agents_read(
+    server: ControlServer, mitigation: Any
+) -> None:
+    await set_flag(mitigation, "global", "new-ui", True)
+    await set_flag(mitigation, "checkout", "mode", "lite")
+    await set_flag(mitigation, "checkout", "rate", 0.25)
+    await set_flag(mitigation, "checkout", "limits", {"burst": 5, "tags": ["a"]})
+    await set_flag(mitigation, "global", "hidden", False)
+    await set_flag(mitigation, "checkout", "hidden", True)  # the service's own wins
+    await mitigation.SetShedding(
+        m.SetSheddingRequest(service="checkout", tier=t.SHEDDABLE, percent=50, options=_opts())
+    )
+    await mitigation.PinVersion(
+        m.PinVersionRequest(service="checkout", version="v1.4.2", options=_opts())
+    )
+    provider = await start_provider(server.address, "checkout")
+    try:
+        await provider.event("INITIALIZED")
+        async with AsyncAgent("checkout", [server.address]) as agent:
+            assert await agent.wait_ready(WAIT)
+            for kind, key, default in (
+                ("boolean", "new-ui", False),
+                ("string", "mode", "full"),
+                ("float", "rate", 1.0),
+                ("object", "limits", {}),
+                ("boolean", "hidden", False),
+            ):
+                answer = await provider.resolve(kind, key, default)
+                assert answer["value"] == agent.value(key), (key, answer)
+                assert (answer["reason"], answer["error_code"]) == ("STATIC", None), answer
+        shedding = await provider.resolve("object", "controlplane.shedding", {})
+        assert shedding["value"] == {"tier": "SHEDDABLE", "percent": 50}
+        pin = await provider.resolve("string", "controlplane.pin", "")
+        assert pin["value"] == "v1.4.2"
+        # A flag that is not set: the caller's default, FLAG_NOT_FOUND.
+        missing = await provider.resolve("boolean", "nope", True)
+        assert (missing["value"], missing["error_code"]) == (True, "FLAG_NOT_FOUND")
+
+        # A flip reaches the provider as a configuration change.
+        await set_flag(mitigation, "global", "new-ui", False)
+        changed = await provider.event("PROVIDER_CONFIGURATION_CHANGED")
+        assert "new-ui" in changed["flags"]
+        assert (await provider.resolve("boolean", "new-ui", True))["value"] is False
+    finally:
+        await provider.close()
+
+
+async def test_the_provider_keeps_the_last_rules_while_the_server_is_down(
+    etcd: EmbeddedEtcd, prefix: str
+) -> None:
+    first = ControlServer(server_config(etcd.endpoint, prefix), registry=CollectorRegistry())
+    await first.start()
+    address = first.address
+    async with grpc.aio.insecure_channel(address) as channel:
+        await set_flag(mitigation_pb2_grpc.MitigationServiceStub(channel), "checkout", "k", True)
+    provider = await start_provider(address, "service=checkout")
+    second: ControlServer | None = None
+    try:
+        await provider.event("INITIALIZED")
+        await first.stop(grace=0)
+        # Down: the provider answers from the last configuration it had.
+        assert (await provider.resolve("boolean", "k", False))["value"] is True
+        second = ControlServer(
+            server_config(etcd.endpoint, prefix, listen=address), registry=CollectorRegistry()
+        )
+        await second.start()
+        async with grpc.aio.insecure_channel(address) as channel:
+            await set_flag(
+                mitigation_pb2_grpc.MitigationServiceStub(channel), "checkout", "k", False
+            )
+        # Recovered: the new server's configuration, with the flip made while it was away.
+        async with asyncio.timeout(WAIT):
+            while (await provider.resolve("boolean", "k", True))["value"] is not False:
+                await provider.events.get()  # the next event: a reconnection or a change
+    finally:
+        await provider.close()
+        if second is not None:
+            await second.stop(grace=0)
+
+
+async def test_a_service_without_flags_and_bad_selectors(server: ControlServer) -> None:
+    provider = await start_provider(server.address, "empty")
+    try:
+        await provider.event("INITIALIZED")
+        answer = await provider.resolve("string", "anything", "default")
+        assert (answer["value"], answer["error_code"]) == ("default", "FLAG_NOT_FOUND")
+    finally:
+        await provider.close()
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        # The names providers read shedding and the pin under are not for flags.
+        with pytest.raises(grpc.aio.AioRpcError) as reserved:
+            await set_flag(
+                mitigation_pb2_grpc.MitigationServiceStub(channel), "x", "controlplane.pin", "v9"
+            )
+        assert reserved.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "starts with 'controlplane.', which is reserved" in (reserved.value.details() or "")
+        stub = sync_pb2_grpc.FlagSyncServiceStub(channel)
+        fetched = await stub.FetchAllFlags(
+            sync_pb2.FetchAllFlagsRequest(), metadata=(("flagd-selector", "empty"),)
+        )
+        document = json.loads(fetched.flag_configuration)
+        assert document["flags"] == {} and document["metadata"]["service"] == "empty"
+        for selector, text in (
+            ("", "name the service whose flags to sync"),
+            ("app=checkout", "names no service"),
+            ("Not A Service", "is not a service name"),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.FetchAllFlags(sync_pb2.FetchAllFlagsRequest(selector=selector))
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert text in (refused.value.details() or ""), refused.value.details()
