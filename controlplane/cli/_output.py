@@ -141,6 +141,7 @@ JSON_SHAPES: dict[str, tuple[str, ...]] = {
         "pending",
         "nacks",
         "applied_at",
+        "sync_clients",
     ),
 }
 

@@ -450,12 +450,18 @@ def describe_wait(result: Mapping[str, Any]) -> str:
     applied, connected = result.get("applied", 0), result.get("connected", 0)
     seconds = float(result.get("seconds", 0.0))
     outcome = result.get("outcome") or wait_outcome(result)
+    clients = int(result.get("sync_clients") or 0)
+    aside = (
+        f" ({clients} OpenFeature sync client(s) not counted: they confirm nothing)"
+        if clients
+        else ""
+    )
     if outcome == "applied":
-        return f"{service}: applied by {applied}/{connected} instances in {seconds:.2f} s"
+        return f"{service}: applied by {applied}/{connected} instances in {seconds:.2f} s{aside}"
     if outcome == "no_instances":
         return (
             f"{service}: no connected instance to apply it (is the service name right? "
-            f"`cpctl status {service}` shows its instances)"
+            f"`cpctl status {service}` shows its instances){aside}"
         )
     if outcome == "rejected":
         nacks = dict(result.get("nacks") or {})

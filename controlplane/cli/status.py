@@ -42,7 +42,8 @@ def status(app: App, service: str) -> None:
 
     JSON: {service, revision, flags: [Flag, ...], shedding: Shedding|null, pin: Pin|null,
     instances: [Instance, ...], drift: {version: count}, last_contact: time|null,
-    unknown: UnknownService|null}.
+    unknown: UnknownService|null, sync_clients: count}. OpenFeature sync clients (flagd
+    providers) are counted apart: they receive every change but confirm none.
     """
     from controlplane.api.v1 import mitigation_pb2
 
@@ -156,9 +157,11 @@ def render_status(doc: Mapping[str, Any], now: datetime) -> Rendered:
     service = str(doc.get("service", "?"))
     instances = list(doc.get("instances") or [])
     connected = sum(1 for i in instances if i.get("connected"))
+    clients = int(doc.get("sync_clients") or 0)
     lines = [
         f"{service} · revision {doc.get('revision', 0)} · "
-        f"{connected} of {len(instances)} instance(s) connected",
+        f"{connected} of {len(instances)} instance(s) connected"
+        + (f" · {clients} OpenFeature sync client(s), no confirmation" if clients else ""),
         "",
     ]
     flags = list(doc.get("flags") or [])

@@ -276,7 +276,9 @@ class ControlServer:
         add_agent_service(
             AgentServicer(self.hub, self.presence, self.metrics, streams=self.streams), server
         )
-        add_flag_sync_service(FlagSyncServicer(self.hub, self.metrics, self.streams), server)
+        add_flag_sync_service(
+            FlagSyncServicer(self.hub, self.metrics, self.streams, self.presence), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server

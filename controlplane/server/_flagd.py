@@ -40,6 +40,7 @@ from controlplane.api.v1 import agent_pb2
 from controlplane.api.v1 import types_pb2 as pb
 from controlplane.errors import ControlPlaneError, InvalidArgumentError
 from controlplane.metrics import ServerMetrics
+from controlplane.server._presence import Presence
 from controlplane.server._rpc import SHUTTING_DOWN, OpenStreams, actor_of, log_rpc
 from controlplane.server.auth import check_sync_service
 from controlplane.server.hub import Hub
@@ -153,8 +154,15 @@ def flag_configuration(
 class FlagSyncServicer:
     """``SyncFlags``, ``FetchAllFlags`` and ``GetMetadata`` over the hub's mirror."""
 
-    def __init__(self, hub: Hub, metrics: ServerMetrics, streams: OpenStreams) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        metrics: ServerMetrics,
+        streams: OpenStreams,
+        presence: Presence | None = None,
+    ) -> None:
         self.hub = hub
+        self.presence = presence
         self.metrics = metrics
         self.streams = streams
         # service -> (stamp it was built at, serialized SyncFlagsResponse, its JSON)
@@ -209,6 +217,8 @@ class FlagSyncServicer:
     async def _stream(self, service: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         feed = self.hub.feed(service)
         feed.streams += 1
+        if self.presence is not None:
+            self.presence.sync_connect(service)
         try:
             sent = -1
             while True:
@@ -222,6 +232,8 @@ class FlagSyncServicer:
         finally:
             feed.streams -= 1
             self.hub.release(feed)
+            if self.presence is not None:
+                self.presence.sync_disconnect(service)
 
     async def FetchAllFlags(
         self, request: sync_pb2.FetchAllFlagsRequest, context: grpc.aio.ServicerContext[Any, Any]

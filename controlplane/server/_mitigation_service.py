@@ -553,6 +553,7 @@ class _ObservationRPCs(_Servicer):
                     response.drift[instance.running_version] = (
                         response.drift.get(instance.running_version, 0) + 1
                     )
+        response.sync_clients = await self.presence.sync_clients(service)
         contact = (
             model.utcnow()
             if any(i.connected for i in instances)
@@ -735,6 +736,7 @@ class _ObservationRPCs(_Servicer):
             applied=len(applied),
             pending=[self._instance_proto(i) for i in pending],
             nacks=nacks,
+            sync_clients=await self.presence.sync_clients(service),
         )
         if response.all_applied:
             # When the last instance applied it, from the processes' records (they may

@@ -162,6 +162,9 @@ class Presence:
         # Last contact: when it was last written per service (monotonic), and the
         # services whose last instance here left since the last flush.
         self._seen_written: dict[str, float] = {}
+        # OpenFeature sync clients (flagd providers) here, by service: listed apart from
+        # agents, since they confirm nothing (a wait cannot count them).
+        self._sync_clients: dict[str, int] = {}
         self._flush_lock = asyncio.Lock()
         self._departed: set[str] = set()
 
@@ -231,6 +234,32 @@ class Presence:
         self.metrics.agents_connected.labels(instance.service).dec()
         self._touch(instance.service)
         self._flush_now.set()
+
+    def sync_connect(self, service: str) -> None:
+        """An OpenFeature sync client of ``service`` connected here."""
+        self._sync_clients[service] = self._sync_clients.get(service, 0) + 1
+        self._dirty = True
+        self._flush_now.set()
+
+    def sync_disconnect(self, service: str) -> None:
+        count = self._sync_clients.get(service, 0) - 1
+        if count > 0:
+            self._sync_clients[service] = count
+        else:
+            self._sync_clients.pop(service, None)
+        self._dirty = True
+        self._flush_now.set()
+
+    async def sync_clients(self, service: str) -> int:
+        """How many OpenFeature sync clients of ``service`` are connected, everywhere."""
+        count = self._sync_clients.get(service, 0)
+        own = keys.servers_prefix(self.prefix, self.server_id)
+        for key, raw in await self.store.get_prefix_raw(keys.servers_prefix(self.prefix)):
+            if key.startswith(own):
+                continue
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                count += int(json.loads(raw).get("sync_clients", {}).get(service, 0))
+        return count
 
     def new_change(self, service: str, revision: int) -> None:
         """A change for ``service`` went out: count its acks from here (O(instances))."""
@@ -428,7 +457,8 @@ class Presence:
             # sets it again, for the next flush.
             self._dirty = False
             rows = [i.to_record() for i in self._instances.values()]
-            if rows or self._written_chunks:  # nothing said before and nothing to say: no write
+            # Nothing said before and nothing to say: no write.
+            if rows or self._written_chunks or self._sync_clients:
                 chunks = [rows[i : i + _CHUNK] for i in range(0, len(rows), _CHUNK)] or [[]]
                 now = model.format_time(model.utcnow())
                 ops = [
@@ -436,7 +466,8 @@ class Presence:
                         keys.server_chunk_key(self.prefix, self.server_id, index),
                         json.dumps(
                             {"server_id": self.server_id, "revision": revision,
-                             "reported_at": now, "instances": chunk}
+                             "reported_at": now, "instances": chunk,
+                             **({"sync_clients": self._sync_clients} if index == 0 else {})}
                         ).encode(),
                         lease=self._lease,
                     )

@@ -22,6 +22,7 @@ from controlplane.api.v1 import types_pb2 as t
 from controlplane.embedded_etcd import EmbeddedEtcd
 from controlplane.model import flag_value_to_proto
 from controlplane.server import ControlServer
+from tests.helpers.cpctl import Run
 from tests.integration.conftest import server_config
 
 WAIT = 10.0  # seconds a provider gets to say something before the test fails
@@ -91,7 +92,7 @@ async def set_flag(stub: Any, scope: str, name: str, value: Any) -> int:
 
 
 async def test_a_stock_flagd_provider_reads_what_our_agents_read(
-    server: ControlServer, mitigation: Any
+    server: ControlServer, mitigation: Any, cpctl: Run
 ) -> None:
     await set_flag(mitigation, "global", "new-ui", True)
     await set_flag(mitigation, "checkout", "mode", "lite")
@@ -133,6 +134,20 @@ async def test_a_stock_flagd_provider_reads_what_our_agents_read(
         changed = await provider.event("PROVIDER_CONFIGURATION_CHANGED")
         assert "new-ui" in changed["flags"]
         assert (await provider.resolve("boolean", "new-ui", True))["value"] is False
+
+        # Status lists the sync client apart from agents; --wait says it did not count it.
+        status = await cpctl("status", "checkout")
+        assert "0 of 0 instance(s) connected · 1 OpenFeature sync client(s), no confirmation" in (
+            status.stdout
+        )
+        waited = await cpctl(
+            "flag", "set", "checkout", "mode", "full", "--reason", "r", "--wait",
+            "--wait-timeout", "1s",
+        )  # fmt: skip
+        # (The agent above may or may not be gone yet: the line says either way.)
+        assert "1 OpenFeature sync client(s) not counted: they confirm nothing" in (
+            waited.stdout + waited.stderr
+        )
     finally:
         await provider.close()
 

@@ -410,7 +410,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self, service: _Optional[str] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("service", "revision", "flags", "shedding", "pin", "instances", "drift", "last_contact", "unknown")
+    __slots__ = ("service", "revision", "flags", "shedding", "pin", "instances", "drift", "last_contact", "unknown", "sync_clients")
     class DriftEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -427,6 +427,7 @@ class GetStatusResponse(_message.Message):
     DRIFT_FIELD_NUMBER: _ClassVar[int]
     LAST_CONTACT_FIELD_NUMBER: _ClassVar[int]
     UNKNOWN_FIELD_NUMBER: _ClassVar[int]
+    SYNC_CLIENTS_FIELD_NUMBER: _ClassVar[int]
     service: str
     revision: int
     flags: _containers.RepeatedCompositeFieldContainer[_types_pb2.Flag]
@@ -436,7 +437,8 @@ class GetStatusResponse(_message.Message):
     drift: _containers.ScalarMap[str, int]
     last_contact: _timestamp_pb2.Timestamp
     unknown: _types_pb2.UnknownService
-    def __init__(self, service: _Optional[str] = ..., revision: _Optional[int] = ..., flags: _Optional[_Iterable[_Union[_types_pb2.Flag, _Mapping]]] = ..., shedding: _Optional[_Union[_types_pb2.Shedding, _Mapping]] = ..., pin: _Optional[_Union[_types_pb2.Pin, _Mapping]] = ..., instances: _Optional[_Iterable[_Union[_types_pb2.Instance, _Mapping]]] = ..., drift: _Optional[_Mapping[str, int]] = ..., last_contact: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., unknown: _Optional[_Union[_types_pb2.UnknownService, _Mapping]] = ...) -> None: ...
+    sync_clients: int
+    def __init__(self, service: _Optional[str] = ..., revision: _Optional[int] = ..., flags: _Optional[_Iterable[_Union[_types_pb2.Flag, _Mapping]]] = ..., shedding: _Optional[_Union[_types_pb2.Shedding, _Mapping]] = ..., pin: _Optional[_Union[_types_pb2.Pin, _Mapping]] = ..., instances: _Optional[_Iterable[_Union[_types_pb2.Instance, _Mapping]]] = ..., drift: _Optional[_Mapping[str, int]] = ..., last_contact: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., unknown: _Optional[_Union[_types_pb2.UnknownService, _Mapping]] = ..., sync_clients: _Optional[int] = ...) -> None: ...
 
 class ListServicesRequest(_message.Message):
     __slots__ = ()
@@ -513,7 +515,7 @@ class WaitAppliedRequest(_message.Message):
     def __init__(self, service: _Optional[str] = ..., revision: _Optional[int] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class WaitAppliedResponse(_message.Message):
-    __slots__ = ("all_applied", "connected", "applied", "pending", "nacks", "applied_at")
+    __slots__ = ("all_applied", "connected", "applied", "pending", "nacks", "applied_at", "sync_clients")
     class NacksEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -527,13 +529,15 @@ class WaitAppliedResponse(_message.Message):
     PENDING_FIELD_NUMBER: _ClassVar[int]
     NACKS_FIELD_NUMBER: _ClassVar[int]
     APPLIED_AT_FIELD_NUMBER: _ClassVar[int]
+    SYNC_CLIENTS_FIELD_NUMBER: _ClassVar[int]
     all_applied: bool
     connected: int
     applied: int
     pending: _containers.RepeatedCompositeFieldContainer[_types_pb2.Instance]
     nacks: _containers.ScalarMap[str, str]
     applied_at: _timestamp_pb2.Timestamp
-    def __init__(self, all_applied: _Optional[bool] = ..., connected: _Optional[int] = ..., applied: _Optional[int] = ..., pending: _Optional[_Iterable[_Union[_types_pb2.Instance, _Mapping]]] = ..., nacks: _Optional[_Mapping[str, str]] = ..., applied_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    sync_clients: int
+    def __init__(self, all_applied: _Optional[bool] = ..., connected: _Optional[int] = ..., applied: _Optional[int] = ..., pending: _Optional[_Iterable[_Union[_types_pb2.Instance, _Mapping]]] = ..., nacks: _Optional[_Mapping[str, str]] = ..., applied_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sync_clients: _Optional[int] = ...) -> None: ...
 
 class GetTimelineRequest(_message.Message):
     __slots__ = ("incident", "limit")
