@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -65,12 +67,38 @@ class Provider:
         self._reader.cancel()
 
 
-async def start_provider(address: str, selector: str) -> Provider:
-    host, port = address.rsplit(":", 1)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tests.helpers.flagd_client", host, port, selector,
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+NODE_CLIENT = Path(__file__).parent.parent / "helpers" / "flagd_node"
+
+
+@pytest.fixture(scope="session")
+def node_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Node client with its npm packages (OpenFeature's server SDK and flagd provider),
+    installed once per session from the registry."""
+    npm = shutil.which("npm")
+    if npm is None or shutil.which("node") is None:
+        pytest.fail("node and npm are missing: install Debian's nodejs and npm (.ci/run does)")
+    where = tmp_path_factory.mktemp("flagd-node")
+    for name in ("package.json", "client.mjs"):
+        shutil.copy(NODE_CLIENT / name, where / name)
+    subprocess.run(
+        [npm, "install", "--no-audit", "--no-fund", "--loglevel=error"],
+        cwd=where, check=True, timeout=600,
     )  # fmt: skip
+    return where
+
+
+async def start_provider(
+    address: str, selector: str, language: str = "python", node: Path | None = None
+) -> Provider:
+    host, port = address.rsplit(":", 1)
+    if language == "node":
+        assert node is not None
+        argv = ["node", str(node / "client.mjs"), host, port, selector]
+    else:
+        argv = [sys.executable, "-m", "tests.helpers.flagd_client", host, port, selector]
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )
     return Provider(proc)
 
 
@@ -91,9 +119,15 @@ async def set_flag(stub: Any, scope: str, name: str, value: Any) -> int:
     return int(response.result.revision)
 
 
+@pytest.mark.parametrize("language", ["python", "node"])
 async def test_a_stock_flagd_provider_reads_what_our_agents_read(
-    server: ControlServer, mitigation: Any, cpctl: Run
+    server: ControlServer,
+    mitigation: Any,
+    cpctl: Run,
+    language: str,
+    request: pytest.FixtureRequest,
 ) -> None:
+    node = request.getfixturevalue("node_client") if language == "node" else None
     await set_flag(mitigation, "global", "new-ui", True)
     await set_flag(mitigation, "checkout", "mode", "lite")
     await set_flag(mitigation, "checkout", "rate", 0.25)
@@ -106,7 +140,7 @@ async def test_a_stock_flagd_provider_reads_what_our_agents_read(
     await mitigation.PinVersion(
         m.PinVersionRequest(service="checkout", version="v1.4.2", options=_opts())
     )
-    provider = await start_provider(server.address, "checkout")
+    provider = await start_provider(server.address, "checkout", language, node)
     try:
         await provider.event("INITIALIZED")
         async with AsyncAgent("checkout", [server.address]) as agent:
