@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 
 from benchmarks import (
+    bench_flagd,
     bench_hotpath,
     bench_memory,
     bench_propagation,
@@ -26,6 +27,7 @@ BENCHMARKS: dict[str, Callable[[list[str]], None]] = {
     "propagation": bench_propagation.main,
     "memory": bench_memory.main,
     "reconnect": bench_reconnect.main,
+    "flagd": bench_flagd.main,
 }
 
 

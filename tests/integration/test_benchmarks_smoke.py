@@ -9,6 +9,7 @@ from typing import Any
 
 from benchmarks import __main__ as bench_main
 from benchmarks import (
+    bench_flagd,
     bench_hotpath,
     bench_memory,
     bench_propagation,
@@ -131,3 +132,14 @@ def test_reconnect_benchmark_brings_every_agent_back_with_the_outage_writes(
 def test_the_runner_knows_every_benchmark_and_refuses_unknown_ones() -> None:
     assert set(bench_main.BENCHMARKS) == {"hotpath", "writes", "propagation", "memory", "reconnect"}
     assert bench_main.main(["no-such-benchmark"]) == 2
+
+
+def test_flagd_benchmark_sees_every_flip_on_every_stream(tmp_path: Path) -> None:
+    results = bench_flagd.run([4], flips=3, processes=2, warmup=1, out_dir=tmp_path)
+    _machine(results)
+    [case] = results["cases"]
+    assert (case["streams"], case["processes"], case["flips"]) == (4, 2, 3)
+    assert case["messages"] == 4 * 3  # every stream, every measured flip
+    assert 0 < case["p50_ms"] <= case["p99_ms"] <= case["max_ms"]
+    assert case["server_cpu_us_per_stream_change"] >= 0  # CPU ticks are 10 ms
+    _written(tmp_path, "flagd", results)
