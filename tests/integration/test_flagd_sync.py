@@ -26,6 +26,7 @@ from controlplane.model import flag_value_to_proto
 from controlplane.server import ControlServer
 from tests.helpers.cpctl import Run
 from tests.integration.conftest import server_config
+from tests.integration.test_auth import TOKENS, auth_document, md, write_auth
 
 WAIT = 10.0  # seconds a provider gets to say something before the test fails
 
@@ -250,3 +251,50 @@ async def test_a_service_without_flags_and_bad_selectors(server: ControlServer) 
                 await stub.FetchAllFlags(sync_pb2.FetchAllFlagsRequest(selector=selector))
             assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert text in (refused.value.details() or ""), refused.value.details()
+
+
+async def test_with_authentication_a_sync_client_is_an_agent_of_its_service(
+    etcd: EmbeddedEtcd, prefix: str, tmp_path: Path
+) -> None:
+    path = write_auth(tmp_path / "auth.json", auth_document())
+    srv = ControlServer(
+        server_config(etcd.endpoint, prefix, auth_file=path), registry=CollectorRegistry()
+    )
+    await srv.start()
+    try:
+        async with grpc.aio.insecure_channel(srv.address) as channel:
+            stub = sync_pb2_grpc.FlagSyncServiceStub(channel)
+
+            async def fetch(token: str | None, selector: str) -> Any:
+                return await stub.FetchAllFlags(
+                    sync_pb2.FetchAllFlagsRequest(),
+                    metadata=(*md(token), ("flagd-selector", selector)),
+                )
+
+            # checkout's agent token: checkout's flags, on the fetch and on the stream.
+            assert json.loads((await fetch(TOKENS["agent"], "checkout")).flag_configuration)
+            stream = stub.SyncFlags(
+                sync_pb2.SyncFlagsRequest(),
+                metadata=(*md(TOKENS["agent"]), ("flagd-selector", "checkout")),
+            )
+            first = await stream.read()
+            assert json.loads(first.flag_configuration)["metadata"]["service"] == "checkout"
+            stream.cancel()
+            for token, selector, code in (
+                (TOKENS["agent"], "payments", grpc.StatusCode.PERMISSION_DENIED),
+                (TOKENS["operator"], "checkout", grpc.StatusCode.PERMISSION_DENIED),
+                (None, "checkout", grpc.StatusCode.UNAUTHENTICATED),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await fetch(token, selector)
+                assert refused.value.code() == code, (token, selector)
+            denied = stub.SyncFlags(
+                sync_pb2.SyncFlagsRequest(),
+                metadata=(*md(TOKENS["agent"]), ("flagd-selector", "payments")),
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await denied.read()
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "may sync checkout, not payments" in (refused.value.details() or "")
+    finally:
+        await srv.stop(grace=0)
