@@ -437,7 +437,10 @@ class _Ndjson(Response):
                         async for response in responses:
                             if not started:
                                 start = {"type": "http.response.start", "status": 200}
-                                await send({**start, "headers": self.raw_headers})
+                                headers = [
+                                    (k, v) for k, v in self.raw_headers if k != b"content-length"
+                                ]
+                                await send({**start, "headers": headers})
                                 started = True
                             line = json.dumps(render(response), separators=(",", ":"))
                             await send(_chunk(line.encode() + b"\n"))

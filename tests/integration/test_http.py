@@ -1,0 +1,442 @@
+"""The HTTP listener (``--http``) on a real server and etcd, with a real HTTP client.
+
+The server runs on the test's loop with gRPC and HTTP on port 0; requests go through
+httpx over TCP; what they did is read back with the gRPC API and from etcd itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import ssl
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+from openapi_spec_validator import validate
+from prometheus_client import CollectorRegistry
+
+from controlplane.api.v1 import mitigation_pb2 as m
+from controlplane.api.v1 import mitigation_pb2_grpc
+from controlplane.api.v1 import types_pb2 as t
+from controlplane.embedded_etcd import EmbeddedEtcd
+from controlplane.server import ControlServer
+from controlplane.server._routes import ROUTES
+from controlplane.server.auth import hash_token
+from tests.helpers.agent_process import ROOT
+from tests.helpers.certs import TestCA
+from tests.helpers.raw_etcd import RawEtcd
+from tests.helpers.server_process import ServerProcess
+from tests.integration.conftest import server_config
+
+OPERATOR = "http-operator-token-0123456789"
+VIEWER = "http-viewer-token-0123456789"
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def write_options(**extra: Any) -> dict[str, Any]:
+    return {"reason": "http test", "actor": "oncall", **extra}
+
+
+async def start(etcd: EmbeddedEtcd, prefix: str, **overrides: Any) -> ControlServer:
+    config = server_config(etcd.endpoint, prefix, http="127.0.0.1:0", **overrides)
+    srv = ControlServer(config, registry=CollectorRegistry())
+    await srv.start()
+    return srv
+
+
+def url(srv: ControlServer) -> str:
+    assert srv.http is not None
+    return srv.http.url
+
+
+@pytest.fixture
+async def srv(etcd: EmbeddedEtcd, prefix: str) -> AsyncIterator[ControlServer]:
+    server = await start(etcd, prefix)
+    yield server
+    await server.stop(grace=0)
+
+
+@pytest.fixture
+async def client(srv: ControlServer) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=url(srv), timeout=10) as http:
+        yield http
+
+
+@pytest.fixture
+async def grpc_stub(srv: ControlServer) -> AsyncIterator[mitigation_pb2_grpc.MitigationServiceStub]:
+    async with grpc.aio.insecure_channel(srv.address) as channel:
+        yield mitigation_pb2_grpc.MitigationServiceStub(channel)
+
+
+async def put_flag(
+    http: httpx.AsyncClient, value: dict[str, Any], **options: Any
+) -> httpx.Response:
+    return await http.put(
+        "/v1/flags/checkout/new-ui",
+        json={"value": value, "options": write_options(**options)},
+    )
+
+
+def error_of(response: httpx.Response) -> dict[str, Any]:
+    assert response.headers["content-type"] == "application/json", response.text
+    error: dict[str, Any] = response.json()["error"]
+    assert error["status"] == response.status_code
+    return error
+
+
+# ---- round trips ----
+
+
+async def test_a_flag_set_over_http_reads_back_over_grpc_and_http(
+    client: httpx.AsyncClient, grpc_stub: mitigation_pb2_grpc.MitigationServiceStub
+) -> None:
+    written = await put_flag(client, {"boolValue": False}, incident="INC-7")
+    assert written.status_code == 200, written.text
+    answer = written.json()
+    assert answer["result"]["changed"] is True and answer["result"]["dryRun"] is False
+    assert answer["flag"]["value"] == {"boolValue": False}
+    assert answer["flag"]["meta"]["actor"] == "oncall"
+    assert int(answer["result"]["revision"]) > 0  # int64: a string
+    over_grpc = await grpc_stub.GetFlag(m.GetFlagRequest(scope="checkout", name="new-ui"))
+    assert over_grpc.flag.value.WhichOneof("kind") == "bool_value"
+    assert not over_grpc.flag.value.bool_value
+    assert over_grpc.flag.meta.incident == "INC-7"
+    assert over_grpc.flag.meta.mod_revision == int(answer["flag"]["meta"]["modRevision"])
+    read = await client.get("/v1/flags/checkout/new-ui")
+    assert read.status_code == 200
+    assert read.json()["flag"] == answer["flag"]
+    assert read.json()["overriddenBy"] == []  # defaults are printed
+    # Query parameters: the list, filtered; the same write again changes nothing.
+    listed = await client.get("/v1/flags", params={"scope": "checkout", "effective": "true"})
+    assert [f["name"] for f in listed.json()["flags"]] == ["new-ui"]
+    again = await put_flag(client, {"boolValue": False})
+    assert again.json()["result"]["changed"] is False
+    # A DELETE takes its options as query parameters.
+    cleared = await client.delete(
+        "/v1/flags/checkout/new-ui", params={"options.reason": "over", "options.actor": "oncall"}
+    )
+    assert cleared.status_code == 200, cleared.text
+    assert cleared.json()["removed"]["value"] == {"boolValue": False}
+    gone = await grpc_stub.ListFlags(m.ListFlagsRequest(scope="checkout"))
+    assert list(gone.flags) == []
+
+
+async def test_every_route_answers_json(
+    client: httpx.AsyncClient, grpc_stub: mitigation_pb2_grpc.MitigationServiceStub
+) -> None:
+    """Each route reaches its RPC: an answer of the RPC (200 or its own error), never a
+    404 or 405 of the router."""
+    await grpc_stub.MarkKnownGood(
+        m.MarkKnownGoodRequest(service="checkout", version="v1", options=t.WriteOptions(reason="r"))
+    )
+    dry = {"options": write_options(dryRun=True)}
+    bodies: dict[str, Any] = {
+        "SetFlag": {"value": {"numberValue": 2}, **dry},
+        "SetShedding": {"percent": 10, "tier": "SHEDDABLE", **dry},
+        "PinVersion": {"version": "v1", **dry},
+        "Rollback": {"currentVersion": "v2", **dry},
+        "ApplyBundle": {
+            "name": "b",
+            "changes": [
+                {"setFlag": {"scope": "checkout", "name": "x", "value": {"boolValue": True}}}
+            ],
+            "options": write_options(dryRun=True),
+        },
+    }
+    path_values = {"scope": "checkout", "name": "x", "service": "checkout", "version": "v1",
+                   "bundle_id": "20300101-000000-b-abcd", "incident": "INC-1"}  # fmt: skip
+    for route in ROUTES:
+        if route.streaming:
+            continue
+        path = route.path.format(**path_values)
+        if route.has_body:
+            body = bodies.get(route.rpc, dry)
+            response = await client.request(route.verb, path, json=body)
+        else:
+            params = {"options.reason": "r", "options.dry_run": "true"}
+            if route.verb == "GET":
+                params = {"revision": "1", "timeout": "0.1s"} if route.rpc == "WaitApplied" else {}
+            response = await client.request(route.verb, path, params=params)
+        assert response.headers["content-type"] == "application/json", (route, response.text)
+        if response.status_code != 200:
+            code = error_of(response)["code"]
+            assert code in ("NOT_FOUND", "FAILED_PRECONDITION"), (route, response.text)
+            assert "no route" not in response.text, route
+
+
+# ---- errors: every status that can be provoked ----
+
+
+async def test_errors_map_to_http_statuses_and_write_nothing(
+    client: httpx.AsyncClient,
+    grpc_stub: mitigation_pb2_grpc.MitigationServiceStub,
+    raw_etcd: RawEtcd,
+    prefix: str,
+) -> None:
+    first = await put_flag(client, {"boolValue": True})
+    assert first.status_code == 200
+    mod_revision = first.json()["flag"]["meta"]["modRevision"]
+    before = await raw_etcd.get_prefix(prefix)
+
+    bad_value = await client.put(
+        "/v1/shedding/checkout", json={"percent": 150, "options": write_options()}
+    )
+    assert bad_value.status_code == 400
+    error = error_of(bad_value)
+    assert error["code"] == "INVALID_ARGUMENT"
+    with pytest.raises(grpc.aio.AioRpcError) as over_grpc:
+        await grpc_stub.SetShedding(
+            m.SetSheddingRequest(
+                service="checkout", percent=150, options=t.WriteOptions(reason="r")
+            )
+        )
+    assert error["message"] == over_grpc.value.details()  # what cpctl shows
+    assert error["message"].startswith("percent: 150")
+
+    unknown = await client.get("/v1/flags/checkout/no-such-flag")
+    assert unknown.status_code == 404 and error_of(unknown)["code"] == "NOT_FOUND"
+
+    stale = await put_flag(client, {"boolValue": False}, expectedModRevision="1")
+    assert stale.status_code == 409
+    conflict = error_of(stale)
+    assert conflict["code"] == "ABORTED"
+    assert conflict["current_mod_revision"] == mod_revision
+    assert stale.headers["X-Current-Mod-Revision"] == mod_revision
+    assert f"current mod revision {mod_revision}" in conflict["message"]
+
+    nothing = await client.post("/v1/services/checkout/rollback", json={"options": write_options()})
+    assert nothing.status_code == 412, nothing.text
+    assert error_of(nothing)["code"] == "FAILED_PRECONDITION"
+
+    no_reason = await put_flag(client, {"boolValue": False}, reason="")
+    assert no_reason.status_code == 400 and "reason" in error_of(no_reason)["message"]
+
+    typo = await client.put(
+        "/v1/flags/checkout/new-ui", json={"valeu": {"boolValue": False}, "options": {}}
+    )
+    assert typo.status_code == 400 and "valeu" in error_of(typo)["message"]
+
+    not_json = await client.put(
+        "/v1/flags/checkout/new-ui",
+        content=b"{value: false}",
+        headers={"Content-Type": "application/json"},
+    )
+    assert not_json.status_code == 400
+    assert "not JSON" in error_of(not_json)["message"]
+
+    form = await client.put("/v1/flags/checkout/new-ui", data={"value": "false"})
+    assert form.status_code == 415
+    assert "Content-Type: application/json" in error_of(form)["message"]
+
+    too_large = await client.put(
+        "/v1/flags/checkout/new-ui",
+        content=b" " * (4 * 1024 * 1024 + 1),
+        headers={"Content-Type": "application/json"},
+    )
+    assert too_large.status_code == 413
+    assert "--max-message-bytes" in error_of(too_large)["message"]
+
+    assert await raw_etcd.get_prefix(prefix) == before, "a refused request wrote something"
+
+
+async def test_unknown_routes_and_wrong_verbs_answer_json(client: httpx.AsyncClient) -> None:
+    missing = await client.get("/v1/flagz")
+    assert missing.status_code == 404
+    assert "/openapi.json" in error_of(missing)["message"]
+    wrong = await client.post("/v1/flags/checkout/new-ui", json={})
+    assert wrong.status_code == 405
+    assert error_of(wrong)["code"] == "METHOD_NOT_ALLOWED"
+    assert set(wrong.headers["Allow"].split(", ")) == {"GET", "HEAD", "PUT", "DELETE"}
+    bad_param = await client.get("/v1/flags", params={"scop": "checkout"})
+    assert bad_param.status_code == 400 and "scop" in error_of(bad_param)["message"]
+    bad_timeout = await client.get("/v1/flags", headers={"X-Timeout": "soon"})
+    assert bad_timeout.status_code == 400 and "X-Timeout" in error_of(bad_timeout)["message"]
+
+
+async def test_tokens_and_roles_as_on_the_grpc_port(
+    etcd: EmbeddedEtcd, prefix: str, tmp_path: Path, raw_etcd: RawEtcd
+) -> None:
+    auth = tmp_path / "auth.json"
+    auth.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {"name": "oncall", "role": "operator", "token_sha256": hash_token(OPERATOR)},
+                    {"name": "dashboards", "role": "viewer", "token_sha256": hash_token(VIEWER)},
+                ]
+            }
+        )
+    )
+    server = await start(etcd, prefix, auth_file=auth)
+    try:
+        async with httpx.AsyncClient(base_url=url(server), timeout=10) as http:
+            anonymous = await put_flag(http, {"boolValue": False})
+            assert anonymous.status_code == 401
+            assert "Bearer" in error_of(anonymous)["message"]
+            wrong = await http.get("/v1/flags", headers=bearer("not-a-token-0123456789"))
+            assert wrong.status_code == 401 and error_of(wrong)["code"] == "UNAUTHENTICATED"
+            before = await raw_etcd.get_prefix(prefix)
+            viewer = await http.put(
+                "/v1/flags/checkout/new-ui",
+                json={"value": {"boolValue": False}, "options": write_options()},
+                headers=bearer(VIEWER),
+            )
+            assert viewer.status_code == 403
+            assert "needs the operator or admin role" in error_of(viewer)["message"]
+            assert await raw_etcd.get_prefix(prefix) == before
+            assert (await http.get("/v1/flags", headers=bearer(VIEWER))).status_code == 200
+            written = await http.put(
+                "/v1/flags/checkout/new-ui",
+                json={"value": {"boolValue": False}, "options": write_options()},
+                headers=bearer(OPERATOR),
+            )
+            assert written.status_code == 200
+            meta = written.json()["flag"]["meta"]
+            # The identity is the actor; the actor the client claims is ignored.
+            assert (meta["actor"], meta["actorAuthenticated"]) == ("oncall", True)
+    finally:
+        await server.stop(grace=0)
+
+
+async def test_tls_and_mutual_tls_with_the_grpc_ports_certificates(
+    etcd: EmbeddedEtcd, prefix: str, tmp_path: Path
+) -> None:
+    ca = TestCA(tmp_path / "pki")
+    cert = ca.server_cert()
+    pipeline = ca.issue("deploy-pipeline", organization="Example")
+    auth = tmp_path / "auth.json"
+    auth.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {"name": "deploy", "role": "admin", "cert_subject": pipeline.subject},
+                    {"name": "oncall", "role": "operator", "token_sha256": hash_token(OPERATOR)},
+                ]
+            }
+        )
+    )
+    server = await start(
+        etcd, prefix, tls_cert=cert.cert, tls_key=cert.key, tls_client_ca=ca.cert, auth_file=auth
+    )
+    try:
+        assert url(server).startswith("https://127.0.0.1:")
+        with_cert = ssl.create_default_context(cafile=str(ca.cert))
+        with_cert.load_cert_chain(pipeline.cert, pipeline.key)
+        async with httpx.AsyncClient(base_url=url(server), verify=with_cert, timeout=10) as http:
+            marked = await http.put("/v1/known-good/checkout/v9", json={"options": write_options()})
+            assert marked.status_code == 200, marked.text
+            assert marked.json()["knownGood"]["meta"]["actor"] == "deploy"
+            # A token decides the identity when sent.
+            as_operator = await http.get("/v1/pins", headers=bearer(OPERATOR))
+            assert as_operator.status_code == 200
+        # No client certificate: the handshake fails.
+        without = ssl.create_default_context(cafile=str(ca.cert))
+        async with httpx.AsyncClient(base_url=url(server), verify=without) as http:
+            with pytest.raises(httpx.HTTPError):
+                await http.get("/v1/pins", headers=bearer(OPERATOR))
+        # Plaintext to the TLS port: no answer in HTTP.
+        async with httpx.AsyncClient(base_url=url(server).replace("https", "http")) as http:
+            with pytest.raises(httpx.HTTPError):
+                await http.get("/v1/pins", headers=bearer(OPERATOR))
+    finally:
+        await server.stop(grace=0)
+
+
+# ---- the watch stream ----
+
+
+async def test_watch_streams_json_lines_and_ends_when_the_server_stops(
+    etcd: EmbeddedEtcd, prefix: str
+) -> None:
+    server = await start(etcd, prefix)
+    stopped = False
+    try:
+        async with (
+            httpx.AsyncClient(base_url=url(server), timeout=10) as watcher,
+            httpx.AsyncClient(base_url=url(server), timeout=10) as writer,
+            watcher.stream("GET", "/v1/changes", params={"service": "checkout"}) as stream,
+        ):
+            assert stream.status_code == 200
+            assert stream.headers["content-type"].startswith("application/x-ndjson")
+            lines = stream.aiter_lines()
+            start_line = json.loads(await anext(lines))
+            assert start_line["changes"] == [] and int(start_line["revision"]) > 0
+            written = await put_flag(writer, {"stringValue": "read-only"})
+            assert written.status_code == 200
+            change = json.loads(await anext(lines))
+            assert change["revision"] == written.json()["result"]["revision"]
+            (entry,) = change["changes"]
+            assert (entry["action"], entry["scope"], entry["name"]) == (
+                "flag.set", "checkout", "new-ui",
+            )  # fmt: skip
+            # The server stops: the stream ends at once with a last line saying so.
+            stopping = asyncio.create_task(server.stop(grace=5.0))
+            stopped = True
+            last = json.loads(await anext(lines))
+            assert last["error"]["code"] == "UNAVAILABLE" and last["error"]["status"] == 503
+            with pytest.raises(StopAsyncIteration):
+                await anext(lines)
+            async with asyncio.timeout(4):  # well within the grace period
+                await stopping
+    finally:
+        if not stopped:
+            await server.stop(grace=0)
+
+
+async def test_a_bad_watch_is_refused_before_streaming(client: httpx.AsyncClient) -> None:
+    refused = await client.get("/v1/changes", params={"service": "Not A Service"})
+    assert refused.status_code == 400
+    assert error_of(refused)["code"] == "INVALID_ARGUMENT"
+
+
+# ---- the document ----
+
+
+async def test_openapi_is_served_valid_and_covers_every_route(client: httpx.AsyncClient) -> None:
+    response = await client.get("/openapi.json")
+    assert response.status_code == 200
+    document = response.json()
+    validate(document)
+    served = {(verb.upper(), path) for path, item in document["paths"].items() for verb in item}
+    assert served == {(route.verb, route.path) for route in ROUTES}
+
+
+# ---- the command ----
+
+
+def test_serve_http_in_a_process_and_a_port_in_use(etcd: EmbeddedEtcd, prefix: str) -> None:
+    server = ServerProcess(etcd.endpoint, prefix, extra_args=["--http", "127.0.0.1:0"])
+    try:
+        line = server.wait_output(r"listening on .*; HTTP (http://127\.0\.0\.1:(\d+))\)")
+        base, port = line.group(1), line.group(2)
+        listed = httpx.get(f"{base}/v1/flags", timeout=10)
+        assert listed.status_code == 200 and listed.json()["flags"] == []
+        # A second server on that HTTP port: one line naming the port, holder and option.
+        second = subprocess.run(
+            [
+                sys.executable, "-m", "controlplane.server", "serve", "--listen", "127.0.0.1:0",
+                "--etcd", etcd.endpoint, "--prefix", prefix, "--metrics", "off",
+                "--http", f"127.0.0.1:{port}",
+            ],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert second.returncode == 1
+        errors = [line for line in second.stderr.splitlines() if line.startswith("Error:")]
+        assert len(errors) == 1, second.stderr
+        assert re.fullmatch(
+            rf"Error: 127\.0\.0\.1:{port} \(HTTP\) is in use by pid {server.proc.pid} \(\S+\): "
+            r"stop it or pick another port with --http HOST:PORT, or leave --http out",
+            errors[0],
+        ), errors[0]
+    finally:
+        server.stop()
