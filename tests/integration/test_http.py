@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+import structlog
 from openapi_spec_validator import validate
 from prometheus_client import CollectorRegistry
 
@@ -352,6 +353,22 @@ async def test_tls_and_mutual_tls_with_the_grpc_ports_certificates(
         await server.stop(grace=0)
 
 
+async def test_one_log_line_per_request(client: httpx.AsyncClient) -> None:
+    with structlog.testing.capture_logs() as logs:
+        written = await put_flag(client, {"boolValue": True})
+        missing = await client.get("/v1/flags/checkout/nothing")
+    assert (written.status_code, missing.status_code) == (200, 404)
+    lines = [e for e in logs if e["event"] == "http"]
+    assert [(e["method"], e["route"], e["rpc"], e["status"], e["actor"]) for e in lines] == [
+        ("PUT", "/v1/flags/{scope}/{name}", "SetFlag", 200, "oncall"),
+        ("GET", "/v1/flags/{scope}/{name}", "GetFlag", 404, None),
+    ]
+    assert all(e["duration_ms"] >= 0 for e in lines)
+    # The RPC's own line too, as for a gRPC call (with transport=http from the context).
+    rpcs = [e for e in logs if e["event"] == "rpc"]
+    assert [(e["method"], e["code"]) for e in rpcs] == [("SetFlag", "OK"), ("GetFlag", "NOT_FOUND")]
+
+
 # ---- the watch stream ----
 
 
@@ -391,6 +408,29 @@ async def test_watch_streams_json_lines_and_ends_when_the_server_stops(
     finally:
         if not stopped:
             await server.stop(grace=0)
+
+
+async def test_watch_streams_count_against_the_identitys_limit(
+    etcd: EmbeddedEtcd, prefix: str, tmp_path: Path
+) -> None:
+    auth = tmp_path / "auth.json"
+    entry = {"name": "dashboards", "role": "viewer", "token_sha256": hash_token(VIEWER)}
+    auth.write_text(json.dumps({"identities": [{**entry, "max_streams": 1}]}))
+    server = await start(etcd, prefix, auth_file=auth)
+    try:
+        async with (
+            httpx.AsyncClient(base_url=url(server), headers=bearer(VIEWER), timeout=10) as http,
+            http.stream("GET", "/v1/changes") as first,
+        ):
+            assert first.status_code == 200
+            await anext(first.aiter_lines())  # live
+            second = await http.get("/v1/changes")
+            assert second.status_code == 429
+            assert "limit" in error_of(second)["message"]
+            # Unary calls are not streams: still served.
+            assert (await http.get("/v1/flags")).status_code == 200
+    finally:
+        await server.stop(grace=0)
 
 
 async def test_a_bad_watch_is_refused_before_streaming(client: httpx.AsyncClient) -> None:
@@ -438,5 +478,30 @@ def test_serve_http_in_a_process_and_a_port_in_use(etcd: EmbeddedEtcd, prefix: s
             r"stop it or pick another port with --http HOST:PORT, or leave --http out",
             errors[0],
         ), errors[0]
+    finally:
+        server.stop()
+
+
+def test_every_worker_serves_http(etcd: EmbeddedEtcd, prefix: str) -> None:
+    """--workers 2: the HTTP port is shared (SO_REUSEPORT) like the gRPC one; new
+    connections reach both workers (each logs its own `http` lines)."""
+    server = ServerProcess(
+        etcd.endpoint, prefix, extra_args=["--workers", "2", "--http", "127.0.0.1:0"]
+    )
+    try:
+        line = server.wait_output(r"listening on .*\(2 workers.*; HTTP (http://127\.0\.0\.1:\d+)\)")
+        base = line.group(1)
+        served_by: set[int] = set()
+        for _ in range(200):  # each request on a connection of its own
+            before = len(server.output)
+            assert httpx.get(f"{base}/v1/flags", timeout=10).status_code == 200
+            # Its log line names the worker that served it.
+            logged = server.wait_output(r'"event": "http"', start=before)
+            worker = re.search(r'"worker": (\d+)', logged.string)
+            assert worker is not None, logged.string
+            served_by.add(int(worker.group(1)))
+            if served_by == {0, 1}:
+                break
+        assert served_by == {0, 1}
     finally:
         server.stop()
