@@ -467,7 +467,7 @@ class _Ndjson(Response):
             listener.log(self.route, "GET", status, self.start, self.identity, self.message)
         if gone.is_set():
             return
-        tail = json.dumps(last).encode() + b"\n" if last is not None else b""
+        tail = json.dumps(last, separators=(",", ":")).encode() + b"\n" if last else b""
         if not started:  # refused before the first line: an error answer of its own
             headers = [(b"content-type", b"application/json")]
             await send({"type": "http.response.start", "status": status, "headers": headers})

@@ -369,6 +369,38 @@ async def test_one_log_line_per_request(client: httpx.AsyncClient) -> None:
     assert [(e["method"], e["code"]) for e in rpcs] == [("SetFlag", "OK"), ("GetFlag", "NOT_FOUND")]
 
 
+async def test_a_reload_rotates_the_https_certificate(
+    etcd: EmbeddedEtcd, prefix: str, tmp_path: Path
+) -> None:
+    first, second = TestCA(tmp_path / "one", "first CA"), TestCA(tmp_path / "two", "second CA")
+    old, new = first.server_cert("server"), second.server_cert("server")
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    cert.write_bytes(old.cert.read_bytes())
+    key.write_bytes(old.key.read_bytes())
+    key.chmod(0o600)
+    server = await start(etcd, prefix, tls_cert=cert, tls_key=key)
+
+    async def pins(ca: TestCA) -> int:
+        trust = ssl.create_default_context(cafile=str(ca.cert))
+        async with httpx.AsyncClient(base_url=url(server), verify=trust, timeout=10) as http:
+            return (await http.get("/v1/pins")).status_code
+
+    try:
+        assert await pins(first) == 200
+        # A half-written rotation is refused and the HTTPS port keeps the old one...
+        cert.write_bytes(new.cert.read_bytes())
+        assert not server.reload()
+        assert await pins(first) == 200
+        # ...the complete one is taken for the connections made from then on.
+        key.write_bytes(new.key.read_bytes())
+        assert server.reload()
+        assert await pins(second) == 200
+        with pytest.raises(httpx.ConnectError):
+            await pins(first)
+    finally:
+        await server.stop(grace=0)
+
+
 # ---- the watch stream ----
 
 
