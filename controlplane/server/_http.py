@@ -18,11 +18,10 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from typing import Any, NoReturn
+from typing import Any
 
 import grpc
 import structlog
@@ -37,6 +36,18 @@ from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from controlplane.server._config import ServerConfig
+from controlplane.server._http_context import (
+    HttpAbort,
+    HttpContext,
+    abort_response,
+    deadline_of,
+    error_body,
+    error_response,
+    http_exception,
+    query_items,
+    read_json,
+    rfc4514,
+)
 from controlplane.server._openapi import openapi_document
 from controlplane.server._ports import PortError, bind_listener, http_port
 from controlplane.server._routes import (
@@ -60,116 +71,6 @@ from controlplane.server.auth import (
 )
 
 log = structlog.get_logger("controlplane.http")
-
-_TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
-_GRPC_TIMEOUT = re.compile(r"([0-9]{1,8})([HMSmun])")
-
-
-class HttpAbort(Exception):
-    """``context.abort`` in a servicer called over HTTP: the call ends with this status."""
-
-    def __init__(
-        self, code: grpc.StatusCode, message: str, trailing: tuple[tuple[str, str], ...] = ()
-    ) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.trailing = dict(trailing)
-
-
-class HttpContext:
-    """What the servicers and the ``rpc`` wrapper use of a gRPC servicer context."""
-
-    def __init__(
-        self,
-        deadline: float | None,
-        metadata: tuple[tuple[str, str], ...],
-        peer: str,
-        subject: str | None,
-    ) -> None:
-        self._deadline = deadline
-        self._metadata = metadata
-        self._peer = peer
-        self._subject = subject
-
-    def time_remaining(self) -> float | None:
-        if self._deadline is None:
-            return None
-        return max(self._deadline - time.monotonic(), 0.0)
-
-    async def abort(
-        self,
-        code: grpc.StatusCode,
-        details: str = "",
-        trailing_metadata: tuple[tuple[str, str], ...] = (),
-    ) -> NoReturn:
-        raise HttpAbort(code, details, tuple(trailing_metadata))
-
-    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
-        return self._metadata
-
-    def peer(self) -> str:
-        return self._peer
-
-    def auth_context(self) -> dict[str, list[bytes]]:
-        return {"x509_subject": [self._subject.encode()]} if self._subject else {}
-
-
-def error_body(code: str, message: str, status: int, **extra: Any) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message, "status": status, **extra}}
-
-
-def error_response(
-    code: str, message: str, status: int, headers: Mapping[str, str] | None = None, **extra: Any
-) -> JSONResponse:
-    return JSONResponse(error_body(code, message, status, **extra), status, headers=headers)
-
-
-def abort_response(error: HttpAbort) -> JSONResponse:
-    """The answer to an RPC that ended with a gRPC status."""
-    status = HTTP_STATUS.get(error.code, 500)
-    current = error.trailing.get("current-mod-revision")
-    if current is not None:
-        return error_response(
-            error.code.name,
-            error.message,
-            status,
-            {"X-Current-Mod-Revision": current},
-            current_mod_revision=current,
-        )
-    return error_response(error.code.name, error.message, status)
-
-
-# -- mutual TLS: the client certificate's subject ---------------------------------------
-
-_SHORT_NAMES = {
-    "commonName": "CN",
-    "countryName": "C",
-    "localityName": "L",
-    "stateOrProvinceName": "ST",
-    "streetAddress": "STREET",
-    "organizationName": "O",
-    "organizationalUnitName": "OU",
-    "domainComponent": "DC",
-    "userId": "UID",
-}
-
-
-def rfc4514(subject: Any) -> str:
-    """A subject as ``ssl`` gives it (RDNs of (name, value) pairs) in RFC 4514, as gRPC
-    reports ``x509_subject``: last RDN first, short attribute names."""
-    rdns = []
-    for rdn in reversed(subject or ()):
-        parts = []
-        for name, value in rdn:
-            text = re.sub(r'([,+"\\<>;=])', r"\\\1", str(value))
-            if text.startswith(("#", " ")):
-                text = "\\" + text
-            if text.endswith(" "):
-                text = text[:-1] + "\\ "
-            parts.append(f"{_SHORT_NAMES.get(name, name)}={text}")
-        rdns.append("+".join(parts))
-    return ",".join(rdns)
 
 
 class _Protocol(H11Protocol):
@@ -268,11 +169,11 @@ class HttpListener:
         # uvicorn declares it int; asyncio.timeout, which reads it, takes seconds as float.
         self._server.config.timeout_graceful_shutdown = max(grace, 0.001)  # type: ignore[assignment]
         self._server.should_exit = True
-        tasks = set(self._server.server_state.tasks)
         with contextlib.suppress(Exception):
             await self._task
+        # What uvicorn cancelled past the grace period and has not finished yet.
+        tasks = set(self._server.server_state.tasks)
         if tasks:
-            # Those uvicorn cancelled past the grace period: until they are gone.
             await asyncio.wait(tasks, timeout=5.0)
         self._sock.close()
 
@@ -287,7 +188,7 @@ class HttpListener:
             for path, verbs in by_path.items()
         ]
         routes.append(StarletteRoute("/openapi.json", self._openapi_json, methods=["GET"]))
-        return Starlette(routes=routes, exception_handlers={HTTPException: _http_exception})
+        return Starlette(routes=routes, exception_handlers={HTTPException: http_exception})
 
     async def _openapi_json(self, request: Request) -> Response:
         if self._openapi is None:
@@ -313,7 +214,7 @@ class HttpListener:
             peer = f"ipv6:[{client.host}]:{client.port}"
         response: Response
         try:
-            deadline = _deadline(request.headers)
+            deadline = deadline_of(request.headers)
             metadata = tuple(
                 ("authorization", value) for value in request.headers.getlist("authorization")
             )
@@ -325,8 +226,8 @@ class HttpListener:
                 except AuthError as error:
                     self.auth.refused(route.full_method, error, peer, transport="http")
                     raise HttpAbort(error.code, error.message) from None
-            body = await _read_json(request, self.config.max_message_bytes, route)
-            rpc_request = build_request(route, request.path_params, _query(request), body)
+            body = await read_json(request, self.config.max_message_bytes, route)
+            rpc_request = build_request(route, request.path_params, query_items(request), body)
             context = HttpContext(deadline, metadata, peer, subject)
             if route.streaming:
                 return _Ndjson(self, route, rpc_request, context, identity, credential, start)
@@ -481,88 +382,6 @@ class _Ndjson(Response):
             return
         with auth.streams.hold(self.identity, self.credential) as place:
             yield place
-
-
-async def _http_exception(request: Request, exc: Exception) -> Response:
-    """Starlette's 404 and 405 as JSON errors (405 with Allow)."""
-    assert isinstance(exc, HTTPException)
-    if exc.status_code == 405:
-        allow = (exc.headers or {}).get("Allow", "")
-        return error_response(
-            "METHOD_NOT_ALLOWED",
-            f"{request.method} is not allowed on {request.url.path}: use {allow}",
-            405,
-            {"Allow": allow},
-        )
-    if exc.status_code == 404:
-        return error_response(
-            "NOT_FOUND",
-            f"no route {request.method} {request.url.path}: the routes are in /openapi.json",
-            404,
-        )
-    return error_response("INVALID_ARGUMENT", str(exc.detail), exc.status_code)
-
-
-def _query(request: Request) -> list[tuple[str, str]]:
-    return list(request.query_params.multi_items())
-
-
-def _deadline(headers: Mapping[str, str]) -> float | None:
-    """When the request must be answered by (monotonic), from ``X-Timeout`` (seconds)
-    or ``grpc-timeout`` (gRPC's form: ``500m``, ``5S``); None without either."""
-    seconds: float | None = None
-    given = headers.get("x-timeout")
-    if given is not None:
-        try:
-            seconds = float(given)
-        except ValueError:
-            seconds = -1.0
-        if not 0 < seconds <= 3600:
-            raise BadRequest(
-                f"X-Timeout {given!r}: give the seconds the request may take (0 < s <= 3600)"
-            )
-    grpc_timeout = headers.get("grpc-timeout")
-    if seconds is None and grpc_timeout is not None:
-        match = _GRPC_TIMEOUT.fullmatch(grpc_timeout)
-        if match is None:
-            raise BadRequest(
-                f"grpc-timeout {grpc_timeout!r}: give up to 8 digits and a unit H, M, S, m, "
-                "u or n (e.g. 500m)"
-            )
-        seconds = int(match.group(1)) * _TIMEOUT_UNITS[match.group(2)]
-    return None if seconds is None else time.monotonic() + seconds
-
-
-async def _read_json(request: Request, limit: int, route: Route) -> Any:
-    """The JSON body, None when there is none; at most ``limit`` bytes.
-
-    Raises:
-        BadRequest: 413 too large, 415 not JSON by its type, 400 not JSON.
-    """
-    length = request.headers.get("content-length")
-    too_large = BadRequest(
-        f"the body is larger than {limit} bytes, the server's limit (--max-message-bytes)", 413
-    )
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise too_large
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
-    if not body.strip():
-        return None
-    media = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-    if route.has_body and media != "application/json" and not media.endswith("+json"):
-        raise BadRequest(
-            f"the body is {media}: send JSON with Content-Type: application/json "
-            "(curl: -H 'Content-Type: application/json')",
-            415,
-        )
-    try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"the body is not JSON ({exc}): send a JSON object") from None
 
 
 def _chunk(data: bytes) -> dict[str, Any]:

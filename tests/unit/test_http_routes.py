@@ -10,7 +10,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from openapi_spec_validator import validate
 
 from controlplane.api.v1 import mitigation_pb2 as m
-from controlplane.server._http import rfc4514
+from controlplane.server._http_context import rfc4514
 from controlplane.server._openapi import openapi_document
 from controlplane.server._routes import (
     HTTP_STATUS,
