@@ -353,8 +353,9 @@ class ControlServer:
         else:
             transport = "mutual TLS"
         if self.auth is None:
+            addresses = [config.listen] + ([config.http] if config.http is not None else [])
             who = "authentication off" + (
-                " (loopback only)" if is_loopback_target(config.listen) else ""
+                " (loopback only)" if all(map(is_loopback_target, addresses)) else ""
             )
         else:
             who = (

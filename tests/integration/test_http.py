@@ -260,6 +260,8 @@ async def test_unknown_routes_and_wrong_verbs_answer_json(client: httpx.AsyncCli
     assert set(wrong.headers["Allow"].split(", ")) == {"GET", "HEAD", "PUT", "DELETE"}
     bad_param = await client.get("/v1/flags", params={"scop": "checkout"})
     assert bad_param.status_code == 400 and "scop" in error_of(bad_param)["message"]
+    head = await client.head("/v1/flags")
+    assert head.status_code == 200 and head.content == b""
     bad_timeout = await client.get("/v1/flags", headers={"X-Timeout": "soon"})
     assert bad_timeout.status_code == 400 and "X-Timeout" in error_of(bad_timeout)["message"]
 

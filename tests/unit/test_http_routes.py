@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import grpc
@@ -10,7 +11,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from openapi_spec_validator import validate
 
 from controlplane.api.v1 import mitigation_pb2 as m
-from controlplane.server._http_context import rfc4514
+from controlplane.server._http_context import deadline_of, rfc4514
 from controlplane.server._openapi import openapi_document
 from controlplane.server._routes import (
     HTTP_STATUS,
@@ -173,3 +174,16 @@ def test_routes_are_frozen_records() -> None:
     route = Route("GetFlag", "GET", "/v1/flags/{scope}/{name}", "x")
     assert route.path_fields == ("scope", "name") and not route.has_body
     assert route.full_method == "/controlplane.api.v1.MitigationService/GetFlag"
+
+
+def test_deadlines_from_x_timeout_or_grpc_timeout() -> None:
+    now = time.monotonic()
+    assert deadline_of({}) is None
+    x_timeout = deadline_of({"x-timeout": "2.5"})
+    assert x_timeout is not None and 2.4 < x_timeout - now < 2.6
+    grpc_timeout = deadline_of({"grpc-timeout": "500m"})
+    assert grpc_timeout is not None and 0.4 < grpc_timeout - now < 0.6
+    for headers in ({"x-timeout": "0"}, {"x-timeout": "soon"}, {"grpc-timeout": "5 S"}):
+        with pytest.raises(BadRequest) as refused:
+            deadline_of(headers)
+        assert "timeout" in refused.value.message.lower()
