@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 import httpx
+import openapi_schema_validator
 import pytest
 import structlog
 from openapi_spec_validator import validate
@@ -136,13 +137,27 @@ async def test_every_route_answers_json(
     client: httpx.AsyncClient, grpc_stub: mitigation_pb2_grpc.MitigationServiceStub
 ) -> None:
     """Each route reaches its RPC: an answer of the RPC (200 or its own error), never a
-    404 or 405 of the router."""
+    404 or 405 of the router; every answer is what /openapi.json says it is."""
+    document = (await client.get("/openapi.json")).json()
+    options = t.WriteOptions(reason="r", incident="INC-1")
     await grpc_stub.MarkKnownGood(
-        m.MarkKnownGoodRequest(service="checkout", version="v1", options=t.WriteOptions(reason="r"))
+        m.MarkKnownGoodRequest(service="checkout", version="v1", options=options)
+    )
+    # Records to read back: nested messages, time stamps, enums, durations.
+    await grpc_stub.SetFlag(
+        m.SetFlagRequest(
+            scope="checkout", name="x", value=t.FlagValue(bool_value=True), options=options
+        )
+    )
+    await grpc_stub.SetShedding(
+        m.SetSheddingRequest(service="checkout", tier=t.SHEDDABLE_PLUS, percent=5, options=options)
+    )
+    await grpc_stub.PinVersion(
+        m.PinVersionRequest(service="checkout", version="v1", options=options)
     )
     dry = {"options": write_options(dryRun=True)}
     bodies: dict[str, Any] = {
-        "SetFlag": {"value": {"numberValue": 2}, **dry},
+        "SetFlag": {"value": {"boolValue": False}, **dry},
         "SetShedding": {"percent": 10, "tier": "SHEDDABLE", **dry},
         "PinVersion": {"version": "v1", **dry},
         "Rollback": {"currentVersion": "v2", **dry},
@@ -173,6 +188,10 @@ async def test_every_route_answers_json(
             code = error_of(response)["code"]
             assert code in ("NOT_FOUND", "FAILED_PRECONDITION"), (route, response.text)
             assert "no route" not in response.text, route
+        described = document["paths"][route.path][route.verb.lower()]["responses"]
+        content = described[str(response.status_code)]["content"]["application/json"]
+        schema = {**content["schema"], "components": document["components"]}
+        openapi_schema_validator.validate(response.json(), schema)
 
 
 # ---- errors: every status that can be provoked ----
