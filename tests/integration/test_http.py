@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import ssl
 import subprocess
@@ -460,6 +461,70 @@ async def test_watch_streams_json_lines_and_ends_when_the_server_stops(
                 await stopping
     finally:
         if not stopped:
+            await server.stop(grace=0)
+
+
+class _Said(logging.Handler):
+    """Sets an event when a log record says ``text``."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+        self.event = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.event.set()
+
+
+async def test_a_request_in_flight_when_the_server_stops_is_answered(
+    etcd: EmbeddedEtcd, prefix: str, raw_etcd: RawEtcd
+) -> None:
+    """Streams end at once; a request the server is reading gets the grace period. The
+    request is seen in flight by its 100 Continue (sent when the handler reads the body),
+    and its body is sent once uvicorn waits for the connections left."""
+    server = await start(etcd, prefix)
+    assert server.http is not None
+    body = json.dumps({"value": {"boolValue": True}, "options": write_options()}).encode()
+    head = (
+        "PUT /v1/flags/checkout/late HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n"
+    ).encode()
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    level, waiting = uvicorn_log.level, _Said("Waiting for connections to close")
+    uvicorn_log.setLevel(logging.INFO)
+    uvicorn_log.addHandler(waiting)
+    stopping: asyncio.Task[None] | None = None
+    try:
+        async with (
+            httpx.AsyncClient(base_url=url(server), timeout=10) as watcher,
+            watcher.stream("GET", "/v1/changes") as stream,
+        ):
+            lines = stream.aiter_lines()
+            await anext(lines)  # live
+            reader, writer = await asyncio.open_connection(server.http.host, server.http.port)
+            writer.write(head)
+            await writer.drain()
+            assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+            stopping = asyncio.create_task(server.stop(grace=5.0))
+            last = json.loads(await anext(lines))  # the stream ended at once...
+            assert last["error"]["code"] == "UNAVAILABLE"
+            async with asyncio.timeout(5):
+                await waiting.event.wait()  # ...the request is still in flight
+            writer.write(body)
+            await writer.drain()
+            status = await reader.readuntil(b"\r\n")
+            assert status == b"HTTP/1.1 200 OK\r\n"
+            answer = await reader.read()  # the headers, the body, then the connection closes
+            assert b'"changed":true' in answer
+            writer.close()
+        async with asyncio.timeout(4):  # not held for the grace period once all is answered
+            await stopping
+        assert await raw_etcd.get(f"{prefix}flags/checkout/late") is not None
+    finally:
+        uvicorn_log.removeHandler(waiting)
+        uvicorn_log.setLevel(level)
+        if stopping is None:
             await server.stop(grace=0)
 
 
