@@ -551,6 +551,33 @@ async def test_watch_streams_count_against_the_identitys_limit(
         await server.stop(grace=0)
 
 
+async def test_a_watch_whose_token_is_revoked_ends_with_unauthenticated(
+    etcd: EmbeddedEtcd, prefix: str, tmp_path: Path
+) -> None:
+    auth = tmp_path / "auth.json"
+    viewer = {"name": "dashboards", "role": "viewer", "token_sha256": hash_token(VIEWER)}
+    operator = {"name": "oncall", "role": "operator", "token_sha256": hash_token(OPERATOR)}
+    auth.write_text(json.dumps({"identities": [viewer, operator]}))
+    server = await start(etcd, prefix, auth_file=auth)
+    try:
+        async with (
+            httpx.AsyncClient(base_url=url(server), timeout=10) as http,
+            http.stream("GET", "/v1/changes", headers=bearer(VIEWER)) as stream,
+        ):
+            lines = stream.aiter_lines()
+            await anext(lines)  # live
+            auth.write_text(json.dumps({"identities": [operator]}))
+            assert server.reload()
+            last = json.loads(await anext(lines))
+            assert last["error"]["code"] == "UNAUTHENTICATED"
+            assert "revoked" in last["error"]["message"]
+            with pytest.raises(StopAsyncIteration):
+                await anext(lines)
+            assert (await http.get("/v1/flags", headers=bearer(VIEWER))).status_code == 401
+    finally:
+        await server.stop(grace=0)
+
+
 async def test_a_bad_watch_is_refused_before_streaming(client: httpx.AsyncClient) -> None:
     refused = await client.get("/v1/changes", params={"service": "Not A Service"})
     assert refused.status_code == 400
