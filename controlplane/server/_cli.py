@@ -240,7 +240,8 @@ def main() -> None:
     type=click.IntRange(min=1024, max=64 * 1024 * 1024),
     default=4 * 1024 * 1024,
     show_default=True,
-    help="Largest request message accepted (RESOURCE_EXHAUSTED beyond).",
+    help="Largest request message accepted (RESOURCE_EXHAUSTED beyond; over HTTP, the "
+    "largest body: 413 beyond).",
 )
 def serve(
     listen: str,
