@@ -72,6 +72,9 @@ from controlplane.server.auth import (
 
 log = structlog.get_logger("controlplane.http")
 
+INTERNAL_ERROR = "internal error (logged on the server)"
+"""What an answer says of a failure of the server's own, as the gRPC port does."""
+
 
 class _Protocol(H11Protocol):
     """uvicorn's HTTP/1.1 with the verified client certificate's subject in each
@@ -237,6 +240,9 @@ class HttpListener:
             response = error_response(code, error.message, error.status)
         except HttpAbort as error:
             response = abort_response(error)
+        except Exception:
+            log.exception("http_failed", route=route.path, rpc=route.rpc)
+            response = error_response("INTERNAL", INTERNAL_ERROR, 500)
         self.log(route, request.method, response.status_code, start, identity, rpc_request)
         return response
 
@@ -362,6 +368,10 @@ class _Ndjson(Response):
         except AuthError as error:  # over the identity's stream limit
             status = HTTP_STATUS.get(error.code, 500)
             last = error_body(error.code.name, error.message, status)
+        except Exception:
+            log.exception("http_failed", route=self.route.path, rpc=self.route.rpc)
+            status = 500
+            last = error_body("INTERNAL", INTERNAL_ERROR, status)
         finally:
             current_identity.reset(token)
             watcher.cancel()
