@@ -9,11 +9,14 @@ repeated fields as arrays, a message made of one oneof as exactly one of its fie
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
 
 from controlplane import __version__
+from controlplane.model._values import _FLAG_RE, _SERVICE_RE, _VERSION_RE, INCIDENT_RE
+from controlplane.server._mitigation_service import _BUNDLE_ID_RE
 from controlplane.server._routes import (
     HTTP_STATUS,
     NDJSON,
@@ -25,6 +28,16 @@ from controlplane.server._routes import (
 )
 
 _REF = "#/components/schemas/"
+
+PATH_PATTERNS: dict[str, re.Pattern[str]] = {
+    "scope": _SERVICE_RE,  # "global" is one too
+    "service": _SERVICE_RE,
+    "name": _FLAG_RE,
+    "version": _VERSION_RE,
+    "incident": INCIDENT_RE,
+    "bundle_id": _BUNDLE_ID_RE,
+}
+"""What the server accepts in each path parameter (the model's own rules)."""
 
 _INT64 = {
     FieldDescriptor.TYPE_INT64,
@@ -183,7 +196,12 @@ def _error_responses() -> dict[str, Any]:
 def _operation(route: Route, schemas: _Schemas) -> dict[str, Any]:
     method = route.method
     parameters: list[dict[str, Any]] = [
-        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+        {
+            "name": name,
+            "in": "path",
+            "required": True,
+            "schema": {"type": "string", "pattern": f"^{PATH_PATTERNS[name].pattern}$"},
+        }
         for name in route.path_fields
     ]
     operation: dict[str, Any] = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -163,6 +164,10 @@ def test_the_openapi_document_is_valid_and_has_every_route() -> None:
     body = set_flag["put"]["requestBody"]["content"]["application/json"]["schema"]
     assert body == {"$ref": "#/components/schemas/SetFlagBody"}
     assert "scope" not in schemas["SetFlagBody"]["properties"]
+    scope, name, _effective = set_flag["get"]["parameters"]
+    assert scope["schema"]["pattern"].startswith("^[a-z0-9]")
+    assert re.fullmatch(scope["schema"]["pattern"].strip("^$"), "global")
+    assert not re.fullmatch(name["schema"]["pattern"].strip("^$"), "New UI")
     params = [p["name"] for p in set_flag["delete"]["parameters"]]
     assert params[:3] == ["scope", "name", "options.reason"]
     assert set(set_flag["get"]["responses"]) >= {"200", "400", "401", "403", "404", "503"}
