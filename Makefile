@@ -15,9 +15,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## Start a local etcd (embedded) and the control server on 127.0.0.1:50051.
+## Start a local etcd (embedded) and the control server on 127.0.0.1:50051, with its
+## HTTP/JSON mirror on 127.0.0.1:8016 (ARGS="--http HOST:PORT" moves it).
 run: $(STAMP)
-	$(BIN)/controlplane serve $(ARGS)
+	$(BIN)/controlplane serve --http 127.0.0.1:8016 $(ARGS)
 
 ## Run the whole test suite (starts its own etcd and servers; a reduced fault set).
 test: $(STAMP)

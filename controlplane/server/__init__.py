@@ -9,6 +9,8 @@ public ones; its modules:
 - ``_control_server``: :class:`ControlServer`, its lifecycle, health and background loops;
 - ``_mitigation_service``, ``_agent_service``: the two gRPC services, and ``_rpc``, what
   every RPC goes through (etcd budget, status, log event);
+- ``_routes``, ``_http``, ``_http_context``, ``_openapi``: the HTTP listener (``--http``),
+  MitigationService as JSON from one route table, and its OpenAPI document;
 - ``hub``: the one etcd watch per process, fanned out to the agents' streams;
 - ``_presence``: the agents connected to this process and what each applied;
 - ``auth``: identities, roles, the auth file and the interceptor enforcing them;

@@ -55,6 +55,14 @@ def main() -> None:
     help="gRPC address.",
 )
 @click.option(
+    "--http",
+    envvar="CONTROLPLANE_HTTP",
+    default=None,
+    metavar="HOST:PORT",
+    help="Also serve MitigationService as JSON over HTTP/1.1 on this address (same TLS, "
+    "tokens and roles as --listen; OpenAPI at /openapi.json). Default: off.",
+)
+@click.option(
     "--etcd",
     envvar="CONTROLPLANE_ETCD",
     default="",
@@ -232,10 +240,12 @@ def main() -> None:
     type=click.IntRange(min=1024, max=64 * 1024 * 1024),
     default=4 * 1024 * 1024,
     show_default=True,
-    help="Largest request message accepted (RESOURCE_EXHAUSTED beyond).",
+    help="Largest request message accepted (RESOURCE_EXHAUSTED beyond; over HTTP, the "
+    "largest body: 413 beyond).",
 )
 def serve(
     listen: str,
+    http: str | None,
     etcd: str,
     prefix: str,
     metrics: str,
@@ -278,6 +288,10 @@ def serve(
             f"{metrics!r} is not HOST:PORT (e.g. 127.0.0.1:9464; 'off': no metrics endpoint)",
             param_hint="--metrics",
         )
+    if http is not None and split_host_port(http) is None:
+        raise click.BadParameter(
+            f"{http!r} is not HOST:PORT (e.g. 127.0.0.1:8016)", param_hint="--http"
+        )
     endpoints = [e.strip() for e in etcd.split(",") if e.strip()]
     etcd_security = _etcd_security(
         etcd_ca, etcd_cert, etcd_key, etcd_server_name, etcd_user, etcd_password_file
@@ -291,6 +305,7 @@ def serve(
             raise click.BadParameter(str(exc), param_hint="--etcd") from None
     config = ServerConfig(
         listen=listen,
+        http=http,
         etcd=endpoints,
         prefix=prefix if prefix.endswith("/") else prefix + "/",
         metrics=None if metrics in ("", "off") else metrics,

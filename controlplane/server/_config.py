@@ -25,6 +25,8 @@ class ServerConfig:
     etcd: list[str] = field(default_factory=list)  # empty: embedded etcd
     prefix: str = DEFAULT_PREFIX
     metrics: str | None = "127.0.0.1:9464"  # None: no metrics endpoint
+    # HOST:PORT of the HTTP listener (the JSON mirror of MitigationService); None: off.
+    http: str | None = None
     etcd_timeout: float = 2.0
     audit_retention: timedelta = timedelta(days=30)
     data_dir: Path = Path(".controlplane")
@@ -71,6 +73,17 @@ def check_exposure(config: ServerConfig, *, serves_tls: bool) -> None:
             f"--listen {config.listen} is not a loopback address: give --auth-file "
             "(who may do what), or --no-auth to let anyone who reaches it change mitigations"
         )
+    if config.http is not None:
+        if not serves_tls and not is_loopback_target(config.http) and not config.insecure:
+            raise ServerConfigError(
+                f"--http {config.http} is not a loopback address: serve TLS "
+                "(--tls-cert and --tls-key) or allow plaintext explicitly (--insecure)"
+            )
+        if config.auth_file is None and not is_loopback_target(config.http) and not config.no_auth:
+            raise ServerConfigError(
+                f"--http {config.http} is not a loopback address: give --auth-file "
+                "(who may do what), or --no-auth to let anyone who reaches it change mitigations"
+            )
     etcd_tls = config.etcd_security is not None and config.etcd_security.uses_tls
     remote = [e for e in config.etcd if not is_loopback_target(_etcd_host(e))]
     if remote and not etcd_tls and not config.etcd_insecure:

@@ -40,6 +40,7 @@ from controlplane.server._agent_service import AgentServicer, add_agent_service
 from controlplane.server._config import ServerConfig, ServerConfigError, check_exposure
 from controlplane.server._flagd import SERVICE_NAME as FLAG_SYNC_SERVICE
 from controlplane.server._flagd import FlagSyncServicer, add_flag_sync_service
+from controlplane.server._http import HttpListener
 from controlplane.server._mitigation_service import MitigationServicer
 from controlplane.server._ports import (
     PortError,
@@ -164,6 +165,8 @@ class ControlServer:
         self._started = False
         self._stopped = False
         self.auth: AuthInterceptor | None = None
+        self.http: HttpListener | None = None
+        """The HTTP listener (``--http``), once started."""
         self._tls = ServerTls(config)
 
     @property
@@ -200,7 +203,8 @@ class ControlServer:
         return list(self.config.etcd)
 
     async def start(self) -> None:
-        """Start etcd (if embedded), the store, the gRPC server and the background tasks."""
+        """Start etcd (if embedded), the store, the gRPC server, the HTTP listener
+        (``--http``) and the background tasks."""
         if self._started:
             raise RuntimeError("ControlServer.start() called twice")
         self._started = True
@@ -262,17 +266,15 @@ class ControlServer:
                 ("grpc.so_reuseport", 1 if config.worker is not None else 0),
             ],
         )
-        mitigation_pb2_grpc.add_MitigationServiceServicer_to_server(
-            MitigationServicer(
-                self.store,
-                self.metrics,
-                self.hub,
-                self.presence,
-                ServiceDirectory(self.store, self.presence, self.config.audit_retention),
-                streams=self.streams,
-            ),
-            server,
+        mitigation = MitigationServicer(
+            self.store,
+            self.metrics,
+            self.hub,
+            self.presence,
+            ServiceDirectory(self.store, self.presence, self.config.audit_retention),
+            streams=self.streams,
         )
+        mitigation_pb2_grpc.add_MitigationServiceServicer_to_server(mitigation, server)
         add_agent_service(
             AgentServicer(self.hub, self.presence, self.metrics, streams=self.streams), server
         )
@@ -291,6 +293,12 @@ class ControlServer:
         self._server = server
         await self._set_serving(False)
         await server.start()
+        if config.http is not None:
+            # The same servicer, streams, identities and certificates as the gRPC port.
+            self.http = HttpListener(
+                config, mitigation, self.streams, self.auth, self._tls.http_context()
+            )
+            await self.http.start()
 
         if self._metrics is not None and not is_loopback_target(
             f"{self._metrics.host}:{self.metrics_port}"
@@ -312,6 +320,7 @@ class ControlServer:
             "server_started",
             version=__version__,
             address=self.address,
+            http=self.http.url if self.http is not None else None,
             etcd=self.etcd_endpoints,
             embedded_etcd=self.etcd is not None,
             prefix=config.prefix,
@@ -323,18 +332,21 @@ class ControlServer:
             etcd_data_dir=str(self.etcd.data_dir) if self.etcd is not None else None,
             etcd_data_bytes=self.etcd.disk_usage() if self.etcd is not None else None,
         )
-        if tls is None and not is_loopback_target(config.listen):
-            log.warning(
-                "plaintext_listen",
-                address=self.address,
-                message="--insecure: tokens and changes cross the network unencrypted",
-            )
-        if self.auth is None and not is_loopback_target(config.listen):
-            log.warning(
-                "authentication_off",
-                address=self.address,
-                message="anyone who reaches this address can change mitigations: give --auth-file",
-            )
+        exposed = [config.listen] + ([config.http] if config.http is not None else [])
+        for address in exposed:
+            if tls is None and not is_loopback_target(address):
+                log.warning(
+                    "plaintext_listen",
+                    address=address,
+                    message="--insecure: tokens and changes cross the network unencrypted",
+                )
+            if self.auth is None and not is_loopback_target(address):
+                log.warning(
+                    "authentication_off",
+                    address=address,
+                    message="anyone who reaches this address can change mitigations: give "
+                    "--auth-file",
+                )
 
     @property
     def security_summary(self) -> str:
@@ -347,8 +359,9 @@ class ControlServer:
         else:
             transport = "mutual TLS"
         if self.auth is None:
+            addresses = [config.listen] + ([config.http] if config.http is not None else [])
             who = "authentication off" + (
-                " (loopback only)" if is_loopback_target(config.listen) else ""
+                " (loopback only)" if all(map(is_loopback_target, addresses)) else ""
             )
         else:
             who = (
@@ -428,6 +441,8 @@ class ControlServer:
             # it waits for those in flight. The streams, which would hold it for the whole
             # grace period, end meanwhile; unary calls get the grace period.
             closing += [self._server.stop(grace), self._end_streams()]
+        if self.http is not None:
+            closing.append(self.http.stop(grace))
         await asyncio.gather(*closing)
         if self.presence is not None:
             await self.presence.stop()

@@ -1,12 +1,13 @@
 """The ports ``controlplane serve`` opens, and a port it cannot have said in one line.
 
 The ports are the embedded etcd's client and peer ports, the gRPC address
-(``--listen``) and the metrics endpoint (``--metrics``). :func:`check_ports` binds each
-as its server will, before anything starts, so that a second ``make run`` fails at once
-rather than after starting etcd. The real bind can still fail (another process took
-the port meanwhile); :func:`port_error` words both the same way: the address, what
-holds it (``pid 1234 (python3)``, found through ``/proc`` when this user may see the
-process) and the option that changes it.
+(``--listen``), the HTTP listener (``--http``) and the metrics endpoint
+(``--metrics``). :func:`check_ports` binds each as its server will, before anything
+starts, so that a second ``make run`` fails at once rather than after starting etcd.
+The real bind can still fail (another process took the port meanwhile);
+:func:`port_error` words both the same way: the address, what holds it (``pid 1234
+(python3)``, found through ``/proc`` when this user may see the process) and the
+option that changes it.
 
 :func:`add_grpc_port` binds the gRPC address without gRPC's own log line about a
 failed bind: the error says it once.
@@ -142,16 +143,66 @@ def metrics_port(config: ServerConfig) -> Port | None:
     )
 
 
+def http_port(config: ServerConfig) -> Port | None:
+    """The HTTP listener as a Port; None without ``--http``.
+
+    Raises:
+        ServerConfigError: ``--http`` is not ``HOST:PORT``.
+    """
+    if config.http is None:
+        return None
+    parsed = split_host_port(config.http)
+    if parsed is None:
+        raise ServerConfigError(
+            f"--http {config.http!r} is not HOST:PORT: give one (e.g. 127.0.0.1:8016)"
+        )
+    return Port(
+        parsed[0], parsed[1], "HTTP", "--http HOST:PORT", "or leave --http out", first_only=True
+    )
+
+
 def serve_ports(config: ServerConfig, *, listen: bool = True) -> list[Port]:
     """Every port ``config`` opens that is not picked free (port 0), in start order.
 
-    ``listen``: include the gRPC address (a worker of ``--workers`` shares it).
+    ``listen``: include the gRPC and HTTP addresses (a worker of ``--workers`` shares them).
     """
     ports = etcd_ports(config)
     grpc_address = grpc_port(config) if listen else None
+    http_address = http_port(config) if listen else None
     metrics = metrics_port(config)
-    ports += [p for p in (grpc_address, metrics) if p is not None]
+    ports += [p for p in (grpc_address, http_address, metrics) if p is not None]
     return [p for p in ports if p.port != 0]
+
+
+def bind_listener(port: Port, *, shared: bool) -> socket.socket:
+    """A socket bound to ``port`` (the first address its host resolves to), not yet
+    listening; ``shared``: with SO_REUSEPORT, for the workers of ``--workers``.
+
+    Raises:
+        PortError: The address cannot be bound (what holds it and the option named).
+    """
+    try:
+        family, kind, proto, _name, sockaddr = socket.getaddrinfo(
+            port.host or None, port.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except (OSError, UnicodeError) as exc:
+        raise PortError(
+            [
+                f"cannot listen on {port.address} ({port.role}): {exc}; give another "
+                f"address with {port.option}"
+            ],
+            [port],
+        ) from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if shared:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(sockaddr)
+    except OSError as exc:
+        sock.close()
+        raise port_error(port, exc) from None
+    return sock
 
 
 def check_ports(ports: Sequence[Port]) -> None:

@@ -98,7 +98,8 @@ def _say_listening(server: ControlServer, stop: asyncio.Event) -> None:
     embedded = f", embedded, {embedded_etcd_data(server.etcd)}" if server.etcd else ""
     click.echo(
         f"control server listening on {server.address} (etcd {', '.join(server.etcd_endpoints)}"
-        f"{embedded}; prefix {config.prefix}; {server.security_summary})",
+        f"{embedded}; prefix {config.prefix}; {server.security_summary}"
+        f"{f'; HTTP {server.http.url}' if server.http is not None else ''})",
         err=True,
     )
 

@@ -7,6 +7,7 @@ load is refused and what was in force stays.
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 import threading
 from typing import Any
@@ -26,6 +27,7 @@ class ServerTls:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self._next: Any = None  # certificates read by a reload, for the next handshake
+        self._http: ssl.SSLContext | None = None  # the HTTP listener's, once made
         self._lock = threading.Lock()
 
     def credentials(self) -> grpc.ServerCredentials | None:
@@ -56,6 +58,38 @@ class ServerTls:
         configuration = self._configuration()
         with self._lock:
             self._next = configuration
+        if self._http is not None and self.config.tls_cert is not None:
+            # Checked just above; the HTTP listener's next handshakes take it too.
+            with contextlib.suppress(OSError, ssl.SSLError):
+                self._http.load_cert_chain(self.config.tls_cert, self.config.tls_key)
+
+    def http_context(self) -> ssl.SSLContext | None:
+        """The TLS of the HTTP listener (``--http``), the same files as the gRPC port's:
+        None without ``--tls-cert``; with ``--tls-client-ca``, client certificates that
+        CA signed are required. A reload gives its next handshakes the new certificate
+        (the client CA is the one read at start).
+
+        Raises:
+            ServerConfigError: The files do not load.
+        """
+        config = self.config
+        if config.tls_cert is None:
+            return None
+        self._configuration()  # checked as for gRPC: ownership, key and certificate match
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.set_alpn_protocols(["http/1.1"])
+        try:
+            context.load_cert_chain(config.tls_cert, config.tls_key)
+            if config.tls_client_ca is not None:
+                context.load_verify_locations(cafile=config.tls_client_ca)
+                context.verify_mode = ssl.CERT_REQUIRED
+        except (OSError, ssl.SSLError) as exc:
+            raise ServerConfigError(
+                f"--tls-cert/--tls-key/--tls-client-ca cannot serve HTTP: {exc}"
+            ) from None
+        self._http = context
+        return context
 
     def _configuration(self) -> Any:
         """The server certificate (and client CA), read once and checked as read."""

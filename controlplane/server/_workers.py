@@ -53,7 +53,14 @@ from controlplane.server._control_server import (
     serve_metrics,
     start_embedded_etcd,
 )
-from controlplane.server._ports import check_ports, grpc_port, port_error, serve_ports
+from controlplane.server._ports import (
+    Port,
+    check_ports,
+    grpc_port,
+    http_port,
+    port_error,
+    serve_ports,
+)
 from controlplane.server._runtime import (
     configure_logging,
     embedded_etcd_data,
@@ -121,6 +128,7 @@ class _Supervisor:
         stop = asyncio.Event()
         etcd: EmbeddedEtcd | None = None
         reserved: socket.socket | None = None
+        reserved_http: socket.socket | None = None
         metrics_server: MetricsEndpoint | None = None
         self._metrics_dir = tempfile.mkdtemp(prefix="controlplane-metrics-")
         # Read by prometheus-client when a worker imports it: multiprocess mode.
@@ -139,9 +147,11 @@ class _Supervisor:
                     "embedded_etcd_started", endpoint=etcd.endpoint, data_dir=str(etcd.data_dir)
                 )
             listen, reserved = _reserve(config)
+            http, reserved_http = _reserve_http(config)
             self.config = replace(
                 config,
                 listen=listen,
+                http=http,
                 etcd=[etcd.endpoint] if etcd is not None else config.etcd,
                 metrics=None,
             )
@@ -152,9 +162,10 @@ class _Supervisor:
             if not await self._all_ready(stop):
                 return  # stopped while they started
             self.serving = True
-            if reserved is not None:
-                reserved.close()
-                reserved = None
+            for held in (reserved, reserved_http):
+                if held is not None:
+                    held.close()
+            reserved = reserved_http = None
             metrics_at = (
                 f"{metrics_server.host}:{metrics_server.port}"
                 if metrics_server is not None
@@ -172,7 +183,7 @@ class _Supervisor:
                 f"control server listening on {listen} ({self.count} workers, pids "
                 f"{', '.join(map(str, pids))}; etcd {', '.join(self.config.etcd)}"
                 f"{f', embedded, {embedded_etcd_data(etcd)}' if etcd is not None else ''}; "
-                f"prefix {config.prefix})",
+                f"prefix {config.prefix}{f'; HTTP {_http_url(config, http)}' if http else ''})",
                 err=True,
             )
             await stop.wait()
@@ -184,8 +195,9 @@ class _Supervisor:
             await self._stop_all()
             if metrics_server is not None:
                 await asyncio.to_thread(metrics_server.close)
-            if reserved is not None:
-                reserved.close()
+            for held in (reserved, reserved_http):
+                if held is not None:
+                    held.close()
             if etcd is not None:
                 await asyncio.to_thread(etcd.stop)
             shutil.rmtree(self._metrics_dir, ignore_errors=True)
@@ -379,12 +391,24 @@ def _reserve(config: ServerConfig) -> tuple[str, socket.socket | None]:
     Raises:
         ServerConfigError: The address cannot be bound.
     """
-    listen = config.listen
     port = grpc_port(config)
     if port is None:
         raise ServerConfigError(
-            f"--listen {listen!r} is not HOST:PORT, which --workers needs (e.g. 127.0.0.1:50051)"
+            f"--listen {config.listen!r} is not HOST:PORT, which --workers needs "
+            "(e.g. 127.0.0.1:50051)"
         )
+    return _reserve_port(port, config.listen)
+
+
+def _reserve_http(config: ServerConfig) -> tuple[str | None, socket.socket | None]:
+    """``--http`` as :func:`_reserve` does ``--listen`` (None: no HTTP listener)."""
+    port = http_port(config)
+    if port is None or config.http is None:
+        return None, None
+    return _reserve_port(port, config.http)
+
+
+def _reserve_port(port: Port, address: str) -> tuple[str, socket.socket | None]:
     family = socket.AF_INET6 if ":" in port.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -399,8 +423,12 @@ def _reserve(config: ServerConfig) -> tuple[str, socket.socket | None]:
         raise port_error(port, exc) from None
     if port.port != 0:
         sock.close()
-        return listen, None
-    return f"{listen.rpartition(':')[0]}:{sock.getsockname()[1]}", sock
+        return address, None
+    return f"{address.rpartition(':')[0]}:{sock.getsockname()[1]}", sock
+
+
+def _http_url(config: ServerConfig, address: str) -> str:
+    return f"{'https' if config.tls_cert is not None else 'http'}://{address}"
 
 
 def _serve_metrics(config: ServerConfig, folder: str) -> MetricsEndpoint:

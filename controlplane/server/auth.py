@@ -628,9 +628,9 @@ class AuthInterceptor(_Interceptor):
         authorize(identity, method)
         return identity, credential
 
-    async def _deny(
-        self, method: str, context: grpc.aio.ServicerContext[Any, Any], error: AuthError
-    ) -> NoReturn:
+    def refused(self, method: str, error: AuthError, peer: str, **fields: Any) -> None:
+        """Count a refusal and log it (at most REFUSALS_LOGGED_PER_SECOND lines a second);
+        the HTTP listener's refusals go through here too."""
         if self.on_denied is not None:
             self.on_denied(_method_name(method), error.code.name)
         if self._refusal_log.allow():
@@ -639,8 +639,14 @@ class AuthInterceptor(_Interceptor):
                 method=_method_name(method),
                 code=error.code.name,
                 error=error.message,
-                peer=context.peer(),
+                peer=peer,
+                **fields,
             )
+
+    async def _deny(
+        self, method: str, context: grpc.aio.ServicerContext[Any, Any], error: AuthError
+    ) -> NoReturn:
+        self.refused(method, error, context.peer())
         await context.abort(error.code, error.message)
         raise AssertionError("context.abort returned")  # pragma: no cover
 

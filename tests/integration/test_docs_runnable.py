@@ -850,6 +850,9 @@ async def test_the_runbook_forces_the_reverts_refused_after_a_colleague_changed_
 
 # ---- the README, run ----
 
+MAKE_RUN_HTTP = "127.0.0.1:8016"
+"""Where `make run` serves HTTP (the Makefile's run target)."""
+
 # Blocks not run against `make run`, by their first command: each is checked by the name
 # checks above instead.
 NOT_RUN = {
@@ -861,9 +864,11 @@ NOT_RUN = {
 
 @pytest.fixture
 async def default_prefix_server(fresh_etcd: EmbeddedEtcd) -> AsyncIterator[ControlServer]:
-    """A server under the default prefix, as `make run`'s, on an etcd of the test's own."""
+    """A server under the default prefix, as `make run`'s (HTTP too), on an etcd of the
+    test's own."""
     srv = ControlServer(
-        server_config(fresh_etcd.endpoint, DEFAULT_PREFIX), registry=CollectorRegistry()
+        server_config(fresh_etcd.endpoint, DEFAULT_PREFIX, http="127.0.0.1:0"),
+        registry=CollectorRegistry(),
     )
     await srv.start()
     yield srv
@@ -915,6 +920,10 @@ async def test_the_readme_commands_run_as_printed(
             if "OVERRIDE=" in text:
                 assert text.count("/var/cache/checkout") == 1
                 text = text.replace("/var/cache/checkout", str(cache))
+            if MAKE_RUN_HTTP in text:  # make run's HTTP address: the test server's
+                assert f"--http {MAKE_RUN_HTTP}" in (ROOT / "Makefile").read_text()
+                assert server.http is not None
+                text = text.replace(f"http://{MAKE_RUN_HTTP}", server.http.url)
             ran = (await shell.run(text, block.where)).ok(block.where)
 
             if PATH_LINE in text:
@@ -946,12 +955,17 @@ async def test_the_readme_commands_run_as_printed(
                 override = parse_override(written, now)
                 assert timedelta(hours=1) < override.expires_at - now <= timedelta(hours=2)
                 checked.add("override")
+            if "curl " in text:
+                # The flag as set over HTTP, read back; the routes of the OpenAPI document.
+                assert "false\n" in ran.out and "/v1/flags/{scope}/{name}\n" in ran.out, ran.out
+                checked.add("http")
             if text.startswith("etcdctl get"):
                 assert "/controlplane/v1/flags/checkout/new-ui" in ran.out, ran.out
                 checked.add("etcdctl")
     assert skipped == set(NOT_RUN), skipped
     assert checked == {
         "path", "token", "revert", "timeline", "completion", "bashrc", "override", "etcdctl",
+        "http",
     }, checked  # fmt: skip
     assert ran_blocks >= 10, ran_blocks
 

@@ -115,6 +115,11 @@ CASES: dict[str, tuple[str, Callable[[int], dict[str, str]], str]] = {
         lambda port: {"listen": f"127.0.0.1:{port}"},
         "pick another port with --listen HOST:PORT",
     ),
+    "http": (
+        "HTTP",
+        lambda port: {"http": f"127.0.0.1:{port}"},
+        "pick another port with --http HOST:PORT, or leave --http out",
+    ),
     "metrics": (
         "metrics",
         lambda port: {"metrics": f"127.0.0.1:{port}"},
