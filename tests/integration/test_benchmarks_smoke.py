@@ -130,7 +130,9 @@ def test_reconnect_benchmark_brings_every_agent_back_with_the_outage_writes(
 
 
 def test_the_runner_knows_every_benchmark_and_refuses_unknown_ones() -> None:
-    assert set(bench_main.BENCHMARKS) == {"hotpath", "writes", "propagation", "memory", "reconnect"}
+    assert set(bench_main.BENCHMARKS) == {
+        "hotpath", "writes", "propagation", "memory", "reconnect", "flagd",
+    }  # fmt: skip
     assert bench_main.main(["no-such-benchmark"]) == 2
 
 
