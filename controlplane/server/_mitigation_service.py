@@ -553,7 +553,7 @@ class _ObservationRPCs(_Servicer):
                     response.drift[instance.running_version] = (
                         response.drift.get(instance.running_version, 0) + 1
                     )
-        response.sync_clients = await self.presence.sync_clients(service)
+        response.sync_clients = await self._sync_clients(service)
         contact = (
             model.utcnow()
             if any(i.connected for i in instances)
@@ -572,6 +572,16 @@ class _ObservationRPCs(_Servicer):
         self, request: mpb.ListServicesRequest, context: Any
     ) -> mpb.ListServicesResponse:
         return await self.services.summaries()
+
+    async def _sync_clients(self, service: str) -> int:
+        """How many OpenFeature sync clients ``service`` has; best effort, in a budget of its
+        own (a wait has spent the call's by the time it answers)."""
+        try:
+            with self.store.budget(self.store.etcd_timeout):
+                return await self.presence.sync_clients(service)
+        except ControlPlaneError as exc:
+            log.warning("sync_clients_unknown", service=service, error=exc.message)
+            return 0
 
     def _instance_proto(self, instance: Instance) -> pb.Instance:
         lag = self.hub.relevant_since(instance.service, instance.applied)
@@ -736,7 +746,7 @@ class _ObservationRPCs(_Servicer):
             applied=len(applied),
             pending=[self._instance_proto(i) for i in pending],
             nacks=nacks,
-            sync_clients=await self.presence.sync_clients(service),
+            sync_clients=await self._sync_clients(service),
         )
         if response.all_applied:
             # When the last instance applied it, from the processes' records (they may
