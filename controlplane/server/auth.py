@@ -135,6 +135,10 @@ def _method_rules() -> dict[str, Access]:
 METHOD_RULES: dict[str, Access] = _method_rules()
 """Full method name (``/package.Service/Method``) -> what it needs; absent: refused."""
 
+_SENDS_FIRST = frozenset({f"/{_AGENT.full_name}/Sync"})
+"""Client-streaming methods whose clients write a message before reading any."""
+REFUSAL_READ_SECONDS = 1.0
+
 STREAMING_METHODS = frozenset(
     {
         f"/{_AGENT.full_name}/Sync",
@@ -647,6 +651,13 @@ class AuthInterceptor(_Interceptor):
         self, method: str, context: grpc.aio.ServicerContext[Any, Any], error: AuthError
     ) -> NoReturn:
         self.refused(method, error, context.peer())
+        if method in _SENDS_FIRST:
+            # The client writes its first message before it reads: take it (briefly)
+            # before refusing, or its write can race the refusal and it sees an
+            # INTERNAL "Internal error from Core" instead of why it was refused.
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(REFUSAL_READ_SECONDS):
+                    await context.read()
         await context.abort(error.code, error.message)
         raise AssertionError("context.abort returned")  # pragma: no cover
 
