@@ -76,7 +76,9 @@ def read_report(msg: agent_pb2.Override) -> OverrideReport:
         try:
             parsed = json.loads(raw)
             content = parsed if isinstance(parsed, dict) else {"content": parsed}
-            json.dumps(content, ensure_ascii=False).encode()  # lone surrogates
+            # Lone surrogates, and numbers JSON cannot hold (1e400 parses as infinity):
+            # a record with them could not be read back.
+            json.dumps(content, ensure_ascii=False, allow_nan=False).encode()
         except (ValueError, RecursionError):
             content = {"content": model.clean_text(raw, MAX_REPORT_BYTES)}
     expires = None

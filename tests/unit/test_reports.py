@@ -55,6 +55,14 @@ def test_not_json_content_is_kept_as_text_made_safe() -> None:
     assert report.content == {"content": "flags:\\u000a  x: \\u001b[31m"}
 
 
+@pytest.mark.parametrize("raw", ['{"a": 1e400}', '{"a": -1e999}', '{"a": NaN}', "[Infinity]"])
+def test_numbers_json_cannot_hold_are_kept_as_text(raw: str) -> None:
+    # 1e400 parses as infinity: a record holding it could not be read back (strict JSON).
+    report = read_report(_report(active=True, content_json=raw))
+    assert report.content == {"content": raw}
+    json.loads(json.dumps(report.content, allow_nan=False))
+
+
 def test_each_instance_has_a_burst_then_earns_reports_back_with_time() -> None:
     now = [0.0]
     limiter = ReportLimiter(burst=3, every=10.0, clock=lambda: now[0])
