@@ -14,7 +14,6 @@ from controlplane._text import visible
 from controlplane.api.v1 import types_pb2 as pb
 from controlplane.errors import InvalidArgumentError
 from controlplane.model._values import (
-    INCIDENT_RE,
     MAX_ACTOR_CHARS,
     MAX_REASON_CHARS,
     MAX_TTL,
@@ -33,6 +32,7 @@ from controlplane.model._values import (
     timestamp_to_datetime,
     validate_flag_name,
     validate_flag_value,
+    validate_incident,
     validate_percent,
     validate_scope,
     validate_service,
@@ -86,13 +86,7 @@ def write_options_from_proto(
         raise InvalidArgumentError(
             "options.reason", "shows nothing (only spaces or invisible characters): say why"
         )
-    incident = msg.incident.strip()
-    if incident and not INCIDENT_RE.fullmatch(incident):
-        raise InvalidArgumentError(
-            "options.incident",
-            f"{show(incident)} is not an incident id: 1-64 characters A-Z, a-z, 0-9, "
-            "'.', '_', ':', '/' and '-'",
-        )
+    incident = validate_incident(msg.incident.strip(), "options.incident")
     actor = check_text(msg.actor.strip(), "options.actor", MAX_ACTOR_CHARS) or "unknown"
     expires_at: datetime | None = None
     has_ttl = msg.HasField("ttl")

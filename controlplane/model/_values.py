@@ -55,6 +55,17 @@ class Tier(enum.IntEnum):
 # ---------------------------------------------------------------- validation
 
 
+def validate_incident(value: str, field_name: str = "incident") -> str:
+    """Return ``value`` if it is an incident id or empty."""
+    if value and not INCIDENT_RE.fullmatch(value):
+        raise InvalidArgumentError(
+            field_name,
+            f"{show(value)} is not an incident id: 1-64 characters A-Z, a-z, 0-9, "
+            "'.', '_', ':', '/' and '-'",
+        )
+    return value
+
+
 def validate_service(value: str, field_name: str = "service") -> str:
     """Return ``value`` if it is a service name (a DNS label, not ``global``)."""
     if not value:

@@ -45,6 +45,7 @@ from controlplane.store import BundleOutcome, BundleView, Plan, Store, WriteOutc
 log = structlog.get_logger("controlplane.rpc")
 
 MAX_HISTORY_LIMIT = 1000
+MAX_TIMELINE_LIMIT = 10_000
 DEFAULT_HISTORY_LIMIT = 100
 HISTORY_RESPONSE_BYTES = 4 * 1024 * 1024
 """About the most bytes of records an answer of audit entries shows (history, timeline):
@@ -612,7 +613,7 @@ class _ObservationRPCs(_Servicer):
             raise InvalidArgumentError("since", "is after until")
         entries = await self.store.list_history(
             service=service,
-            incident=request.incident.strip(),
+            incident=model.validate_incident(request.incident),
             since=since,
             until=until,
             limit=request.limit or DEFAULT_HISTORY_LIMIT,
@@ -668,11 +669,11 @@ class _ObservationRPCs(_Servicer):
     async def GetTimeline(
         self, request: mpb.GetTimelineRequest, context: Any
     ) -> mpb.GetTimelineResponse:
-        incident = request.incident.strip()
+        incident = model.validate_incident(request.incident)
         if not incident:
             raise InvalidArgumentError("incident", "is required: the incident id (e.g. INC-42)")
-        if request.limit < 0 or request.limit > 10_000:
-            raise InvalidArgumentError("limit", "must be 0 (default 1000) to 10000")
+        if request.limit < 0 or request.limit > MAX_TIMELINE_LIMIT:
+            raise InvalidArgumentError("limit", f"must be 0 (default 1000) to {MAX_TIMELINE_LIMIT}")
         entries = await self.store.list_history(incident=incident, limit=request.limit or 1000)
         entries.reverse()  # oldest first
         records = await self.presence.applied_records(entries[0].revision) if entries else {}

@@ -16,7 +16,11 @@ from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescript
 
 from controlplane import __version__
 from controlplane.model._values import _FLAG_RE, _SERVICE_RE, _VERSION_RE, INCIDENT_RE
-from controlplane.server._mitigation_service import _BUNDLE_ID_RE
+from controlplane.server._mitigation_service import (
+    _BUNDLE_ID_RE,
+    MAX_HISTORY_LIMIT,
+    MAX_TIMELINE_LIMIT,
+)
 from controlplane.server._routes import (
     HTTP_STATUS,
     NDJSON,
@@ -38,6 +42,23 @@ PATH_PATTERNS: dict[str, re.Pattern[str]] = {
     "bundle_id": _BUNDLE_ID_RE,
 }
 """What the server accepts in each path parameter (the model's own rules)."""
+
+FILTER_PATTERNS: dict[str, re.Pattern[str]] = {
+    "scope": _SERVICE_RE,
+    "service": _SERVICE_RE,
+    "incident": INCIDENT_RE,
+}
+"""Query parameters that filter by a name: that name's rule, or empty (no filter)."""
+
+LIMITS: dict[str, dict[str, int]] = {
+    "ListBundles": {"minimum": 0},
+    "ListHistory": {"minimum": 0, "maximum": MAX_HISTORY_LIMIT},
+    "GetTimeline": {"minimum": 0, "maximum": MAX_TIMELINE_LIMIT},
+}
+"""The bounds of each RPC's ``limit`` (0: the default)."""
+
+WRITE_OPTIONS = "controlplane.api.v1.WriteOptions"
+"""Every write's options: the ``reason`` is required (it goes to the audit trail)."""
 
 _INT64 = {
     FieldDescriptor.TYPE_INT64,
@@ -132,6 +153,9 @@ class _Schemas:
             "properties": properties,
             "additionalProperties": False,
         }
+        if descriptor.full_name == WRITE_OPTIONS:
+            schema["required"] = ["reason"]
+            properties["reason"]["minLength"] = 1
         real = [o for o in descriptor.oneofs if not _synthetic(o)]
         if len(real) == 1 and len(real[0].fields) == len(fields):
             schema["oneOf"] = [{"required": [f.json_name]} for f in real[0].fields]
@@ -215,6 +239,9 @@ def _operation(route: Route, schemas: _Schemas) -> dict[str, Any]:
         if route.path_fields:
             name = f"{route.rpc}Body"
         schema = schemas.message(method.input_type, route.path_fields, name)
+        # A write's own options are required (a change inside a bundle has none).
+        if "options" in schemas.schemas[name]["properties"]:
+            schemas.schemas[name]["required"] = ["options"]
         operation["requestBody"] = {
             "required": False,
             "content": {"application/json": {"schema": schema}},
@@ -222,9 +249,18 @@ def _operation(route: Route, schemas: _Schemas) -> dict[str, Any]:
     else:
         for dotted, field in query_parameters(method.input_type, route.path_fields):
             schema = schemas.single(field)
+            if dotted in FILTER_PATTERNS:
+                schema = {**schema, "pattern": f"^(?:{FILTER_PATTERNS[dotted].pattern})?$"}
+            if dotted == "limit":
+                schema = {**schema, **LIMITS[route.rpc]}
             if field.is_repeated:
                 schema = {"type": "array", "items": schema}
-            parameters.append({"name": dotted, "in": "query", "required": False, "schema": schema})
+            required = dotted == "options.reason"
+            if required:
+                schema = {**schema, "minLength": 1}
+            parameters.append(
+                {"name": dotted, "in": "query", "required": required, "schema": schema}
+            )
     if parameters:
         operation["parameters"] = parameters
     answer = schemas.message(method.output_type)

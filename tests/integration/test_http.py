@@ -584,6 +584,25 @@ async def test_a_bad_watch_is_refused_before_streaming(client: httpx.AsyncClient
     assert error_of(refused)["code"] == "INVALID_ARGUMENT"
 
 
+async def test_an_incident_that_is_no_incident_id_is_refused(
+    client: httpx.AsyncClient, grpc_stub: mitigation_pb2_grpc.MitigationServiceStub
+) -> None:
+    """GetTimeline and ListHistory's incident filter take an incident id, as /openapi.json
+    says: anything else is a 400 (it answered 200 with an empty timeline)."""
+    timeline = await client.get("/v1/incidents/%C2%8D%C3%99/timeline")
+    assert timeline.status_code == 400, timeline.text
+    assert error_of(timeline)["message"].startswith("incident: ")
+    history = await client.get("/v1/history", params={"incident": "INC 7"})
+    assert history.status_code == 400, history.text
+    assert error_of(history)["message"].startswith("incident: 'INC 7' is not an incident id")
+    with pytest.raises(grpc.aio.AioRpcError) as over_grpc:
+        await grpc_stub.GetTimeline(m.GetTimelineRequest(incident="INC\n7"))
+    assert over_grpc.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    # As the document's pattern says: a read takes the id as written, with no spaces.
+    padded = await client.get("/v1/incidents/%20INC-7/timeline")
+    assert padded.status_code == 400, padded.text
+
+
 # ---- the document ----
 
 

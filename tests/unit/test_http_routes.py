@@ -175,6 +175,35 @@ def test_the_openapi_document_is_valid_and_has_every_route() -> None:
     assert list(watch) == ["application/x-ndjson"]
 
 
+def test_the_openapi_document_states_the_rules_the_server_checks() -> None:
+    """Rules that are simple and true go in the schema (the HTTP fuzz test holds the
+    server to them): a write's reason, the names a filter takes, a limit's bounds."""
+    document = openapi_document()
+    schemas = document["components"]["schemas"]
+    assert schemas["WriteOptions"]["required"] == ["reason"]
+    assert schemas["WriteOptions"]["properties"]["reason"]["minLength"] == 1
+    bodies = [
+        name
+        for name, schema in schemas.items()
+        if name.endswith("Body") or name == "ApplyBundleRequest"
+    ]
+    assert len(bodies) == 7, bodies  # the writes with a body
+    assert all(schemas[name]["required"] == ["options"] for name in bodies)
+    assert "required" not in schemas["SetFlagRequest"]  # in a bundle: no options of its own
+    clear = document["paths"]["/v1/flags/{scope}/{name}"]["delete"]["parameters"]
+    assert {p["name"]: p["required"] for p in clear}["options.reason"] is True
+    history = {
+        p["name"]: p["schema"] for p in document["paths"]["/v1/history"]["get"]["parameters"]
+    }
+    assert history["limit"]["minimum"] == 0 and history["limit"]["maximum"] == 1000
+    incident = history["incident"]["pattern"]
+    assert re.fullmatch(incident, "INC-7") and re.fullmatch(incident, "")
+    assert not re.fullmatch(incident, "INC 7")
+    flags = {p["name"]: p["schema"] for p in document["paths"]["/v1/flags"]["get"]["parameters"]}
+    assert re.fullmatch(flags["scope"]["pattern"], "global")
+    assert not re.fullmatch(flags["scope"]["pattern"], "Checkout")
+
+
 def test_routes_are_frozen_records() -> None:
     route = Route("GetFlag", "GET", "/v1/flags/{scope}/{name}", "x")
     assert route.path_fields == ("scope", "name") and not route.has_body
