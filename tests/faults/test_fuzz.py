@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import queue
 import re
 import uuid
@@ -70,7 +69,7 @@ import grpc
 import pytest
 from google.protobuf import duration_pb2, timestamp_pb2
 from google.protobuf.message import Message
-from hypothesis import HealthCheck, currently_in_test_context, event, given, settings
+from hypothesis import currently_in_test_context, event, given
 from hypothesis import strategies as st
 
 from controlplane import model
@@ -81,6 +80,7 @@ from controlplane.api.v1 import types_pb2 as t
 from controlplane.embedded_etcd import EmbeddedEtcd
 from controlplane.errors import InvalidArgumentError
 from tests.conftest import TEST_KEY_ROOT
+from tests.faults.fuzz_budget import TIMEOUT, budget
 from tests.faults.fuzz_oracle import (
     READBACKS,
     EtcdProbe,
@@ -110,41 +110,13 @@ from tests.faults.fuzz_strategies import (
     versions,
     wrong_payloads,
 )
+from tests.faults.harness import FULL
 from tests.helpers.raw_etcd import delete_prefix_blocking
 from tests.helpers.server_process import ServerProcess
 
 # ---------------------------------------------------------------- budget
 
-FULL = os.environ.get("CONTROLPLANE_FAULTS") == "full"
-
-settings.register_profile(
-    "controlplane-fuzz",
-    deadline=None,  # every example makes network calls
-    database=None,  # CI runs the same examples every time
-    derandomize=True,
-    print_blob=True,
-    suppress_health_check=[
-        HealthCheck.too_slow,
-        HealthCheck.function_scoped_fixture,  # the servers live across examples on purpose
-        HealthCheck.data_too_large,
-        HealthCheck.large_base_example,
-        HealthCheck.filter_too_much,
-    ],
-)
-settings.register_profile(
-    "controlplane-fuzz-full",
-    parent=settings.get_profile("controlplane-fuzz"),
-    derandomize=False,
-)
-_PROFILE = settings.get_profile("controlplane-fuzz-full" if FULL else "controlplane-fuzz")
-
-
-def budget(quick: int, full: int) -> settings:
-    """Hypothesis settings for ``quick`` examples in ``make test``, ``full`` in the fault run."""
-    return settings(_PROFILE, max_examples=full if FULL else quick)
-
-
-pytestmark = pytest.mark.timeout(900 if FULL else 120)
+pytestmark = pytest.mark.timeout(TIMEOUT)
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,6 @@ any parameter (ListPins, ListServices, ListShedding) have one request each.
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -55,7 +54,7 @@ import openapi_schema_validator
 import pytest
 import requests
 import schemathesis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from schemathesis import Case, GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
@@ -64,40 +63,13 @@ from schemathesis.specs.openapi.schemas import OpenApiSchema
 from controlplane.embedded_etcd import EmbeddedEtcd
 from controlplane.server._routes import ROUTES
 from tests.conftest import TEST_KEY_ROOT
+from tests.faults.fuzz_budget import TIMEOUT, budget
 from tests.faults.fuzz_oracle import EtcdProbe, Target
 from tests.faults.fuzz_strategies import CALL_TIMEOUT
 from tests.helpers.raw_etcd import delete_prefix_blocking
 from tests.helpers.server_process import ServerProcess
 
-FULL = os.environ.get("CONTROLPLANE_FAULTS") == "full"
-
-settings.register_profile(
-    "controlplane-http-fuzz",
-    deadline=None,  # every example makes network calls
-    database=None,  # CI runs the same examples every time
-    derandomize=True,
-    print_blob=True,
-    suppress_health_check=[
-        HealthCheck.too_slow,
-        HealthCheck.function_scoped_fixture,
-        HealthCheck.data_too_large,
-        HealthCheck.filter_too_much,
-    ],
-)
-settings.register_profile(
-    "controlplane-http-fuzz-full",
-    parent=settings.get_profile("controlplane-http-fuzz"),
-    derandomize=False,
-)
-_PROFILE = settings.get_profile("controlplane-http-fuzz-full" if FULL else "controlplane-http-fuzz")
-
-
-def budget(quick: int, full: int) -> settings:
-    """Hypothesis settings for ``quick`` examples in ``make test``, ``full`` in the fault run."""
-    return settings(_PROFILE, max_examples=full if FULL else quick)
-
-
-pytestmark = pytest.mark.timeout(900 if FULL else 120)
+pytestmark = pytest.mark.timeout(TIMEOUT)
 
 
 @dataclass
