@@ -165,8 +165,10 @@ class FlagSyncServicer:
         self.presence = presence
         self.metrics = metrics
         self.streams = streams
-        # service -> (stamp it was built at, serialized SyncFlagsResponse, its JSON)
-        self._built: dict[str, tuple[int, bytes, str]] = {}
+        # service -> (stamp it was built at, serialized SyncFlagsResponse, its JSON, when
+        # a time-boxed value in it ends: built again from then on, even before a server
+        # writes what it restores)
+        self._built: dict[str, tuple[int, bytes, str, datetime | None]] = {}
 
     def _service(self, selector: str, context: grpc.aio.ServicerContext[Any, Any]) -> str:
         metadata: Mapping[str, Any] = dict(context.invocation_metadata() or ())
@@ -178,15 +180,15 @@ class FlagSyncServicer:
     def _configuration(self, service: str) -> tuple[bytes, str]:
         """The service's configuration now, built once per change that concerns it."""
         stamp = self.hub.stamp(service)
+        now = model.utcnow()
         built = self._built.get(service)
-        if built is None or built[0] != stamp or _expiring(built[2]):
-            text = flag_configuration(
-                service, self.hub.snapshot(service), self.hub.revision, model.utcnow()
-            )
+        if built is None or built[0] != stamp or (built[3] is not None and built[3] <= now):
+            snapshot = self.hub.snapshot(service)
+            text = flag_configuration(service, snapshot, self.hub.revision, now)
             payload = sync_pb2.SyncFlagsResponse(flag_configuration=text).SerializeToString()
             if len(self._built) > 10_000:
                 self._built.clear()
-            built = self._built[service] = (stamp, payload, text)
+            built = self._built[service] = (stamp, payload, text, _next_expiry(snapshot, now))
         return built[1], built[2]
 
     async def SyncFlags(
@@ -257,10 +259,16 @@ class FlagSyncServicer:
         return sync_pb2.GetMetadataResponse(metadata=metadata)
 
 
-def _expiring(text: str) -> bool:
-    """Whether a built configuration holds a time-boxed value (rebuilt on each ask, so
-    the value in force is the one sent even before the server restores what it replaced)."""
-    return '"expiresAt"' in text
+def _next_expiry(snapshot: agent_pb2.Snapshot, now: datetime) -> datetime | None:
+    """When the first time-boxed value in force in ``snapshot`` ends (None: none)."""
+    metas = [flag.meta for flag in snapshot.flags]
+    metas += [r.meta for r in (snapshot.shedding, snapshot.pin) if r.HasField("meta")]
+    ends = [
+        end
+        for meta in metas
+        if meta.HasField("expires_at") and (end := meta.expires_at.ToDatetime(tzinfo=UTC)) > now
+    ]
+    return min(ends, default=None)
 
 
 def add_flag_sync_service(servicer: FlagSyncServicer, server: grpc.aio.Server) -> None:
