@@ -38,10 +38,12 @@ from controlplane.metrics import MetricsEndpoint, ServerMetrics
 from controlplane.model import utcnow
 from controlplane.server._agent_service import AgentServicer, add_agent_service
 from controlplane.server._config import ServerConfig, ServerConfigError, check_exposure
+from controlplane.server._effective import Views
 from controlplane.server._flagd import SERVICE_NAME as FLAG_SYNC_SERVICE
 from controlplane.server._flagd import FlagSyncServicer, add_flag_sync_service
 from controlplane.server._http import HttpListener
 from controlplane.server._mitigation_service import MitigationServicer
+from controlplane.server._ofrep import Ofrep
 from controlplane.server._ports import (
     PortError,
     add_grpc_port,
@@ -278,8 +280,10 @@ class ControlServer:
         add_agent_service(
             AgentServicer(self.hub, self.presence, self.metrics, streams=self.streams), server
         )
+        # What OpenFeature clients see of a service, built once for flagd and OFREP.
+        views = Views(self.hub)
         add_flag_sync_service(
-            FlagSyncServicer(self.hub, self.metrics, self.streams, self.presence), server
+            FlagSyncServicer(self.hub, self.metrics, self.streams, views, self.presence), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -295,8 +299,11 @@ class ControlServer:
         await server.start()
         if config.http is not None:
             # The same servicer, streams, identities and certificates as the gRPC port.
+            ofrep = Ofrep(
+                self.hub, views, self.streams, self.auth, self.presence, config.max_message_bytes
+            )
             self.http = HttpListener(
-                config, mitigation, self.streams, self.auth, self._tls.http_context()
+                config, mitigation, self.streams, self.auth, self._tls.http_context(), ofrep
             )
             await self.http.start()
 

@@ -6,14 +6,11 @@ service and evaluates, in its own process, the flag configuration we stream: eve
 flag in effect for that service (its own entry over the global one) as flagd's
 flag-configuration JSON, sent again whenever what concerns the service changes.
 
-- A flag is one variant, the value in force (``on``/``off`` for a boolean, ``value``
-  otherwise), with no targeting: providers resolve it with reason ``STATIC`` and the
-  value ``Agent.value()`` returns; a flag that is not set is absent (``FLAG_NOT_FOUND``,
-  so the caller's default applies). A time-boxed change carries its expiry in the flag's
-  metadata; when it expires the server restores what it replaced and the stream says so.
-- Shedding and the pin are served as reserved flags: ``controlplane.shedding`` (an
-  object ``{"tier": "SHEDDABLE", "percent": 50}``) and ``controlplane.pin`` (the pinned
-  version), absent when off.
+- What is served is the service's view (:mod:`._effective`, shared with OFREP): one
+  variant per flag with no targeting, so providers resolve reason ``STATIC`` and the
+  value ``Agent.value()`` gives; a flag not set is absent (``FLAG_NOT_FOUND``);
+  shedding and the pin as the reserved flags ``controlplane.shedding`` and
+  ``controlplane.pin``. A time-boxed change carries its expiry in the flag's metadata.
 - A stream costs the hub nothing per change beyond a wake-up: the configuration is built
   and serialized once per service per relevant revision and shared by every stream of
   the service; a slow stream skips to the newest (never an older one after a newer).
@@ -24,10 +21,8 @@ flag-configuration JSON, sent again whenever what concerns the service changes.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 import grpc
@@ -36,10 +31,9 @@ from google.protobuf import struct_pb2
 
 from controlplane import model
 from controlplane.api.flagd.sync.v1 import sync_pb2
-from controlplane.api.v1 import agent_pb2
-from controlplane.api.v1 import types_pb2 as pb
 from controlplane.errors import ControlPlaneError, InvalidArgumentError
 from controlplane.metrics import ServerMetrics
+from controlplane.server._effective import Views
 from controlplane.server._presence import Presence
 from controlplane.server._rpc import SHUTTING_DOWN, OpenStreams, actor_of, log_rpc
 from controlplane.server.auth import check_sync_service
@@ -49,10 +43,6 @@ log = structlog.get_logger("controlplane.flagd")
 
 SERVICE_NAME = sync_pb2.DESCRIPTOR.services_by_name["FlagSyncService"].full_name
 SELECTOR_HEADER = "flagd-selector"
-SHEDDING_FLAG = "controlplane.shedding"
-PIN_FLAG = "controlplane.pin"
-RESERVED_PREFIX = "controlplane."
-SCHEMA = "https://flagd.dev/schema/v0/flags.json"
 
 
 def service_of(selector: str) -> str:
@@ -75,82 +65,6 @@ def service_of(selector: str) -> str:
     return model.validate_service(text, "selector")
 
 
-def _in_force(flag: pb.Flag, now: datetime) -> pb.Flag | None:
-    """The layer of a (possibly time-boxed) flag record in force at ``now``."""
-    layer: pb.Flag | None = flag
-    while layer is not None:
-        if (
-            not layer.meta.HasField("expires_at")
-            or layer.meta.expires_at.ToDatetime(tzinfo=now.tzinfo) > now
-        ):
-            return layer
-        layer = layer.replaced if layer.HasField("replaced") else None
-    return None
-
-
-def _variants(value: Any) -> tuple[dict[str, Any], str]:
-    if isinstance(value, bool):
-        return {"on": True, "off": False}, "on" if value else "off"
-    return {"value": value}, "value"
-
-
-def _metadata(meta: pb.Meta, scope: str) -> dict[str, Any]:
-    data: dict[str, Any] = {"scope": scope, "setBy": meta.actor}
-    for key, text in (("reason", meta.reason), ("incident", meta.incident)):
-        if text:
-            data[key] = text
-    if meta.HasField("expires_at"):
-        data["expiresAt"] = model.format_time(meta.expires_at.ToDatetime(tzinfo=UTC))
-    return data
-
-
-def flag_configuration(
-    service: str, snapshot: agent_pb2.Snapshot, revision: int, now: datetime
-) -> str:
-    """flagd's flag-configuration JSON for ``service`` (what its agents would apply)."""
-    effective: dict[str, tuple[pb.Flag, str]] = {}
-    for flag in snapshot.flags:
-        layer = _in_force(flag, now)
-        if layer is None:
-            continue
-        if flag.scope == service or flag.name not in effective:
-            effective[flag.name] = (layer, flag.scope)
-    flags: dict[str, Any] = {}
-    for name in sorted(effective):
-        layer, scope = effective[name]
-        value = model.flag_value_from_proto(layer.value)
-        variants, default = _variants(value)
-        flags[name] = {
-            "state": "ENABLED",
-            "variants": variants,
-            "defaultVariant": default,
-            "metadata": _metadata(layer.meta, scope),
-        }
-    if snapshot.HasField("shedding"):
-        shedding = snapshot.shedding
-        flags[SHEDDING_FLAG] = {
-            "state": "ENABLED",
-            "variants": {
-                "value": {"tier": pb.Tier.Name(shedding.tier), "percent": shedding.percent}
-            },
-            "defaultVariant": "value",
-            "metadata": _metadata(shedding.meta, service),
-        }
-    if snapshot.HasField("pin"):
-        flags[PIN_FLAG] = {
-            "state": "ENABLED",
-            "variants": {"value": snapshot.pin.version},
-            "defaultVariant": "value",
-            "metadata": _metadata(snapshot.pin.meta, service),
-        }
-    document = {
-        "$schema": SCHEMA,
-        "flags": flags,
-        "metadata": {"service": service, "revision": revision},
-    }
-    return json.dumps(document, separators=(",", ":"), sort_keys=False)
-
-
 class FlagSyncServicer:
     """``SyncFlags``, ``FetchAllFlags`` and ``GetMetadata`` over the hub's mirror."""
 
@@ -159,16 +73,14 @@ class FlagSyncServicer:
         hub: Hub,
         metrics: ServerMetrics,
         streams: OpenStreams,
+        views: Views,
         presence: Presence | None = None,
     ) -> None:
         self.hub = hub
+        self.views = views
         self.presence = presence
         self.metrics = metrics
         self.streams = streams
-        # service -> (stamp it was built at, serialized SyncFlagsResponse, its JSON, when
-        # a time-boxed value in it ends: built again from then on, even before a server
-        # writes what it restores)
-        self._built: dict[str, tuple[int, bytes, str, datetime | None]] = {}
 
     def _service(self, selector: str, context: grpc.aio.ServicerContext[Any, Any]) -> str:
         metadata: Mapping[str, Any] = dict(context.invocation_metadata() or ())
@@ -176,20 +88,6 @@ class FlagSyncServicer:
         service = service_of(str(header) if header else selector)
         check_sync_service(service)
         return service
-
-    def _configuration(self, service: str) -> tuple[bytes, str]:
-        """The service's configuration now, built once per change that concerns it."""
-        stamp = self.hub.stamp(service)
-        now = model.utcnow()
-        built = self._built.get(service)
-        if built is None or built[0] != stamp or (built[3] is not None and built[3] <= now):
-            snapshot = self.hub.snapshot(service)
-            text = flag_configuration(service, snapshot, self.hub.revision, now)
-            payload = sync_pb2.SyncFlagsResponse(flag_configuration=text).SerializeToString()
-            if len(self._built) > 10_000:
-                self._built.clear()
-            built = self._built[service] = (stamp, payload, text, _next_expiry(snapshot, now))
-        return built[1], built[2]
 
     async def SyncFlags(
         self, request: sync_pb2.SyncFlagsRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -226,7 +124,7 @@ class FlagSyncServicer:
             while True:
                 stamp = self.hub.stamp(service)
                 if stamp != sent:
-                    payload, _ = self._configuration(service)
+                    payload = self.views.get(service).flagd_payload
                     sent = stamp
                     await context.write(payload)
                 # One event wait per stream per change, as for the agents' streams.
@@ -244,7 +142,7 @@ class FlagSyncServicer:
         try:
             service = self._service(request.selector, context)
             await self.hub.ready.wait()
-            _, text = self._configuration(service)
+            text = self.views.get(service).flagd_json
         except ControlPlaneError as exc:
             log_rpc(self.metrics, "FetchAllFlags", exc.code.name, start, actor_of(), exc.message)
             await context.abort(exc.code, exc.message)
@@ -257,18 +155,6 @@ class FlagSyncServicer:
         metadata = struct_pb2.Struct()
         metadata.update({"source": "controlplane", "revision": self.hub.revision})
         return sync_pb2.GetMetadataResponse(metadata=metadata)
-
-
-def _next_expiry(snapshot: agent_pb2.Snapshot, now: datetime) -> datetime | None:
-    """When the first time-boxed value in force in ``snapshot`` ends (None: none)."""
-    metas = [flag.meta for flag in snapshot.flags]
-    metas += [r.meta for r in (snapshot.shedding, snapshot.pin) if r.HasField("meta")]
-    ends = [
-        end
-        for meta in metas
-        if meta.HasField("expires_at") and (end := meta.expires_at.ToDatetime(tzinfo=UTC)) > now
-    ]
-    return min(ends, default=None)
 
 
 def add_flag_sync_service(servicer: FlagSyncServicer, server: grpc.aio.Server) -> None:

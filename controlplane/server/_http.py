@@ -31,6 +31,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute
 from starlette.routing import Route as StarletteRoute
 from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -48,6 +49,7 @@ from controlplane.server._http_context import (
     read_json,
     rfc4514,
 )
+from controlplane.server._ofrep import Ofrep
 from controlplane.server._openapi import openapi_document
 from controlplane.server._ports import PortError, bind_listener, http_port
 from controlplane.server._routes import (
@@ -109,8 +111,10 @@ class HttpListener:
         streams: Any,
         auth: AuthInterceptor | None,
         ssl_context: ssl.SSLContext | None,
+        ofrep: Ofrep | None = None,
     ) -> None:
         self.config = config
+        self.ofrep = ofrep
         self.servicer = servicer
         self.streams = streams
         self.auth = auth
@@ -186,11 +190,13 @@ class HttpListener:
         by_path: dict[str, dict[str, Route]] = {}
         for route in ROUTES:
             by_path.setdefault(route.path, {})[route.verb] = route
-        routes = [
+        routes: list[BaseRoute] = [
             StarletteRoute(path, self._endpoint(verbs), methods=list(verbs))
             for path, verbs in by_path.items()
         ]
         routes.append(StarletteRoute("/openapi.json", self._openapi_json, methods=["GET"]))
+        if self.ofrep is not None:
+            routes += self.ofrep.routes()
         return Starlette(routes=routes, exception_handlers={HTTPException: http_exception})
 
     async def _openapi_json(self, request: Request) -> Response:
@@ -229,7 +235,7 @@ class HttpListener:
                 except AuthError as error:
                     self.auth.refused(route.full_method, error, peer, transport="http")
                     raise HttpAbort(error.code, error.message) from None
-            body = await read_json(request, self.config.max_message_bytes, route)
+            body = await read_json(request, self.config.max_message_bytes, typed=route.has_body)
             rpc_request = build_request(route, request.path_params, query_items(request), body)
             context = HttpContext(deadline, metadata, peer, subject)
             if route.streaming:

@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from controlplane.server._routes import HTTP_STATUS, BadRequest, Route
+from controlplane.server._routes import HTTP_STATUS, BadRequest
 
 _TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 _GRPC_TIMEOUT = re.compile(r"([0-9]{1,8})([HMSmun])")
@@ -179,11 +179,12 @@ def deadline_of(headers: Mapping[str, str]) -> float | None:
     return None if seconds is None else time.monotonic() + seconds
 
 
-async def read_json(request: Request, limit: int, route: Route) -> Any:
+async def read_json(request: Request, limit: int, *, typed: bool = True) -> Any:
     """The JSON body, None when there is none; at most ``limit`` bytes.
 
     Raises:
-        BadRequest: 413 too large, 415 not JSON by its type, 400 not JSON.
+        BadRequest: 413 too large, 415 not JSON by its type (when ``typed``: a route
+            that takes a body), 400 not JSON.
     """
     length = request.headers.get("content-length")
     too_large = BadRequest(
@@ -199,7 +200,7 @@ async def read_json(request: Request, limit: int, route: Route) -> Any:
     if not body.strip():
         return None
     media = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-    if route.has_body and media != "application/json" and not media.endswith("+json"):
+    if typed and media != "application/json" and not media.endswith("+json"):
         raise BadRequest(
             f"the body is {media}: send JSON with Content-Type: application/json "
             "(curl: -H 'Content-Type: application/json')",

@@ -21,6 +21,7 @@ from controlplane.server._mitigation_service import (
     MAX_HISTORY_LIMIT,
     MAX_TIMELINE_LIMIT,
 )
+from controlplane.server._ofrep import openapi_part
 from controlplane.server._routes import (
     HTTP_STATUS,
     NDJSON,
@@ -285,13 +286,17 @@ def openapi_document() -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     for route in ROUTES:
         paths.setdefault(route.path, {})[route.verb.lower()] = _operation(route, schemas)
+    ofrep_paths, ofrep_schemas = openapi_part(_SERVICE_RE.pattern)
+    paths.update(ofrep_paths)
+    schemas.schemas.update(ofrep_schemas)
     return {
         "openapi": "3.1.0",
         "info": {
             "title": "controlplane MitigationService (HTTP/JSON)",
             "version": __version__,
             "description": "The JSON mirror of the gRPC MitigationService: protobuf's JSON "
-            "mapping, bearer tokens (Authorization: Bearer <token>) as on the gRPC port.",
+            "mapping, bearer tokens (Authorization: Bearer <token>) as on the gRPC port; "
+            "and OpenFeature's Remote Evaluation Protocol (OFREP) under /ofrep/v1.",
         },
         "paths": paths,
         "components": {

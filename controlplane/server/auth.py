@@ -102,6 +102,13 @@ _READS = {
 }  # fmt: skip
 
 
+OFREP_EVALUATE = "/ofrep.v1/EvaluateFlag"
+OFREP_BULK = "/ofrep.v1/EvaluateFlags"
+OFREP_EVENTS = "/ofrep.v1/EventStream"
+OFREP_METHODS = (OFREP_EVALUATE, OFREP_BULK, OFREP_EVENTS)
+"""OFREP's routes as the rules name them."""
+
+
 def _method_rules() -> dict[str, Access]:
     rules: dict[str, Access] = {}
     for method in _MITIGATION.methods:
@@ -122,6 +129,9 @@ def _method_rules() -> dict[str, Access]:
     # is checked as the agents' own).
     for name in ("SyncFlags", "FetchAllFlags", "GetMetadata"):
         rules[f"/{_FLAG_SYNC}/{name}"] = Access.SYNC
+    # OFREP on the HTTP listener: its clients are agents of the service they evaluate.
+    for name in OFREP_METHODS:
+        rules[name] = Access.SYNC
     for name in ("Check", "Watch", "List"):
         rules[f"/grpc.health.v1.Health/{name}"] = Access.OPEN
     for service in (
@@ -144,6 +154,7 @@ STREAMING_METHODS = frozenset(
         f"/{_AGENT.full_name}/Sync",
         f"/{_MITIGATION.full_name}/WatchChanges",
         f"/{_FLAG_SYNC}/SyncFlags",
+        OFREP_EVENTS,
     }
 )
 """The long-lived streams that ``max_streams`` counts."""

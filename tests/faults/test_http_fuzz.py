@@ -112,8 +112,12 @@ def api(http_target: HttpTarget) -> OpenApiSchema:
     return schema
 
 
-# The operations of the generic run: every route but the endless watch.
-OPERATIONS = sorted(route.rpc for route in ROUTES if not route.streaming)
+# The operations of the generic run: every route but the endless streams (the watch and
+# OFREP's event stream, tested in tests/integration/test_ofrep.py).
+OPERATIONS = sorted(
+    [route.rpc for route in ROUTES if not route.streaming]
+    + ["OfrepEvaluateFlag", "OfrepEvaluateFlags"]
+)
 
 
 def check_case(http: HttpTarget, case: Case[Any]) -> None:
@@ -160,7 +164,7 @@ def test_every_route_is_fuzzed(http_target: HttpTarget) -> None:
     has tests of its own below."""
     document = requests.get(f"{http_target.base}/openapi.json", timeout=CALL_TIMEOUT).json()
     operations = {op["operationId"] for item in document["paths"].values() for op in item.values()}
-    assert operations - set(OPERATIONS) == {"WatchChanges"}
+    assert operations - set(OPERATIONS) == {"WatchChanges", "OfrepEventStream"}
 
 
 # ---------------------------------------------------------------- the watch

@@ -1,0 +1,352 @@
+"""OFREP on the HTTP listener: OpenFeature's stock OFREP provider (PyPI) against a real
+server and etcd, the bulk route's ETag and 304, its event stream, and authentication."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+from openfeature import api
+from openfeature.client import OpenFeatureClient
+from openfeature.contrib.provider.ofrep import OFREPProvider
+from openfeature.evaluation_context import EvaluationContext
+from openfeature.exception import ErrorCode
+from openfeature.flag_evaluation import Reason
+from openfeature.provider import AbstractProvider
+
+from agents import AsyncAgent
+from controlplane.api.v1 import mitigation_pb2 as m
+from controlplane.api.v1 import mitigation_pb2_grpc
+from controlplane.api.v1 import types_pb2 as t
+from controlplane.embedded_etcd import EmbeddedEtcd
+from controlplane.model import flag_value_to_proto
+from controlplane.server import ControlServer
+from tests.helpers.cpctl import Run
+from tests.integration.test_auth import TOKENS, auth_document, write_auth
+from tests.integration.test_http import start, url
+
+WAIT = 10.0
+
+
+@pytest.fixture
+async def srv(etcd: EmbeddedEtcd, prefix: str) -> AsyncIterator[ControlServer]:
+    server = await start(etcd, prefix)
+    yield server
+    await server.stop(grace=0)
+
+
+@pytest.fixture
+async def stub(srv: ControlServer) -> AsyncIterator[Any]:
+    async with grpc.aio.insecure_channel(srv.address) as channel:
+        yield mitigation_pb2_grpc.MitigationServiceStub(channel)
+
+
+@pytest.fixture
+async def http(srv: ControlServer) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=url(srv), timeout=WAIT) as client:
+        yield client
+
+
+def _opts() -> t.WriteOptions:
+    return t.WriteOptions(reason="test", actor="oncall")
+
+
+async def set_flag(stub: Any, scope: str, name: str, value: Any) -> int:
+    response = await stub.SetFlag(
+        m.SetFlagRequest(scope=scope, name=name, value=flag_value_to_proto(value), options=_opts())
+    )
+    return int(response.result.revision)
+
+
+def of_client(provider: AbstractProvider, service: str | None) -> OpenFeatureClient:
+    """A client of ``provider`` in a domain of its own, evaluating for ``service``."""
+    domain = f"ofrep-{uuid.uuid4().hex}"
+    api.set_provider(provider, domain)
+    client = api.get_client(domain)
+    attributes: dict[str, Any] = {"service": service} if service is not None else {}
+    client.context = EvaluationContext("user-1", attributes)
+    return client
+
+
+async def test_the_stock_ofrep_provider_reads_what_our_agents_read(
+    srv: ControlServer, stub: Any
+) -> None:
+    await set_flag(stub, "global", "new-ui", True)
+    await set_flag(stub, "checkout", "mode", "lite")
+    await set_flag(stub, "checkout", "rate", 0.25)
+    await set_flag(stub, "checkout", "workers", 8)
+    await set_flag(stub, "checkout", "limits", {"burst": 5, "tags": ["a"]})
+    await set_flag(stub, "global", "hidden", False)
+    await set_flag(stub, "checkout", "hidden", True)  # the service's own wins
+    await stub.SetShedding(
+        m.SetSheddingRequest(service="checkout", tier=t.SHEDDABLE, percent=50, options=_opts())
+    )
+    await stub.PinVersion(
+        m.PinVersionRequest(service="checkout", version="v1.4.2", options=_opts())
+    )
+    provider = OFREPProvider(url(srv), timeout=WAIT)
+    client = of_client(provider, "checkout")
+    async with AsyncAgent("checkout", [srv.address]) as agent:
+        assert await agent.wait_ready(WAIT)
+        resolutions = {
+            "new-ui": lambda: client.get_boolean_details("new-ui", False),
+            "mode": lambda: client.get_string_details("mode", "full"),
+            "rate": lambda: client.get_float_details("rate", 1.0),
+            # Numbers are JSON numbers as agents read them (8.0): Python's provider
+            # takes them as floats (its integer call refuses 8.0, a float).
+            "workers": lambda: client.get_float_details("workers", 1.0),
+            "limits": lambda: client.get_object_details("limits", {}),
+            "hidden": lambda: client.get_boolean_details("hidden", False),
+        }
+        for key, resolve in resolutions.items():
+            details = await asyncio.to_thread(resolve)
+            assert details.value == agent.value(key), (key, details)
+            assert type(details.value) is type(agent.value(key)), (key, details)
+            assert (details.reason, details.error_code) == (Reason.STATIC, None), details
+        details = await asyncio.to_thread(client.get_boolean_details, "hidden", False)
+        assert details.flag_metadata["scope"] == "checkout"
+        assert details.flag_metadata["setBy"] == "oncall"
+    shedding = await asyncio.to_thread(client.get_object_details, "controlplane.shedding", {})
+    assert shedding.value == {"tier": "SHEDDABLE", "percent": 50}
+    pin = await asyncio.to_thread(client.get_string_details, "controlplane.pin", "")
+    assert pin.value == "v1.4.2"
+
+    # Not set: the caller's default, FLAG_NOT_FOUND, and the closest name in the details.
+    missing = await asyncio.to_thread(client.get_boolean_details, "new-iu", True)
+    assert (missing.value, missing.error_code) == (True, ErrorCode.FLAG_NOT_FOUND)
+    assert "did you mean new-ui?" in (missing.error_message or "")
+
+    # A flip is read at the next evaluation.
+    await set_flag(stub, "global", "new-ui", False)
+    assert (await asyncio.to_thread(client.get_boolean_details, "new-ui", True)).value is False
+
+    # Another service sees the global flags only.
+    other = of_client(provider, "payments")
+    assert (await asyncio.to_thread(other.get_string_details, "mode", "full")).value == "full"
+    assert (await asyncio.to_thread(other.get_boolean_details, "hidden", True)).value is False
+
+    # No service in the context and no agent identity to take it from: INVALID_CONTEXT.
+    nameless = of_client(provider, None)
+    refused = await asyncio.to_thread(nameless.get_boolean_details, "new-ui", True)
+    assert (refused.value, refused.error_code) == (True, ErrorCode.INVALID_CONTEXT)
+    assert "the evaluation context attribute 'service'" in (refused.error_message or "")
+
+
+async def test_bad_contexts_get_the_error_codes_of_the_spec(http: httpx.AsyncClient) -> None:
+    evaluate = "/ofrep/v1/evaluate/flags/new-ui"
+    for body, status, code, text in (
+        ({"context": {"service": "Not A Service"}}, 400, "INVALID_CONTEXT", "not a service name"),
+        ({"context": {"service": 7}}, 400, "INVALID_CONTEXT", "must be a string, not int"),
+        ({"context": {"service": "global"}}, 400, "INVALID_CONTEXT", "scope of every service"),
+        ({"context": []}, 400, "INVALID_CONTEXT", "context must be a JSON object"),
+        ([], 400, "PARSE_ERROR", "the body must be a JSON object"),
+        ({}, 400, "INVALID_CONTEXT", "name the service"),
+    ):
+        answer = await http.post(evaluate, json=body)
+        assert (answer.status_code, answer.json()["errorCode"]) == (status, code), answer.text
+        assert text in answer.json()["errorDetails"], answer.text
+        assert answer.json()["key"] == "new-ui"
+        bulk = await http.post("/ofrep/v1/evaluate/flags", json=body)
+        assert (bulk.status_code, bulk.json()["errorCode"]) == (status, code), bulk.text
+        assert "key" not in bulk.json()
+    broken = await http.post(evaluate, content=b"{not json", headers={"Content-Type": "x"})
+    assert (broken.status_code, broken.json()["errorCode"]) == (400, "PARSE_ERROR")
+    assert "is not JSON" in broken.json()["errorDetails"]
+
+
+async def test_bulk_answers_carry_an_etag_and_an_event_stream(
+    srv: ControlServer, stub: Any, http: httpx.AsyncClient, cpctl: Run
+) -> None:
+    bulk = "/ofrep/v1/evaluate/flags"
+    context = {"context": {"targetingKey": "u", "service": "checkout"}}
+    await set_flag(stub, "checkout", "mode", "lite")
+    first = await http.post(bulk, json=context)
+    assert first.status_code == 200, first.text
+    etag = first.headers["etag"]
+    document = first.json()
+    assert document["flags"] == [
+        {
+            "key": "mode",
+            "value": "lite",
+            "reason": "STATIC",
+            "variant": "value",
+            "metadata": {"scope": "checkout", "setBy": "oncall", "reason": "test"},
+        }
+    ]
+    assert document["eventStreams"] == [
+        {
+            "type": "sse",
+            "endpoint": {"requestUri": "/ofrep/v1/events?service=checkout"},
+            "inactivityDelaySec": 120,
+        }
+    ]
+    # Unchanged: 304 with no body, for the tag and for a list holding it.
+    for tags in (etag, f'"other", W/{etag}', "*"):
+        same = await http.post(bulk, json=context, headers={"If-None-Match": tags})
+        assert (same.status_code, same.content, same.headers["etag"]) == (304, b"", etag)
+    # A flag of another service changes nothing here.
+    await set_flag(stub, "payments", "mode", "lite")
+    same = await http.post(bulk, json=context, headers={"If-None-Match": etag})
+    assert same.status_code == 304
+
+    async with http.stream("GET", document["eventStreams"][0]["endpoint"]["requestUri"]) as events:
+        assert events.headers["content-type"].startswith("text/event-stream")
+        lines = events.aiter_lines()
+
+        async def next_event() -> dict[str, Any]:
+            async with asyncio.timeout(WAIT):
+                fields: dict[str, str] = {}
+                async for line in lines:
+                    if line == "" and "data" in fields:
+                        return {**fields, "data": json.loads(fields["data"])}
+                    if line and not line.startswith(":"):
+                        name, _, value = line.partition(": ")
+                        fields[name] = value
+            raise AssertionError("the event stream ended")
+
+        # The first event at once: the current etag (a refetch with it gets a 304).
+        now = await next_event()
+        assert now["data"] == {"type": "refetchEvaluation", "etag": etag}
+        assert (now["event"], now["id"]) == ("message", etag.strip('"'))
+        status = await cpctl("status", "checkout")
+        assert "1 OpenFeature sync client(s), no confirmation" in status.stdout
+
+        # A change for checkout: an event with the new etag, and the refetch it triggers
+        # (with the event's etag, as providers send it) has the new value.
+        await set_flag(stub, "global", "kill", True)
+        changed = await next_event()
+        new_etag = changed["data"]["etag"]
+        assert new_etag != etag
+        refetch = await http.post(
+            bulk,
+            json=context,
+            params={"flagConfigEtag": new_etag},
+            headers={"If-None-Match": etag},
+        )
+        assert refetch.status_code == 200 and refetch.headers["etag"] == new_etag
+        assert {f["key"]: f["value"] for f in refetch.json()["flags"]} == {
+            "kill": True,
+            "mode": "lite",
+        }
+
+
+async def test_a_time_boxed_value_ends_on_the_event_stream(
+    srv: ControlServer, stub: Any, http: httpx.AsyncClient
+) -> None:
+    """Expiry: the stream says refetch when the time-boxed value ends, and the refetch
+    has the value it replaced (even before a server has written the restore)."""
+    await set_flag(stub, "checkout", "mode", "full")
+    await stub.SetFlag(
+        m.SetFlagRequest(
+            scope="checkout",
+            name="mode",
+            value=flag_value_to_proto("lite"),
+            options=t.WriteOptions(reason="test", actor="oncall", ttl={"nanos": 800_000_000}),
+        )
+    )
+    context = {"context": {"service": "checkout"}}
+    answer = await http.post("/ofrep/v1/evaluate/flags/mode", json=context)
+    assert answer.json()["value"] == "lite" and "expiresAt" in answer.json()["metadata"]
+    async with http.stream("GET", "/ofrep/v1/events?service=checkout") as events:
+        data = [line async for line in _data_lines(events, 2)]
+    assert data[0]["etag"] != data[1]["etag"]
+    answer = await http.post("/ofrep/v1/evaluate/flags/mode", json=context)
+    assert answer.json()["value"] == "full"
+
+
+async def _data_lines(events: httpx.Response, count: int) -> AsyncIterator[dict[str, Any]]:
+    seen = 0
+    async with asyncio.timeout(WAIT):
+        async for line in events.aiter_lines():
+            if line.startswith("data: "):
+                yield json.loads(line.removeprefix("data: "))
+                seen += 1
+                if seen == count:
+                    return
+
+
+async def test_a_stop_ends_the_event_stream(etcd: EmbeddedEtcd, prefix: str) -> None:
+    server = await start(etcd, prefix)
+    stopped = False
+    try:
+        async with (
+            httpx.AsyncClient(base_url=url(server), timeout=WAIT) as client,
+            client.stream("GET", "/ofrep/v1/events?service=checkout") as events,
+        ):
+            lines = events.aiter_lines()
+            async with asyncio.timeout(WAIT):
+                async for line in lines:
+                    if line.startswith("data: "):
+                        break
+                loop = asyncio.get_running_loop()
+                began = loop.time()
+                await server.stop(grace=5)
+                stopped = True
+                rest = [line async for line in lines]
+            assert loop.time() - began < 2.0, "the stream held the stop"
+            assert not [line for line in rest if line.startswith("data: ")]
+    finally:
+        if not stopped:
+            await server.stop(grace=0)
+
+
+async def test_with_authentication_an_ofrep_client_is_an_agent_of_its_service(
+    etcd: EmbeddedEtcd, prefix: str, tmp_path: Path
+) -> None:
+    path = write_auth(tmp_path / "auth.json", auth_document())
+    server = await start(etcd, prefix, auth_file=path)
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = mitigation_pb2_grpc.MitigationServiceStub(channel)
+            await stub.SetFlag(
+                m.SetFlagRequest(
+                    scope="checkout",
+                    name="mode",
+                    value=flag_value_to_proto("lite"),
+                    options=_opts(),
+                ),
+                metadata=(("authorization", f"Bearer {TOKENS['operator']}"),),
+            )
+
+        def token(name: str) -> dict[str, str]:
+            return {"Authorization": f"Bearer {TOKENS[name]}"}
+
+        # checkout's agent token names the service: no context needed (the stock
+        # provider sends none without one).
+        provider = OFREPProvider(url(server), headers_factory=lambda: token("agent"))
+        client = of_client(provider, None)
+        details = await asyncio.to_thread(client.get_string_details, "mode", "full")
+        assert (details.value, details.reason) == ("lite", Reason.STATIC)
+        async with httpx.AsyncClient(base_url=url(server), timeout=WAIT) as http:
+            for headers, body, status, text in (
+                ({}, {}, 401, "no credentials"),
+                (token("agent"), {"context": {"service": "payments"}}, 403, "not payments"),
+                (token("operator"), {"context": {"service": "checkout"}}, 403, "agent role"),
+            ):
+                for route in ("/ofrep/v1/evaluate/flags/mode", "/ofrep/v1/evaluate/flags"):
+                    answer = await http.post(route, json=body, headers=headers)
+                    assert answer.status_code == status, (route, answer.text)
+                    assert text in answer.json()["errorDetails"], answer.text
+                service = body.get("context", {}).get("service", "checkout")
+                events = await http.get(
+                    "/ofrep/v1/events", params={"service": service}, headers=headers
+                )
+                assert events.status_code == status, events.text
+            async with http.stream("GET", "/ofrep/v1/events", headers=token("agent")) as events:
+                first = [line async for line in _data_lines(events, 1)]
+                assert first[0]["type"] == "refetchEvaluation"
+        # The stock provider on a refused token: an error, the default.
+        refused = OFREPProvider(url(server), headers_factory=lambda: token("operator"))
+        denied = await asyncio.to_thread(
+            of_client(refused, "checkout").get_string_details, "mode", "full"
+        )
+        assert (denied.value, denied.error_code) == ("full", ErrorCode.GENERAL)
+    finally:
+        await server.stop(grace=0)
