@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,82 +23,28 @@ from controlplane.embedded_etcd import EmbeddedEtcd
 from controlplane.model import flag_value_to_proto
 from controlplane.server import ControlServer
 from tests.helpers.cpctl import Run
+from tests.helpers.openfeature_clients import WAIT, Client, npm_install
 from tests.integration.conftest import server_config
 from tests.integration.test_auth import TOKENS, auth_document, md, write_auth
-
-WAIT = 10.0  # seconds a provider gets to say something before the test fails
-
-
-class Provider:
-    """The flagd provider in a subprocess: its events, and resolutions on demand."""
-
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-        self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self.answers: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self._reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        assert self.proc.stdout is not None
-        async for line in self.proc.stdout:
-            document = json.loads(line)
-            await (self.events if "event" in document else self.answers).put(document)
-
-    async def event(self, name: str) -> dict[str, Any]:
-        """The next event called ``name`` (others before it are skipped)."""
-        async with asyncio.timeout(WAIT):
-            while True:
-                event = await self.events.get()
-                if event["event"] == name:
-                    return event
-
-    async def resolve(self, kind: str, key: str, default: Any) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(f"{kind} {key} {json.dumps(default)}\n".encode())
-        await self.proc.stdin.drain()
-        async with asyncio.timeout(WAIT):
-            return await self.answers.get()
-
-    async def close(self) -> None:
-        if self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
-        self._reader.cancel()
-
-
-NODE_CLIENT = Path(__file__).parent.parent / "helpers" / "flagd_node"
 
 
 @pytest.fixture(scope="session")
 def node_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The Node client with its npm packages (OpenFeature's server SDK and flagd provider),
     installed once per session from the registry."""
-    npm = shutil.which("npm")
-    if npm is None or shutil.which("node") is None:
-        pytest.fail("node and npm are missing: install Debian's nodejs and npm (.ci/run does)")
-    where = tmp_path_factory.mktemp("flagd-node")
-    for name in ("package.json", "client.mjs"):
-        shutil.copy(NODE_CLIENT / name, where / name)
-    subprocess.run(
-        [npm, "install", "--no-audit", "--no-fund", "--loglevel=error"],
-        cwd=where, check=True, timeout=600,
-    )  # fmt: skip
-    return where
+    return npm_install("flagd_node", tmp_path_factory)
 
 
 async def start_provider(
     address: str, selector: str, language: str = "python", node: Path | None = None
-) -> Provider:
+) -> Client:
     host, port = address.rsplit(":", 1)
     if language == "node":
         assert node is not None
-        argv = ["node", str(node / "client.mjs"), host, port, selector]
-    else:
-        argv = [sys.executable, "-m", "tests.helpers.flagd_client", host, port, selector]
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+        return await Client.start("node", str(node / "client.mjs"), host, port, selector)
+    return await Client.start(
+        sys.executable, "-m", "tests.helpers.flagd_client", host, port, selector
     )
-    return Provider(proc)
 
 
 @pytest.fixture

@@ -29,6 +29,7 @@ from controlplane.embedded_etcd import EmbeddedEtcd
 from controlplane.model import flag_value_to_proto
 from controlplane.server import ControlServer
 from tests.helpers.cpctl import Run
+from tests.helpers.openfeature_clients import Client, npm_install
 from tests.integration.test_auth import TOKENS, auth_document, write_auth
 from tests.integration.test_http import start, url
 
@@ -137,6 +138,57 @@ async def test_the_stock_ofrep_provider_reads_what_our_agents_read(
     refused = await asyncio.to_thread(nameless.get_boolean_details, "new-ui", True)
     assert (refused.value, refused.error_code) == (True, ErrorCode.INVALID_CONTEXT)
     assert "the evaluation context attribute 'service'" in (refused.error_message or "")
+
+
+@pytest.fixture(scope="session")
+def web_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """OpenFeature's web SDK and OFREP web provider under Node, installed once per session."""
+    return npm_install("ofrep_web", tmp_path_factory)
+
+
+async def test_the_stock_ofrep_web_provider_follows_the_event_stream(
+    srv: ControlServer, stub: Any, web_client: Path
+) -> None:
+    """The web provider (bulk evaluation, ETag, event stream), as a browser page runs it:
+    the values our agents read, and a flip seen through the event stream with no polling."""
+    await set_flag(stub, "global", "new-ui", True)
+    await set_flag(stub, "checkout", "mode", "lite")
+    await set_flag(stub, "checkout", "rate", 0.25)
+    await set_flag(stub, "checkout", "limits", {"burst": 5, "tags": ["a"]})
+    client = await Client.start("node", str(web_client / "client.mjs"), url(srv), "checkout")
+    try:
+        await client.event("INITIALIZED")
+        first = await client.fetch()
+        assert (first["fetch"], first["status"]) == ("/ofrep/v1/evaluate/flags", 200)
+        async with AsyncAgent("checkout", [srv.address]) as agent:
+            assert await agent.wait_ready(WAIT)
+            for kind, key, default in (
+                ("boolean", "new-ui", False),
+                ("string", "mode", "full"),
+                ("float", "rate", 1.0),
+                ("object", "limits", {}),
+            ):
+                answer = await client.resolve(kind, key, default)
+                assert answer["value"] == agent.value(key), (key, answer)
+                assert (answer["reason"], answer["error_code"]) == ("STATIC", None), answer
+        missing = await client.resolve("boolean", "nope", True)
+        assert (missing["value"], missing["error_code"]) == (True, "FLAG_NOT_FOUND")
+
+        # The stream's first event: a refetch with the etag it has, answered 304.
+        again = await client.fetch()
+        assert again["if_none_match"] is not None and again["status"] == 304, again
+        assert again["query"]["flagConfigEtag"] == again["if_none_match"]
+
+        # A flip: the event stream says refetch, the provider refetches (with the event's
+        # etag) and announces the change; no polling (pollInterval 0).
+        await set_flag(stub, "global", "new-ui", False)
+        changed = await client.event("PROVIDER_CONFIGURATION_CHANGED")
+        assert "new-ui" in changed["flags"], changed
+        refetch = await client.fetch()
+        assert refetch["status"] == 200 and "flagConfigEtag" in refetch["query"], refetch
+        assert (await client.resolve("boolean", "new-ui", True))["value"] is False
+    finally:
+        await client.close()
 
 
 async def test_bad_contexts_get_the_error_codes_of_the_spec(http: httpx.AsyncClient) -> None:
