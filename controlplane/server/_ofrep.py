@@ -362,6 +362,10 @@ class _EventStream(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ofrep = self.ofrep
+        if scope["method"] == "HEAD":  # the headers, not an endless body
+            await super().__call__(scope, receive, send)
+            ofrep._log(self.request, EVENTS_PATH, 200, self.start, self.identity)
+            return
         task = asyncio.current_task()
         assert task is not None
         gone = asyncio.Event()

@@ -955,7 +955,13 @@ async def test_the_readme_commands_run_as_printed(
                 override = parse_override(written, now)
                 assert timedelta(hours=1) < override.expires_at - now <= timedelta(hours=2)
                 checked.add("override")
-            if "curl " in text:
+            if "curl " in text and "/ofrep/" in text:
+                # OFREP: the flag checkout's instances read, as a provider gets it.
+                answer = json.loads(ran.out)
+                assert (answer["key"], answer["reason"]) == ("new-ui", "STATIC"), ran.out
+                assert answer["metadata"]["scope"] == "checkout", ran.out
+                checked.add("ofrep")
+            elif "curl " in text:
                 # The flag as set over HTTP, read back; the routes of the OpenAPI document.
                 assert "false\n" in ran.out and "/v1/flags/{scope}/{name}\n" in ran.out, ran.out
                 checked.add("http")
@@ -965,7 +971,7 @@ async def test_the_readme_commands_run_as_printed(
     assert skipped == set(NOT_RUN), skipped
     assert checked == {
         "path", "token", "revert", "timeline", "completion", "bashrc", "override", "etcdctl",
-        "http",
+        "http", "ofrep",
     }, checked  # fmt: skip
     assert ran_blocks >= 10, ran_blocks
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,6 +27,7 @@ from tests.helpers.cpctl import Run
 from tests.helpers.openfeature_clients import WAIT, Client, npm_install
 from tests.integration.conftest import server_config
 from tests.integration.test_auth import TOKENS, auth_document, md, write_auth
+from tests.integration.test_docs_runnable import README, code_blocks
 
 
 @pytest.fixture(scope="session")
@@ -242,3 +244,24 @@ async def test_with_authentication_a_sync_client_is_an_agent_of_its_service(
             assert "may sync checkout, not payments" in (refused.value.details() or "")
     finally:
         await srv.stop(grace=0)
+
+
+async def test_the_readme_node_service_runs_as_printed(
+    server: ControlServer, mitigation: Any, node_client: Path
+) -> None:
+    """The README's Node service, as printed (the server's port for make run's), reads
+    the kill switch we set, not its default."""
+    (block,) = [b for b in code_blocks(README) if b.lang == "js"]
+    assert "host: '127.0.0.1', port: 50051" in block.text
+    await set_flag(mitigation, "checkout", "new-ui", False)
+    port = server.address.rsplit(":", 1)[1]
+    script = block.text.replace("port: 50051", f"port: {port}")
+    script += "console.log(JSON.stringify({ newUi }));\nawait OpenFeature.close();\n"
+    (node_client / "readme.mjs").write_text(script)
+    proc = await asyncio.create_subprocess_exec(
+        "node", "readme.mjs", cwd=node_client, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    async with asyncio.timeout(30):
+        out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    assert json.loads(out.decode().strip().splitlines()[-1]) == {"newUi": False}, out

@@ -402,3 +402,30 @@ async def test_with_authentication_an_ofrep_client_is_an_agent_of_its_service(
         assert (denied.value, denied.error_code) == ("full", ErrorCode.GENERAL)
     finally:
         await server.stop(grace=0)
+
+
+@pytest.mark.etcd_fault
+async def test_answers_go_on_while_etcd_is_down(fresh_etcd: EmbeddedEtcd, prefix: str) -> None:
+    """OFREP answers from the server's mirror: etcd down, the last values still served."""
+    server = await start(fresh_etcd, prefix, etcd_timeout=1.0)
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            await set_flag(mitigation_pb2_grpc.MitigationServiceStub(channel), "x", "kill", True)
+        async with httpx.AsyncClient(base_url=url(server), timeout=WAIT) as http:
+            context = {"context": {"service": "x"}}
+            head = await http.head("/ofrep/v1/events?service=x")
+            assert (head.status_code, head.content) == (200, b"")
+            assert head.headers["content-type"].startswith("text/event-stream")
+            fresh_etcd.stop()
+            answer = await http.post("/ofrep/v1/evaluate/flags/kill", json=context)
+            assert (answer.status_code, answer.json()["value"]) == (200, True), answer.text
+            bulk = await http.post("/ofrep/v1/evaluate/flags", json=context)
+            assert [f["key"] for f in bulk.json()["flags"]] == ["kill"], bulk.text
+            # The mirror is what a write would change: the HTTP mirror's write is refused.
+            refused = await http.put(
+                "/v1/flags/x/kill", json={"value": {"boolValue": False}, "options": {"reason": "r"}}
+            )
+            assert refused.status_code == 503, refused.text
+            fresh_etcd.restart()
+    finally:
+        await server.stop(grace=0)
