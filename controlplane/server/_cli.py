@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import sys
 from datetime import timedelta
@@ -29,6 +30,11 @@ from controlplane.server.auth import AuthFileError, hash_token
 from controlplane.store import DEFAULT_PREFIX, EtcdSecurity, normalize_endpoints
 
 log = structlog.get_logger("controlplane.server")
+
+_ORIGIN = re.compile(
+    r"\*|https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?"
+)
+"""A web origin as browsers send it in ``Origin`` (or ``*``)."""
 
 
 class StartError(click.ClickException):
@@ -61,6 +67,15 @@ def main() -> None:
     metavar="HOST:PORT",
     help="Also serve MitigationService as JSON over HTTP/1.1 on this address (same TLS, "
     "tokens and roles as --listen; OpenAPI at /openapi.json). Default: off.",
+)
+@click.option(
+    "--http-cors-origin",
+    "http_cors_origins",
+    envvar="CONTROLPLANE_HTTP_CORS_ORIGIN",
+    multiple=True,
+    metavar="ORIGIN",
+    help="A web origin (https://app.example.com; '*': any) whose pages may call the OFREP "
+    "routes from a browser (OpenFeature's web provider). Repeatable. Default: none.",
 )
 @click.option(
     "--etcd",
@@ -246,6 +261,7 @@ def main() -> None:
 def serve(
     listen: str,
     http: str | None,
+    http_cors_origins: tuple[str, ...],
     etcd: str,
     prefix: str,
     metrics: str,
@@ -292,6 +308,15 @@ def serve(
         raise click.BadParameter(
             f"{http!r} is not HOST:PORT (e.g. 127.0.0.1:8016)", param_hint="--http"
         )
+    for origin in http_cors_origins:
+        if not _ORIGIN.fullmatch(origin):
+            raise click.BadParameter(
+                f"{origin!r} is not a web origin: give scheme://host[:port] with no path "
+                "(e.g. https://app.example.com), or '*' for any",
+                param_hint="--http-cors-origin",
+            )
+    if http_cors_origins and http is None:
+        raise click.UsageError("--http-cors-origin needs --http (the OFREP routes are there)")
     endpoints = [e.strip() for e in etcd.split(",") if e.strip()]
     etcd_security = _etcd_security(
         etcd_ca, etcd_cert, etcd_key, etcd_server_name, etcd_user, etcd_password_file
@@ -306,6 +331,7 @@ def serve(
     config = ServerConfig(
         listen=listen,
         http=http,
+        http_cors_origins=tuple(http_cors_origins),
         etcd=endpoints,
         prefix=prefix if prefix.endswith("/") else prefix + "/",
         metrics=None if metrics in ("", "off") else metrics,

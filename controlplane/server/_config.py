@@ -27,6 +27,8 @@ class ServerConfig:
     metrics: str | None = "127.0.0.1:9464"  # None: no metrics endpoint
     # HOST:PORT of the HTTP listener (the JSON mirror of MitigationService); None: off.
     http: str | None = None
+    # Web origins whose pages may call the OFREP routes (CORS); "*": any; empty: none.
+    http_cors_origins: tuple[str, ...] = ()
     etcd_timeout: float = 2.0
     audit_retention: timedelta = timedelta(days=30)
     data_dir: Path = Path(".controlplane")

@@ -196,7 +196,7 @@ class HttpListener:
         ]
         routes.append(StarletteRoute("/openapi.json", self._openapi_json, methods=["GET"]))
         if self.ofrep is not None:
-            routes += self.ofrep.routes()
+            routes += self.ofrep.routes(self.config.http_cors_origins)
         return Starlette(routes=routes, exception_handlers={HTTPException: http_exception})
 
     async def _openapi_json(self, request: Request) -> Response:

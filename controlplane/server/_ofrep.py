@@ -34,14 +34,16 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
 import structlog
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import Receive, Scope, Send
 
 from controlplane import model
@@ -67,6 +69,7 @@ from controlplane.server.hub import Hub
 
 log = structlog.get_logger("controlplane.http")
 
+PREFIX = "/ofrep"
 EVALUATE_PATH = "/ofrep/v1/evaluate/flags/{key}"
 BULK_PATH = "/ofrep/v1/evaluate/flags"
 EVENTS_PATH = "/ofrep/v1/events"
@@ -117,12 +120,26 @@ class Ofrep:
         self.presence = presence
         self.max_body = max_body
 
-    def routes(self) -> list[BaseRoute]:
-        return [
-            Route(EVALUATE_PATH, self.evaluate_flag, methods=["POST"]),
-            Route(BULK_PATH, self.evaluate_flags, methods=["POST"]),
-            Route(EVENTS_PATH, self.events, methods=["GET"]),
+    def routes(self, cors_origins: Sequence[str] = ()) -> list[BaseRoute]:
+        """The routes, under ``/ofrep``; with ``cors_origins``, web pages of those origins
+        (``*``: any) may call them (CORS: preflight answered, ``ETag`` readable)."""
+        middleware = []
+        if cors_origins:
+            cors = Middleware(
+                CORSMiddleware,
+                allow_origins=list(cors_origins),
+                allow_methods=["GET", "POST"],
+                allow_headers=["Authorization", "Content-Type", "If-None-Match", "Last-Event-ID"],
+                expose_headers=["ETag"],
+                max_age=600,
+            )
+            middleware.append(cors)
+        routes = [
+            Route(EVALUATE_PATH.removeprefix(PREFIX), self.evaluate_flag, methods=["POST"]),
+            Route(BULK_PATH.removeprefix(PREFIX), self.evaluate_flags, methods=["POST"]),
+            Route(EVENTS_PATH.removeprefix(PREFIX), self.events, methods=["GET"]),
         ]
+        return [Mount(PREFIX, routes=routes, middleware=middleware)]
 
     # -- the routes --------------------------------------------------------------
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -429,3 +431,64 @@ async def test_answers_go_on_while_etcd_is_down(fresh_etcd: EmbeddedEtcd, prefix
             fresh_etcd.restart()
     finally:
         await server.stop(grace=0)
+
+
+async def test_web_pages_of_the_origins_given_may_call_the_ofrep_routes(
+    etcd: EmbeddedEtcd, prefix: str
+) -> None:
+    page = "https://app.example.com"
+    server = await start(etcd, prefix, http_cors_origins=(page,))
+    try:
+        async with httpx.AsyncClient(base_url=url(server), timeout=WAIT) as http:
+            preflight = {
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization, content-type, if-none-match",
+            }
+            allowed = await http.options(
+                "/ofrep/v1/evaluate/flags", headers={"Origin": page, **preflight}
+            )
+            assert allowed.status_code == 200, allowed.text
+            assert allowed.headers["access-control-allow-origin"] == page
+            assert "if-none-match" in allowed.headers["access-control-allow-headers"].lower()
+            other = await http.options(
+                "/ofrep/v1/evaluate/flags", headers={"Origin": "https://evil.example", **preflight}
+            )
+            assert other.status_code == 400
+            assert "access-control-allow-origin" not in other.headers
+            context = {"context": {"service": "checkout"}}
+            bulk = await http.post(
+                "/ofrep/v1/evaluate/flags", json=context, headers={"Origin": page}
+            )
+            assert bulk.status_code == 200 and bulk.headers["access-control-allow-origin"] == page
+            assert bulk.headers["access-control-expose-headers"] == "ETag"
+            # The mirror of MitigationService is not opened to web pages by it.
+            listed = await http.get("/v1/flags", headers={"Origin": page})
+            assert "access-control-allow-origin" not in listed.headers
+    finally:
+        await server.stop(grace=0)
+    # Without the option, no page may: no CORS headers at all.
+    plain = await start(etcd, prefix)
+    try:
+        async with httpx.AsyncClient(base_url=url(plain), timeout=WAIT) as http:
+            bulk = await http.post(
+                "/ofrep/v1/evaluate/flags",
+                json={"context": {"service": "checkout"}},
+                headers={"Origin": page},
+            )
+            assert bulk.status_code == 200 and "access-control-allow-origin" not in bulk.headers
+    finally:
+        await plain.stop(grace=0)
+
+
+def test_a_bad_cors_origin_is_refused_before_anything_starts() -> None:
+    for argv, text in (
+        (["--http", "127.0.0.1:0", "--http-cors-origin", "app.example.com"], "not a web origin"),
+        (["--http", "127.0.0.1:0", "--http-cors-origin", "https://a.example/x"], "no path"),
+        (["--http-cors-origin", "https://app.example.com"], "needs --http"),
+    ):
+        ran = subprocess.run(
+            [sys.executable, "-m", "controlplane.server", "serve", "--metrics", "off", *argv],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert ran.returncode == 2, ran.stderr
+        assert text in ran.stderr and "Traceback" not in ran.stderr, ran.stderr
