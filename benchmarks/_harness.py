@@ -31,6 +31,8 @@ class ServerProcess:
     pid: int
     workers: tuple[int, ...] = ()
     """With --workers, the workers' pids."""
+    http: str | None = None
+    """With --http, the HTTP listener's base URL."""
 
     @property
     def serving(self) -> tuple[int, ...]:
@@ -97,11 +99,11 @@ class ServerRunner:
         with self.log_path.open("w") as log:
             self.proc = subprocess.Popen(self.argv, stderr=log, stdout=subprocess.DEVNULL)
         try:
-            address, workers = _wait_for_address(self.proc, self.log_path)
+            address, workers, http = _wait_for_address(self.proc, self.log_path)
         except BaseException:
             self.stop()
             raise
-        return ServerProcess(address, self.proc.pid, workers)
+        return ServerProcess(address, self.proc.pid, workers, http)
 
     def kill(self) -> None:
         """SIGKILL the server and reap it."""
@@ -122,8 +124,11 @@ class ServerRunner:
             proc.wait()
 
 
-def _wait_for_address(proc: subprocess.Popen[bytes], log_path: Path) -> tuple[str, tuple[int, ...]]:
-    """The address the server says it listens on, and its workers' pids if it has any."""
+def _wait_for_address(
+    proc: subprocess.Popen[bytes], log_path: Path
+) -> tuple[str, tuple[int, ...], str | None]:
+    """The address the server says it listens on, its workers' pids if it has any, and
+    its HTTP listener's URL if it has one."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         text = log_path.read_text()
@@ -132,7 +137,8 @@ def _wait_for_address(proc: subprocess.Popen[bytes], log_path: Path) -> tuple[st
         )
         if match:
             pids = tuple(int(p) for p in match.group(2).split(", ")) if match.group(2) else ()
-            return match.group(1), pids
+            http = re.search(r"HTTP (http://127\.0\.0\.1:\d+)", text)
+            return match.group(1), pids, http.group(1) if http else None
         if proc.poll() is not None:
             raise RuntimeError(f"control server exited early:\n{text}")
         time.sleep(0.01)

@@ -1,18 +1,26 @@
-"""Propagation to flagd sync streams: from just before the write RPC to each stream's message.
+"""Propagation to OpenFeature clients: from just before the write RPC to each client's value.
 
 The same method as ``bench_propagation`` for agents, for the OpenFeature clients that
-read through the flagd sync protocol: for each size, a fresh server (with its embedded
-etcd) and N ``SyncFlags`` streams of service ``bench``, each on its own connection, spread
+read through the flagd sync protocol or OFREP: for each size, a fresh server (with its
+embedded etcd) and N clients of service ``bench``, each on its own connection, spread
 over several processes. The driver flips a bool flag ``--flips`` times; before each flip
 it notes the wall time and calls ``SetFlag``, then asks every process for the time each
-of its streams first received a configuration at or after the write's revision (sync
-clients confirm nothing, so the processes are asked), and starts the next flip only then.
+of its clients first had a value at or after the write's revision (these clients confirm
+nothing, so the processes are asked), and starts the next flip only then.
 
-Reported per size: p50/p99/max of (message time - time before SetFlag) over all streams
-and flips, and the server's CPU per stream per change. Writes
-``benchmarks/results/flagd.json``.
+- ``--protocol flagd``: a client is a ``SyncFlags`` stream; its value is the
+  configuration message.
+- ``--protocol ofrep``: a client is what OFREP's static-context providers do, an event
+  stream (``GET /ofrep/v1/events``) and, on each ``refetchEvaluation``, a bulk
+  evaluation with the event's etag (on a keep-alive connection of its own); its value is
+  the bulk answer (the revision is the stamp of its ETag).
 
-    python -m benchmarks.bench_flagd [--streams 100,1000] [--flips 30] [--processes 4]
+Reported per size: p50/p99/max of (value time - time before SetFlag) over all clients
+and flips, and the server's CPU per client per change. Writes
+``benchmarks/results/flagd.json`` (``ofrep.json``).
+
+    python -m benchmarks.bench_flagd [--protocol flagd|ofrep] [--streams 100,1000]
+        [--flips 30] [--processes 4]
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 
 from benchmarks._harness import (
     RESULTS_DIR,
@@ -74,9 +83,40 @@ async def _follow(address: str, stream: _Stream) -> None:
             stream.changed.set()
 
 
-async def _worker_main(address: str, count: int, conn: Connection) -> None:
+async def _follow_ofrep(base: str, stream: _Stream) -> None:
+    """An OFREP static-context provider: the event stream, and a refetch per event."""
+    context = {"context": {"targetingKey": "bench", "service": SERVICE}}
+    bulk = "/ofrep/v1/evaluate/flags"
+    limits = httpx.Limits(max_connections=1)
+    async with (
+        httpx.AsyncClient(base_url=base, timeout=ASK_TIMEOUT) as events_client,
+        httpx.AsyncClient(base_url=base, timeout=ASK_TIMEOUT, limits=limits) as client,
+    ):
+        etag = ""
+        async with events_client.stream("GET", f"/ofrep/v1/events?service={SERVICE}") as events:
+            async for line in events.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                event = json.loads(line.removeprefix("data: "))
+                answer = await client.post(
+                    bulk,
+                    json=context,
+                    params={"flagConfigEtag": event["etag"]},
+                    headers={"If-None-Match": etag} if etag else {},
+                )
+                when = time.time()
+                if answer.status_code == 200:
+                    etag = answer.headers["etag"]
+                    answer.json()  # what the provider does with it
+                stream.revisions.append(int(etag.strip('"').partition("-")[0]))
+                stream.times.append(when)
+                stream.changed.set()
+
+
+async def _worker_main(address: str, protocol: str, count: int, conn: Connection) -> None:
     streams = [_Stream() for _ in range(count)]
-    tasks = [asyncio.create_task(_follow(address, s)) for s in streams]
+    follow = _follow_ofrep if protocol == "ofrep" else _follow
+    tasks = [asyncio.create_task(follow(address, s)) for s in streams]
     for stream in streams:
         await stream.changed.wait()
     conn.send(("ready", count))
@@ -98,8 +138,8 @@ async def _worker_main(address: str, count: int, conn: Connection) -> None:
         task.cancel()
 
 
-def _worker(address: str, count: int, conn: Connection) -> None:
-    asyncio.run(_worker_main(address, count, conn))
+def _worker(address: str, protocol: str, count: int, conn: Connection) -> None:
+    asyncio.run(_worker_main(address, protocol, count, conn))
 
 
 def _set_flag(stub: Any, value: bool) -> int:
@@ -114,9 +154,14 @@ def _set_flag(stub: Any, value: bool) -> int:
     return int(response.result.revision)
 
 
-def _run_case(streams: int, flips: int, processes: int, warmup: int) -> dict[str, Any]:
-    with control_server() as server:
+def _run_case(
+    protocol: str, streams: int, flips: int, processes: int, warmup: int
+) -> dict[str, Any]:
+    extra = ["--http", "127.0.0.1:0"] if protocol == "ofrep" else []
+    with control_server(extra) as server:
         address = server.address
+        target = server.http if protocol == "ofrep" else address
+        assert target is not None
         with grpc.insecure_channel(address) as channel:
             stub = mitigation_pb2_grpc.MitigationServiceStub(channel)
             _set_flag(stub, False)
@@ -128,7 +173,9 @@ def _run_case(streams: int, flips: int, processes: int, warmup: int) -> dict[str
                 if share == 0:
                     continue
                 ours, theirs = context.Pipe()
-                proc = context.Process(target=_worker, args=(address, share, theirs), daemon=True)
+                proc = context.Process(
+                    target=_worker, args=(target, protocol, share, theirs), daemon=True
+                )
                 proc.start()
                 pipes.append(ours)
                 workers.append(proc)
@@ -163,6 +210,7 @@ def _run_case(streams: int, flips: int, processes: int, warmup: int) -> dict[str
                     if proc.is_alive():
                         proc.kill()
     return {
+        "protocol": protocol,
         "streams": streams,
         "processes": len(workers),
         "flips": flips,
@@ -177,13 +225,14 @@ def _run_case(streams: int, flips: int, processes: int, warmup: int) -> dict[str
 def run(
     sizes: list[int],
     *,
+    protocol: str = "flagd",
     flips: int = 30,
     processes: int = 4,
     warmup: int = 3,
     out_dir: Path = RESULTS_DIR,
 ) -> dict[str, Any]:
-    """Measure each size; print a table and write ``flagd.json``."""
-    cases = [_run_case(size, flips, processes, warmup) for size in sizes]
+    """Measure each size; print a table and write ``flagd.json`` (``ofrep.json``)."""
+    cases = [_run_case(protocol, size, flips, processes, warmup) for size in sizes]
     results = {"machine": machine(), "cases": cases}
     print_table(
         ["streams", "processes", "flips", "p50 ms", "p99 ms", "max ms", "srv cpu us/stream/change"],
@@ -193,12 +242,13 @@ def run(
             for c in cases
         ],
     )  # fmt: skip
-    print(f"results: {write_results('flagd', results, out_dir)}")
+    print(f"results: {write_results(protocol, results, out_dir)}")
     return results
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--protocol", choices=["flagd", "ofrep"], default="flagd")
     parser.add_argument("--streams", default="100,1000", help="comma-separated sizes")
     parser.add_argument("--flips", type=int, default=30, help="measured flips per size")
     parser.add_argument("--processes", type=int, default=4, help="stream processes")
@@ -206,7 +256,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.streams.split(",") if s.strip()]
-    run(sizes, flips=args.flips, processes=args.processes, warmup=args.warmup, out_dir=args.out)
+    run(
+        sizes,
+        protocol=args.protocol,
+        flips=args.flips,
+        processes=args.processes,
+        warmup=args.warmup,
+        out_dir=args.out,
+    )
 
 
 if __name__ == "__main__":

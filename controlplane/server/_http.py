@@ -34,7 +34,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute
 from starlette.routing import Route as StarletteRoute
 from starlette.types import Receive, Scope, Send
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from controlplane.server._config import ServerConfig
 from controlplane.server._http_context import (
@@ -78,9 +78,11 @@ INTERNAL_ERROR = "internal error (logged on the server)"
 """What an answer says of a failure of the server's own, as the gRPC port does."""
 
 
-class _Protocol(H11Protocol):
-    """uvicorn's HTTP/1.1 with the verified client certificate's subject in each
-    request's ``state`` (``client_subject``)."""
+class _Protocol(HttpToolsProtocol):
+    """uvicorn's HTTP/1.1 on httptools (llhttp's parser, in C: on h11, in Python, an
+    OFREP bulk evaluation cost the server 600 µs of CPU instead of 400) with the
+    verified client certificate's subject in each request's ``state``
+    (``client_subject``)."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)

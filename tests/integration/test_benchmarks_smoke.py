@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from benchmarks import __main__ as bench_main
 from benchmarks import (
     bench_flagd,
@@ -136,12 +138,15 @@ def test_the_runner_knows_every_benchmark_and_refuses_unknown_ones() -> None:
     assert bench_main.main(["no-such-benchmark"]) == 2
 
 
-def test_flagd_benchmark_sees_every_flip_on_every_stream(tmp_path: Path) -> None:
-    results = bench_flagd.run([4], flips=3, processes=2, warmup=1, out_dir=tmp_path)
+@pytest.mark.parametrize("protocol", ["flagd", "ofrep"])
+def test_flagd_benchmark_sees_every_flip_on_every_stream(tmp_path: Path, protocol: str) -> None:
+    results = bench_flagd.run(
+        [4], protocol=protocol, flips=3, processes=2, warmup=1, out_dir=tmp_path
+    )
     _machine(results)
     [case] = results["cases"]
-    assert (case["streams"], case["processes"], case["flips"]) == (4, 2, 3)
+    assert (case["protocol"], case["streams"], case["processes"]) == (protocol, 4, 2)
     assert case["messages"] == 4 * 3  # every stream, every measured flip
     assert 0 < case["p50_ms"] <= case["p99_ms"] <= case["max_ms"]
     assert case["server_cpu_us_per_stream_change"] >= 0  # CPU ticks are 10 ms
-    _written(tmp_path, "flagd", results)
+    _written(tmp_path, protocol, results)
