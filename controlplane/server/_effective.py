@@ -40,9 +40,10 @@ FLAGD_SCHEMA = "https://flagd.dev/schema/v0/flags.json"
 _MAX_VIEWS = 10_000
 
 
-def _in_force(flag: pb.Flag, now: datetime) -> pb.Flag | None:
-    """The layer of a (possibly time-boxed) flag record in force at ``now``."""
-    layer: pb.Flag | None = flag
+def _in_force(record: Any, now: datetime) -> Any:
+    """The layer of a (possibly time-boxed) flag, shedding or pin record in force at
+    ``now`` (None: every layer has ended)."""
+    layer = record
     while layer is not None:
         if (
             not layer.meta.HasField("expires_at")
@@ -91,8 +92,8 @@ def effective_flags(
             "defaultVariant": default,
             "metadata": _metadata(layer.meta, scope),
         }
-    if snapshot.HasField("shedding"):
-        shedding = snapshot.shedding
+    shedding = _in_force(snapshot.shedding, now) if snapshot.HasField("shedding") else None
+    if shedding is not None:
         flags[SHEDDING_FLAG] = {
             "state": "ENABLED",
             "variants": {
@@ -101,12 +102,13 @@ def effective_flags(
             "defaultVariant": "value",
             "metadata": _metadata(shedding.meta, service),
         }
-    if snapshot.HasField("pin"):
+    pin = _in_force(snapshot.pin, now) if snapshot.HasField("pin") else None
+    if pin is not None:
         flags[PIN_FLAG] = {
             "state": "ENABLED",
-            "variants": {"value": snapshot.pin.version},
+            "variants": {"value": pin.version},
             "defaultVariant": "value",
-            "metadata": _metadata(snapshot.pin.meta, service),
+            "metadata": _metadata(pin.meta, service),
         }
     return flags
 
@@ -146,7 +148,9 @@ def etag_stamp(etag: str) -> int | None:
     text = etag.strip()
     text = text.removeprefix("W/").strip('"')
     stamp, _, digest = text.partition("-")
-    return int(stamp) if stamp.isdigit() and len(digest) == 16 else None
+    # ASCII digits only ("²" is a digit to isdigit), and no more than a revision has.
+    ok = stamp.isascii() and stamp.isdigit() and len(stamp) <= 19 and len(digest) == 16
+    return int(stamp) if ok else None
 
 
 class Views:
@@ -200,12 +204,13 @@ class Views:
 
 
 def _next_expiry(snapshot: agent_pb2.Snapshot, now: datetime) -> datetime | None:
-    """When the first time-boxed value in force in ``snapshot`` ends (None: none)."""
-    metas = [flag.meta for flag in snapshot.flags]
-    metas += [r.meta for r in (snapshot.shedding, snapshot.pin) if r.HasField("meta")]
-    ends = [
-        end
-        for meta in metas
-        if meta.HasField("expires_at") and (end := meta.expires_at.ToDatetime(tzinfo=UTC)) > now
-    ]
+    """When the first time-boxed layer in force in ``snapshot`` ends (None: none); the
+    layer beneath it may be time-boxed too, and is looked at then."""
+    records: list[Any] = list(snapshot.flags)
+    records += [r for r in (snapshot.shedding, snapshot.pin) if r.HasField("meta")]
+    ends = []
+    for record in records:
+        layer = _in_force(record, now)
+        if layer is not None and layer.meta.HasField("expires_at"):
+            ends.append(layer.meta.expires_at.ToDatetime(tzinfo=UTC))
     return min(ends, default=None)

@@ -5,6 +5,7 @@ request's deadline and body, and the client certificate's subject as gRPC words 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -15,6 +16,7 @@ import grpc
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.types import Receive
 
 from controlplane.server._routes import HTTP_STATUS, BadRequest
 
@@ -210,3 +212,26 @@ async def read_json(request: Request, limit: int, *, typed: bool = True) -> Any:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"the body is not JSON ({exc}): send a JSON object") from None
+    except RecursionError:
+        raise BadRequest("the body nests too deeply to read: send a flatter JSON object") from None
+
+
+def body_chunk(data: bytes) -> dict[str, Any]:
+    """An ASGI message: part of a streamed body, more to come."""
+    return {"type": "http.response.body", "body": data, "more_body": True}
+
+
+def cancel_on_disconnect(receive: Receive) -> tuple[asyncio.Event, asyncio.Task[None]]:
+    """For a streamed answer: watch ``receive`` and, when the client goes away, set the
+    event returned and cancel the calling task (cancel the watcher when done)."""
+    task = asyncio.current_task()
+    assert task is not None
+    gone = asyncio.Event()
+
+    async def watch_client() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        gone.set()
+        task.cancel()
+
+    return gone, asyncio.create_task(watch_client())

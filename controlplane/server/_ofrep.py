@@ -49,7 +49,12 @@ from starlette.types import Receive, Scope, Send
 from controlplane import model
 from controlplane.errors import InvalidArgumentError
 from controlplane.server._effective import View, Views, etag_stamp, evaluation
-from controlplane.server._http_context import HttpContext, read_json
+from controlplane.server._http_context import (
+    HttpContext,
+    body_chunk,
+    cancel_on_disconnect,
+    read_json,
+)
 from controlplane.server._presence import Presence
 from controlplane.server._routes import BadRequest
 from controlplane.server._rpc import OpenStreams
@@ -186,6 +191,8 @@ class Ofrep:
         start = time.perf_counter()
         identity: Identity | None = None
         try:
+            if self.streams.closing:
+                raise OfrepError(503, "GENERAL", "the server is stopping: connect again")
             identity, credential = self._authenticate(request, OFREP_EVENTS)
             given = request.query_params.get("service")
             service = self._service({} if given is None else {"service": given}, identity)
@@ -286,8 +293,16 @@ class Ofrep:
         """A refetch after an event names the event's etag: if this process's mirror is
         behind it (another process sent the event), wait for the mirror, briefly."""
         stamp = etag_stamp(etag) if etag else None
-        if stamp is not None and self.hub.ready.is_set() and stamp > self.hub.stamp(service):
-            await self.hub.wait_for_revision(stamp, CATCH_UP_SECONDS)
+        behind = stamp is not None and self.hub.ready.is_set() and stamp > self.hub.stamp(service)
+        if behind and not await self.hub.wait_for_revision(stamp or 0, CATCH_UP_SECONDS):
+            # A stale answer now would be kept until the next change: have it asked
+            # again (the provider retries, or polls).
+            raise OfrepError(
+                503,
+                "GENERAL",
+                f"this server has not seen revision {stamp} yet (etcd is slow or "
+                "unreachable from it): retry",
+            )
 
     def _log(
         self, request: Request, route: str, status: int, start: float, identity: Identity | None
@@ -385,30 +400,29 @@ class _EventStream(Response):
             return
         task = asyncio.current_task()
         assert task is not None
-        gone = asyncio.Event()
-
-        async def watch_client() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            gone.set()
-            task.cancel()
-
-        watcher = asyncio.create_task(watch_client())
-        status = 200
+        gone, watcher = cancel_on_disconnect(receive)
+        status, last = 200, b""
         try:
             with ofrep.streams.held():
-                async with self._place():
-                    headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
-                    await send({"type": "http.response.start", "status": 200, "headers": headers})
-                    await send(_chunk(f"retry: {RETRY_MS}\n\n".encode()))
-                    await self._stream(send)
-        except asyncio.CancelledError:
-            if not (gone.is_set() or ofrep.streams.ended_by_close() or self._revoked):
-                raise
-            task.uncancel()  # ended here on purpose: the request's task goes on
-            status = 499 if gone.is_set() else 200
-        except AuthError as error:  # over the identity's stream limit
-            status = 429
+                try:
+                    async with self._place():
+                        headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
+                        start = {"type": "http.response.start", "status": 200, "headers": headers}
+                        await send(start)
+                        await send(body_chunk(f"retry: {RETRY_MS}\n\n".encode()))
+                        await self._stream(send)
+                except asyncio.CancelledError:
+                    # Ended here on purpose (the request's task goes on), or re-raised.
+                    if self._revoked and task.uncancel() == 0:
+                        status, last = 401, b": ended: the credentials were revoked\n\n"
+                    elif ofrep.streams.ended_by_close():
+                        status, last = 503, b": ended: the server stops\n\n"
+                    elif gone.is_set() and task.uncancel() == 0:
+                        status = 499
+                    else:
+                        raise
+        except AuthError as error:  # revoked meanwhile, or over the identity's stream limit
+            status = _AUTH_STATUS.get(error.code, 429)
             body = json.dumps({"errorCode": "GENERAL", "errorDetails": error.message})
             headers = [(b"content-type", b"application/json")]
             await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -418,7 +432,7 @@ class _EventStream(Response):
             watcher.cancel()
             ofrep._log(self.request, EVENTS_PATH, status, self.start, self.identity)
         if not gone.is_set():
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await send({"type": "http.response.body", "body": last, "more_body": False})
 
     _revoked = False
 
@@ -432,6 +446,14 @@ class _EventStream(Response):
             if auth is None or self.identity is None or self.credential is None:
                 yield
                 return
+            # The credential may have been revoked while the request waited for the
+            # server's state: a stream starts only with what the auth file grants now.
+            now = auth.config.resolve(self.credential)
+            if now is None or not now.may_sync(self.service):
+                raise AuthError(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    f"the credentials of {self.identity.name} no longer allow {self.service}",
+                )
             with auth.streams.hold(self.identity, self.credential) as place:
                 try:
                     yield
@@ -448,7 +470,7 @@ class _EventStream(Response):
         try:
             view = views.get(self.service)
             sent = view.etag
-            await send(_chunk(_event(view)))
+            await send(body_chunk(_event(view)))
             while True:
                 timeout = KEEPALIVE_SECONDS
                 if view.until is not None:
@@ -462,16 +484,12 @@ class _EventStream(Response):
                 view = views.get(self.service)
                 if view.etag != sent:
                     sent = view.etag
-                    await send(_chunk(_event(view)))
+                    await send(body_chunk(_event(view)))
                 else:
-                    await send(_chunk(b": keepalive\n\n"))
+                    await send(body_chunk(b": keepalive\n\n"))
         finally:
             feed.streams -= 1
             hub.release(feed)
-
-
-def _chunk(data: bytes) -> dict[str, Any]:
-    return {"type": "http.response.body", "body": data, "more_body": True}
 
 
 # -- the OpenAPI document's part ---------------------------------------------------------

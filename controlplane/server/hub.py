@@ -249,6 +249,7 @@ class Hub:
         self._flags_by_scope: dict[str, dict[str, Any]] = {}
         # scope -> last revision that changed something of it
         self._touched_at: dict[str, int] = {}
+        self._stamp_floor = 0  # after a resync: the revision read
         # service -> (relevant revision it was built at, the snapshot's bytes without
         # its revision field): reconnect storms cost a lookup, not a scan
         self._snapshots: dict[str, tuple[int, bytes]] = {}
@@ -313,10 +314,18 @@ class Hub:
             rows, revision = await self.store.read_state()
         self._records = {}
         self._flags_by_scope = {}
+        touched: dict[str, int] = {}
         for path, record, mod in rows:
             self._put(path, record.to_proto(mod), mod)
+            scope = path.split("/")[1]
+            touched[scope] = max(touched.get(scope, 0), mod)
         self._snapshots.clear()
-        self._touched_at = {}
+        # What each scope's records were last written at: the same stamps in every
+        # server process. After a resync what was deleted in the gap is unknown, so
+        # every scope counts as changed at the revision read.
+        self._touched_at = touched
+        if self._loaded:
+            self._stamp_floor = revision
         self.revision = revision
         if self._loaded:
             for feed in self._feeds.values():
@@ -421,7 +430,11 @@ class Hub:
 
     def stamp(self, service: str) -> int:
         """The last revision that changed what concerns ``service`` (its own or global)."""
-        return max(self._touched_at.get(service, 0), self._touched_at.get(GLOBAL_SCOPE, 0))
+        return max(
+            self._touched_at.get(service, 0),
+            self._touched_at.get(GLOBAL_SCOPE, 0),
+            self._stamp_floor,
+        )
 
     def snapshot(self, service: str) -> agent_pb2.Snapshot:
         """Everything that concerns ``service`` now: its own entries and the global ones."""

@@ -33,6 +33,7 @@ from controlplane.server import ControlServer
 from tests.helpers.cpctl import Run
 from tests.helpers.openfeature_clients import Client, npm_install
 from tests.integration.test_auth import TOKENS, auth_document, write_auth
+from tests.integration.test_flagd_sync import set_flag, write_options
 from tests.integration.test_http import start, url
 
 WAIT = 10.0
@@ -57,17 +58,6 @@ async def http(srv: ControlServer) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
-def _opts() -> t.WriteOptions:
-    return t.WriteOptions(reason="test", actor="oncall")
-
-
-async def set_flag(stub: Any, scope: str, name: str, value: Any) -> int:
-    response = await stub.SetFlag(
-        m.SetFlagRequest(scope=scope, name=name, value=flag_value_to_proto(value), options=_opts())
-    )
-    return int(response.result.revision)
-
-
 def of_client(provider: AbstractProvider, service: str | None) -> OpenFeatureClient:
     """A client of ``provider`` in a domain of its own, evaluating for ``service``."""
     domain = f"ofrep-{uuid.uuid4().hex}"
@@ -89,10 +79,12 @@ async def test_the_stock_ofrep_provider_reads_what_our_agents_read(
     await set_flag(stub, "global", "hidden", False)
     await set_flag(stub, "checkout", "hidden", True)  # the service's own wins
     await stub.SetShedding(
-        m.SetSheddingRequest(service="checkout", tier=t.SHEDDABLE, percent=50, options=_opts())
+        m.SetSheddingRequest(
+            service="checkout", tier=t.SHEDDABLE, percent=50, options=write_options()
+        )
     )
     await stub.PinVersion(
-        m.PinVersionRequest(service="checkout", version="v1.4.2", options=_opts())
+        m.PinVersionRequest(service="checkout", version="v1.4.2", options=write_options())
     )
     provider = OFREPProvider(url(srv), timeout=WAIT)
     client = of_client(provider, "checkout")
@@ -213,6 +205,15 @@ async def test_bad_contexts_get_the_error_codes_of_the_spec(http: httpx.AsyncCli
     broken = await http.post(evaluate, content=b"{not json", headers={"Content-Type": "x"})
     assert (broken.status_code, broken.json()["errorCode"]) == (400, "PARSE_ERROR")
     assert "is not JSON" in broken.json()["errorDetails"]
+    deep = await http.post(evaluate, content=b"[" * 100_000)
+    assert (deep.status_code, deep.json()["errorCode"]) == (400, "PARSE_ERROR"), deep.text
+    # An etag of ours has ASCII digits: anything else is not one (and no reason to wait).
+    context = {"context": {"service": "checkout"}}
+    for odd in ("\u00b2-0123456789abcdef", "9" * 5000 + "-0123456789abcdef", "W/x"):
+        bulk = await http.post(
+            "/ofrep/v1/evaluate/flags", json=context, params={"flagConfigEtag": odd}
+        )
+        assert bulk.status_code == 200, bulk.text
 
 
 async def test_bulk_answers_carry_an_etag_and_an_event_stream(
@@ -314,6 +315,23 @@ async def test_a_time_boxed_value_ends_on_the_event_stream(
     answer = await http.post("/ofrep/v1/evaluate/flags/mode", json=context)
     assert answer.json()["value"] == "full"
 
+    # Shedding ends the same way: controlplane.shedding is gone once its time is up,
+    # even before a server has written the restore.
+    await stub.SetShedding(
+        m.SetSheddingRequest(
+            service="checkout",
+            tier=t.SHEDDABLE,
+            percent=50,
+            options=t.WriteOptions(reason="test", actor="oncall", ttl={"nanos": 800_000_000}),
+        )
+    )
+    shed = await http.post("/ofrep/v1/evaluate/flags/controlplane.shedding", json=context)
+    assert shed.json()["value"] == {"tier": "SHEDDABLE", "percent": 50}, shed.text
+    async with http.stream("GET", "/ofrep/v1/events?service=checkout") as events:
+        [line async for line in _data_lines(events, 2)]
+    gone = await http.post("/ofrep/v1/evaluate/flags/controlplane.shedding", json=context)
+    assert gone.status_code == 404, gone.text
+
 
 async def _data_lines(events: httpx.Response, count: int) -> AsyncIterator[dict[str, Any]]:
     seen = 0
@@ -364,7 +382,7 @@ async def test_with_authentication_an_ofrep_client_is_an_agent_of_its_service(
                     scope="checkout",
                     name="mode",
                     value=flag_value_to_proto("lite"),
-                    options=_opts(),
+                    options=write_options(),
                 ),
                 metadata=(("authorization", f"Bearer {TOKENS['operator']}"),),
             )
