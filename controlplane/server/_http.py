@@ -41,6 +41,8 @@ from controlplane.server._http_context import (
     HttpAbort,
     HttpContext,
     abort_response,
+    body_chunk,
+    cancel_on_disconnect,
     deadline_of,
     error_body,
     error_response,
@@ -333,15 +335,7 @@ class _Ndjson(Response):
             return
         task = asyncio.current_task()
         assert task is not None
-        gone = asyncio.Event()
-
-        async def watch_client() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            gone.set()
-            task.cancel()
-
-        watcher = asyncio.create_task(watch_client())
+        gone, watcher = cancel_on_disconnect(receive)
         token = current_identity.set(self.identity)
         status, started, last = 200, False, None
         try:
@@ -358,7 +352,7 @@ class _Ndjson(Response):
                                 await send({**start, "headers": headers})
                                 started = True
                             line = json.dumps(render(response), separators=(",", ":"))
-                            await send(_chunk(line.encode() + b"\n"))
+                            await send(body_chunk(line.encode() + b"\n"))
                 except HttpAbort as error:
                     status = HTTP_STATUS.get(error.code, 500)
                     last = error_body(error.code.name, error.message, status)
@@ -400,7 +394,3 @@ class _Ndjson(Response):
             return
         with auth.streams.hold(self.identity, self.credential) as place:
             yield place
-
-
-def _chunk(data: bytes) -> dict[str, Any]:
-    return {"type": "http.response.body", "body": data, "more_body": True}

@@ -55,13 +55,15 @@ async def mitigation(server: ControlServer) -> AsyncIterator[Any]:
         yield mitigation_pb2_grpc.MitigationServiceStub(channel)
 
 
-def _opts() -> t.WriteOptions:
+def write_options() -> t.WriteOptions:
     return t.WriteOptions(reason="test", actor="oncall")
 
 
 async def set_flag(stub: Any, scope: str, name: str, value: Any) -> int:
     response = await stub.SetFlag(
-        m.SetFlagRequest(scope=scope, name=name, value=flag_value_to_proto(value), options=_opts())
+        m.SetFlagRequest(
+            scope=scope, name=name, value=flag_value_to_proto(value), options=write_options()
+        )
     )
     return int(response.result.revision)
 
@@ -82,10 +84,12 @@ async def test_a_stock_flagd_provider_reads_what_our_agents_read(
     await set_flag(mitigation, "global", "hidden", False)
     await set_flag(mitigation, "checkout", "hidden", True)  # the service's own wins
     await mitigation.SetShedding(
-        m.SetSheddingRequest(service="checkout", tier=t.SHEDDABLE, percent=50, options=_opts())
+        m.SetSheddingRequest(
+            service="checkout", tier=t.SHEDDABLE, percent=50, options=write_options()
+        )
     )
     await mitigation.PinVersion(
-        m.PinVersionRequest(service="checkout", version="v1.4.2", options=_opts())
+        m.PinVersionRequest(service="checkout", version="v1.4.2", options=write_options())
     )
     provider = await start_provider(server.address, "checkout", language, node)
     try:
