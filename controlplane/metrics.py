@@ -200,3 +200,35 @@ class ServerMetrics:
             registry=registry,
             multiprocess_mode="livemax",
         )
+        self.notifications_sent = Counter(
+            "controlplane_notifications_sent_total",
+            "Notifications delivered (2xx), by destination and event kind.",
+            ["destination", "kind"],
+            registry=registry,
+        )
+        self.notification_errors = Counter(
+            "controlplane_notification_send_errors_total",
+            "Failed attempts to deliver a notification (each is retried), by destination.",
+            ["destination"],
+            registry=registry,
+        )
+        self.notifications_failed = Counter(
+            "controlplane_notifications_failed_total",
+            "Notifications given up on after retrying for --notify's give_up_after, by "
+            "destination (listed by `cpctl notifications failed`).",
+            ["destination"],
+            registry=registry,
+        )
+        self.notifications_pending = Gauge(
+            "controlplane_notifications_pending",
+            "Audited changes not yet delivered, by destination (on the sending process).",
+            ["destination"],
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.notify_sender = Gauge(
+            "controlplane_notify_sender",
+            "1 on the server process that sends notifications now, else 0.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )

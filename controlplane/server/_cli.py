@@ -69,6 +69,16 @@ def main() -> None:
     "tokens and roles as --listen; OpenAPI at /openapi.json). Default: off.",
 )
 @click.option(
+    "--notify",
+    "notify_file",
+    envvar="CONTROLPLANE_NOTIFY",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    metavar="FILE",
+    help="Tell Slack, PagerDuty or webhooks of every change (YAML: destinations, filters; "
+    "see README). Re-read on SIGHUP. Default: off.",
+)
+@click.option(
     "--http-cors-origin",
     "http_cors_origins",
     envvar="CONTROLPLANE_HTTP_CORS_ORIGIN",
@@ -262,6 +272,7 @@ def serve(
     listen: str,
     http: str | None,
     http_cors_origins: tuple[str, ...],
+    notify_file: Path | None,
     etcd: str,
     prefix: str,
     metrics: str,
@@ -332,6 +343,7 @@ def serve(
         listen=listen,
         http=http,
         http_cors_origins=tuple(http_cors_origins),
+        notify_file=notify_file,
         etcd=endpoints,
         prefix=prefix if prefix.endswith("/") else prefix + "/",
         metrics=None if metrics in ("", "off") else metrics,

@@ -38,6 +38,8 @@ class ServerConfig:
     maintenance_interval: float = 60.0
     # Longest wait between looks for expired changes (others' writes may add earlier ones).
     expiry_interval: float = 0.5
+    # The notifications file (--notify): where audited changes are told; None: nowhere.
+    notify_file: Path | None = None
     # Security (see controlplane.server.auth): None everywhere is the local default.
     auth_file: Path | None = None
     tls_cert: Path | None = None

@@ -61,6 +61,7 @@ from controlplane.server._services import ServiceDirectory
 from controlplane.server._tls import ServerTls
 from controlplane.server.auth import AuthFileError, AuthInterceptor, Streams, load_auth_file
 from controlplane.server.hub import Hub
+from controlplane.server.notify import Notifier, NotifyConfigError, load_notify_file
 from controlplane.store import Store, etcd_version_risk
 from controlplane.transport import is_loopback_target
 
@@ -167,6 +168,8 @@ class ControlServer:
         self._started = False
         self._stopped = False
         self.auth: AuthInterceptor | None = None
+        self.notifier: Notifier | None = None
+        """The notifier (``--notify``), once started."""
         self.http: HttpListener | None = None
         """The HTTP listener (``--http``), once started."""
         self._tls = ServerTls(config)
@@ -225,6 +228,14 @@ class ControlServer:
             self.metrics.auth_identities.set(len(self.auth.config.identities))
             interceptors.append(self.auth)
             self._warn_unusable_subjects()
+        notify_config = None
+        if config.notify_file is not None:
+            try:
+                notify_config = load_notify_file(config.notify_file)
+            except NotifyConfigError as exc:
+                raise ServerConfigError(f"--notify: {exc}") from None
+            for warning in notify_config.warnings:
+                log.warning("notify_file_unsafe", warning=warning)
         # Every port, before anything starts (a worker of --workers shares its address,
         # which the supervisor checked).
         check_ports(serve_ports(config, listen=config.worker is None))
@@ -257,6 +268,9 @@ class ControlServer:
         await self.hub.start()
         await self.presence.start()
         await self._log_etcd_versions()
+        if notify_config is not None:
+            self.notifier = Notifier(self.store, notify_config, self.server_id, self.metrics)
+            await self.notifier.start()
 
         server = grpc.aio.server(
             interceptors=interceptors,
@@ -413,6 +427,21 @@ class ControlServer:
                     identities=len(config.identities),
                     streams_ended=ended,
                 )
+        if self.notifier is not None and self.config.notify_file is not None:
+            try:
+                notify_config = load_notify_file(self.config.notify_file)
+            except NotifyConfigError as exc:
+                ok = False
+                log.error(
+                    "notify_reload_failed", error=str(exc), kept="the previous notifications file"
+                )
+            else:
+                self.notifier.reload(notify_config)
+                log.info(
+                    "notify_reloaded",
+                    file=str(self.config.notify_file),
+                    destinations=[d.name for d in notify_config.destinations],
+                )
         if self.config.tls_cert is not None:
             try:
                 self._tls.reload()
@@ -451,6 +480,8 @@ class ControlServer:
         if self.http is not None:
             closing.append(self.http.stop(grace))
         await asyncio.gather(*closing)
+        if self.notifier is not None:
+            await self.notifier.stop()
         if self.presence is not None:
             await self.presence.stop()
         if self.hub is not None:

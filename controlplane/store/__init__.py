@@ -41,7 +41,8 @@ from controlplane.store._audit import Audit
 from controlplane.store._bundles import BundleOutcome, Bundles, BundleView
 from controlplane.store._commit import GroupCommit, KeyLocks
 from controlplane.store._etcd import Etcd, WatchEvent, etcd_version_risk
-from controlplane.store._expiry import Expiry
+from controlplane.store._expiry import EXPIRY_ACTOR, Expiry
+from controlplane.store._notifications import NotifyState
 from controlplane.store._records import Records, Stored, stored
 from controlplane.store._security import EtcdSecurity, normalize_endpoints
 from controlplane.store._streams import Streams
@@ -62,9 +63,11 @@ from controlplane.store.keys import (
 
 __all__ = [
     "DEFAULT_PREFIX",
+    "EXPIRY_ACTOR",
     "BundleOutcome",
     "BundleView",
     "EtcdSecurity",
+    "NotifyState",
     "Plan",
     "Store",
     "Stored",
@@ -111,6 +114,8 @@ class Store:
             on_etcd_health=on_etcd_health,
         )
         self._streams = Streams(self._etcd)
+        self.notify_state = NotifyState(self._etcd, prefix)
+        """The notifier's keys (``<prefix>-notify/``)."""
         self._audit = Audit(self._etcd, metrics)
         self._records = Records(self._etcd, self._audit, metrics)
         locks = KeyLocks()

@@ -20,6 +20,9 @@ of its own, which agents do not watch (``/controlplane/v1-presence/``)::
     applied/<20-digit revision>/<service>/<server id>
                                                when its instances applied a revision
     seen/<service>                             when an agent of it was last connected
+
+The notifier's state has a prefix of its own too (``/controlplane/v1-notify/``), laid
+out in ``store/_notifications.py``.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ __all__ = [
     "known_good_key",
     "new_audit_id",
     "new_bundle_id",
+    "notify_prefix",
     "ns",
     "override_path",
     "parse_expiry_path",
@@ -254,6 +258,11 @@ def fingerprint_path(digest: str) -> str:
 def presence_prefix(prefix: str) -> str:
     """The presence prefix that goes with a record prefix (``/controlplane/v1-presence/``)."""
     return prefix.rstrip("/") + "-presence/"
+
+
+def notify_prefix(prefix: str) -> str:
+    """The notifier's prefix that goes with a record prefix (``/controlplane/v1-notify/``)."""
+    return prefix.rstrip("/") + "-notify/"
 
 
 def servers_prefix(presence: str, server_id: str = "") -> str:

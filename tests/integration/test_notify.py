@@ -1,0 +1,438 @@
+"""Notifications out (``--notify``): real servers and etcd, local HTTP receivers standing in
+for Slack, PagerDuty and a webhook, each payload checked against the documented shape."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import re
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import jsonschema
+import pytest
+import structlog
+import yaml
+from prometheus_client import CollectorRegistry
+
+from controlplane.api.v1 import mitigation_pb2 as m
+from controlplane.api.v1 import mitigation_pb2_grpc
+from controlplane.api.v1 import types_pb2 as t
+from controlplane.embedded_etcd import EmbeddedEtcd
+from controlplane.model import flag_value_to_proto
+from controlplane.server import ControlServer
+from tests.helpers.http_sink import Received, Sink
+from tests.integration.conftest import server_config
+
+SECRET = "webhook-signing-secret-0123"
+ROUTING_KEY = "R0UT1NGKEY0123456789abcdef012345"
+
+# Slack's incoming webhooks take {text, blocks}; Block Kit: at most 50 blocks, a
+# section's text at most 3000 characters, context elements at most 10.
+SLACK = {
+    "type": "object",
+    "required": ["text", "blocks"],
+    "properties": {
+        "text": {"type": "string", "minLength": 1},
+        "blocks": {
+            "type": "array",
+            "maxItems": 50,
+            "items": {
+                "oneOf": [
+                    {
+                        "type": "object",
+                        "required": ["type", "text"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "type": {"const": "section"},
+                            "text": {
+                                "type": "object",
+                                "required": ["type", "text"],
+                                "properties": {
+                                    "type": {"const": "mrkdwn"},
+                                    "text": {"type": "string", "minLength": 1, "maxLength": 3000},
+                                },
+                            },
+                        },
+                    },
+                    {
+                        "type": "object",
+                        "required": ["type", "elements"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "type": {"const": "context"},
+                            "elements": {"type": "array", "minItems": 1, "maxItems": 10},
+                        },
+                    },
+                ]
+            },
+        },
+    },
+}
+# PagerDuty Events API v2, change events (POST /v2/change/enqueue).
+PAGERDUTY = {
+    "type": "object",
+    "required": ["routing_key", "payload"],
+    "additionalProperties": False,
+    "properties": {
+        "routing_key": {"type": "string", "minLength": 1},
+        "payload": {
+            "type": "object",
+            "required": ["summary"],
+            "additionalProperties": False,
+            "properties": {
+                "summary": {"type": "string", "minLength": 1, "maxLength": 1024},
+                "source": {"type": "string"},
+                "timestamp": {"type": "string", "format": "date-time"},
+                "custom_details": {"type": "object"},
+            },
+        },
+        "links": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["href"],
+                "properties": {"href": {"type": "string"}, "text": {"type": "string"}},
+            },
+        },
+    },
+}
+
+
+def write_notify(path: Path, document: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(document))
+    path.chmod(0o600)
+    return path
+
+
+def destinations(slack: Sink, pagerduty: Sink, webhook: Sink) -> list[dict[str, Any]]:
+    return [
+        {"name": "oncall", "kind": "slack", "url": slack.url},
+        {"name": "pd", "kind": "pagerduty", "url": pagerduty.url, "routing_key": ROUTING_KEY},
+        {"name": "siem", "kind": "webhook", "url": webhook.url, "secret": SECRET},
+    ]
+
+
+@pytest.fixture
+async def sinks() -> AsyncIterator[tuple[Sink, Sink, Sink]]:
+    made = (Sink(), Sink(), Sink())
+    for sink in made:
+        await sink.start()
+    yield made
+    for sink in made:
+        await sink.stop()
+
+
+async def start_server(
+    etcd: EmbeddedEtcd, prefix: str, notify: Path, **overrides: Any
+) -> ControlServer:
+    config = server_config(etcd.endpoint, prefix, notify_file=notify, **overrides)
+    server = ControlServer(config, registry=CollectorRegistry())
+    await server.start()
+    return server
+
+
+async def until_sending(server: ControlServer) -> None:
+    """Until the server holds the sender's place (its cursors are set from then on)."""
+    assert server.notifier is not None
+    async with asyncio.timeout(15):
+        while not server.notifier.sending or not server.notifier.ready.is_set():
+            await server.notifier.changed()
+
+
+def opts(**extra: Any) -> t.WriteOptions:
+    return t.WriteOptions(reason="errors on /pay", actor="alice", incident="INC-42", **extra)
+
+
+async def set_flag(address: str, scope: str, name: str, value: Any, **extra: Any) -> None:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = mitigation_pb2_grpc.MitigationServiceStub(channel)
+        await stub.SetFlag(
+            m.SetFlagRequest(
+                scope=scope, name=name, value=flag_value_to_proto(value), options=opts(**extra)
+            )
+        )
+
+
+def check_webhook(received: Received, *, signed: bool = True) -> dict[str, Any]:
+    body = received.json
+    digest = hmac.new(SECRET.encode(), received.body, hashlib.sha256).hexdigest()
+    if signed:
+        assert received.headers["x-controlplane-signature"] == f"sha256={digest}"
+    else:
+        assert "x-controlplane-signature" not in received.headers
+    assert received.headers["x-controlplane-event-id"] == body["id"]
+    return dict(body)
+
+
+async def test_a_change_is_told_to_every_destination_once(
+    etcd: EmbeddedEtcd, prefix: str, tmp_path: Path, sinks: tuple[Sink, Sink, Sink]
+) -> None:
+    slack, pagerduty, webhook = sinks
+    notify = write_notify(
+        tmp_path / "notify.yaml",
+        {
+            "destinations": destinations(slack, pagerduty, webhook),
+            "group_window": "300ms",
+            "link": "https://controlplane.example/",
+        },
+    )
+    server = await start_server(etcd, prefix, notify)
+    try:
+        await until_sending(server)
+        await set_flag(server.address, "checkout", "new-ui", False)
+        [to_slack] = await slack.wait_for(1)
+        [to_pd] = await pagerduty.wait_for(1)
+        [to_hook] = await webhook.wait_for(1)
+
+        jsonschema.validate(to_slack.json, SLACK)
+        text = json.dumps(to_slack.json)
+        assert "checkout: flag new-ui unset -&gt; false" in text, text
+        assert "by alice" in text and "errors on /pay" in text and "INC-42" in text, text
+        assert "https://controlplane.example/v1/incidents/INC-42/timeline" in text
+
+        jsonschema.validate(to_pd.json, PAGERDUTY, format_checker=jsonschema.FormatChecker())
+        assert to_pd.json["routing_key"] == ROUTING_KEY
+        assert to_pd.json["payload"]["summary"] == "checkout: flag new-ui unset -> false"
+        details = to_pd.json["payload"]["custom_details"]
+        assert (details["actor"], details["incident"]) == ("alice", "INC-42")
+
+        body = check_webhook(to_hook)
+        assert (body["kind"], body["services"], body["actor"]) == ("change", ["checkout"], "alice")
+        assert body["details"]["changes"][0]["after"] == "false"
+        # One event id per destination, the same in the header and the body.
+        ids = {r.headers["x-controlplane-event-id"] for r in (to_slack, to_pd, to_hook)}
+        assert len(ids) == 3
+        # Counted once the receiver answered (after the request the test saw).
+        labels = {"destination": "siem", "kind": "change"}
+        async with asyncio.timeout(10):
+            while not server.registry.get_sample_value(
+                "controlplane_notifications_sent_total", labels
+            ):
+                assert server.notifier is not None
+                await server.notifier.changed()
+        sent = server.registry.get_sample_value("controlplane_notifications_sent_total", labels)
+        assert sent == 1.0
+        # Nothing else comes.
+        await set_flag(server.address, "payments", "x", True)
+        await webhook.wait_for(2)
+        assert len(slack.received) <= 2 and len(webhook.received) == 2
+    finally:
+        await server.stop(grace=0)
+
+
+async def test_a_burst_and_a_bundle_are_one_message_each(
+    etcd: EmbeddedEtcd, prefix: str, tmp_path: Path, sinks: tuple[Sink, Sink, Sink]
+) -> None:
+    _, _, webhook = sinks
+    notify = write_notify(
+        tmp_path / "notify.yaml",
+        {
+            "destinations": [{"name": "siem", "kind": "webhook", "url": webhook.url}],
+            "group_window": "1s",
+        },
+    )
+    server = await start_server(etcd, prefix, notify)
+    try:
+        await until_sending(server)
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = mitigation_pb2_grpc.MitigationServiceStub(channel)
+            for i in range(10):
+                await stub.SetFlag(
+                    m.SetFlagRequest(
+                        scope="checkout",
+                        name=f"f{i}",
+                        value=flag_value_to_proto(True),
+                        options=opts(),
+                    )
+                )
+            [burst] = await webhook.wait_for(1)
+            body = check_webhook(burst, signed=False)
+            assert body["title"] == "10 changes on checkout", body["title"]
+            assert [line.split(" ")[2] for line in body["lines"]] == [f"f{i}" for i in range(10)]
+            bundle = m.ApplyBundleRequest(name="degrade", options=opts())
+            for service in ("checkout", "payments", "search"):
+                change = bundle.changes.add()
+                change.set_flag.scope = service
+                change.set_flag.name = "lite"
+                change.set_flag.value.CopyFrom(flag_value_to_proto(True))
+            applied = await stub.ApplyBundle(bundle)
+            _, second = await webhook.wait_for(2)
+            body = check_webhook(second, signed=False)
+            assert body["details"]["bundle_id"] == applied.bundle.id
+            assert body["services"] == ["checkout", "payments", "search"]
+            assert body["title"].startswith(f"bundle {applied.bundle.id}: 3 changes")
+    finally:
+        await server.stop(grace=0)
+
+
+async def test_a_failed_send_is_retried_then_given_up_and_recorded(
+    etcd: EmbeddedEtcd, prefix: str, tmp_path: Path
+) -> None:
+    flaky = Sink(answers=[500, (429, {"Retry-After": "0"})])
+    dead = Sink(answers=[503] * 1000)
+    await flaky.start()
+    await dead.start("/hook/SECRET-IN-URL")
+    notify = write_notify(
+        tmp_path / "notify.yaml",
+        {
+            "destinations": [
+                {"name": "flaky", "kind": "webhook", "url": flaky.url},
+                {"name": "dead", "kind": "slack", "url": dead.url},
+            ],
+            "group_window": "100ms",
+            "give_up_after": "2s",
+        },
+    )
+    server = await start_server(etcd, prefix, notify)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            await until_sending(server)
+            await set_flag(server.address, "checkout", "new-ui", False)
+            attempts = await flaky.wait_for(3)
+            # The same event each time, delivered at the third attempt.
+            assert len({r.headers["x-controlplane-event-id"] for r in attempts}) == 1
+            assert server.notifier is not None and server.store is not None
+            state = server.store.notify_state
+            async with asyncio.timeout(15):
+                while not (failed := await state.failed(10)):
+                    await server.notifier.changed()
+        [failure] = failed
+        assert (failure["destination"], failure["kind"]) == ("dead", "change")
+        assert failure["title"] == "checkout: flag new-ui unset -> false"
+        assert failure["error"].startswith("HTTP 503") and failure["attempts"] >= 2
+        assert (
+            server.registry.get_sample_value(
+                "controlplane_notifications_failed_total", {"destination": "dead"}
+            )
+            == 1.0
+        )
+        # The URL (a Slack webhook's is its secret) is in no log line.
+        assert logs and not [e for e in logs if "SECRET-IN-URL" in json.dumps(e, default=str)]
+        assert [e for e in logs if e["event"] == "notification_failed"]
+    finally:
+        await server.stop(grace=0)
+        await flaky.stop()
+        await dead.stop()
+
+
+async def test_filters_by_service_and_event(
+    etcd: EmbeddedEtcd, prefix: str, tmp_path: Path, sinks: tuple[Sink, Sink, Sink]
+) -> None:
+    checkout_only, expiries_only, _ = sinks
+    notify = write_notify(
+        tmp_path / "notify.yaml",
+        {
+            "destinations": [
+                {
+                    "name": "checkout-team",
+                    "kind": "webhook",
+                    "url": checkout_only.url,
+                    "services": ["checkout"],
+                },
+                {
+                    "name": "expiries",
+                    "kind": "webhook",
+                    "url": expiries_only.url,
+                    "events": ["expiry"],
+                },
+            ],
+            "group_window": "100ms",
+        },
+    )
+    server = await start_server(etcd, prefix, notify, expiry_interval=0.1)
+    try:
+        await until_sending(server)
+        await set_flag(server.address, "payments", "a", True)
+        await set_flag(server.address, "global", "b", True)
+        await set_flag(server.address, "checkout", "c", True, ttl={"nanos": 500_000_000})
+        told = await checkout_only.wait_for(3)
+        titles = sorted(r.json["title"] for r in told)
+        assert titles[0] == "checkout: flag c expired: true -> unset again", titles
+        assert re.fullmatch(r"checkout: flag c unset -> true until \S+:\d\dZ", titles[1]), titles
+        assert titles[2] == "global: flag b unset -> true", titles
+        [expired] = await expiries_only.wait_for(1)
+        assert expired.json["kind"] == "expiry"
+        assert expired.json["actor"] == "controlplane:expiry"
+        assert not [r for r in told if "payments" in r.json["services"]]
+    finally:
+        await server.stop(grace=0)
+
+
+async def test_one_server_sends_and_another_takes_over_when_it_stops(
+    etcd: EmbeddedEtcd, prefix: str, tmp_path: Path, sinks: tuple[Sink, Sink, Sink]
+) -> None:
+    _, _, webhook = sinks
+    notify = write_notify(
+        tmp_path / "notify.yaml",
+        {
+            "destinations": [{"name": "siem", "kind": "webhook", "url": webhook.url}],
+            "group_window": "100ms",
+        },
+    )
+    first = await start_server(etcd, prefix, notify)
+    second = await start_server(etcd, prefix, notify)
+    stopped = False
+    try:
+        await until_sending(first)
+        assert second.notifier is not None and not second.notifier.sending
+        await set_flag(second.address, "checkout", "a", True)
+        await webhook.wait_for(1)
+        await first.stop(grace=0)
+        stopped = True
+        await set_flag(second.address, "checkout", "b", True)
+        await until_sending(second)
+        told = await webhook.wait_for(2)
+        assert [r.json["title"] for r in told] == [
+            "checkout: flag a unset -> true",
+            "checkout: flag b unset -> true",
+        ]
+        assert len(webhook.received) == 2
+    finally:
+        if not stopped:
+            await first.stop(grace=0)
+        await second.stop(grace=0)
+
+
+def _ids(received: Sequence[Received]) -> list[str]:
+    return [r.headers["x-controlplane-event-id"] for r in received]
+
+
+async def test_a_server_killed_right_after_a_write_loses_no_message(
+    etcd: EmbeddedEtcd, prefix: str, tmp_path: Path, sinks: tuple[Sink, Sink, Sink]
+) -> None:
+    """kill -9 between the commit and the send: the next server sends it, once."""
+    from tests.helpers.server_process import ServerProcess
+
+    slack, _, webhook = sinks
+    notify = write_notify(
+        tmp_path / "notify.yaml",
+        {
+            "destinations": [
+                {"name": "oncall", "kind": "slack", "url": slack.url},
+                {"name": "siem", "kind": "webhook", "url": webhook.url},
+            ],
+            "group_window": "2s",
+        },
+    )
+    args = ["--notify", str(notify)]
+    first = ServerProcess(etcd.endpoint, prefix, extra_args=args)
+    first.wait_output(r'"notify_sender"')
+    await set_flag(first.address, "checkout", "new-ui", False)
+    first.kill()
+    assert not slack.received and not webhook.received  # still in its group window
+    second = ServerProcess(etcd.endpoint, prefix, extra_args=args)
+    try:
+        # The killed server's lease must run out before another takes its place.
+        [told] = await webhook.wait_for(1, within=30)
+        await slack.wait_for(1, within=30)
+        assert told.json["title"] == "checkout: flag new-ui unset -> false"
+        second.wait_output(r'"destination": "oncall".*"notification_sent"')
+        # Once per destination.
+        assert len(slack.received) == 1 and len(webhook.received) == 1
+    finally:
+        second.stop()
