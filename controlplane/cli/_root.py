@@ -25,6 +25,7 @@ from controlplane.cli._params import DURATION, VALUE_FORMS
 from controlplane.cli.audit import history, timeline, watch
 from controlplane.cli.bundle import bundle
 from controlplane.cli.flag import flag
+from controlplane.cli.notifications import notifications
 from controlplane.cli.pin import known_good, pin, rollback
 from controlplane.cli.shed import shed
 from controlplane.cli.status import services, status
@@ -338,6 +339,7 @@ cli.add_command(services)
 cli.add_command(watch)
 cli.add_command(history)
 cli.add_command(timeline)
+cli.add_command(notifications)
 
 
 def main() -> NoReturn:

@@ -45,6 +45,8 @@ from controlplane.store import BundleOutcome, BundleView, Plan, Store, WriteOutc
 log = structlog.get_logger("controlplane.rpc")
 
 MAX_HISTORY_LIMIT = 1000
+MAX_NOTIFICATIONS_LIMIT = 1000
+"""Failed notifications one ListNotifications answer lists at most."""
 MAX_TIMELINE_LIMIT = 10_000
 DEFAULT_HISTORY_LIMIT = 100
 HISTORY_RESPONSE_BYTES = 4 * 1024 * 1024
@@ -688,6 +690,43 @@ class _ObservationRPCs(_Servicer):
                 for entry in entries
             ],
         )
+
+    @rpc
+    async def ListNotifications(
+        self, request: mpb.ListNotificationsRequest, context: Any
+    ) -> mpb.ListNotificationsResponse:
+        if request.limit < 0 or request.limit > MAX_NOTIFICATIONS_LIMIT:
+            raise InvalidArgumentError(
+                "limit", f"must be 0 (default 50) to {MAX_NOTIFICATIONS_LIMIT}"
+            )
+        state = self.store.notify_state
+        response = mpb.ListNotificationsResponse(sender=await state.holder() or "")
+        for name, value in sorted((await state.states()).items()):
+            destination = mpb.NotificationDestination(name=name, cursor=int(value.get("cursor", 0)))
+            pending = value.get("pending")
+            if isinstance(pending, dict):
+                destination.pending_id = str(pending.get("id", ""))
+                destination.attempts = int(pending.get("attempts", 0))
+                with contextlib.suppress(ValueError, TypeError):
+                    since = model.parse_time(str(pending.get("since")))
+                    destination.pending_since.CopyFrom(model.datetime_to_timestamp(since))
+            response.destinations.append(destination)
+        for failure in await state.failed(request.limit or 50):
+            failed = mpb.FailedNotification(
+                id=str(failure.get("id", "")),
+                destination=str(failure.get("destination", "")),
+                kind=str(failure.get("kind", "")),
+                title=str(failure.get("title", "")),
+                lines=[str(line) for line in failure.get("lines") or []],
+                attempts=int(failure.get("attempts", 0)),
+                error=str(failure.get("error", "")),
+            )
+            for field_name in ("first_attempt", "given_up_at"):
+                with contextlib.suppress(ValueError, TypeError):
+                    moment = model.parse_time(str(failure.get(field_name)))
+                    getattr(failed, field_name).CopyFrom(model.datetime_to_timestamp(moment))
+            response.failed.append(failed)
+        return response
 
     @rpc
     async def WaitApplied(

@@ -19,6 +19,7 @@ from controlplane.model._values import _FLAG_RE, _SERVICE_RE, _VERSION_RE, INCID
 from controlplane.server._mitigation_service import (
     _BUNDLE_ID_RE,
     MAX_HISTORY_LIMIT,
+    MAX_NOTIFICATIONS_LIMIT,
     MAX_TIMELINE_LIMIT,
 )
 from controlplane.server._ofrep import openapi_part
@@ -55,6 +56,7 @@ LIMITS: dict[str, dict[str, int]] = {
     "ListBundles": {"minimum": 0},
     "ListHistory": {"minimum": 0, "maximum": MAX_HISTORY_LIMIT},
     "GetTimeline": {"minimum": 0, "maximum": MAX_TIMELINE_LIMIT},
+    "ListNotifications": {"minimum": 0, "maximum": MAX_NOTIFICATIONS_LIMIT},
 }
 """The bounds of each RPC's ``limit`` (0: the default)."""
 

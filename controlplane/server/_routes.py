@@ -97,6 +97,7 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route("ListHistory", "GET", "/v1/history", "The audit trail, newest first"),
     Route("GetTimeline", "GET", "/v1/incidents/{incident}/timeline", "An incident's timeline"),
+    Route("ListNotifications", "GET", "/v1/notifications", "Notifications: progress, failures"),
     Route("WatchChanges", "GET", "/v1/changes", "Changes as they are written (NDJSON stream)"),
 )
 

@@ -98,7 +98,7 @@ _ADMIN_WRITES = {"MarkKnownGood", "UnmarkKnownGood"}
 _READS = {
     "GetFlag", "ListFlags", "GetShedding", "ListShedding", "GetPin", "ListPins",
     "ListKnownGood", "ListBundles", "GetBundle", "GetStatus", "ListServices", "ListHistory",
-    "WatchChanges", "WaitApplied", "GetTimeline",
+    "WatchChanges", "WaitApplied", "GetTimeline", "ListNotifications",
 }  # fmt: skip
 
 

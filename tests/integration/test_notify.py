@@ -8,6 +8,8 @@ import hashlib
 import hmac
 import json
 import re
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from controlplane.api.v1 import types_pb2 as t
 from controlplane.embedded_etcd import EmbeddedEtcd
 from controlplane.model import flag_value_to_proto
 from controlplane.server import ControlServer
+from tests.helpers.cpctl import Run
 from tests.helpers.http_sink import Received, Sink
 from tests.integration.conftest import server_config
 
@@ -271,7 +274,7 @@ async def test_a_burst_and_a_bundle_are_one_message_each(
 
 
 async def test_a_failed_send_is_retried_then_given_up_and_recorded(
-    etcd: EmbeddedEtcd, prefix: str, tmp_path: Path
+    etcd: EmbeddedEtcd, prefix: str, tmp_path: Path, cpctl: Run
 ) -> None:
     flaky = Sink(answers=[500, (429, {"Retry-After": "0"})])
     dead = Sink(answers=[503] * 1000)
@@ -314,6 +317,18 @@ async def test_a_failed_send_is_retried_then_given_up_and_recorded(
         # The URL (a Slack webhook's is its secret) is in no log line.
         assert logs and not [e for e in logs if "SECRET-IN-URL" in json.dumps(e, default=str)]
         assert [e for e in logs if e["event"] == "notification_failed"]
+        # What the on-call engineer reads (from any server: it is in etcd).
+        listed = await cpctl("notifications", "failed")
+        assert listed.returncode == 0, listed.stderr
+        assert "dead  change  checkout: flag new-ui unset -> false" in listed.stdout
+        assert "last error: HTTP 503" in listed.stdout and "SECRET-IN-URL" not in listed.stdout
+        status = await cpctl("--json", "notifications", "status")
+        document = json.loads(status.stdout)
+        assert document["sender"] == server.server_id
+        assert {d["name"] for d in document["destinations"]} == {"dead", "flaky"}
+        assert all(not d.get("pending_id") for d in document["destinations"])
+        human = await cpctl("notifications", "status")
+        assert "some messages were given up on: cpctl notifications failed" in human.stderr
     finally:
         await server.stop(grace=0)
         await flaky.stop()
@@ -436,3 +451,71 @@ async def test_a_server_killed_right_after_a_write_loses_no_message(
         assert len(slack.received) == 1 and len(webhook.received) == 1
     finally:
         second.stop()
+
+
+def test_a_bad_notifications_file_stops_the_start_in_one_line(
+    etcd: EmbeddedEtcd, prefix: str, tmp_path: Path
+) -> None:
+    bad = write_notify(
+        tmp_path / "notify.yaml",
+        {"destinations": [{"name": "siem", "kind": "email", "url": "https://x.example/"}]},
+    )
+    ran = subprocess.run(
+        [
+            sys.executable, "-m", "controlplane.server", "serve", "--listen", "127.0.0.1:0",
+            "--etcd", etcd.endpoint, "--prefix", prefix, "--metrics", "off",
+            "--notify", str(bad),
+        ],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert ran.returncode != 0
+    assert "--notify: destination siem: kind must be one of slack, pagerduty, webhook" in (
+        ran.stderr
+    ), ran.stderr
+    assert "Traceback" not in ran.stderr
+
+
+async def test_sighup_reads_the_file_again_and_keeps_it_when_it_is_bad(
+    etcd: EmbeddedEtcd, prefix: str, tmp_path: Path, sinks: tuple[Sink, Sink, Sink]
+) -> None:
+    first, second, _ = sinks
+    path = tmp_path / "notify.yaml"
+    write_notify(
+        path,
+        {
+            "destinations": [{"name": "one", "kind": "webhook", "url": first.url}],
+            "group_window": "100ms",
+        },
+    )
+    server = await start_server(etcd, prefix, path)
+    try:
+        await until_sending(server)
+        write_notify(path, {"destinations": "not a list"})
+        with structlog.testing.capture_logs() as logs:
+            assert server.reload() is False
+        assert [e for e in logs if e["event"] == "notify_reload_failed"]
+        write_notify(
+            path,
+            {
+                "destinations": [
+                    {"name": "one", "kind": "webhook", "url": first.url},
+                    {"name": "two", "kind": "webhook", "url": second.url},
+                ],
+                "group_window": "100ms",
+            },
+        )
+        assert server.reload() is True
+        assert server.notifier is not None
+        async with asyncio.timeout(10):
+            while "two" not in await _destination_names(server):
+                await server.notifier.changed()
+        await set_flag(server.address, "checkout", "a", True)
+        await first.wait_for(1)
+        await second.wait_for(1)  # the new destination, from the reload on
+    finally:
+        await server.stop(grace=0)
+
+
+async def _destination_names(server: ControlServer) -> set[str]:
+    assert server.store is not None
+    return set(await server.store.notify_state.states())

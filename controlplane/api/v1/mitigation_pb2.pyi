@@ -572,3 +572,55 @@ class GetTimelineResponse(_message.Message):
     incident: str
     entries: _containers.RepeatedCompositeFieldContainer[TimelineEntry]
     def __init__(self, incident: _Optional[str] = ..., entries: _Optional[_Iterable[_Union[TimelineEntry, _Mapping]]] = ...) -> None: ...
+
+class ListNotificationsRequest(_message.Message):
+    __slots__ = ("limit",)
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    def __init__(self, limit: _Optional[int] = ...) -> None: ...
+
+class NotificationDestination(_message.Message):
+    __slots__ = ("name", "cursor", "pending_id", "pending_since", "attempts")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CURSOR_FIELD_NUMBER: _ClassVar[int]
+    PENDING_ID_FIELD_NUMBER: _ClassVar[int]
+    PENDING_SINCE_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    cursor: int
+    pending_id: str
+    pending_since: _timestamp_pb2.Timestamp
+    attempts: int
+    def __init__(self, name: _Optional[str] = ..., cursor: _Optional[int] = ..., pending_id: _Optional[str] = ..., pending_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempts: _Optional[int] = ...) -> None: ...
+
+class FailedNotification(_message.Message):
+    __slots__ = ("id", "destination", "kind", "title", "lines", "first_attempt", "given_up_at", "attempts", "error")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    TITLE_FIELD_NUMBER: _ClassVar[int]
+    LINES_FIELD_NUMBER: _ClassVar[int]
+    FIRST_ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    GIVEN_UP_AT_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    destination: str
+    kind: str
+    title: str
+    lines: _containers.RepeatedScalarFieldContainer[str]
+    first_attempt: _timestamp_pb2.Timestamp
+    given_up_at: _timestamp_pb2.Timestamp
+    attempts: int
+    error: str
+    def __init__(self, id: _Optional[str] = ..., destination: _Optional[str] = ..., kind: _Optional[str] = ..., title: _Optional[str] = ..., lines: _Optional[_Iterable[str]] = ..., first_attempt: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., given_up_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempts: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+
+class ListNotificationsResponse(_message.Message):
+    __slots__ = ("sender", "destinations", "failed")
+    SENDER_FIELD_NUMBER: _ClassVar[int]
+    DESTINATIONS_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    sender: str
+    destinations: _containers.RepeatedCompositeFieldContainer[NotificationDestination]
+    failed: _containers.RepeatedCompositeFieldContainer[FailedNotification]
+    def __init__(self, sender: _Optional[str] = ..., destinations: _Optional[_Iterable[_Union[NotificationDestination, _Mapping]]] = ..., failed: _Optional[_Iterable[_Union[FailedNotification, _Mapping]]] = ...) -> None: ...

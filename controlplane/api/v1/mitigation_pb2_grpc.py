@@ -164,6 +164,11 @@ class MitigationServiceStub:
                 request_serializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.GetTimelineRequest.SerializeToString,
                 response_deserializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.GetTimelineResponse.FromString,
                 _registered_method=True)
+        self.ListNotifications = channel.unary_unary(
+                '/controlplane.api.v1.MitigationService/ListNotifications',
+                request_serializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.ListNotificationsRequest.SerializeToString,
+                response_deserializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.ListNotificationsResponse.FromString,
+                _registered_method=True)
 
 
 class MitigationServiceServicer:
@@ -339,6 +344,14 @@ class MitigationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListNotifications(self, request, context):
+        """Notifications (--notify): who sends, each destination's progress, and the messages
+        given up on after retrying, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MitigationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -471,6 +484,11 @@ def add_MitigationServiceServicer_to_server(servicer, server):
                     servicer.GetTimeline,
                     request_deserializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.GetTimelineRequest.FromString,
                     response_serializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.GetTimelineResponse.SerializeToString,
+            ),
+            'ListNotifications': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListNotifications,
+                    request_deserializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.ListNotificationsRequest.FromString,
+                    response_serializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.ListNotificationsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1175,6 +1193,33 @@ class MitigationService:
             '/controlplane.api.v1.MitigationService/GetTimeline',
             controlplane_dot_api_dot_v1_dot_mitigation__pb2.GetTimelineRequest.SerializeToString,
             controlplane_dot_api_dot_v1_dot_mitigation__pb2.GetTimelineResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListNotifications(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/controlplane.api.v1.MitigationService/ListNotifications',
+            controlplane_dot_api_dot_v1_dot_mitigation__pb2.ListNotificationsRequest.SerializeToString,
+            controlplane_dot_api_dot_v1_dot_mitigation__pb2.ListNotificationsResponse.FromString,
             options,
             channel_credentials,
             insecure,

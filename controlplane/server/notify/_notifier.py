@@ -160,8 +160,8 @@ class Notifier:
             self._client = None
 
     def reload(self, config: NotifyConfig) -> None:
-        """Send to the destinations of ``config`` from now on (a new one starts at the
-        present: it gets no backlog; a removed one keeps its state for its return)."""
+        """Send to the destinations of ``config`` from now on (one added, or back after
+        it was removed, starts at the present: it gets no backlog)."""
         self.config = config
         self._reloaded.set()
 
@@ -233,7 +233,12 @@ class Notifier:
             while True:
                 for destination in self.config.destinations:
                     if destination.name not in workers:
-                        state = states.get(destination.name) or {"cursor": self._latest}
+                        state = states.get(destination.name) or {}
+                        if destination.name not in cursors:
+                            # Added by a reload (or back): from the present on.
+                            state = {"cursor": self._latest, "pending": None}
+                            await self._save(fence, destination.name, state)
+                            cursors[destination.name] = self._latest
                         workers[destination.name] = group.create_task(
                             self._destination(fence, destination.name, state)
                         )
@@ -241,6 +246,7 @@ class Notifier:
                 for name in list(workers):
                     if name not in wanted:
                         workers.pop(name).cancel()
+                        cursors.pop(name, None)
                 self.ready.set()
                 self._moved()
                 self._reloaded.clear()
