@@ -58,6 +58,19 @@ async def http(srv: ControlServer) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
+async def mirrored(server: ControlServer, response: Any) -> None:
+    """Until the server's mirror (what OFREP answers from) holds a write's revision."""
+    assert server.hub is not None
+    assert await server.hub.wait_for_revision(int(response.result.revision), WAIT)
+
+
+async def flip(server: ControlServer, stub: Any, scope: str, name: str, value: Any) -> None:
+    """Set a flag and wait until the server's mirror has it."""
+    revision = await set_flag(stub, scope, name, value)
+    assert server.hub is not None
+    assert await server.hub.wait_for_revision(revision, WAIT)
+
+
 def of_client(provider: AbstractProvider, service: str | None) -> OpenFeatureClient:
     """A client of ``provider`` in a domain of its own, evaluating for ``service``."""
     domain = f"ofrep-{uuid.uuid4().hex}"
@@ -83,9 +96,10 @@ async def test_the_stock_ofrep_provider_reads_what_our_agents_read(
             service="checkout", tier=t.SHEDDABLE, percent=50, options=write_options()
         )
     )
-    await stub.PinVersion(
+    pinned = await stub.PinVersion(
         m.PinVersionRequest(service="checkout", version="v1.4.2", options=write_options())
     )
+    await mirrored(srv, pinned)
     provider = OFREPProvider(url(srv), timeout=WAIT)
     client = of_client(provider, "checkout")
     async with AsyncAgent("checkout", [srv.address]) as agent:
@@ -119,7 +133,7 @@ async def test_the_stock_ofrep_provider_reads_what_our_agents_read(
     assert "did you mean new-ui?" in (missing.error_message or "")
 
     # A flip is read at the next evaluation.
-    await set_flag(stub, "global", "new-ui", False)
+    await flip(srv, stub, "global", "new-ui", False)
     assert (await asyncio.to_thread(client.get_boolean_details, "new-ui", True)).value is False
 
     # Another service sees the global flags only.
@@ -148,7 +162,7 @@ async def test_the_stock_ofrep_web_provider_follows_the_event_stream(
     await set_flag(stub, "global", "new-ui", True)
     await set_flag(stub, "checkout", "mode", "lite")
     await set_flag(stub, "checkout", "rate", 0.25)
-    await set_flag(stub, "checkout", "limits", {"burst": 5, "tags": ["a"]})
+    await flip(srv, stub, "checkout", "limits", {"burst": 5, "tags": ["a"]})
     client = await Client.start("node", str(web_client / "client.mjs"), url(srv), "checkout")
     try:
         await client.event("INITIALIZED")
@@ -221,7 +235,7 @@ async def test_bulk_answers_carry_an_etag_and_an_event_stream(
 ) -> None:
     bulk = "/ofrep/v1/evaluate/flags"
     context = {"context": {"targetingKey": "u", "service": "checkout"}}
-    await set_flag(stub, "checkout", "mode", "lite")
+    await flip(srv, stub, "checkout", "mode", "lite")
     first = await http.post(bulk, json=context)
     assert first.status_code == 200, first.text
     etag = first.headers["etag"]
@@ -298,7 +312,7 @@ async def test_a_time_boxed_value_ends_on_the_event_stream(
     """Expiry: the stream says refetch when the time-boxed value ends, and the refetch
     has the value it replaced (even before a server has written the restore)."""
     await set_flag(stub, "checkout", "mode", "full")
-    await stub.SetFlag(
+    boxed = await stub.SetFlag(
         m.SetFlagRequest(
             scope="checkout",
             name="mode",
@@ -306,6 +320,7 @@ async def test_a_time_boxed_value_ends_on_the_event_stream(
             options=t.WriteOptions(reason="test", actor="oncall", ttl={"nanos": 800_000_000}),
         )
     )
+    await mirrored(srv, boxed)
     context = {"context": {"service": "checkout"}}
     answer = await http.post("/ofrep/v1/evaluate/flags/mode", json=context)
     assert answer.json()["value"] == "lite" and "expiresAt" in answer.json()["metadata"]
@@ -317,7 +332,7 @@ async def test_a_time_boxed_value_ends_on_the_event_stream(
 
     # Shedding ends the same way: controlplane.shedding is gone once its time is up,
     # even before a server has written the restore.
-    await stub.SetShedding(
+    shedding = await stub.SetShedding(
         m.SetSheddingRequest(
             service="checkout",
             tier=t.SHEDDABLE,
@@ -325,6 +340,7 @@ async def test_a_time_boxed_value_ends_on_the_event_stream(
             options=t.WriteOptions(reason="test", actor="oncall", ttl={"nanos": 800_000_000}),
         )
     )
+    await mirrored(srv, shedding)
     shed = await http.post("/ofrep/v1/evaluate/flags/controlplane.shedding", json=context)
     assert shed.json()["value"] == {"tier": "SHEDDABLE", "percent": 50}, shed.text
     async with http.stream("GET", "/ofrep/v1/events?service=checkout") as events:
@@ -377,7 +393,7 @@ async def test_with_authentication_an_ofrep_client_is_an_agent_of_its_service(
     try:
         async with grpc.aio.insecure_channel(server.address) as channel:
             stub = mitigation_pb2_grpc.MitigationServiceStub(channel)
-            await stub.SetFlag(
+            written = await stub.SetFlag(
                 m.SetFlagRequest(
                     scope="checkout",
                     name="mode",
@@ -386,6 +402,7 @@ async def test_with_authentication_an_ofrep_client_is_an_agent_of_its_service(
                 ),
                 metadata=(("authorization", f"Bearer {TOKENS['operator']}"),),
             )
+            await mirrored(server, written)
 
         def token(name: str) -> dict[str, str]:
             return {"Authorization": f"Bearer {TOKENS[name]}"}
@@ -430,7 +447,10 @@ async def test_answers_go_on_while_etcd_is_down(fresh_etcd: EmbeddedEtcd, prefix
     server = await start(fresh_etcd, prefix, etcd_timeout=1.0)
     try:
         async with grpc.aio.insecure_channel(server.address) as channel:
-            await set_flag(mitigation_pb2_grpc.MitigationServiceStub(channel), "x", "kill", True)
+            stub = mitigation_pb2_grpc.MitigationServiceStub(channel)
+            revision = await set_flag(stub, "x", "kill", True)
+        # The mirror holds the write before etcd goes away.
+        assert server.hub is not None and await server.hub.wait_for_revision(revision, WAIT)
         async with httpx.AsyncClient(base_url=url(server), timeout=WAIT) as http:
             context = {"context": {"service": "x"}}
             head = await http.head("/ofrep/v1/events?service=x")
