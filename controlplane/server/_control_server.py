@@ -269,7 +269,9 @@ class ControlServer:
         await self.presence.start()
         await self._log_etcd_versions()
         if notify_config is not None:
-            self.notifier = Notifier(self.store, notify_config, self.server_id, self.metrics)
+            self.notifier = Notifier(
+                self.store, notify_config, self.server_id, self.metrics, self.presence
+            )
             await self.notifier.start()
 
         server = grpc.aio.server(

@@ -150,6 +150,7 @@ class Presence:
         self._written_chunks = 0
         self._task: asyncio.Task[None] | None = None
         self._flush_now = asyncio.Event()
+        self._audits: set[asyncio.Task[None]] = set()  # nacks being audited
         # revision -> service -> (time all acked, instance count), waiting to be flushed
         self._applied: dict[tuple[int, str], tuple[datetime, int]] = {}
         self._services: dict[str, _ServiceAcks] = {}
@@ -298,9 +299,37 @@ class Presence:
     def nack(self, instance: Instance, revision: int, reason: str) -> None:
         instance.last_seen = model.utcnow()
         # Only the newest rejection matters (and only while nothing later was applied).
+        first = revision not in instance.nacks
         instance.nacks = {revision: reason[:500]}
         self.metrics.nacks.labels(instance.service).inc()
         self._touch(instance.service)
+        if first:
+            task = asyncio.create_task(self._audit_nack(instance, revision, reason[:500]))
+            self._audits.add(task)
+            task.add_done_callback(self._audits.discard)
+
+    async def _audit_nack(self, instance: Instance, revision: int, reason: str) -> None:
+        """The rejection in the audit trail, once per instance and revision: the timeline
+        and the notifications tell it."""
+        try:
+            await self.store.record_event(
+                action="agent.nack",
+                kind="nack",
+                scope=instance.service,
+                name=instance.instance_id,
+                actor=f"agent:{instance.service}",
+                reason=reason or "rejected without a reason",
+                mark=f"nack/{instance.service}/{instance.instance_id}/{revision}",
+                after={"revision": revision, "instance": instance.instance_id},
+            )
+        except ControlPlaneError as exc:
+            log.warning(
+                "nack_not_audited",
+                service=instance.service,
+                instance_id=instance.instance_id,
+                revision=revision,
+                error=exc.message,
+            )
 
     def touch(self, service: str) -> None:
         """Something about an instance of ``service`` changed (flushed with the next batch)."""

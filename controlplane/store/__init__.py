@@ -452,6 +452,8 @@ class Store:
         cutoff = model.utcnow() - retention
         deleted = await self._audit.delete_before(cutoff)
         await self.prune_bundles(cutoff)
+        await self._audit.forget_event_marks_before(cutoff)
+        await self.notify_state.forget_failed_before(cutoff)
         return deleted
 
     async def prune_bundles(self, cutoff: datetime) -> None:
@@ -486,6 +488,33 @@ class Store:
             expires_at=expires_at,
             content=content,
             actor_authenticated=actor_authenticated,
+        )
+
+    async def record_event(
+        self,
+        *,
+        action: str,
+        kind: str,
+        scope: str,
+        name: str,
+        actor: str,
+        reason: str,
+        mark: str,
+        after: dict[str, Any] | None = None,
+        incident: str = "",
+    ) -> bool:
+        """Audit an event that is not a change, once per ``mark`` (see
+        :meth:`Audit.record_event`); True if written now."""
+        return await self._audit.record_event(
+            action=action,
+            kind=kind,
+            scope=scope,
+            name=name,
+            actor=actor,
+            reason=reason,
+            mark=mark,
+            after=after,
+            incident=incident,
         )
 
     # -- the watch, for the hub --------------------------------------------------------

@@ -28,8 +28,10 @@ from controlplane.store._etcd import (
 )
 from controlplane.store.keys import (
     AUDIT,
+    EVENT_MARKS,
     audit_at,
     audit_path,
+    event_mark_path,
     new_audit_id,
     ns,
     override_path,
@@ -259,3 +261,60 @@ class Audit:
             return None  # another replica or a reconnect came first: look again
 
         return await retry_cas(attempt) or False
+
+    async def record_event(
+        self,
+        *,
+        action: str,
+        kind: str,
+        scope: str,
+        name: str,
+        actor: str,
+        reason: str,
+        mark: str,
+        after: dict[str, Any] | None = None,
+        incident: str = "",
+    ) -> bool:
+        """Audit an event that is not a change (an instance rejecting a change, a change
+        not applied everywhere in time, a mitigation in force too long) once: ``mark``
+        names it, and a second report of it (a reconnect, another replica) writes nothing.
+        True if written now."""
+        marker = self._abs(event_mark_path(mark))
+        now = model.utcnow()
+        entry = AuditEntry(
+            id=new_audit_id(now),
+            time=now,
+            actor=actor,
+            actor_authenticated=True,
+            action=action,
+            kind=kind,
+            scope=scope,
+            name=name,
+            key=self.prefix + event_mark_path(mark),
+            reason=reason,
+            incident=incident,
+            after=after,
+        )
+        ops = [audit_op(self.prefix, entry), put(marker, model.format_time(now).encode())]
+        result = await self._etcd.txn([unchanged_since(marker, 0)], ops)
+        return bool(result.succeeded)
+
+    async def forget_event_marks_before(self, cutoff: datetime) -> int:
+        """Delete the marks of events audited before ``cutoff`` (as their records go)."""
+        start = self._abs(EVENT_MARKS)
+        response = await self._etcd.range(start, range_end(start))
+        old = []
+        for kv in response.kvs:
+            when = _mark_time(bytes(kv.value))
+            if when is not None and when < cutoff:
+                old.append(bytes(kv.key))
+        for first in range(0, len(old), 100):
+            await self._etcd.txn([], [delete(key) for key in old[first : first + 100]])
+        return len(old)
+
+
+def _mark_time(raw: bytes) -> datetime | None:
+    try:
+        return model.parse_time(raw.decode())
+    except (ValueError, UnicodeDecodeError):
+        return None

@@ -12,6 +12,7 @@ readable with ``etcdctl get --prefix``. Paths here are relative to that prefix::
     audit/<20-digit unix ns>-<8 hex>           time-ordered: retention is one range delete
     expiries/<20-digit unix ns>/<record path>  the index of time-boxed records, soonest first
     overrides/<service>/<instance>             digest of the break-glass override last audited
+    event-marks/<kind>/<...>                   an audited event (not a change), once
 
 Agents watch the prefix. What servers record of their agents lives under a prefix
 of its own, which agents do not watch (``/controlplane/v1-presence/``)::
@@ -41,6 +42,7 @@ __all__ = [
     "AUDIT",
     "BUNDLES",
     "DEFAULT_PREFIX",
+    "EVENT_MARKS",
     "EXPIRIES",
     "FLAGS",
     "KNOWN_GOOD",
@@ -55,6 +57,7 @@ __all__ = [
     "bundle_id_of",
     "bundle_path",
     "bundle_stamp",
+    "event_mark_path",
     "expiry_at",
     "expiry_path",
     "fingerprint",
@@ -87,6 +90,7 @@ KNOWN_GOOD = "known-good/"
 BUNDLES = "bundles/"
 AUDIT = "audit/"
 EXPIRIES = "expiries/"
+EVENT_MARKS = "event-marks/"
 MITIGATIONS = (FLAGS, SHEDDING, PINS)
 """What agents receive: every record under these is theirs."""
 
@@ -193,6 +197,11 @@ def audit_path(audit_id: str) -> str:
 def audit_at(nanoseconds: int) -> str:
     """Where audit records of that time start (a range bound)."""
     return f"{AUDIT}{nanoseconds:020d}"
+
+
+def event_mark_path(mark: str) -> str:
+    """Where the mark of an audited event lives (``nack/checkout/vm-3/812``)."""
+    return f"{EVENT_MARKS}{mark}"
 
 
 def override_path(service: str, instance_id: str) -> str:

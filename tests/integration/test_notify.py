@@ -29,6 +29,7 @@ from controlplane.model import flag_value_to_proto
 from controlplane.server import ControlServer
 from tests.helpers.cpctl import Run
 from tests.helpers.http_sink import Received, Sink
+from tests.helpers.raw_agent import RawAgent
 from tests.integration.conftest import server_config
 
 SECRET = "webhook-signing-secret-0123"
@@ -519,3 +520,63 @@ async def test_sighup_reads_the_file_again_and_keeps_it_when_it_is_bad(
 async def _destination_names(server: ControlServer) -> set[str]:
     assert server.store is not None
     return set(await server.store.notify_state.states())
+
+
+async def test_a_rejection_and_a_change_not_applied_in_time_are_told(
+    etcd: EmbeddedEtcd, prefix: str, tmp_path: Path, sinks: tuple[Sink, Sink, Sink], cpctl: Run
+) -> None:
+    """One instance rejects the change (nack), another never confirms it: both are in
+    the audit trail once and reach the destination, naming the instances."""
+    _, _, webhook = sinks
+    notify = write_notify(
+        tmp_path / "notify.yaml",
+        {
+            "destinations": [{"name": "siem", "kind": "webhook", "url": webhook.url}],
+            "group_window": "100ms",
+            "incomplete_after": "1s",
+        },
+    )
+    server = await start_server(etcd, prefix, notify)
+    try:
+        await until_sending(server)
+        async with (
+            RawAgent(server.address, "checkout", "vm-1", auto_ack=False) as rejecting,
+            RawAgent(server.address, "checkout", "vm-2", auto_ack=False) as stalled,
+            RawAgent(server.address, "checkout", "vm-3") as fine,
+        ):
+            for agent in (rejecting, stalled, fine):
+                await agent.next()  # its snapshot: connected
+            async with grpc.aio.insecure_channel(server.address) as channel:
+                stub = mitigation_pb2_grpc.MitigationServiceStub(channel)
+                written = await stub.SetFlag(
+                    m.SetFlagRequest(
+                        scope="checkout",
+                        name="mode",
+                        value=flag_value_to_proto("lite"),
+                        options=opts(),
+                    )
+                )
+            revision = int(written.result.revision)
+            await rejecting.until_revision(revision)
+            await rejecting.ack(revision, rejected="mode 'lite' is not a mode this build knows")
+            await rejecting.ack(revision, rejected="again, after a reconnect")  # audited once
+            told = await webhook.wait_for(3)
+            by_kind = {r.json["kind"]: r.json for r in told}
+            assert set(by_kind) == {"change", "nack", "incomplete"}, [r.json for r in told]
+            nack = by_kind["nack"]
+            assert nack["title"] == (
+                f"checkout: vm-1 rejected revision {revision}: mode 'lite' is not a mode this "
+                "build knows"
+            )
+            incomplete = by_kind["incomplete"]
+            assert incomplete["title"] == (
+                f"checkout: flag mode unset -> lite (revision {revision}, by alice) not applied "
+                "by 2 of 3 instance(s) 1s after it was written: vm-1, vm-2"
+            ), incomplete["title"]
+            assert incomplete["incident"] == "INC-42"
+            history = await cpctl("history", "--service", "checkout")
+            assert history.stdout.count("agent.nack") == 1, history.stdout
+            assert "notify.incomplete" in history.stdout
+            assert len(webhook.received) == 3
+    finally:
+        await server.stop(grace=0)

@@ -61,6 +61,9 @@ class Change:
     incident: str
     bundle_id: str
     expires_at: datetime | None
+    said: str = ""
+    """The whole line of an event that is not a change (a rejection, a change not
+    applied in time, a stale mitigation)."""
 
     @property
     def what(self) -> str:
@@ -73,6 +76,8 @@ class Change:
     @property
     def line(self) -> str:
         """``checkout: flag new-ui true -> false until 12:30:00Z``."""
+        if self.said:
+            return self.said
         text = f"{self.scope}: {self.what} {self.before} -> {self.after}"
         if self.expires_at is not None:
             text += f" until {when(self.expires_at)}"
@@ -133,9 +138,20 @@ def _describe(kind: str, record: Any) -> str:
     return "set"
 
 
+_EVENT_ACTIONS = {"agent.nack": "nack", "notify.incomplete": "incomplete", "notify.stale": "stale"}
+
+
 def change_of(entry: AuditEntry) -> Change:
-    """The change an audit record tells of."""
-    if entry.actor == EXPIRY_ACTOR:
+    """The change (or event) an audit record tells of."""
+    said = ""
+    if entry.action in _EVENT_ACTIONS:
+        kind = _EVENT_ACTIONS[entry.action]
+        if kind == "nack":
+            revision = (entry.after or {}).get("revision", "?")
+            said = f"{entry.scope}: {entry.name} rejected revision {revision}: {entry.reason}"
+        else:
+            said = f"{entry.scope}: {entry.reason}"
+    elif entry.actor == EXPIRY_ACTOR:
         kind = "expiry"
     elif entry.action.startswith("override."):
         kind = "override"
@@ -157,6 +173,7 @@ def change_of(entry: AuditEntry) -> Change:
         incident=entry.incident,
         bundle_id=entry.bundle_id,
         expires_at=entry.expires_at,
+        said=said,
     )
 
 
@@ -202,6 +219,10 @@ def event_of(destination: str, group: Sequence[Change]) -> Event:
         if kind == "expiry":
             head = f"{len(group)} time-boxed changes ended"
         title = f"{head} on {where}"
+        if kind == "nack":
+            title = f"{len(group)} instances of {where} rejected a change"
+        elif kind in ("incomplete", "stale"):
+            title = f"{len(group)} {kind} warnings on {where}"
         lines = tuple(c.line for c in group)
     reasons = dict.fromkeys(c.reason for c in group if c.reason)
     incidents = dict.fromkeys(c.incident for c in group if c.incident)

@@ -34,7 +34,7 @@ import dataclasses
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
@@ -43,6 +43,8 @@ import structlog
 from controlplane import model
 from controlplane.errors import CompactedError, ControlPlaneError
 from controlplane.metrics import ServerMetrics
+from controlplane.model import GLOBAL_SCOPE
+from controlplane.server._presence import Presence
 from controlplane.server.notify._config import Destination, NotifyConfig
 from controlplane.server.notify._events import Change, Event, change_of, event_of, next_group
 from controlplane.server.notify._render import request_of
@@ -97,6 +99,19 @@ class _Pending:
             return None
 
 
+def _duration(delta: timedelta) -> str:
+    seconds = delta.total_seconds()
+    if seconds < 120:
+        return f"{seconds:g}s"
+    if seconds < 7200:
+        return f"{seconds / 60:g}m"
+    return f"{seconds / 3600:g}h"
+
+
+_CHECKER = " applied"
+"""The applied check's place among the cursors (no destination is named so)."""
+
+
 class _LostPlace(Exception):
     """A fenced write failed: another process sends now."""
 
@@ -117,8 +132,10 @@ class Notifier:
         config: NotifyConfig,
         server_id: str,
         metrics: ServerMetrics,
+        presence: Presence | None = None,
     ) -> None:
         self.store = store
+        self.presence = presence
         self.config = config
         self.server_id = server_id
         self.metrics = metrics
@@ -229,6 +246,8 @@ class Notifier:
         self._trail, self._latest, self._cursors = [], start, dict(cursors)
         async with asyncio.TaskGroup() as group:
             group.create_task(self._follow(start + 1))
+            if self.presence is not None:
+                group.create_task(self._check_applied(self.presence, start))
             workers: dict[str, asyncio.Task[None]] = {}
             while True:
                 for destination in self.config.destinations:
@@ -286,6 +305,74 @@ class Notifier:
         floor = min(self._cursors.values(), default=self._latest)
         if self._trail and self._trail[0].revision <= floor:
             self._trail = [c for c in self._trail if c.revision > floor]
+
+    # -- changes not applied everywhere in time --------------------------------------
+
+    async def _check_applied(self, presence: Presence, checked: int) -> None:
+        """``incomplete_after`` after each change, audit (once) the connected instances
+        that have not applied it; the destinations then tell it like any record."""
+        while True:
+            self._cursors[_CHECKER] = checked  # the trail keeps what is not checked yet
+            after = self.config.incomplete_after
+            due = [
+                c
+                for c in self._trail
+                if c.revision > checked
+                and c.event_kind in ("change", "expiry")
+                and c.record_kind in ("flag", "shedding", "pin")
+            ]
+            now = model.utcnow()
+            for change in due:
+                if change.time + after > now:
+                    break
+                await self._audit_unapplied(presence, change, after)
+                checked = change.revision
+            waiting = [c for c in due if c.revision > checked]
+            timeout = IDLE_CURSOR_SECONDS
+            if waiting:
+                timeout = max((waiting[0].time + after - now).total_seconds(), 0.0) + 0.01
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._appended.wait()
+
+    async def _audit_unapplied(self, presence: Presence, change: Change, after: timedelta) -> None:
+        if change.scope == GLOBAL_SCOPE:
+            services = sorted(await presence.connected_counts())
+        else:
+            services = [change.scope]
+        for service in services:
+            instances = [i for i in await presence.instances(service) if i.connected]
+            lagging = [i.instance_id for i in instances if i.applied < change.revision]
+            if not lagging:
+                continue
+            shown = ", ".join(lagging[:10]) + (
+                f" and {len(lagging) - 10} more" if len(lagging) > 10 else ""
+            )
+            what = change.line.removeprefix(f"{change.scope}: ")
+            reason = (
+                f"{what} (revision {change.revision}, by {change.actor}) not applied by "
+                f"{len(lagging)} of {len(instances)} instance(s) {_duration(after)} after it "
+                f"was written: {shown}"
+            )
+            written = await self.store.record_event(
+                action="notify.incomplete",
+                kind="incomplete",
+                scope=service,
+                name=f"revision {change.revision}",
+                actor="controlplane:notify",
+                reason=reason,
+                mark=f"incomplete/{service}/{change.revision}",
+                after={"revision": change.revision, "instances": lagging, "of": len(instances)},
+                incident=change.incident,
+            )
+            if written:
+                log.warning(
+                    "change_incomplete",
+                    service=service,
+                    revision=change.revision,
+                    lagging=len(lagging),
+                    instances=len(instances),
+                )
 
     # -- one destination -------------------------------------------------------------
 
