@@ -33,12 +33,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
 import structlog
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
@@ -93,6 +95,21 @@ INACTIVITY_SECONDS = 120
 _CONTEXT_EXAMPLE = '{"context": {"targetingKey": "user-1", "service": "checkout"}}'
 
 
+class _AnyKey(Convertor[str]):
+    """A flag key as sent, whatever it holds (``path`` stops at a newline)."""
+
+    regex = r"[\s\S]*"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("ofrep_key", _AnyKey())
+
+
 class OfrepError(Exception):
     """An OFREP error answer: HTTP status, OFREP error code, details."""
 
@@ -140,11 +157,15 @@ class Ofrep:
             )
             middleware.append(cors)
         routes = [
-            Route(EVALUATE_PATH.removeprefix(PREFIX), self.evaluate_flag, methods=["POST"]),
+            # Any key (slashes, newlines) is a flag found or not, in OFREP's words.
+            Route("/v1/evaluate/flags/{key:ofrep_key}", self.evaluate_flag, methods=["POST"]),
             Route(BULK_PATH.removeprefix(PREFIX), self.evaluate_flags, methods=["POST"]),
             Route(EVENTS_PATH.removeprefix(PREFIX), self.events, methods=["GET"]),
         ]
-        return [Mount(PREFIX, routes=routes, middleware=middleware)]
+        mount = Mount(PREFIX, routes=routes, middleware=middleware)
+        # Starlette's {path:path} stops at a newline, and a key sent may hold one.
+        mount.path_regex = re.compile(f"^{PREFIX}/(?P<path>[\\s\\S]*)$")
+        return [mount]
 
     # -- the routes --------------------------------------------------------------
 
@@ -243,6 +264,13 @@ class Ofrep:
                 400,
                 "INVALID_CONTEXT",
                 f"context must be a JSON object of attributes, such as {_CONTEXT_EXAMPLE}",
+            )
+        key = context.get("targetingKey")
+        if key is not None and not isinstance(key, str):
+            raise OfrepError(
+                400,
+                "INVALID_CONTEXT",
+                f"targetingKey must be a string (OFREP), not {type(key).__name__}",
             )
         return context
 

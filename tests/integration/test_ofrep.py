@@ -206,6 +206,12 @@ async def test_bad_contexts_get_the_error_codes_of_the_spec(http: httpx.AsyncCli
         ({"context": {"service": 7}}, 400, "INVALID_CONTEXT", "must be a string, not int"),
         ({"context": {"service": "global"}}, 400, "INVALID_CONTEXT", "scope of every service"),
         ({"context": []}, 400, "INVALID_CONTEXT", "context must be a JSON object"),
+        (
+            {"context": {"targetingKey": 7, "service": "x"}},
+            400,
+            "INVALID_CONTEXT",
+            "targetingKey must be a string (OFREP), not int",
+        ),
         ([], 400, "PARSE_ERROR", "the body must be a JSON object"),
         ({}, 400, "INVALID_CONTEXT", "name the service"),
     ):
