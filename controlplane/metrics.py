@@ -232,3 +232,10 @@ class ServerMetrics:
             registry=registry,
             multiprocess_mode="livesum",
         )
+        self.trigger_fires = Counter(
+            "controlplane_trigger_fires_total",
+            "Triggers fired by alerts, by trigger and outcome (fired, disabled, cooldown, "
+            "dry_run, reverted).",
+            ["trigger", "outcome"],
+            registry=registry,
+        )

@@ -36,6 +36,7 @@ from starlette.routing import Route as StarletteRoute
 from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from controlplane.server._alertmanager import AlertReceiver
 from controlplane.server._config import ServerConfig
 from controlplane.server._http_context import (
     HttpAbort,
@@ -201,6 +202,8 @@ class HttpListener:
         routes.append(StarletteRoute("/openapi.json", self._openapi_json, methods=["GET"]))
         if self.ofrep is not None:
             routes += self.ofrep.routes(self.config.http_cors_origins)
+        receiver = AlertReceiver(self.servicer, self.auth, self.config.max_message_bytes)
+        routes += receiver.routes()
         return Starlette(routes=routes, exception_handlers={HTTPException: http_exception})
 
     async def _openapi_json(self, request: Request) -> Response:

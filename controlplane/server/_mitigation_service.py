@@ -38,6 +38,7 @@ from controlplane.model import GLOBAL_SCOPE
 from controlplane.server._presence import Instance, Presence
 from controlplane.server._rpc import SHUTTING_DOWN, OpenStreams, actor_of, log_rpc, rpc
 from controlplane.server._services import ServiceDirectory
+from controlplane.server._trigger_service import TriggerRPCs
 from controlplane.server.auth import current_identity
 from controlplane.server.hub import Hub
 from controlplane.store import BundleOutcome, BundleView, Plan, Store, WriteOutcome
@@ -479,21 +480,37 @@ class _BundleRPCs(_Servicer):
             raise InvalidArgumentError(
                 "options.expected_mod_revision", "does not apply to a bundle (it has many keys)"
             )
-        if len(request.changes) > model.MAX_BUNDLE_CHANGES:
-            raise InvalidArgumentError(
-                "changes",
-                f"{len(request.changes)} changes, over the maximum of "
-                f"{model.MAX_BUNDLE_CHANGES} per bundle: split it into several bundles",
-            )
-        plans = [self._bundle_plan(i, c, opts) for i, c in enumerate(request.changes)]
-        changes = [_change_json(c) for c in request.changes]
-        outcome = await self.store.apply_bundle(name, plans, changes, opts)
-        result = _bundle_result(outcome)
-        await self._note(result, *(plan.key.scope for plan in plans))
+        outcome, result = await self._apply_changes(name, request.changes, opts)
         return mpb.ApplyBundleResponse(
             result=result,
             bundle=_bundle_proto(outcome.view) if outcome.view is not None else None,
         )
+
+    def _plan_changes(
+        self, changes: Sequence[mpb.BundleChange], opts: model.WriteOptions
+    ) -> list[Plan]:
+        """Validate a bundle's changes and plan them (nothing written)."""
+        if not changes:
+            raise InvalidArgumentError("changes", "a bundle needs at least one change")
+        if len(changes) > model.MAX_BUNDLE_CHANGES:
+            raise InvalidArgumentError(
+                "changes",
+                f"{len(changes)} changes, over the maximum of "
+                f"{model.MAX_BUNDLE_CHANGES} per bundle: split it into several bundles",
+            )
+        return [self._bundle_plan(i, c, opts) for i, c in enumerate(changes)]
+
+    async def _apply_changes(
+        self, name: str, changes: Sequence[mpb.BundleChange], opts: model.WriteOptions
+    ) -> tuple[BundleOutcome, pb.WriteResult]:
+        """Apply a bundle (validated here): what ApplyBundle and triggers do."""
+        plans = self._plan_changes(changes, opts)
+        outcome = await self.store.apply_bundle(
+            name, plans, [_change_json(c) for c in changes], opts
+        )
+        result = _bundle_result(outcome)
+        await self._note(result, *(plan.key.scope for plan in plans))
+        return outcome, result
 
     @rpc
     async def RevertBundle(
@@ -799,7 +816,11 @@ class _ObservationRPCs(_Servicer):
 
 
 class MitigationServicer(
-    _RecordRPCs, _BundleRPCs, _ObservationRPCs, mitigation_pb2_grpc.MitigationServiceServicer
+    _RecordRPCs,
+    _BundleRPCs,
+    _ObservationRPCs,
+    TriggerRPCs,
+    mitigation_pb2_grpc.MitigationServiceServicer,
 ):
     """What on-call engineers, runbooks and deploy pipelines call."""
 

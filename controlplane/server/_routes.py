@@ -98,6 +98,13 @@ ROUTES: tuple[Route, ...] = (
     Route("ListHistory", "GET", "/v1/history", "The audit trail, newest first"),
     Route("GetTimeline", "GET", "/v1/incidents/{incident}/timeline", "An incident's timeline"),
     Route("ListNotifications", "GET", "/v1/notifications", "Notifications: progress, failures"),
+    Route("SetTrigger", "POST", "/v1/triggers", "Set a trigger (alerts to a bundle)"),
+    Route("ListTriggers", "GET", "/v1/triggers", "List triggers"),
+    Route("GetTrigger", "GET", "/v1/triggers/{name}", "Get a trigger"),
+    Route("DeleteTrigger", "DELETE", "/v1/triggers/{name}", "Delete a trigger"),
+    Route("SetTriggerEnabled", "POST", "/v1/triggers/{name}/enabled", "Enable or disable"),
+    Route("FireTrigger", "POST", "/v1/triggers/{name}/fire", "Fire a trigger (an alert)"),
+    Route("ResolveTrigger", "POST", "/v1/triggers/{name}/resolve", "Resolve a trigger's alert"),
     Route("WatchChanges", "GET", "/v1/changes", "Changes as they are written (NDJSON stream)"),
 )
 

@@ -26,6 +26,7 @@ Roles:
 - ``agent``: the ``Sync`` stream only, for the services listed (``"*"``: all).
 - ``operator``: viewer + every mitigation write (flags, shedding, pins, rollback, bundles).
 - ``admin``: operator + known-good marks and unmarks (deploy pipelines).
+- ``trigger``: fires and resolves triggers (Alertmanager's webhook), nothing else.
 
 Health checks need no credentials; reflection needs any identity. A method that no rule
 names is refused (``PERMISSION_DENIED``), so a new RPC is closed until it is classified.
@@ -65,6 +66,7 @@ class Role(enum.StrEnum):
     AGENT = "agent"
     OPERATOR = "operator"
     ADMIN = "admin"
+    TRIGGER = "trigger"
 
 
 class Access(enum.Enum):
@@ -76,6 +78,7 @@ class Access(enum.Enum):
     WRITE = "write"
     ADMIN = "admin"
     SYNC = "sync"
+    FIRE = "fire"
 
 
 ROLES_FOR: dict[Access, frozenset[Role]] = {
@@ -84,6 +87,7 @@ ROLES_FOR: dict[Access, frozenset[Role]] = {
     Access.WRITE: frozenset({Role.OPERATOR, Role.ADMIN}),
     Access.ADMIN: frozenset({Role.ADMIN}),
     Access.SYNC: frozenset({Role.AGENT}),
+    Access.FIRE: frozenset({Role.TRIGGER, Role.OPERATOR, Role.ADMIN}),
 }
 
 _MITIGATION = mitigation_pb2.DESCRIPTOR.services_by_name["MitigationService"]
@@ -92,13 +96,16 @@ _FLAG_SYNC = "flagd.sync.v1.FlagSyncService"
 
 _WRITES = {
     "SetFlag", "ClearFlag", "SetShedding", "ClearShedding", "PinVersion", "UnpinVersion",
-    "Rollback", "ApplyBundle", "RevertBundle",
+    "Rollback", "ApplyBundle", "RevertBundle", "SetTrigger", "DeleteTrigger",
+    "SetTriggerEnabled",
 }  # fmt: skip
+_FIRES = {"FireTrigger", "ResolveTrigger"}
 _ADMIN_WRITES = {"MarkKnownGood", "UnmarkKnownGood"}
 _READS = {
     "GetFlag", "ListFlags", "GetShedding", "ListShedding", "GetPin", "ListPins",
     "ListKnownGood", "ListBundles", "GetBundle", "GetStatus", "ListServices", "ListHistory",
-    "WatchChanges", "WaitApplied", "GetTimeline", "ListNotifications",
+    "WatchChanges", "WaitApplied", "GetTimeline", "ListNotifications", "GetTrigger",
+    "ListTriggers",
 }  # fmt: skip
 
 
@@ -107,6 +114,8 @@ OFREP_BULK = "/ofrep.v1/EvaluateFlags"
 OFREP_EVENTS = "/ofrep.v1/EventStream"
 OFREP_METHODS = (OFREP_EVALUATE, OFREP_BULK, OFREP_EVENTS)
 """OFREP's routes as the rules name them."""
+ALERTMANAGER = "/alertmanager.v4/Notify"
+"""Alertmanager's webhook (``POST /v1/alertmanager``) as the rules name it."""
 
 
 def _method_rules() -> dict[str, Access]:
@@ -120,6 +129,8 @@ def _method_rules() -> dict[str, Access]:
             if name in _ADMIN_WRITES
             else Access.READ
             if name in _READS
+            else Access.FIRE
+            if name in _FIRES
             else None
         )
         if access is not None:
@@ -132,6 +143,7 @@ def _method_rules() -> dict[str, Access]:
     # OFREP on the HTTP listener: its clients are agents of the service they evaluate.
     for name in OFREP_METHODS:
         rules[name] = Access.SYNC
+    rules[ALERTMANAGER] = Access.FIRE
     for name in ("Check", "Watch", "List"):
         rules[f"/grpc.health.v1.Health/{name}"] = Access.OPEN
     for service in (

@@ -46,6 +46,7 @@ from controlplane.store._notifications import NotifyState
 from controlplane.store._records import Records, Stored, stored
 from controlplane.store._security import EtcdSecurity, normalize_endpoints
 from controlplane.store._streams import Streams
+from controlplane.store._triggers import TriggerStore
 from controlplane.store._writes import Plan, WriteOutcome, Writer
 from controlplane.store.keys import (
     DEFAULT_PREFIX,
@@ -71,6 +72,7 @@ __all__ = [
     "Plan",
     "Store",
     "Stored",
+    "TriggerStore",
     "WatchEvent",
     "WriteOutcome",
     "etcd_version_risk",
@@ -115,6 +117,9 @@ class Store:
         )
         self._streams = Streams(self._etcd)
         self.notify_state = NotifyState(self._etcd, prefix)
+        """The notifier's keys (``<prefix>-notify/``)."""
+        self.triggers = TriggerStore(self._etcd, prefix)
+        """Triggers and what they fired."""
         """The notifier's keys (``<prefix>-notify/``)."""
         self._audit = Audit(self._etcd, metrics)
         self._records = Records(self._etcd, self._audit, metrics)

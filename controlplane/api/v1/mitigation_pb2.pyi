@@ -19,11 +19,30 @@ class BundleState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REVERTED: _ClassVar[BundleState]
     EXPIRED: _ClassVar[BundleState]
     PARTIALLY_OVERRIDDEN: _ClassVar[BundleState]
+
+class TriggerOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TRIGGER_OUTCOME_UNSPECIFIED: _ClassVar[TriggerOutcome]
+    TRIGGER_FIRED: _ClassVar[TriggerOutcome]
+    TRIGGER_ALREADY_FIRED: _ClassVar[TriggerOutcome]
+    TRIGGER_DISABLED: _ClassVar[TriggerOutcome]
+    TRIGGER_COOLDOWN: _ClassVar[TriggerOutcome]
+    TRIGGER_WOULD_APPLY: _ClassVar[TriggerOutcome]
+    TRIGGER_REVERTED: _ClassVar[TriggerOutcome]
+    TRIGGER_NOT_REVERTED: _ClassVar[TriggerOutcome]
 BUNDLE_STATE_UNSPECIFIED: BundleState
 APPLIED: BundleState
 REVERTED: BundleState
 EXPIRED: BundleState
 PARTIALLY_OVERRIDDEN: BundleState
+TRIGGER_OUTCOME_UNSPECIFIED: TriggerOutcome
+TRIGGER_FIRED: TriggerOutcome
+TRIGGER_ALREADY_FIRED: TriggerOutcome
+TRIGGER_DISABLED: TriggerOutcome
+TRIGGER_COOLDOWN: TriggerOutcome
+TRIGGER_WOULD_APPLY: TriggerOutcome
+TRIGGER_REVERTED: TriggerOutcome
+TRIGGER_NOT_REVERTED: TriggerOutcome
 
 class SetFlagRequest(_message.Message):
     __slots__ = ("scope", "name", "value", "options", "change_type")
@@ -624,3 +643,151 @@ class ListNotificationsResponse(_message.Message):
     destinations: _containers.RepeatedCompositeFieldContainer[NotificationDestination]
     failed: _containers.RepeatedCompositeFieldContainer[FailedNotification]
     def __init__(self, sender: _Optional[str] = ..., destinations: _Optional[_Iterable[_Union[NotificationDestination, _Mapping]]] = ..., failed: _Optional[_Iterable[_Union[FailedNotification, _Mapping]]] = ...) -> None: ...
+
+class LabelMatcher(_message.Message):
+    __slots__ = ("label", "value")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    label: str
+    value: str
+    def __init__(self, label: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+
+class Trigger(_message.Message):
+    __slots__ = ("name", "matchers", "bundle_name", "changes", "ttl", "revert_on_resolve", "cooldown", "dry_run", "enabled", "meta", "last_fired")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MATCHERS_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_NAME_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    TTL_FIELD_NUMBER: _ClassVar[int]
+    REVERT_ON_RESOLVE_FIELD_NUMBER: _ClassVar[int]
+    COOLDOWN_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    META_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIRED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    matchers: _containers.RepeatedCompositeFieldContainer[LabelMatcher]
+    bundle_name: str
+    changes: _containers.RepeatedCompositeFieldContainer[BundleChange]
+    ttl: _duration_pb2.Duration
+    revert_on_resolve: bool
+    cooldown: _duration_pb2.Duration
+    dry_run: bool
+    enabled: bool
+    meta: _types_pb2.Meta
+    last_fired: _timestamp_pb2.Timestamp
+    def __init__(self, name: _Optional[str] = ..., matchers: _Optional[_Iterable[_Union[LabelMatcher, _Mapping]]] = ..., bundle_name: _Optional[str] = ..., changes: _Optional[_Iterable[_Union[BundleChange, _Mapping]]] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., revert_on_resolve: _Optional[bool] = ..., cooldown: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., dry_run: _Optional[bool] = ..., enabled: _Optional[bool] = ..., meta: _Optional[_Union[_types_pb2.Meta, _Mapping]] = ..., last_fired: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class SetTriggerRequest(_message.Message):
+    __slots__ = ("trigger", "options")
+    TRIGGER_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    trigger: Trigger
+    options: _types_pb2.WriteOptions
+    def __init__(self, trigger: _Optional[_Union[Trigger, _Mapping]] = ..., options: _Optional[_Union[_types_pb2.WriteOptions, _Mapping]] = ...) -> None: ...
+
+class SetTriggerResponse(_message.Message):
+    __slots__ = ("result", "trigger")
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    TRIGGER_FIELD_NUMBER: _ClassVar[int]
+    result: _types_pb2.WriteResult
+    trigger: Trigger
+    def __init__(self, result: _Optional[_Union[_types_pb2.WriteResult, _Mapping]] = ..., trigger: _Optional[_Union[Trigger, _Mapping]] = ...) -> None: ...
+
+class GetTriggerRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class GetTriggerResponse(_message.Message):
+    __slots__ = ("trigger",)
+    TRIGGER_FIELD_NUMBER: _ClassVar[int]
+    trigger: Trigger
+    def __init__(self, trigger: _Optional[_Union[Trigger, _Mapping]] = ...) -> None: ...
+
+class ListTriggersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListTriggersResponse(_message.Message):
+    __slots__ = ("triggers",)
+    TRIGGERS_FIELD_NUMBER: _ClassVar[int]
+    triggers: _containers.RepeatedCompositeFieldContainer[Trigger]
+    def __init__(self, triggers: _Optional[_Iterable[_Union[Trigger, _Mapping]]] = ...) -> None: ...
+
+class DeleteTriggerRequest(_message.Message):
+    __slots__ = ("name", "options")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    options: _types_pb2.WriteOptions
+    def __init__(self, name: _Optional[str] = ..., options: _Optional[_Union[_types_pb2.WriteOptions, _Mapping]] = ...) -> None: ...
+
+class DeleteTriggerResponse(_message.Message):
+    __slots__ = ("result",)
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    result: _types_pb2.WriteResult
+    def __init__(self, result: _Optional[_Union[_types_pb2.WriteResult, _Mapping]] = ...) -> None: ...
+
+class SetTriggerEnabledRequest(_message.Message):
+    __slots__ = ("name", "enabled", "options")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    enabled: bool
+    options: _types_pb2.WriteOptions
+    def __init__(self, name: _Optional[str] = ..., enabled: _Optional[bool] = ..., options: _Optional[_Union[_types_pb2.WriteOptions, _Mapping]] = ...) -> None: ...
+
+class SetTriggerEnabledResponse(_message.Message):
+    __slots__ = ("result", "trigger")
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    TRIGGER_FIELD_NUMBER: _ClassVar[int]
+    result: _types_pb2.WriteResult
+    trigger: Trigger
+    def __init__(self, result: _Optional[_Union[_types_pb2.WriteResult, _Mapping]] = ..., trigger: _Optional[_Union[Trigger, _Mapping]] = ...) -> None: ...
+
+class FireTriggerRequest(_message.Message):
+    __slots__ = ("name", "group_key", "incident", "summary", "url")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    GROUP_KEY_FIELD_NUMBER: _ClassVar[int]
+    INCIDENT_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    group_key: str
+    incident: str
+    summary: str
+    url: str
+    def __init__(self, name: _Optional[str] = ..., group_key: _Optional[str] = ..., incident: _Optional[str] = ..., summary: _Optional[str] = ..., url: _Optional[str] = ...) -> None: ...
+
+class FireTriggerResponse(_message.Message):
+    __slots__ = ("outcome", "bundle_id", "message", "result")
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    outcome: TriggerOutcome
+    bundle_id: str
+    message: str
+    result: _types_pb2.WriteResult
+    def __init__(self, outcome: _Optional[_Union[TriggerOutcome, str]] = ..., bundle_id: _Optional[str] = ..., message: _Optional[str] = ..., result: _Optional[_Union[_types_pb2.WriteResult, _Mapping]] = ...) -> None: ...
+
+class ResolveTriggerRequest(_message.Message):
+    __slots__ = ("name", "group_key")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    GROUP_KEY_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    group_key: str
+    def __init__(self, name: _Optional[str] = ..., group_key: _Optional[str] = ...) -> None: ...
+
+class ResolveTriggerResponse(_message.Message):
+    __slots__ = ("outcome", "bundle_id", "message")
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    outcome: TriggerOutcome
+    bundle_id: str
+    message: str
+    def __init__(self, outcome: _Optional[_Union[TriggerOutcome, str]] = ..., bundle_id: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...

@@ -169,6 +169,41 @@ class MitigationServiceStub:
                 request_serializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.ListNotificationsRequest.SerializeToString,
                 response_deserializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.ListNotificationsResponse.FromString,
                 _registered_method=True)
+        self.SetTrigger = channel.unary_unary(
+                '/controlplane.api.v1.MitigationService/SetTrigger',
+                request_serializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.SetTriggerRequest.SerializeToString,
+                response_deserializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.SetTriggerResponse.FromString,
+                _registered_method=True)
+        self.GetTrigger = channel.unary_unary(
+                '/controlplane.api.v1.MitigationService/GetTrigger',
+                request_serializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.GetTriggerRequest.SerializeToString,
+                response_deserializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.GetTriggerResponse.FromString,
+                _registered_method=True)
+        self.ListTriggers = channel.unary_unary(
+                '/controlplane.api.v1.MitigationService/ListTriggers',
+                request_serializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.ListTriggersRequest.SerializeToString,
+                response_deserializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.ListTriggersResponse.FromString,
+                _registered_method=True)
+        self.DeleteTrigger = channel.unary_unary(
+                '/controlplane.api.v1.MitigationService/DeleteTrigger',
+                request_serializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.DeleteTriggerRequest.SerializeToString,
+                response_deserializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.DeleteTriggerResponse.FromString,
+                _registered_method=True)
+        self.SetTriggerEnabled = channel.unary_unary(
+                '/controlplane.api.v1.MitigationService/SetTriggerEnabled',
+                request_serializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.SetTriggerEnabledRequest.SerializeToString,
+                response_deserializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.SetTriggerEnabledResponse.FromString,
+                _registered_method=True)
+        self.FireTrigger = channel.unary_unary(
+                '/controlplane.api.v1.MitigationService/FireTrigger',
+                request_serializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.FireTriggerRequest.SerializeToString,
+                response_deserializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.FireTriggerResponse.FromString,
+                _registered_method=True)
+        self.ResolveTrigger = channel.unary_unary(
+                '/controlplane.api.v1.MitigationService/ResolveTrigger',
+                request_serializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.ResolveTriggerRequest.SerializeToString,
+                response_deserializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.ResolveTriggerResponse.FromString,
+                _registered_method=True)
 
 
 class MitigationServiceServicer:
@@ -352,6 +387,50 @@ class MitigationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetTrigger(self, request, context):
+        """Triggers: alerts mapped to a bundle. Alertmanager posts its webhook to the HTTP
+        listener (POST /v1/alertmanager); other tools fire and resolve a trigger by name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTrigger(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTriggers(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteTrigger(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetTriggerEnabled(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FireTrigger(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResolveTrigger(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MitigationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -489,6 +568,41 @@ def add_MitigationServiceServicer_to_server(servicer, server):
                     servicer.ListNotifications,
                     request_deserializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.ListNotificationsRequest.FromString,
                     response_serializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.ListNotificationsResponse.SerializeToString,
+            ),
+            'SetTrigger': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTrigger,
+                    request_deserializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.SetTriggerRequest.FromString,
+                    response_serializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.SetTriggerResponse.SerializeToString,
+            ),
+            'GetTrigger': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTrigger,
+                    request_deserializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.GetTriggerRequest.FromString,
+                    response_serializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.GetTriggerResponse.SerializeToString,
+            ),
+            'ListTriggers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTriggers,
+                    request_deserializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.ListTriggersRequest.FromString,
+                    response_serializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.ListTriggersResponse.SerializeToString,
+            ),
+            'DeleteTrigger': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteTrigger,
+                    request_deserializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.DeleteTriggerRequest.FromString,
+                    response_serializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.DeleteTriggerResponse.SerializeToString,
+            ),
+            'SetTriggerEnabled': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTriggerEnabled,
+                    request_deserializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.SetTriggerEnabledRequest.FromString,
+                    response_serializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.SetTriggerEnabledResponse.SerializeToString,
+            ),
+            'FireTrigger': grpc.unary_unary_rpc_method_handler(
+                    servicer.FireTrigger,
+                    request_deserializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.FireTriggerRequest.FromString,
+                    response_serializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.FireTriggerResponse.SerializeToString,
+            ),
+            'ResolveTrigger': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResolveTrigger,
+                    request_deserializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.ResolveTriggerRequest.FromString,
+                    response_serializer=controlplane_dot_api_dot_v1_dot_mitigation__pb2.ResolveTriggerResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1220,6 +1334,195 @@ class MitigationService:
             '/controlplane.api.v1.MitigationService/ListNotifications',
             controlplane_dot_api_dot_v1_dot_mitigation__pb2.ListNotificationsRequest.SerializeToString,
             controlplane_dot_api_dot_v1_dot_mitigation__pb2.ListNotificationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetTrigger(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/controlplane.api.v1.MitigationService/SetTrigger',
+            controlplane_dot_api_dot_v1_dot_mitigation__pb2.SetTriggerRequest.SerializeToString,
+            controlplane_dot_api_dot_v1_dot_mitigation__pb2.SetTriggerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTrigger(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/controlplane.api.v1.MitigationService/GetTrigger',
+            controlplane_dot_api_dot_v1_dot_mitigation__pb2.GetTriggerRequest.SerializeToString,
+            controlplane_dot_api_dot_v1_dot_mitigation__pb2.GetTriggerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTriggers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/controlplane.api.v1.MitigationService/ListTriggers',
+            controlplane_dot_api_dot_v1_dot_mitigation__pb2.ListTriggersRequest.SerializeToString,
+            controlplane_dot_api_dot_v1_dot_mitigation__pb2.ListTriggersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteTrigger(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/controlplane.api.v1.MitigationService/DeleteTrigger',
+            controlplane_dot_api_dot_v1_dot_mitigation__pb2.DeleteTriggerRequest.SerializeToString,
+            controlplane_dot_api_dot_v1_dot_mitigation__pb2.DeleteTriggerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetTriggerEnabled(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/controlplane.api.v1.MitigationService/SetTriggerEnabled',
+            controlplane_dot_api_dot_v1_dot_mitigation__pb2.SetTriggerEnabledRequest.SerializeToString,
+            controlplane_dot_api_dot_v1_dot_mitigation__pb2.SetTriggerEnabledResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FireTrigger(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/controlplane.api.v1.MitigationService/FireTrigger',
+            controlplane_dot_api_dot_v1_dot_mitigation__pb2.FireTriggerRequest.SerializeToString,
+            controlplane_dot_api_dot_v1_dot_mitigation__pb2.FireTriggerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResolveTrigger(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/controlplane.api.v1.MitigationService/ResolveTrigger',
+            controlplane_dot_api_dot_v1_dot_mitigation__pb2.ResolveTriggerRequest.SerializeToString,
+            controlplane_dot_api_dot_v1_dot_mitigation__pb2.ResolveTriggerResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -33,6 +33,7 @@ MAX_GROUP = 50
 """Changes in one message at most (Slack shows 50 blocks)."""
 
 _ABSENT = {
+    "trigger": "none",
     "flag": "unset",
     "shedding": "off",
     "pin": "unpinned",
@@ -135,10 +136,21 @@ def _describe(kind: str, record: Any) -> str:
         return "known-good"
     if kind == "override":
         return "applied"
+    if kind == "trigger":
+        return "enabled" if record.get("enabled", True) else "disabled"
     return "set"
 
 
-_EVENT_ACTIONS = {"agent.nack": "nack", "notify.incomplete": "incomplete", "notify.stale": "stale"}
+_EVENT_ACTIONS = {
+    "agent.nack": "nack",
+    "notify.incomplete": "incomplete",
+    "notify.stale": "stale",
+    "trigger.fired": "trigger",
+    "trigger.disabled": "trigger",
+    "trigger.cooldown": "trigger",
+    "trigger.would_apply": "trigger",
+    "trigger.not_reverted": "trigger",
+}
 
 
 def change_of(entry: AuditEntry) -> Change:
@@ -149,6 +161,8 @@ def change_of(entry: AuditEntry) -> Change:
         if kind == "nack":
             revision = (entry.after or {}).get("revision", "?")
             said = f"{entry.scope}: {entry.name} rejected revision {revision}: {entry.reason}"
+        elif kind == "trigger":
+            said = entry.reason
         else:
             said = f"{entry.scope}: {entry.reason}"
     elif entry.actor == EXPIRY_ACTOR:
