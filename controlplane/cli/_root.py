@@ -29,6 +29,7 @@ from controlplane.cli.notifications import notifications
 from controlplane.cli.pin import known_good, pin, rollback
 from controlplane.cli.shed import shed
 from controlplane.cli.status import services, status
+from controlplane.cli.trigger import trigger
 from controlplane.transport import ClientSecurity, TransportConfigError, path_or_none
 
 
@@ -339,6 +340,7 @@ cli.add_command(services)
 cli.add_command(watch)
 cli.add_command(history)
 cli.add_command(timeline)
+cli.add_command(trigger)
 cli.add_command(notifications)
 
 

@@ -39,7 +39,7 @@ def test_commands_are_listed_in_incident_order() -> None:
     ctx = click.Context(cli)
     assert cli.list_commands(ctx) == [
         "flag", "shed", "pin", "known-good", "rollback", "bundle", "status", "services", "watch",
-        "history", "timeline", "notifications",
+        "history", "timeline", "trigger", "notifications",
     ]  # fmt: skip
 
 

@@ -1,0 +1,278 @@
+"""Triggers driven as users do: `cpctl trigger`, Alertmanager's webhook payload posted to
+the HTTP listener, and FireTrigger; the bundle applied, repeated, reverted, refused."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry
+
+from controlplane.api.v1 import mitigation_pb2 as m
+from controlplane.api.v1 import mitigation_pb2_grpc
+from controlplane.embedded_etcd import EmbeddedEtcd
+from controlplane.server import ControlServer
+from controlplane.server.auth import hash_token
+from tests.helpers.cpctl import Run
+from tests.integration.conftest import server_config
+from tests.integration.test_auth import write_auth
+
+FALSE = {"boolValue": False}
+BUNDLE = """\
+name: degrade-checkout
+reason: payment provider timeouts
+ttl: 30m
+changes:
+  - flag: {service: checkout, name: new-ui, value: false}
+  - shed: {service: checkout, percent: 30, tier: SHEDDABLE}
+"""
+
+
+def payload(status: str, group: str = '{}:{alertname="HighErrorRate"}', **labels: str) -> Any:
+    """Alertmanager's webhook payload (version 4), as it posts it."""
+    common = {"alertname": "HighErrorRate", "service": "checkout", **labels}
+    return {
+        "receiver": "controlplane",
+        "status": status,
+        "alerts": [
+            {
+                "status": status,
+                "labels": common,
+                "annotations": {"summary": "5xx above 5% on /pay"},
+                "startsAt": "2026-12-06T10:00:00Z",
+                "endsAt": "0001-01-01T00:00:00Z",
+                "generatorURL": "http://prometheus.example/graph?g0.expr=errors",
+                "fingerprint": "c5d2b0a0b1e1f2a3",
+            }
+        ],
+        "groupLabels": {"alertname": "HighErrorRate"},
+        "commonLabels": common,
+        "commonAnnotations": {"summary": "5xx above 5% on /pay"},
+        "externalURL": "http://alertmanager.example:9093",
+        "version": "4",
+        "groupKey": group,
+        "truncatedAlerts": 0,
+    }
+
+
+@pytest.fixture
+async def srv(etcd: EmbeddedEtcd, prefix: str) -> AsyncIterator[ControlServer]:
+    config = server_config(etcd.endpoint, prefix, http="127.0.0.1:0")
+    server = ControlServer(config, registry=CollectorRegistry())
+    await server.start()
+    yield server
+    await server.stop(grace=0)
+
+
+@pytest.fixture
+async def http(srv: ControlServer) -> AsyncIterator[httpx.AsyncClient]:
+    assert srv.http is not None
+    async with httpx.AsyncClient(base_url=srv.http.url, timeout=10) as client:
+        yield client
+
+
+async def flag_value(srv: ControlServer, scope: str, name: str) -> Any:
+    """The flag's boolean value, None when it is not set."""
+    async with grpc.aio.insecure_channel(srv.address) as channel:
+        stub = mitigation_pb2_grpc.MitigationServiceStub(channel)
+        listed = await stub.ListFlags(m.ListFlagsRequest(scope=scope))
+        found = [f for f in listed.flags if f.name == name]
+        return found[0].value.bool_value if found else None
+
+
+def at(cpctl: Run, srv: ControlServer) -> Run:
+    """``cpctl`` against ``srv``."""
+
+    async def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return await cpctl(*args, server_list=srv.address)
+
+    return run
+
+
+async def test_an_alert_applies_the_bundle_once_per_group_and_resolving_reverts_it(
+    srv: ControlServer, http: httpx.AsyncClient, cpctl: Run, tmp_path: Path
+) -> None:
+    bundle = tmp_path / "degrade.yaml"
+    bundle.write_text(BUNDLE)
+    run = at(cpctl, srv)
+    made = await run(
+        "trigger", "set", "degrade", "--match", "alertname=HighErrorRate",
+        "--match", "service=checkout", "--bundle", str(bundle), "--revert-on-resolve",
+        "--reason", "page: degrade checkout at once",
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    assert made.stdout.strip() == "trigger degrade set"
+    listed = await run("trigger", "list")
+    assert "degrade  enabled  alertname=HighErrorRate, service=checkout" in listed.stdout
+    assert "degrade-checkout (2 changes)" in listed.stdout and "revert on resolve" in listed.stdout
+
+    fired = await http.post("/v1/alertmanager", json=payload("firing", incident="INC-77"))
+    assert fired.status_code == 200, fired.text
+    [done] = fired.json()["triggers"]
+    assert (done["trigger"], done["outcome"]) == ("degrade", "FIRED"), done
+    assert await flag_value(srv, "checkout", "new-ui") is False
+    # Alertmanager repeats a firing group every repeat_interval: nothing new applied.
+    again = await http.post("/v1/alertmanager", json=payload("firing", incident="INC-77"))
+    assert again.json()["triggers"][0]["outcome"] == "ALREADY_FIRED"
+    assert again.json()["triggers"][0]["bundle_id"] == done["bundle_id"]
+    # Another alert (labels not matched) fires nothing.
+    other = await http.post("/v1/alertmanager", json=payload("firing", service="payments"))
+    assert other.json() == {"triggers": []}
+
+    history = await run("--json", "history", "--incident", "INC-77")
+    entries = json.loads(history.stdout)["entries"]
+    actions = sorted(e["action"] for e in entries)
+    assert actions == ["flag.set", "shedding.set", "trigger.fired"], actions
+    assert {e["actor"] for e in entries} == {"trigger:degrade"}
+    fired_entry = next(e for e in entries if e["action"] == "trigger.fired")
+    assert "5xx above 5% on /pay" in fired_entry["reason"]
+    got = await run("trigger", "get", "degrade")
+    assert "last fired: 20" in got.stdout, got.stdout
+
+    resolved = await http.post("/v1/alertmanager", json=payload("resolved", incident="INC-77"))
+    assert resolved.json()["triggers"][0]["outcome"] == "REVERTED", resolved.text
+    assert await flag_value(srv, "checkout", "new-ui") is None
+    # Resolving again: nothing more to revert.
+    twice = await http.post("/v1/alertmanager", json=payload("resolved"))
+    assert twice.json()["triggers"][0]["outcome"] == "NOT_REVERTED"
+
+
+async def test_disabled_cooldown_and_dry_run_apply_nothing_and_say_so(
+    srv: ControlServer, cpctl: Run, tmp_path: Path
+) -> None:
+    bundle = tmp_path / "degrade.yaml"
+    bundle.write_text(BUNDLE)
+    run = at(cpctl, srv)
+    for name, extra in (("calm", ["--cooldown", "10m"]), ("rehearsal", ["--dry-run"])):
+        made = await run(
+            "trigger", "set", name, "--match", "alertname=X", "--bundle", str(bundle),
+            "--reason", "r", *extra,
+        )  # fmt: skip
+        assert made.returncode == 0, made.stderr
+
+    disabled = await run("trigger", "disable", "calm", "--reason", "maintenance")
+    assert disabled.stdout.strip() == "trigger calm disabled", disabled.stdout
+    refused = await run("trigger", "fire", "calm", "--group-key", "g1")
+    assert refused.stdout.startswith("disabled: trigger calm is disabled"), refused.stdout
+    assert await flag_value(srv, "checkout", "new-ui") is None
+    await run("trigger", "enable", "calm", "--reason", "back")
+    first = await run("trigger", "fire", "calm", "--group-key", "g1", "--summary", "x")
+    assert first.stdout.startswith("fired: trigger calm applied bundle"), first.stdout
+    cooling = await run("--json", "trigger", "fire", "calm", "--group-key", "g2")
+    answer = json.loads(cooling.stdout)
+    assert answer["outcome"] == "TRIGGER_COOLDOWN", answer
+    assert "is in its cooldown (0:10:00 after it fired at" in answer["message"]
+
+    rehearsal = await run("--json", "trigger", "fire", "rehearsal", "--group-key", "g3")
+    answer = json.loads(rehearsal.stdout)
+    assert answer["outcome"] == "TRIGGER_WOULD_APPLY"
+    assert "would apply bundle degrade-checkout (2 changes)" in answer["message"]
+    # The refusals are in the audit trail (so in notifications and the timeline).
+    history = json.loads((await run("--json", "history", "--service", "checkout")).stdout)
+    said = [e["action"] for e in history["entries"] if e["action"].startswith("trigger.")]
+    assert sorted(set(said)) == [
+        "trigger.cooldown", "trigger.disable", "trigger.disabled", "trigger.enable",
+        "trigger.fired", "trigger.set", "trigger.would_apply",
+    ], said  # fmt: skip
+
+
+async def test_bad_triggers_and_payloads_are_refused_naming_the_fix(
+    srv: ControlServer, http: httpx.AsyncClient, cpctl: Run, tmp_path: Path
+) -> None:
+    run = at(cpctl, srv)
+    bad_service = tmp_path / "bad.yaml"
+    bad_service.write_text(
+        BUNDLE.replace("service: checkout, name: new-ui", "service: Checkout, name: new-ui")
+    )
+    until = tmp_path / "until.yaml"
+    until.write_text(BUNDLE.replace("ttl: 30m", "until: 2099-01-01T00:00:00Z"))
+    good = tmp_path / "good.yaml"
+    good.write_text(BUNDLE)
+    for args, code, text in (
+        (["--match", "alertname", "--bundle", str(good)], 2, "is not LABEL=VALUE"),
+        (["--match", "alert-name=X", "--bundle", str(good)], 3, "is not an alert label name"),
+        (["--match", "a=X", "--bundle", str(until)], 3, "give the bundle a ttl"),
+        (["--match", "a=X", "--bundle", str(bad_service)], 3, "Checkout"),
+    ):
+        ran = await run("trigger", "set", "t1", *args, "--reason", "r")
+        assert ran.returncode == code, (args, ran.stdout, ran.stderr)
+        assert text in ran.stderr, ran.stderr
+    missing = await run("trigger", "get", "nope")
+    assert missing.returncode != 0 and "no trigger nope (there are none)" in missing.stderr
+    no_reason = await run("trigger", "set", "t1", "--match", "a=X", "--bundle", str(good))
+    assert no_reason.returncode == 2 and "--reason is required" in no_reason.stderr
+    for body, text in (
+        ({**payload("firing"), "version": "3"}, "payload version 4"),
+        ({**payload("firing"), "status": "odd"}, "status must be"),
+        ([], "Alertmanager's webhook payload"),
+        ({**payload("firing"), "commonLabels": {"a": 1}}, "commonLabels must be an object"),
+    ):
+        answer = await http.post("/v1/alertmanager", json=body)
+        assert answer.status_code == 400 and text in answer.text, answer.text
+    assert (await run("trigger", "list")).stdout.strip() == "no triggers"
+
+
+async def test_the_trigger_role_fires_and_nothing_else(
+    etcd: EmbeddedEtcd, prefix: str, tmp_path: Path
+) -> None:
+    tokens = {"alerts": "alertmanager-token-0123456789", "oncall": "oncall-token-0123456789"}
+    document = {
+        "identities": [
+            {
+                "name": "alertmanager",
+                "role": "trigger",
+                "token_sha256": hash_token(tokens["alerts"]),
+            },
+            {"name": "oncall", "role": "operator", "token_sha256": hash_token(tokens["oncall"])},
+        ]
+    }
+    path = write_auth(tmp_path / "auth.json", document)
+    config = server_config(etcd.endpoint, prefix, http="127.0.0.1:0", auth_file=path)
+    server = ControlServer(config, registry=CollectorRegistry())
+    await server.start()
+    try:
+        assert server.http is not None
+        async with httpx.AsyncClient(base_url=server.http.url, timeout=10) as http:
+
+            def bearer(who: str) -> dict[str, str]:
+                return {"Authorization": f"Bearer {tokens[who]}"}
+
+            trigger = {
+                "trigger": {
+                    "name": "t",
+                    "matchers": [{"label": "alertname", "value": "HighErrorRate"}],
+                    "bundleName": "b",
+                    "changes": [
+                        {
+                            "setFlag": {
+                                "scope": "checkout",
+                                "name": "k",
+                                "value": {"boolValue": False},
+                            }
+                        }
+                    ],
+                },
+                "options": {"reason": "r"},
+            }
+            made = await http.post("/v1/triggers", json=trigger, headers=bearer("oncall"))
+            assert made.status_code == 200, made.text
+            denied = await http.post("/v1/triggers", json=trigger, headers=bearer("alerts"))
+            assert denied.status_code == 403 and "needs the operator or admin role" in denied.text
+            fired = await http.post(
+                "/v1/alertmanager", json=payload("firing"), headers=bearer("alerts")
+            )
+            assert fired.json()["triggers"][0]["outcome"] == "FIRED", fired.text
+            no_token = await http.post("/v1/alertmanager", json=payload("firing"))
+            assert no_token.status_code == 401
+            flags = await http.get("/v1/flags", headers=bearer("alerts"))
+            assert flags.status_code == 403
+            by_name = await http.post("/v1/triggers/t/fire", json={}, headers=bearer("alerts"))
+            assert by_name.json()["outcome"] == "TRIGGER_FIRED", by_name.text
+    finally:
+        await server.stop(grace=0)
