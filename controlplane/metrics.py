@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import ThreadingWSGIServer
 
 METRICS_POLL_S = 0.1
@@ -57,6 +60,42 @@ class MetricsEndpoint:
         if self._thread.is_alive():
             self._server.shutdown()
         self._server.server_close()
+
+
+MitigationAgeRows = Callable[[], Iterable[tuple[str, str, str, float]]]
+"""What :class:`MitigationAges` reads: (kind, service, flag name, set_at in Unix seconds)."""
+
+
+class MitigationAges:
+    """``controlplane_mitigation_age_seconds``: for every record in force without expiry,
+    seconds since it was set; computed at each scrape from ``source`` (the hub's mirror),
+    so a record that goes away leaves no series behind.
+
+    A collector of its own rather than a gauge: its label sets come and go with the
+    records, and a scrape costs one pass over them (about 15 ms for 10,000).
+    """
+
+    NAME = "controlplane_mitigation_age_seconds"
+    HELP = (
+        "Seconds since a mitigation in force without expiry was set, by kind (flag, "
+        "shedding, pin), service (global for global flags) and name (the flag's; empty "
+        "for shedding and pins)."
+    )
+    LABELS = ("kind", "service", "name")
+
+    def __init__(self, source: MitigationAgeRows = tuple) -> None:
+        self.source = source
+        self.clock: Callable[[], float] = time.time
+
+    def describe(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(self.NAME, self.HELP, labels=self.LABELS)
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(self.NAME, self.HELP, labels=self.LABELS)
+        now = self.clock()
+        for kind, service, name, set_at in self.source():
+            family.add_metric((kind, service, name), max(0.0, now - set_at))
+        yield family
 
 
 _RPC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -130,6 +169,15 @@ class ServerMetrics:
             ["service"],
             registry=registry,
             multiprocess_mode="livesum",
+        )
+        self.change_unapplied = Gauge(
+            "controlplane_change_unapplied_seconds",
+            "Seconds for which some agent of the service connected to this server process "
+            "has not applied the service's newest change (0: every one has; refreshed "
+            "every second).",
+            ["service"],
+            registry=registry,
+            multiprocess_mode="livemax",
         )
         self.fanout_seconds = Histogram(
             "controlplane_fanout_duration_seconds",
@@ -226,6 +274,9 @@ class ServerMetrics:
             registry=registry,
             multiprocess_mode="livesum",
         )
+        self.mitigation_ages = MitigationAges()
+        """Fed by the server with its hub's records (``source``)."""
+        registry.register(self.mitigation_ages)
         self.notify_sender = Gauge(
             "controlplane_notify_sender",
             "1 on the server process that sends notifications now, else 0.",

@@ -38,6 +38,8 @@ class ServerConfig:
     maintenance_interval: float = 60.0
     # Longest wait between looks for expired changes (others' writes may add earlier ones).
     expiry_interval: float = 0.5
+    # How often the gauges that age with time (unapplied changes) are refreshed.
+    metrics_interval: float = 1.0
     # The notifications file (--notify): where audited changes are told; None: nowhere.
     notify_file: Path | None = None
     # Security (see controlplane.server.auth): None everywhere is the local default.

@@ -261,6 +261,7 @@ class ControlServer:
         await self.store.connect()
         self.hub = Hub(self.store, self.metrics)
         hub = self.hub
+        self.metrics.mitigation_ages.source = hub.unexpiring
         self.presence = Presence(
             self.store, self.server_id, self.metrics, revision=lambda: hub.revision
         )
@@ -335,6 +336,7 @@ class ControlServer:
             (self._health_loop, "health"),
             (self._maintenance_loop, "maintenance"),
             (self._expiry_loop, "expiry"),
+            (self._metrics_loop, "metrics"),
         ):
             self._tasks.append(asyncio.create_task(self._forever(loop, name), name=name))
         log.info(
@@ -574,6 +576,13 @@ class ControlServer:
             except ControlPlaneError as exc:
                 log.warning("maintenance_failed", error=exc.message)
             await asyncio.sleep(self.config.maintenance_interval)
+
+    async def _metrics_loop(self) -> None:
+        """Refresh the gauges that age with time, every ``metrics_interval``."""
+        assert self.presence is not None
+        while True:
+            self.presence.refresh_metrics()
+            await asyncio.sleep(self.config.metrics_interval)
 
     async def _expiry_loop(self) -> None:
         """Restore what time-boxed changes replaced, on time (within ``expiry_interval``).
