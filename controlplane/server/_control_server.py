@@ -290,6 +290,7 @@ class ControlServer:
             self.presence,
             ServiceDirectory(self.store, self.presence, self.config.audit_retention),
             streams=self.streams,
+            stale_after=config.stale_after,
         )
         mitigation_pb2_grpc.add_MitigationServiceServicer_to_server(mitigation, server)
         add_agent_service(

@@ -1,23 +1,43 @@
-"""What on-call engineers watch: the age of mitigations without expiry, and changes not
-applied by every connected agent."""
+"""What on-call engineers watch: the age of mitigations without expiry (metric and
+`cpctl status`), and changes not applied by every connected agent."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import pytest
 from google.protobuf.duration_pb2 import Duration
+from prometheus_client import CollectorRegistry
 
 from controlplane.api.v1 import mitigation_pb2 as m
 from controlplane.api.v1 import mitigation_pb2_grpc
 from controlplane.api.v1 import types_pb2 as t
+from controlplane.embedded_etcd import EmbeddedEtcd
 from controlplane.server import ControlServer
+from tests.helpers.cpctl import Run
 from tests.helpers.raw_agent import RawAgent
+from tests.helpers.server_process import ServerProcess
+from tests.integration.conftest import server_config
 from tests.integration.test_cli_e2e import connected
 
 Stub = mitigation_pb2_grpc.MitigationServiceStub
 AGE = "controlplane_mitigation_age_seconds"
 UNAPPLIED = "controlplane_change_unapplied_seconds"
+STALE_AFTER = timedelta(milliseconds=1)
+"""This module's servers call a mitigation stale 1 ms after it was set: already stale
+by the time any other process asks (waiting on nothing)."""
+
+
+@pytest.fixture
+async def server(etcd: EmbeddedEtcd, prefix: str) -> AsyncIterator[ControlServer]:
+    config = server_config(etcd.endpoint, prefix, stale_after=STALE_AFTER)
+    srv = ControlServer(config, registry=CollectorRegistry())
+    await srv.start()
+    yield srv
+    await srv.stop(grace=0)
 
 
 def opts(ttl: timedelta | None = None) -> t.WriteOptions:
@@ -93,6 +113,57 @@ async def test_mitigation_age_covers_every_record_in_force_without_expiry(
     await mirrored(server, layered.result.revision)
     assert age("shedding", "checkout") is None
     assert age("pin", "checkout") is not None
+
+
+async def test_status_warns_of_a_mitigation_in_force_without_expiry_past_stale_after(
+    server: ControlServer, cpctl: Run
+) -> None:
+    for args in (
+        ("flag", "set", "checkout", "new-ui", "false", "--reason", "errors"),
+        ("flag", "set", "checkout", "dark-mode", "false", "--reason", "r", "--ttl", "1h"),
+        ("pin", "set", "checkout", "v1.4.2", "--reason", "bad deploy"),
+    ):
+        written = await cpctl(*args)
+        assert written.returncode == 0, written.stderr
+
+    status = await cpctl("status", "checkout")
+    assert status.returncode == 0, status.stderr
+    warnings = [line for line in status.stderr.splitlines() if "in force for" in line]
+    assert len(warnings) == 2, status.stderr
+    assert warnings[0].startswith("warning: flag new-ui has been in force for ")
+    assert warnings[0].endswith(
+        " with no expiry (stale after 0s): clear it once its incident is over "
+        "(cpctl flag clear checkout new-ui --reason ...)"
+    )
+    assert warnings[1].startswith("warning: pin v1.4.2 has been in force for ")
+    assert "dark-mode" not in status.stderr  # time-boxed: it ends by itself
+
+    doc = json.loads((await cpctl("--json", "status", "checkout")).stdout)
+    assert doc["stale_after"] == STALE_AFTER.total_seconds()
+    assert [(s["kind"], s["scope"], s["name"]) for s in doc["stale"]] == [
+        ("flag", "checkout", "new-ui"),
+        ("pin", "checkout", "v1.4.2"),
+    ]
+    assert all(s["age"] > 0 for s in doc["stale"])
+
+    cleared = await cpctl("flag", "clear", "checkout", "new-ui", "--reason", "over")
+    assert cleared.returncode == 0, cleared.stderr
+    status = await cpctl("status", "checkout")
+    assert "new-ui" not in status.stderr
+    assert "warning: pin v1.4.2 has been in force for " in status.stderr
+
+
+async def test_serve_stale_after_is_the_threshold_status_answers_with(
+    etcd: EmbeddedEtcd, prefix: str, cpctl: Run
+) -> None:
+    args = ["--stale-after", "90m"]
+    process = await asyncio.to_thread(ServerProcess, etcd.endpoint, prefix, extra_args=args)
+    try:
+        status = await cpctl("--json", "status", "checkout", server_list=process.address)
+        assert status.returncode == 0, status.stderr
+        assert json.loads(status.stdout)["stale_after"] == 90 * 60
+    finally:
+        await asyncio.to_thread(process.stop)
 
 
 async def test_unapplied_change_gauge_counts_while_an_agent_is_behind(
