@@ -7,10 +7,14 @@ Names are ``controlplane_*`` with ``_total`` / ``_seconds`` suffixes. Tests buil
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
@@ -96,6 +100,40 @@ class MitigationAges:
         for kind, service, name, set_at in self.source():
             family.add_metric((kind, service, name), max(0.0, now - set_at))
         yield family
+
+
+_AGES_FILE = "mitigation-ages-{pid}.json"
+
+
+def write_mitigation_ages(
+    folder: str, revision: int, rows: Iterable[tuple[str, str, str, float]]
+) -> None:
+    """Leave this worker's records without expiry in ``folder`` (the ``--workers``
+    supervisor's metrics directory) for :func:`read_mitigation_ages`: a gauge whose
+    series come and go cannot go through prometheus-client's multiprocess files."""
+    path = Path(folder) / _AGES_FILE.format(pid=os.getpid())
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps({"revision": revision, "rows": list(rows)}))
+    os.replace(temporary, path)
+
+
+def read_mitigation_ages(folder: str) -> list[tuple[str, str, str, float]]:
+    """The rows the worker with the newest mirror left in ``folder`` (workers mirror the
+    same records; one that fell behind, or died, is not the one read)."""
+    best: tuple[int, list[tuple[str, str, str, float]]] = (-1, [])
+    for path in Path(folder).glob(_AGES_FILE.format(pid="*")):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            data = json.loads(path.read_text())
+            if int(data["revision"]) > best[0]:
+                rows = [(str(k), str(s), str(n), float(t)) for k, s, n, t in data["rows"]]
+                best = (int(data["revision"]), rows)
+    return best[1]
+
+
+def forget_mitigation_ages(folder: str, pid: int) -> None:
+    """Remove what a worker that ended left (:func:`write_mitigation_ages`)."""
+    with contextlib.suppress(OSError):
+        (Path(folder) / _AGES_FILE.format(pid=pid)).unlink()
 
 
 _RPC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

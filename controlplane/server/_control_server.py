@@ -34,7 +34,7 @@ from controlplane.embedded_etcd import (
     EtcdStartError,
 )
 from controlplane.errors import ControlPlaneError
-from controlplane.metrics import MetricsEndpoint, ServerMetrics
+from controlplane.metrics import MetricsEndpoint, ServerMetrics, write_mitigation_ages
 from controlplane.model import utcnow
 from controlplane.server._agent_service import AgentServicer, add_agent_service
 from controlplane.server._config import ServerConfig, ServerConfigError, check_exposure
@@ -579,10 +579,25 @@ class ControlServer:
             await asyncio.sleep(self.config.maintenance_interval)
 
     async def _metrics_loop(self) -> None:
-        """Refresh the gauges that age with time, every ``metrics_interval``."""
-        assert self.presence is not None
+        """Refresh the gauges that age with time, every ``metrics_interval``; as a worker
+        of ``--workers``, leave the records without expiry for the supervisor's metrics
+        when they may have changed."""
+        assert self.presence is not None and self.hub is not None
+        folder = (
+            os.environ.get("PROMETHEUS_MULTIPROC_DIR") if self.config.worker is not None else None
+        )
+        written = -1
         while True:
             self.presence.refresh_metrics()
+            revision = self.hub.revision
+            if folder and self.hub.ready.is_set() and revision != written:
+                try:
+                    await asyncio.to_thread(
+                        write_mitigation_ages, folder, revision, self.hub.unexpiring()
+                    )
+                    written = revision
+                except OSError as exc:
+                    log.warning("metrics_write_failed", error=str(exc))
             await asyncio.sleep(self.config.metrics_interval)
 
     async def _expiry_loop(self) -> None:
