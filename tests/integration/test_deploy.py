@@ -1,13 +1,15 @@
-"""What deploy/ ships for operating the control plane: the Prometheus alerting rules,
-checked and unit-tested with promtool; they may name only metrics the servers and the
-agents export, so that they cannot drift from the code."""
+"""What deploy/ ships for operating the control plane: the Prometheus alerting rules
+(checked and unit-tested with promtool) and the Grafana dashboard; both may name only
+metrics the servers and the agents export, so that neither drifts from the code."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,10 @@ from controlplane.metrics import ServerMetrics
 ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 ALERTS_TEST = ROOT / "deploy" / "prometheus" / "alerts_test.yml"
+DASHBOARD = ROOT / "deploy" / "grafana" / "controlplane.json"
 METRIC = re.compile(r"\bcontrolplane_[a-z0-9_]+")
+GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$__interval": "1m", "$service": ".*"}
+"""What Grafana puts in place of its variables, for promtool to parse an expression."""
 
 
 def promtool() -> str:
@@ -64,6 +69,23 @@ def alert_rules() -> list[dict[str, Any]]:
     return [rule for group in doc["groups"] for rule in group["rules"]]
 
 
+def dashboard_queries(node: Any, where: str = "") -> Iterator[tuple[str, str]]:
+    """(title of the panel or variable, expression) of every query in the dashboard:
+    panels (nested in rows too) and template variables."""
+    if isinstance(node, dict):
+        where = str(node.get("title") or node.get("name") or where)
+        if isinstance(node.get("expr"), str):
+            yield where, node["expr"]
+        query = node.get("query")
+        if isinstance(query, dict) and isinstance(query.get("query"), str):
+            yield where, query["query"]
+        for value in node.values():
+            yield from dashboard_queries(value, where)
+    elif isinstance(node, list):
+        for item in node:
+            yield from dashboard_queries(item, where)
+
+
 def test_the_alert_rules_are_valid() -> None:
     checked = run_promtool("check", "rules", str(ALERTS), cwd=ALERTS.parent)
     assert checked.returncode == 0, checked.stdout + checked.stderr
@@ -97,3 +119,46 @@ def test_every_alert_is_unit_tested_says_what_to_do_and_names_exported_metrics()
         named = set(METRIC.findall(rule["expr"]))
         assert named, f"{name}: names no controlplane_* metric"
         assert named <= exported, f"{name}: {sorted(named - exported)} are not exported"
+
+
+def test_the_dashboard_takes_its_prometheus_as_an_input_and_names_exported_metrics(
+    tmp_path: Path,
+) -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert [i["name"] for i in dashboard["__inputs"]] == ["DS_PROMETHEUS"]
+    assert dashboard["schemaVersion"] >= 39
+    exported = exported_metrics()
+    queries = list(dashboard_queries(dashboard["panels"])) + list(
+        dashboard_queries(dashboard["templating"])
+    )
+    assert len(queries) > 20
+    for where, expr in queries:
+        named = set(METRIC.findall(expr))
+        assert named, f"{where}: {expr!r} names no controlplane_* metric"
+        assert named <= exported, f"{where}: {sorted(named - exported)} are not exported"
+    panels = [p for p in _all_panels(dashboard["panels"]) if p.get("type") != "row"]
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    for panel in panels:
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
+
+    # Every panel query is PromQL that parses (as a recording rule, once Grafana's
+    # variables are replaced the way Grafana does).
+    rules = []
+    for index, (_, expr) in enumerate(queries):
+        if expr.startswith("label_values("):
+            continue
+        for variable, value in GRAFANA_VARIABLES.items():
+            expr = expr.replace(variable, value)
+        assert "$" not in expr, f"a Grafana variable the test does not know in {expr!r}"
+        rules.append({"record": f"dashboard:query_{index}", "expr": expr})
+    parsed = tmp_path / "dashboard-queries.yml"
+    parsed.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    checked = run_promtool("check", "rules", str(parsed), cwd=tmp_path)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def _all_panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for panel in panels:
+        yield panel
+        yield from _all_panels(panel.get("panels", []))
