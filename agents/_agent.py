@@ -225,7 +225,11 @@ class Agent(_Reads):
             must be on loopback.
         registry: A Prometheus registry for the agent's metrics
             (``controlplane_agent_state``, ``controlplane_agent_applied_revision``,
-            ``controlplane_agent_since_last_contact_seconds``); one per agent.
+            ``controlplane_agent_changes_applied_total``,
+            ``controlplane_agent_reconnects_total``,
+            ``controlplane_agent_last_change_timestamp_seconds``,
+            ``controlplane_agent_since_last_contact_seconds``,
+            ``controlplane_agent_override_active``); one per agent.
         on_change: A first change callback (see :meth:`on_change`).
 
     Raises:

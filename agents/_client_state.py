@@ -114,7 +114,7 @@ class Metrics:
     """The agent's metrics in the registry it was given (never on the read path)."""
 
     def __init__(self, registry: CollectorRegistry, service: str) -> None:
-        from prometheus_client import Gauge
+        from prometheus_client import Counter, Gauge
 
         self.state = Gauge(
             "controlplane_agent_state",
@@ -137,6 +137,25 @@ class Metrics:
         self.override_active = Gauge(
             "controlplane_agent_override_active",
             "1 while a break-glass override file is applied above the server's state.",
+            ["service"],
+            registry=registry,
+        ).labels(service)
+        self.applied = Counter(
+            "controlplane_agent_changes_applied_total",
+            "Snapshots and changes from the server the agent applied (and acknowledged).",
+            ["service"],
+            registry=registry,
+        ).labels(service)
+        self.reconnects = Counter(
+            "controlplane_agent_reconnects_total",
+            "Streams to a server established again after the first one ended.",
+            ["service"],
+            registry=registry,
+        ).labels(service)
+        self.last_change = Gauge(
+            "controlplane_agent_last_change_timestamp_seconds",
+            "Unix time the agent last applied something from the server that changed what "
+            "its reads see (0: never, since it started).",
             ["service"],
             registry=registry,
         ).labels(service)
@@ -225,6 +244,8 @@ class ClientState:
         self._cache_wakeup: asyncio.Event | None = None
         self._expiry_wakeup: asyncio.Event | None = None
         self._connected = False
+        self._sessions = 0
+        """Streams that got as far as an applied first answer."""
         self._resync = False
         """Ask for a full snapshot (Hello revision 0): a Snapshot or Change was rejected."""
         self._last_contact = time.monotonic()
@@ -236,6 +257,7 @@ class ClientState:
             self._metrics.revision.set(0)
             self._metrics.since_contact.set_function(self._seconds_since_contact)
             self._metrics.override_active.set(0)
+            self._metrics.last_change.set(0)
 
     # ------------------------------------------------------------ callbacks
 
@@ -442,6 +464,10 @@ class ClientState:
     ) -> StateChange:
         delta = self._swap(new, persist=True, replace_newer=replace_newer)
         self._has_state = True
+        if self._metrics is not None:
+            self._metrics.applied.inc()
+            if not delta.empty:
+                self._metrics.last_change.set_to_current_time()
         try:
             await self._write(call, agent_pb2.SyncRequest(ack=agent_pb2.Ack(revision=new.revision)))
         except BaseException:
@@ -513,6 +539,9 @@ class ClientState:
             self._last_contact = time.monotonic()
         self._connected = connected
         if connected:
+            if self._metrics is not None and self._sessions:
+                self._metrics.reconnects.inc()
+            self._sessions += 1
             self._set_state(AgentState.READY)
         else:
             self._set_state(AgentState.STALE if self._has_state else AgentState.CONNECTING)

@@ -7,12 +7,19 @@ Names are ``controlplane_*`` with ``_total`` / ``_seconds`` suffixes. Tests buil
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import socket
 import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import ThreadingWSGIServer
 
 METRICS_POLL_S = 0.1
@@ -57,6 +64,76 @@ class MetricsEndpoint:
         if self._thread.is_alive():
             self._server.shutdown()
         self._server.server_close()
+
+
+MitigationAgeRows = Callable[[], Iterable[tuple[str, str, str, float]]]
+"""What :class:`MitigationAges` reads: (kind, service, flag name, set_at in Unix seconds)."""
+
+
+class MitigationAges:
+    """``controlplane_mitigation_age_seconds``: for every record in force without expiry,
+    seconds since it was set; computed at each scrape from ``source`` (the hub's mirror),
+    so a record that goes away leaves no series behind.
+
+    A collector of its own rather than a gauge: its label sets come and go with the
+    records, and a scrape costs one pass over them (about 15 ms for 10,000).
+    """
+
+    NAME = "controlplane_mitigation_age_seconds"
+    HELP = (
+        "Seconds since a mitigation in force without expiry was set, by kind (flag, "
+        "shedding, pin), service (global for global flags) and name (the flag's; empty "
+        "for shedding and pins)."
+    )
+    LABELS = ("kind", "service", "name")
+
+    def __init__(self, source: MitigationAgeRows = tuple) -> None:
+        self.source = source
+        self.clock: Callable[[], float] = time.time
+
+    def describe(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(self.NAME, self.HELP, labels=self.LABELS)
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(self.NAME, self.HELP, labels=self.LABELS)
+        now = self.clock()
+        for kind, service, name, set_at in self.source():
+            family.add_metric((kind, service, name), max(0.0, now - set_at))
+        yield family
+
+
+_AGES_FILE = "mitigation-ages-{pid}.json"
+
+
+def write_mitigation_ages(
+    folder: str, revision: int, rows: Iterable[tuple[str, str, str, float]]
+) -> None:
+    """Leave this worker's records without expiry in ``folder`` (the ``--workers``
+    supervisor's metrics directory) for :func:`read_mitigation_ages`: a gauge whose
+    series come and go cannot go through prometheus-client's multiprocess files."""
+    path = Path(folder) / _AGES_FILE.format(pid=os.getpid())
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps({"revision": revision, "rows": list(rows)}))
+    os.replace(temporary, path)
+
+
+def read_mitigation_ages(folder: str) -> list[tuple[str, str, str, float]]:
+    """The rows the worker with the newest mirror left in ``folder`` (workers mirror the
+    same records; one that fell behind, or died, is not the one read)."""
+    best: tuple[int, list[tuple[str, str, str, float]]] = (-1, [])
+    for path in Path(folder).glob(_AGES_FILE.format(pid="*")):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            data = json.loads(path.read_text())
+            if int(data["revision"]) > best[0]:
+                rows = [(str(k), str(s), str(n), float(t)) for k, s, n, t in data["rows"]]
+                best = (int(data["revision"]), rows)
+    return best[1]
+
+
+def forget_mitigation_ages(folder: str, pid: int) -> None:
+    """Remove what a worker that ended left (:func:`write_mitigation_ages`)."""
+    with contextlib.suppress(OSError):
+        (Path(folder) / _AGES_FILE.format(pid=pid)).unlink()
 
 
 _RPC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -130,6 +207,15 @@ class ServerMetrics:
             ["service"],
             registry=registry,
             multiprocess_mode="livesum",
+        )
+        self.change_unapplied = Gauge(
+            "controlplane_change_unapplied_seconds",
+            "Seconds for which some agent of the service connected to this server process "
+            "has not applied the service's newest change (0: every one has; refreshed "
+            "every second).",
+            ["service"],
+            registry=registry,
+            multiprocess_mode="livemax",
         )
         self.fanout_seconds = Histogram(
             "controlplane_fanout_duration_seconds",
@@ -226,6 +312,9 @@ class ServerMetrics:
             registry=registry,
             multiprocess_mode="livesum",
         )
+        self.mitigation_ages = MitigationAges()
+        """Fed by the server with its hub's records (``source``)."""
+        registry.register(self.mitigation_ages)
         self.notify_sender = Gauge(
             "controlplane_notify_sender",
             "1 on the server process that sends notifications now, else 0.",

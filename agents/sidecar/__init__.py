@@ -66,6 +66,12 @@ and the ``revision`` it answers from)::
                                  none yet. Use it for readiness and alerts, not as
                                  a liveness probe: a restart during a control-plane
                                  outage loses nothing but gains nothing either.
+    /metrics                     the agent's metrics, Prometheus text format:
+                                 controlplane_agent_state{state} (1 for the
+                                 current one of CONNECTING, READY, STALE),
+                                 _applied_revision, _changes_applied_total,
+                                 _reconnects_total, _last_change_timestamp_seconds,
+                                 _since_last_contact_seconds, _override_active
 
 Anything else is 404 (unknown path) or 405 (another method), in JSON.
 

@@ -64,14 +64,22 @@ def change_document(
     return doc
 
 
+JSON = "application/json"
+
+
 @dataclass(frozen=True, slots=True)
 class Response:
-    """An HTTP answer: status, JSON body and extra headers."""
+    """An HTTP answer: status, JSON body and extra headers; or, with ``text``, that
+    body as it is, of ``content_type``."""
 
     status: int
     body: dict[str, Any]
     headers: tuple[tuple[str, str], ...] = ()
+    text: bytes | None = None
+    content_type: str = JSON
 
     def encode(self) -> bytes:
-        """The body as UTF-8 JSON with a final newline."""
+        """The body: ``text``, or ``body`` as UTF-8 JSON with a final newline."""
+        if self.text is not None:
+            return self.text
         return (json.dumps(self.body, ensure_ascii=False) + "\n").encode()

@@ -80,7 +80,7 @@ class EndpointHandler(BaseHTTPRequestHandler):
     def _answer(self, response: Response, *, body: bool = True) -> None:
         data = response.encode()
         self.send_response(response.status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", response.content_type)
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Cache-Control", "no-store")
         for name, value in response.headers:
@@ -104,4 +104,6 @@ def _host_name(host: str) -> str:
     return name if name and port.isdigit() else host
 
 
-ENDPOINTS = ("/v1/state", "/v1/flags", "/v1/flags/NAME", "/v1/shed", "/v1/pin", "/healthz")
+ENDPOINTS = (
+    "/v1/state", "/v1/flags", "/v1/flags/NAME", "/v1/shed", "/v1/pin", "/healthz", "/metrics",
+)  # fmt: skip

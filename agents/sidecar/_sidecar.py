@@ -16,6 +16,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from prometheus_client import CONTENT_TYPE_LATEST as METRICS_TYPE
+from prometheus_client import CollectorRegistry, generate_latest
+
 from agents import _shed
 from agents._config import AgentConfigError
 from agents._state import Snapshot, StateChange
@@ -36,8 +39,11 @@ class Sidecar:
         options: The settings.
         agent: The agent to serve (tests pass a
             :class:`agents.testing.StaticAgent`); by default an
-            :class:`agents.Agent` built from ``options``.
+            :class:`agents.Agent` built from ``options``, its metrics in
+            ``registry``.
         execute: Runs hook commands (tests pass a fake); by default a process.
+        registry: What ``/metrics`` serves (the agent's metrics, when the sidecar
+            builds the agent); by default a registry of its own.
 
     Raises:
         AgentConfigError: A setting is missing or invalid.
@@ -53,8 +59,10 @@ class Sidecar:
         *,
         agent: SidecarAgent | None = None,
         execute: Executor | None = None,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.options = options
+        self.registry = registry if registry is not None else CollectorRegistry()
         try:
             self._listen = parse_listen(options.listen)
         except ValueError as exc:
@@ -80,6 +88,7 @@ class Sidecar:
                 tls_key=options.tls_key,
                 tls_server_name=options.tls_server_name,
                 insecure=options.insecure,
+                registry=self.registry,
             )
         self.agent: SidecarAgent = agent
         self.service = options.service
@@ -324,6 +333,10 @@ class Sidecar:
             return self._pin(snapshot)
         if path == "/healthz":
             return self._health(snapshot)
+        if path == "/metrics":
+            return Response(
+                HTTPStatus.OK, {}, text=generate_latest(self.registry), content_type=METRICS_TYPE
+            )
         return Response(
             HTTPStatus.NOT_FOUND,
             {

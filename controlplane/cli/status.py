@@ -38,11 +38,14 @@ def status(app: App, service: str) -> None:
     with drift from the pin marked. No connected instance is reported, not an error.
 
     A service no agent has connected for within the server's memory of agents is said
-    to be unknown, with the closest known names (a mistyped name?).
+    to be unknown, with the closest known names (a mistyped name?). A mitigation in force
+    without expiry for longer than the server's --stale-after (4h by default) is warned
+    of: likely forgotten after its incident.
 
     JSON: {service, revision, flags: [Flag, ...], shedding: Shedding|null, pin: Pin|null,
     instances: [Instance, ...], drift: {version: count}, last_contact: time|null,
-    unknown: UnknownService|null, sync_clients: count}. OpenFeature sync clients (flagd
+    unknown: UnknownService|null, sync_clients: count, stale: [{kind, scope, name,
+    set_at, age: seconds}, ...], stale_after: seconds}. OpenFeature sync clients (flagd
     providers) are counted apart: they receive every change but confirm none.
     """
     from controlplane.api.v1 import mitigation_pb2
@@ -225,4 +228,38 @@ def render_status(doc: Mapping[str, Any], now: datetime) -> Rendered:
             lines.append(f"last contact: {format_time(doc['last_contact'], now)}")
         if doc.get("unknown"):
             warnings.append(unknown_service_warning(doc["unknown"]))
+    warnings += stale_warnings(doc)
     return Rendered(lines, warnings)
+
+
+def stale_warnings(doc: Mapping[str, Any]) -> list[str]:
+    """One line per mitigation the server says is stale: in force, no expiry, for longer
+    than its --stale-after."""
+    threshold = doc.get("stale_after")
+    after = f" (stale after {format_age(threshold)})" if threshold is not None else ""
+    service = str(doc.get("service", "?"))
+    warnings = []
+    for stale in doc.get("stale") or []:
+        kind = str(stale.get("kind", "?"))
+        name = str(stale.get("name") or "")
+        scope = str(stale.get("scope") or service)
+        if kind == "flag":
+            what = f"flag {name}" + (f" ({scope})" if scope != service else "")
+            clear = f"cpctl flag clear {scope} {name}"
+        elif kind == "pin":
+            what = f"pin {name}" if name else "pin"
+            clear = f"cpctl pin clear {service}"
+        else:
+            what = kind
+            clear = f"cpctl shed clear {service}"
+        age = stale.get("age")
+        since = f" for {format_age(age)}" if age is not None else ""
+        # Not "give it --ttl": a time-boxed write over a record without expiry layers on
+        # top of it, and the same stale record applies again when the layer ends.
+        warnings.append(
+            one_line(
+                f"warning: {what} has been in force{since} with no expiry{after}: clear it "
+                f"once its incident is over ({clear} --reason ...)"
+            )
+        )
+    return warnings

@@ -300,7 +300,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             return revision
         self.metrics.resumes.inc()
         # Resuming: the agent has ``last`` (it said so; it cannot claim more than that).
-        instance.applied = last
+        # Counted as an ack, so that the service's count of instances that applied its
+        # latest change includes it.
+        self.presence.ack(instance, last)
         instance.sent = last
         await context.write(
             agent_pb2.SyncResponse(

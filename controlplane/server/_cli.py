@@ -131,6 +131,15 @@ def main() -> None:
     help="How long audit records are kept.",
 )
 @click.option(
+    "--stale-after",
+    envvar="CONTROLPLANE_STALE_AFTER",
+    type=DurationParam(strip=True, positive=True),
+    default="4h",
+    show_default=True,
+    help="A mitigation in force without expiry for longer than this is stale: `cpctl "
+    "status` warns of it (alert on controlplane_mitigation_age_seconds alike).",
+)
+@click.option(
     "--data-dir",
     envvar="CONTROLPLANE_DATA_DIR",
     type=click.Path(path_type=Path),
@@ -279,6 +288,7 @@ def serve(
     log_format: str,
     etcd_timeout: timedelta,
     audit_retention: timedelta,
+    stale_after: timedelta,
     data_dir: Path,
     embedded_etcd_port: int,
     auth_file: Path | None,
@@ -349,6 +359,7 @@ def serve(
         metrics=None if metrics in ("", "off") else metrics,
         etcd_timeout=etcd_timeout.total_seconds(),
         audit_retention=audit_retention,
+        stale_after=stale_after,
         data_dir=data_dir,
         embedded_etcd_client_port=embedded_etcd_port,
         embedded_etcd_peer_port=0 if embedded_etcd_port == 0 else embedded_etcd_port + 1,

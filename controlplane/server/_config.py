@@ -15,6 +15,8 @@ from controlplane.store import DEFAULT_PREFIX, EtcdSecurity
 from controlplane.transport import is_loopback_target
 
 MIN_AUDIT_RETENTION = timedelta(hours=1)
+DEFAULT_STALE_AFTER = timedelta(hours=4)
+"""A mitigation in force without expiry for longer than this is likely forgotten."""
 
 
 @dataclass(slots=True)
@@ -38,6 +40,11 @@ class ServerConfig:
     maintenance_interval: float = 60.0
     # Longest wait between looks for expired changes (others' writes may add earlier ones).
     expiry_interval: float = 0.5
+    # A mitigation in force without expiry for longer than this is stale (--stale-after):
+    # `cpctl status` warns of it (GetStatusResponse.stale).
+    stale_after: timedelta = DEFAULT_STALE_AFTER
+    # How often the gauges that age with time (unapplied changes) are refreshed.
+    metrics_interval: float = 1.0
     # The notifications file (--notify): where audited changes are told; None: nowhere.
     notify_file: Path | None = None
     # Security (see controlplane.server.auth): None everywhere is the local default.

@@ -34,7 +34,7 @@ from controlplane.embedded_etcd import (
     EtcdStartError,
 )
 from controlplane.errors import ControlPlaneError
-from controlplane.metrics import MetricsEndpoint, ServerMetrics
+from controlplane.metrics import MetricsEndpoint, ServerMetrics, write_mitigation_ages
 from controlplane.model import utcnow
 from controlplane.server._agent_service import AgentServicer, add_agent_service
 from controlplane.server._config import ServerConfig, ServerConfigError, check_exposure
@@ -261,6 +261,7 @@ class ControlServer:
         await self.store.connect()
         self.hub = Hub(self.store, self.metrics)
         hub = self.hub
+        self.metrics.mitigation_ages.source = hub.unexpiring
         self.presence = Presence(
             self.store, self.server_id, self.metrics, revision=lambda: hub.revision
         )
@@ -291,6 +292,7 @@ class ControlServer:
             self.presence,
             ServiceDirectory(self.store, self.presence, self.config.audit_retention),
             streams=self.streams,
+            stale_after=config.stale_after,
         )
         mitigation_pb2_grpc.add_MitigationServiceServicer_to_server(mitigation, server)
         add_agent_service(
@@ -337,6 +339,7 @@ class ControlServer:
             (self._health_loop, "health"),
             (self._maintenance_loop, "maintenance"),
             (self._expiry_loop, "expiry"),
+            (self._metrics_loop, "metrics"),
         ):
             self._tasks.append(asyncio.create_task(self._forever(loop, name), name=name))
         log.info(
@@ -576,6 +579,28 @@ class ControlServer:
             except ControlPlaneError as exc:
                 log.warning("maintenance_failed", error=exc.message)
             await asyncio.sleep(self.config.maintenance_interval)
+
+    async def _metrics_loop(self) -> None:
+        """Refresh the gauges that age with time, every ``metrics_interval``; as a worker
+        of ``--workers``, leave the records without expiry for the supervisor's metrics
+        when they may have changed."""
+        assert self.presence is not None and self.hub is not None
+        folder = (
+            os.environ.get("PROMETHEUS_MULTIPROC_DIR") if self.config.worker is not None else None
+        )
+        written = -1
+        while True:
+            self.presence.refresh_metrics()
+            revision = self.hub.revision
+            if folder and self.hub.ready.is_set() and revision != written:
+                try:
+                    await asyncio.to_thread(
+                        write_mitigation_ages, folder, revision, self.hub.unexpiring()
+                    )
+                    written = revision
+                except OSError as exc:
+                    log.warning("metrics_write_failed", error=str(exc))
+            await asyncio.sleep(self.config.metrics_interval)
 
     async def _expiry_loop(self) -> None:
         """Restore what time-boxed changes replaced, on time (within ``expiry_interval``).

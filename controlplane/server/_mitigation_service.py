@@ -16,7 +16,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
@@ -35,6 +35,7 @@ from controlplane.errors import (
 )
 from controlplane.metrics import ServerMetrics
 from controlplane.model import GLOBAL_SCOPE
+from controlplane.server._config import DEFAULT_STALE_AFTER
 from controlplane.server._presence import Instance, Presence
 from controlplane.server._rpc import SHUTTING_DOWN, OpenStreams, actor_of, log_rpc, rpc
 from controlplane.server._services import ServiceDirectory
@@ -121,6 +122,7 @@ class _Servicer:
         services: ServiceDirectory,
         *,
         streams: OpenStreams | None = None,
+        stale_after: timedelta = DEFAULT_STALE_AFTER,
     ) -> None:
         self.store = store
         self.metrics = metrics
@@ -128,6 +130,7 @@ class _Servicer:
         self.presence = presence
         self.services = services
         self.streams = streams if streams is not None else OpenStreams()
+        self.stale_after = stale_after
 
     async def _note(self, result: pb.WriteResult, *services: str) -> None:
         """Name in a write's result the services it concerns that no agent has reported.
@@ -574,6 +577,8 @@ class _ObservationRPCs(_Servicer):
                         response.drift.get(instance.running_version, 0) + 1
                     )
         response.sync_clients = await self._sync_clients(service)
+        response.stale_after.FromTimedelta(self.stale_after)
+        response.stale.extend(stale_mitigations(response, model.utcnow(), self.stale_after))
         contact = (
             model.utcnow()
             if any(i.connected for i in instances)
@@ -813,6 +818,32 @@ class _ObservationRPCs(_Servicer):
                 when = await self.presence.applied_at(service, request.revision, servers)
             response.applied_at.CopyFrom(model.datetime_to_timestamp(when or model.utcnow()))
         return response
+
+
+def stale_mitigations(
+    status: mpb.GetStatusResponse, now: datetime, stale_after: timedelta
+) -> list[mpb.StaleMitigation]:
+    """The mitigations of ``status`` in force without expiry for longer than ``stale_after``,
+    oldest first."""
+    records: list[tuple[str, str, str, pb.Meta]] = [
+        ("flag", flag.scope, flag.name, flag.meta) for flag in status.flags
+    ]
+    if status.HasField("shedding"):
+        records.append(("shedding", status.service, "", status.shedding.meta))
+    if status.HasField("pin"):
+        records.append(("pin", status.service, status.pin.version, status.pin.meta))
+    found = []
+    for kind, scope, name, meta in records:
+        if meta.HasField("expires_at") or not meta.HasField("set_at"):
+            continue
+        age = now - meta.set_at.ToDatetime(UTC)
+        if age > stale_after:
+            stale = mpb.StaleMitigation(kind=kind, scope=scope, name=name)
+            stale.set_at.CopyFrom(meta.set_at)
+            stale.age.FromTimedelta(age)
+            found.append(stale)
+    found.sort(key=lambda s: (s.set_at.seconds, s.set_at.nanos))
+    return found
 
 
 class MitigationServicer(

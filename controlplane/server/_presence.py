@@ -115,6 +115,17 @@ class _ServiceAcks:
     target: int = 0
     acked: int = 0
     recorded: int = 0
+    behind_since: float | None = None
+    """time.monotonic() since when some local instance has not applied ``target``."""
+    reported: bool = False
+    """The unapplied-change gauge of the service was last set above 0."""
+
+    def note_behind(self) -> None:
+        """Start or stop the clock of the service's unapplied change. O(1)."""
+        if self.acked >= len(self.instances):
+            self.behind_since = None
+        elif self.behind_since is None:
+            self.behind_since = time.monotonic()
 
 
 class Presence:
@@ -213,6 +224,7 @@ class Presence:
         acks.instances.add(instance)
         if instance.applied >= acks.target:
             acks.acked += 1
+        acks.note_behind()
         self.metrics.agents_connected.labels(instance.service).inc()
         self._touch(instance.service)
         # Arrivals and departures are reported at once (acks wait for the next batch),
@@ -228,6 +240,7 @@ class Presence:
             acks.instances.discard(instance)
             if instance.applied >= acks.target:
                 acks.acked -= 1
+            acks.note_behind()
             self._maybe_complete(instance.service, acks)
         instance.connected = False
         if not acks.instances:
@@ -269,6 +282,7 @@ class Presence:
             return
         acks.target = revision
         acks.acked = sum(1 for i in acks.instances if i.applied >= revision)
+        acks.note_behind()
         self._maybe_complete(service, acks)
 
     def ack(self, instance: Instance, revision: int) -> None:
@@ -282,6 +296,7 @@ class Presence:
         acks = self._services.get(instance.service)
         if acks is not None and instance in acks.instances and previous < acks.target <= revision:
             acks.acked += 1
+            acks.note_behind()
             self._maybe_complete(instance.service, acks)
 
     def _maybe_complete(self, service: str, acks: _ServiceAcks) -> None:
@@ -295,6 +310,21 @@ class Presence:
                 # records: flush now rather than within flush_interval. Alone, the
                 # periodic flush is enough (a flush writes every instance's record).
                 self._flush_now.set()
+
+    def refresh_metrics(self) -> None:
+        """Set ``controlplane_change_unapplied_seconds`` of every service whose instances
+        here are behind, or just caught up (O(services); called every second)."""
+        now = time.monotonic()
+        gauge = self.metrics.change_unapplied
+        for service, acks in self._services.items():
+            since = acks.behind_since
+            if since is not None:
+                gauge.labels(service).set(now - since)
+                acks.reported = True
+            elif acks.reported:
+                # Set to 0 rather than removed: with --workers, a gauge's series cannot be.
+                gauge.labels(service).set(0)
+                acks.reported = False
 
     def nack(self, instance: Instance, revision: int, reason: str) -> None:
         instance.last_seen = model.utcnow()

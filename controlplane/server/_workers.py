@@ -46,7 +46,12 @@ import click
 import structlog
 
 from controlplane.embedded_etcd import EmbeddedEtcd
-from controlplane.metrics import MetricsEndpoint
+from controlplane.metrics import (
+    MetricsEndpoint,
+    MitigationAges,
+    forget_mitigation_ages,
+    read_mitigation_ages,
+)
 from controlplane.server._config import ServerConfig, ServerConfigError
 from controlplane.server._control_server import (
     ControlServer,
@@ -441,6 +446,8 @@ def _serve_metrics(config: ServerConfig, folder: str) -> MetricsEndpoint:
 
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=folder)  # type: ignore[no-untyped-call]
+    # Its series come and go with the records: from the files the workers leave.
+    registry.register(MitigationAges(lambda: read_mitigation_ages(folder)))
     return serve_metrics(config, registry)
 
 
@@ -450,6 +457,7 @@ def _mark_dead(pid: int, folder: str) -> None:
 
     with contextlib.suppress(OSError):
         multiprocess.mark_process_dead(pid, folder)  # type: ignore[no-untyped-call]
+    forget_mitigation_ages(folder, pid)
 
 
 # ---------------------------------------------------------------- the worker

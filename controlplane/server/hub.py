@@ -38,6 +38,9 @@ from controlplane.store import Store
 
 log = structlog.get_logger("controlplane.hub")
 
+_KINDS = {"flags": "flag", "shedding": "shedding", "pins": "pin"}
+"""The metric's ``kind`` of each record path's first part."""
+
 DEFAULT_WINDOW = 1024  # relevant revisions kept per service for resuming agents
 FEED_IDLE_SECONDS = 300.0  # a service with no agent stream that long loses its feed
 
@@ -247,6 +250,9 @@ class Hub:
         self._records: dict[str, tuple[Any, int]] = {}
         # scope -> path -> flag record: a snapshot reads two scopes, not every record
         self._flags_by_scope: dict[str, dict[str, Any]] = {}
+        # path -> (kind, service, name, set_at in Unix seconds) of every record in force
+        # without expiry: what the mitigation-age metric reads, from another thread.
+        self._unexpiring: dict[str, tuple[str, str, str, float]] = {}
         # scope -> last revision that changed something of it
         self._touched_at: dict[str, int] = {}
         self._stamp_floor = 0  # after a resync: the revision read
@@ -314,6 +320,7 @@ class Hub:
             rows, revision = await self.store.read_state()
         self._records = {}
         self._flags_by_scope = {}
+        self._unexpiring = {}
         touched: dict[str, int] = {}
         for path, record, mod in rows:
             self._put(path, record.to_proto(mod), mod)
@@ -339,9 +346,21 @@ class Hub:
         self._records[path] = (record, mod)
         if path.startswith("flags/"):
             self._flags_by_scope.setdefault(path.split("/")[1], {})[path] = record
+        meta = record.meta
+        if meta.HasField("expires_at"):
+            self._unexpiring.pop(path, None)
+        else:
+            kind, scope, *name = path.split("/")
+            self._unexpiring[path] = (
+                _KINDS.get(kind, kind),
+                scope,
+                name[0] if name else "",
+                meta.set_at.seconds + meta.set_at.nanos / 1e9,
+            )
 
     def _drop(self, path: str) -> None:
         self._records.pop(path, None)
+        self._unexpiring.pop(path, None)
         if path.startswith("flags/"):
             scope = self._flags_by_scope.get(path.split("/")[1])
             if scope is not None:
@@ -416,6 +435,13 @@ class Hub:
                 change.pin.CopyFrom(own.pin)
             change.pin_removed = own.pin_removed
         return change
+
+    def unexpiring(self) -> list[tuple[str, str, str, float]]:
+        """Every record in force without expiry: (kind, service or ``global``, flag name
+        or "", set_at in Unix seconds). Safe to call from another thread (the metrics
+        endpoint's): the copy is one C call, during which the GIL keeps the event loop's
+        thread from changing the dict."""
+        return list(self._unexpiring.values())
 
     # -- what streams use ----------------------------------------------------
 

@@ -222,7 +222,7 @@ async def test_status_shows_mitigations_instances_and_drift(
         doc = json.loads(out.stdout)
         assert list(doc) == [
             "service", "revision", "flags", "shedding", "pin", "instances", "drift",
-            "last_contact", "unknown", "sync_clients",
+            "last_contact", "unknown", "sync_clients", "stale", "stale_after",
         ]  # fmt: skip
         assert doc["last_contact"] is not None and doc["unknown"] is None
         assert doc["drift"] == {"v1.5.0": 1}

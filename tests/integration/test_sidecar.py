@@ -24,12 +24,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 
 from controlplane.api.v1 import mitigation_pb2 as m
 from controlplane.api.v1 import mitigation_pb2_grpc
 from controlplane.api.v1 import types_pb2 as t
+from controlplane.embedded_etcd import EmbeddedEtcd
 from controlplane.server import ControlServer
 from tests.helpers.agent_process import ROOT
+from tests.integration.conftest import server_config
 
 Stub = mitigation_pb2_grpc.MitigationServiceStub
 Body = dict[str, Any]
@@ -361,3 +365,64 @@ async def test_a_sigterm_right_after_start_stops_the_sidecar_at_once(
         finally:
             await car.kill()
         assert code == 0, car.output
+
+
+def metrics_of(address: str) -> tuple[str, dict[tuple[str, frozenset[tuple[str, str]]], float]]:
+    """``GET /metrics`` of a sidecar: its content type and every sample, by name and labels."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    # Always http://127.0.0.1:<port>/metrics of a sidecar the test started.
+    with opener.open(f"http://{address}/metrics", timeout=5) as answer:
+        content_type, text = answer.headers["Content-Type"], answer.read().decode()
+    samples = {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    return content_type, samples
+
+
+async def test_metrics_say_the_agent_s_state_revision_changes_and_reconnects(
+    server: ControlServer, stub: Stub, sidecars: Sidecars, etcd: EmbeddedEtcd, prefix: str
+) -> None:
+    other = ControlServer(server_config(etcd.endpoint, prefix), registry=CollectorRegistry())
+    await other.start()
+    try:
+        car = await sidecars.start(f"{server.address},{other.address}")
+        await car.wait_http("/healthz", lambda status, _: status == 200)
+        started = time.time()
+        revision = await set_flag(stub, "new-ui", False)
+        await car.wait_http("/v1/flags/new-ui", lambda status, _: status == 200)
+
+        content_type, samples = await asyncio.to_thread(metrics_of, car.address)
+        assert content_type.startswith("text/plain; version=")
+        service = ("service", "checkout")
+
+        def value(name: str, **labels: str) -> float | None:
+            return samples.get((name, frozenset({service, *labels.items()})))
+
+        assert value("controlplane_agent_state", state="READY") == 1
+        assert value("controlplane_agent_state", state="STALE") == 0
+        assert value("controlplane_agent_state", state="CONNECTING") == 0
+        assert value("controlplane_agent_applied_revision") == revision
+        # The first snapshot, then the change.
+        assert value("controlplane_agent_changes_applied_total") == 2
+        assert value("controlplane_agent_reconnects_total") == 0
+        changed_at = value("controlplane_agent_last_change_timestamp_seconds")
+        assert changed_at is not None and started - 1 <= changed_at <= time.time() + 1
+
+        # Its server goes: the agent moves to the other one, and counts it.
+        _, state = await car.get("/v1/state")
+        serving = server if state["server"] == server.address else other
+        await serving.stop(grace=0)
+        await car.wait_http(
+            "/v1/state",
+            lambda _, body: (
+                body["state"] == "READY" and body["server"] not in (None, state["server"])
+            ),
+        )
+        _, samples = await asyncio.to_thread(metrics_of, car.address)
+        assert value("controlplane_agent_reconnects_total") == 1
+        assert value("controlplane_agent_state", state="READY") == 1
+        assert await car.stop() == 0, car.output
+    finally:
+        await other.stop(grace=0)

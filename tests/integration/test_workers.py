@@ -87,6 +87,20 @@ def sample(text: str, name: str, labels: str = "") -> float | None:
     return float(match.group(1)) if match else None
 
 
+async def poll_metric(
+    server: ServerProcess, name: str, labels: str, *, present: bool, within: float = 10.0
+) -> float:
+    """The sample once it is there (``present``) or gone: the metric is refreshed by the
+    workers every second, in processes of their own (nothing to wait on but the scrape)."""
+    deadline = time.monotonic() + within
+    while True:
+        value = sample(await asyncio.to_thread(metrics_text, server), name, labels)
+        if (value is not None) == present:
+            return value if value is not None else 0.0
+        assert time.monotonic() < deadline, f"{name}{{{labels}}} still {value} after {within} s"
+        await asyncio.sleep(0.1)
+
+
 @pytest.fixture
 def workers(etcd: EmbeddedEtcd, prefix: str) -> Iterator[ServerProcess]:
     server = ServerProcess(
@@ -163,6 +177,16 @@ async def test_agents_spread_over_the_workers_and_every_one_applies_a_change(
     assert sample(text, "controlplane_agents_connected", f'service="{SERVICE}"') == AGENTS
     assert sample(text, "controlplane_rpcs_total", 'code="OK",method="SetFlag"') == 1
     assert sample(text, "controlplane_etcd_up") == 1
+    # The age of the flag, from what the workers leave for the supervisor (each second).
+    age = 'kind="flag",name="kill",service="checkout"'
+    assert await poll_metric(workers, "controlplane_mitigation_age_seconds", age, present=True) >= 0
+    async with grpc.aio.insecure_channel(workers.address) as channel:
+        await mitigation_pb2_grpc.MitigationServiceStub(channel).ClearFlag(
+            m.ClearFlagRequest(
+                scope=SERVICE, name="kill", options=t.WriteOptions(reason="over", actor="oncall")
+            )
+        )
+    await poll_metric(workers, "controlplane_mitigation_age_seconds", age, present=False)
 
 
 async def test_a_killed_worker_is_restarted_and_its_agents_come_back(

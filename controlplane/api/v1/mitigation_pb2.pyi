@@ -429,7 +429,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self, service: _Optional[str] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("service", "revision", "flags", "shedding", "pin", "instances", "drift", "last_contact", "unknown", "sync_clients")
+    __slots__ = ("service", "revision", "flags", "shedding", "pin", "instances", "drift", "last_contact", "unknown", "sync_clients", "stale", "stale_after")
     class DriftEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -447,6 +447,8 @@ class GetStatusResponse(_message.Message):
     LAST_CONTACT_FIELD_NUMBER: _ClassVar[int]
     UNKNOWN_FIELD_NUMBER: _ClassVar[int]
     SYNC_CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    STALE_FIELD_NUMBER: _ClassVar[int]
+    STALE_AFTER_FIELD_NUMBER: _ClassVar[int]
     service: str
     revision: int
     flags: _containers.RepeatedCompositeFieldContainer[_types_pb2.Flag]
@@ -457,7 +459,23 @@ class GetStatusResponse(_message.Message):
     last_contact: _timestamp_pb2.Timestamp
     unknown: _types_pb2.UnknownService
     sync_clients: int
-    def __init__(self, service: _Optional[str] = ..., revision: _Optional[int] = ..., flags: _Optional[_Iterable[_Union[_types_pb2.Flag, _Mapping]]] = ..., shedding: _Optional[_Union[_types_pb2.Shedding, _Mapping]] = ..., pin: _Optional[_Union[_types_pb2.Pin, _Mapping]] = ..., instances: _Optional[_Iterable[_Union[_types_pb2.Instance, _Mapping]]] = ..., drift: _Optional[_Mapping[str, int]] = ..., last_contact: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., unknown: _Optional[_Union[_types_pb2.UnknownService, _Mapping]] = ..., sync_clients: _Optional[int] = ...) -> None: ...
+    stale: _containers.RepeatedCompositeFieldContainer[StaleMitigation]
+    stale_after: _duration_pb2.Duration
+    def __init__(self, service: _Optional[str] = ..., revision: _Optional[int] = ..., flags: _Optional[_Iterable[_Union[_types_pb2.Flag, _Mapping]]] = ..., shedding: _Optional[_Union[_types_pb2.Shedding, _Mapping]] = ..., pin: _Optional[_Union[_types_pb2.Pin, _Mapping]] = ..., instances: _Optional[_Iterable[_Union[_types_pb2.Instance, _Mapping]]] = ..., drift: _Optional[_Mapping[str, int]] = ..., last_contact: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., unknown: _Optional[_Union[_types_pb2.UnknownService, _Mapping]] = ..., sync_clients: _Optional[int] = ..., stale: _Optional[_Iterable[_Union[StaleMitigation, _Mapping]]] = ..., stale_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class StaleMitigation(_message.Message):
+    __slots__ = ("kind", "scope", "name", "set_at", "age")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SET_AT_FIELD_NUMBER: _ClassVar[int]
+    AGE_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    scope: str
+    name: str
+    set_at: _timestamp_pb2.Timestamp
+    age: _duration_pb2.Duration
+    def __init__(self, kind: _Optional[str] = ..., scope: _Optional[str] = ..., name: _Optional[str] = ..., set_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., age: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class ListServicesRequest(_message.Message):
     __slots__ = ()

@@ -75,3 +75,38 @@ def test_status_without_connected_instances_says_so() -> None:
     assert lines[-1] == NO_INSTANCES
     stale = _status(instances=[instance_message("i-1", connected=False)])
     assert render_status(to_plain(stale), NOW).lines[-1] == NO_INSTANCES
+
+
+def test_status_warns_of_each_stale_mitigation_with_the_command_that_clears_it() -> None:
+    def stale(kind: str, scope: str, name: str, age: timedelta) -> mitigation_pb2.StaleMitigation:
+        message = mitigation_pb2.StaleMitigation(
+            kind=kind, scope=scope, name=name, set_at=ts(NOW - age)
+        )
+        message.age.FromTimedelta(age)
+        return message
+
+    response = _status(
+        stale=[
+            stale("flag", "global", "old-ui", timedelta(days=2, hours=3)),
+            stale("flag", "checkout", "new-ui", timedelta(hours=5, minutes=12)),
+            stale("shedding", "checkout", "", timedelta(hours=4, minutes=1)),
+            stale("pin", "checkout", "v1.4.2", timedelta(hours=6)),
+        ]
+    )
+    response.stale_after.FromTimedelta(timedelta(hours=4))
+    assert render_status(to_plain(response), NOW).warnings == [
+        "warning: flag old-ui (global) has been in force for 2d3h with no expiry (stale after "
+        "4h): clear it once its incident is over (cpctl flag clear global old-ui --reason ...)",
+        "warning: flag new-ui has been in force for 5h12m with no expiry (stale after 4h): "
+        "clear it once its incident is over (cpctl flag clear checkout new-ui --reason ...)",
+        "warning: shedding has been in force for 4h1m with no expiry (stale after 4h): "
+        "clear it once its incident is over (cpctl shed clear checkout --reason ...)",
+        "warning: pin v1.4.2 has been in force for 6h with no expiry (stale after 4h): "
+        "clear it once its incident is over (cpctl pin clear checkout --reason ...)",
+    ]
+
+
+def test_status_without_stale_mitigations_warns_of_none() -> None:
+    response = _status()
+    response.stale_after.FromTimedelta(timedelta(hours=4))
+    assert render_status(to_plain(response), NOW).warnings == []
