@@ -22,7 +22,6 @@ import contextlib
 import os
 import shutil
 import signal
-import subprocess
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -36,6 +35,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from controlplane.embedded_etcd import free_port
+from tests.helpers.debian_tools import unpacked
 
 ENV = "CONTROLPLANE_ALERTMANAGER"
 NAMES = ("prometheus-alertmanager", "alertmanager")
@@ -72,39 +72,21 @@ def find_alertmanager() -> str:
     )
 
 
-CACHE = Path.home() / ".cache" / "controlplane-tests" / "alertmanager"
-
-
 def _unpack_debian_package() -> str | None:
-    """On a Debian machine with neither: Debian's package, downloaded and unpacked (not
-    installed) once into a cache, as ``.ci/run`` does, so that ``make test`` runs alone.
-    Its templates are linked where Debian's build reads them when nothing is there (which
-    takes root; else the start fails saying what to link)."""
-    binary = CACHE / "root" / "usr" / "bin" / "prometheus-alertmanager"
-    if not binary.exists():
-        if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
-            return None
-        CACHE.mkdir(parents=True, exist_ok=True)
-        try:
-            subprocess.run(
-                ["apt-get", "download", "prometheus-alertmanager"],
-                cwd=CACHE, check=True, capture_output=True, timeout=300,
-            )  # fmt: skip
-            [package] = sorted(CACHE.glob("prometheus-alertmanager_*.deb"))
-            subprocess.run(
-                ["dpkg-deb", "-x", str(package), str(CACHE / "root")],
-                check=True, capture_output=True, timeout=300,
-            )  # fmt: skip
-        except (subprocess.SubprocessError, OSError, ValueError):
-            return None
-    templates = CACHE / "root" / "usr" / "share" / "prometheus" / "alertmanager"
+    """Debian's package, unpacked into the tests' cache (see ``debian_tools``); its
+    templates linked where Debian's build reads them when nothing is there (which takes
+    root; else the start fails saying what to link)."""
+    binary = unpacked("prometheus-alertmanager", "prometheus-alertmanager")
+    if binary is None:
+        return None
+    templates = binary.parents[2] / "share" / "prometheus" / "alertmanager"
     if not (DEBIAN_TEMPLATES / "default.tmpl").exists() and templates.exists():
-        with contextlib.suppress(OSError):  # not root: the start says what to link
+        with contextlib.suppress(OSError):
             DEBIAN_TEMPLATES.parent.mkdir(parents=True, exist_ok=True)
             if DEBIAN_TEMPLATES.is_symlink():
                 DEBIAN_TEMPLATES.unlink()
             DEBIAN_TEMPLATES.symlink_to(templates)
-    return str(binary) if binary.exists() else None
+    return str(binary)
 
 
 def now_rfc3339() -> str:

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from agents._client_state import Metrics as AgentMetrics
 from controlplane.metrics import ServerMetrics
+from tests.helpers.debian_tools import unpacked
 
 ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
@@ -32,6 +33,10 @@ GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$__interval": "1m", "$service": 
 def promtool() -> str:
     """promtool's path; the test fails, saying how to get it, when it is missing."""
     found = os.environ.get("PROMTOOL") or shutil.which("promtool")
+    if not found:
+        # Debian's prometheus package, unpacked (not installed) into the tests' cache.
+        binary = unpacked("prometheus", "promtool")
+        found = str(binary) if binary is not None else None
     if not found:
         pytest.fail(
             "promtool is missing: it checks deploy/prometheus/. Install Debian's prometheus "
