@@ -35,12 +35,15 @@ def trigger() -> None:
     """
 
 
-def _options(app: App, reason: str | None) -> Any:
+def _options(app: App, reason: str | None, dry_run: bool = False) -> Any:
     from controlplane.api.v1 import types_pb2
 
     if reason is None or not reason.strip():
         raise click.UsageError(REASON_REQUIRED)
-    return types_pb2.WriteOptions(reason=reason.strip(), actor=app.actor)
+    return types_pb2.WriteOptions(reason=reason.strip(), actor=app.actor, dry_run=dry_run)
+
+
+_DRY_RUN = click.option("--dry-run", is_flag=True, help="Show what would change; write nothing.")
 
 
 def _matchers(given: Sequence[str]) -> list[tuple[str, str]]:
@@ -81,7 +84,10 @@ def _matchers(given: Sequence[str]) -> list[tuple[str, str]]:
 @click.option(
     "--cooldown", type=DURATION, help="After firing, fire nothing for this long (e.g. 10m)."
 )
-@click.option("--dry-run", is_flag=True, help="When fired, say what it would apply; apply nothing.")
+@click.option(
+    "--dry-run", is_flag=True, help="A trigger that, when fired, says what it would apply."
+)
+@click.option("--check", is_flag=True, help="Validate the trigger and its bundle; write nothing.")
 @click.option("--reason", metavar="TEXT", help="Why this trigger exists. Required.")
 @click.pass_obj
 def trigger_set(
@@ -93,6 +99,7 @@ def trigger_set(
     revert_on_resolve: bool,
     cooldown: timedelta | None,
     dry_run: bool,
+    check: bool,
     reason: str | None,
 ) -> None:
     """Set trigger NAME: alerts matching every --match apply the bundle in --bundle.
@@ -106,7 +113,7 @@ def trigger_set(
     from controlplane.api.v1 import mitigation_pb2
     from controlplane.bundles import BundleFileError, load_bundle_file
 
-    options = _options(app, reason)
+    options = _options(app, reason, dry_run=check)
     try:
         spec = load_bundle_file(bundle_file)
     except BundleFileError as e:
@@ -158,11 +165,11 @@ def trigger_get(app: App, name: str) -> None:
     respond(app, app.call("GetTrigger", mitigation_pb2.GetTriggerRequest(name=name)), render_get)
 
 
-def _enable(app: App, name: str, enabled: bool, reason: str | None) -> None:
+def _enable(app: App, name: str, enabled: bool, reason: str | None, dry_run: bool) -> None:
     from controlplane.api.v1 import mitigation_pb2
 
     request = mitigation_pb2.SetTriggerEnabledRequest(
-        name=name, enabled=enabled, options=_options(app, reason)
+        name=name, enabled=enabled, options=_options(app, reason, dry_run)
     )
     respond(app, app.call("SetTriggerEnabled", request), render_written)
 
@@ -170,31 +177,34 @@ def _enable(app: App, name: str, enabled: bool, reason: str | None) -> None:
 @trigger.command("enable")
 @click.argument("name")
 @click.option("--reason", metavar="TEXT", help="Why. Required.")
+@_DRY_RUN
 @click.pass_obj
-def trigger_enable(app: App, name: str, reason: str | None) -> None:
+def trigger_enable(app: App, name: str, reason: str | None, dry_run: bool) -> None:
     """Let trigger NAME fire again. JSON: {result, trigger}."""
-    _enable(app, name, True, reason)
+    _enable(app, name, True, reason, dry_run)
 
 
 @trigger.command("disable")
 @click.argument("name")
 @click.option("--reason", metavar="TEXT", help="Why. Required.")
+@_DRY_RUN
 @click.pass_obj
-def trigger_disable(app: App, name: str, reason: str | None) -> None:
+def trigger_disable(app: App, name: str, reason: str | None, dry_run: bool) -> None:
     """Stop trigger NAME from firing (an alert then applies nothing and says so).
     JSON: {result, trigger}."""
-    _enable(app, name, False, reason)
+    _enable(app, name, False, reason, dry_run)
 
 
 @trigger.command("delete")
 @click.argument("name")
 @click.option("--reason", metavar="TEXT", help="Why. Required.")
+@_DRY_RUN
 @click.pass_obj
-def trigger_delete(app: App, name: str, reason: str | None) -> None:
+def trigger_delete(app: App, name: str, reason: str | None, dry_run: bool) -> None:
     """Delete trigger NAME (the bundles it applied stay). JSON: {result}."""
     from controlplane.api.v1 import mitigation_pb2
 
-    request = mitigation_pb2.DeleteTriggerRequest(name=name, options=_options(app, reason))
+    request = mitigation_pb2.DeleteTriggerRequest(name=name, options=_options(app, reason, dry_run))
     respond(app, app.call("DeleteTrigger", request), render_written)
 
 
@@ -260,7 +270,10 @@ def _options_text(entry: Mapping[str, Any]) -> str:
 
 def render_written(doc: Mapping[str, Any], now: datetime) -> Rendered:
     result = doc.get("result") or {}
-    return Rendered([str(result.get("summary") or "done")])
+    summary = str(result.get("summary") or "done")
+    if result.get("dry_run"):
+        return Rendered([f"dry run: {summary} (nothing written)"])
+    return Rendered([summary])
 
 
 def render_list(doc: Mapping[str, Any], now: datetime) -> Rendered:

@@ -196,6 +196,14 @@ class TriggerRPCs:
             set_at=model.utcnow(),
         )
         record = _record_of(trigger, meta, enabled)
+        what = "changed" if current else "set"
+        if opts.dry_run:
+            return mpb.SetTriggerResponse(
+                result=pb.WriteResult(
+                    dry_run=True, would_change=True, summary=f"trigger {trigger.name} {what}"
+                ),
+                trigger=trigger_proto(record),
+            )
         revision = await self.store.triggers.write(
             trigger.name,
             record,
@@ -204,7 +212,6 @@ class TriggerRPCs:
             expected=current[1] if current else 0,
             before=current[0] if current else None,
         )
-        what = "changed" if current else "set"
         return mpb.SetTriggerResponse(
             result=pb.WriteResult(
                 changed=True, revision=revision, summary=f"trigger {trigger.name} {what}"
@@ -245,6 +252,12 @@ class TriggerRPCs:
     ) -> mpb.DeleteTriggerResponse:
         opts = self._options(request.options, allow_expiry=False)
         record, mod = await self._trigger(request.name)
+        if opts.dry_run:
+            return mpb.DeleteTriggerResponse(
+                result=pb.WriteResult(
+                    dry_run=True, would_change=True, summary=f"trigger {request.name} deleted"
+                )
+            )
         revision = await self.store.triggers.write(
             request.name, None, opts, "trigger.delete", expected=mod, before=record
         )
@@ -265,11 +278,20 @@ class TriggerRPCs:
         if bool(record.get("enabled", True)) == request.enabled:
             return mpb.SetTriggerEnabledResponse(
                 result=pb.WriteResult(
-                    changed=False, summary=f"trigger {request.name} was {state} already"
+                    changed=False,
+                    dry_run=opts.dry_run,
+                    summary=f"trigger {request.name} was {state} already",
                 ),
                 trigger=trigger_proto(record, mod),
             )
         updated = {**record, "enabled": request.enabled}
+        if opts.dry_run:
+            return mpb.SetTriggerEnabledResponse(
+                result=pb.WriteResult(
+                    dry_run=True, would_change=True, summary=f"trigger {request.name} {state}"
+                ),
+                trigger=trigger_proto(updated, mod),
+            )
         revision = await self.store.triggers.write(
             request.name,
             updated,
@@ -318,17 +340,18 @@ class TriggerRPCs:
             outcome=firing.outcome,  # type: ignore[arg-type]
             bundle_id=firing.bundle_id,
             message=firing.message,
+            result=firing.result,
         )
 
     async def _say(
         self, record: dict[str, Any], group_key: str, action: str, reason: str, **after: Any
-    ) -> None:
+    ) -> pb.WriteResult | None:
         """An audit record of what the trigger did (or not): the timeline and the
         notifications tell it. Once per trigger, group and action."""
         name = str(record["name"])
         digest = hashlib.sha256(group_key.encode()).hexdigest()[:32]
         try:
-            await self.store.record_event(
+            revision = await self.store.record_event(
                 action=action,
                 kind="trigger",
                 scope="global",
@@ -342,6 +365,10 @@ class TriggerRPCs:
         except ControlPlaneError as exc:
             # What it did is applied (and audited) already: the saying is best effort.
             log.warning("trigger_not_audited", trigger=name, action=action, error=exc.message)
+            return None
+        if not revision:
+            return None
+        return pb.WriteResult(changed=True, revision=revision, summary=reason)
 
     async def fire(
         self, record: dict[str, Any], *, group_key: str, incident: str, summary: str, url: str
@@ -361,9 +388,11 @@ class TriggerRPCs:
             )
         if not record.get("enabled", True):
             message = f"trigger {name} is disabled: {what} applied nothing"
-            await self._say(record, group_key, "trigger.disabled", message, incident=incident)
+            said = await self._say(
+                record, group_key, "trigger.disabled", message, incident=incident
+            )
             self.metrics.trigger_fires.labels(name, "disabled").inc()
-            return TriggerFiring(name, mpb.TRIGGER_DISABLED, message=message)
+            return TriggerFiring(name, mpb.TRIGGER_DISABLED, message=message, result=said)
         cooldown = timedelta(seconds=float(record.get("cooldown_seconds") or 0))
         last = await self.store.triggers.last_fired(name)
         now = model.utcnow()
@@ -372,9 +401,11 @@ class TriggerRPCs:
                 f"trigger {name} is in its cooldown ({cooldown} after it fired at "
                 f"{model.format_time(last)}): {what} applied nothing"
             )
-            await self._say(record, group_key, "trigger.cooldown", message, incident=incident)
+            said = await self._say(
+                record, group_key, "trigger.cooldown", message, incident=incident
+            )
             self.metrics.trigger_fires.labels(name, "cooldown").inc()
-            return TriggerFiring(name, mpb.TRIGGER_COOLDOWN, message=message)
+            return TriggerFiring(name, mpb.TRIGGER_COOLDOWN, message=message, result=said)
         changes = trigger_proto(record).changes
         ttl = record.get("ttl_seconds")
         reason = f"{record['meta'].get('reason', 'trigger')}: {summary or 'alert firing'}"
@@ -392,14 +423,14 @@ class TriggerRPCs:
                 f"trigger {name} (dry run) would apply bundle {record['bundle_name']} "
                 f"({len(lines)} changes) for {what}"
             )
-            await self._say(
+            said = await self._say(
                 record, group_key, "trigger.would_apply", message, incident=incident, url=url
             )
             self.metrics.trigger_fires.labels(name, "dry_run").inc()
-            return TriggerFiring(name, mpb.TRIGGER_WOULD_APPLY, message=message)
+            return TriggerFiring(name, mpb.TRIGGER_WOULD_APPLY, message=message, result=said)
         outcome, result = await self._apply_changes(str(record["bundle_name"]), changes, opts)
         bundle_id = outcome.view.bundle.id if outcome.view is not None else ""
-        await self.store.triggers.record_fire(
+        fired = await self.store.triggers.record_fire(
             name,
             group_key,
             {
@@ -422,6 +453,10 @@ class TriggerRPCs:
             url=url,
         )
         self.metrics.trigger_fires.labels(name, "fired").inc()
+        if not result.changed:
+            # The same bundle was in force already (applied by hand, say): what was
+            # written is the firing's record.
+            result = pb.WriteResult(changed=True, revision=fired, summary=message)
         return TriggerFiring(name, mpb.TRIGGER_FIRED, bundle_id, message, result)
 
     async def resolve(self, record: dict[str, Any], *, group_key: str) -> TriggerFiring:
@@ -438,14 +473,13 @@ class TriggerRPCs:
         incident = str(prior.get("incident", ""))
         resolved = {**prior, "resolved_at": model.format_time(model.utcnow())}
         if not record.get("revert_on_resolve"):
-            await self.store.triggers.record_fire(name, group_key, resolved)
-            return TriggerFiring(
-                name,
-                mpb.TRIGGER_NOT_REVERTED,
-                bundle_id,
+            written = await self.store.triggers.record_fire(name, group_key, resolved)
+            message = (
                 f"the alert resolved; trigger {name} does not revert on resolve: bundle "
-                f"{bundle_id} stays (cpctl bundle revert {bundle_id})",
+                f"{bundle_id} stays (cpctl bundle revert {bundle_id})"
             )
+            result = pb.WriteResult(changed=True, revision=written, summary=message)
+            return TriggerFiring(name, mpb.TRIGGER_NOT_REVERTED, bundle_id, message, result)
         opts = model.WriteOptions(
             reason=f"{record['meta'].get('reason', 'trigger')}: the alert resolved",
             incident=incident,
@@ -453,7 +487,7 @@ class TriggerRPCs:
             actor_authenticated=True,
         )
         try:
-            await self.store.revert_bundle(bundle_id, opts, force=False)
+            reverted = await self.store.revert_bundle(bundle_id, opts, force=False)
         except BundleConflictError as exc:
             message = f"the alert resolved, but bundle {bundle_id} was not reverted: {exc.message}"
             await self._say(
@@ -464,13 +498,13 @@ class TriggerRPCs:
                 incident=incident,
                 bundle_id=bundle_id,
             )
-            await self.store.triggers.record_fire(name, group_key, resolved)
-            return TriggerFiring(name, mpb.TRIGGER_NOT_REVERTED, bundle_id, message)
-        await self.store.triggers.record_fire(name, group_key, resolved)
+            written = await self.store.triggers.record_fire(name, group_key, resolved)
+            result = pb.WriteResult(changed=True, revision=written, summary=message)
+            return TriggerFiring(name, mpb.TRIGGER_NOT_REVERTED, bundle_id, message, result)
+        written = await self.store.triggers.record_fire(name, group_key, resolved)
         self.metrics.trigger_fires.labels(name, "reverted").inc()
-        return TriggerFiring(
-            name,
-            mpb.TRIGGER_REVERTED,
-            bundle_id,
-            f"the alert resolved: trigger {name} reverted bundle {bundle_id}",
+        message = f"the alert resolved: trigger {name} reverted bundle {bundle_id}"
+        result = pb.WriteResult(
+            changed=True, revision=max(reverted.revision, written), summary=message
         )
+        return TriggerFiring(name, mpb.TRIGGER_REVERTED, bundle_id, message, result)

@@ -507,9 +507,9 @@ class Store:
         mark: str,
         after: dict[str, Any] | None = None,
         incident: str = "",
-    ) -> bool:
+    ) -> int:
         """Audit an event that is not a change, once per ``mark`` (see
-        :meth:`Audit.record_event`); True if written now."""
+        :meth:`Audit.record_event`); the revision written at (0: audited already)."""
         return await self._audit.record_event(
             action=action,
             kind=kind,

@@ -274,11 +274,11 @@ class Audit:
         mark: str,
         after: dict[str, Any] | None = None,
         incident: str = "",
-    ) -> bool:
+    ) -> int:
         """Audit an event that is not a change (an instance rejecting a change, a change
         not applied everywhere in time, a mitigation in force too long) once: ``mark``
         names it, and a second report of it (a reconnect, another replica) writes nothing.
-        True if written now."""
+        The revision written at (0: it was audited already)."""
         marker = self._abs(event_mark_path(mark))
         now = model.utcnow()
         entry = AuditEntry(
@@ -297,7 +297,7 @@ class Audit:
         )
         ops = [audit_op(self.prefix, entry), put(marker, model.format_time(now).encode())]
         result = await self._etcd.txn([unchanged_since(marker, 0)], ops)
-        return bool(result.succeeded)
+        return int(result.header.revision) if result.succeeded else 0
 
     async def forget_event_marks_before(self, cutoff: datetime) -> int:
         """Delete the marks of events audited before ``cutoff`` (as their records go)."""

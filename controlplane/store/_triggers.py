@@ -114,13 +114,14 @@ class TriggerStore:
         response = await self._etcd.range(self._abs(f"{_FIRES}{name}/{group_digest(group_key)}"))
         return json.loads(bytes(response.kvs[0].value)) if response.kvs else None
 
-    async def record_fire(self, name: str, group_key: str, record: dict[str, Any]) -> None:
+    async def record_fire(self, name: str, group_key: str, record: dict[str, Any]) -> int:
+        """Write what ``group_key`` fired (or that it resolved); returns the revision."""
         path = f"{_FIRES}{name}/{group_digest(group_key)}"
         ops = [put(self._abs(path), json.dumps(record).encode())]
         if record.get("bundle_id") and not record.get("resolved_at"):
             fired = record.get("fired_at") or model.format_time(model.utcnow())
             ops.append(put(self._abs(_LAST + name), str(fired).encode()))
-        await self._etcd.txn([], ops)
+        return int((await self._etcd.txn([], ops)).header.revision)
 
     async def last_fired(self, name: str) -> datetime | None:
         response = await self._etcd.range(self._abs(_LAST + name))

@@ -419,6 +419,45 @@ def _readback_revert(target: Target, req: Any, resp: Any, what: str) -> None:
     _same_record(resp.bundle, read.bundle, what)
 
 
+def _readback_set_trigger(target: Target, req: Any, resp: Any, what: str) -> None:
+    if resp.result.dry_run:
+        return
+    read = target.get("GetTrigger", m.GetTriggerRequest(name=req.trigger.name))
+    assert read is not None, f"{what}: the trigger reads back as absent"
+    got, sent = read.trigger, req.trigger
+    assert list(got.matchers) == list(sent.matchers), f"{what}: {show_request(got)}"
+    assert got.bundle_name == sent.bundle_name, what
+    assert list(got.changes) == list(sent.changes), f"{what}: {show_request(got)}"
+    assert got.revert_on_resolve == sent.revert_on_resolve, what
+    assert got.dry_run == sent.dry_run, what
+    assert got.meta.reason == req.options.reason.strip(), what
+
+
+def _readback_delete_trigger(target: Target, req: Any, resp: Any, what: str) -> None:
+    if resp.result.dry_run:
+        return
+    read = target.get("GetTrigger", m.GetTriggerRequest(name=req.name))
+    assert read is None, f"{what}: still there: {show_request(read.trigger)}"
+
+
+def _readback_trigger_enabled(target: Target, req: Any, resp: Any, what: str) -> None:
+    if resp.result.dry_run:
+        return
+    read = target.get("GetTrigger", m.GetTriggerRequest(name=req.name))
+    assert read is not None and read.trigger.enabled == req.enabled, what
+
+
+def _readback_firing(target: Target, req: Any, resp: Any, what: str) -> None:
+    if resp.outcome in (m.TRIGGER_FIRED, m.TRIGGER_REVERTED):
+        read = target.get("GetBundle", m.GetBundleRequest(bundle_id=resp.bundle_id))
+        assert read is not None, f"{what}: bundle {resp.bundle_id} reads back as absent"
+        state = m.APPLIED if resp.outcome == m.TRIGGER_FIRED else m.REVERTED
+        assert read.bundle.state in (state, m.PARTIALLY_OVERRIDDEN, m.EXPIRED), what
+    else:
+        assert resp.outcome != m.TRIGGER_OUTCOME_UNSPECIFIED, f"{what}: no outcome"
+        assert resp.message, f"{what}: an outcome without a word"
+
+
 READBACKS: dict[str, Callable[[Target, Any, Any, str], None]] = {
     "SetFlag": _readback_set_flag,
     "ClearFlag": _readback_cleared(
@@ -437,4 +476,9 @@ READBACKS: dict[str, Callable[[Target, Any, Any, str], None]] = {
     "Rollback": _readback_pin,
     "ApplyBundle": _readback_apply_bundle,
     "RevertBundle": _readback_revert,
+    "SetTrigger": _readback_set_trigger,
+    "DeleteTrigger": _readback_delete_trigger,
+    "SetTriggerEnabled": _readback_trigger_enabled,
+    "FireTrigger": _readback_firing,
+    "ResolveTrigger": _readback_firing,
 }

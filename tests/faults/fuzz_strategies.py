@@ -55,7 +55,8 @@ READS = frozenset(
         "GetFlag", "ListFlags", "GetShedding", "ListShedding", "GetPin", "ListPins",
         "ListKnownGood", "ListBundles", "GetBundle", "GetStatus", "ListServices",
         "ListHistory",
-        "WatchChanges", "WaitApplied", "GetTimeline",
+        "WatchChanges", "WaitApplied", "GetTimeline", "ListNotifications", "GetTrigger",
+        "ListTriggers",
     }
 )  # fmt: skip
 
@@ -536,6 +537,37 @@ def apply_bundle_requests(draw: st.DrawFn) -> m.ApplyBundleRequest:
     )
 
 
+_TRIGGER_NAMES = ["fuzz-trigger", "t.1"]
+
+
+def _trigger_names() -> st.SearchStrategy[str]:
+    return _pool_or(_TRIGGER_NAMES, _BUNDLE_NAME_RE)
+
+
+@st.composite
+def set_trigger_requests(draw: st.DrawFn) -> m.SetTriggerRequest:
+    """A valid trigger: 1-3 label matchers and a bundle (with a ttl, sometimes)."""
+    ttl = draw(st.sampled_from([None, 60, 1800]))
+    labels = draw(
+        st.lists(st.from_regex(r"[a-zA-Z_][a-zA-Z0-9_]{0,8}", fullmatch=True), min_size=1,
+                 max_size=3, unique=True)
+    )  # fmt: skip
+    values = st.text(st.characters(exclude_categories=["Cs"]), min_size=1, max_size=12)
+    trigger = m.Trigger(
+        name=draw(_trigger_names()),
+        matchers=[m.LabelMatcher(label=label, value=draw(values)) for label in labels],
+        bundle_name=draw(_pool_or(["fuzz-bundle", "b.1"], _BUNDLE_NAME_RE)),
+        changes=draw(bundle_changes(expiry=ttl is not None)),
+        revert_on_resolve=draw(st.booleans()),
+        dry_run=draw(st.booleans()),
+    )
+    if ttl is not None:
+        trigger.ttl.FromSeconds(ttl)
+    if draw(st.booleans()):
+        trigger.cooldown.FromSeconds(draw(st.integers(0, 3600)))
+    return m.SetTriggerRequest(trigger=trigger, options=draw(write_options(expiry=False)))
+
+
 def _bundle_ids() -> st.SearchStrategy[str]:
     return st.from_regex(r"[0-9]{8}-[0-9]{6}-[a-z0-9][a-z0-9._-]{0,8}-[0-9a-f]{4}", fullmatch=True)
 
@@ -632,6 +664,25 @@ VALID_REQUESTS: dict[str, Callable[[], st.SearchStrategy[Any]]] = {
     ),
     "GetTimeline": lambda: _b(
         m.GetTimelineRequest, incident=incidents(), limit=st.integers(0, 10_000)
+    ),
+    "ListNotifications": lambda: _b(m.ListNotificationsRequest, limit=st.integers(0, 1000)),
+    "SetTrigger": set_trigger_requests,
+    "GetTrigger": lambda: _b(m.GetTriggerRequest, name=_trigger_names()),
+    "ListTriggers": lambda: st.just(m.ListTriggersRequest()),
+    "DeleteTrigger": lambda: _b(
+        m.DeleteTriggerRequest, name=_trigger_names(), options=write_options(expiry=False)
+    ),
+    "SetTriggerEnabled": lambda: _b(
+        m.SetTriggerEnabledRequest,
+        name=_trigger_names(), enabled=st.booleans(), options=write_options(expiry=False),
+    ),
+    "FireTrigger": lambda: _b(
+        m.FireTriggerRequest,
+        name=_trigger_names(), group_key=st.text(max_size=20), incident=incidents(),
+        summary=st.text(max_size=40), url=st.just("") | st.just("http://alerts.example/x"),
+    ),
+    "ResolveTrigger": lambda: _b(
+        m.ResolveTriggerRequest, name=_trigger_names(), group_key=st.text(max_size=20)
     ),
 }  # fmt: skip
 

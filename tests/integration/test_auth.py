@@ -133,6 +133,26 @@ async def seed(stub: Any) -> Seeded:
         ),
         metadata=admin,
     )
+    # A trigger, fired once for the group "seeded": firing that group again writes nothing.
+    await stub.SetTrigger(
+        m.SetTriggerRequest(
+            trigger=m.Trigger(
+                name="seeded",
+                matchers=[m.LabelMatcher(label="alertname", value="Seeded")],
+                bundle_name="seeded",
+                changes=[
+                    m.BundleChange(
+                        set_flag=m.SetFlagRequest(
+                            scope="search", name="kill-z", value=t.FlagValue(bool_value=True)
+                        )
+                    )
+                ],
+            ),
+            options=opts(),
+        ),
+        metadata=admin,
+    )
+    await stub.FireTrigger(m.FireTriggerRequest(name="seeded", group_key="seeded"), metadata=admin)
     return Seeded(bundle.bundle.id, pinned.result.revision)
 
 
@@ -209,6 +229,41 @@ def calls(seeded: Seeded) -> dict[str, Callable[[Any, Any], Any]]:
             **k,
         ),
         "GetTimeline": lambda s, k: s.GetTimeline(m.GetTimelineRequest(incident="INC-7"), **k),
+        "ListNotifications": lambda s, k: s.ListNotifications(m.ListNotificationsRequest(), **k),
+        "SetTrigger": lambda s, k: s.SetTrigger(
+            m.SetTriggerRequest(
+                trigger=m.Trigger(
+                    name="dry",
+                    matchers=[m.LabelMatcher(label="alertname", value="X")],
+                    bundle_name="dry",
+                    changes=[
+                        m.BundleChange(
+                            set_shedding=m.SetSheddingRequest(
+                                service="checkout", tier=t.SHEDDABLE, percent=90
+                            )
+                        )
+                    ],
+                ),
+                options=dry(),
+            ),
+            **k,
+        ),
+        "GetTrigger": lambda s, k: s.GetTrigger(m.GetTriggerRequest(name="seeded"), **k),
+        "ListTriggers": lambda s, k: s.ListTriggers(m.ListTriggersRequest(), **k),
+        "DeleteTrigger": lambda s, k: s.DeleteTrigger(
+            m.DeleteTriggerRequest(name="seeded", options=dry()), **k
+        ),
+        "SetTriggerEnabled": lambda s, k: s.SetTriggerEnabled(
+            m.SetTriggerEnabledRequest(name="seeded", enabled=False, options=dry()), **k
+        ),
+        # The group fired already: nothing new is applied (nor written).
+        "FireTrigger": lambda s, k: s.FireTrigger(
+            m.FireTriggerRequest(name="seeded", group_key="seeded"), **k
+        ),
+        # A group that never fired: nothing to revert (nor to write).
+        "ResolveTrigger": lambda s, k: s.ResolveTrigger(
+            m.ResolveTriggerRequest(name="seeded", group_key="never"), **k
+        ),
     }
 
 
@@ -223,6 +278,7 @@ async def _first_watch_response(stub: Any, kwargs: Any) -> Any:
 READ = {"viewer", "operator", "admin"}
 WRITE = {"operator", "admin"}
 ADMIN = {"admin"}
+FIRE = {"operator", "admin", "trigger"}  # the trigger role is tested in test_triggers.py
 ALLOWED: dict[str, set[str]] = {
     **{
         name: READ
@@ -242,6 +298,9 @@ ALLOWED: dict[str, set[str]] = {
             "WatchChanges",
             "WaitApplied",
             "GetTimeline",
+            "ListNotifications",
+            "GetTrigger",
+            "ListTriggers",
         ]
     },
     **{
@@ -256,8 +315,13 @@ ALLOWED: dict[str, set[str]] = {
             "Rollback",
             "ApplyBundle",
             "RevertBundle",
+            "SetTrigger",
+            "DeleteTrigger",
+            "SetTriggerEnabled",
         ]
     },
+    "FireTrigger": FIRE,
+    "ResolveTrigger": FIRE,
     "MarkKnownGood": ADMIN,
     "UnmarkKnownGood": ADMIN,
 }
@@ -267,6 +331,7 @@ ROLES_NEEDED = {
     frozenset(ADMIN): "admin",
     frozenset(WRITE): "operator or admin",
     frozenset(READ): "viewer, operator or admin",
+    frozenset(FIRE): "operator, admin or trigger",
 }
 
 

@@ -86,6 +86,7 @@ class Command:
 def commands(seeded: Seeded, bundle_file: Path) -> list[Command]:
     """One valid command line per cpctl command; writes are dry runs."""
     dry = ("--reason", "cli auth test", "--dry-run")
+    checked = ("--bundle", str(bundle_file), "--reason", "cli auth test", "--check")
     return [
         Command("SetFlag", ("flag", "set", "checkout", "kill-x", "false", *dry)),
         Command("GetFlag", ("flag", "get", "checkout", "kill-x")),
@@ -114,6 +115,17 @@ def commands(seeded: Seeded, bundle_file: Path) -> list[Command]:
         Command("GetTimeline", ("timeline", "--incident", "INC-7")),
         # Runs until stopped: only refused callers here (test_watch_... runs an allowed one).
         Command("WatchChanges", ("watch", "checkout")),
+        Command("ListNotifications", ("notifications", "status")),
+        Command("ListNotifications", ("notifications", "failed")),
+        Command("SetTrigger", ("trigger", "set", "dry", "--match", "alertname=X", *checked)),
+        Command("ListTriggers", ("trigger", "list")),
+        Command("GetTrigger", ("trigger", "get", "seeded")),
+        Command("SetTriggerEnabled", ("trigger", "enable", "seeded", *dry)),
+        Command("SetTriggerEnabled", ("trigger", "disable", "seeded", *dry)),
+        Command("DeleteTrigger", ("trigger", "delete", "seeded", *dry)),
+        # The seeded group fired already, and "never" fired nothing: neither writes.
+        Command("FireTrigger", ("trigger", "fire", "seeded", "--group-key", "seeded")),
+        Command("ResolveTrigger", ("trigger", "resolve", "seeded", "--group-key", "never")),
     ]
 
 
@@ -180,6 +192,14 @@ def problems_of(
             return [*problems, f"exit {result.exit_code}, want 0: {err.strip()!r}"]
         if not out.strip():
             problems.append("exit 0 with nothing on stdout")
+        elif rpc in ("FireTrigger", "ResolveTrigger"):  # it must have written nothing
+            wrote = (
+                (json.loads(out).get("result") or {}).get("changed")
+                if json_output
+                else not out.startswith(("already fired: ", "not reverted: "))
+            )
+            if wrote:
+                problems.append(f"a firing that wrote: {out!r}")
         elif ALLOWED[rpc] != READ:  # a write: it must have been a dry run
             dry_run = (
                 json.loads(out)["result"]["dry_run"] is True
@@ -266,8 +286,8 @@ async def test_every_command_for_every_caller_exits_as_the_role_allows(
                 where = f"cpctl {' '.join(args)} as {caller}"
                 failures.extend(f"{where}: {problem}" for problem in problems)
     assert not failures, "\n".join(failures)
-    # 24 commands x 6 callers, and watch x 3 refused callers; each human and --json.
-    assert checked == (24 * 6 + 3) * 2
+    # 34 commands x 6 callers, and watch x 3 refused callers; each human and --json.
+    assert checked == (34 * 6 + 3) * 2
     assert await raw_etcd.get_prefix(prefix) == before
 
 

@@ -801,11 +801,13 @@ class ResolveTriggerRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., group_key: _Optional[str] = ...) -> None: ...
 
 class ResolveTriggerResponse(_message.Message):
-    __slots__ = ("outcome", "bundle_id", "message")
+    __slots__ = ("outcome", "bundle_id", "message", "result")
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
     outcome: TriggerOutcome
     bundle_id: str
     message: str
-    def __init__(self, outcome: _Optional[_Union[TriggerOutcome, str]] = ..., bundle_id: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+    result: _types_pb2.WriteResult
+    def __init__(self, outcome: _Optional[_Union[TriggerOutcome, str]] = ..., bundle_id: _Optional[str] = ..., message: _Optional[str] = ..., result: _Optional[_Union[_types_pb2.WriteResult, _Mapping]] = ...) -> None: ...
