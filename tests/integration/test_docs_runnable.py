@@ -965,13 +965,17 @@ async def test_the_readme_commands_run_as_printed(
                 # The flag as set over HTTP, read back; the routes of the OpenAPI document.
                 assert "false\n" in ran.out and "/v1/flags/{scope}/{name}\n" in ran.out, ran.out
                 checked.add("http")
+            if "cpctl trigger fire" in text:
+                assert "fired: trigger degrade-checkout applied bundle" in ran.out, ran.out
+                assert "reverted: the alert resolved: trigger degrade-checkout" in ran.out
+                checked.add("trigger")
             if text.startswith("etcdctl get"):
                 assert "/controlplane/v1/flags/checkout/new-ui" in ran.out, ran.out
                 checked.add("etcdctl")
     assert skipped == set(NOT_RUN), skipped
     assert checked == {
         "path", "token", "revert", "timeline", "completion", "bashrc", "override", "etcdctl",
-        "http", "ofrep",
+        "http", "ofrep", "trigger",
     }, checked  # fmt: skip
     assert ran_blocks >= 10, ran_blocks
 
