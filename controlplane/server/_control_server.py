@@ -271,7 +271,13 @@ class ControlServer:
         await self._log_etcd_versions()
         if notify_config is not None:
             self.notifier = Notifier(
-                self.store, notify_config, self.server_id, self.metrics, self.presence
+                self.store,
+                notify_config,
+                self.server_id,
+                self.metrics,
+                self.presence,
+                self.hub,
+                config.stale_after,
             )
             await self.notifier.start()
 

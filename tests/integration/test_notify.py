@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -578,5 +579,40 @@ async def test_a_rejection_and_a_change_not_applied_in_time_are_told(
             assert history.stdout.count("agent.nack") == 1, history.stdout
             assert "notify.incomplete" in history.stdout
             assert len(webhook.received) == 3
+    finally:
+        await server.stop(grace=0)
+
+
+async def test_a_mitigation_left_in_force_is_told_once_per_threshold(
+    etcd: EmbeddedEtcd, prefix: str, tmp_path: Path, sinks: tuple[Sink, Sink, Sink]
+) -> None:
+    _, _, webhook = sinks
+    notify = write_notify(
+        tmp_path / "notify.yaml",
+        {
+            "destinations": [
+                {"name": "siem", "kind": "webhook", "url": webhook.url, "events": ["stale"]}
+            ],
+            "group_window": "100ms",
+        },
+    )
+    server = await start_server(etcd, prefix, notify, stale_after=timedelta(seconds=1))
+    try:
+        await until_sending(server)
+        await set_flag(server.address, "checkout", "new-ui", False)
+        await set_flag(server.address, "checkout", "boxed", True, ttl={"seconds": 3600})
+        [told] = await webhook.wait_for(1)
+        body = told.json
+        assert body["kind"] == "stale" and body["services"] == ["checkout"], body
+        assert re.fullmatch(
+            r"checkout: flag new-ui in force for \S+ with no expiry \(stale after 1s\): "
+            r"clear it once its incident is over \(cpctl flag clear checkout new-ui "
+            r"--reason \.\.\.\)",
+            body["title"],
+        ), body["title"]
+        # Once per threshold: the second reminder comes a threshold later, not before.
+        [_, second] = await webhook.wait_for(2)
+        assert second.json["title"].startswith("checkout: flag new-ui in force for ")
+        assert "boxed" not in json.dumps([r.json for r in webhook.received])
     finally:
         await server.stop(grace=0)

@@ -89,7 +89,7 @@ def test_secrets_come_from_files_checked_like_the_auth_file(
         "  - {name: oncall, kind: slack, url_file: slack-url, services: [checkout]}\n"
         "  - {name: pd, kind: pagerduty, routing_key_file: pd-key, events: [change]}\n"
         f"  - {{name: siem, kind: webhook, url: {HOOK}, secret_env: CP_TEST_SIEM_SECRET}}\n"
-        "stale_after: 2h\n"
+        "give_up_after: 2h\n"
     )
     config = load_notify_file(notify)
     oncall, pd, siem = config.destinations
@@ -97,7 +97,7 @@ def test_secrets_come_from_files_checked_like_the_auth_file(
     assert pd.url == "https://events.pagerduty.com/v2/change/enqueue"
     assert pd.routing_key == "routing-key-0123" and pd.events == frozenset({"change"})
     assert siem.secret == "from-the-environment"
-    assert config.stale_after == timedelta(hours=2)
+    assert config.give_up_after == timedelta(hours=2)
     assert len(config.warnings) == 1 and "pd-key" in config.warnings[0]
     # A secret file others can change is refused, naming the file and the fix.
     url.chmod(0o666)

@@ -18,7 +18,6 @@ YAML (or JSON by its ``.json`` suffix)::
     link: https://controlplane.example/       # optional: links back in messages
     group_window: 2s                 # a burst to one service within it is one message
     incomplete_after: 30s            # a change not applied everywhere after it: `incomplete`
-    stale_after: 4h                  # a mitigation without expiry in force longer: `stale`
     give_up_after: 1h                # a message not delivered by then is recorded as failed
 
 Secrets (webhook URLs, routing keys, signing secrets) come from a file (checked as the
@@ -66,7 +65,6 @@ _TOP_KEYS = {
     "link",
     "group_window",
     "incomplete_after",
-    "stale_after",
     "give_up_after",
 }
 _SECRET_FIELDS = {
@@ -111,7 +109,6 @@ class NotifyConfig:
     link: str = ""
     group_window: timedelta = timedelta(seconds=2)
     incomplete_after: timedelta = timedelta(seconds=30)
-    stale_after: timedelta = timedelta(hours=4)
     give_up_after: timedelta = timedelta(hours=1)
     source: str = ""
     warnings: tuple[str, ...] = ()
@@ -281,7 +278,6 @@ def parse_notify(
         link=link,
         group_window=_duration(data, "group_window", timedelta(seconds=2), source),
         incomplete_after=_duration(data, "incomplete_after", timedelta(seconds=30), source),
-        stale_after=_duration(data, "stale_after", timedelta(hours=4), source),
         give_up_after=_duration(data, "give_up_after", timedelta(hours=1), source),
         source=source,
         warnings=tuple(warnings),

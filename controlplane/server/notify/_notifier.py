@@ -45,6 +45,7 @@ from controlplane.errors import CompactedError, ControlPlaneError
 from controlplane.metrics import ServerMetrics
 from controlplane.model import GLOBAL_SCOPE
 from controlplane.server._presence import Presence
+from controlplane.server.hub import Hub
 from controlplane.server.notify._config import Destination, NotifyConfig
 from controlplane.server.notify._events import Change, Event, change_of, event_of, next_group
 from controlplane.server.notify._render import request_of
@@ -102,10 +103,10 @@ class _Pending:
 def _duration(delta: timedelta) -> str:
     seconds = delta.total_seconds()
     if seconds < 120:
-        return f"{seconds:g}s"
+        return f"{seconds:.3g}s"
     if seconds < 7200:
-        return f"{seconds / 60:g}m"
-    return f"{seconds / 3600:g}h"
+        return f"{seconds / 60:.3g}m"
+    return f"{seconds / 3600:.3g}h"
 
 
 _CHECKER = " applied"
@@ -133,9 +134,13 @@ class Notifier:
         server_id: str,
         metrics: ServerMetrics,
         presence: Presence | None = None,
+        hub: Hub | None = None,
+        stale_after: timedelta | None = None,
     ) -> None:
         self.store = store
         self.presence = presence
+        self.hub = hub
+        self.stale_after = stale_after
         self.config = config
         self.server_id = server_id
         self.metrics = metrics
@@ -248,6 +253,8 @@ class Notifier:
             group.create_task(self._follow(start + 1))
             if self.presence is not None:
                 group.create_task(self._check_applied(self.presence, start))
+            if self.hub is not None and self.stale_after is not None:
+                group.create_task(self._check_stale(self.hub, self.stale_after))
             workers: dict[str, asyncio.Task[None]] = {}
             while True:
                 for destination in self.config.destinations:
@@ -373,6 +380,43 @@ class Notifier:
                     lagging=len(lagging),
                     instances=len(instances),
                 )
+
+    # -- mitigations left in force ---------------------------------------------------
+
+    async def _check_stale(self, hub: Hub, stale_after: timedelta) -> None:
+        """Audit (so tell) each mitigation in force without expiry for ``stale_after``,
+        once per multiple of it (4 h, 8 h, ...): a kill switch left on for three days is
+        said three times a day, not found by accident."""
+        every = min(max(stale_after.total_seconds() / 4, 0.05), 60.0)
+        while True:
+            now = model.utcnow().timestamp()
+            for kind, scope, name, set_at in hub.unexpiring():
+                age = now - set_at
+                if age < stale_after.total_seconds():
+                    continue
+                times = int(age // stale_after.total_seconds())
+                what = f"{kind} {name}".strip() if kind == "flag" else kind
+                clear = {
+                    "flag": f"cpctl flag clear {scope} {name}",
+                    "shedding": f"cpctl shed clear {scope}",
+                    "pin": f"cpctl pin clear {scope}",
+                }.get(kind, "")
+                reason = (
+                    f"{what} in force for {_duration(timedelta(seconds=age))} with no expiry "
+                    f"(stale after {_duration(stale_after)}): clear it once its incident is "
+                    f"over ({clear} --reason ...)"
+                )
+                await self.store.record_event(
+                    action="notify.stale",
+                    kind="stale",
+                    scope=scope,
+                    name=name or kind,
+                    actor="controlplane:notify",
+                    reason=reason,
+                    mark=f"stale/{kind}/{scope}/{name or '-'}/{int(set_at)}/{times}",
+                    after={"kind": kind, "set_at": set_at, "age_seconds": round(age)},
+                )
+            await asyncio.sleep(every)
 
     # -- one destination -------------------------------------------------------------
 
