@@ -569,6 +569,8 @@ async def test_a_rejection_and_a_change_not_applied_in_time_are_told(
                 f"checkout: vm-1 rejected revision {revision}: mode 'lite' is not a mode this "
                 "build knows"
             )
+            # The change's message says how many instances had applied it when it was sent.
+            assert by_kind["change"]["applied"] == "applied by 1/3 instances", by_kind["change"]
             incomplete = by_kind["incomplete"]
             assert incomplete["title"] == (
                 f"checkout: flag mode unset -> lite (revision {revision}, by alice) not applied "

@@ -470,6 +470,20 @@ class Notifier:
             self.metrics.notifications_pending.labels(name).set(0)
             self._cursors.pop(name, None)
 
+    async def _applied(self, event: Event, group: Sequence[Change]) -> str:
+        """``applied by 3/3 instances`` for a change of one service, when known."""
+        services = [s for s in event.services if s != GLOBAL_SCOPE]
+        if self.presence is None or event.kind not in ("change", "expiry") or len(services) != 1:
+            return ""
+        try:
+            instances = [i for i in await self.presence.instances(services[0]) if i.connected]
+        except ControlPlaneError:
+            return ""
+        if not instances:
+            return ""
+        done = sum(1 for i in instances if i.applied >= group[-1].revision)
+        return f"applied by {done}/{len(instances)} instances"
+
     async def _save(self, fence: int, name: str, state: dict[str, Any]) -> None:
         if not await self.store.notify_state.save(fence, name, state):
             raise _LostPlace("another process sends notifications")
@@ -491,6 +505,7 @@ class Notifier:
             await self._save(fence, name, {"cursor": pending.last, "pending": None})
             return
         event = dataclasses.replace(event_of(name, group), id=pending.id)
+        event = dataclasses.replace(event, applied=await self._applied(event, group))
         backoff = 1.0
         error = ""
         while True:
