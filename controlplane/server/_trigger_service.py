@@ -392,6 +392,7 @@ class TriggerRPCs:
                 record, group_key, "trigger.disabled", message, incident=incident
             )
             self.metrics.trigger_fires.labels(name, "disabled").inc()
+            log.info("trigger_refused", trigger=name, why="disabled", group_key=group_key)
             return TriggerFiring(name, mpb.TRIGGER_DISABLED, message=message, result=said)
         cooldown = timedelta(seconds=float(record.get("cooldown_seconds") or 0))
         last = await self.store.triggers.last_fired(name)
@@ -405,6 +406,7 @@ class TriggerRPCs:
                 record, group_key, "trigger.cooldown", message, incident=incident
             )
             self.metrics.trigger_fires.labels(name, "cooldown").inc()
+            log.info("trigger_refused", trigger=name, why="cooldown", group_key=group_key)
             return TriggerFiring(name, mpb.TRIGGER_COOLDOWN, message=message, result=said)
         changes = trigger_proto(record).changes
         ttl = record.get("ttl_seconds")
@@ -427,6 +429,7 @@ class TriggerRPCs:
                 record, group_key, "trigger.would_apply", message, incident=incident, url=url
             )
             self.metrics.trigger_fires.labels(name, "dry_run").inc()
+            log.info("trigger_dry_run", trigger=name, group_key=group_key)
             return TriggerFiring(name, mpb.TRIGGER_WOULD_APPLY, message=message, result=said)
         outcome, result = await self._apply_changes(str(record["bundle_name"]), changes, opts)
         bundle_id = outcome.view.bundle.id if outcome.view is not None else ""
@@ -442,7 +445,9 @@ class TriggerRPCs:
                 "url": url,
             },
         )
-        message = f"trigger {name} applied bundle {bundle_id} for {what}"
+        message = f"trigger {name} applied bundle {bundle_id} for {what}" + (
+            f" ({url})" if url else ""
+        )
         await self._say(
             record,
             group_key,
@@ -453,6 +458,7 @@ class TriggerRPCs:
             url=url,
         )
         self.metrics.trigger_fires.labels(name, "fired").inc()
+        log.info("trigger_fired", trigger=name, bundle_id=bundle_id, incident=incident)
         if not result.changed:
             # The same bundle was in force already (applied by hand, say): what was
             # written is the firing's record.

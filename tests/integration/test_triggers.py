@@ -276,3 +276,30 @@ async def test_the_trigger_role_fires_and_nothing_else(
             assert by_name.json()["outcome"] == "TRIGGER_FIRED", by_name.text
     finally:
         await server.stop(grace=0)
+
+
+async def test_a_key_changed_since_keeps_the_bundle_when_the_alert_resolves(
+    srv: ControlServer, http: httpx.AsyncClient, cpctl: Run, tmp_path: Path
+) -> None:
+    bundle = tmp_path / "degrade.yaml"
+    bundle.write_text(BUNDLE)
+    run = at(cpctl, srv)
+    made = await run(
+        "trigger", "set", "degrade", "--match", "alertname=HighErrorRate", "--bundle",
+        str(bundle), "--revert-on-resolve", "--reason", "r",
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    fired = await http.post("/v1/alertmanager", json=payload("firing"))
+    assert fired.json()["triggers"][0]["outcome"] == "FIRED", fired.text
+    # Someone adjusts one of the bundle's keys by hand during the incident.
+    adjusted = await run(
+        "flag", "set", "checkout", "new-ui", "true", "--reason", "only half the users"
+    )
+    assert adjusted.returncode == 0, adjusted.stderr
+    resolved = await http.post("/v1/alertmanager", json=payload("resolved"))
+    [done] = resolved.json()["triggers"]
+    assert done["outcome"] == "NOT_REVERTED", done
+    assert "was not reverted" in done["message"] and "flags/checkout/new-ui" in done["message"]
+    assert await flag_value(srv, "checkout", "new-ui") is True  # the hand-made value stays
+    history = json.loads((await run("--json", "history", "--service", "checkout")).stdout)
+    assert "trigger.not_reverted" in [e["action"] for e in history["entries"]]

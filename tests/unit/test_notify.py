@@ -206,3 +206,23 @@ def test_payloads_escape_sign_and_stay_within_limits() -> None:
     blocks = json.loads(body)["blocks"]
     assert len(blocks) <= 50 and all(len(b.get("text", {}).get("text", "")) <= 3000 for b in blocks)
     assert "… and 10 more" in blocks[-1]["text"]["text"]
+
+
+def test_an_override_a_nack_and_a_trigger_are_told_in_their_words() -> None:
+    override = entry(1, action="override.applied", kind="override", name="vm-3", actor="alice@vm-3")
+    event = event_of("x", changes(override))
+    assert (event.kind, event.title) == (
+        "override",
+        "checkout: break-glass override applied on vm-3",
+    )
+    nack = entry(2, action="agent.nack", kind="nack", name="vm-4", reason="bad value",
+                 after={"revision": 812, "instance": "vm-4"}, actor="agent:checkout")  # fmt: skip
+    event = event_of("x", changes(nack))
+    assert (event.kind, event.title) == (
+        "nack",
+        "checkout: vm-4 rejected revision 812: bad value",
+    )
+    fired = entry(3, action="trigger.fired", kind="trigger", scope="global", name="t",
+                  reason="trigger t applied bundle b for alert x", actor="trigger:t")  # fmt: skip
+    event = event_of("x", changes(fired))
+    assert (event.kind, event.title) == ("trigger", "trigger t applied bundle b for alert x")
