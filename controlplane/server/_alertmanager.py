@@ -190,11 +190,87 @@ def _payload(body: Any) -> dict[str, Any]:
     if not isinstance(body.get("groupKey"), str) or not body["groupKey"]:
         raise BadRequest("groupKey must be a non-empty string")
     alerts = body.get("alerts", [])
-    if not isinstance(alerts, list):
-        raise BadRequest("alerts must be a list")
+    if not isinstance(alerts, list) or not all(isinstance(a, dict) for a in alerts):
+        raise BadRequest("alerts must be a list of alerts (objects)")
+    if not isinstance(body.get("externalURL", ""), str):
+        raise BadRequest("externalURL must be a string")
     return {
         **body,
         "commonLabels": _strings(body.get("commonLabels", {}), "commonLabels"),
         "commonAnnotations": _strings(body.get("commonAnnotations", {}), "commonAnnotations"),
         "alerts": alerts,
     }
+
+
+def openapi_part() -> tuple[dict[str, Any], dict[str, Any]]:
+    """The route's part of ``/openapi.json``: what is read of Alertmanager's payload."""
+    ref = "#/components/schemas/"
+    strings = {"type": "object", "additionalProperties": {"type": "string"}}
+    payload = {
+        "type": "object",
+        "required": ["version", "status", "groupKey"],
+        "properties": {
+            "version": {"const": "4"},
+            "status": {"enum": ["firing", "resolved"]},
+            "groupKey": {"type": "string", "minLength": 1},
+            "commonLabels": strings,
+            "commonAnnotations": strings,
+            "externalURL": {"type": "string"},
+            "alerts": {"type": "array", "items": {"type": "object"}},
+        },
+    }
+    done = {
+        "type": "object",
+        "required": ["triggers"],
+        "properties": {
+            "triggers": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["trigger", "outcome", "message"],
+                    "properties": {
+                        "trigger": {"type": "string"},
+                        "outcome": {"type": "string"},
+                        "bundle_id": {"type": "string"},
+                        "message": {"type": "string"},
+                    },
+                },
+            }
+        },
+    }
+    paths = {
+        PATH: {
+            "post": {
+                "operationId": "AlertmanagerWebhook",
+                "tags": ["Triggers"],
+                "summary": "Alertmanager's webhook (payload version 4): fire or resolve triggers",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"$ref": ref + "AlertGroup"}}},
+                },
+                "responses": {
+                    "200": {
+                        "description": "What each matching trigger did (empty: none matched)",
+                        "content": {
+                            "application/json": {"schema": {"$ref": ref + "AlertsHandled"}}
+                        },
+                    },
+                    **{
+                        status: {
+                            "description": text,
+                            "content": {"application/json": {"schema": {"$ref": ref + "Error"}}},
+                        }
+                        for status, text in (
+                            ("400", "Not Alertmanager's payload version 4 (the message says why)"),
+                            ("401", "No credentials, or unknown ones"),
+                            ("403", "The identity may not fire triggers"),
+                            ("413", "The body is larger than the server's limit"),
+                            ("415", "The body is not JSON by its Content-Type"),
+                            ("503", "etcd is unreachable: Alertmanager retries"),
+                        )
+                    },
+                },
+            }
+        }
+    }
+    return paths, {"AlertGroup": payload, "AlertsHandled": done}

@@ -16,6 +16,7 @@ from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescript
 
 from controlplane import __version__
 from controlplane.model._values import _FLAG_RE, _SERVICE_RE, _VERSION_RE, INCIDENT_RE
+from controlplane.server._alertmanager import openapi_part as alertmanager_part
 from controlplane.server._mitigation_service import (
     _BUNDLE_ID_RE,
     MAX_HISTORY_LIMIT,
@@ -291,6 +292,9 @@ def openapi_document() -> dict[str, Any]:
     ofrep_paths, ofrep_schemas = openapi_part(_SERVICE_RE.pattern)
     paths.update(ofrep_paths)
     schemas.schemas.update(ofrep_schemas)
+    alert_paths, alert_schemas = alertmanager_part()
+    paths.update(alert_paths)
+    schemas.schemas.update(alert_schemas)
     return {
         "openapi": "3.1.0",
         "info": {

@@ -116,7 +116,7 @@ def api(http_target: HttpTarget) -> OpenApiSchema:
 # OFREP's event stream, tested in tests/integration/test_ofrep.py).
 OPERATIONS = sorted(
     [route.rpc for route in ROUTES if not route.streaming]
-    + ["OfrepEvaluateFlag", "OfrepEvaluateFlags"]
+    + ["OfrepEvaluateFlag", "OfrepEvaluateFlags", "AlertmanagerWebhook"]
 )
 
 

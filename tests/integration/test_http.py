@@ -170,9 +170,23 @@ async def test_every_route_answers_json(
             ],
             "options": write_options(dryRun=True),
         },
+        "SetTrigger": {
+            "trigger": {
+                "name": "x",
+                "matchers": [{"label": "alertname", "value": "X"}],
+                "bundleName": "b",
+                "changes": [
+                    {"setFlag": {"scope": "checkout", "name": "x", "value": {"boolValue": True}}}
+                ],
+            },
+            **dry,
+        },
+        "FireTrigger": {"groupKey": "g"},
+        "ResolveTrigger": {"groupKey": "g"},
     }
     path_values = {"scope": "checkout", "name": "x", "service": "checkout", "version": "v1",
                    "bundle_id": "20300101-000000-b-abcd", "incident": "INC-1"}  # fmt: skip
+    path_values["name"] = "x"  # a flag's name, and a trigger's (none: NOT_FOUND)
     for route in ROUTES:
         if route.streaming:
             continue
@@ -614,6 +628,7 @@ async def test_openapi_is_served_valid_and_covers_every_route(client: httpx.Asyn
     validate(document)
     served = {(verb.upper(), path) for path, item in document["paths"].items() for verb in item}
     ofrep = {("POST", EVALUATE_PATH), ("POST", BULK_PATH), ("GET", EVENTS_PATH)}
+    ofrep.add(("POST", "/v1/alertmanager"))
     assert served == {(route.verb, route.path) for route in ROUTES} | ofrep
 
 

@@ -153,6 +153,7 @@ def test_the_openapi_document_is_valid_and_has_every_route() -> None:
         ("POST", "/ofrep/v1/evaluate/flags/{key}"): "OfrepEvaluateFlag",
         ("POST", "/ofrep/v1/evaluate/flags"): "OfrepEvaluateFlags",
         ("GET", "/ofrep/v1/events"): "OfrepEventStream",
+        ("POST", "/v1/alertmanager"): "AlertmanagerWebhook",
     }
     schemas = document["components"]["schemas"]
     meta = schemas["Meta"]["properties"]
