@@ -71,7 +71,7 @@ class AlertReceiver:
         try:
             identity = self._authenticate(request)
             payload = _payload(await read_json(request, self.max_body))
-            done = await self._handle(payload)
+            done = await self._handle(payload, identity.name if identity is not None else "")
             response: Response = JSONResponse({"triggers": done})
         except AuthError as error:
             status = 401 if error.code.name == "UNAUTHENTICATED" else 403
@@ -108,7 +108,7 @@ class AlertReceiver:
             raise
         return identity
 
-    async def _handle(self, payload: dict[str, Any]) -> list[dict[str, Any]]:
+    async def _handle(self, payload: dict[str, Any], caller: str) -> list[dict[str, Any]]:
         servicer = self.servicer
         labels: dict[str, str] = payload["commonLabels"]
         group_key: str = payload["groupKey"]
@@ -137,7 +137,12 @@ class AlertReceiver:
                 try:
                     if payload["status"] == "firing":
                         firing = await servicer.fire(
-                            record, group_key=group_key, incident=incident, summary=summary, url=url
+                            record,
+                            group_key=group_key,
+                            incident=incident,
+                            summary=summary,
+                            url=url,
+                            caller=caller,
                         )
                     else:
                         firing = await servicer.resolve(record, group_key=group_key)
@@ -147,6 +152,8 @@ class AlertReceiver:
                     # The trigger's own problem (its bundle no longer applies): said, and
                     # not retried by Alertmanager, which could not fix it.
                     log.error("trigger_failed", trigger=record.get("name"), error=exc.message)
+                    servicer.metrics.trigger_fires.labels(str(record.get("name")), "failed").inc()
+                    await servicer.say_failed(record, group_key, exc.message, incident)
                     done.append(
                         {"trigger": record.get("name"), "outcome": "FAILED", "message": exc.message}
                     )
@@ -187,8 +194,8 @@ def _payload(body: Any) -> dict[str, Any]:
         )
     if body.get("status") not in ("firing", "resolved"):
         raise BadRequest("status must be 'firing' or 'resolved'")
-    if not isinstance(body.get("groupKey"), str) or not body["groupKey"]:
-        raise BadRequest("groupKey must be a non-empty string")
+    if not isinstance(body.get("groupKey"), str) or not 0 < len(body["groupKey"]) <= 1024:
+        raise BadRequest("groupKey must be a string of 1 to 1024 characters")
     alerts = body.get("alerts", [])
     if not isinstance(alerts, list) or not all(isinstance(a, dict) for a in alerts):
         raise BadRequest("alerts must be a list of alerts (objects)")

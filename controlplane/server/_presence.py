@@ -39,6 +39,10 @@ from controlplane.store import Store, keys
 
 log = structlog.get_logger("controlplane.presence")
 
+MAX_NACK_AUDITS = 20
+"""Rejections of one change audited (so told), per service: the first ones say it."""
+MAX_NACK_AUDITS_IN_FLIGHT = 100
+
 _CHUNK = 500  # instances per presence key: keeps each value well under etcd's limits
 FLUSH_GAP_PER_INSTANCE = 100e-6
 """Seconds between two flushes at the least, per instance (each encodes every instance)."""
@@ -162,6 +166,7 @@ class Presence:
         self._task: asyncio.Task[None] | None = None
         self._flush_now = asyncio.Event()
         self._audits: set[asyncio.Task[None]] = set()  # nacks being audited
+        self._nacks_audited: dict[tuple[str, int], int] = {}
         # revision -> service -> (time all acked, instance count), waiting to be flushed
         self._applied: dict[tuple[int, str], tuple[datetime, int]] = {}
         self._services: dict[str, _ServiceAcks] = {}
@@ -333,7 +338,15 @@ class Presence:
         instance.nacks = {revision: reason[:500]}
         self.metrics.nacks.labels(instance.service).inc()
         self._touch(instance.service)
-        if first:
+        key = (instance.service, revision)
+        audited = self._nacks_audited.get(key, 0)
+        # A fleet rejecting one change (or a hostile agent rejecting every revision) is
+        # audited for its first MAX_NACK_AUDITS instances per change, and never with more
+        # than MAX_NACK_AUDITS_IN_FLIGHT writes at once; the rest are counted (metric).
+        if first and audited < MAX_NACK_AUDITS and len(self._audits) < MAX_NACK_AUDITS_IN_FLIGHT:
+            if len(self._nacks_audited) > 1000:
+                self._nacks_audited.clear()
+            self._nacks_audited[key] = audited + 1
             task = asyncio.create_task(self._audit_nack(instance, revision, reason[:500]))
             self._audits.add(task)
             task.add_done_callback(self._audits.discard)

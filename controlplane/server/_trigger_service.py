@@ -20,6 +20,7 @@ if nothing changed its keys since (else it says so and leaves them).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import re
@@ -34,13 +35,14 @@ from controlplane import model
 from controlplane.api.v1 import mitigation_pb2 as mpb
 from controlplane.api.v1 import types_pb2 as pb
 from controlplane.errors import (
-    BundleConflictError,
     ControlPlaneError,
     InvalidArgumentError,
     NotFoundError,
+    UnavailableError,
 )
 from controlplane.metrics import ServerMetrics
 from controlplane.server._rpc import rpc
+from controlplane.server.auth import Access, current_identity
 from controlplane.store import Store
 
 if TYPE_CHECKING:
@@ -66,6 +68,16 @@ class TriggerFiring:
     bundle_id: str = ""
     message: str = ""
     result: pb.WriteResult | None = None
+
+
+MAX_GROUP_KEY = 1024
+
+
+def _check_group_key(group_key: str) -> None:
+    if len(group_key) > MAX_GROUP_KEY:
+        raise InvalidArgumentError(
+            "group_key", f"{len(group_key)} characters, over {MAX_GROUP_KEY}: name the group"
+        )
 
 
 def incident_of(group_key: str) -> str:
@@ -223,8 +235,11 @@ class TriggerRPCs:
         model.validate_bundle_name(name, field)
         found = await self.store.triggers.get(name)
         if found is None:
-            known = sorted(str(r.get("name")) for r, _ in await self.store.triggers.list())
-            hint = f" (triggers: {', '.join(known[:10])})" if known else " (there are none)"
+            identity = current_identity.get()
+            hint = ""
+            if identity is None or identity.may(Access.READ):  # names only to readers
+                known = sorted(str(r.get("name")) for r, _ in await self.store.triggers.list())
+                hint = f" (triggers: {', '.join(known[:10])})" if known else " (there are none)"
             raise NotFoundError(f"no trigger {name}{hint}")
         return found
 
@@ -315,13 +330,16 @@ class TriggerRPCs:
     ) -> mpb.FireTriggerResponse:
         if request.incident:
             model.validate_incident(request.incident)
+        _check_group_key(request.group_key)
         record, _ = await self._trigger(request.name)
+        identity = current_identity.get()
         firing = await self.fire(
             record,
             group_key=request.group_key or MANUAL_GROUP,
             incident=request.incident,
             summary=request.summary[:500],
             url=request.url[:1000],
+            caller=identity.name if identity is not None else "",
         )
         return mpb.FireTriggerResponse(
             outcome=firing.outcome,  # type: ignore[arg-type]
@@ -334,6 +352,7 @@ class TriggerRPCs:
     async def ResolveTrigger(
         self, request: mpb.ResolveTriggerRequest, context: Any
     ) -> mpb.ResolveTriggerResponse:
+        _check_group_key(request.group_key)
         record, _ = await self._trigger(request.name)
         firing = await self.resolve(record, group_key=request.group_key or MANUAL_GROUP)
         return mpb.ResolveTriggerResponse(
@@ -370,46 +389,50 @@ class TriggerRPCs:
             return None
         return pb.WriteResult(changed=True, revision=revision, summary=reason)
 
+    async def say_failed(
+        self, record: dict[str, Any], group_key: str, error: str, incident: str
+    ) -> None:
+        """A firing that failed on the trigger's own account (its bundle no longer
+        applies): audited, so told, since no retry of Alertmanager's would fix it."""
+        name = str(record["name"])
+        message = f"trigger {name} could not apply bundle {record.get('bundle_name')}: {error}"
+        await self._say(
+            record,
+            group_key,
+            "trigger.failed",
+            message,
+            incident=incident or incident_of(group_key),
+        )
+
     async def fire(
-        self, record: dict[str, Any], *, group_key: str, incident: str, summary: str, url: str
+        self,
+        record: dict[str, Any],
+        *,
+        group_key: str,
+        incident: str,
+        summary: str,
+        url: str,
+        caller: str = "",
     ) -> TriggerFiring:
         """Fire a trigger for an alert group (see the module's docstring)."""
         name = str(record["name"])
         incident = incident or incident_of(group_key)
         what = f"alert {summary}" if summary else "its alert"
+        by = f" (fired by {caller})" if caller else ""
         prior = await self.store.triggers.fire(name, group_key)
         if prior is not None and not prior.get("resolved_at"):
-            return TriggerFiring(
-                name,
-                mpb.TRIGGER_ALREADY_FIRED,
-                str(prior.get("bundle_id", "")),
-                f"trigger {name} applied bundle {prior.get('bundle_id')} for this alert "
-                "group already: nothing new applied",
-            )
+            return _already(name, prior)
         if not record.get("enabled", True):
-            message = f"trigger {name} is disabled: {what} applied nothing"
+            message = f"trigger {name} is disabled: {what} applied nothing{by}"
             said = await self._say(
                 record, group_key, "trigger.disabled", message, incident=incident
             )
             self.metrics.trigger_fires.labels(name, "disabled").inc()
             log.info("trigger_refused", trigger=name, why="disabled", group_key=group_key)
             return TriggerFiring(name, mpb.TRIGGER_DISABLED, message=message, result=said)
-        cooldown = timedelta(seconds=float(record.get("cooldown_seconds") or 0))
-        last = await self.store.triggers.last_fired(name)
-        now = model.utcnow()
-        if last is not None and cooldown and now - last < cooldown:
-            message = (
-                f"trigger {name} is in its cooldown ({cooldown} after it fired at "
-                f"{model.format_time(last)}): {what} applied nothing"
-            )
-            said = await self._say(
-                record, group_key, "trigger.cooldown", message, incident=incident
-            )
-            self.metrics.trigger_fires.labels(name, "cooldown").inc()
-            log.info("trigger_refused", trigger=name, why="cooldown", group_key=group_key)
-            return TriggerFiring(name, mpb.TRIGGER_COOLDOWN, message=message, result=said)
         changes = trigger_proto(record).changes
         ttl = record.get("ttl_seconds")
+        now = model.utcnow()
         reason = f"{record['meta'].get('reason', 'trigger')}: {summary or 'alert firing'}"
         opts = model.WriteOptions(
             reason=reason[:1000],
@@ -420,10 +443,9 @@ class TriggerRPCs:
         )
         if record.get("dry_run"):
             self._plan_changes(changes, opts)
-            lines = [f"{c.WhichOneof('change')}" for c in changes]
             message = (
                 f"trigger {name} (dry run) would apply bundle {record['bundle_name']} "
-                f"({len(lines)} changes) for {what}"
+                f"({len(changes)} changes) for {what}{by}"
             )
             said = await self._say(
                 record, group_key, "trigger.would_apply", message, incident=incident, url=url
@@ -431,23 +453,50 @@ class TriggerRPCs:
             self.metrics.trigger_fires.labels(name, "dry_run").inc()
             log.info("trigger_dry_run", trigger=name, group_key=group_key)
             return TriggerFiring(name, mpb.TRIGGER_WOULD_APPLY, message=message, result=said)
-        outcome, result = await self._apply_changes(str(record["bundle_name"]), changes, opts)
+        firing: dict[str, Any] = {
+            "group_key": group_key,
+            "bundle_id": "",
+            "fired_at": model.format_time(now),
+            "incident": incident,
+            "summary": summary,
+            "url": url,
+            "caller": caller,
+        }
+        cooldown = float(record.get("cooldown_seconds") or 0)
+        claimed, found = await self.store.triggers.claim(name, group_key, firing, cooldown)
+        if claimed == "fired":
+            return _already(name, found)
+        if claimed == "cooldown":
+            message = (
+                f"trigger {name} is in its cooldown ({timedelta(seconds=cooldown)} after it "
+                f"fired at {model.format_time(found)}): {what} applied nothing{by}"
+            )
+            said = await self._say(
+                record, group_key, "trigger.cooldown", message, incident=incident
+            )
+            self.metrics.trigger_fires.labels(name, "cooldown").inc()
+            log.info("trigger_refused", trigger=name, why="cooldown", group_key=group_key)
+            return TriggerFiring(name, mpb.TRIGGER_COOLDOWN, message=message, result=said)
+        try:
+            outcome, result = await self._apply_changes(str(record["bundle_name"]), changes, opts)
+        except BaseException:
+            # Not applied: the group may fire again (Alertmanager retries a 503).
+            with contextlib.suppress(ControlPlaneError):
+                await self.store.triggers.release(name, group_key, int(found))
+            raise
         bundle_id = outcome.view.bundle.id if outcome.view is not None else ""
-        fired = await self.store.triggers.record_fire(
-            name,
-            group_key,
-            {
-                "group_key": group_key,
-                "bundle_id": bundle_id,
-                "fired_at": model.format_time(now),
-                "incident": incident,
-                "summary": summary,
-                "url": url,
-            },
-        )
-        message = f"trigger {name} applied bundle {bundle_id} for {what}" + (
+        # The same bundle in force already (applied by hand): it is not the trigger's, and
+        # resolving the alert leaves it.
+        firing.update(bundle_id=bundle_id, adopted=not result.changed)
+        fired = await self.store.triggers.record_fire(name, group_key, firing)
+        message = f"trigger {name} applied bundle {bundle_id} for {what}{by}" + (
             f" ({url})" if url else ""
         )
+        if not result.changed:
+            message = (
+                f"trigger {name}: bundle {bundle_id} was in force already for {what}{by}: "
+                "nothing new applied, and resolving the alert will leave it"
+            )
         await self._say(
             record,
             group_key,
@@ -456,17 +505,17 @@ class TriggerRPCs:
             incident=incident,
             bundle_id=bundle_id,
             url=url,
+            caller=caller,
         )
         self.metrics.trigger_fires.labels(name, "fired").inc()
         log.info("trigger_fired", trigger=name, bundle_id=bundle_id, incident=incident)
         if not result.changed:
-            # The same bundle was in force already (applied by hand, say): what was
-            # written is the firing's record.
             result = pb.WriteResult(changed=True, revision=fired, summary=message)
         return TriggerFiring(name, mpb.TRIGGER_FIRED, bundle_id, message, result)
 
     async def resolve(self, record: dict[str, Any], *, group_key: str) -> TriggerFiring:
-        """An alert group resolved: revert what it fired, when the trigger says so."""
+        """An alert group resolved: revert what it fired, when the trigger says so (the
+        group is marked resolved in every case: the next firing fires anew)."""
         name = str(record["name"])
         prior = await self.store.triggers.fire(name, group_key)
         if prior is None or prior.get("resolved_at"):
@@ -478,12 +527,21 @@ class TriggerRPCs:
         bundle_id = str(prior.get("bundle_id", ""))
         incident = str(prior.get("incident", ""))
         resolved = {**prior, "resolved_at": model.format_time(model.utcnow())}
+        message = ""
         if not record.get("revert_on_resolve"):
-            written = await self.store.triggers.record_fire(name, group_key, resolved)
             message = (
                 f"the alert resolved; trigger {name} does not revert on resolve: bundle "
                 f"{bundle_id} stays (cpctl bundle revert {bundle_id})"
             )
+        elif not bundle_id:
+            message = f"the alert resolved; trigger {name} applied no bundle for it"
+        elif prior.get("adopted"):
+            message = (
+                f"the alert resolved; bundle {bundle_id} was in force before the alert "
+                "(not applied by the trigger): it stays"
+            )
+        if message:
+            written = await self.store.triggers.record_fire(name, group_key, resolved)
             result = pb.WriteResult(changed=True, revision=written, summary=message)
             return TriggerFiring(name, mpb.TRIGGER_NOT_REVERTED, bundle_id, message, result)
         opts = model.WriteOptions(
@@ -494,7 +552,11 @@ class TriggerRPCs:
         )
         try:
             reverted = await self.store.revert_bundle(bundle_id, opts, force=False)
-        except BundleConflictError as exc:
+        except UnavailableError:
+            raise  # etcd: Alertmanager retries
+        except ControlPlaneError as exc:
+            # A key changed since (the bundle revert's rule), the bundle expired or is
+            # gone: it is not reverted, and the group is resolved all the same.
             message = f"the alert resolved, but bundle {bundle_id} was not reverted: {exc.message}"
             await self._say(
                 record,
@@ -514,3 +576,14 @@ class TriggerRPCs:
             changed=True, revision=max(reverted.revision, written), summary=message
         )
         return TriggerFiring(name, mpb.TRIGGER_REVERTED, bundle_id, message, result)
+
+
+def _already(name: str, prior: dict[str, Any]) -> TriggerFiring:
+    bundle_id = str(prior.get("bundle_id", ""))
+    return TriggerFiring(
+        name,
+        mpb.TRIGGER_ALREADY_FIRED,
+        bundle_id,
+        f"trigger {name} fired for this alert group already (bundle {bundle_id or 'pending'}): "
+        "nothing new applied",
+    )

@@ -111,26 +111,72 @@ class TriggerStore:
 
     async def fire(self, name: str, group_key: str) -> dict[str, Any] | None:
         """What ``group_key`` fired of trigger ``name`` (None: nothing yet)."""
+        found = await self._fire_kv(name, group_key)
+        return found[0] if found else None
+
+    async def _fire_kv(self, name: str, group_key: str) -> tuple[dict[str, Any], int] | None:
         response = await self._etcd.range(self._abs(f"{_FIRES}{name}/{group_digest(group_key)}"))
-        return json.loads(bytes(response.kvs[0].value)) if response.kvs else None
+        if not response.kvs:
+            return None
+        kv = response.kvs[0]
+        return json.loads(bytes(kv.value)), int(kv.mod_revision)
+
+    async def _last_kv(self, name: str) -> tuple[datetime | None, int]:
+        response = await self._etcd.range(self._abs(_LAST + name))
+        if not response.kvs:
+            return None, 0
+        kv = response.kvs[0]
+        try:
+            return model.parse_time(bytes(kv.value).decode()), int(kv.mod_revision)
+        except (ValueError, UnicodeDecodeError):
+            return None, int(kv.mod_revision)
+
+    async def claim(
+        self, name: str, group_key: str, record: dict[str, Any], cooldown: float
+    ) -> tuple[str, Any]:
+        """Take the firing of ``group_key`` for this call alone (compare-and-set), and,
+        with a ``cooldown``, the trigger's cooldown too: two replicas given the same
+        alert, or two groups at once, apply the bundle once.
+
+        Returns ``("claimed", revision)``, ``("fired", record)`` (the group fired
+        already), or ``("cooldown", last firing time)``.
+        """
+        while True:
+            prior = await self._fire_kv(name, group_key)
+            if prior is not None and not prior[0].get("resolved_at"):
+                return "fired", prior[0]
+            last, last_mod = await self._last_kv(name)
+            now = model.utcnow()
+            if cooldown and last is not None and (now - last).total_seconds() < cooldown:
+                return "cooldown", last
+            fire_key = self._abs(f"{_FIRES}{name}/{group_digest(group_key)}")
+            last_key = self._abs(_LAST + name)
+            compare = [unchanged_since(fire_key, prior[1] if prior else 0)]
+            if cooldown:
+                compare.append(unchanged_since(last_key, last_mod))
+            response = await self._etcd.txn(
+                compare,
+                [
+                    put(fire_key, json.dumps(record).encode()),
+                    put(last_key, model.format_time(now).encode()),
+                ],
+            )
+            if response.succeeded:
+                return "claimed", int(response.header.revision)
+
+    async def release(self, name: str, group_key: str, revision: int) -> None:
+        """Give a claim up (the bundle could not be applied): a retry may fire."""
+        key = self._abs(f"{_FIRES}{name}/{group_digest(group_key)}")
+        await self._etcd.txn([unchanged_since(key, revision)], [delete(key)])
 
     async def record_fire(self, name: str, group_key: str, record: dict[str, Any]) -> int:
         """Write what ``group_key`` fired (or that it resolved); returns the revision."""
         path = f"{_FIRES}{name}/{group_digest(group_key)}"
         ops = [put(self._abs(path), json.dumps(record).encode())]
-        if record.get("bundle_id") and not record.get("resolved_at"):
-            fired = record.get("fired_at") or model.format_time(model.utcnow())
-            ops.append(put(self._abs(_LAST + name), str(fired).encode()))
         return int((await self._etcd.txn([], ops)).header.revision)
 
     async def last_fired(self, name: str) -> datetime | None:
-        response = await self._etcd.range(self._abs(_LAST + name))
-        if not response.kvs:
-            return None
-        try:
-            return model.parse_time(bytes(response.kvs[0].value).decode())
-        except (ValueError, UnicodeDecodeError):
-            return None
+        return (await self._last_kv(name))[0]
 
     async def forget(self, name: str) -> None:
         """A deleted trigger's firings and cooldown go with it."""

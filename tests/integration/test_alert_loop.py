@@ -54,6 +54,10 @@ async def test_alert_fires_the_bundle_everywhere_and_resolving_reverts_it(
     agents: list[AgentProcess] = []
     try:
         assert server.http is not None and server.notifier is not None
+        # Told from the moment the notifier sends (its cursors start there).
+        async with asyncio.timeout(15):
+            while not (server.notifier.sending and server.notifier.ready.is_set()):
+                await server.notifier.changed()
         async with grpc.aio.insecure_channel(server.address) as channel:
             stub = mitigation_pb2_grpc.MitigationServiceStub(channel)
             await stub.SetTrigger(

@@ -3,6 +3,7 @@ the HTTP listener, and FireTrigger; the bundle applied, repeated, reverted, refu
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 from collections.abc import AsyncIterator
@@ -303,3 +304,76 @@ async def test_a_key_changed_since_keeps_the_bundle_when_the_alert_resolves(
     assert await flag_value(srv, "checkout", "new-ui") is True  # the hand-made value stays
     history = json.loads((await run("--json", "history", "--service", "checkout")).stdout)
     assert "trigger.not_reverted" in [e["action"] for e in history["entries"]]
+
+
+async def set_trigger(http: httpx.AsyncClient, name: str, **extra: Any) -> None:
+    body = {
+        "trigger": {
+            "name": name,
+            "matchers": [{"label": "alertname", "value": "X"}],
+            "bundleName": "b",
+            "changes": [{"setFlag": {"scope": "checkout", "name": "k", "value": FALSE}}],
+            **extra,
+        },
+        "options": {"reason": "r"},
+    }
+    made = await http.post("/v1/triggers", json=body)
+    assert made.status_code == 200, made.text
+
+
+async def fire(http: httpx.AsyncClient, name: str, group: str) -> Any:
+    answer = await http.post(f"/v1/triggers/{name}/fire", json={"groupKey": group})
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+async def test_one_firing_per_group_and_per_cooldown_under_concurrency(
+    srv: ControlServer, http: httpx.AsyncClient
+) -> None:
+    await set_trigger(http, "t", ttl="600s")
+    same = await asyncio.gather(*(fire(http, "t", "g1") for _ in range(4)))
+    outcomes = sorted(a["outcome"] for a in same)
+    assert outcomes == ["TRIGGER_ALREADY_FIRED"] * 3 + ["TRIGGER_FIRED"], same
+    assert len({a["bundleId"] for a in same}) <= 2  # the bundle, or "pending" then
+    await set_trigger(http, "calm", cooldown="600s", changes=[
+        {"setFlag": {"scope": "search", "name": "k", "value": FALSE}}
+    ])  # fmt: skip
+    groups = await asyncio.gather(*(fire(http, "calm", f"g{i}") for i in range(4)))
+    outcomes = sorted(a["outcome"] for a in groups)
+    assert outcomes == ["TRIGGER_COOLDOWN"] * 3 + ["TRIGGER_FIRED"], groups
+
+
+async def test_resolving_after_the_bundle_expired_lets_the_group_fire_again(
+    srv: ControlServer, http: httpx.AsyncClient
+) -> None:
+    await set_trigger(http, "short", ttl="0.5s", revertOnResolve=True)
+    first = await fire(http, "short", "g")
+    assert first["outcome"] == "TRIGGER_FIRED", first
+    assert srv.hub is not None
+    # The bundle's flag goes when its expiry passes (the server restores what it replaced).
+    async with asyncio.timeout(10):
+        while await flag_value(srv, "checkout", "k") is not None:
+            await srv.hub.feed("checkout").wait_past(srv.hub.feed("checkout").latest)
+    resolved = await http.post("/v1/triggers/short/resolve", json={"groupKey": "g"})
+    answer = resolved.json()
+    assert answer["outcome"] == "TRIGGER_NOT_REVERTED", answer
+    assert "was not reverted" in answer["message"], answer
+    again = await fire(http, "short", "g")
+    assert again["outcome"] == "TRIGGER_FIRED", again
+
+
+async def test_a_bundle_in_force_before_the_alert_stays_when_it_resolves(
+    srv: ControlServer, http: httpx.AsyncClient
+) -> None:
+    change = {"setFlag": {"scope": "checkout", "name": "k", "value": FALSE}}
+    applied = await http.post(
+        "/v1/bundles", json={"name": "b", "changes": [change], "options": {"reason": "by hand"}}
+    )
+    assert applied.status_code == 200, applied.text
+    await set_trigger(http, "t", revertOnResolve=True)
+    fired = await fire(http, "t", "g")
+    assert fired["outcome"] == "TRIGGER_FIRED" and "in force already" in fired["message"]
+    resolved = (await http.post("/v1/triggers/t/resolve", json={"groupKey": "g"})).json()
+    assert resolved["outcome"] == "TRIGGER_NOT_REVERTED", resolved
+    assert "was in force before the alert" in resolved["message"]
+    assert await flag_value(srv, "checkout", "k") is False

@@ -49,6 +49,7 @@ def hook(**extra: Any) -> dict[str, Any]:
         ({"destinations": [hook(routing_key="x")]}, "unknown field 'routing_key' for a webhook"),
         ({"destinations": [hook(url_env="X")]}, "give one of url, url_env, not several"),
         ({"destinations": [hook(events=["changes"])]}, "'changes' is not an event; the events"),
+        ({"destinations": [hook(url="https://h.example:44x/a")]}, "url is not an http(s) URL"),
         ({"destinations": [hook(services=["Checkout"])]}, "'Checkout' is not a service name"),
         ({"destinations": [hook()], "group_window": "soon"}, "group_window 'soon'"),
         ({"destinations": [hook()], "give_up_after": "0s"}, "give_up_after must be positive"),

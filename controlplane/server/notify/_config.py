@@ -38,6 +38,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import yaml
 
 from controlplane._durations import parse_duration
@@ -175,7 +176,13 @@ def _secret(
 
 def _url(text: str, where: str, field_name: str) -> str:
     # Named by field, never shown: a Slack webhook URL is its own secret.
-    if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", text):
+    try:
+        parsed = httpx.URL(text)
+        valid = parsed.scheme in ("http", "https") and bool(parsed.host)
+        _ = parsed.port  # a port that is not a number fails here
+    except (httpx.InvalidURL, ValueError, TypeError):
+        valid = False
+    if not valid or not re.fullmatch(r"https?://[^\s/]+(/\S*)?", text):
         raise NotifyConfigError(
             f"{where}: {field_name} is not an http(s) URL (the value is not shown: it may be "
             "a secret)"

@@ -150,6 +150,7 @@ _EVENT_ACTIONS = {
     "trigger.cooldown": "trigger",
     "trigger.would_apply": "trigger",
     "trigger.not_reverted": "trigger",
+    "trigger.failed": "trigger",
 }
 
 

@@ -100,6 +100,16 @@ class _Pending:
             return None
 
 
+def _redact(text: str, destination: Destination) -> str:
+    """``text`` without the destination's secrets: its URL (a Slack webhook's path is
+    its secret), routing key and signing secret, as a receiver may echo them."""
+    path = httpx.URL(destination.url).path if "://" in destination.url else ""
+    for secret in (destination.url, path, destination.routing_key, destination.secret):
+        if secret and len(secret) >= 6:
+            text = text.replace(secret, f"<secret of {destination.name}>")
+    return text
+
+
 def _duration(delta: timedelta) -> str:
     seconds = delta.total_seconds()
     if seconds < 120:
@@ -257,6 +267,11 @@ class Notifier:
                 group.create_task(self._check_stale(self.hub, self.stale_after))
             workers: dict[str, asyncio.Task[None]] = {}
             while True:
+                # Cleared before the file is read: a reload during what follows is seen.
+                self._reloaded.clear()
+                for name in [n for n, task in workers.items() if task.done()]:
+                    del workers[name]  # it ended (its destination went): back if it returns
+                    cursors.pop(name, None)
                 for destination in self.config.destinations:
                     if destination.name not in workers:
                         state = states.get(destination.name) or {}
@@ -275,7 +290,6 @@ class Notifier:
                         cursors.pop(name, None)
                 self.ready.set()
                 self._moved()
-                self._reloaded.clear()
                 await self._reloaded.wait()
                 states = await self.store.notify_state.states()
 
@@ -338,6 +352,8 @@ class Notifier:
             timeout = IDLE_CURSOR_SECONDS
             if waiting:
                 timeout = max((waiting[0].time + after - now).total_seconds(), 0.0) + 0.01
+            else:
+                checked = max(checked, self._latest)  # nothing to check up to here
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._appended.wait()
@@ -437,10 +453,11 @@ class Notifier:
                 ]
                 self.metrics.notifications_pending.labels(name).set(len(waiting))
                 if pending is not None:
-                    group = [c for c in waiting if pending.first <= c.revision <= pending.last]
-                    if not group and self._latest < pending.last:
+                    if self._latest < pending.last:
+                        # The watch has not caught up with the whole group yet.
                         await self._appended.wait()
                         continue
+                    group = [c for c in waiting if pending.first <= c.revision <= pending.last]
                     await self._deliver(fence, destination, group, pending, cursor)
                     cursor, pending = pending.last, None
                     self._cursors[name] = cursor
@@ -532,7 +549,9 @@ class Notifier:
             if now - pending.since >= self.config.give_up_after:
                 break
             jitter = random.uniform(0.5, 1.0)  # noqa: S311 (jitter)
-            delay = retry_after if retry_after is not None else backoff * jitter
+            # A receiver's Retry-After wins, but not below a second (Retry-After: 0 from a
+            # busy receiver must not turn the retries into a busy loop).
+            delay = max(retry_after, 1.0) if retry_after is not None else backoff * jitter
             delay = min(delay, (pending.since + self.config.give_up_after - now).total_seconds())
             log.warning(
                 "notification_retry",
@@ -571,8 +590,8 @@ class Notifier:
         body, headers = request_of(destination, event, self.config.link)
         try:
             response = await self._client.post(destination.url, content=body, headers=headers)
-        except httpx.HTTPError as exc:
-            text = str(exc).replace(destination.url, f"<url of {destination.name}>")
+        except Exception as exc:  # httpx's errors, and an URL it refuses (InvalidURL)
+            text = _redact(str(exc), destination)
             return f"{type(exc).__name__}: {text or 'no answer'}"[:300], None
         if 200 <= response.status_code < 300:
             return None, None
@@ -580,5 +599,5 @@ class Notifier:
         given = response.headers.get("retry-after", "")
         if given.isdigit():
             retry_after = float(given)
-        text = response.text[:200].replace(destination.url, f"<url of {destination.name}>")
+        text = _redact(response.text[:200], destination)
         return f"HTTP {response.status_code}: {text}".strip(), retry_after
