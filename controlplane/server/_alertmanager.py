@@ -36,7 +36,7 @@ from starlette.routing import BaseRoute, Route
 from controlplane import model
 from controlplane.api.v1 import mitigation_pb2 as mpb
 from controlplane.errors import ControlPlaneError, InvalidArgumentError, UnavailableError
-from controlplane.server._http_context import HttpContext, error_response, read_json
+from controlplane.server._http_context import authenticate_request, error_response, read_json
 from controlplane.server._routes import BadRequest
 from controlplane.server._trigger_service import TriggerRPCs, matches
 from controlplane.server.auth import (
@@ -44,8 +44,6 @@ from controlplane.server.auth import (
     AuthError,
     AuthInterceptor,
     Identity,
-    authenticate,
-    authorize,
 )
 
 log = structlog.get_logger("controlplane.http")
@@ -69,7 +67,7 @@ class AlertReceiver:
         start = time.perf_counter()
         identity: Identity | None = None
         try:
-            identity = self._authenticate(request)
+            identity, _ = authenticate_request(self.auth, request, ALERTMANAGER)
             payload = _payload(await read_json(request, self.max_body))
             done = await self._handle(payload, identity.name if identity is not None else "")
             response: Response = JSONResponse({"triggers": done})
@@ -89,24 +87,6 @@ class AlertReceiver:
             actor=identity.name if identity is not None else None,
         )
         return response
-
-    def _authenticate(self, request: Request) -> Identity | None:
-        if self.auth is None:
-            return None
-        subject: str | None = getattr(request.state, "client_subject", None)
-        metadata = tuple(
-            ("authorization", value) for value in request.headers.getlist("authorization")
-        )
-        client = request.client
-        peer = f"ipv4:{client.host}:{client.port}" if client is not None else "unknown"
-        try:
-            presented = HttpContext(None, (), peer, subject).auth_context()
-            identity, _ = authenticate(self.auth.config, metadata, presented)
-            authorize(identity, ALERTMANAGER)
-        except AuthError as error:
-            self.auth.refused(ALERTMANAGER, error, peer, transport="http")
-            raise
-        return identity
 
     async def _handle(self, payload: dict[str, Any], caller: str) -> list[dict[str, Any]]:
         servicer = self.servicer

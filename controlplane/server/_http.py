@@ -42,12 +42,14 @@ from controlplane.server._http_context import (
     HttpAbort,
     HttpContext,
     abort_response,
+    authenticate_request,
     body_chunk,
     cancel_on_disconnect,
     deadline_of,
     error_body,
     error_response,
     http_exception,
+    peer_of,
     query_items,
     read_json,
     rfc4514,
@@ -70,8 +72,6 @@ from controlplane.server.auth import (
     AuthInterceptor,
     Credential,
     Identity,
-    authenticate,
-    authorize,
     current_identity,
 )
 
@@ -223,28 +223,20 @@ class HttpListener:
         identity: Identity | None = None
         credential: Credential | None = None
         rpc_request: Message | None = None
-        subject: str | None = getattr(request.state, "client_subject", None)
-        client = request.client
-        peer = f"ipv4:{client.host}:{client.port}" if client is not None else "unknown"
-        if client is not None and ":" in client.host:
-            peer = f"ipv6:[{client.host}]:{client.port}"
         response: Response
         try:
             deadline = deadline_of(request.headers)
+            try:
+                identity, credential = authenticate_request(self.auth, request, route.full_method)
+            except AuthError as error:
+                raise HttpAbort(error.code, error.message) from None
             metadata = tuple(
                 ("authorization", value) for value in request.headers.getlist("authorization")
             )
-            if self.auth is not None:
-                try:
-                    presented = HttpContext(None, (), peer, subject).auth_context()
-                    identity, credential = authenticate(self.auth.config, metadata, presented)
-                    authorize(identity, route.full_method)
-                except AuthError as error:
-                    self.auth.refused(route.full_method, error, peer, transport="http")
-                    raise HttpAbort(error.code, error.message) from None
             body = await read_json(request, self.config.max_message_bytes, typed=route.has_body)
             rpc_request = build_request(route, request.path_params, query_items(request), body)
-            context = HttpContext(deadline, metadata, peer, subject)
+            subject: str | None = getattr(request.state, "client_subject", None)
+            context = HttpContext(deadline, metadata, peer_of(request), subject)
             if route.streaming:
                 return _Ndjson(self, route, rpc_request, context, identity, credential, start)
             response = await self._call(route, rpc_request, context, identity)

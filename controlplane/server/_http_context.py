@@ -19,6 +19,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive
 
 from controlplane.server._routes import HTTP_STATUS, BadRequest
+from controlplane.server.auth import (
+    AuthError,
+    AuthInterceptor,
+    Credential,
+    Identity,
+    authenticate,
+    authorize,
+)
 
 _TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 _GRPC_TIMEOUT = re.compile(r"([0-9]{1,8})([HMSmun])")
@@ -235,3 +243,38 @@ def cancel_on_disconnect(receive: Receive) -> tuple[asyncio.Event, asyncio.Task[
         task.cancel()
 
     return gone, asyncio.create_task(watch_client())
+
+
+def peer_of(request: Request) -> str:
+    """The client as gRPC names a peer (``ipv4:127.0.0.1:50512``), for logs."""
+    client = request.client
+    if client is None:
+        return "unknown"
+    if ":" in client.host:
+        return f"ipv6:[{client.host}]:{client.port}"
+    return f"ipv4:{client.host}:{client.port}"
+
+
+def authenticate_request(
+    auth: AuthInterceptor | None, request: Request, method: str
+) -> tuple[Identity | None, Credential | None]:
+    """Who sends ``request`` (its bearer token, else its client certificate's subject),
+    allowed to call ``method`` as the auth rules name it; (None, None) with
+    authentication off. The HTTP routes' one way in, as the gRPC interceptor's.
+
+    Raises:
+        AuthError: UNAUTHENTICATED or PERMISSION_DENIED (counted and logged).
+    """
+    if auth is None:
+        return None, None
+    subject: str | None = getattr(request.state, "client_subject", None)
+    metadata = tuple(("authorization", value) for value in request.headers.getlist("authorization"))
+    peer = peer_of(request)
+    try:
+        presented = HttpContext(None, (), peer, subject).auth_context()
+        identity, credential = authenticate(auth.config, metadata, presented)
+        authorize(identity, method)
+    except AuthError as error:
+        auth.refused(method, error, peer, transport="http")
+        raise
+    return identity, credential

@@ -52,7 +52,7 @@ from controlplane import model
 from controlplane.errors import InvalidArgumentError
 from controlplane.server._effective import View, Views, etag_stamp, evaluation
 from controlplane.server._http_context import (
-    HttpContext,
+    authenticate_request,
     body_chunk,
     cancel_on_disconnect,
     read_json,
@@ -69,8 +69,6 @@ from controlplane.server.auth import (
     AuthInterceptor,
     Credential,
     Identity,
-    authenticate,
-    authorize,
 )
 from controlplane.server.hub import Hub
 
@@ -230,20 +228,10 @@ class Ofrep:
     def _authenticate(
         self, request: Request, method: str
     ) -> tuple[Identity | None, Credential | None]:
-        if self.auth is None:
-            return None, None
-        subject: str | None = getattr(request.state, "client_subject", None)
-        metadata = tuple(
-            ("authorization", value) for value in request.headers.getlist("authorization")
-        )
         try:
-            presented = HttpContext(None, (), _peer(request), subject).auth_context()
-            identity, credential = authenticate(self.auth.config, metadata, presented)
-            authorize(identity, method)
+            return authenticate_request(self.auth, request, method)
         except AuthError as error:
-            self.auth.refused(method, error, _peer(request), transport="http")
             raise OfrepError(_AUTH_STATUS.get(error.code, 403), "GENERAL", error.message) from None
-        return identity, credential
 
     async def _context(self, request: Request) -> dict[str, Any]:
         """The evaluation context of the body (``{}`` when there is none)."""
@@ -343,15 +331,6 @@ class Ofrep:
             duration_ms=round((time.perf_counter() - start) * 1000, 3),
             actor=identity.name if identity is not None else None,
         )
-
-
-def _peer(request: Request) -> str:
-    client = request.client
-    if client is None:
-        return "unknown"
-    if ":" in client.host:
-        return f"ipv6:[{client.host}]:{client.port}"
-    return f"ipv4:{client.host}:{client.port}"
 
 
 def _not_found(key: str, service: str, view: View) -> str:
