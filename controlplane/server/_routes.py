@@ -149,6 +149,20 @@ def render(message: Message) -> dict[str, Any]:
     return json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
 
 
+def _no_nulls(value: Any, where: str) -> None:
+    """Refuse a JSON null anywhere in a body: protobuf's JSON mapping would read it as
+    the field's default, but the document (/openapi.json) gives no field a null, and a
+    null ``expectedModRevision`` silently meaning "no compare" is a trap."""
+    if value is None:
+        raise BadRequest(f"{where or 'the body'}: null is not a value here: leave the field out")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _no_nulls(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _no_nulls(item, f"{where}[{index}]")
+
+
 def build_request(
     route: Route,
     path: Mapping[str, str],
@@ -175,6 +189,7 @@ def build_request(
                 raise BadRequest(
                     f"the body must be a JSON object: the fields of {name} (see /openapi.json)"
                 )
+            _no_nulls(body, "")
             fields = dict(body)
     else:
         if body is not None:

@@ -230,3 +230,11 @@ def test_deadlines_from_x_timeout_or_grpc_timeout() -> None:
         with pytest.raises(BadRequest) as refused:
             deadline_of(headers)
         assert "timeout" in refused.value.message.lower()
+
+
+def test_a_null_in_a_body_is_refused_naming_where() -> None:
+    route = next(r for r in ROUTES if r.rpc == "MarkKnownGood")
+    body = {"options": {"reason": "r", "expectedModRevision": None}}
+    with pytest.raises(BadRequest) as refused:
+        build_request(route, {"service": "m", "version": "v1"}, [], body)
+    assert "options.expectedModRevision: null is not a value here" in refused.value.message
