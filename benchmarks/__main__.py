@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 
 from benchmarks import (
+    bench_agent_cost,
     bench_flagd,
     bench_hotpath,
     bench_memory,
@@ -28,6 +29,7 @@ BENCHMARKS: dict[str, Callable[[list[str]], None]] = {
     "memory": bench_memory.main,
     "reconnect": bench_reconnect.main,
     "flagd": bench_flagd.main,
+    "agent-cost": bench_agent_cost.main,
 }
 
 

@@ -1,13 +1,17 @@
-"""One agent process of a benchmark fleet: many ``agents.AsyncAgent``, one connection each.
+"""One agent process of a benchmark fleet: many SDK agents, one connection each.
 
 Run by :class:`benchmarks._fleet.AgentFleet`, never by hand::
 
     python -m benchmarks._agent_worker --servers HOST:PORT --service S --count N --name W
+        [--sdk async|sync] [--cache DIR]
 
-Every agent runs in this process's one asyncio loop, as a service's agents
-would in many processes; the SDK gives each its own TCP connection
-(``grpc.use_local_subchannel_pool``). Each agent's ``on_change`` callback
-records ``(revision, time.time())`` of every change it sees, nothing more.
+``--sdk async`` (the default): ``agents.AsyncAgent``, every agent in this
+process's one asyncio loop, as a service's agents would in many processes.
+``--sdk sync``: ``agents.Agent``, as a threaded or WSGI service runs it. The SDK
+gives each its own TCP connection (``grpc.use_local_subchannel_pool``).
+``--cache DIR``: each agent keeps a cache file ``DIR/<instance>.json``. Each
+agent's ``on_change`` callback records ``(revision, time.time())`` of every
+change it sees, nothing more.
 
 The driver talks to it in JSON lines: a command on stdin, one answer on stdout.
 Before any command the worker prints ``{"event": "ready", ...}`` once every agent
@@ -23,6 +27,7 @@ is READY (or the ready timeout passed). Commands (``"cmd"``):
 ``expect``     the flag values (``flags``) that make an agent converged
 ``converged``  wait (``timeout``) until every agent is READY again and converged;
                answer with each agent's times (null: not within the timeout)
+``cpu``        this process's CPU seconds so far (user + system, all threads)
 ``stop``       close every agent and exit (so does the end of stdin)
 """
 
@@ -36,9 +41,10 @@ import logging
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from agents import AsyncAgent, StateChange
+from agents import Agent, AsyncAgent, StateChange
 
 READY_POLL = 0.005
 """Seconds between looks at the agents' states while waiting for an outage."""
@@ -54,6 +60,9 @@ class Worker:
         count: int,
         name: str,
         record: list[str] | None = None,
+        *,
+        sdk: str = "async",
+        cache: Path | None = None,
     ) -> None:
         self.arrivals: list[list[tuple[int, float]]] = [[] for _ in range(count)]
         self.record = record or []
@@ -64,18 +73,24 @@ class Worker:
         self._waiters: list[asyncio.Task[None]] = []
         self._back = asyncio.Event()
         self._changed = asyncio.Event()
-        """Set by every change an agent applies (for ``settle``)."""
-        """Set once every agent is READY again and converged (after an outage)."""
-        self.agents = [
-            AsyncAgent(
+        """Set by every change an agent applies while ``settle`` waits."""
+        self._waiting = False
+        self._loop = asyncio.get_running_loop()
+        self.sync = sdk == "sync"
+        kind: type[Agent] | type[AsyncAgent] = Agent if self.sync else AsyncAgent
+        self.agents: list[Agent | AsyncAgent] = [
+            kind(
                 service,
                 servers,
                 version="bench",
                 instance_id=f"{name}-{i}",
                 on_change=self._recorder(i),
+                cache_path=str(cache / f"{name}-{i}.json") if cache is not None else None,
             )
             for i in range(count)
         ]
+        self.sync_agents = [a for a in self.agents if isinstance(a, Agent)]
+        self.async_agents = [a for a in self.agents if isinstance(a, AsyncAgent)]
 
     def _recorder(self, index: int) -> Callable[[StateChange], None]:
         arrivals = self.arrivals[index]
@@ -84,7 +99,12 @@ class Worker:
         def record(change: StateChange) -> None:
             now = time.time()
             arrivals.append((change.revision, now))
-            self._changed.set()
+            if self._waiting:
+                # Sync agents call back from the SDK's thread.
+                if self.sync:
+                    self._loop.call_soon_threadsafe(self._changed.set)
+                else:
+                    self._changed.set()
             if self.record:
                 agent = self.agents[index]
                 state = {k: agent.value(k) for k in self.record}
@@ -96,7 +116,10 @@ class Worker:
                 agent = self.agents[index]
                 if all(agent.value(k) == v for k, v in self.expected.items()):
                     self.converged_at[index] = now
-                    self._check_back()
+                    if self.sync:
+                        self._loop.call_soon_threadsafe(self._check_back)
+                    else:
+                        self._check_back()
 
         return record
 
@@ -106,9 +129,12 @@ class Worker:
 
     async def start(self, within: float) -> dict[str, Any]:
         started = time.monotonic()
-        for agent in self.agents:
-            await agent.start()
-        ready = await asyncio.gather(*(a.wait_ready(within) for a in self.agents))
+        for sync_agent in self.sync_agents:
+            sync_agent.start()
+        for async_agent in self.async_agents:
+            await async_agent.start()
+        ready = await asyncio.to_thread(_wait_all_ready, self.sync_agents, within)
+        ready += await asyncio.gather(*(a.wait_ready(within) for a in self.async_agents))
         return {
             "event": "ready",
             "count": len(self.agents),
@@ -139,7 +165,11 @@ class Worker:
         return {"event": "outage", "not_ready": not_ready}
 
     async def _time_ready(self, index: int) -> None:
-        await self.agents[index].wait_ready()
+        agent = self.agents[index]
+        if isinstance(agent, Agent):
+            await asyncio.to_thread(agent.wait_ready)
+        else:
+            await agent.wait_ready()
         self.ready_at[index] = time.time()
         self._check_back()
 
@@ -181,21 +211,42 @@ class Worker:
                 for agent, history in zip(self.agents, self.histories, strict=True)
             )
 
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(within):
-                while missing():
-                    self._changed.clear()
-                    await self._changed.wait()
+        self._waiting = True
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(within):
+                    while missing():
+                        self._changed.clear()
+                        if not missing():
+                            break
+                        await self._changed.wait()
+        finally:
+            self._waiting = False
         return {
             "event": "settle",
             "missing": missing(),
             "seconds": round(time.monotonic() - started, 3),
         }
 
+    def cpu(self) -> dict[str, Any]:
+        """This process's CPU time so far (user + system, every thread)."""
+        return {"event": "cpu", "seconds": time.process_time(), "at": time.monotonic()}
+
     async def stop(self) -> None:
         for task in self._waiters:
             task.cancel()
-        await asyncio.gather(*(a.close() for a in self.agents), return_exceptions=True)
+        await asyncio.to_thread(_close_all, self.sync_agents)
+        await asyncio.gather(*(a.close() for a in self.async_agents), return_exceptions=True)
+
+
+def _wait_all_ready(agents: list[Agent], within: float) -> list[bool]:
+    deadline = time.monotonic() + within
+    return [agent.wait_ready(max(deadline - time.monotonic(), 0.0)) for agent in agents]
+
+
+def _close_all(agents: list[Agent]) -> None:
+    for agent in agents:
+        agent.close()
 
 
 def _histogram(items: Any) -> dict[str, int]:
@@ -212,7 +263,15 @@ def _say(message: dict[str, Any]) -> None:
 
 async def _serve(args: argparse.Namespace) -> None:
     record = [f for f in args.record.split(",") if f]
-    worker = Worker(args.servers.split(","), args.service, args.count, args.name, record)
+    worker = Worker(
+        args.servers.split(","),
+        args.service,
+        args.count,
+        args.name,
+        record,
+        sdk=args.sdk,
+        cache=Path(args.cache) if args.cache else None,
+    )
     try:
         _say(await worker.start(args.ready_timeout))
         while True:
@@ -239,6 +298,8 @@ async def _serve(args: argparse.Namespace) -> None:
                 _say(worker.expect(command["flags"]))
             elif cmd == "converged":
                 _say(await worker.converged(float(command.get("timeout", 30.0))))
+            elif cmd == "cpu":
+                _say(worker.cpu())
             elif cmd == "stop":
                 return
             else:
@@ -258,6 +319,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--record", default="", help="comma-separated flags whose values each change records"
     )
+    parser.add_argument("--sdk", choices=("async", "sync"), default="async")
+    parser.add_argument("--cache", default="", help="a folder for the agents' cache files")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     asyncio.run(_serve(args))

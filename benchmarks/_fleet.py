@@ -49,6 +49,8 @@ class AgentFleet:
         record: Flags whose values every change records (the ``history`` command).
         env: Environment variables for the processes, over this process's (e.g. the
             SDK's ``CONTROLPLANE_TLS_CA`` and ``CONTROLPLANE_TOKEN``).
+        sdk: ``async`` (``agents.AsyncAgent``) or ``sync`` (``agents.Agent``).
+        cache: A folder for a cache file per agent; None: no cache.
     """
 
     def __init__(
@@ -62,8 +64,12 @@ class AgentFleet:
         name: str = "bench",
         record: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        sdk: str = "async",
+        cache: Path | None = None,
     ) -> None:
         self.servers = list(servers)
+        self.sdk = sdk
+        self.cache = cache
         self.env = {**os.environ, **(env or {})}
         self.record = list(record)
         self.service = service
@@ -110,7 +116,8 @@ class AgentFleet:
                 "--servers", ",".join(self.servers), "--service", self.service,
                 "--count", str(count), "--name", f"{self.name}-{index}",
                 "--ready-timeout", str(self.ready_timeout),
-                "--record", ",".join(self.record),
+                "--record", ",".join(self.record), "--sdk", self.sdk,
+                "--cache", str(self.cache) if self.cache is not None else "",
             ]  # fmt: skip
             with (Path(self._logs.name) / f"agents-{index}.log").open("w") as log:
                 proc = subprocess.Popen(

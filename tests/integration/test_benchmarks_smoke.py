@@ -11,6 +11,7 @@ import pytest
 
 from benchmarks import __main__ as bench_main
 from benchmarks import (
+    bench_agent_cost,
     bench_flagd,
     bench_hotpath,
     bench_memory,
@@ -133,7 +134,7 @@ def test_reconnect_benchmark_brings_every_agent_back_with_the_outage_writes(
 
 def test_the_runner_knows_every_benchmark_and_refuses_unknown_ones() -> None:
     assert set(bench_main.BENCHMARKS) == {
-        "hotpath", "writes", "propagation", "memory", "reconnect", "flagd",
+        "hotpath", "writes", "propagation", "memory", "reconnect", "flagd", "agent-cost",
     }  # fmt: skip
     assert bench_main.main(["no-such-benchmark"]) == 2
 
@@ -150,3 +151,28 @@ def test_flagd_benchmark_sees_every_flip_on_every_stream(tmp_path: Path, protoco
     assert 0 < case["p50_ms"] <= case["p99_ms"] <= case["max_ms"]
     assert case["server_cpu_us_per_stream_change"] >= 0  # CPU ticks are 10 ms
     _written(tmp_path, protocol, results)
+
+
+def test_agent_cost_benchmark_measures_every_kind_of_agent(tmp_path: Path) -> None:
+    results = bench_agent_cost.run(
+        ["sync", "async"], [False, True], [2], flips=2, changes=4, idle=0.2, out_dir=tmp_path
+    )
+    _machine(results)
+    cases = {(c["sdk"], c["cache"]): c for c in results["cases"]}
+    assert set(cases) == {("sync", False), ("sync", True), ("async", False), ("async", True)}
+    for case in cases.values():
+        assert case["failures"] == []
+        assert (case["agents"], case["flips"]) == (2, 2)
+        # The process's own clock has nanoseconds: a change is never free.
+        assert case["raw_us_per_agent_change"] > 0
+        assert case["idle_ms_per_agent_s"] >= 0
+    targets = {v["target"] for v in results["verdicts"]}
+    assert targets == {
+        "AsyncAgent us/change",
+        "Agent / AsyncAgent",
+        "Agent / AsyncAgent (cache)",
+        "cache file us/change",
+        "idle ms/s per agent (worst case)",
+    }
+    assert all(isinstance(v["met"], bool) for v in results["verdicts"])
+    _written(tmp_path, "agent-cost", results)
