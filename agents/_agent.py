@@ -6,18 +6,22 @@ attribute lookup plus a dictionary lookup: no lock, no I/O, no clock, no metric.
 
 Threads and fork (:class:`Agent`)::
 
-    caller threads ── reads ──▶ agent._snapshot ◀── one assignment ── agent thread
-                                                                       (own asyncio loop,
-                                                                        one grpc.aio channel)
-    os.fork():  before        stop the agent thread: cancel, close the channel,
-                              write the cache, close the loop (gRPC's poller goes
-                              with the last channel); wait STOP_TIMEOUT for it
-                after (parent) start a new agent thread: resume from the last revision
+    caller threads ── reads ──▶ agent._snapshot ◀── one assignment ── the agents' thread
+                                                                       (one asyncio loop for
+                                                                        every Agent of the
+                                                                        process, agents._runner)
+    os.fork():  before        stop every agent's client: cancel, close its channel,
+                              write the cache; then stop the thread and close the
+                              loop (gRPC's poller goes with the last channel); wait
+                              STOP_TIMEOUT for all of it
+                after (parent) start the thread again: each agent resumes from its
+                              last revision
                 after (child)  same, with the parent's state and an instance id of its
                               own: a default one made anew (hostname-pid-random), a
                               given one with "-<pid>" appended (agents._config)
-                the thread did not stop in time (a change callback still running):
-                  parent: the stop is called off, the old thread goes on
+                the loop did not stop in time (a change callback still running):
+                  parent: the stops not yet run are called off, the loop goes on
+                          (an agent whose client ended already starts again)
                   child:  no agent thread (a channel may be alive in the copy):
                           the parent's state, STALE, logged as an error
 
@@ -30,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import os
 import random
@@ -39,13 +42,14 @@ import time
 import weakref
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar, Unpack, overload
+from typing import TYPE_CHECKING, TypeVar, Unpack, overload
 
 from agents import _shed, _state
 from agents._channels import release_channels
 from agents._client import Client
 from agents._client_state import AgentState, ChangeCallback
 from agents._config import AgentConfig, AgentSettings, forked_config, resolve_config
+from agents._runner import RUNNER, AgentRun, ForkStop
 from agents._state import Snapshot
 from agents._types import Criticality, FlagValue, Override, PinnedVersion, SheddingLevel
 
@@ -57,7 +61,7 @@ log = logging.getLogger("agents")
 _T = TypeVar("_T")
 
 STOP_TIMEOUT = 5.0
-"""Seconds ``close()`` and the fork hook wait for the agent thread to stop."""
+"""Seconds ``close()`` and the fork hook wait for agents' clients to stop."""
 
 
 class _Reads:
@@ -170,8 +174,10 @@ class _Reads:
         expiring, the state loaded from the cache at start, or a break-glass
         override applied, replaced, expiring or removed (``change.override``).
 
-        Callbacks run in the agent's background thread (:class:`Agent`) or loop
-        (:class:`AsyncAgent`), after the new state is served and acknowledged;
+        Callbacks run in the agents' background thread, which every
+        :class:`Agent` of the process shares (a callback that blocks holds the
+        other agents' changes, never their reads), or in the loop of an
+        :class:`AsyncAgent`, after the new state is served and acknowledged;
         keep them short. An exception is logged and does not stop the agent.
 
         Returns:
@@ -185,7 +191,8 @@ class _Reads:
 
 
 class Agent(_Reads):
-    """The control plane's state for one service, kept current by a background thread.
+    """The control plane's state for one service, kept current in the background by
+    one thread and asyncio loop that every ``Agent`` of the process shares.
 
     Args:
         service: The service (a DNS label); else ``CONTROLPLANE_SERVICE``.
@@ -274,14 +281,8 @@ class Agent(_Reads):
         self._lock = threading.RLock()
         self._started = False
         self._closed = False
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._restart_after_fork = False
-        # For the fork hook: the stop of a thread that did not stop in time, and
-        # that thread with its loop (the parent calls the stop off and keeps them).
-        self._fork_stop: _StopRequest | None = None
-        self._fork_kept: tuple[asyncio.AbstractEventLoop, threading.Thread] | None = None
+        self._run: AgentRun | None = None
+        """The client's run in the shared loop, while it runs."""
         _AGENTS.add(self)
 
     def start(self) -> None:
@@ -299,7 +300,7 @@ class Agent(_Reads):
             self._started = True
             self._client.load_cache()
             self._client.load_override()
-            self._start_thread()
+            self._begin()
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Block until the agent is ``READY`` or ``timeout`` seconds passed.
@@ -312,15 +313,22 @@ class Agent(_Reads):
         return self._ready.wait(timeout)
 
     def close(self) -> None:
-        """Stop the background thread (closing its connection) and write the cache.
+        """Stop the agent's client (closing its connection) and write the cache.
 
-        Idempotent; safe from a change callback (the thread then ends after it).
+        Idempotent; safe from a change callback (the client then ends after it).
         """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            self._stop_thread()
+            run, self._run = self._run, None
+            if run is not None and not RUNNER.stop(run, STOP_TIMEOUT) and not RUNNER.in_loop():
+                log.warning(
+                    "agent_thread_not_stopped service=%s timeout=%s (a change callback is "
+                    "still running?)",
+                    self.service,
+                    STOP_TIMEOUT,
+                )
         _AGENTS.discard(self)
 
     def __enter__(self) -> Agent:
@@ -342,7 +350,7 @@ class Agent(_Reads):
             f"revision={self.revision}{override}>"
         )
 
-    # ------------------------------------------------------------ the thread
+    # ------------------------------------------------------------ the client
 
     def _state_changed(self, state: AgentState) -> None:
         if state is AgentState.READY:
@@ -350,208 +358,18 @@ class Agent(_Reads):
         else:
             self._ready.clear()
 
-    def _start_thread(self) -> None:
-        loop = asyncio.new_event_loop()
-        task = loop.create_task(self._client.run(), name="controlplane-agent")
-        thread = threading.Thread(
-            target=_run_loop,
-            args=([loop, task, self._client],),
-            name=f"controlplane-agent-{self.service}",
-            daemon=True,
-        )
-        self._loop, self._task, self._thread = loop, task, thread
-        thread.start()
+    def _begin(self) -> None:
+        self._run = RUNNER.start(self._client, f"controlplane-agent-{self.service}")
 
-    def _stop_thread(self, *, for_fork: bool = False) -> bool:
-        """Cancel the agent thread's client and wait STOP_TIMEOUT for the thread.
-
-        Returns:
-            Whether the thread ended (or there was none). When not and
-            ``for_fork``, the stop request stays in ``self._fork_stop`` and the
-            thread in ``self._fork_kept``, for the fork hook to call the stop off.
-        """
-        loop, task, thread = self._loop, self._task, self._thread
-        self._loop = self._task = self._thread = None
-        self._fork_stop = self._fork_kept = None
-        if thread is None or loop is None or task is None:
-            return True
-        stop = _StopRequest(task)
-        try:
-            loop.call_soon_threadsafe(stop.run)
-        except RuntimeError:  # the loop closed already: the thread is ending
-            stop.forget()
-        if thread is threading.current_thread():
-            return False  # a callback closing its own agent: the thread ends after it
-        kept = (loop, thread)
-        # Once cancelled the task holds the last session's frames: only the
-        # thread may keep it (see release_channels); ``stop`` lets go of it
-        # when it cancels it.
-        del task, loop
-        thread.join(STOP_TIMEOUT)
-        if not thread.is_alive():
-            return True
-        log.warning(
-            "agent_thread_not_stopped service=%s timeout=%s (a change callback is still running?)",
-            self.service,
-            STOP_TIMEOUT,
-        )
-        if for_fork:
-            self._fork_stop, self._fork_kept = stop, kept
-        return False
-
-    # ------------------------------------------------------------ fork
-
-    def _before_fork(self) -> None:
-        self._lock.acquire()
-        self._restart_after_fork = False
-        self._fork_stop = self._fork_kept = None
-        if not self._started or self._closed or self._thread is None:
-            return
-        if self._thread is threading.current_thread():
-            # Forking from a change callback: the thread cannot stop itself and
-            # wait; the child gets no agent thread (and no live channel) of its own.
-            log.warning("agent_fork_from_callback service=%s", self.service)
-            return
-        self._restart_after_fork = self._stop_thread(for_fork=True)
-
-    def _after_fork(self, *, child: bool) -> None:
-        stop, kept = self._fork_stop, self._fork_kept
-        self._fork_stop = self._fork_kept = None
-        plan = _after_fork_plan(
-            stopped=self._restart_after_fork, kept=kept is not None, child=child
-        )
-        if child:
-            # The child's only thread is the one that forked: locks and events
-            # start afresh (the parent's lock is held by the fork itself).
-            self._lock = threading.RLock()
-            self._lock.acquire()
-            self._ready = threading.Event()
-            self._client.after_fork_in_child(forked_config(self._client.config, os.getpid()))
-            self._state_changed(self._client.state)
-        try:
-            if plan is _AfterFork.RESTART:
-                self._start_thread()
-            elif plan is _AfterFork.ABANDON:
-                log.error(
-                    "agent_fork_without_agent service=%s: the agent thread did not stop "
-                    "within %ss before fork() (a change callback still running?); this "
-                    "process serves the parent's last state, %s, and gets no updates",
-                    self.service,
-                    STOP_TIMEOUT,
-                    self.state.value,
-                )
-            elif plan is _AfterFork.KEEP and stop is not None and kept is not None:
-                task = stop.revoke()
-                if task is not None:
-                    # The old thread goes on with its client, as if nothing happened.
-                    self._loop, self._thread = kept
-                    self._task = task
-                    log.warning(
-                        "agent_fork_stop_called_off service=%s: the agent thread goes on",
-                        self.service,
-                    )
-                else:
-                    # Cancelled already, ending slowly: a new thread once it is gone.
-                    self._restart_when_stopped(kept[1])
-        finally:
-            self._restart_after_fork = False
-            self._lock.release()
-
-    def _restart_when_stopped(self, old: threading.Thread) -> None:
-        def restart() -> None:
-            old.join()
-            with self._lock:
-                if not self._closed and self._thread is None:
-                    self._start_thread()
-
-        log.warning("agent_fork_restart_deferred service=%s", self.service)
-        threading.Thread(
-            target=restart, name=f"controlplane-agent-restart-{self.service}", daemon=True
-        ).start()
-
-
-class _AfterFork(enum.Enum):
-    """What an agent does after a fork (see the module docstring)."""
-
-    NOTHING = "nothing"
-    """No thread ran before the fork, or it was the forking one."""
-    RESTART = "restart"
-    """The thread stopped: start a new one."""
-    KEEP = "keep"
-    """Parent, the thread did not stop: call the stop off, the old thread goes on."""
-    ABANDON = "abandon"
-    """Child, the thread did not stop: no thread (the copy may hold a live channel)."""
-
-
-def _after_fork_plan(*, stopped: bool, kept: bool, child: bool) -> _AfterFork:
-    """What to do after a fork, given whether the agent thread stopped before it
-    (``stopped``) or was still running after STOP_TIMEOUT (``kept``)."""
-    if stopped:
-        return _AfterFork.RESTART
-    if not kept:
-        return _AfterFork.NOTHING
-    return _AfterFork.ABANDON if child else _AfterFork.KEEP
-
-
-class _StopRequest:
-    """The cancel of an agent thread's client task, run in its loop, that the
-    fork hook may call off until it ran (the parent keeping a thread that did not
-    stop in time)."""
-
-    def __init__(self, task: asyncio.Task[None]) -> None:
-        self._task: asyncio.Task[None] | None = task
-        self._lock = threading.Lock()
-        self._ran = False
-
-    def run(self) -> None:
-        """In the loop: cancel the task, unless called off."""
-        with self._lock:
-            task, self._task = self._task, None
-            self._ran = task is not None
-        if task is not None:
-            task.cancel()
-
-    def forget(self) -> None:
-        """The loop closed before the cancel could run: nothing to call off."""
-        with self._lock:
-            self._task = None
-            self._ran = True
-
-    def revoke(self) -> asyncio.Task[None] | None:
-        """Call the cancel off: the task, if the cancel had not run yet (it never
-        will), else None."""
-        with self._lock:
-            task, self._task = self._task, None
-            return None if self._ran else task
-
-
-def _run_loop(handles: list[Any]) -> None:
-    """The agent thread: run the client until cancelled, then close everything.
-
-    ``handles`` is ``[loop, task, client]``, emptied here: the Thread object
-    keeps its arguments until this returns, and the task must be gone before
-    the loop closes (see ``release_channels``).
-    """
-    loop: asyncio.AbstractEventLoop = handles[0]
-    task: asyncio.Task[None] = handles[1]
-    client: Client = handles[2]
-    handles.clear()
-    asyncio.set_event_loop(loop)
-    try:
-        with contextlib.suppress(asyncio.CancelledError):
-            loop.run_until_complete(task)
-    except Exception:
-        log.exception("agent_thread_failed")
-    finally:
-        # The cancelled task's CancelledError holds the last session's frames.
-        del task
-        try:
-            loop.run_until_complete(release_channels(client.closing_channels))
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.run_until_complete(loop.shutdown_default_executor())
-        finally:
-            asyncio.set_event_loop(None)
-            loop.close()
+    def _forked_in_child(self) -> None:
+        """In a forked child: fresh locks and events, an instance id of its own, the
+        parent's state (STALE); the client is started again, or not, by the hook."""
+        # The child's only thread is the one that forked: locks and events
+        # start afresh (the parent's are held by the fork itself).
+        self._lock = threading.RLock()
+        self._ready = threading.Event()
+        self._client.after_fork_in_child(forked_config(self._client.config, os.getpid()))
+        self._state_changed(self._client.state)
 
 
 class AsyncAgent(_Reads):
@@ -663,28 +481,42 @@ class AsyncAgent(_Reads):
 # ---------------------------------------------------------------- fork hooks
 
 _AGENTS: weakref.WeakSet[Agent] = weakref.WeakSet()
-# The agents stopped for the fork in progress: exactly those are restarted.
-_FORKING: list[Agent] = []
+# The fork in progress: how the loop went into it, its runs, and the agents
+# locked for it (each one's lock, then the runner's, held across the fork).
+_FORKING: list[tuple[ForkStop, list[AgentRun], list[Agent]]] = []
 
 
 def _before_fork() -> None:
-    _FORKING[:] = list(_AGENTS)
-    for agent in _FORKING:
-        try:
-            agent._before_fork()
-        except Exception:
-            log.exception("agent_fork_stop_failed service=%s", agent.service)
-    if not any(agent._restart_after_fork for agent in _FORKING):
-        return
-    if any("_poll_wrapper" in thread.name for thread in threading.enumerate()):
-        # gRPC's asyncio poller thread lives as long as any grpc.aio channel or
-        # server object of the process: another one than the agents' is alive.
+    agents = list(_AGENTS)
+    for agent in agents:
+        agent._lock.acquire()
+    RUNNER.lock.acquire()
+    try:
+        outcome, runs = RUNNER.before_fork(STOP_TIMEOUT)
+    except Exception:
+        log.exception("agent_fork_stop_failed")
+        outcome, runs = ForkStop.FROM_LOOP, []
+    _FORKING[:] = [(outcome, runs, agents)]
+    if outcome is ForkStop.FROM_LOOP and runs:
+        # Forking from a change callback: the thread cannot stop itself and
+        # wait; the child gets no agent thread of its own.
+        log.warning("agent_fork_from_callback agents=%d", len(runs))
+    elif outcome is ForkStop.KEPT:
         log.warning(
-            "agent_fork_with_grpc_aio_alive: a grpc.aio channel or server other than the "
-            "agents' is alive across fork(); the child may hang (grpc/grpc#13873)"
+            "agent_thread_not_stopped timeout=%s agents=%d (a change callback is still running?)",
+            STOP_TIMEOUT,
+            len(runs),
         )
-        return
-    _wait_grpc_threads_gone(GRPC_THREADS_GRACE)
+    elif outcome is ForkStop.STOPPED:
+        if any("_poll_wrapper" in thread.name for thread in threading.enumerate()):
+            # gRPC's asyncio poller thread lives as long as any grpc.aio channel or
+            # server object of the process: another one than the agents' is alive.
+            log.warning(
+                "agent_fork_with_grpc_aio_alive: a grpc.aio channel or server other than "
+                "the agents' is alive across fork(); the child may hang (grpc/grpc#13873)"
+            )
+        else:
+            _wait_grpc_threads_gone(GRPC_THREADS_GRACE)
 
 
 GRPC_THREADS_GRACE = 0.2
@@ -718,12 +550,54 @@ def _wait_grpc_threads_gone(within: float) -> bool:
 
 
 def _after_fork(*, child: bool) -> None:
-    agents, _FORKING[:] = list(_FORKING), []
-    for agent in agents:
-        try:
-            agent._after_fork(child=child)
-        except Exception:
-            log.exception("agent_fork_restart_failed service=%s", agent.service)
+    if not _FORKING:
+        return
+    (outcome, runs, agents), _FORKING[:] = _FORKING[0], []
+    running = [agent for agent in agents if agent._run is not None and agent._run in runs]
+    try:
+        if child:
+            if outcome is ForkStop.FROM_LOOP:
+                # The forking thread is the loop's: it goes on, with the parent's
+                # clients (the child's only thread).
+                RUNNER.lock = threading.RLock()
+            else:
+                RUNNER.reset_in_child()
+            for agent in agents:
+                agent._forked_in_child()
+        if outcome is ForkStop.STOPPED:
+            for agent in running:
+                if not agent._closed:
+                    agent._begin()
+        elif outcome is ForkStop.KEPT and child:
+            for agent in running:
+                agent._run = None
+                log.error(
+                    "agent_fork_without_agent service=%s: the agents' thread did not stop "
+                    "within %ss before fork() (a change callback still running?); this "
+                    "process serves the parent's last state, %s, and gets no updates",
+                    agent.service,
+                    STOP_TIMEOUT,
+                    agent.state.value,
+                )
+        elif outcome is ForkStop.KEPT:
+            # The parent's loop goes on; a client whose stop ran already starts
+            # again once it ended.
+            ended = set(RUNNER.keep_after_fork(runs))
+            for agent in running:
+                if agent._run in ended:
+                    agent._run = RUNNER.restart_when_done(
+                        agent._run, f"controlplane-agent-{agent.service}"
+                    )
+            log.warning(
+                "agent_fork_stop_called_off agents=%d restarted=%d", len(running), len(ended)
+            )
+    except Exception:
+        log.exception("agent_fork_restart_failed")
+    finally:
+        if not child:
+            RUNNER.lock.release()
+            for agent in agents:
+                agent._lock.release()
 
 
 def _after_fork_in_parent() -> None:

@@ -11,8 +11,9 @@ import pytest
 
 import agents._agent
 import agents._client
+import agents._runner
 from agents import Agent, AgentState, AsyncAgent, StateChange
-from agents._agent import _after_fork_plan, _AfterFork, _StopRequest
+from agents._runner import RUNNER, THREAD_NAME, AgentRun
 from tests.helpers.agent_sync import (
     Gate,
     ScriptedSync,
@@ -26,52 +27,43 @@ from tests.helpers.agent_sync import (
 # ---------------------------------------------------------------- fork
 
 
-@pytest.mark.parametrize(
-    ("stopped", "kept", "child", "plan"),
-    [
-        (True, False, False, _AfterFork.RESTART),
-        (True, False, True, _AfterFork.RESTART),
-        (False, False, False, _AfterFork.NOTHING),
-        (False, False, True, _AfterFork.NOTHING),
-        # The thread did not stop in time: never a second thread on the same client.
-        (False, True, False, _AfterFork.KEEP),
-        (False, True, True, _AfterFork.ABANDON),
-    ],
-)
-def test_after_a_fork_the_agent_restarts_only_a_thread_that_stopped(
-    stopped: bool, kept: bool, child: bool, plan: _AfterFork
-) -> None:
-    assert _after_fork_plan(stopped=stopped, kept=kept, child=child) is plan
-
-
 async def forever() -> None:
     await asyncio.Event().wait()
 
 
+def _run_in_this_loop(client: object) -> AgentRun:
+    run = AgentRun(client, asyncio.get_running_loop(), "test")  # type: ignore[arg-type]
+    run.task = asyncio.ensure_future(forever())
+    return run
+
+
 async def test_a_stop_request_can_be_called_off_until_it_ran() -> None:
-    task = asyncio.ensure_future(forever())
+    run = _run_in_this_loop(object())
+    task = run.task
+    assert task is not None
     try:
-        stop = _StopRequest(task)
-        assert stop.revoke() is task
-        stop.run()  # called off: no cancel
-        assert stop.revoke() is None
+        run.request_stop()
+        assert run.revoke_stop() is True  # called off before it ran: no cancel
+        await asyncio.sleep(0)
         await asyncio.sleep(0)
         assert not task.done()
 
-        ran = _StopRequest(task)
-        ran.run()
-        assert ran.revoke() is None  # too late: cancelled
+        run.request_stop()
+        await asyncio.sleep(0)  # ran: the task is cancelled
+        assert run.revoke_stop() is False  # too late
         with pytest.raises(asyncio.CancelledError):
             await task
-
-        other = asyncio.ensure_future(forever())
-        forgotten = _StopRequest(other)
-        forgotten.forget()  # the loop was gone: nothing to call off
-        assert forgotten.revoke() is None
-        assert not other.cancelled()
-        other.cancel()
     finally:
         task.cancel()
+
+
+def test_a_stop_of_a_run_whose_loop_is_closed_is_done_at_once() -> None:
+    loop = asyncio.new_event_loop()
+    loop.close()
+    run = AgentRun(object(), loop, "test")  # type: ignore[arg-type]
+    run.request_stop()
+    assert run.done.is_set()
+    assert run.revoke_stop() is False
 
 
 class BlockingCallback:
@@ -89,10 +81,10 @@ class BlockingCallback:
 
 
 @pytest.mark.parametrize("child", [False, True], ids=["parent", "child"])
-async def test_a_fork_while_a_callback_holds_the_agent_thread_never_runs_two_threads(
+async def test_a_fork_while_a_callback_holds_the_agents_thread_never_runs_two_threads(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, child: bool
 ) -> None:
-    """The fork hooks, called as os.fork() calls them, around a thread that does
+    """The fork hooks, called as os.fork() calls them, around a loop that does
     not stop in time (in this process: the child's side is simulated)."""
     monkeypatch.setattr(agents._agent, "STOP_TIMEOUT", 0.2)
     caplog.set_level(logging.WARNING, logger="agents")
@@ -108,54 +100,56 @@ async def test_a_fork_while_a_callback_holds_the_agent_thread_never_runs_two_thr
     )
     server, address = await serve(servicer)
     blocking = BlockingCallback(4)
-    before = set(threading.enumerate())
     agent = Agent("checkout", [address], instance_id="web-1", on_change=blocking)
     agent.start()
     try:
         await servicer.wait_ack(4)
         assert await asyncio.to_thread(blocking.entered.wait, 10)
-        old = agent._thread
-        assert old is not None
+        old, old_loop = RUNNER.thread, RUNNER.loop
+        assert old is not None and old.name == THREAD_NAME
+        assert old_loop is not None
 
         def fork() -> None:
-            agent._before_fork()
-            agent._after_fork(child=child)
+            agents._agent._before_fork()
+            agents._agent._after_fork(child=child)
 
         await asyncio.to_thread(fork)
-        agent_threads = [
-            t
-            for t in set(threading.enumerate()) - before
-            if t.name.startswith("controlplane-agent") and t.is_alive()
-        ]
+        agent_threads = [t for t in threading.enumerate() if t.name == THREAD_NAME and t.is_alive()]
         assert agent_threads == [old]  # no second thread on the same client
         messages = [r.getMessage() for r in caplog.records]
         assert any("agent_thread_not_stopped" in m for m in messages)
         if child:
             # No thread: the parent's state, STALE, said loudly; an id of its own.
-            assert agent._thread is None
+            assert RUNNER.thread is None
+            assert agent._run is None
             assert agent.state is AgentState.STALE
             assert (agent.revision, agent.enabled("a", default=True)) == (4, False)
             assert agent.instance_id == f"web-1-{os.getpid()}"
             assert any("agent_fork_without_agent" in m for m in messages)
             blocking.release.set()
-            # (Here the old thread exists only because this is no real child.)
+            # (Here the old thread exists only because this is no real child: its
+            # client ends by the stop that ran; then the test stops its loop.)
+            old_loop.call_soon_threadsafe(old_loop.stop)
             await asyncio.to_thread(old.join, 10)
             assert not old.is_alive()
         else:
-            # The parent's thread goes on with its client, connected.
-            assert agent._thread is old
+            # The parent's loop goes on with the agent's client, connected.
+            assert RUNNER.thread is old
             assert agent.state is AgentState.READY
             assert agent.instance_id == "web-1"
             blocking.release.set()
             gate.open()
             await servicer.wait_ack(5)
             assert agent.enabled("a") is True
-            assert agent._thread is old and old.is_alive()
+            assert RUNNER.thread is old and old.is_alive()
     finally:
         blocking.release.set()
         await asyncio.to_thread(agent.close)
         await server.stop(0)
-    assert not old.is_alive()
+    if not child:
+        # The last agent closed: the thread stopped with it.
+        assert not old.is_alive()
+        assert RUNNER.thread is None
 
 
 async def test_callbacks_run_for_a_change_whose_ack_could_not_be_sent() -> None:
@@ -185,3 +179,17 @@ async def test_callbacks_run_for_a_change_whose_ack_could_not_be_sent() -> None:
     finally:
         await agent.close()
         await server.stop(None)
+
+
+def test_an_agent_stopped_before_its_client_ran_a_step_is_stopped_at_once() -> None:
+    """A fork right after start (gunicorn --preload): the stop comes before the
+    client's task ran at all, and must not wait STOP_TIMEOUT for it."""
+    agent = Agent("checkout", ["127.0.0.1:1"], instance_id="web-1")
+    with RUNNER.lock:  # start and stop asked back to back, as the fork hook would
+        agent.start()
+        run = agent._run
+        assert run is not None
+        run.request_stop()
+    assert run.done.wait(2)
+    agent.close()
+    assert RUNNER.thread is None

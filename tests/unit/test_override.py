@@ -509,7 +509,7 @@ async def test_the_threaded_agent_watches_the_file_in_its_own_thread(tmp_path: P
         assert agent.override_active is True
         assert agent.enabled("new-ui", default=True) is False
         [(thread, change)] = seen
-        assert thread == "controlplane-agent-checkout"
+        assert thread == "controlplane-agents"  # the thread every Agent shares
         assert change.flags == {"new-ui": (None, False)}
     finally:
         await asyncio.to_thread(agent.close)
