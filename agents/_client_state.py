@@ -13,8 +13,10 @@ stream (:class:`agents._client.Client`, its subclass)::
 
 Break-glass overrides (``agents._override``)::
 
-    every POLL_INTERVAL: stat the override file; read and parse it when its
-      identity, size or modification time changed
+    at start, then whenever the file may have changed (``agents._filewatch``:
+      inotify on the directories its path goes through; once a second where
+      they cannot be watched): stat the override file; read and parse it when
+      its identity, size or modification time changed
       valid      -> in force, above the server's state (replacing any previous one)
       malformed  -> an error logged, what was in force stays
       gone       -> no override
@@ -54,8 +56,8 @@ import grpc.aio
 from agents import _state
 from agents._cache import CacheWriter, read_cache
 from agents._config import AgentConfig
+from agents._filewatch import FileWatch
 from agents._override import (
-    POLL_INTERVAL,
     OverrideExpiredError,
     OverrideFile,
     cleared_to_proto,
@@ -417,12 +419,16 @@ class ClientState:
         return True
 
     async def _override_loop(self) -> None:
-        while True:
-            try:
-                self._notify(self.check_override(utcnow()))
-            except Exception:  # the watcher must outlive whatever one check hits
-                log.exception("agent_override_check_failed service=%s", self.config.service)
-            await asyncio.sleep(POLL_INTERVAL)
+        assert self._override_file is not None
+        # Watching before the first check: a change made during it wakes the next.
+        # Made in this loop, closed when cancelled (close, fork): one per run.
+        with FileWatch(self._override_file.path) as watch:
+            while True:
+                try:
+                    self._notify(self.check_override(utcnow()))
+                except Exception:  # the watcher must outlive whatever one check hits
+                    log.exception("agent_override_check_failed service=%s", self.config.service)
+                await watch.wait()
 
     def _report(self, msg: agent_pb2.Override) -> None:
         """Queue a report of the override for the server; send it if connected."""

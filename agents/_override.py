@@ -1,8 +1,9 @@
 """Break-glass overrides: a file on the host that the agent applies above the server's state.
 
 When the control plane itself is down (or cannot be reached from the host), an
-engineer on the host writes an override file; the agent applies it within a
-second, whatever the server says, until it expires or the file is removed.
+engineer on the host writes an override file; the agent applies it at once
+(within a second where the file cannot be watched), whatever the server says,
+until it expires or the file is removed.
 
 Where: ``override_path`` (argument), else ``CONTROLPLANE_OVERRIDE_PATH``, else
 next to the cache file, ``<cache file>.override.json``; no override file without
@@ -51,9 +52,11 @@ the override goes (at ``expires_at``, or when the file is removed). The agent
 reports the override to the server when connected (status and audit history).
 
 Write the file atomically (a temporary file in the same directory, then
-``mv``): the agent checks the file's identity, size and modification time every
-:data:`POLL_INTERVAL` seconds and reads it when they change, so a write caught
-half-way is rejected (and logged) until the next change completes it.
+``mv``): the agent checks the file's identity, size and modification time
+whenever its directory tells of a change to it (``agents._filewatch``: inotify
+on Linux; elsewhere, or where the directory cannot be watched, every second)
+and reads it when they change, so a write caught half-way is rejected (and
+logged) until the next change completes it.
 
 This module is pure apart from :class:`OverrideFile`, which stats and reads the
 file; it imports only the agent's value types (``agents._types``), protobuf
@@ -84,8 +87,6 @@ MAX_AHEAD = timedelta(days=7)
 """The latest an override may expire, from the moment it is read."""
 MAX_FILE_BYTES = 64 * 1024
 """The largest override file the agent reads."""
-POLL_INTERVAL = 0.25
-"""Seconds between two checks of the file (in the agent's loop, never on reads)."""
 
 _MAX_REASON = 1024
 _MAX_ACTOR = 256

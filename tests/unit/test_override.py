@@ -10,10 +10,13 @@ every request it receives.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import shutil
+import sys
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -513,6 +516,95 @@ async def test_the_threaded_agent_watches_the_file_in_its_own_thread(tmp_path: P
         assert change.flags == {"new-ui": (None, False)}
     finally:
         await asyncio.to_thread(agent.close)
+
+
+def inotify_fds() -> set[int]:
+    """This process's open inotify instances (the agent's file watch is one)."""
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own descriptor, gone
+            if os.readlink(f"/proc/self/fd/{name}") == "anon_inode:inotify":
+                found.add(int(name))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify: Linux only")
+async def test_a_file_written_after_start_applies_at_once_even_in_a_directory_made_later(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "run" / "override.json"  # no such directory yet
+    before = inotify_fds()
+    changes = Changes()
+    agent = AsyncAgent(SERVICE, [nowhere()], override_path=path, on_change=changes)
+    await agent.start()
+    try:
+        path.parent.mkdir(mode=0o700)
+        write(path, live(flags={"new-ui": False}, shedding=None, pin=None))
+        written = datetime.now(UTC)
+        at, _ = await changes.wait(lambda c: c.override is not None, 5, "applying it")
+        # Woken by the file's directory, not by a poll (which waits a second here).
+        assert at - written < timedelta(seconds=0.5)
+        assert agent.enabled("new-ui", default=True) is False
+        assert len(inotify_fds() - before) == 1  # the agent's one watch
+    finally:
+        await agent.close()
+    assert inotify_fds() == before  # closed with the agent
+
+
+async def test_a_file_caught_half_written_is_rejected_then_applied_when_complete(
+    tmp_path: Path, agent_log: AgentLog
+) -> None:
+    path = tmp_path / "override.json"
+    changes = Changes()
+    agent = AsyncAgent(SERVICE, [nowhere()], override_path=path, on_change=changes)
+    await agent.start()
+    try:
+        data = json.dumps(live(flags={"new-ui": False}, shedding=None, pin=None)).encode()
+        with path.open("wb") as f:  # in place, not as documented
+            f.write(data[:20])
+            f.flush()
+            await agent_log.wait("agent_override_rejected", "not valid JSON")
+            assert agent.override_active is False
+            f.write(data[20:])
+        await changes.wait(lambda c: c.override is not None, 5, "applying it complete")
+        assert agent.enabled("new-ui", default=True) is False
+    finally:
+        await agent.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify: Linux only")
+async def test_a_configmap_volume_update_applies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its files are links (override.json -> ..data/override.json, ..data -> ..<time>):
+    # read only with insecure permissions allowed. An update swaps ..data.
+    monkeypatch.setenv("CONTROLPLANE_OVERRIDE_INSECURE_PERMISSIONS", "1")
+    volume = tmp_path / "volume"
+    (volume / "..v1").mkdir(parents=True)
+    (volume / "..v1" / "override.json").write_text(
+        json.dumps(live(flags={"new-ui": False}, shedding=None, pin=None))
+    )
+    (volume / "..data").symlink_to("..v1")
+    path = volume / "override.json"
+    path.symlink_to("..data/override.json")
+    changes = Changes()
+    agent = AsyncAgent(SERVICE, [nowhere()], override_path=path, on_change=changes)
+    await agent.start()
+    try:
+        assert agent.enabled("new-ui", default=True) is False
+        (volume / "..v2").mkdir()
+        (volume / "..v2" / "override.json").write_text(
+            json.dumps(live(flags={"new-ui": True}, shedding=None, pin=None))
+        )
+        (volume / "..data_tmp").symlink_to("..v2")
+        os.replace(volume / "..data_tmp", volume / "..data")
+        shutil.rmtree(volume / "..v1")
+        await changes.wait(
+            lambda c: c.flags.get("new-ui") == (False, True), 5, "applying the update"
+        )
+        assert agent.enabled("new-ui", default=False) is True
+    finally:
+        await agent.close()
 
 
 # ---------------------------------------------------------------- reporting
