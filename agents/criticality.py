@@ -41,6 +41,7 @@ first used.
 from __future__ import annotations
 
 import contextvars
+import functools
 import inspect
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, MutableMapping
 from contextlib import contextmanager
@@ -381,7 +382,20 @@ def _handler_in(
     """``handler`` (of a ``grpc`` or a ``grpc.aio`` server) with its behaviour run
     under ``criticality``: the same kind, the same (de)serializers, and a
     coroutine, async generator or plain function as the behaviour is (what
-    ``grpc.aio`` tells them apart by)."""
+    ``grpc.aio`` tells them apart by).
+
+    Made once per handler and criticality: a server's handlers are the same objects
+    call after call, and making one costs more than the rest of the interceptor.
+    """
+    try:
+        return _cached_handler_in(handler, criticality)
+    except TypeError:  # a handler of the service's own that cannot be hashed
+        return _make_handler_in(handler, criticality)
+
+
+def _make_handler_in(
+    handler: grpc.RpcMethodHandler[Any, Any], criticality: Criticality
+) -> grpc.RpcMethodHandler[Any, Any]:
     streaming = handler.response_streaming
     attribute, factory = _KINDS[(bool(handler.request_streaming), bool(streaming))]
     behaviour = getattr(handler, attribute, None)
@@ -399,6 +413,9 @@ def _handler_in(
         response_serializer=handler.response_serializer,
     )
     return made
+
+
+_cached_handler_in = functools.lru_cache(maxsize=1024)(_make_handler_in)
 
 
 async def _asgi_in(
