@@ -273,7 +273,7 @@ def _add_header(headers: MutableMapping[str, str]) -> None:
 def httpx_hook(request: httpx.Request) -> None:
     """The request hook of an ``httpx.Client`` that sends the current criticality::
 
-    httpx.Client(event_hooks={"request": [httpx_hook]})
+        httpx.Client(event_hooks={"request": [httpx_hook]})
 
     An event hook, not a transport: it applies whatever transport or proxy mount
     sends the request, and to each request of a redirect.

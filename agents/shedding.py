@@ -392,7 +392,8 @@ def _retry_after(retry_after_ms: int) -> str:
 class ASGIShedder:
     """ASGI middleware: shed HTTP requests get a 503 before ``app`` sees them.
 
-    Only ``http`` scopes are decided; ``websocket`` and ``lifespan`` pass through.
+    Only ``http`` scopes are decided (and handled under their criticality);
+    ``websocket`` and ``lifespan`` pass through, without one.
 
     Args:
         app: The ASGI application.
