@@ -12,7 +12,8 @@
 loop. Reads (``enabled``, ``value``, ``should_shed``, ``pinned_version``) are
 lookups in an immutable snapshot, without lock, I/O or clock read; see
 ``agents._state``. For tests, ``agents.testing.StaticAgent`` has the same read
-API in memory.
+API in memory. ``agents.shedding`` sheds at the door; ``agents.criticality`` carries
+a request's criticality onto the calls it makes.
 
 Plaintext goes only to servers on loopback: others need TLS (``tls_ca``, or
 ``tls`` for the system's roots; mutual TLS with ``tls_cert`` and ``tls_key``)

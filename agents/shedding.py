@@ -19,6 +19,12 @@ Criticality of a request, first match wins:
    name in any case;
 3. ``CRITICAL``: no header, or anything else in it.
 
+An admitted request is handled under its criticality: :func:`agents.criticality.current`
+gives it in the handler (a streamed response and the tasks the handler starts
+included), and the client interceptors and hooks of :mod:`agents.criticality` send
+it on the calls the request makes, so that the next service sheds it as this one
+would.
+
 The decision is the agent's ``should_shed(criticality, key)``: at random for the
 tier itself, or stable per request when the service passes a ``key`` function
 (a user or session id; a request it returns None for is decided at random).
@@ -55,6 +61,13 @@ import grpc.aio
 from prometheus_client import REGISTRY, CollectorRegistry, Counter
 
 from agents._types import Criticality, SheddingLevel
+from agents.criticality import (
+    CRITICALITY_HEADER,
+    CRITICALITY_METADATA,
+    _asgi_in,
+    _handler_in,
+    _wsgi_in,
+)
 
 if TYPE_CHECKING:
     from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
@@ -79,10 +92,6 @@ __all__ = [
     "request_criticality",
 ]
 
-CRITICALITY_METADATA = "x-criticality"
-"""The gRPC metadata key carrying a request's criticality."""
-CRITICALITY_HEADER = "X-Criticality"
-"""The HTTP header carrying a request's criticality."""
 RETRY_PUSHBACK_METADATA = "grpc-retry-pushback-ms"
 """The trailing metadata of a shed gRPC call: when to retry, in milliseconds (gRFC A6)."""
 DECISIONS_METRIC = "controlplane_shed_decisions_total"
@@ -318,7 +327,7 @@ class ShedInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         if criticality is None:
             criticality = _metadata_criticality(handler_call_details.invocation_metadata)
         if not shedder.decide(criticality, handler_call_details):
-            return handler
+            return _handler_in(handler, criticality)
         message = shedder.message(criticality)
         trailing = self._trailing
 
@@ -361,7 +370,7 @@ class AioShedInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if criticality is None:
             criticality = _metadata_criticality(handler_call_details.invocation_metadata)
         if not shedder.decide(criticality, handler_call_details):
-            return handler
+            return _handler_in(handler, criticality)
         message = shedder.message(criticality)
         trailing = self._trailing
 
@@ -383,7 +392,8 @@ def _retry_after(retry_after_ms: int) -> str:
 class ASGIShedder:
     """ASGI middleware: shed HTTP requests get a 503 before ``app`` sees them.
 
-    Only ``http`` scopes are decided; ``websocket`` and ``lifespan`` pass through.
+    Only ``http`` scopes are decided (and handled under their criticality);
+    ``websocket`` and ``lifespan`` pass through, without one.
 
     Args:
         app: The ASGI application.
@@ -430,7 +440,7 @@ class ASGIShedder:
                     criticality = request_criticality(value)
                     break
         if not shedder.decide(criticality, scope):
-            await self.app(scope, receive, send)
+            await _asgi_in(criticality, self.app, scope, receive, send)
             return
         body = (shedder.message(criticality) + "\n").encode()
         await send(
@@ -489,7 +499,7 @@ class WSGIShedder:
         if criticality is None:
             criticality = request_criticality(environ.get(_WSGI_KEY))
         if not shedder.decide(criticality, environ):
-            return self.app(environ, start_response)
+            return _wsgi_in(criticality, self.app, environ, start_response)
         body = (shedder.message(criticality) + "\n").encode()
         start_response(
             "503 Service Unavailable",

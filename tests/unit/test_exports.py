@@ -54,6 +54,17 @@ SDK_ALL = {
         "WSGIShedder",
         "request_criticality",
     ],
+    "agents.criticality": [
+        "CRITICALITY_HEADER",
+        "CRITICALITY_METADATA",
+        "CriticalityAdapter",
+        "CriticalityInterceptor",
+        "aio_interceptors",
+        "current",
+        "httpx_async_hook",
+        "httpx_hook",
+        "use",
+    ],
     "agents.openfeature": ["ControlPlaneProvider"],
     "agents.testing": ["StaticAgent"],
     "agents.sidecar": [
@@ -176,6 +187,9 @@ def test_console_scripts_point_at_callables() -> None:
             "agents",
             ("controlplane.server", "controlplane.store", "aetcd"),
         ),
+        # Nor the HTTP clients it has hooks for: a service brings its own.
+        ("agents.criticality", ("httpx", "requests")),
+        ("agents.shedding", ("httpx", "requests")),
     ],
 )
 def test_imports_stay_light(module_name: str, forbidden: tuple[str, ...]) -> None:

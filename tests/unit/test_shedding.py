@@ -198,12 +198,25 @@ class ASGIDoor(Door):
         return None
 
 
+def _identity(message: bytes) -> bytes:
+    return message
+
+
 class GrpcDoor(Door):
     name = "grpc"
 
     def build(self, agent: Any, **kwargs: Any) -> None:
         self.interceptor = ShedInterceptor(agent, **kwargs)
-        self.handler = grpc.unary_stream_rpc_method_handler(lambda request, context: iter(()))
+        self.handler = self.echo_handler()
+
+    def echo_handler(self) -> Any:
+        def serve(request: bytes, context: Any) -> Iterator[bytes]:
+            self.calls.add(request.decode())
+            yield request
+
+        return grpc.unary_stream_rpc_method_handler(
+            serve, request_deserializer=_identity, response_serializer=_identity
+        )
 
     def details(self, criticality: str | None, path: str, user: str | None) -> CallDetails:
         metadata = [("user-agent", "test")]
@@ -220,12 +233,16 @@ class GrpcDoor(Door):
         self, criticality: str | None = None, path: str = "/", user: str | None = None
     ) -> bool:
         got = self.intercept(self.details(criticality, path, user))
-        if got is self.handler:
-            self.calls.add(path)
-            return False
-        # A handler of the same kind that ends the call instead.
         assert (got.request_streaming, got.response_streaming) == (False, True)
         assert got.unary_stream is not None
+        if got.response_serializer is _identity:
+            # The service's handler, run under the request's criticality: it runs.
+            before = self.calls.total()
+            assert list(got.unary_stream(path.encode(), None)) == [path.encode()]
+            assert self.calls.total() == before + 1
+            return False
+        # A handler of the same kind that ends the call instead, without (de)serializers.
+        assert got.request_deserializer is None
         return True
 
     def route(self, request: Any) -> str:
@@ -240,7 +257,7 @@ class AioGrpcDoor(GrpcDoor):
 
     def build(self, agent: Any, **kwargs: Any) -> None:
         self.interceptor = AioShedInterceptor(agent, **kwargs)  # type: ignore[assignment]
-        self.handler = grpc.unary_stream_rpc_method_handler(lambda request, context: iter(()))
+        self.handler = self.echo_handler()
 
     def intercept(self, details: CallDetails) -> Any:
         async def continuation(_: Any) -> Any:
