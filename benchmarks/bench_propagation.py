@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import contextlib
 import json
 import os
 import secrets
@@ -45,6 +46,7 @@ from benchmarks import _profile
 from benchmarks._fleet import AgentFleet
 from benchmarks._harness import (
     RESULTS_DIR,
+    CommitWatch,
     control_server,
     cpu_seconds,
     machine,
@@ -164,12 +166,17 @@ def _run_case(
     native: bool,
     secure: bool = False,
     workers: int = 1,
+    sdk: str = "async",
+    cache: bool = False,
+    pace: float | None = None,
 ) -> dict[str, Any]:
     server_args = ["--workers", str(workers)]
     with (
+        tempfile.TemporaryDirectory(prefix="cp-bench-cache-") as cache_dir,
         _secure(secure) as security,
         control_server([*(security.server_args if security else ()), *server_args]) as server,
         (security.client if security else ClientSecurity()).channel(server.address) as channel,
+        CommitWatch(server.etcd) if server.etcd else contextlib.nullcontext() as commits,
     ):
         driver = _Driver(channel, security.client.metadata() if security else ())
         value = False
@@ -182,6 +189,8 @@ def _run_case(
             processes=processes,
             name="prop",
             env=security.agent_env if security else None,
+            sdk=sdk,
+            cache=Path(cache_dir) if cache else None,
         ) as fleet:
             ready = sum(r["ready"] for r in fleet.ready)
             failures: list[str] = []
@@ -219,8 +228,14 @@ def _run_case(
                 cpu_before = server_cpu_seconds(server)
                 agents_cpu_before = sum(cpu_seconds(pid) for pid in fleet.pids)
                 started = time.monotonic()
-                for _ in range(flips):
+                for index in range(flips):
                     value = not value
+                    if pace is not None:
+                        # Open loop: a flip every `pace` seconds, applied or not.
+                        time.sleep(max(started + index * pace - time.monotonic(), 0.0))
+                        before = time.time()
+                        measured.append((driver.set_flag(SERVICE, value), before))
+                        continue
                     revision, before, all_applied, waited = _flip(driver, value)
                     measured.append((revision, before))
                     acked.append(all_applied)
@@ -232,12 +247,18 @@ def _run_case(
                     elif waited.connected != agents:
                         failures.append(f"revision {revision}: {waited.connected} connected")
                     time.sleep(gap)
+                if pace is not None:
+                    final = driver.wait_applied(measured[-1][0])
+                    if not final.all_applied:
+                        failures.append(f"the last flip: {final.applied}/{final.connected} applied")
                 elapsed = time.monotonic() - started
                 server_cpu = server_cpu_seconds(server) - cpu_before
                 agents_cpu = sum(cpu_seconds(pid) for pid in fleet.pids) - agents_cpu_before
             reports = fleet.command({"cmd": "report", "flags": [FLAG]}, timeout=120)
 
     latencies, last, missing = _latencies(reports, measured)
+    committed = commits.committed if isinstance(commits, CommitWatch) else {}
+    from_commit, skipped = _from_commit(reports, measured, committed)
     changes = agents * flips
     net_cpu = server_cpu - idle_rate * elapsed - write_cpu * flips
     final = sum(r["values"][FLAG].get("true" if value else "false", 0) for r in reports)
@@ -257,14 +278,23 @@ def _run_case(
         "max_ms": _ms(max(latencies, default=float("nan"))),
         "last_agent_p50_ms": _ms(percentile(last, 50)),
         "last_agent_max_ms": _ms(max(last, default=float("nan"))),
-        "all_applied_p50_ms": _ms(percentile(acked, 50)),
-        "all_applied_p99_ms": _ms(percentile(acked, 99)),
-        "all_applied_max_ms": _ms(max(acked, default=float("nan"))),
+        # None when paced: flips do not wait for the agents.
+        "all_applied_p50_ms": _ms(percentile(acked, 50)) if acked else None,
+        "all_applied_p99_ms": _ms(percentile(acked, 99)) if acked else None,
+        "all_applied_max_ms": _ms(max(acked)) if acked else None,
         "server_cpu_us_per_agent_change": round(server_cpu * 1e6 / changes, 1),
         "server_cpu_net_us_per_agent_change": round(net_cpu * 1e6 / changes, 1),
         "server_idle_cpu_ms_per_s": round(idle_rate * 1000, 2),
         "server_write_cpu_ms": round(write_cpu * 1000, 3),
         "agents_cpu_us_per_agent_change": round(agents_cpu * 1e6 / changes, 1),
+        "sdk": sdk,
+        "cache": cache,
+        "pace_s": pace,
+        # None without an etcd to watch (with --workers the start line names none).
+        "commit_p50_ms": _ms(percentile(from_commit, 50)) if from_commit else None,
+        "commit_p99_ms": _ms(percentile(from_commit, 99)) if from_commit else None,
+        "commit_max_ms": _ms(max(from_commit)) if from_commit else None,
+        "skipped": skipped,
         "cpu_busy_share": round((server_cpu + agents_cpu) / elapsed / (os.cpu_count() or 1), 3),
         "missing": missing,
         "failures": failures,
@@ -296,6 +326,26 @@ def _latencies(
     return latencies, last, missing
 
 
+def _from_commit(
+    reports: list[dict[str, Any]], measured: list[tuple[int, float]], committed: dict[int, float]
+) -> tuple[list[float], int]:
+    """Each (agent, flip)'s callback time minus the time the independent etcd watch
+    heard the flip's revision; and how many (agent, flip) never saw that revision
+    itself (a later one instead: an intermediate value skipped)."""
+    from_commit: list[float] = []
+    skipped = 0
+    for report in reports:
+        for arrivals in report["arrivals"]:
+            seen = {revision: at for revision, at in arrivals}
+            for revision, _ in measured:
+                at = seen.get(revision)
+                if at is None:
+                    skipped += 1
+                elif revision in committed:
+                    from_commit.append(at - committed[revision])
+    return from_commit, skipped
+
+
 def _ms(seconds: float) -> float:
     return round(seconds * 1000, 1)
 
@@ -311,6 +361,9 @@ def run(
     native: bool = False,
     secure: bool = False,
     workers: int = 1,
+    sdk: str = "async",
+    cache: bool = False,
+    pace: float | None = None,
 ) -> dict[str, Any]:
     """Run every size on a fresh server; print the table, write and return the results."""
     results: dict[str, Any] = {
@@ -318,6 +371,9 @@ def run(
         "machine": machine(),
         "secure": secure,
         "workers": workers,
+        "sdk": sdk,
+        "cache": cache,
+        "pace_s": pace,
         "cases": [],
     }
     profiles: list[Path] = []
@@ -327,17 +383,22 @@ def run(
             profile_path = profile.with_name(f"{profile.stem}-{agents}{profile.suffix}")
             profiles += [profile_path, profile_path.with_name(f"{profile_path.stem}-agents.txt")]
         results["cases"].append(
-            _run_case(agents, flips, processes, warmup, gap, profile_path, native, secure, workers)
-        )
+            _run_case(
+                agents, flips, processes, warmup, gap, profile_path, native, secure, workers,
+                sdk, cache, pace,
+            )
+        )  # fmt: skip
     print_table(
         [
-            "agents", "flips", "p50 ms", "p99 ms", "max ms", "last p50", "acked p50", "acked p99",
-            "srv us/agent/chg", "net", "agents us/agent/chg", "busy", "failures",
+            "agents", "flips", "p50 ms", "p99 ms", "max ms", "commit p99", "commit max",
+            "skipped", "acked p50", "acked p99", "srv us/agent/chg", "net",
+            "agents us/agent/chg", "busy", "failures",
         ],
         [
             [
                 c["agents"], c["flips"], c["p50_ms"], c["p99_ms"], c["max_ms"],
-                c["last_agent_p50_ms"], c["all_applied_p50_ms"], c["all_applied_p99_ms"],
+                c["commit_p99_ms"], c["commit_max_ms"], c["skipped"],
+                c["all_applied_p50_ms"], c["all_applied_p99_ms"],
                 c["server_cpu_us_per_agent_change"], c["server_cpu_net_us_per_agent_change"],
                 c["agents_cpu_us_per_agent_change"], c["cpu_busy_share"], len(c["failures"]),
             ]
@@ -347,7 +408,14 @@ def run(
     for case in results["cases"]:
         for failure in case["failures"][:5]:
             print(f"  {case['agents']} agents: {failure}")
-    name = "propagation" + ("-secure" if secure else "") + (f"-{workers}w" if workers > 1 else "")
+    name = (
+        "propagation"
+        + ("-secure" if secure else "")
+        + (f"-{workers}w" if workers > 1 else "")
+        + ("-sync" if sdk == "sync" else "")
+        + ("-cache" if cache else "")
+        + ("-paced" if pace is not None else "")
+    )
     path = write_results(name, results, out_dir)
     print(f"results: {path}")
     for profile_path in profiles:
@@ -378,11 +446,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--workers", type=int, default=1, help="server processes (controlplane serve --workers)"
     )
+    parser.add_argument(
+        "--sdk",
+        choices=("async", "sync"),
+        default="async",
+        help="the agents: AsyncAgent (async) or Agent (sync)",
+    )
+    parser.add_argument("--cache", action="store_true", help="a cache file per agent")
+    parser.add_argument(
+        "--pace",
+        type=float,
+        default=None,
+        help="flip every PACE seconds without waiting for the agents (open loop)",
+    )
     args = parser.parse_args(argv)
     sizes = [int(a) for a in args.agents.split(",")]
     run(
         sizes, args.flips, args.processes, args.warmup, args.gap, args.out, args.profile,
-        args.native, args.secure, args.workers,
+        args.native, args.secure, args.workers, args.sdk, args.cache, args.pace,
     )  # fmt: skip
 
 

@@ -30,6 +30,7 @@ from prometheus_client import CollectorRegistry
 
 from agents import Agent, AgentState, AsyncAgent, StateChange
 from agents._cache import snapshot_from_cache
+from agents._filewatch import FileWatch
 from controlplane.api.v1 import mitigation_pb2 as m
 from controlplane.api.v1 import mitigation_pb2_grpc
 from controlplane.api.v1 import types_pb2 as t
@@ -443,6 +444,47 @@ def test_server_killed_and_restarted_on_the_same_port(launch: Launcher, tmp_path
     modes = [u["flags"]["mode"] for u in updates[updates.index(ready) :]]
     assert modes == sorted(modes, key=["degraded", "read-only"].index)
     assert set(modes) == {"degraded", "read-only"}
+
+
+def test_an_agent_killed_mid_burst_leaves_a_whole_cache_of_a_state_it_applied(
+    launch: Launcher, tmp_path: Path
+) -> None:
+    """The cache's durability policy: written once a burst went by, so kill -9 in a
+    burst leaves the file of an earlier state it applied, whole, never a part."""
+    server = launch.server()
+    cache = tmp_path / "cache.json"
+    values = {set_flag_blocking(server.address, "mode", "m0").result.revision: "m0"}
+    agent = launch.agent([server.address], ["mode"], cache_path=cache)
+    first = max(values)
+    agent.wait_for(is_update(state="READY", revision=first), what="ready")
+    asyncio.run(_cached(cache, first))
+    for index in range(1, 6):
+        value = f"m{index}"
+        values[set_flag_blocking(server.address, "mode", value).result.revision] = value
+    last = max(values)
+    agent.wait_for(is_update(revision=last, flags={"mode": "m5"}), what="the burst applied")
+    agent.proc.kill()
+    agent.proc.wait()
+    booted = snapshot_from_cache(cache.read_bytes(), "checkout", datetime.now(UTC))
+    # A state the agent applied, with that state's value: whole, never mixed.
+    assert booted.revision in values
+    assert booted.flags["mode"] == values[booted.revision]
+
+
+async def _cached(path: Path, revision: int) -> None:
+    """Wait until the cache file at ``path`` holds ``revision``."""
+    with FileWatch(path) as watch:
+        async with asyncio.timeout(10):
+            while _revision_in(path) < revision:
+                await watch.wait()
+
+
+def _revision_in(path: Path) -> int:
+    """The revision of the cache file at ``path`` (0: none yet)."""
+    if not path.exists():
+        return 0
+    revision: int = json.loads(path.read_bytes())["revision"]
+    return revision
 
 
 def test_a_frozen_server_is_noticed_within_seconds(launch: Launcher) -> None:

@@ -23,10 +23,12 @@ import pytest
 
 import agents._agent
 import agents._client
+import agents._client_state
 import controlplane
 from agents import Agent, AgentState, AsyncAgent, Backoff, StateChange
 from agents._atomic import write_atomic
-from agents._cache import snapshot_to_cache
+from agents._cache import CacheWriter, snapshot_to_cache
+from agents._filewatch import FileWatch
 from controlplane.api.v1 import agent_pb2
 from tests.helpers.agent_sync import (
     Gate,
@@ -460,3 +462,55 @@ async def test_the_threaded_agent_applies_and_closes_from_a_callback() -> None:
         await asyncio.to_thread(agent.close)
         await server.stop(0)
     assert [rev for rev, _ in servicer.acks] == [3, 4]
+
+
+# ---------------------------------------------------------------- the cache writer
+
+
+async def test_a_burst_of_changes_is_one_cache_write(tmp_path: Path) -> None:
+    """A snapshot and ten changes in a burst: the cache is written once, with the
+    newest state, after the burst."""
+    cache = tmp_path / "cache.json"
+    burst: list[Step] = [snapshot_msg(10, flag("a", True))]
+    burst += [change_msg(revision, flag("a", revision % 2 == 0)) for revision in range(11, 21)]
+    servicer = ScriptedSync(burst)
+    async with running(servicer, cache_path=cache) as agent:
+        await servicer.wait_ack(20)
+        with FileWatch(cache) as watch:
+            async with asyncio.timeout(10):
+                while not cache.exists() or cached_revision(cache) != 20:
+                    await watch.wait()
+        writer = agent._client._cache
+        assert writer is not None
+        assert writer.writes == 1
+    assert cached_revision(cache) == 20
+
+
+async def test_the_cache_is_written_off_the_ack_path_and_at_once_on_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(agents._client_state, "CACHE_WRITE_DELAY", 30.0)
+    cache = tmp_path / "cache.json"
+    servicer = ScriptedSync([snapshot_msg(10, flag("a", True)), change_msg(11, flag("a", False))])
+    async with running(servicer, cache_path=cache) as agent:
+        await servicer.wait_ack(11)
+        # Acknowledged and served, not yet written: the write waits for the burst.
+        assert agent.enabled("a", default=True) is False
+        assert not cache.exists()
+    # Closing writes the last state at once.
+    assert cached_revision(cache) == 11
+
+
+def test_a_cache_writer_reads_back_only_a_file_it_did_not_write(tmp_path: Path) -> None:
+    """Its own file's revision is known; another process's write is read back and
+    a newer revision there is kept."""
+    path = tmp_path / "cache.json"
+    mine, other = CacheWriter(path), CacheWriter(path)
+    assert mine.write(state(5, flag("a", True)), 1)
+    assert mine.write(state(6, flag("a", False)), 2)
+    assert mine.writes == 2
+    assert other.write(state(9, flag("a", True)), 1)
+    # The file is not the one `mine` left: read back, 9 is newer than 7.
+    assert not mine.write(state(7, flag("a", True)), 3)
+    assert cached_revision(path) == 9
+    assert mine.writes == 2
