@@ -339,7 +339,9 @@ class ClientState:
                 self._metrics.override_active.set(0 if override is None else 1)
         self.effective = _state.apply_override(self.snapshot, self.override)
         self._publish(self.effective)
-        if self._expiry_wakeup is not None:
+        if self._expiry_wakeup is not None and self.effective.next_expiry != old.next_expiry:
+            # Only a new next expiry concerns the timer (a change without expiry,
+            # the usual one, does not wake it).
             self._expiry_wakeup.set()
         if self._metrics is not None:
             self._metrics.revision.set(self.snapshot.revision)

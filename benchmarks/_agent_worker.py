@@ -9,6 +9,7 @@ Run by :class:`benchmarks._fleet.AgentFleet`, never by hand::
 process's one asyncio loop, as a service's agents would in many processes.
 ``--sdk sync``: ``agents.Agent``, as a threaded or WSGI service runs it. The SDK
 gives each its own TCP connection (``grpc.use_local_subchannel_pool``).
+``--sdk bare``: ``benchmarks._bare_agent.BareAgent``, what gRPC itself costs.
 ``--cache DIR``: each agent keeps a cache file ``DIR/<instance>.json``. Each
 agent's ``on_change`` callback records ``(revision, time.time())`` of every
 change it sees, nothing more.
@@ -45,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from agents import Agent, AsyncAgent, StateChange
+from benchmarks._bare_agent import BareAgent, BareChange
 
 READY_POLL = 0.005
 """Seconds between looks at the agents' states while waiting for an outage."""
@@ -77,8 +79,12 @@ class Worker:
         self._waiting = False
         self._loop = asyncio.get_running_loop()
         self.sync = sdk == "sync"
-        kind: type[Agent] | type[AsyncAgent] = Agent if self.sync else AsyncAgent
-        self.agents: list[Agent | AsyncAgent] = [
+        kind: type[Agent] | type[AsyncAgent] | type[BareAgent] = {
+            "sync": Agent,
+            "async": AsyncAgent,
+            "bare": BareAgent,
+        }[sdk]
+        self.agents: list[Agent | AsyncAgent | BareAgent] = [
             kind(
                 service,
                 servers,
@@ -90,13 +96,13 @@ class Worker:
             for i in range(count)
         ]
         self.sync_agents = [a for a in self.agents if isinstance(a, Agent)]
-        self.async_agents = [a for a in self.agents if isinstance(a, AsyncAgent)]
+        self.async_agents = [a for a in self.agents if not isinstance(a, Agent)]
 
-    def _recorder(self, index: int) -> Callable[[StateChange], None]:
+    def _recorder(self, index: int) -> Callable[[StateChange | BareChange], None]:
         arrivals = self.arrivals[index]
         history = self.histories[index]
 
-        def record(change: StateChange) -> None:
+        def record(change: StateChange | BareChange) -> None:
             now = time.time()
             arrivals.append((change.revision, now))
             if self._waiting:
@@ -145,7 +151,8 @@ class Worker:
     def report(self, flags: list[str]) -> dict[str, Any]:
         states: dict[str, int] = {}
         for agent in self.agents:
-            states[agent.state.value] = states.get(agent.state.value, 0) + 1
+            state = str(agent.state)
+            states[state] = states.get(state, 0) + 1
         values = {
             name: _histogram(json.dumps(agent.value(name)) for agent in self.agents)
             for name in flags
@@ -319,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--record", default="", help="comma-separated flags whose values each change records"
     )
-    parser.add_argument("--sdk", choices=("async", "sync"), default="async")
+    parser.add_argument("--sdk", choices=("async", "sync", "bare"), default="async")
     parser.add_argument("--cache", default="", help="a folder for the agents' cache files")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)

@@ -6,6 +6,9 @@ process would hold them:
 
 - ``--sdk async``: ``agents.AsyncAgent`` in the process's asyncio loop;
   ``--sdk sync``: ``agents.Agent`` (what threaded and WSGI services use);
+  ``--sdk bare``: the floor, what gRPC itself costs an agent
+  (``benchmarks._bare_agent``: the stream, each message read and acknowledged,
+  nothing else; never with a cache);
 - ``--cache``: each agent with a cache file (``cache_path``), as the README
   recommends; without it, none;
 - ``--agents``: how many agents the process holds (1 for a service, more for a
@@ -26,7 +29,7 @@ CPU is the process's own clock (``time.process_time``: every thread, nanosecond
 resolution), read by the process when asked. Writes
 ``benchmarks/results/agent-cost.json``.
 
-    python -m benchmarks.bench_agent_cost [--sdk sync,async] [--cache off,on]
+    python -m benchmarks.bench_agent_cost [--sdk sync,async,bare] [--cache off,on]
         [--agents 1,100] [--flips 20] [--changes 400] [--idle 5] [--gap 0.05]
 """
 
@@ -191,6 +194,8 @@ def run(
         value = False
         driver.set_flag(SERVICE, value)
         for agents, sdk, cache in itertools.product(sizes, sdks, caches):
+            if sdk == "bare" and cache:
+                continue
             case_flips = max(flips, math.ceil(changes / agents))
             case, value = _run_case(
                 driver, server.address, sdk, cache, agents, case_flips, idle, gap, value
@@ -225,7 +230,9 @@ def run(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--sdk", default="sync,async", help="comma-separated: sync, async")
+    parser.add_argument(
+        "--sdk", default="sync,async,bare", help="comma-separated: sync, async, bare"
+    )
     parser.add_argument("--cache", default="off,on", help="comma-separated: off, on")
     parser.add_argument("--agents", default="1,100", help="agents per process, comma-separated")
     parser.add_argument("--flips", type=int, default=20, help="measured flips per case, at least")
@@ -237,10 +244,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder")
     args = parser.parse_args(argv)
     sdks = [s for s in args.sdk.split(",") if s]
-    unknown = set(sdks) - {"sync", "async"}
+    unknown = set(sdks) - {"sync", "async", "bare"}
     caches_text = [c for c in args.cache.split(",") if c]
     if unknown or set(caches_text) - {"on", "off"}:
-        parser.error("--sdk takes sync and/or async; --cache takes off and/or on")
+        parser.error("--sdk takes sync, async and/or bare; --cache takes off and/or on")
     run(
         sdks,
         [c == "on" for c in caches_text],
