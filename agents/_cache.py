@@ -25,14 +25,17 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, TypeVar
 
 from google.protobuf import json_format
+from google.protobuf.message import Message
 
+from agents import _codec
 from agents._atomic import write_atomic
-from agents._codec import snapshot_from_proto, snapshot_to_proto
+from agents._codec import snapshot_from_proto
 from agents._state import MAX_REVISION, CorruptCacheError, InvalidChangeError, Snapshot
 from controlplane.api.v1 import agent_pb2
 
@@ -40,22 +43,64 @@ log = logging.getLogger("agents")
 
 CACHE_FORMAT = 1
 
+_R = TypeVar("_R")
 
-def snapshot_to_cache(snapshot: Snapshot) -> bytes:
+
+def snapshot_to_cache(snapshot: Snapshot, records: RecordsJSON | None = None) -> bytes:
     """The cache file's content: JSON with the service, the revision and the records.
 
     The records are in protobuf's JSON form (field names as in the .proto), layers
     included, so that an agent booting from the cache switches on time too.
+    ``records`` keeps that form of each record of the last state encoded: a
+    change replaces one record, and only that one is converted again.
     """
-    records = snapshot_to_proto(snapshot)
-    records.ClearField("revision")
     doc = {
         "format": CACHE_FORMAT,
         "service": snapshot.service,
         "revision": snapshot.revision,
-        "records": json_format.MessageToDict(records, preserving_proto_field_name=True),
+        "records": (records or RecordsJSON()).of(snapshot),
     }
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+class RecordsJSON:
+    """The protobuf JSON form of a snapshot's records, as ``MessageToDict`` of its
+    Snapshot message (revision aside) gives it, remembered per record object
+    (records are immutable; a snapshot after a change shares the others)."""
+
+    def __init__(self) -> None:
+        self._known: dict[int, tuple[object, dict[str, Any]]] = {}
+
+    def of(self, snapshot: Snapshot) -> dict[str, Any]:
+        known, self._known = self._known, {}
+        doc: dict[str, Any] = {}
+        flags = [
+            self._one(record, known, _codec.flag_record_to_proto)
+            for record in snapshot.flag_records.values()
+        ]
+        if flags:
+            doc["flags"] = flags
+        if snapshot.shedding_record is not None:
+            doc["shedding"] = self._one(
+                snapshot.shedding_record, known, _codec.shedding_record_to_proto
+            )
+        if snapshot.pin_record is not None:
+            doc["pin"] = self._one(snapshot.pin_record, known, _codec.pin_record_to_proto)
+        return doc
+
+    def _one(
+        self,
+        record: _R,
+        known: dict[int, tuple[object, dict[str, Any]]],
+        to_proto: Callable[[_R], Message],
+    ) -> dict[str, Any]:
+        hit = known.get(id(record))
+        if hit is not None and hit[0] is record:
+            form = hit[1]
+        else:
+            form = json_format.MessageToDict(to_proto(record), preserving_proto_field_name=True)
+        self._known[id(record)] = (record, form)
+        return form
 
 
 def snapshot_from_cache(data: bytes, service: str, now: datetime) -> Snapshot:
@@ -183,6 +228,8 @@ class CacheWriter:
         self.lock_path = lock_path(path)
         self._lock = threading.Lock()
         self._written = -1
+        self._records = RecordsJSON()
+        self._unsynced = False
         self.writes = 0
         """Files written (skipped writes not counted)."""
         # The file as this writer left it (device, inode, size, mtime) and the
@@ -190,15 +237,24 @@ class CacheWriter:
         # disk is known without reading it back.
         self._mine: tuple[tuple[int, int, int, int], int] | None = None
 
-    def write(self, snapshot: Snapshot, sequence: int, *, replace_newer: bool = False) -> bool:
+    def write(
+        self,
+        snapshot: Snapshot,
+        sequence: int,
+        *,
+        replace_newer: bool = False,
+        durable: bool = False,
+    ) -> bool:
         """Write ``snapshot`` unless a later ``sequence`` was written already, or
         the file holds a newer revision of the same service.
 
         ``sequence`` orders the writes of one agent (its applied states, in
         order). ``replace_newer`` writes over a newer revision on disk: for a
         state the server sent older than the one applied before (etcd went
-        back). Errors are logged, not raised: a cache that cannot be written
-        must not stop the agent from applying the server's state.
+        back). ``durable`` syncs it to disk (``agents._atomic``); a stop does,
+        the writes while running do not. Errors are logged, not raised: a cache
+        that cannot be written must not stop the agent from applying the
+        server's state.
 
         Returns:
             Whether the file now holds ``snapshot``.
@@ -207,7 +263,7 @@ class CacheWriter:
             if sequence <= self._written:
                 return False
             try:
-                data = snapshot_to_cache(snapshot)
+                data = snapshot_to_cache(snapshot, self._records)
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 # One writer at a time across the processes sharing the path; the
                 # check and the replace under the same lock.
@@ -222,7 +278,8 @@ class CacheWriter:
                         )
                         self._written = sequence
                         return False
-                    write_atomic(self.path, data)
+                    write_atomic(self.path, data, durable=durable)
+                    self._unsynced = not durable
                     self.writes += 1
                     self._mine = (_identity(self.path), snapshot.revision)
             except (OSError, ValueError) as exc:
@@ -243,6 +300,22 @@ class CacheWriter:
             except OSError:
                 pass
         return revision_on_disk(self.path, service)
+
+    def sync(self) -> None:
+        """Sync the last file written to disk, if it was written without (at a stop)."""
+        with self._lock:
+            if not self._unsynced:
+                return
+            self._unsynced = False
+            try:
+                for target in (self.path, self.path.parent):
+                    fd = os.open(target, os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+            except OSError as exc:
+                log.warning("agent_cache_sync_failed path=%s error=%s", self.path, exc)
 
     def reset_after_fork(self) -> None:
         """A fresh lock in a forked child (the parent's may have been held)."""

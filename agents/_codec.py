@@ -342,6 +342,11 @@ def _pin_to_proto(record: PinRecord) -> types_pb2.Pin:
     return msg
 
 
+flag_record_to_proto = _flag_to_proto
+shedding_record_to_proto = _shedding_to_proto
+pin_record_to_proto = _pin_to_proto
+
+
 def snapshot_to_proto(snapshot: Snapshot) -> agent_pb2.Snapshot:
     """The snapshot's records (layers in force) as a Snapshot message."""
     msg = agent_pb2.Snapshot(

@@ -10,7 +10,7 @@ process's one asyncio loop, as a service's agents would in many processes.
 ``--sdk sync``: ``agents.Agent``, as a threaded or WSGI service runs it. The SDK
 gives each its own TCP connection (``grpc.use_local_subchannel_pool``).
 ``--sdk bare``: ``benchmarks._bare_agent.BareAgent``, what gRPC itself costs.
-``--cache DIR``: each agent keeps a cache file ``DIR/<instance>.json``. Each
+``--cache DIR``: each agent keeps a cache file ``DIR/<instance>/cache.json``. Each
 agent's ``on_change`` callback records ``(revision, time.time())`` of every
 change it sees, nothing more.
 
@@ -91,7 +91,10 @@ class Worker:
                 version="bench",
                 instance_id=f"{name}-{i}",
                 on_change=self._recorder(i),
-                cache_path=str(cache / f"{name}-{i}.json") if cache is not None else None,
+                # A folder each, as agents on their own machines have: the override
+                # file beside the cache is watched through its folder, and agents
+                # sharing one would each hear all the others' cache writes.
+                cache_path=str(cache / f"{name}-{i}" / "cache.json") if cache is not None else None,
             )
             for i in range(count)
         ]

@@ -12,14 +12,26 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from google.protobuf import json_format
 
 from agents import Agent, AgentState
 from agents._atomic import write_atomic
-from agents._cache import CacheWriter, lock_path, read_cache, snapshot_to_cache
-from agents._codec import snapshot_from_proto
+from agents._cache import (
+    CacheWriter,
+    RecordsJSON,
+    lock_path,
+    read_cache,
+    snapshot_from_cache,
+    snapshot_to_cache,
+)
+from agents._codec import apply_change, snapshot_from_proto, snapshot_to_proto
+from agents._state import Snapshot
+from controlplane.api.v1 import agent_pb2
+from controlplane.api.v1 import types_pb2 as t
 from tests.helpers.agent_sync import (
     cached_revision,
     flag,
+    meta,
     now,
     snapshot_msg,
     state,
@@ -203,3 +215,76 @@ def test_a_cached_time_boxed_change_expires_when_the_cache_is_read(tmp_path: Pat
     late = read_cache(path, "checkout", now() + timedelta(seconds=1))
     assert early is not None and early.flags["mode"] == "degraded"
     assert late is not None and late.flags["mode"] == "full"
+
+
+def _full_state(revision: int, mode: str) -> Snapshot:
+    """Flags (one layered, one global), shedding and a pin with its history."""
+    layered = flag("new-ui", False, expires_in=600)
+    layered.replaced.CopyFrom(flag("new-ui", True))
+    msg = agent_pb2.Snapshot(
+        revision=revision,
+        flags=[layered, flag("mode", mode), flag("banner", "on", scope="global")],
+        shedding=t.Shedding(
+            service="checkout", tier=t.SHEDDABLE_PLUS, percent=30.0, meta=meta(expires_in=60)
+        ),
+        pin=t.Pin(
+            service="checkout",
+            version="v1.4.2",
+            meta=meta(),
+            previous=t.PinHistory(version="v1.3.0", actor="deploy", reason="rollout"),
+        ),
+    )
+    return snapshot_from_proto("checkout", msg, now())
+
+
+def test_the_cache_holds_the_records_as_protobuf_writes_them_also_after_a_change() -> None:
+    """The records' JSON, remembered per record between writes, is what protobuf's
+    own JSON mapping gives for the whole Snapshot, also once records were replaced."""
+    records = RecordsJSON()
+    before = _full_state(7, "full")
+    after = apply_change(
+        before,
+        agent_pb2.Change(revision=8, flags_set=[flag("mode", "degraded")], shedding_removed=True),
+        now(),
+    )
+    for snapshot in (before, after, after):
+        expected = snapshot_to_proto(snapshot)
+        expected.ClearField("revision")
+        written = json.loads(snapshot_to_cache(snapshot, records))
+        assert written["records"] == json_format.MessageToDict(
+            expected, preserving_proto_field_name=True
+        )
+        booted = snapshot_from_cache(snapshot_to_cache(snapshot, records), "checkout", now())
+        assert (booted.flags, booted.shedding, booted.pin) == (
+            snapshot.flags,
+            snapshot.shedding,
+            snapshot.pin,
+        )
+    assert "shedding" not in json.loads(snapshot_to_cache(after, records))["records"]
+
+
+def test_cache_writes_are_synced_to_disk_only_at_a_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The durability policy: atomic always, synced (file, then directory) when the
+    agent stops, not on each write while it runs."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append("directory" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    writer = CacheWriter(tmp_path / "cache.json")
+    assert writer.write(state(5, flag("a", True)), 1)
+    assert writer.write(state(6, flag("a", False)), 2)
+    assert synced == []
+    writer.sync()
+    assert synced == ["file", "directory"]
+    writer.sync()  # nothing written since
+    assert synced == ["file", "directory"]
+    assert writer.write(state(7, flag("a", True)), 3, durable=True)
+    assert synced == ["file", "directory"] * 2
+    writer.sync()
+    assert synced == ["file", "directory"] * 2
