@@ -75,6 +75,9 @@ class _Reads:
     _snapshot: Snapshot
     _client: Client
     _state_changed: Callable[[AgentState], None]  # each agent's own
+    _published: Callable[[], None] | None = None
+    """Called after each swap of ``_snapshot``, in the agents' thread (the sidecar's
+    state file writer: a new revision may change nothing a change callback hears of)."""
 
     def _init_reads(
         self,
@@ -261,6 +264,9 @@ class _Reads:
     def _set_snapshot(self, snapshot: Snapshot) -> None:
         # The one write of the read path's attribute: the swap.
         self._snapshot = snapshot
+        published = self._published
+        if published is not None:
+            published()
 
 
 class Agent(_Reads):

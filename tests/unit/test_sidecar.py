@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+import agents.sidecar._state_file
+from agents._atomic import write_atomic
 from agents._override import parse_override
 from agents.sidecar import (
     Sidecar,
@@ -217,27 +219,37 @@ def test_the_state_file_is_rewritten_atomically_on_every_change(tmp_path: Path) 
         wait_until(lambda: (read_state(path) or {}).get("revision") == 2, what="revision 2")
         assert (read_state(path) or {})["flags"]["new-ui"] is False
 
-        # No change callback reports the agent state: the writer notices it too.
-        agent.current = "STALE"
+        # The agent state comes to the writer through its own callback.
+        agent.set_state("STALE")
         wait_until(lambda: (read_state(path) or {}).get("state") == "STALE", what="STALE")
     assert sorted(p.name for p in path.parent.iterdir()) == ["state.json"]  # no temp files
     assert (read_state(path) or {})["state"] == "STALE"
 
 
 def test_a_state_file_that_cannot_be_written_is_logged_and_retried(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")
     path = blocker / "state.json"
-    caplog.set_level(logging.ERROR, logger="agents.sidecar")
+    attempts: list[Path] = []
+
+    def counted(target: Path, data: bytes, mode: int) -> None:
+        attempts.append(target)
+        write_atomic(target, data, mode=mode)
+
+    monkeypatch.setattr(agents.sidecar._state_file, "write_atomic", counted)
+    caplog.set_level(logging.INFO, logger="agents.sidecar")
     with sidecar_for(static(), state_file=path):
-        wait_until(
-            lambda: any("state_file_write_failed" in r.getMessage() for r in caplog.records),
-            what="the failure logged",
-        )
-    failures = [r for r in caplog.records if "state_file_write_failed" in r.getMessage()]
-    assert len(failures) == 1  # once per kind of failure, not once per try
+        # Retried with nothing changing (0.1 s, then 0.2 s ...).
+        wait_until(lambda: len(attempts) >= 3, what="three attempts")
+        failures = [r for r in caplog.records if "state_file_write_failed" in r.getMessage()]
+        assert len(failures) == 1  # once per kind of failure, not once per try
+        blocker.unlink()
+        blocker.mkdir()
+        wait_until(lambda: read_state(path) is not None, what="written once it can be")
+        assert (read_state(path) or {})["revision"] == 1
+    assert any("state_file_written" in r.getMessage() for r in caplog.records)
 
 
 def test_state_and_health_say_when_a_break_glass_override_is_active() -> None:
