@@ -128,6 +128,10 @@ For both hooks:
   hooks (the pin hook sees a pin from nothing; it gets ``CP_RUNNING_VERSION`` to
   tell whether anything needs doing).
 
+Idle, it wakes for nothing: its threads wait on the listening socket, the
+agent's callbacks (changes, the agent state) and the hooks' queue, with no
+timer; a stop wakes the endpoint through a socket of its own, at once.
+
 Lifecycle: SIGTERM or SIGINT stops it: the endpoint closes, the agent closes
 (writing its cache), the state file gets its last write, a running hook gets
 ``HOOK_STOP_GRACE`` seconds to finish (then its process group is killed), hook

@@ -202,10 +202,7 @@ class Sidecar:
             # The first write: the state the agent started with (from the cache, or none).
             self._writer.wake()
         self._http_thread = threading.Thread(
-            target=self._http.serve_forever,
-            kwargs={"poll_interval": 0.2},
-            name="cp-agent-http",
-            daemon=True,
+            target=self._http.serve, name="cp-agent-http", daemon=True
         )
         self._http_thread.start()
         log.info(
@@ -227,7 +224,9 @@ class Sidecar:
         if not started:
             return
         if self._http is not None:
-            self._http.shutdown()
+            self._http.stop()
+            if self._http_thread is not None:
+                self._http_thread.join()
             self._http.server_close()
         self.agent.close()
         for remove in self._remove_callbacks:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import http.client as http_client
 import json
 import logging
 import stat
+import threading
+import time
 import urllib.error
 import urllib.request
 from datetime import UTC, datetime, timedelta
@@ -250,6 +253,58 @@ def test_a_state_file_that_cannot_be_written_is_logged_and_retried(
         wait_until(lambda: read_state(path) is not None, what="written once it can be")
         assert (read_state(path) or {})["revision"] == 1
     assert any("state_file_written" in r.getMessage() for r in caplog.records)
+
+
+def _switches(thread: threading.Thread | None) -> int:
+    """How many times ``thread`` went off a CPU (it woke up as many times)."""
+    assert thread is not None
+    status = Path(f"/proc/self/task/{thread.native_id}/status").read_text()
+    return sum(int(line.split()[1]) for line in status.splitlines() if "ctxt_switches" in line)
+
+
+def _sleeping(thread: threading.Thread | None) -> bool:
+    assert thread is not None
+    stat = Path(f"/proc/self/task/{thread.native_id}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0] == "S"
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc")
+def test_an_idle_sidecar_wakes_for_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    agent = static()
+    with sidecar_for(agent, state_file=path, on_change="true") as sidecar:
+        assert sidecar._writer is not None
+        threads = [sidecar._http_thread, sidecar._writer._thread]
+        threads += [hook._thread for hook in sidecar.hooks]
+        wait_until(lambda: read_state(path) is not None, what="first write")
+        wait_until(lambda: all(_sleeping(thread) for thread in threads), what="all asleep")
+        before = [_switches(thread) for thread in threads]
+        time.sleep(0.5)  # the window watched, not a wait for something
+        assert [_switches(thread) for thread in threads] == before
+        # Asleep, not stuck: a request and a change are served at once.
+        status, _, data = http(f"http://{sidecar.address}/v1/flags/new-ui")
+        assert (status, json.loads(data)["value"]) == (200, True)
+        agent.set_flag("new-ui", False)
+        wait_until(lambda: (read_state(path) or {}).get("revision") == 2, what="revision 2")
+
+
+def test_stop_is_prompt_and_lets_the_address_go() -> None:
+    sidecar = sidecar_for(static())
+    sidecar.start()
+    host, port = sidecar.address.rsplit(":", 1)
+    # A client keeping its connection open does not hold the stop.
+    kept = http_client.HTTPConnection(host, int(port), timeout=WAIT)
+    try:
+        kept.request("GET", "/healthz")
+        assert kept.getresponse().read()
+        started = time.monotonic()
+        sidecar.stop()
+        assert time.monotonic() - started < 0.5
+    finally:
+        kept.close()
+    with pytest.raises(urllib.error.URLError):
+        http(f"http://{sidecar.address}/healthz")
+    sidecar.stop()  # idempotent
 
 
 def test_state_and_health_say_when_a_break_glass_override_is_active() -> None:
