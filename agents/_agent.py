@@ -34,15 +34,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
 import random
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, TypeVar, Unpack, overload
+from typing import TYPE_CHECKING, Any, TypeVar, Unpack, overload
 
 from agents import _shed, _state
 from agents._channels import release_channels
@@ -60,6 +61,10 @@ log = logging.getLogger("agents")
 
 _T = TypeVar("_T")
 
+StateCallback = Callable[[AgentState], object]
+"""An ``on_state`` callback: called with the agent's new state (a coroutine
+function is run as a task of its own in the loop that calls it)."""
+
 STOP_TIMEOUT = 5.0
 """Seconds ``close()`` and the fork hook wait for agents' clients to stop."""
 
@@ -70,6 +75,9 @@ class _Reads:
     _snapshot: Snapshot
     _client: Client
     _state_changed: Callable[[AgentState], None]  # each agent's own
+    _published: Callable[[], None] | None = None
+    """Called after each swap of ``_snapshot``, in the agents' thread (the sidecar's
+    state file writer: a new revision may change nothing a change callback hears of)."""
 
     def _init_reads(
         self,
@@ -79,6 +87,9 @@ class _Reads:
     ) -> None:
         """What both agents set up alike: an empty state and the client that fills it."""
         self._snapshot = _state.empty_snapshot(config.service)
+        self._state_callbacks: tuple[StateCallback, ...] = ()
+        self._state_callbacks_lock = threading.Lock()
+        self._state_tasks: set[asyncio.Future[Any]] = set()
         self._client = Client(
             config, publish=self._set_snapshot, on_state=self._state_changed, registry=registry
         )
@@ -185,9 +196,77 @@ class _Reads:
         """
         return self._client.add_callback(callback)
 
+    def on_state(self, callback: StateCallback) -> Callable[[], None]:
+        """Call ``callback`` with the new :class:`agents.AgentState` whenever
+        :attr:`state` changes: ``READY`` when a server answered, ``STALE`` when
+        none does any more (also once the cache file is loaded at start, and
+        once the agent is closed).
+
+        Callbacks run where the state changes: in the agents' background thread
+        (in the loop of an :class:`AsyncAgent`), except the ``STALE`` of a cache
+        file loaded by :meth:`Agent.start`, which runs in the thread calling it.
+        :attr:`state` already gives the new state when they run. Keep them short
+        (the agent's next message waits for them); one that returns an awaitable
+        has it run as a task of its own in the loop. An exception is logged and
+        does not stop the agent.
+
+        Returns:
+            A function that removes the callback (calling it twice is harmless).
+        """
+        with self._state_callbacks_lock:
+            self._state_callbacks = (*self._state_callbacks, callback)
+
+        def remove() -> None:
+            with self._state_callbacks_lock:
+                callbacks = list(self._state_callbacks)
+                if callback in callbacks:
+                    callbacks.remove(callback)
+                    self._state_callbacks = tuple(callbacks)
+
+        return remove
+
+    def _tell_state(self, state: AgentState) -> None:
+        """Call the ``on_state`` callbacks with ``state``."""
+        for callback in self._state_callbacks:
+            try:
+                result = callback(state)
+                if inspect.isawaitable(result):
+                    self._run_state_task(result)
+            except Exception:
+                log.exception(
+                    "agent_state_callback_failed service=%s callback=%r state=%s",
+                    self.service,
+                    callback,
+                    state.value,
+                )
+
+    def _run_state_task(self, awaitable: Awaitable[object]) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            # Agent.start() loading the cache, in a thread without a loop.
+            if inspect.iscoroutine(awaitable):
+                awaitable.close()
+            raise RuntimeError("a coroutine callback needs a running loop") from None
+        task = asyncio.ensure_future(awaitable, loop=loop)
+        self._state_tasks.add(task)
+        task.add_done_callback(self._state_task_done)
+
+    def _state_task_done(self, task: asyncio.Future[Any]) -> None:
+        self._state_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error(
+                "agent_state_callback_failed service=%s",
+                self.service,
+                exc_info=task.exception(),
+            )
+
     def _set_snapshot(self, snapshot: Snapshot) -> None:
         # The one write of the read path's attribute: the swap.
         self._snapshot = snapshot
+        published = self._published
+        if published is not None:
+            published()
 
 
 class Agent(_Reads):
@@ -353,6 +432,10 @@ class Agent(_Reads):
     # ------------------------------------------------------------ the client
 
     def _state_changed(self, state: AgentState) -> None:
+        self._follow_ready(state)
+        self._tell_state(state)
+
+    def _follow_ready(self, state: AgentState) -> None:
         if state is AgentState.READY:
             self._ready.set()
         else:
@@ -368,8 +451,10 @@ class Agent(_Reads):
         # start afresh (the parent's are held by the fork itself).
         self._lock = threading.RLock()
         self._ready = threading.Event()
+        self._state_callbacks_lock = threading.Lock()
         self._client.after_fork_in_child(forked_config(self._client.config, os.getpid()))
-        self._state_changed(self._client.state)
+        # The event is new: it follows the state (the callbacks heard of a change already).
+        self._follow_ready(self._client.state)
 
 
 class AsyncAgent(_Reads):
@@ -476,6 +561,7 @@ class AsyncAgent(_Reads):
             self._ready.set()
         else:
             self._ready.clear()
+        self._tell_state(state)
 
 
 # ---------------------------------------------------------------- fork hooks

@@ -6,12 +6,14 @@ it does in production: ``enabled`` gives the default for a non-bool flag, number
 come back as floats, ``should_shed`` follows the same table. Its setters stand in
 for the on-call engineer: each one is a new revision, applied the way the real
 agent applies a change from the server, and the ``on_change`` callbacks are
-called with what changed.
+called with what changed. ``set_state`` stands in for the connection (a
+control plane out of reach: ``STALE``) and calls the ``on_state`` callbacks.
 
     agent = StaticAgent({"new-ui": True}, service="checkout")
     app = create_app(agent)
     agent.set_flag("new-ui", False)          # the kill switch
     agent.set_shedding("SHEDDABLE", 100)     # every SHEDDABLE request shed
+    agent.set_state("STALE")                 # the control plane out of reach
 
 Unlike the real agent, it calls callbacks synchronously in the setter (in the
 order they were registered) and lets their exceptions propagate, so that a test
@@ -37,6 +39,7 @@ _T = TypeVar("_T")
 
 _ACTOR = "agents.testing"
 _REASON = "set by a test"
+_STATES = ("CONNECTING", "READY", "STALE")
 
 
 class StaticAgent:
@@ -69,6 +72,8 @@ class StaticAgent:
         self._rand = rand
         self._lock = threading.RLock()
         self._callbacks: list[Callable[[StateChange], None]] = []
+        self._state_callbacks: list[Callable[[str], object]] = []
+        self._state = "READY"
         now = _now()
         msg = agent_pb2.Snapshot(
             revision=1, flags=[self._flag(name, v, now) for name, v in (flags or {}).items()]
@@ -83,8 +88,9 @@ class StaticAgent:
 
     @property
     def state(self) -> str:
-        """Always ``"READY"``: a static agent has its state from the start."""
-        return "READY"
+        """``"READY"`` (a static agent has its state from the start) until
+        :meth:`set_state` says otherwise."""
+        return self._state
 
     @property
     def revision(self) -> int:
@@ -95,8 +101,8 @@ class StaticAgent:
         """Nothing to start; here so that code starting its agent runs unchanged."""
 
     def wait_ready(self, timeout: float | None = None) -> bool:
-        """Ready at once: returns True."""
-        return True
+        """Whether the state is ``READY``, at once (nothing would change it meanwhile)."""
+        return self._state == "READY"
 
     def close(self) -> None:
         """Nothing to close; the agent keeps answering reads."""
@@ -157,7 +163,37 @@ class StaticAgent:
 
         return remove
 
+    def on_state(self, callback: Callable[[str], object]) -> Callable[[], None]:
+        """Call ``callback`` with the new state whenever :meth:`set_state` changes
+        it; returns a function that removes it (calling that twice is harmless)."""
+        with self._lock:
+            self._state_callbacks.append(callback)
+
+        def remove() -> None:
+            with self._lock:
+                if callback in self._state_callbacks:
+                    self._state_callbacks.remove(callback)
+
+        return remove
+
     # ------------------------------------------------------------ setters for tests
+
+    def set_state(self, state: str) -> None:
+        """Set the agent state (``CONNECTING``, ``READY`` or ``STALE``); the reads
+        keep the state set so far, as the real agent's do. The ``on_state``
+        callbacks are called when it changes.
+
+        Raises:
+            ValueError: ``state`` is none of the three.
+        """
+        if state not in _STATES:
+            raise ValueError(f"unknown state {state!r}: one of {', '.join(_STATES)}")
+        with self._lock:
+            if state == self._state:
+                return
+            self._state = str(state)
+            for callback in list(self._state_callbacks):
+                callback(self._state)
 
     def set_flag(self, name: str, value: FlagValue) -> None:
         """Set a flag in the service's own scope (an int is stored as a number).

@@ -78,9 +78,12 @@ Anything else is 404 (unknown path) or 405 (another method), in JSON.
 The state file (``--state-file``) holds the ``/v1/state`` document. It is
 replaced atomically (a temporary file in the same directory, fsync, rename,
 fsync of the directory; mode 0644) whenever what it says changes: a change from
-the server, a time-boxed change expiring, the agent state (READY/STALE) or a
-hook's status; readers see the old file or the new one, never a part. It stays
-when the sidecar stops (fail static: the last state is still the best one).
+the server (also a new revision that changes no value, such as an expiry
+extended), a time-boxed change expiring, the agent state (READY/STALE) or a
+hook's status; readers see the old file or the new one, never a part. Changes
+coming while it is written make one more write, of the newest state. A failed
+write is tried again after 0.1 s, doubling up to 1 s. It stays when the sidecar
+stops (fail static: the last state is still the best one).
 
 Hooks. ``--on-change CMD`` runs (``/bin/sh -c CMD``) for every change a service
 sees (flags, shedding, pin), with the change as JSON on stdin::
@@ -125,6 +128,10 @@ For both hooks:
   hooks (the pin hook sees a pin from nothing; it gets ``CP_RUNNING_VERSION`` to
   tell whether anything needs doing).
 
+Idle, it wakes for nothing: its threads wait on the listening socket, the
+agent's callbacks (changes, the agent state) and the hooks' queue, with no
+timer; a stop wakes the endpoint through a socket of its own, at once.
+
 Lifecycle: SIGTERM or SIGINT stops it: the endpoint closes, the agent closes
 (writing its cache), the state file gets its last write, a running hook gets
 ``HOOK_STOP_GRACE`` seconds to finish (then its process group is killed), hook
@@ -164,7 +171,8 @@ from agents.sidecar._options import HOOK_STOP_GRACE as HOOK_STOP_GRACE
 from agents.sidecar._options import HOOK_TIMEOUT as HOOK_TIMEOUT
 from agents.sidecar._options import SECURITY_NAMES as SECURITY_NAMES
 from agents.sidecar._options import STATE_FILE_MODE as STATE_FILE_MODE
-from agents.sidecar._options import STATE_POLL_INTERVAL as STATE_POLL_INTERVAL
+from agents.sidecar._options import STATE_RETRY as STATE_RETRY
+from agents.sidecar._options import STATE_RETRY_CAP as STATE_RETRY_CAP
 from agents.sidecar._options import SidecarAgent as SidecarAgent
 from agents.sidecar._options import SidecarOptions as SidecarOptions
 from agents.sidecar._options import parse_listen as parse_listen

@@ -30,9 +30,10 @@ HOOK_BACKOFF = 1.0
 HOOK_BACKOFF_CAP = 30.0
 HOOK_STOP_GRACE = 10.0
 """Seconds a running hook may take to finish when the sidecar stops."""
-STATE_POLL_INTERVAL = 0.1
-"""Seconds between the state file writer's looks at the agent state (READY,
-STALE), which no change callback reports; changes themselves wake it at once."""
+STATE_RETRY = 0.1
+"""Seconds before the state file writer tries a failed write again; doubled per
+failure up to STATE_RETRY_CAP. It wakes for nothing else but what changes the file."""
+STATE_RETRY_CAP = 1.0
 STATE_FILE_MODE = 0o644
 """The state file's permissions: readable by the service's other users."""
 
@@ -60,6 +61,8 @@ class SidecarAgent(Protocol):
     def state(self) -> str: ...
 
     def on_change(self, callback: Callable[[StateChange], None]) -> Callable[[], None]: ...
+
+    def on_state(self, callback: Callable[[str], object]) -> Callable[[], None]: ...
 
     def start(self) -> None: ...
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST as METRICS_TYPE
 from prometheus_client import CollectorRegistry, generate_latest
@@ -28,6 +28,9 @@ from agents.sidecar._hooks import Executor, HookRunner, PinHookRunner
 from agents.sidecar._http import ENDPOINTS, EndpointHandler, EndpointServer, EndpointServer6
 from agents.sidecar._options import SidecarAgent, SidecarOptions, is_loopback, parse_listen
 from agents.sidecar._state_file import StateFileWriter, read_previous_hooks
+
+if TYPE_CHECKING:
+    from agents._agent import Agent
 
 log = logging.getLogger("agents.sidecar")
 
@@ -71,10 +74,11 @@ class Sidecar:
             raise AgentConfigError("hook attempts must be at least 1")
         if options.hook_timeout <= 0:
             raise AgentConfigError("hook timeout must be positive")
+        self._own_agent: Agent | None = None
         if agent is None:
             from agents._agent import Agent
 
-            agent = Agent(
+            agent = self._own_agent = Agent(
                 options.service,
                 list(options.servers),
                 version=options.version,
@@ -100,7 +104,7 @@ class Sidecar:
         self._http_thread: threading.Thread | None = None
         self._writer: StateFileWriter | None = None
         self._hooks: list[HookRunner] = []
-        self._remove_callback: Callable[[], None] | None = None
+        self._remove_callbacks: list[Callable[[], None]] = []
         self._hooks_version = 0
         self.address = ""
         """``host:port`` the endpoint listens on, once started."""
@@ -185,13 +189,20 @@ class Sidecar:
             self._writer.start()
         # Registered before the agent starts: the state loaded from the cache
         # (or the first one from a server) is the hooks' first change.
-        self._remove_callback = self.agent.on_change(self._changed)
+        self._remove_callbacks = [
+            self.agent.on_change(self._changed),
+            self.agent.on_state(self._agent_state_changed),
+        ]
         self.agent.start()
+        if self._writer is not None:
+            # A new revision that changes no value (a reason, an expiry extended)
+            # reaches no callback, but the file shows it.
+            if self._own_agent is not None:
+                self._own_agent._published = self._writer.wake
+            # The first write: the state the agent started with (from the cache, or none).
+            self._writer.wake()
         self._http_thread = threading.Thread(
-            target=self._http.serve_forever,
-            kwargs={"poll_interval": 0.2},
-            name="cp-agent-http",
-            daemon=True,
+            target=self._http.serve, name="cp-agent-http", daemon=True
         )
         self._http_thread.start()
         log.info(
@@ -213,11 +224,15 @@ class Sidecar:
         if not started:
             return
         if self._http is not None:
-            self._http.shutdown()
+            self._http.stop()
+            if self._http_thread is not None:
+                self._http_thread.join()
             self._http.server_close()
         self.agent.close()
-        if self._remove_callback is not None:
-            self._remove_callback()
+        for remove in self._remove_callbacks:
+            remove()
+        if self._own_agent is not None:
+            self._own_agent._published = None
         for hook in self._hooks:
             hook.stop()
         if self._writer is not None:
@@ -248,6 +263,11 @@ class Sidecar:
         state = str(self.agent.state)
         for hook in self._hooks:
             hook.submit(change, state)
+        if self._writer is not None:
+            self._writer.wake()
+
+    def _agent_state_changed(self, state: str) -> None:
+        # The agent's thread (or the one starting it): wake, nothing that blocks.
         if self._writer is not None:
             self._writer.wake()
 

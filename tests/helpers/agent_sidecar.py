@@ -23,15 +23,11 @@ FAIL = HookResult(False, "exit status 1", "boom")
 
 
 class SwitchableAgent(StaticAgent):
-    """A StaticAgent whose state (READY, STALE, CONNECTING) the test sets."""
+    """A StaticAgent that starts in the state given (READY, STALE, CONNECTING)."""
 
     def __init__(self, *args: Any, state: str = "READY", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.current = state
-
-    @property
-    def state(self) -> str:
-        return self.current
+        self.set_state(state)
 
 
 def static(**kwargs: Any) -> SwitchableAgent:

@@ -184,13 +184,6 @@ def record_states(states: list[AgentState]) -> Callable[[AsyncAgent | Agent], No
     """A ``setup`` that records each state the agent goes to, in order."""
 
     def setup(agent: AsyncAgent | Agent) -> None:
-        client = agent._client
-        inner = client._on_state
-
-        def on_state(state: AgentState) -> None:
-            states.append(state)
-            inner(state)
-
-        client._on_state = on_state
+        agent.on_state(states.append)
 
     return setup

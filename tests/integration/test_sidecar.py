@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from google.protobuf import duration_pb2
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -336,18 +337,64 @@ async def test_a_sidecar_that_loses_its_server_keeps_serving_and_says_stale(
     revision = await set_flag(stub, "mode", "read-only")
     car = await sidecars.start(server.address, "--state-file", str(state_file))
     await car.wait_http("/v1/flags/mode", lambda status, body: body.get("revision", 0) >= revision)
+    await poll(
+        lambda: (read_json(state_file) or {}).get("state") == "READY", "the state file says READY"
+    )
 
     await server.stop(grace=0)
+    # The agent state wakes the writer: the file follows at once, no look every so often.
+    await poll(
+        lambda: (read_json(state_file) or {}).get("state") == "STALE",
+        "the state file says STALE",
+        within=2.0,
+    )
     health = await car.wait_http("/healthz", lambda status, body: body["state"] == "STALE")
     assert (await car.get("/healthz"))[0] == 503
     assert health["serving"] is True
     assert f"serving the last known state (revision {revision})" in health["message"]
     status, flag = await car.get("/v1/flags/mode")
     assert (status, flag["value"], flag["state"]) == (200, "read-only", "STALE")
-    await poll(
-        lambda: (read_json(state_file) or {}).get("state") == "STALE", "the state file says STALE"
-    )
     assert await car.stop() == 0, car.output
+
+
+async def test_a_new_revision_that_changes_no_value_reaches_the_state_file(
+    server: ControlServer, stub: Stub, sidecars: Sidecars, tmp_path: Path
+) -> None:
+    state_file, changes = tmp_path / "state.json", tmp_path / "changes.jsonl"
+    car = await sidecars.start(
+        server.address, "--state-file", str(state_file), "--on-change", recorder_command(changes)
+    )
+
+    async def time_boxed(hours: int) -> int:
+        opts = options()
+        opts.ttl.CopyFrom(duration_pb2.Duration(seconds=hours * 3600))
+        response = await stub.SetFlag(
+            m.SetFlagRequest(
+                scope="checkout", name="new-ui", value=t.FlagValue(bool_value=False), options=opts
+            )
+        )
+        assert response.result.changed
+        revision: int = response.result.revision
+        return revision
+
+    first = await time_boxed(1)
+    await poll(lambda: first in revisions(changes), "the hook's run for the flag")
+    await poll(
+        lambda: (read_json(state_file) or {}).get("revision") == first, "the file at the flag"
+    )
+    _, before = await car.get("/v1/flags/new-ui")
+    # Extended: the same value, a new revision, which no change callback hears of.
+    extended = await time_boxed(2)
+    doc = await poll(
+        lambda: (d := read_json(state_file)) and d["revision"] == extended and d,
+        "the file at the extension",
+    )
+    assert (doc["state"], doc["flags"]) == ("READY", {"new-ui": False})
+    _, after = await car.get("/v1/flags/new-ui")
+    assert (after["revision"], after["value"]) == (extended, False)
+    assert after["expires_at"] > before["expires_at"]
+    assert await car.stop() == 0, car.output
+    assert revisions(changes) == [first]  # the hook is not run for it
 
 
 async def test_a_sigterm_right_after_start_stops_the_sidecar_at_once(

@@ -195,6 +195,26 @@ def test_a_failing_callback_surfaces_in_the_test_after_the_state_changed() -> No
     assert agent.enabled("a") is True
 
 
+def test_set_state_calls_the_state_callbacks_and_keeps_the_reads() -> None:
+    agent = StaticAgent({"new-ui": False})
+    heard: list[tuple[str, str, bool]] = []
+    removed: list[str] = []
+    agent.on_state(lambda state: heard.append((state, agent.state, agent.wait_ready(0))))
+    remove = agent.on_state(removed.append)
+    agent.set_state("READY")  # no change: nothing called
+    agent.set_state("STALE")
+    remove()
+    remove()
+    agent.set_state("READY")
+    assert heard == [("STALE", "STALE", False), ("READY", "READY", True)]
+    assert removed == ["STALE"]
+    assert agent.enabled("new-ui", default=True) is False  # the state set so far, kept
+    assert agent.revision == 1
+    with pytest.raises(ValueError, match="unknown state 'GONE'"):
+        agent.set_state("GONE")
+    assert agent.state == "READY"
+
+
 def test_concurrent_setters_lose_no_change() -> None:
     agent = StaticAgent()
     seen = recorder(agent)

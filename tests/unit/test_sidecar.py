@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import http.client as http_client
 import json
 import logging
 import stat
+import threading
+import time
 import urllib.error
 import urllib.request
 from datetime import UTC, datetime, timedelta
@@ -13,6 +16,8 @@ from typing import Any
 
 import pytest
 
+import agents.sidecar._state_file
+from agents._atomic import write_atomic
 from agents._override import parse_override
 from agents.sidecar import (
     Sidecar,
@@ -217,27 +222,89 @@ def test_the_state_file_is_rewritten_atomically_on_every_change(tmp_path: Path) 
         wait_until(lambda: (read_state(path) or {}).get("revision") == 2, what="revision 2")
         assert (read_state(path) or {})["flags"]["new-ui"] is False
 
-        # No change callback reports the agent state: the writer notices it too.
-        agent.current = "STALE"
+        # The agent state comes to the writer through its own callback.
+        agent.set_state("STALE")
         wait_until(lambda: (read_state(path) or {}).get("state") == "STALE", what="STALE")
     assert sorted(p.name for p in path.parent.iterdir()) == ["state.json"]  # no temp files
     assert (read_state(path) or {})["state"] == "STALE"
 
 
 def test_a_state_file_that_cannot_be_written_is_logged_and_retried(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")
     path = blocker / "state.json"
-    caplog.set_level(logging.ERROR, logger="agents.sidecar")
+    attempts: list[Path] = []
+
+    def counted(target: Path, data: bytes, mode: int) -> None:
+        attempts.append(target)
+        write_atomic(target, data, mode=mode)
+
+    monkeypatch.setattr(agents.sidecar._state_file, "write_atomic", counted)
+    caplog.set_level(logging.INFO, logger="agents.sidecar")
     with sidecar_for(static(), state_file=path):
-        wait_until(
-            lambda: any("state_file_write_failed" in r.getMessage() for r in caplog.records),
-            what="the failure logged",
-        )
-    failures = [r for r in caplog.records if "state_file_write_failed" in r.getMessage()]
-    assert len(failures) == 1  # once per kind of failure, not once per try
+        # Retried with nothing changing (0.1 s, then 0.2 s ...).
+        wait_until(lambda: len(attempts) >= 3, what="three attempts")
+        failures = [r for r in caplog.records if "state_file_write_failed" in r.getMessage()]
+        assert len(failures) == 1  # once per kind of failure, not once per try
+        blocker.unlink()
+        blocker.mkdir()
+        wait_until(lambda: read_state(path) is not None, what="written once it can be")
+        assert (read_state(path) or {})["revision"] == 1
+    assert any("state_file_written" in r.getMessage() for r in caplog.records)
+
+
+def _switches(thread: threading.Thread | None) -> int:
+    """How many times ``thread`` went off a CPU (it woke up as many times)."""
+    assert thread is not None
+    status = Path(f"/proc/self/task/{thread.native_id}/status").read_text()
+    return sum(int(line.split()[1]) for line in status.splitlines() if "ctxt_switches" in line)
+
+
+def _sleeping(thread: threading.Thread | None) -> bool:
+    assert thread is not None
+    stat = Path(f"/proc/self/task/{thread.native_id}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0] == "S"
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc")
+def test_an_idle_sidecar_wakes_for_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    agent = static()
+    with sidecar_for(agent, state_file=path, on_change="true") as sidecar:
+        assert sidecar._writer is not None
+        threads = [sidecar._http_thread, sidecar._writer._thread]
+        threads += [hook._thread for hook in sidecar.hooks]
+        wait_until(lambda: read_state(path) is not None, what="first write")
+        wait_until(lambda: all(_sleeping(thread) for thread in threads), what="all asleep")
+        before = [_switches(thread) for thread in threads]
+        time.sleep(0.5)  # the window watched, not a wait for something
+        assert [_switches(thread) for thread in threads] == before
+        # Asleep, not stuck: a request and a change are served at once.
+        status, _, data = http(f"http://{sidecar.address}/v1/flags/new-ui")
+        assert (status, json.loads(data)["value"]) == (200, True)
+        agent.set_flag("new-ui", False)
+        wait_until(lambda: (read_state(path) or {}).get("revision") == 2, what="revision 2")
+
+
+def test_stop_is_prompt_and_lets_the_address_go() -> None:
+    sidecar = sidecar_for(static())
+    sidecar.start()
+    host, port = sidecar.address.rsplit(":", 1)
+    # A client keeping its connection open does not hold the stop.
+    kept = http_client.HTTPConnection(host, int(port), timeout=WAIT)
+    try:
+        kept.request("GET", "/healthz")
+        assert kept.getresponse().read()
+        started = time.monotonic()
+        sidecar.stop()
+        assert time.monotonic() - started < 0.5
+    finally:
+        kept.close()
+    with pytest.raises(urllib.error.URLError):
+        http(f"http://{sidecar.address}/healthz")
+    sidecar.stop()  # idempotent
 
 
 def test_state_and_health_say_when_a_break_glass_override_is_active() -> None:
