@@ -20,7 +20,8 @@ is READY (or the ready timeout passed). Commands (``"cmd"``):
 
 ``report``     every agent's arrivals, states and the values of ``flags``
 ``settle``     wait (``timeout``) until every agent serves ``flags`` (whatever its
-               connection state); answer with how many do not
+               connection state) and, given a ``revision``, its callback heard of
+               it; answer with how many do not
 ``history``    with ``--record``: every agent's applied ``[revision, {flag: value}]``
                sequence (the fault suite's history checker reads it)
 ``outage``     wait until no agent is READY (the server is gone), then time each
@@ -206,7 +207,9 @@ class Worker:
             "missing": missing,
         }
 
-    async def settle(self, flags: dict[str, Any], within: float) -> dict[str, Any]:
+    async def settle(
+        self, flags: dict[str, Any], within: float, revision: int = 0
+    ) -> dict[str, Any]:
         started = time.monotonic()
 
         recorded = [k for k in flags if k in self.record]
@@ -214,11 +217,15 @@ class Worker:
         def missing() -> int:
             # The SDK swaps a state in, acknowledges it, and only then calls back: an
             # agent already serving the flags may not have recorded them yet, and the
-            # history asked for next must hold them. Settled means both.
+            # history asked for next must hold them. Settled means both; with a
+            # revision, also that every agent's callback heard of it.
             return sum(
                 any(agent.value(k) != v for k, v in flags.items())
                 or any((history[-1][1] if history else {}).get(k) != flags[k] for k in recorded)
-                for agent, history in zip(self.agents, self.histories, strict=True)
+                or (revision > 0 and (not arrivals or arrivals[-1][0] < revision))
+                for agent, history, arrivals in zip(
+                    self.agents, self.histories, self.arrivals, strict=True
+                )
             )
 
         self._waiting = True
@@ -293,7 +300,13 @@ async def _serve(args: argparse.Namespace) -> None:
             if cmd == "report":
                 _say(worker.report(command.get("flags", [])))
             elif cmd == "settle":
-                _say(await worker.settle(command["flags"], float(command.get("timeout", 5.0))))
+                _say(
+                    await worker.settle(
+                        command["flags"],
+                        float(command.get("timeout", 5.0)),
+                        int(command.get("revision", 0)),
+                    )
+                )
             elif cmd == "history":
                 _say(
                     {

@@ -31,6 +31,10 @@ resolution), read by the process when asked. Writes
 
     python -m benchmarks.bench_agent_cost [--sdk sync,async,bare] [--cache off,on]
         [--agents 1,100] [--flips 20] [--changes 400] [--idle 5] [--gap 0.05]
+        [--repeat 3]
+
+With ``--repeat``, every case runs that many times, the rounds interleaved, and
+each figure is the median of its rounds (all of them are in the results file).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -133,6 +138,19 @@ def _run_case(
     }, value
 
 
+def _median(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """A case's figures over its rounds: the median of each, every round kept."""
+    case = dict(rounds[0])
+    for key in ("us_per_agent_change", "raw_us_per_agent_change", "idle_ms_per_agent_s"):
+        case[key] = statistics.median(r[key] for r in rounds)
+    case["failures"] = [f for r in rounds for f in r["failures"]]
+    case["rounds"] = [
+        {k: r[k] for k in ("us_per_agent_change", "raw_us_per_agent_change", "idle_ms_per_agent_s")}
+        for r in rounds
+    ]
+    return case
+
+
 def _verdicts(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each target, per number of agents: the figure and whether it is met."""
     by = {(c["sdk"], c["cache"], c["agents"]): c for c in cases}
@@ -186,21 +204,26 @@ def run(
     idle: float = 5.0,
     gap: float = 0.05,
     out_dir: Path = RESULTS_DIR,
+    repeat: int = 1,
 ) -> dict[str, Any]:
     """Run every case against one server; print the tables, write and return the results."""
     results: dict[str, Any] = {"benchmark": "agent-cost", "machine": machine(), "cases": []}
+    runs: dict[tuple[str, bool, int], list[dict[str, Any]]] = {}
     with control_server() as server, ClientSecurity().channel(server.address) as channel:
         driver = _Driver(channel)
         value = False
         driver.set_flag(SERVICE, value)
-        for agents, sdk, cache in itertools.product(sizes, sdks, caches):
-            if sdk == "bare" and cache:
-                continue
-            case_flips = max(flips, math.ceil(changes / agents))
-            case, value = _run_case(
-                driver, server.address, sdk, cache, agents, case_flips, idle, gap, value
-            )
-            results["cases"].append(case)
+        # Rounds of every case, interleaved: the machine's drift spreads over all.
+        for _ in range(repeat):
+            for agents, sdk, cache in itertools.product(sizes, sdks, caches):
+                if sdk == "bare" and cache:
+                    continue
+                case_flips = max(flips, math.ceil(changes / agents))
+                case, value = _run_case(
+                    driver, server.address, sdk, cache, agents, case_flips, idle, gap, value
+                )
+                runs.setdefault((sdk, cache, agents), []).append(case)
+    results["cases"] = [_median(rounds) for rounds in runs.values()]
     results["verdicts"] = _verdicts(results["cases"])
     print_table(
         ["sdk", "cache", "agents", "flips", "us/agent/change", "raw", "idle ms/s/agent",
@@ -242,6 +265,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--idle", type=float, default=5.0, help="seconds of idle measured")
     parser.add_argument("--gap", type=float, default=0.05, help="seconds between flips")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="rounds of every case; figures are medians"
+    )
     args = parser.parse_args(argv)
     sdks = [s for s in args.sdk.split(",") if s]
     unknown = set(sdks) - {"sync", "async", "bare"}
@@ -257,6 +283,7 @@ def main(argv: list[str] | None = None) -> None:
         args.idle,
         args.gap,
         args.out,
+        args.repeat,
     )
 
 

@@ -254,6 +254,12 @@ def _run_case(
                 elapsed = time.monotonic() - started
                 server_cpu = server_cpu_seconds(server) - cpu_before
                 agents_cpu = sum(cpu_seconds(pid) for pid in fleet.pids) - agents_cpu_before
+            # Acknowledged comes before the callbacks: let the last ones run.
+            fleet.command(
+                {"cmd": "settle", "flags": {FLAG: value}, "revision": measured[-1][0],
+                 "timeout": 30},
+                timeout=60,
+            )  # fmt: skip
             reports = fleet.command({"cmd": "report", "flags": [FLAG]}, timeout=120)
 
     latencies, last, missing = _latencies(reports, measured)

@@ -158,12 +158,17 @@ def test_flagd_benchmark_sees_every_flip_on_every_stream(tmp_path: Path, protoco
 
 def test_agent_cost_benchmark_measures_every_kind_of_agent(tmp_path: Path) -> None:
     results = bench_agent_cost.run(
-        ["sync", "async"], [False, True], [2], flips=2, changes=4, idle=0.2, out_dir=tmp_path
-    )
+        ["sync", "async", "bare"], [False, True], [2], flips=2, changes=4, idle=0.2,
+        out_dir=tmp_path, repeat=2,
+    )  # fmt: skip
     _machine(results)
     cases = {(c["sdk"], c["cache"]): c for c in results["cases"]}
-    assert set(cases) == {("sync", False), ("sync", True), ("async", False), ("async", True)}
+    # The floor (bare gRPC) has no cache.
+    assert set(cases) == {
+        ("sync", False), ("sync", True), ("async", False), ("async", True), ("bare", False),
+    }  # fmt: skip
     for case in cases.values():
+        assert len(case["rounds"]) == 2
         assert case["failures"] == []
         assert (case["agents"], case["flips"]) == (2, 2)
         # The process's own clock has nanoseconds: a change is never free.
