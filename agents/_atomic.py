@@ -17,7 +17,9 @@ from pathlib import Path
 __all__ = ["write_atomic"]
 
 
-def write_atomic(path: Path, data: bytes, *, mode: int | None = None, durable: bool = True) -> None:
+def write_atomic(
+    path: Path, data: bytes, *, mode: int | None = None, durable: bool = True
+) -> os.stat_result:
     """Replace ``path`` with ``data`` atomically (temp file, fsync, ``os.replace``,
     fsync of the directory).
 
@@ -32,13 +34,21 @@ def write_atomic(path: Path, data: bytes, *, mode: int | None = None, durable: b
             cache; only a power cut may leave the previous file, or one the
             reader must reject as damaged, as the file system committed it.
 
+    Returns:
+        The new file's status (a rename keeps its inode, size and times).
+
     Raises:
         OSError: The directory cannot be created or written; ``path`` is unchanged
             and no temporary file is left behind.
     """
     directory = path.parent
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError:
+        # No folder (made here), or one that cannot be: its error names the folder,
+        # not a temporary name that differs at each try.
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             if mode is not None:
@@ -47,13 +57,14 @@ def write_atomic(path: Path, data: bytes, *, mode: int | None = None, durable: b
             f.flush()
             if durable:
                 os.fsync(f.fileno())
+            written = os.fstat(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     if not durable:
-        return
+        return written
     # The rename itself is durable once the directory is synced; a crash before
     # that leaves the previous file, which is still whole.
     with contextlib.suppress(OSError):
@@ -62,3 +73,4 @@ def write_atomic(path: Path, data: bytes, *, mode: int | None = None, durable: b
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+    return written

@@ -186,24 +186,53 @@ def lock_path(path: Path) -> Path:
     return path.with_name(path.name + ".lock")
 
 
-if sys.platform == "win32":  # no flock: each write is still atomic, the last one wins
+class _LockFile:
+    """The ``flock`` the writers of one cache path take, on ``<path>.lock``, through a
+    descriptor opened once and kept (the file is created once, never removed): a
+    write then costs no open and close of it, nor their file events."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = -1
 
     @contextlib.contextmanager
-    def _locked(path: Path) -> Iterator[None]:
-        yield
+    def held(self) -> Iterator[None]:
+        """Hold the lock exclusively while the block runs (the folder made if missing)."""
+        if self._fd < 0:
+            try:
+                self._fd = _open_lock(self.path)
+            except FileNotFoundError:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._fd = _open_lock(self.path)
+        _flock(self._fd, True)
+        try:
+            yield
+        finally:
+            _flock(self._fd, False)
+
+    def forget_in_child(self) -> None:
+        """In a forked child: close its copy of the descriptor (the parent's lock,
+        if held, stays the parent's) and open one of its own next time."""
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+        self._fd = -1
+
+
+def _open_lock(path: Path) -> int:
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+
+if sys.platform == "win32":  # no flock: each write is still atomic, the last one wins
+
+    def _flock(fd: int, exclusive: bool) -> None:
+        return
 
 else:
     import fcntl
 
-    @contextlib.contextmanager
-    def _locked(path: Path) -> Iterator[None]:
-        """Hold an exclusive ``flock`` on ``path`` (created if missing)."""
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)  # releases the lock
+    def _flock(fd: int, exclusive: bool) -> None:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_UN)
 
 
 def revision_on_disk(path: Path, service: str) -> int | None:
@@ -226,6 +255,7 @@ class CacheWriter:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.lock_path = lock_path(path)
+        self._lock_file = _LockFile(self.lock_path)
         self._lock = threading.Lock()
         self._written = -1
         self._records = RecordsJSON()
@@ -264,10 +294,9 @@ class CacheWriter:
                 return False
             try:
                 data = snapshot_to_cache(snapshot, self._records)
-                self.path.parent.mkdir(parents=True, exist_ok=True)
                 # One writer at a time across the processes sharing the path; the
                 # check and the replace under the same lock.
-                with _locked(self.lock_path):
+                with self._lock_file.held():
                     on_disk = self._revision_on_disk(snapshot.service)
                     if on_disk is not None and on_disk > snapshot.revision and not replace_newer:
                         log.debug(
@@ -278,10 +307,10 @@ class CacheWriter:
                         )
                         self._written = sequence
                         return False
-                    write_atomic(self.path, data, durable=durable)
+                    written = write_atomic(self.path, data, durable=durable)
                     self._unsynced = not durable
                     self.writes += 1
-                    self._mine = (_identity(self.path), snapshot.revision)
+                    self._mine = (_identity_of(written), snapshot.revision)
             except (OSError, ValueError) as exc:
                 self._mine = None
                 log.warning("agent_cache_write_failed path=%s error=%s", self.path, exc)
@@ -320,9 +349,13 @@ class CacheWriter:
     def reset_after_fork(self) -> None:
         """A fresh lock in a forked child (the parent's may have been held)."""
         self._lock = threading.Lock()
+        self._lock_file.forget_in_child()
 
 
 def _identity(path: Path) -> tuple[int, int, int, int]:
     """What tells one version of a file from another: a replace makes a new inode."""
-    st = os.stat(path)
+    return _identity_of(os.stat(path))
+
+
+def _identity_of(st: os.stat_result) -> tuple[int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
