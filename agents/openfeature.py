@@ -16,7 +16,8 @@ imports this module. The provider does not own the agent: start it before or
 after ``set_provider`` and close it yourself; the provider's ``shutdown`` only
 lets go of it.
 
-Resolution reads the agent's snapshot: no lock, no I/O. The control plane has
+Resolution reads the agent's snapshot: no I/O, and no lock unless the agent's
+state is one the SDK has not been told of yet (see Lifecycle). The control plane has
 no targeting: the evaluation context is ignored and every evaluation of a flag
 gives the same value at one revision.
 
@@ -52,23 +53,32 @@ Events:
 - ``PROVIDER_STALE`` when the agent goes ``STALE``, ``PROVIDER_READY`` when it is
   ``READY`` again.
 
-The agent reports changes to callbacks but its state (READY, STALE) only to
-reads: a watcher thread reads it every ``state_interval`` seconds (default
-0.05) and emits on a transition.
+They are emitted from the agent's callbacks (``on_change``, ``on_state``), in
+the agents' thread (or the ``AsyncAgent``'s loop), where emitting only queues
+the OpenFeature SDK's handlers; a state the SDK has not been told of yet is also
+announced by the next evaluation (see Lifecycle). The provider starts no thread
+of its own and has no polling interval (no ``state_interval`` argument, no
+``STATE_INTERVAL``): while the agent's state stays the same it wakes for nothing.
 
 Lifecycle (the OpenFeature SDK calls these):
 
 - ``initialize`` (from ``set_provider``, in a thread of the SDK's, or in the
-  caller's with ``set_provider_and_wait``) starts the watcher, subscribes to
-  changes, and waits up to ``ready_timeout`` seconds for the agent to have a
+  caller's with ``set_provider_and_wait``) subscribes to the agent's changes and
+  states, then waits up to ``ready_timeout`` seconds for the agent to have a
   state: ``READY`` or ``STALE`` (booted from its cache). It returns at once
-  when it has one; the SDK then marks the provider ``READY``, and a ``STALE``
-  agent's ``PROVIDER_STALE`` follows within ``state_interval``. Without a state
-  by then it raises ``ProviderNotReadyError`` (the SDK marks the provider
+  when it has one, and the SDK then marks the provider ``READY``. Without a
+  state by then it raises ``ProviderNotReadyError`` (the SDK marks the provider
   ``ERROR``; evaluations give their defaults with ``PROVIDER_NOT_READY``) and
   the agent keeps trying: ``PROVIDER_READY`` follows when it connects.
-- ``shutdown`` unsubscribes and stops the watcher; ``initialize`` may be called
-  again afterwards.
+- A ``STALE`` agent is first announced ``READY`` by the SDK (in OpenFeature an
+  ``initialize`` that returns means ``READY``, and the SDK says so after it
+  returned); ``PROVIDER_STALE`` follows at the first evaluation, or the first
+  callback from the agent (a change, a new state), after that. The provider
+  has no thread of its own to run anything later on: until then the status
+  says ``READY``, while each evaluation already says ``CACHED`` with
+  ``agent_state`` ``STALE``.
+- ``shutdown`` unsubscribes (the agent keeps running), and stops an
+  ``initialize`` still waiting; ``initialize`` may be called again afterwards.
 """
 
 from __future__ import annotations
@@ -90,8 +100,9 @@ __all__ = ["ControlPlaneProvider"]
 PROVIDER_NAME = "controlplane"
 READY_TIMEOUT = 5.0
 """Seconds ``initialize`` waits for the agent to have a state."""
-STATE_INTERVAL = 0.05
-"""Seconds between the watcher's reads of the agent state."""
+
+_SERVING = ("READY", "STALE")
+"""The agent states with a state to serve."""
 
 _T = TypeVar("_T")
 _MISSING = object()
@@ -114,6 +125,8 @@ class ProviderAgent(Protocol):
 
     def on_change(self, callback: Callable[[StateChange], None]) -> Callable[[], None]: ...
 
+    def on_state(self, callback: Callable[[str], object]) -> Callable[[], None]: ...
+
 
 class ControlPlaneProvider(AbstractProvider):
     """The OpenFeature provider of the control plane's flags (see the module docstring).
@@ -121,27 +134,24 @@ class ControlPlaneProvider(AbstractProvider):
     Args:
         agent: A started (or soon started) agent of the service.
         ready_timeout: Seconds ``initialize`` waits for the agent to have a state.
-        state_interval: Seconds between the watcher's reads of the agent state.
     """
 
-    def __init__(
-        self,
-        agent: ProviderAgent,
-        *,
-        ready_timeout: float = READY_TIMEOUT,
-        state_interval: float = STATE_INTERVAL,
-    ) -> None:
+    def __init__(self, agent: ProviderAgent, *, ready_timeout: float = READY_TIMEOUT) -> None:
         super().__init__()
         self.agent = agent
         self.ready_timeout = ready_timeout
-        self.state_interval = state_interval
+        # Serialises subscribing and unsubscribing; never taken by the agent's
+        # callbacks, and never held while waiting.
+        self._lifecycle = threading.Lock()
+        # Guards what follows, wakes a waiting initialize, and is held while
+        # emitting so that events leave in the order of the states they announce.
+        # Taken in the agent's callbacks (under the agent's own lock for a
+        # StaticAgent): with it held the agent is only read (state, snapshot).
         self._cond = threading.Condition()
-        self._seen = str(agent.state)
+        # The agent's unsubscribe functions while subscribed: from initialize to shutdown.
+        self._subscription: tuple[Callable[[], None], ...] | None = None
         # The state the SDK was last told of (None: not initialized, nothing emitted).
         self._announced: str | None = None
-        self._watcher: threading.Thread | None = None
-        self._stop: threading.Event | None = None
-        self._unsubscribe: Callable[[], None] | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -149,29 +159,33 @@ class ControlPlaneProvider(AbstractProvider):
         return Metadata(name=PROVIDER_NAME)
 
     def initialize(self, evaluation_context: EvaluationContext) -> None:
-        """Subscribe, start the watcher, wait for a state (see the module docstring).
+        """Subscribe, wait for a state (see the module docstring).
 
         Raises:
-            ProviderNotReadyError: The agent has no state after ``ready_timeout``.
+            ProviderNotReadyError: The agent has no state after ``ready_timeout``,
+                or ``shutdown`` came first.
         """
-        with self._cond:
-            if self._watcher is None:
-                self._stop = threading.Event()
-                self._unsubscribe = self.agent.on_change(self._changed)
-                self._seen = str(self.agent.state)
-                self._watcher = threading.Thread(
-                    target=self._watch,
-                    args=(self._stop,),
-                    name="controlplane-openfeature-state",
-                    daemon=True,
+        with self._lifecycle:
+            subscription = self._subscription
+            if subscription is None:
+                # Subscribed first, read after (in the wait): a state set in
+                # between wakes the wait, none is missed.
+                subscription = (
+                    self.agent.on_state(self._state_changed),
+                    self.agent.on_change(self._changed),
                 )
-                self._watcher.start()
+                with self._cond:
+                    self._subscription = subscription
+        with self._cond:
             has_state = self._cond.wait_for(
-                lambda: self._seen in ("READY", "STALE"), self.ready_timeout
+                lambda: self._subscription is not subscription or self._state() in _SERVING,
+                self.ready_timeout,
             )
-            # The SDK announces READY once this returns, ERROR if it raises; a
-            # STALE agent is announced as READY then, and the watcher follows
-            # with PROVIDER_STALE.
+            if self._subscription is not subscription:
+                raise ProviderNotReadyError("the provider was shut down during initialize")
+            # The SDK announces READY once this returns, ERROR if it raises (a
+            # STALE agent is announced READY: PROVIDER_STALE follows at the next
+            # evaluation or callback, see _follow).
             self._announced = "READY" if has_state else "CONNECTING"
             if not has_state:
                 raise ProviderNotReadyError(
@@ -180,46 +194,54 @@ class ControlPlaneProvider(AbstractProvider):
                 )
 
     def shutdown(self) -> None:
-        """Unsubscribe from the agent and stop the watcher (the agent keeps running)."""
-        with self._cond:
-            stop, watcher, unsubscribe = self._stop, self._watcher, self._unsubscribe
-            self._stop = self._watcher = self._unsubscribe = None
-            self._announced = None
-        if unsubscribe is not None:
-            unsubscribe()
-        if stop is not None:
-            stop.set()
-        if watcher is not None and watcher is not threading.current_thread():
-            watcher.join()
+        """Unsubscribe from the agent (it keeps running) and stop a waiting ``initialize``."""
+        with self._lifecycle:
+            with self._cond:
+                subscription, self._subscription = self._subscription, None
+                self._announced = None
+                self._cond.notify_all()
+            for unsubscribe in subscription or ():
+                unsubscribe()
 
     # ------------------------------------------------------------ events
 
+    def _state(self) -> str:
+        return str(self.agent.state)
+
+    def _state_changed(self, _state: str) -> None:
+        # The agent's thread (or loop). The state is read again rather than
+        # taken from the argument: callbacks may run in two threads (Agent.start
+        # loading the cache, the agents' thread connecting), and the last one
+        # to take the lock then reads the last state.
+        self._follow()
+
+    def _follow(self) -> None:
+        """Wake a waiting ``initialize``; emit READY or STALE if the agent's state is
+        not the one the SDK was last told of."""
+        with self._cond:
+            self._cond.notify_all()
+            announced = self._announced
+            if announced is None:
+                return  # not initialized: initialize decides what the SDK announces
+            state = self._state()
+            if state == announced or state not in _SERVING:
+                return
+            self._announced = state
+            self._emit_state(state)
+
     def _changed(self, change: StateChange) -> None:
         # The agent's thread (or loop): emitting only queues the SDK's handlers.
+        self._follow()
         if not change.flags:
             return
         with self._cond:
             if self._announced is None:
                 return  # not initialized yet: READY comes first
-        self.emit_provider_configuration_changed(
-            ProviderEventDetails(
-                flags_changed=sorted(change.flags), metadata={"revision": change.revision}
+            self.emit_provider_configuration_changed(
+                ProviderEventDetails(
+                    flags_changed=sorted(change.flags), metadata={"revision": change.revision}
+                )
             )
-        )
-
-    def _watch(self, stop: threading.Event) -> None:
-        while not stop.wait(self.state_interval):
-            state = str(self.agent.state)
-            with self._cond:
-                if state != self._seen:
-                    self._seen = state
-                    self._cond.notify_all()
-                announced = self._announced
-                emit = announced is not None and state != announced and state != "CONNECTING"
-                if emit:
-                    self._announced = state
-            if emit:
-                self._emit_state(state)
 
     def _emit_state(self, state: str) -> None:
         revision = self.agent._snapshot.revision
@@ -290,7 +312,12 @@ class ControlPlaneProvider(AbstractProvider):
         wanted: str,
     ) -> FlagResolutionDetails[_T]:
         snapshot = self.agent._snapshot
-        state = str(self.agent.state)
+        state = self._state()
+        announced = self._announced
+        if state != announced and announced is not None and state in _SERVING:
+            # A state the SDK was not told of yet: a STALE agent announced READY
+            # by the SDK after initialize, or a callback still on its way.
+            self._follow()
         if state == "CONNECTING":
             return FlagResolutionDetails(
                 value=default,
