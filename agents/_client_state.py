@@ -92,12 +92,16 @@ closed its side of (so that the nack is read before the connection goes)."""
 OVERRIDE_OUTBOX = 32
 """At most this many override reports wait for a server; older ones are dropped."""
 
-CACHE_WRITE_DELAY = 1.0
+CACHE_WRITE_DELAY = 3.0
 """Seconds the cache writer lets a burst of changes go by before it writes the
 newest state (a random half to all of it, so that the agents of one process do
-not all write at once): about one write per second, whatever the rate of
-changes. The durability policy: the file is at most this far behind the state
-served; a stop or a fork writes the last state at once and syncs it to disk.
+not all write at once): about one write per this many seconds, whatever the
+rate of changes. Measured with 1,000 agents on two cores (BENCHMARKS.md, agent
+cost), a write a second took more CPU than the changes themselves; every three
+seconds it takes a fraction.
+
+The durability policy: the file is at most this far behind the state served; a
+stop or a fork writes the last state at once and syncs it to disk.
 Writes while running are atomic but not synced (a sync is ~120 us of CPU and a
 disk flush per write): kill -9 leaves the last file written, whole; a power cut
 leaves what the file system committed (ext4: every 5 s), and a file it left
