@@ -379,7 +379,8 @@ class Agent(_Reads):
             self._started = True
             self._client.load_cache()
             self._client.load_override()
-            self._begin()
+            if not self._closed:  # an on_state callback may have closed it meanwhile
+                self._begin()
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Block until the agent is ``READY`` or ``timeout`` seconds passed.

@@ -210,13 +210,17 @@ class _LockFile:
         finally:
             _flock(self._fd, False)
 
-    def forget_in_child(self) -> None:
-        """In a forked child: close its copy of the descriptor (the parent's lock,
-        if held, stays the parent's) and open one of its own next time."""
+    def close(self) -> None:
+        """Close the descriptor (opened again by the next write)."""
         if self._fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
         self._fd = -1
+
+    def forget_in_child(self) -> None:
+        """In a forked child: close its copy of the descriptor (the parent's lock,
+        if held, stays the parent's) and open one of its own next time."""
+        self.close()
 
 
 def _open_lock(path: Path) -> int:
@@ -329,6 +333,12 @@ class CacheWriter:
             except OSError:
                 pass
         return revision_on_disk(self.path, service)
+
+    def release(self) -> None:
+        """Let go of the lock file's descriptor (the agent stopped; a next write,
+        after a restart, opens it again)."""
+        with self._lock:
+            self._lock_file.close()
 
     def sync(self) -> None:
         """Sync the last file written to disk, if it was written without (at a stop)."""

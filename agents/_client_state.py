@@ -653,3 +653,4 @@ class ClientState:
             if pending is not None:
                 cache.write(pending[1], pending[0], replace_newer=pending[2], durable=True)
             cache.sync()
+            cache.release()

@@ -55,7 +55,8 @@ class AgentRun:
         self.task: asyncio.Task[None] | None = None
         self._lock = threading.Lock()
         self._stop_ran = False
-        self._stop_revoked = False
+        self._stop_revoked = 0
+        """Stops called off and not yet run: one per fork that kept the loop."""
 
     def begin(self) -> None:
         """In the loop: start the client task."""
@@ -70,7 +71,9 @@ class AgentRun:
                 await self.client.run()
             except asyncio.CancelledError:
                 pass
-            except Exception:
+            except BaseException:
+                # Also SystemExit from a callback: the loop is every agent's; one
+                # agent's end must not be the others'.
                 log.exception("agent_client_failed service=%s", self.client.config.service)
             # The cancel's CancelledError (and the session frames it held) is gone
             # here: gRPC can let go of the channels a stop closed.
@@ -90,7 +93,7 @@ class AgentRun:
     def _cancel(self) -> None:
         with self._lock:
             if self._stop_revoked:
-                self._stop_revoked = False
+                self._stop_revoked -= 1
                 return
             self._stop_ran = True
         if self.task is None:
@@ -104,7 +107,7 @@ class AgentRun:
         with self._lock:
             if self._stop_ran:
                 return False
-            self._stop_revoked = True
+            self._stop_revoked += 1
             return True
 
 
@@ -138,7 +141,12 @@ class Runner:
     def start(self, client: Client, name: str) -> AgentRun:
         """Run ``client`` in the shared loop (starting the thread if need be)."""
         with self.lock:
-            if self.loop is None or self.thread is None:
+            if (
+                self.loop is None
+                or self.thread is None
+                or self.loop.is_closed()
+                or not self.thread.is_alive()
+            ):
                 self.loop = asyncio.new_event_loop()
                 self.thread = threading.Thread(
                     target=_serve, args=(self.loop,), name=THREAD_NAME, daemon=True
@@ -157,20 +165,21 @@ class Runner:
         when no run is left.
 
         From the loop's own thread (a callback closing its agent) nothing waits:
-        the run ends after the callback, and the thread stays for the next agent.
+        the run ends after the callback; the thread stops with a later stop from
+        another thread, once no run is left ending.
 
         Returns:
             Whether the run ended.
         """
         run.request_stop()
         if self.in_loop():
-            with self.lock:
-                self.runs.discard(run)
             return False
         if not run.done.wait(timeout):
             return False
         with self.lock:
-            self.runs.discard(run)
+            # A run stays until it ended (one closed from a callback may still be
+            # ending: its loop must not stop under it).
+            self.runs = {r for r in self.runs if not r.done.is_set()}
             if self.runs:
                 return True
             thread, loop = self.detach()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import threading
 from collections.abc import AsyncIterator
@@ -27,7 +28,7 @@ import agents._client_state
 import controlplane
 from agents import Agent, AgentState, AsyncAgent, Backoff, StateChange
 from agents._atomic import write_atomic
-from agents._cache import CacheWriter, snapshot_to_cache
+from agents._cache import CacheWriter, lock_path, snapshot_to_cache
 from agents._filewatch import FileWatch
 from controlplane.api.v1 import agent_pb2
 from tests.helpers.agent_sync import (
@@ -514,3 +515,21 @@ def test_a_cache_writer_reads_back_only_a_file_it_did_not_write(tmp_path: Path) 
     assert not mine.write(state(7, flag("a", True)), 3)
     assert cached_revision(path) == 9
     assert mine.writes == 2
+
+
+def _open_paths() -> set[str]:
+    paths = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            paths.add(os.readlink(f"/proc/self/fd/{fd}"))
+    return paths
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+async def test_a_closed_agent_keeps_no_descriptor_of_its_cache_lock(tmp_path: Path) -> None:
+    cache = tmp_path / "cache.json"
+    servicer = ScriptedSync([snapshot_msg(10, flag("a", True))])
+    async with running(servicer, cache_path=cache):
+        await servicer.wait_ack(10)
+    assert cached_revision(cache) == 10  # written (under the lock) at close
+    assert str(lock_path(cache)) not in _open_paths()

@@ -193,3 +193,58 @@ def test_an_agent_stopped_before_its_client_ran_a_step_is_stopped_at_once() -> N
     assert run.done.wait(2)
     agent.close()
     assert RUNNER.thread is None
+
+
+async def test_stops_called_off_by_two_forks_in_a_row_both_stay_off() -> None:
+    """Two forks while a callback holds the loop: each asks a stop and calls it off;
+    neither may cancel the client when the loop goes on."""
+    run = _run_in_this_loop(object())
+    task = run.task
+    assert task is not None
+    try:
+        run.request_stop()
+        run.request_stop()
+        assert run.revoke_stop() and run.revoke_stop()
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert not task.done()
+    finally:
+        task.cancel()
+
+
+class _ExitingClient:
+    """A client whose run ends the way a callback calling sys.exit() would end it."""
+
+    closing_channels: list[object] = []
+
+    class config:
+        service = "checkout"
+
+    async def run(self) -> None:
+        raise SystemExit(3)
+
+
+class _WaitingClient:
+    closing_channels: list[object] = []
+
+    class config:
+        service = "payments"
+
+    async def run(self) -> None:
+        await asyncio.Event().wait()
+
+
+def test_a_client_ending_with_system_exit_leaves_the_shared_loop_to_the_others(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    runner = agents._runner.Runner()
+    exiting = runner.start(_ExitingClient(), "exiting")  # type: ignore[arg-type]
+    assert exiting.done.wait(5)
+    assert runner.thread is not None and runner.thread.is_alive()
+    assert any("agent_client_failed" in r.getMessage() for r in caplog.records)
+    other = runner.start(_WaitingClient(), "other")  # type: ignore[arg-type]
+    thread = runner.thread
+    assert runner.stop(other, 5)
+    assert runner.thread is None
+    thread.join(5)
+    assert not thread.is_alive()
