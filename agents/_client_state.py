@@ -92,6 +92,11 @@ closed its side of (so that the nack is read before the connection goes)."""
 OVERRIDE_OUTBOX = 32
 """At most this many override reports wait for a server; older ones are dropped."""
 
+OVERRIDE_RECHECK = 30.0
+"""Seconds between looks at the override file while no change was heard of: what
+inotify cannot see (a write from another NFS client, a single file bind-mounted)
+is applied within this time; one stat, nothing read unless it changed."""
+
 CACHE_WRITE_DELAY = 3.0
 """Seconds the cache writer lets a burst of changes go by before it writes the
 newest state (a random half to all of it, so that the agents of one process do
@@ -447,7 +452,11 @@ class ClientState:
                     self._notify(self.check_override(utcnow()))
                 except Exception:  # the watcher must outlive whatever one check hits
                     log.exception("agent_override_check_failed service=%s", self.config.service)
-                await watch.wait()
+                # A change inotify cannot see (a write on another NFS client, a
+                # file bind-mounted alone) is seen at the next look all the same.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(OVERRIDE_RECHECK):
+                        await watch.wait()
 
     def _report(self, msg: agent_pb2.Override) -> None:
         """Queue a report of the override for the server; send it if connected."""

@@ -26,6 +26,7 @@ from typing import Any
 import grpc
 import pytest
 
+import agents._client_state
 from agents import Agent, AsyncAgent, Criticality, Override, OverrideError, StateChange
 from agents._codec import apply_change, snapshot_from_proto
 from agents._config import resolve_config
@@ -721,3 +722,34 @@ async def test_an_override_that_came_and_went_while_no_server_answered_is_report
         await agent.close()
         if server is not None:
             await server.stop(0)
+
+
+async def test_a_change_the_folder_watch_cannot_see_is_applied_at_the_next_look(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file rewritten in place through a hard link in another folder: no event in
+    the folder watched (as a write on another NFS client), yet applied within
+    OVERRIDE_RECHECK."""
+    monkeypatch.setattr(agents._client_state, "OVERRIDE_RECHECK", 0.3)
+    watched, elsewhere = tmp_path / "watched", tmp_path / "elsewhere"
+    watched.mkdir()
+    elsewhere.mkdir()
+    path = watched / "override.json"
+    changes = Changes()
+    agent = AsyncAgent(SERVICE, [nowhere()], override_path=path, on_change=changes)
+    await agent.start()
+    try:
+        # Written as documented, after start: applied, so the watch is in place.
+        write(path, live(flags={"new-ui": False}, shedding=None, pin=None))
+        await changes.wait(lambda c: "new-ui" in c.flags, 5, "from the file")
+        os.link(path, elsewhere / "same-file.json")
+        # In place, through the other name: same inode, new size and time.
+        with (elsewhere / "same-file.json").open("r+") as f:
+            f.truncate(0)
+            f.write(
+                json.dumps(live(flags={"new-ui": False, "mode": "lite"}, shedding=None, pin=None))
+            )
+        await changes.wait(lambda c: "mode" in c.flags, 5, "from the rewritten file")
+        assert agent.value("mode") == "lite"
+    finally:
+        await agent.close()
