@@ -74,7 +74,7 @@ class _Reads:
 
     _snapshot: Snapshot
     _client: Client
-    _state_changed: Callable[[AgentState], None]  # each agent's own
+    _ready: threading.Event | asyncio.Event  # READY, as each kind of agent waits for it
     _published: Callable[[], None] | None = None
     """Called after each swap of ``_snapshot``, in the agents' thread (the sidecar's
     state file writer: a new revision may change nothing a change callback hears of)."""
@@ -225,6 +225,16 @@ class _Reads:
 
         return remove
 
+    def _state_changed(self, state: AgentState) -> None:
+        self._follow_ready(state)
+        self._tell_state(state)
+
+    def _follow_ready(self, state: AgentState) -> None:
+        if state is AgentState.READY:
+            self._ready.set()
+        else:
+            self._ready.clear()
+
     def _tell_state(self, state: AgentState) -> None:
         """Call the ``on_state`` callbacks with ``state``."""
         for callback in self._state_callbacks:
@@ -342,6 +352,8 @@ class Agent(_Reads):
           and the child (see the module docstring).
     """
 
+    _ready: threading.Event
+
     def __init__(
         self,
         service: str | None = None,
@@ -432,16 +444,6 @@ class Agent(_Reads):
 
     # ------------------------------------------------------------ the client
 
-    def _state_changed(self, state: AgentState) -> None:
-        self._follow_ready(state)
-        self._tell_state(state)
-
-    def _follow_ready(self, state: AgentState) -> None:
-        if state is AgentState.READY:
-            self._ready.set()
-        else:
-            self._ready.clear()
-
     def _begin(self) -> None:
         self._run = RUNNER.start(self._client, f"controlplane-agent-{self.service}")
 
@@ -478,6 +480,8 @@ class AsyncAgent(_Reads):
         - It does not survive ``os.fork()``: an asyncio loop does not; create
           the agent in the process that uses it.
     """
+
+    _ready: asyncio.Event
 
     def __init__(
         self,
@@ -556,13 +560,6 @@ class AsyncAgent(_Reads):
             f"<AsyncAgent service={self.service!r} state={self.state.value} "
             f"revision={self.revision}{override}>"
         )
-
-    def _state_changed(self, state: AgentState) -> None:
-        if state is AgentState.READY:
-            self._ready.set()
-        else:
-            self._ready.clear()
-        self._tell_state(state)
 
 
 # ---------------------------------------------------------------- fork hooks

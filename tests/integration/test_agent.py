@@ -37,6 +37,7 @@ from controlplane.api.v1 import types_pb2 as t
 from controlplane.embedded_etcd import EmbeddedEtcd, free_port
 from controlplane.server import ControlServer
 from tests.helpers.agent_process import ROOT, AgentProcess
+from tests.helpers.agent_sync import cached_revision
 from tests.helpers.agent_waits import serving
 from tests.helpers.server_process import ServerProcess
 
@@ -475,16 +476,8 @@ async def _cached(path: Path, revision: int) -> None:
     """Wait until the cache file at ``path`` holds ``revision``."""
     with FileWatch(path) as watch:
         async with asyncio.timeout(10):
-            while _revision_in(path) < revision:
+            while not path.exists() or cached_revision(path) < revision:  # noqa: ASYNC240
                 await watch.wait()
-
-
-def _revision_in(path: Path) -> int:
-    """The revision of the cache file at ``path`` (0: none yet)."""
-    if not path.exists():
-        return 0
-    revision: int = json.loads(path.read_bytes())["revision"]
-    return revision
 
 
 def test_a_frozen_server_is_noticed_within_seconds(launch: Launcher) -> None:
