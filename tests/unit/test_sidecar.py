@@ -248,8 +248,9 @@ def test_a_state_file_that_cannot_be_written_is_logged_and_retried(
         wait_until(lambda: len(attempts) >= 3, what="three attempts")
         failures = [r for r in caplog.records if "state_file_write_failed" in r.getMessage()]
         assert len(failures) == 1  # once per kind of failure, not once per try
+        # Removing the file is the whole fix: the writer makes the missing
+        # folder itself on its next try.
         blocker.unlink()
-        blocker.mkdir()
         wait_until(lambda: read_state(path) is not None, what="written once it can be")
         assert (read_state(path) or {})["revision"] == 1
     assert any("state_file_written" in r.getMessage() for r in caplog.records)
