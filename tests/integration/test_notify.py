@@ -238,7 +238,8 @@ async def test_a_burst_and_a_bundle_are_one_message_each(
         tmp_path / "notify.yaml",
         {
             "destinations": [{"name": "siem", "kind": "webhook", "url": webhook.url}],
-            "group_window": "1s",
+            # Ten writes one after another fit in it even on a loaded machine.
+            "group_window": "3s",
         },
     )
     server = await start_server(etcd, prefix, notify)
@@ -290,7 +291,8 @@ async def test_a_failed_send_is_retried_then_given_up_and_recorded(
                 {"name": "dead", "kind": "slack", "url": dead.url},
             ],
             "group_window": "100ms",
-            "give_up_after": "2s",
+            # Long enough for flaky's third attempt on a loaded machine (about 2 s in).
+            "give_up_after": "4s",
         },
     )
     server = await start_server(etcd, prefix, notify)
@@ -399,6 +401,15 @@ async def test_one_server_sends_and_another_takes_over_when_it_stops(
         assert second.notifier is not None and not second.notifier.sending
         await set_flag(second.address, "checkout", "a", True)
         await webhook.wait_for(1)
+        # The receiver has the request before the sender saved that it was sent: stop
+        # the first server only once it has (else the second one rightly sends it again).
+        labels = {"destination": "siem", "kind": "change"}
+        async with asyncio.timeout(10):
+            while not first.registry.get_sample_value(
+                "controlplane_notifications_sent_total", labels
+            ):
+                assert first.notifier is not None
+                await first.notifier.changed()
         await first.stop(grace=0)
         stopped = True
         await set_flag(second.address, "checkout", "b", True)

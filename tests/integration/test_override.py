@@ -24,6 +24,7 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
+import agents._filewatch
 from agents import AsyncAgent, StateChange
 from controlplane.api.v1 import mitigation_pb2 as m
 from controlplane.api.v1 import mitigation_pb2_grpc
@@ -149,6 +150,16 @@ async def override_shown(stub: Stub, instance_id: str) -> bool | None:
     return found[0] if found else None
 
 
+WITHIN = 5.0
+"""Seconds a file's change gets to apply: only the file's watch can be that quick, as
+the look where it cannot watch is made once a minute here (``no_looking``)."""
+
+
+@pytest.fixture(autouse=True)
+def no_looking(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(agents._filewatch, "FALLBACK_INTERVAL", 60.0)
+
+
 @pytest.fixture
 def override_path(tmp_path: Path) -> Path:
     return tmp_path / "checkout.override.json"
@@ -184,8 +195,8 @@ async def test_an_override_file_applies_above_the_server_and_is_reported_and_aud
         start = changes.mark()
         write(override_path, doc)
         written_at = time.monotonic()
-        at, applied = await changes.wait(override_applied, 2, "applying it", start=start)
-        assert at - written_at < 1.0
+        at, applied = await changes.wait(override_applied, WITHIN, "applying it", start=start)
+        assert at - written_at < WITHIN
         assert applied.flags == {
             "new-ui": (True, False),
             "checkout.mode": ("normal", "read-only"),
@@ -233,8 +244,8 @@ async def test_an_override_file_applies_above_the_server_and_is_reported_and_aud
         start = changes.mark()
         remove(override_path)
         removed_at = time.monotonic()
-        at, cleared = await changes.wait(override_gone, 2, "removing it", start=start)
-        assert at - removed_at < 1.0
+        at, cleared = await changes.wait(override_gone, WITHIN, "removing it", start=start)
+        assert at - removed_at < WITHIN
         assert cleared.flags["checkout.mode"] == ("read-only", "degraded")
         assert agent.override_active is False
         assert agent.value("checkout.mode") == "degraded"
@@ -274,7 +285,7 @@ async def test_a_malformed_override_file_is_rejected_logged_and_never_reported(
         # A valid file next: it is the first and only override the server hears of.
         good = override_doc(flags={"new-ui": False}, shedding=None, pin=None)
         write(override_path, good)
-        await changes.wait(override_applied, 2, "applying the valid file", start=start)
+        await changes.wait(override_applied, WITHIN, "applying the valid file", start=start)
         assert agent.enabled("new-ui", default=True) is False
         [entry] = await poll(lambda: audited(stub, "override.applied"), "override.applied")
         assert json.loads(entry.after_json) == {"flags": {"new-ui": False}}
@@ -303,7 +314,7 @@ async def test_an_override_with_a_short_expiry_drops_by_itself(
             override_path,
             override_doc(expires_at=expires_at.isoformat(), flags={"new-ui": False}, pin=None),
         )
-        await changes.wait(override_applied, 2, "applying it")
+        await changes.wait(override_applied, WITHIN, "applying it")
         assert datetime.now(UTC) < expires_at, "applied after its expiry: nothing tested"
         assert agent.enabled("new-ui", default=True) is False
         assert agent.should_shed("SHEDDABLE") is True
@@ -343,17 +354,17 @@ async def test_an_override_applies_while_the_server_is_unreachable_and_is_report
         first = override_doc(flags={"new-ui": False}, shedding=None, pin=None)
         write(override_path, first)
         written_at = time.monotonic()
-        at, _ = await changes.wait(override_applied, 2, "applying it")
-        assert at - written_at < 1.0
+        at, _ = await changes.wait(override_applied, WITHIN, "applying it")
+        assert at - written_at < WITHIN
         assert agent.override_active is True
         assert agent.state == "CONNECTING"
         assert agent.enabled("new-ui", default=True) is False
         start = changes.mark()
         remove(override_path)
-        await changes.wait(override_gone, 2, "removing it", start=start)
+        await changes.wait(override_gone, WITHIN, "removing it", start=start)
         second = override_doc(reason="still down", flags=None, shedding=None)
         write(override_path, second)
-        await changes.wait(override_applied, 2, "applying the second", start=start)
+        await changes.wait(override_applied, WITHIN, "applying the second", start=start)
         assert agent.pinned_version is not None and agent.pinned_version.version == "v1.4.2"
         assert agent.enabled("new-ui", default=True) is True
 

@@ -86,6 +86,7 @@ async def test_a_fork_while_a_callback_holds_the_agents_thread_never_runs_two_th
 ) -> None:
     """The fork hooks, called as os.fork() calls them, around a loop that does
     not stop in time (in this process: the child's side is simulated)."""
+    stop_timeout = agents._agent.STOP_TIMEOUT
     monkeypatch.setattr(agents._agent, "STOP_TIMEOUT", 0.2)
     caplog.set_level(logging.WARNING, logger="agents")
     gate = Gate()
@@ -144,6 +145,9 @@ async def test_a_fork_while_a_callback_holds_the_agents_thread_never_runs_two_th
             assert RUNNER.thread is old and old.is_alive()
     finally:
         blocking.release.set()
+        # The short stop was for the fork only: a close on a loaded machine may take
+        # longer than 0.2 s (a garbage collection to release the channel).
+        monkeypatch.setattr(agents._agent, "STOP_TIMEOUT", stop_timeout)
         await asyncio.to_thread(agent.close)
         await server.stop(0)
     if not child:

@@ -222,7 +222,7 @@ async def test_no_wake_up_while_the_file_does_not_change(tmp_path: Path, use_ino
             loop = asyncio.get_running_loop()
             end = loop.time() + FALLBACK_INTERVAL * 1.3
             writes = 0
-            while loop.time() < end:
+            while loop.time() < end or writes <= 50:  # (a loaded machine paces slower)
                 replace(elsewhere, str(writes))
                 elsewhere.write_text(str(writes))
                 replace(beside, str(writes))

@@ -364,7 +364,8 @@ def test_a_hook_over_its_timeout_is_killed_and_counts_as_failed(
     tmp_path: Path, runners: list[HookRunner], caplog: pytest.LogCaptureFixture
 ) -> None:
     pid_file = tmp_path / "pid"
-    runner = HookRunner(sleeper(pid_file), service="checkout", timeout=0.5, attempts=1)
+    # Long enough for the hook's interpreter to start (and write its pid) when loaded.
+    runner = HookRunner(sleeper(pid_file), service="checkout", timeout=2.0, attempts=1)
     runner.start()
     runners.append(runner)
     runner.submit(change(3, a=(None, True)))
@@ -372,7 +373,7 @@ def test_a_hook_over_its_timeout_is_killed_and_counts_as_failed(
     assert runner.wait_idle(WAIT)
     assert gone(pid)
     assert runner.status()["last"]["result"] == "gave_up"
-    assert any("timed out after 0.5s" in r.getMessage() for r in caplog.records)
+    assert any("timed out after 2s" in r.getMessage() for r in caplog.records)
 
 
 def test_stopping_lets_a_running_hook_finish_for_a_grace_then_kills_it(
