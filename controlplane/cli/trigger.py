@@ -46,17 +46,17 @@ def _options(app: App, reason: str | None, dry_run: bool = False) -> Any:
 _DRY_RUN = click.option("--dry-run", is_flag=True, help="Show what would change; write nothing.")
 
 
-def _matchers(given: Sequence[str]) -> list[tuple[str, str]]:
-    pairs = []
+def _matchers(given: Sequence[str]) -> list[Any]:
+    """The --match texts as LabelMatcher messages (the server checks them)."""
+    from controlplane.model import MatcherSyntaxError, parse_matcher
+
+    found = []
     for item in given:
-        label, sep, value = item.partition("=")
-        if not sep or not label.strip() or not value:
-            raise click.BadParameter(
-                f"{item!r} is not LABEL=VALUE (e.g. alertname=HighErrorRate)",
-                param_hint="--match",
-            )
-        pairs.append((label.strip(), value))
-    return pairs
+        try:
+            found.append(parse_matcher(item).to_proto())
+        except MatcherSyntaxError as e:
+            raise click.BadParameter(str(e), param_hint="--match") from None
+    return found
 
 
 @trigger.command("set")
@@ -67,7 +67,9 @@ def _matchers(given: Sequence[str]) -> list[tuple[str, str]]:
     multiple=True,
     required=True,
     metavar="LABEL=VALUE",
-    help="An alert label the trigger needs (repeat: all must hold).",
+    help="An alert label the trigger needs (repeat: all must hold). As in Alertmanager: "
+    "LABEL=VALUE, LABEL!=VALUE, LABEL=~REGEX, LABEL!~REGEX (RE2, the whole value); a "
+    "label the alert lacks is \"\". Quote it for the shell: --match 'severity=~critical|page'.",
 )
 @click.option(
     "--bundle",
@@ -125,7 +127,7 @@ def trigger_set(
         )
     message = mitigation_pb2.Trigger(
         name=name,
-        matchers=[mitigation_pb2.LabelMatcher(label=k, value=v) for k, v in _matchers(matches)],
+        matchers=_matchers(matches),
         bundle_name=spec.name,
         changes=spec.to_request(actor=app.actor).changes,
         revert_on_resolve=revert_on_resolve,
@@ -251,8 +253,20 @@ def trigger_resolve(app: App, name: str, group_key: str) -> None:
 # ---- output ----
 
 
+_OPS = {"MATCH_NOT_EQUAL": "!=", "MATCH_REGEX": "=~", "MATCH_NOT_REGEX": "!~"}
+
+
 def _matched(entry: Mapping[str, Any]) -> str:
-    return ", ".join(f"{m.get('label')}={m.get('value')}" for m in entry.get("matchers") or [])
+    from controlplane.model import Matcher, MatchOp
+
+    return ", ".join(
+        Matcher(
+            str(m.get("label", "")),
+            MatchOp(_OPS.get(str(m.get("type", "")), "=")),
+            str(m.get("value", "")),
+        ).text
+        for m in entry.get("matchers") or []
+    )
 
 
 def _options_text(entry: Mapping[str, Any]) -> str:

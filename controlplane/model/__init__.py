@@ -8,6 +8,15 @@ domain object is built from outside input (a request or a stored record), so
 a domain object is always valid.
 """
 
+from controlplane.model._matchers import (
+    MAX_MATCHERS,
+    Matcher,
+    MatcherSyntaxError,
+    MatchOp,
+    matchers_from_proto,
+    matchers_from_record,
+    parse_matcher,
+)
 from controlplane.model._records import (
     MAX_BUNDLE_CHANGES,
     MAX_SHOWN_RECORD_BYTES,
@@ -69,6 +78,7 @@ __all__ = [
     "MAX_ACTOR_CHARS",
     "MAX_BUNDLE_CHANGES",
     "MAX_JSON_DEPTH",
+    "MAX_MATCHERS",
     "MAX_REASON_CHARS",
     "MAX_RECORD_BYTES",
     "MAX_SHOWN_RECORD_BYTES",
@@ -80,6 +90,9 @@ __all__ = [
     "Flag",
     "FlagValue",
     "KnownGood",
+    "MatchOp",
+    "Matcher",
+    "MatcherSyntaxError",
     "Meta",
     "Pin",
     "PinHistory",
@@ -98,7 +111,10 @@ __all__ = [
     "flag_value_from_proto",
     "flag_value_to_proto",
     "format_time",
+    "matchers_from_proto",
+    "matchers_from_record",
     "parse_json_object",
+    "parse_matcher",
     "parse_time",
     "shown_json",
     "tier_from_proto",

@@ -1,6 +1,7 @@
 """Triggers: an alert that matches applies a bundle, once per alert group.
 
-A trigger maps alert labels (every matcher must hold, exact values) to a bundle whose
+A trigger maps alert labels (every matcher must hold: ``=``, ``!=``, ``=~``, ``!~`` as in
+Alertmanager, ``controlplane.model.Matcher``) to a bundle whose
 content it stores (validated when the trigger is set, like ``ApplyBundle``). Firing it
 (Alertmanager's webhook, or ``FireTrigger`` from any tool):
 
@@ -23,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import re
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -52,8 +52,6 @@ __all__ = ["TriggerFiring", "TriggerRPCs"]
 
 log = structlog.get_logger("controlplane.triggers")
 
-_LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
-MAX_MATCHERS = 16
 MAX_TTL = timedelta(days=30)
 MAX_COOLDOWN = timedelta(days=1)
 MANUAL_GROUP = "manual"
@@ -91,13 +89,15 @@ def _duration(message: Any, field: str) -> timedelta | None:
     return timedelta(seconds=getattr(message, field).ToTimedelta().total_seconds())
 
 
-def _record_of(trigger: mpb.Trigger, meta: model.Meta, enabled: bool) -> dict[str, Any]:
+def _record_of(
+    trigger: mpb.Trigger, matchers: Sequence[model.Matcher], meta: model.Meta, enabled: bool
+) -> dict[str, Any]:
     ttl = _duration(trigger, "ttl")
     cooldown = _duration(trigger, "cooldown")
     return {
         "kind": "trigger",
         "name": trigger.name,
-        "matchers": [[m.label, m.value] for m in trigger.matchers],
+        "matchers": [m.to_record() for m in matchers],
         "bundle_name": trigger.bundle_name,
         "changes": [
             json_format.MessageToDict(c, preserving_proto_field_name=True) for c in trigger.changes
@@ -114,7 +114,7 @@ def _record_of(trigger: mpb.Trigger, meta: model.Meta, enabled: bool) -> dict[st
 def trigger_proto(record: dict[str, Any], mod_revision: int = 0) -> mpb.Trigger:
     msg = mpb.Trigger(
         name=str(record["name"]),
-        matchers=[mpb.LabelMatcher(label=k, value=v) for k, v in record.get("matchers", [])],
+        matchers=[m.to_proto() for m in model.matchers_from_record(record.get("matchers"))],
         bundle_name=str(record.get("bundle_name", "")),
         changes=[json_format.ParseDict(c, mpb.BundleChange()) for c in record.get("changes", [])],
         revert_on_resolve=bool(record.get("revert_on_resolve")),
@@ -131,7 +131,8 @@ def trigger_proto(record: dict[str, Any], mod_revision: int = 0) -> mpb.Trigger:
 
 def matches(record: dict[str, Any], labels: dict[str, str]) -> bool:
     """Whether every matcher of a trigger holds for ``labels``."""
-    return all(labels.get(label) == value for label, value in record.get("matchers", []))
+    found = model.matchers_from_record(record.get("matchers"))
+    return bool(found) and all(matcher.holds(labels) for matcher in found)
 
 
 class TriggerRPCs:
@@ -155,28 +156,10 @@ class TriggerRPCs:
 
     # -- set, read, delete ---------------------------------------------------------
 
-    def _validate(self, trigger: mpb.Trigger, opts: model.WriteOptions) -> None:
+    def _validate(self, trigger: mpb.Trigger, opts: model.WriteOptions) -> list[model.Matcher]:
+        """The trigger's matchers, when the whole trigger is valid."""
         model.validate_bundle_name(trigger.name, "trigger.name")
-        if not trigger.matchers:
-            raise InvalidArgumentError(
-                "trigger.matchers",
-                "is empty: match at least one alert label (e.g. alertname=HighErrorRate)",
-            )
-        if len(trigger.matchers) > MAX_MATCHERS:
-            raise InvalidArgumentError("trigger.matchers", f"at most {MAX_MATCHERS} matchers")
-        seen: set[str] = set()
-        for i, matcher in enumerate(trigger.matchers):
-            where = f"trigger.matchers[{i}]"
-            if not _LABEL.fullmatch(matcher.label):
-                raise InvalidArgumentError(
-                    f"{where}.label",
-                    f"{matcher.label[:80]!r} is not an alert label name ([a-zA-Z_][a-zA-Z0-9_]*)",
-                )
-            if matcher.label in seen:
-                raise InvalidArgumentError(f"{where}.label", f"{matcher.label} is matched twice")
-            seen.add(matcher.label)
-            if not matcher.value or len(matcher.value) > 256:
-                raise InvalidArgumentError(f"{where}.value", "must be 1-256 characters")
+        matchers = model.matchers_from_proto(trigger.matchers)
         model.validate_bundle_name(trigger.bundle_name, "trigger.bundle_name")
         ttl = _duration(trigger, "ttl")
         if ttl is not None and not timedelta(0) < ttl <= MAX_TTL:
@@ -190,6 +173,7 @@ class TriggerRPCs:
             self._plan_changes(trigger.changes, dataclasses.replace(opts, expires_at=expires))
         except InvalidArgumentError as exc:
             raise InvalidArgumentError(f"trigger.{exc.field}", exc.rule) from None
+        return matchers
 
     @rpc
     async def SetTrigger(
@@ -197,7 +181,7 @@ class TriggerRPCs:
     ) -> mpb.SetTriggerResponse:
         opts = self._options(request.options, allow_expiry=False)
         trigger = request.trigger
-        self._validate(trigger, opts)
+        matchers = self._validate(trigger, opts)
         current = await self.store.triggers.get(trigger.name)
         enabled = bool(current[0].get("enabled", True)) if current else True
         meta = model.Meta(
@@ -207,7 +191,7 @@ class TriggerRPCs:
             incident=opts.incident,
             set_at=model.utcnow(),
         )
-        record = _record_of(trigger, meta, enabled)
+        record = _record_of(trigger, matchers, meta, enabled)
         what = "changed" if current else "set"
         if opts.dry_run:
             return mpb.SetTriggerResponse(

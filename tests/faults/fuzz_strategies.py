@@ -553,9 +553,19 @@ def set_trigger_requests(draw: st.DrawFn) -> m.SetTriggerRequest:
                  max_size=3, unique=True)
     )  # fmt: skip
     values = st.text(st.characters(exclude_categories=["Cs"]), min_size=1, max_size=12)
+    expressions = st.sampled_from(["crit.*", "a|b", "[0-9]+", "", ".*", r"\w{2,5}"])
+    # The first matcher needs its label (equality); the others use any operator.
+    matchers = [m.LabelMatcher(label=labels[0], value=draw(values))]
+    for label in labels[1:]:
+        kind = draw(
+            st.sampled_from([m.MATCH_EQUAL, m.MATCH_NOT_EQUAL, m.MATCH_REGEX, m.MATCH_NOT_REGEX])
+        )
+        regex = kind in (m.MATCH_REGEX, m.MATCH_NOT_REGEX)
+        value = draw(expressions if regex else values)
+        matchers.append(m.LabelMatcher(label=label, value=value, type=kind))
     trigger = m.Trigger(
         name=draw(_trigger_names()),
-        matchers=[m.LabelMatcher(label=label, value=draw(values)) for label in labels],
+        matchers=matchers,
         bundle_name=draw(_pool_or(["fuzz-bundle", "b.1"], _BUNDLE_NAME_RE)),
         changes=draw(bundle_changes(expiry=ttl is not None)),
         revert_on_resolve=draw(st.booleans()),

@@ -66,7 +66,15 @@ async def test_alert_fires_the_bundle_everywhere_and_resolving_reverts_it(
                         name="degrade-checkout",
                         matchers=[
                             m.LabelMatcher(label="alertname", value="HighErrorRate"),
-                            m.LabelMatcher(label="service", value="checkout"),
+                            m.LabelMatcher(
+                                label="service",
+                                value="checkout|checkout-canary",
+                                type=m.MATCH_REGEX,
+                            ),
+                            # The alert has no env label: "" is neither.
+                            m.LabelMatcher(
+                                label="env", value="staging|dev", type=m.MATCH_NOT_REGEX
+                            ),
                         ],
                         bundle_name="degrade-checkout",
                         changes=[

@@ -198,6 +198,16 @@ async def test_bad_triggers_and_payloads_are_refused_naming_the_fix(
     for args, code, text in (
         (["--match", "alertname", "--bundle", str(good)], 2, "is not LABEL=VALUE"),
         (["--match", "alert-name=X", "--bundle", str(good)], 3, "is not an alert label name"),
+        (["--match", "a=~crit(", "--bundle", str(good)], 3, "missing ): crit("),
+        (["--match", 'a="open', "--bundle", str(good)], 2, "the quoted value is not closed"),
+        (["--match", "a=", "--bundle", str(good)], 3, 'a!="" for any value'),
+        (["--match", "a=X", "--match", "a=X", "--bundle", str(good)], 3, "a=X is given twice"),
+        # Only conditions an alert without the labels meets: any alert would fire it.
+        (
+            ["--match", "env!=staging", "--match", "team!~db-.*", "--bundle", str(good)],
+            3,
+            "any alert would fire the trigger",
+        ),
         (["--match", "a=X", "--bundle", str(until)], 3, "give the bundle a ttl"),
         (["--match", "a=X", "--bundle", str(bad_service)], 3, "Checkout"),
     ):
@@ -217,6 +227,47 @@ async def test_bad_triggers_and_payloads_are_refused_naming_the_fix(
         answer = await http.post("/v1/alertmanager", json=body)
         assert answer.status_code == 400 and text in answer.text, answer.text
     assert (await run("trigger", "list")).stdout.strip() == "no triggers"
+
+
+async def test_alertmanagers_four_operators_pick_the_alerts(
+    srv: ControlServer, http: httpx.AsyncClient, cpctl: Run, tmp_path: Path
+) -> None:
+    bundle = tmp_path / "degrade.yaml"
+    bundle.write_text(BUNDLE)
+    run = at(cpctl, srv)
+    made = await run(
+        "trigger", "set", "paging", "--match", "alertname=HighErrorRate",
+        "--match", 'severity=~"critical|page"', "--match", "env!=staging",
+        "--match", "team!~db-.*", "--bundle", str(bundle), "--reason", "page-worthy only",
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    listed = await run("trigger", "list")
+    assert (
+        "alertname=HighErrorRate, severity=~critical|page, env!=staging, team!~db-.*"
+        in listed.stdout
+    ), listed.stdout
+    got = await http.get("/v1/triggers/paging")
+    assert [
+        (x["label"], x.get("type", "MATCH_EQUAL")) for x in got.json()["trigger"]["matchers"]
+    ] == [
+        ("alertname", "MATCH_EQUAL"),
+        ("severity", "MATCH_REGEX"),
+        ("env", "MATCH_NOT_EQUAL"),
+        ("team", "MATCH_NOT_REGEX"),
+    ]
+    cases = [
+        ({"severity": "page", "env": "prod"}, True),
+        ({"severity": "critical"}, True),  # no env, no team: "" is not staging, not db-*
+        ({"severity": "critical-ish", "env": "prod"}, False),  # the whole value must match
+        ({"severity": "warning", "env": "prod"}, False),
+        ({"severity": "page", "env": "staging"}, False),
+        ({"severity": "page", "team": "db-core"}, False),
+        ({"severity": "page", "team": "web"}, True),
+    ]
+    for i, (labels, fires) in enumerate(cases):
+        answer = await http.post("/v1/alertmanager", json=payload("firing", f"g{i}", **labels))
+        outcomes = [t["outcome"] for t in answer.json()["triggers"]]
+        assert outcomes == (["FIRED"] if fires else []), (labels, answer.text)
 
 
 async def test_the_trigger_role_fires_and_nothing_else(
@@ -351,9 +402,13 @@ async def test_resolving_after_the_bundle_expired_lets_the_group_fire_again(
     assert first["outcome"] == "TRIGGER_FIRED", first
     assert srv.hub is not None
     # The bundle's flag goes when its expiry passes (the server restores what it replaced).
+    feed = srv.hub.feed("checkout")
     async with asyncio.timeout(10):
-        while await flag_value(srv, "checkout", "k") is not None:
-            await srv.hub.feed("checkout").wait_past(srv.hub.feed("checkout").latest)
+        while True:
+            latest = feed.latest  # before the read: an expiry during it is waited for no more
+            if await flag_value(srv, "checkout", "k") is None:
+                break
+            await feed.wait_past(latest)
     resolved = await http.post("/v1/triggers/short/resolve", json={"groupKey": "g"})
     answer = resolved.json()
     assert answer["outcome"] == "TRIGGER_NOT_REVERTED", answer

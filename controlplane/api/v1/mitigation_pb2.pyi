@@ -20,6 +20,13 @@ class BundleState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EXPIRED: _ClassVar[BundleState]
     PARTIALLY_OVERRIDDEN: _ClassVar[BundleState]
 
+class MatchType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MATCH_EQUAL: _ClassVar[MatchType]
+    MATCH_NOT_EQUAL: _ClassVar[MatchType]
+    MATCH_REGEX: _ClassVar[MatchType]
+    MATCH_NOT_REGEX: _ClassVar[MatchType]
+
 class TriggerOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     TRIGGER_OUTCOME_UNSPECIFIED: _ClassVar[TriggerOutcome]
@@ -35,6 +42,10 @@ APPLIED: BundleState
 REVERTED: BundleState
 EXPIRED: BundleState
 PARTIALLY_OVERRIDDEN: BundleState
+MATCH_EQUAL: MatchType
+MATCH_NOT_EQUAL: MatchType
+MATCH_REGEX: MatchType
+MATCH_NOT_REGEX: MatchType
 TRIGGER_OUTCOME_UNSPECIFIED: TriggerOutcome
 TRIGGER_FIRED: TriggerOutcome
 TRIGGER_ALREADY_FIRED: TriggerOutcome
@@ -663,12 +674,14 @@ class ListNotificationsResponse(_message.Message):
     def __init__(self, sender: _Optional[str] = ..., destinations: _Optional[_Iterable[_Union[NotificationDestination, _Mapping]]] = ..., failed: _Optional[_Iterable[_Union[FailedNotification, _Mapping]]] = ...) -> None: ...
 
 class LabelMatcher(_message.Message):
-    __slots__ = ("label", "value")
+    __slots__ = ("label", "value", "type")
     LABEL_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
     label: str
     value: str
-    def __init__(self, label: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    type: MatchType
+    def __init__(self, label: _Optional[str] = ..., value: _Optional[str] = ..., type: _Optional[_Union[MatchType, str]] = ...) -> None: ...
 
 class Trigger(_message.Message):
     __slots__ = ("name", "matchers", "bundle_name", "changes", "ttl", "revert_on_resolve", "cooldown", "dry_run", "enabled", "meta", "last_fired")
