@@ -536,6 +536,11 @@ class Store:
         """A watched change as (kind, record; None: deleted); None if not agents' business."""
         return await self._records.decode_event(event)
 
+    async def audit_between(self, after: int, upto: int) -> list[WatchEvent]:
+        """The audit records written after revision ``after`` up to ``upto``, oldest first
+        (for a watcher whose start etcd compacted away)."""
+        return await self._audit.events_between(after, upto)
+
     def decode_audit(self, event: WatchEvent) -> AuditEntry | None:
         """A watched audit record (None, logged and counted, when it does not parse)."""
         return self._audit.decode_event(event)

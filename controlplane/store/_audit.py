@@ -44,6 +44,7 @@ log = structlog.get_logger("controlplane.store")
 
 # Audit records hold a record before and after (each up to 64 KiB); etcd takes 1.5 MiB.
 MAX_AUDIT_BYTES = 512 * 1024
+_BACKFILL_PAGE = 500
 _HISTORY_PAGE = 512
 """At most this many audit records in one range."""
 _PAGE_BYTES = 2 * 1024 * 1024
@@ -180,6 +181,46 @@ class Audit:
             self._metrics.invalid_records.labels("audit").inc()
             log.error("record_invalid", key=self.prefix + event.path, error=str(exc))
             return None
+
+    async def events_between(self, after: int, upto: int) -> list[WatchEvent]:
+        """The audit records written after revision ``after`` up to ``upto``, oldest
+        first: what a watch from ``after + 1`` showed of them, when etcd's history of
+        those revisions is compacted (records retention deleted since are gone). The
+        records of one revision come in their keys' order, where a watch gives them in
+        their transaction's."""
+        start = self._abs(AUDIT)
+        found: list[WatchEvent] = []
+        low, page = after + 1, _BACKFILL_PAGE
+        while low <= upto:
+            response = await self._etcd.range(
+                start,
+                range_end(start),
+                limit=page,
+                min_mod_revision=low,
+                max_mod_revision=upto,
+                by_mod_revision=True,
+            )
+            kvs = list(response.kvs)
+            if response.more:
+                # The page may end inside a revision (a transaction's several records):
+                # its last revision is read whole with the next page.
+                last = kvs[-1].mod_revision
+                kvs = [kv for kv in kvs if kv.mod_revision != last]
+                if not kvs:  # a page of one revision: a larger page
+                    page *= 2
+                    continue
+                low = int(last)
+            else:
+                low = upto + 1
+            found += [
+                WatchEvent(
+                    bytes(kv.key)[len(self.prefix.encode()) :].decode(errors="replace"),
+                    bytes(kv.value),
+                    int(kv.mod_revision),
+                )
+                for kv in kvs
+            ]
+        return found
 
     async def oldest_audit_revision(self) -> int | None:
         """The revision of the oldest audit record kept (None: none is)."""

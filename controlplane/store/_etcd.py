@@ -451,8 +451,16 @@ class Etcd:
         keys_only: bool = False,
         count_only: bool = False,
         revision: int = 0,
+        min_mod_revision: int = 0,
+        max_mod_revision: int = 0,
+        by_mod_revision: bool = False,
     ) -> Any:
-        """A range read (``revision``: as of that revision; 0: now), tried on each endpoint."""
+        """A range read (``revision``: as of that revision; 0: now), tried on each endpoint.
+
+        ``min_mod_revision``/``max_mod_revision`` keep the keys last changed within
+        them (0: no bound); ``by_mod_revision`` sorts by that revision, oldest first
+        (``limit`` then applies after the sort: etcd reads the whole range for it).
+        """
         request = rpc.RangeRequest(
             key=key,
             range_end=range_end or b"",
@@ -460,7 +468,12 @@ class Etcd:
             keys_only=keys_only,
             count_only=count_only,
             revision=revision,
+            min_mod_revision=min_mod_revision,
+            max_mod_revision=max_mod_revision,
         )
+        if by_mod_revision:
+            request.sort_target = rpc.RangeRequest.MOD
+            request.sort_order = rpc.RangeRequest.ASCEND
         return await self.call("range", "Range", request, idempotent=True)
 
     async def txn(self, compare: Sequence[Any], success: Sequence[Any]) -> Any:

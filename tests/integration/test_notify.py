@@ -22,6 +22,7 @@ import structlog
 import yaml
 from prometheus_client import CollectorRegistry
 
+import controlplane.store._audit
 from controlplane.api.v1 import mitigation_pb2 as m
 from controlplane.api.v1 import mitigation_pb2_grpc
 from controlplane.api.v1 import types_pb2 as t
@@ -31,6 +32,7 @@ from controlplane.server import ControlServer
 from tests.helpers.cpctl import Run
 from tests.helpers.http_sink import Received, Sink
 from tests.helpers.raw_agent import RawAgent
+from tests.helpers.raw_etcd import RawEtcd
 from tests.integration.conftest import server_config
 
 SECRET = "webhook-signing-secret-0123"
@@ -382,6 +384,120 @@ async def test_filters_by_service_and_event(
         await server.stop(grace=0)
 
 
+async def until_sent(server: ControlServer, count: int) -> None:
+    """Until ``server`` saved that it sent ``count`` change messages to siem."""
+    labels = {"destination": "siem", "kind": "change"}
+    async with asyncio.timeout(10):
+        while (
+            server.registry.get_sample_value("controlplane_notifications_sent_total", labels) or 0
+        ) < count:
+            assert server.notifier is not None
+            await server.notifier.changed()
+
+
+async def test_changes_made_while_no_one_sent_are_told_after_etcd_compacted_them(
+    etcd: EmbeddedEtcd,
+    prefix: str,
+    tmp_path: Path,
+    sinks: tuple[Sink, Sink, Sink],
+    raw_etcd: RawEtcd,
+) -> None:
+    """No server sent notifications while three changes were made, and etcd compacted
+    its history of them: the next sender reads them from the audit trail."""
+    _, _, webhook = sinks
+    notify = write_notify(
+        tmp_path / "notify.yaml",
+        {
+            "destinations": [{"name": "siem", "kind": "webhook", "url": webhook.url}],
+            "group_window": "100ms",
+        },
+    )
+    first = await start_server(etcd, prefix, notify)
+    try:
+        await until_sending(first)
+        await set_flag(first.address, "checkout", "a", True)
+        await until_sent(first, 1)
+    finally:
+        await first.stop(grace=0)
+    quiet = ControlServer(server_config(etcd.endpoint, prefix), registry=CollectorRegistry())
+    await quiet.start()
+    try:
+        async with grpc.aio.insecure_channel(quiet.address) as channel:
+            stub = mitigation_pb2_grpc.MitigationServiceStub(channel)
+            bundle = m.ApplyBundleRequest(name="degrade", options=opts())
+            for name in ("b", "c"):  # two audit records of one revision
+                change = bundle.changes.add()
+                change.set_flag.scope = "checkout"
+                change.set_flag.name = name
+                change.set_flag.value.CopyFrom(flag_value_to_proto(True))
+            await stub.ApplyBundle(bundle)
+        await set_flag(quiet.address, "payments", "d", False)
+    finally:
+        await quiet.stop(grace=0)
+    await raw_etcd.compact(await raw_etcd.revision())
+    second = await start_server(etcd, prefix, notify)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            await until_sending(second)
+            told = await webhook.wait_for(3)
+        changes = [
+            (c["service"], c["name"], c["after"])
+            for r in told
+            for c in check_webhook(r, signed=False)["details"]["changes"]
+        ]
+        # (The bundle's two come in their keys' order, not the transaction's.)
+        assert changes[:1] + sorted(changes[1:3]) + changes[3:] == [
+            ("checkout", "a", "true"),
+            ("checkout", "b", "true"),
+            ("checkout", "c", "true"),
+            ("payments", "d", "false"),
+        ], changes
+        assert [e for e in logs if e["event"] == "notify_history_compacted"], logs
+        await until_sent(second, 2)
+        assert len(webhook.received) == 3
+    finally:
+        await second.stop(grace=0)
+
+
+@pytest.mark.parametrize("page", [1, 2, 3, 500])
+async def test_the_audit_of_compacted_revisions_reads_whole_whatever_the_page(
+    etcd: EmbeddedEtcd, prefix: str, monkeypatch: pytest.MonkeyPatch, page: int
+) -> None:
+    monkeypatch.setattr(controlplane.store._audit, "_BACKFILL_PAGE", page)
+    server = ControlServer(server_config(etcd.endpoint, prefix), registry=CollectorRegistry())
+    await server.start()
+    try:
+        assert server.store is not None
+        before = await server.store.revision()
+        await set_flag(server.address, "checkout", "a", True)
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = mitigation_pb2_grpc.MitigationServiceStub(channel)
+            bundle = m.ApplyBundleRequest(name="degrade", options=opts())
+            for name in ("b", "c", "d"):  # three records of one revision
+                change = bundle.changes.add()
+                change.set_flag.scope = "checkout"
+                change.set_flag.name = name
+                change.set_flag.value.CopyFrom(flag_value_to_proto(True))
+            applied = await stub.ApplyBundle(bundle)
+        await set_flag(server.address, "checkout", "e", True)
+        upto = await server.store.revision()
+        await set_flag(server.address, "checkout", "f", True)  # after upto: not read
+        found = await server.store.audit_between(before, upto)
+        entries = [server.store.decode_audit(event) for event in found]
+        names = [(e.revision, e.key.rsplit("/", 1)[1]) for e in entries if e is not None]
+        bundle_revision = applied.result.revision
+        assert names[:1] + sorted(names[1:4]) + names[4:] == [
+            (bundle_revision - 1, "a"),
+            (bundle_revision, "b"),
+            (bundle_revision, "c"),
+            (bundle_revision, "d"),
+            (bundle_revision + 1, "e"),
+        ], names
+        assert await server.store.audit_between(upto, upto) == []
+    finally:
+        await server.stop(grace=0)
+
+
 async def test_one_server_sends_and_another_takes_over_when_it_stops(
     etcd: EmbeddedEtcd, prefix: str, tmp_path: Path, sinks: tuple[Sink, Sink, Sink]
 ) -> None:
@@ -403,13 +519,7 @@ async def test_one_server_sends_and_another_takes_over_when_it_stops(
         await webhook.wait_for(1)
         # The receiver has the request before the sender saved that it was sent: stop
         # the first server only once it has (else the second one rightly sends it again).
-        labels = {"destination": "siem", "kind": "change"}
-        async with asyncio.timeout(10):
-            while not first.registry.get_sample_value(
-                "controlplane_notifications_sent_total", labels
-            ):
-                assert first.notifier is not None
-                await first.notifier.changed()
+        await until_sent(first, 1)
         await first.stop(grace=0)
         stopped = True
         await set_flag(second.address, "checkout", "b", True)

@@ -309,12 +309,27 @@ class Notifier:
                     revision = seen + 1
                     self._wake()
             except CompactedError as exc:
-                log.error(
-                    "notify_gap",
-                    error=str(exc),
-                    missed=f"revisions {revision} to {exc.compact_revision}",
+                # etcd keeps no history of those revisions, but keeps the audit records
+                # written then (until the audit retention): they are read instead.
+                upto = exc.compact_revision
+                try:
+                    events = await self.store.audit_between(revision - 1, upto)
+                except ControlPlaneError as failed:
+                    log.warning("notify_watch_broken", error=str(failed))
+                    await asyncio.sleep(0.5)
+                    continue
+                for event in events:
+                    entry = self.store.decode_audit(event)
+                    if entry is not None:
+                        self._trail.append(change_of(entry))
+                log.warning(
+                    "notify_history_compacted",
+                    revisions=f"{revision} to {upto}",
+                    read_from_audit=len(events),
                 )
-                revision = exc.compact_revision + 1
+                self._latest = max(self._latest, upto)
+                revision = upto + 1
+                self._wake()
             except ControlPlaneError as exc:
                 log.warning("notify_watch_broken", error=str(exc))
                 await asyncio.sleep(0.5)
