@@ -22,9 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import ThreadingWSGIServer
 
-METRICS_POLL_S = 0.1
-"""How often the endpoint's thread looks for a stop: the longest a stop waits for it
-(prometheus-client's own endpoint looks every 0.5 s, half a second of every stop)."""
+from controlplane._serving import WakeableServer
 
 
 class _Quiet(WSGIRequestHandler):
@@ -43,7 +41,7 @@ class MetricsEndpoint:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         family, _, _, _, sockaddr = infos[0]
 
-        class Server(ThreadingWSGIServer):
+        class Server(WakeableServer, ThreadingWSGIServer):
             address_family = family
 
         self._server = make_server(
@@ -51,18 +49,17 @@ class MetricsEndpoint:
         )
         self.host = host
         self.port: int = self._server.server_port
+        # Idle, the thread waits on the sockets and wakes for nothing (prometheus-client's
+        # own endpoint looks for a stop every 0.5 s, half a second of every stop).
         self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": METRICS_POLL_S},
-            name="metrics-endpoint",
-            daemon=True,
+            target=self._server.serve, name="metrics-endpoint", daemon=True
         )
         self._thread.start()
 
     def close(self) -> None:
-        """Stop serving and let the port go (within METRICS_POLL_S). Idempotent."""
-        if self._thread.is_alive():
-            self._server.shutdown()
+        """Stop serving and let the port go, at once. Idempotent."""
+        self._server.stop()
+        self._thread.join()
         self._server.server_close()
 
 

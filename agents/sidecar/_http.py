@@ -5,15 +5,14 @@ handler; the answers themselves come from the sidecar's ``handle``
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import selectors
 import socket
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 
 from agents.sidecar._documents import Response
+from controlplane._serving import WakeableServer
 
 log = logging.getLogger("agents.sidecar")
 
@@ -24,53 +23,17 @@ class _Endpoint(Protocol):
     def handle(self, method: str, target: str) -> Response: ...
 
 
-class EndpointServer(ThreadingHTTPServer):
-    """The endpoint's listener: each connection on a thread of its own.
-
-    :meth:`serve` waits on the listening socket and a wake-up socket, with no
-    timeout: an idle endpoint costs nothing. :meth:`stop` writes to the wake-up
-    socket, and ``serve`` returns at once (``serve_forever`` would look for a
-    stop request every ``poll_interval`` seconds instead).
-    """
+class EndpointServer(WakeableServer, ThreadingHTTPServer):
+    """The endpoint's listener: each connection on a thread of its own; idle, it
+    wakes for nothing, and a stop returns at once (``WakeableServer``)."""
 
     daemon_threads = True
-    timeout = 0.0
-    """``handle_request`` is called once the listening socket is ready: it must not
-    wait if the connection went meanwhile."""
     sidecar: _Endpoint
     allowed_hosts: frozenset[str] | None = frozenset({"localhost", "127.0.0.1", "::1"})
     """The names a request's ``Host`` may give (with or without the port): loopback's and
     the address the endpoint listens on, so that a web page the host's browser loads
     cannot reach the endpoint through a name of its own (DNS rebinding). None: any (an
     endpoint on a wildcard address answers the network, under every name)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        # Before the bind: a failed one calls server_close, which closes them.
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_w.setblocking(False)
-        self._stopping = False
-        super().__init__(*args, **kwargs)
-
-    def serve(self) -> None:
-        """Accept and handle connections until :meth:`stop` (from another thread)."""
-        with selectors.DefaultSelector() as selector:
-            selector.register(self, selectors.EVENT_READ)
-            selector.register(self._wake_r, selectors.EVENT_READ)
-            while not self._stopping:
-                for key, _ in selector.select():
-                    if key.fileobj is self:
-                        self.handle_request()
-
-    def stop(self) -> None:
-        """Make :meth:`serve` return, at once (before or while it runs). Idempotent."""
-        self._stopping = True
-        with contextlib.suppress(OSError):  # full or closed: woken already, or gone
-            self._wake_w.send(b"\0")
-
-    def server_close(self) -> None:
-        super().server_close()
-        self._wake_r.close()
-        self._wake_w.close()
 
 
 class EndpointServer6(EndpointServer):

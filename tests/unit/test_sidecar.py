@@ -6,7 +6,6 @@ import http.client as http_client
 import json
 import logging
 import stat
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -32,6 +31,7 @@ from tests.helpers.agent_sidecar import (
     static,
     wait_until,
 )
+from tests.helpers.threads import HAS_PROC, wakes_while_idle
 
 # ---------------------------------------------------------------- HTTP answers
 
@@ -256,20 +256,7 @@ def test_a_state_file_that_cannot_be_written_is_logged_and_retried(
     assert any("state_file_written" in r.getMessage() for r in caplog.records)
 
 
-def _switches(thread: threading.Thread | None) -> int:
-    """How many times ``thread`` went off a CPU (it woke up as many times)."""
-    assert thread is not None
-    status = Path(f"/proc/self/task/{thread.native_id}/status").read_text()
-    return sum(int(line.split()[1]) for line in status.splitlines() if "ctxt_switches" in line)
-
-
-def _sleeping(thread: threading.Thread | None) -> bool:
-    assert thread is not None
-    stat = Path(f"/proc/self/task/{thread.native_id}/stat").read_text()
-    return stat.rsplit(")", 1)[1].split()[0] == "S"
-
-
-@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc")
+@pytest.mark.skipif(not HAS_PROC, reason="reads /proc")
 def test_an_idle_sidecar_wakes_for_nothing(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
     agent = static()
@@ -278,18 +265,7 @@ def test_an_idle_sidecar_wakes_for_nothing(tmp_path: Path) -> None:
         threads = [sidecar._http_thread, sidecar._writer._thread]
         threads += [hook._thread for hook in sidecar.hooks]
         wait_until(lambda: read_state(path) is not None, what="first write")
-
-        def settled() -> bool:
-            # Asleep and staying so: a thread waiting for the GIL shows asleep too.
-            first = [_switches(thread) for thread in threads]
-            time.sleep(0.1)
-            asleep = all(_sleeping(thread) for thread in threads)
-            return asleep and [_switches(thread) for thread in threads] == first
-
-        wait_until(settled, what="all asleep")
-        before = [_switches(thread) for thread in threads]
-        time.sleep(0.5)  # the window watched, not a wait for something
-        assert [_switches(thread) for thread in threads] == before
+        assert wakes_while_idle(threads) == [0] * len(threads)
         # Asleep, not stuck: a request and a change are served at once.
         status, _, data = http(f"http://{sidecar.address}/v1/flags/new-ui")
         assert (status, json.loads(data)["value"]) == (200, True)
