@@ -178,7 +178,10 @@ class Worker:
     async def _time_ready(self, index: int) -> None:
         agent = self.agents[index]
         if isinstance(agent, Agent):
-            await asyncio.to_thread(agent.wait_ready)
+            # In slices: a thread blocked for good would outlive this task's cancel
+            # and hold the worker's exit.
+            while not await asyncio.to_thread(agent.wait_ready, 1.0):
+                pass
         else:
             await agent.wait_ready()
         self.ready_at[index] = time.time()
