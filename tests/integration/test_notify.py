@@ -165,6 +165,27 @@ async def set_flag(address: str, scope: str, name: str, value: Any, **extra: Any
         )
 
 
+def siem_only(tmp_path: Path, webhook: Sink, window: str = "100ms", **extra: str) -> Path:
+    """A notify file with one destination, ``siem``: the unsigned webhook sink."""
+    destination = {"name": "siem", "kind": "webhook", "url": webhook.url}
+    document = {"destinations": [destination], "group_window": window, **extra}
+    return write_notify(tmp_path / "notify.yaml", document)
+
+
+async def apply_bundle(address: str, changes: Sequence[tuple[str, str]]) -> m.ApplyBundleResponse:
+    """Bundle ``degrade``: flag NAME of SERVICE true, for each (SERVICE, NAME)."""
+    bundle = m.ApplyBundleRequest(name="degrade", options=opts())
+    for service, name in changes:
+        change = bundle.changes.add()
+        change.set_flag.scope = service
+        change.set_flag.name = name
+        change.set_flag.value.CopyFrom(flag_value_to_proto(True))
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = mitigation_pb2_grpc.MitigationServiceStub(channel)
+        response: m.ApplyBundleResponse = await stub.ApplyBundle(bundle)
+        return response
+
+
 def check_webhook(received: Received, *, signed: bool = True) -> dict[str, Any]:
     body = received.json
     digest = hmac.new(SECRET.encode(), received.body, hashlib.sha256).hexdigest()
@@ -236,14 +257,8 @@ async def test_a_burst_and_a_bundle_are_one_message_each(
     etcd: EmbeddedEtcd, prefix: str, tmp_path: Path, sinks: tuple[Sink, Sink, Sink]
 ) -> None:
     _, _, webhook = sinks
-    notify = write_notify(
-        tmp_path / "notify.yaml",
-        {
-            "destinations": [{"name": "siem", "kind": "webhook", "url": webhook.url}],
-            # Ten writes one after another fit in it even on a loaded machine.
-            "group_window": "3s",
-        },
-    )
+    # Ten writes one after another fit in the window even on a loaded machine.
+    notify = siem_only(tmp_path, webhook, "3s")
     server = await start_server(etcd, prefix, notify)
     try:
         await until_sending(server)
@@ -262,13 +277,8 @@ async def test_a_burst_and_a_bundle_are_one_message_each(
             body = check_webhook(burst, signed=False)
             assert body["title"] == "10 changes on checkout", body["title"]
             assert [line.split(" ")[2] for line in body["lines"]] == [f"f{i}" for i in range(10)]
-            bundle = m.ApplyBundleRequest(name="degrade", options=opts())
-            for service in ("checkout", "payments", "search"):
-                change = bundle.changes.add()
-                change.set_flag.scope = service
-                change.set_flag.name = "lite"
-                change.set_flag.value.CopyFrom(flag_value_to_proto(True))
-            applied = await stub.ApplyBundle(bundle)
+            services = ("checkout", "payments", "search")
+            applied = await apply_bundle(server.address, [(s, "lite") for s in services])
             _, second = await webhook.wait_for(2)
             body = check_webhook(second, signed=False)
             assert body["details"]["bundle_id"] == applied.bundle.id
@@ -405,13 +415,7 @@ async def test_changes_made_while_no_one_sent_are_told_after_etcd_compacted_them
     """No server sent notifications while three changes were made, and etcd compacted
     its history of them: the next sender reads them from the audit trail."""
     _, _, webhook = sinks
-    notify = write_notify(
-        tmp_path / "notify.yaml",
-        {
-            "destinations": [{"name": "siem", "kind": "webhook", "url": webhook.url}],
-            "group_window": "100ms",
-        },
-    )
+    notify = siem_only(tmp_path, webhook)
     first = await start_server(etcd, prefix, notify)
     try:
         await until_sending(first)
@@ -422,15 +426,8 @@ async def test_changes_made_while_no_one_sent_are_told_after_etcd_compacted_them
     quiet = ControlServer(server_config(etcd.endpoint, prefix), registry=CollectorRegistry())
     await quiet.start()
     try:
-        async with grpc.aio.insecure_channel(quiet.address) as channel:
-            stub = mitigation_pb2_grpc.MitigationServiceStub(channel)
-            bundle = m.ApplyBundleRequest(name="degrade", options=opts())
-            for name in ("b", "c"):  # two audit records of one revision
-                change = bundle.changes.add()
-                change.set_flag.scope = "checkout"
-                change.set_flag.name = name
-                change.set_flag.value.CopyFrom(flag_value_to_proto(True))
-            await stub.ApplyBundle(bundle)
+        # Two audit records of one revision.
+        await apply_bundle(quiet.address, [("checkout", "b"), ("checkout", "c")])
         await set_flag(quiet.address, "payments", "d", False)
     finally:
         await quiet.stop(grace=0)
@@ -470,15 +467,8 @@ async def test_the_audit_of_compacted_revisions_reads_whole_whatever_the_page(
         assert server.store is not None
         before = await server.store.revision()
         await set_flag(server.address, "checkout", "a", True)
-        async with grpc.aio.insecure_channel(server.address) as channel:
-            stub = mitigation_pb2_grpc.MitigationServiceStub(channel)
-            bundle = m.ApplyBundleRequest(name="degrade", options=opts())
-            for name in ("b", "c", "d"):  # three records of one revision
-                change = bundle.changes.add()
-                change.set_flag.scope = "checkout"
-                change.set_flag.name = name
-                change.set_flag.value.CopyFrom(flag_value_to_proto(True))
-            applied = await stub.ApplyBundle(bundle)
+        # Three audit records of one revision.
+        applied = await apply_bundle(server.address, [("checkout", n) for n in "bcd"])
         await set_flag(server.address, "checkout", "e", True)
         upto = await server.store.revision()
         await set_flag(server.address, "checkout", "f", True)  # after upto: not read
@@ -502,13 +492,7 @@ async def test_one_server_sends_and_another_takes_over_when_it_stops(
     etcd: EmbeddedEtcd, prefix: str, tmp_path: Path, sinks: tuple[Sink, Sink, Sink]
 ) -> None:
     _, _, webhook = sinks
-    notify = write_notify(
-        tmp_path / "notify.yaml",
-        {
-            "destinations": [{"name": "siem", "kind": "webhook", "url": webhook.url}],
-            "group_window": "100ms",
-        },
-    )
+    notify = siem_only(tmp_path, webhook)
     first = await start_server(etcd, prefix, notify)
     second = await start_server(etcd, prefix, notify)
     stopped = False
@@ -650,14 +634,7 @@ async def test_a_rejection_and_a_change_not_applied_in_time_are_told(
     """One instance rejects the change (nack), another never confirms it: both are in
     the audit trail once and reach the destination, naming the instances."""
     _, _, webhook = sinks
-    notify = write_notify(
-        tmp_path / "notify.yaml",
-        {
-            "destinations": [{"name": "siem", "kind": "webhook", "url": webhook.url}],
-            "group_window": "100ms",
-            "incomplete_after": "1s",
-        },
-    )
+    notify = siem_only(tmp_path, webhook, incomplete_after="1s")
     server = await start_server(etcd, prefix, notify)
     try:
         await until_sending(server)
