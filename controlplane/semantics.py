@@ -17,7 +17,7 @@ the chain is rewritten.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, TypeVar
@@ -206,6 +206,15 @@ def _a(word: str) -> str:
 _CHANGE_TYPE = "change_type; cpctl flag set --change-type; change_type: true in a bundle file"
 
 
+def _shown(value: FlagValue) -> str:
+    """A value as a message quotes it: a string quoted (and cut), others as set."""
+    return (
+        repr(value if len(value) <= 40 else value[:37] + "...")
+        if isinstance(value, str)
+        else model.describe_value(value)
+    )
+
+
 def _type_refusal(
     name: str, held: str, value: FlagValue, where: str = "", fix: str = ""
 ) -> InvalidArgumentError:
@@ -235,9 +244,13 @@ def check_type_across_scopes(
     others: Mapping[str, FlagValue],
     *,
     change_type: bool = False,
+    in_bundle: Collection[str] = (),
+    meant: Collection[str] = (),
 ) -> str:
     """Check a first value for ``name`` in ``scope`` against the flag's type in the other
-    scopes (``others``: scope -> value in force there).
+    scopes (``others``: scope -> value in force there, or set by the same bundle: those
+    scopes are ``in_bundle``, and the message says so; a difference with those of them
+    set with ``change_type``, ``meant``, is meant too).
 
     A service's own entry wins over the global one: a string under ``checkout`` would
     turn a global kill switch into a value that ``enabled()`` takes for "unset" there. A
@@ -254,9 +267,22 @@ def check_type_across_scopes(
     kind, scopes = max(held.items(), key=lambda item: (model.GLOBAL_SCOPE in item[1], len(item[1])))
     shown = ", ".join(scopes[:5]) + (f" and {len(scopes) - 5} more" if len(scopes) > 5 else "")
     where = f"{'scope' if len(scopes) == 1 else 'scopes'} {shown}"
+    if any(other in in_bundle for other in scopes):
+        where += " in this bundle" if all(o in in_bundle for o in scopes) else ", with this bundle"
     holds = f"{where} {'holds' if len(scopes) == 1 else 'hold'} {_a(kind)}"
-    if change_type:
+    if change_type or all(o in meant for differing in held.values() for o in differing):
         return f" ({_a(given)} in {scope}, where {holds})"
+    if all(o in in_bundle for differing in held.values() for o in differing):
+        # Nothing in etcd says which is right: both sides, as the bundle gives them.
+        sides = [(scope, value)] + [(o, others[o]) for o in scopes[:3]]
+        listed = " and ".join(
+            f"{_shown(v)} ({_a(flag_type(v))}) in {where_}" for where_, v in sides
+        )
+        raise InvalidArgumentError(
+            "value",
+            f"this bundle gives {name} two types: {listed}: give it one type, or say the "
+            f"difference is meant ({_CHANGE_TYPE})",
+        )
     raise _type_refusal(
         name,
         kind,

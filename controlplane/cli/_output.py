@@ -142,6 +142,7 @@ JSON_SHAPES: dict[str, tuple[str, ...]] = {
         "nacks",
         "applied_at",
         "sync_clients",
+        "unknown",
     ),
 }
 

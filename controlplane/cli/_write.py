@@ -459,6 +459,17 @@ def describe_wait(result: Mapping[str, Any]) -> str:
     if outcome == "applied":
         return f"{service}: applied by {applied}/{connected} instances in {seconds:.2f} s{aside}"
     if outcome == "no_instances":
+        unknown = result.get("unknown") or {}
+        if unknown:
+            close = list(unknown.get("did_you_mean") or [])
+            memory = unknown.get("memory")
+            within = f" in the last {format_age(memory)}" if isinstance(memory, timedelta) else ""
+            guess = f": did you mean {' or '.join(close)}?" if close else ""
+            return (
+                f"{service}: no connected instance to apply it, and no agent of {service} "
+                f"has connected{within}{guess} (`cpctl services` lists the services known)"
+                f"{aside}"
+            )
         return (
             f"{service}: no connected instance to apply it (is the service name right? "
             f"`cpctl status {service}` shows its instances){aside}"

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import re
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -417,7 +417,13 @@ def rollback_target(
 class _BundleRPCs(_Servicer):
     """Bundles: several changes applied together, and reverted together."""
 
-    def _bundle_plan(self, index: int, change: mpb.BundleChange, opts: model.WriteOptions) -> Plan:
+    def _bundle_plan(
+        self,
+        index: int,
+        change: mpb.BundleChange,
+        opts: model.WriteOptions,
+        flag_sets: Mapping[str, Mapping[str, tuple[model.FlagValue, bool]]] | None = None,
+    ) -> Plan:
         """Validate one change of a bundle and plan it; errors name the change and field."""
         kind = change.WhichOneof("change")
         where = f"changes[{index}]"
@@ -442,6 +448,7 @@ class _BundleRPCs(_Servicer):
                 model.validate_new_flag_name(r.name, f"{field}.name"),
                 model.flag_value_from_proto(r.value, f"{field}.value"),
                 change_type=r.change_type,
+                siblings=(flag_sets or {}).get(r.name),
             )
         if kind == "clear_flag":
             c = change.clear_flag
@@ -501,7 +508,16 @@ class _BundleRPCs(_Servicer):
                 f"{len(changes)} changes, over the maximum of "
                 f"{model.MAX_BUNDLE_CHANGES} per bundle: split it into several bundles",
             )
-        return [self._bundle_plan(i, c, opts) for i, c in enumerate(changes)]
+        # What the bundle sets for each flag name, by scope: a first value in one scope
+        # takes the type the bundle gives the flag in the others.
+        flag_sets: dict[str, dict[str, tuple[model.FlagValue, bool]]] = {}
+        for change in changes:
+            if change.WhichOneof("change") == "set_flag":
+                r = change.set_flag
+                with contextlib.suppress(InvalidArgumentError):  # refused in its own plan
+                    value = model.flag_value_from_proto(r.value, "value")
+                    flag_sets.setdefault(r.name, {})[r.scope] = (value, r.change_type)
+        return [self._bundle_plan(i, c, opts, flag_sets) for i, c in enumerate(changes)]
 
     async def _apply_changes(
         self, name: str, changes: Sequence[mpb.BundleChange], opts: model.WriteOptions
@@ -810,6 +826,15 @@ class _ObservationRPCs(_Servicer):
             nacks=nacks,
             sync_clients=await self._sync_clients(service),
         )
+        if not instances:
+            try:
+                with self.store.budget(NOTICE_BUDGET):
+                    unknown = await self.services.unknown(service)
+            except ControlPlaneError as exc:
+                log.warning("unknown_service_check_failed", error=exc.message)
+            else:
+                if unknown is not None:
+                    response.unknown.CopyFrom(unknown)
         if response.all_applied:
             # When the last instance applied it, from the processes' records (they may
             # trail by a flush; then now, which is when we learnt it).

@@ -20,7 +20,7 @@ the write path.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -180,25 +180,42 @@ class Store:
     # -- flags -------------------------------------------------------------------------
 
     def plan_set_flag(
-        self, scope: str, name: str, value: FlagValue, *, change_type: bool = False
+        self,
+        scope: str,
+        name: str,
+        value: FlagValue,
+        *,
+        change_type: bool = False,
+        siblings: Mapping[str, tuple[FlagValue, bool]] | None = None,
     ) -> Plan:
+        """``siblings``: what the same bundle sets for ``name`` in other scopes (their
+        values once it is applied, whatever etcd holds there now), and whether with
+        ``change_type`` (a type that differs from theirs is meant)."""
+        also = {s: v for s, (v, _) in (siblings or {}).items() if s != scope}
+        meant = {s for s, (_, ct) in (siblings or {}).items() if ct and s != scope}
+
         async def check(current: Flag | None, now: datetime) -> str:
             # The flag's first value in this scope takes the type it has elsewhere: for a
             # service, the global value it would hide; for global, the services' own.
             if semantics.prune_expired(current, now) is not None:
                 return ""
-            scopes = (
-                await self._records.flag_scopes(name) if scope == GLOBAL_SCOPE else [GLOBAL_SCOPE]
-            )
+            if scope == GLOBAL_SCOPE:
+                scopes = sorted(set(await self._records.flag_scopes(name)) | set(also))
+            else:
+                scopes = [GLOBAL_SCOPE]
             others: dict[str, FlagValue] = {}
             for other in scopes:
-                if other != scope:
-                    found = await self._records.read(flag_key(other, name), remember=False)
-                    record = semantics.prune_expired(found.record, now)
-                    if record is not None:
-                        others[other] = record.value
+                if other == scope:
+                    continue
+                if other in also:
+                    others[other] = also[other]
+                    continue
+                found = await self._records.read(flag_key(other, name), remember=False)
+                record = semantics.prune_expired(found.record, now)
+                if record is not None:
+                    others[other] = record.value
             return semantics.check_type_across_scopes(
-                name, scope, value, others, change_type=change_type
+                name, scope, value, others, change_type=change_type, in_bundle=also, meant=meant
             )
 
         return Plan(

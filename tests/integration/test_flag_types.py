@@ -80,3 +80,47 @@ async def test_a_first_value_of_another_type_is_refused_in_a_bundle_and_noted_wh
     dry = await cpctl("flag", "set", "payments", "k", "7", "--reason", "r", "--dry-run")
     assert dry.returncode == 3, dry.stdout
     assert "k is a boolean flag (scope global); 7 is not true or false" in dry.stderr
+
+
+async def test_two_first_values_of_one_flag_in_a_bundle_agree_on_its_type(
+    cpctl: Run, raw_etcd: RawEtcd, prefix: str, tmp_path: Path
+) -> None:
+    """Nothing in etcd yet: the bundle's own changes are what the type is checked against."""
+
+    def bundle(*changes: str) -> Path:
+        path = tmp_path / "b.yaml"
+        path.write_text("name: b\nreason: r\nchanges:\n" + "".join(f"  - {c}\n" for c in changes))
+        return path
+
+    typo = bundle(
+        "flag: {scope: global, name: fresh, value: false}",
+        "flag: {service: checkout, name: fresh, value: 'flase'}",
+    )
+    refused = await cpctl("bundle", "apply", str(typo))
+    assert refused.returncode == 3, refused.stdout
+    assert (
+        "changes[0].set_flag.value: this bundle gives fresh two types: false (a boolean) in "
+        "global and 'flase' (a string) in checkout: give it one type, or say the difference "
+        "is meant (change_type;" in refused.stderr
+    ), refused.stderr
+    for scope in ("global", "checkout"):
+        assert await raw_etcd.get(prefix + f"flags/{scope}/fresh") is None
+    # The same with one type everywhere, or a new type said to be meant, is applied.
+    agreed = bundle(
+        "flag: {scope: global, name: fresh, value: false}",
+        "flag: {service: checkout, name: fresh, value: true}",
+        "flag: {service: payments, name: mode, value: lite}",
+        "flag: {scope: global, name: mode, value: 3, change_type: true}",
+    )
+    applied = await cpctl("--json", "bundle", "apply", str(agreed))
+    assert applied.returncode == 0, applied.stderr
+    summary = json.loads(applied.stdout)["result"]["summary"]
+    # Both sides of the meant difference say it, and so the audit does.
+    assert "a number in global, where scope payments in this bundle holds a string" in summary
+    assert "a string in payments, where scope global in this bundle holds a number" in summary
+    # Services are free of each other: two services, two types, both first values.
+    apart = bundle(
+        "flag: {service: search, name: other, value: 1}",
+        "flag: {service: checkout, name: other, value: 'x'}",
+    )
+    assert (await cpctl("bundle", "apply", str(apart))).returncode == 0

@@ -72,6 +72,22 @@ async def test_a_mistyped_service_is_named_with_the_closest_known_ones(
         )
         assert applied.returncode == 0, applied.stderr
         assert json.loads(applied.stdout)["wait"]["outcome"] == "applied"
+        # A --wait-service typo: the wait names the closest known service too.
+        waited = await cpctl(
+            "flag", "set", "global", "new-ui", "false", "--reason", "r",
+            "--wait-service", "chekout",
+        )  # fmt: skip
+        assert waited.returncode == 9, waited.stderr
+        assert (
+            "chekout: no connected instance to apply it, and no agent of chekout has "
+            "connected in the last 30d: did you mean checkout?"
+        ) in waited.stderr, waited.stderr
+        waited_json = await cpctl(
+            "--json", "flag", "set", "global", "new-ui", "false", "--reason", "r",
+            "--wait-service", "chekout",
+        )  # fmt: skip
+        (service_wait,) = json.loads(waited_json.stdout)["wait"]["services"]
+        assert service_wait["unknown"]["did_you_mean"] == ["checkout"]
 
         listed = json.loads((await cpctl("--json", "services")).stdout)
         by_name = {s["service"]: s for s in listed["services"]}
@@ -99,6 +115,11 @@ async def test_a_mistyped_service_is_named_with_the_closest_known_ones(
     assert checkout["last_contact"] is not None
     quiet = await cpctl("flag", "set", "checkout", "old-ui", "true", "--reason", "r")
     assert "warning" not in quiet.stderr, quiet.stderr
+    # Known, with no instance now: the wait says so, and does not call it unknown.
+    empty = await cpctl("flag", "set", "checkout", "old-ui", "true", "--reason", "r", "--wait")
+    assert empty.returncode == 9, empty.stderr
+    assert "checkout: no connected instance to apply it (is the service name" in empty.stderr
+    assert "has connected" not in empty.stderr, empty.stderr
 
 
 async def test_last_contacts_are_forgotten_with_the_audit_trail(

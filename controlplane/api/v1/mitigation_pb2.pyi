@@ -563,7 +563,7 @@ class WaitAppliedRequest(_message.Message):
     def __init__(self, service: _Optional[str] = ..., revision: _Optional[int] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class WaitAppliedResponse(_message.Message):
-    __slots__ = ("all_applied", "connected", "applied", "pending", "nacks", "applied_at", "sync_clients")
+    __slots__ = ("all_applied", "connected", "applied", "pending", "nacks", "applied_at", "sync_clients", "unknown")
     class NacksEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -578,6 +578,7 @@ class WaitAppliedResponse(_message.Message):
     NACKS_FIELD_NUMBER: _ClassVar[int]
     APPLIED_AT_FIELD_NUMBER: _ClassVar[int]
     SYNC_CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_FIELD_NUMBER: _ClassVar[int]
     all_applied: bool
     connected: int
     applied: int
@@ -585,7 +586,8 @@ class WaitAppliedResponse(_message.Message):
     nacks: _containers.ScalarMap[str, str]
     applied_at: _timestamp_pb2.Timestamp
     sync_clients: int
-    def __init__(self, all_applied: _Optional[bool] = ..., connected: _Optional[int] = ..., applied: _Optional[int] = ..., pending: _Optional[_Iterable[_Union[_types_pb2.Instance, _Mapping]]] = ..., nacks: _Optional[_Mapping[str, str]] = ..., applied_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sync_clients: _Optional[int] = ...) -> None: ...
+    unknown: _types_pb2.UnknownService
+    def __init__(self, all_applied: _Optional[bool] = ..., connected: _Optional[int] = ..., applied: _Optional[int] = ..., pending: _Optional[_Iterable[_Union[_types_pb2.Instance, _Mapping]]] = ..., nacks: _Optional[_Mapping[str, str]] = ..., applied_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sync_clients: _Optional[int] = ..., unknown: _Optional[_Union[_types_pb2.UnknownService, _Mapping]] = ...) -> None: ...
 
 class GetTimelineRequest(_message.Message):
     __slots__ = ("incident", "limit")
