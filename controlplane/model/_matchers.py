@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import enum
 import functools
-import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +38,8 @@ __all__ = [
 MAX_MATCHERS = 16
 MAX_MATCHER_VALUE = 256
 _LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+_ANY_BYTE = re.compile(r"(?<!\\)(?:\\\\)*\\C")
+"""``\\C`` not itself escaped: RE2's "any byte", which Go's RE2 refuses."""
 _TEXT = re.compile(r"\s*([^=!~\s]+)\s*(=~|!~|!=|=)\s*(.*?)\s*", re.DOTALL)
 
 
@@ -119,7 +120,9 @@ class Matcher:
             )
         if len(value) > MAX_MATCHER_VALUE:
             raise InvalidArgumentError(
-                f"{where}.value", f"{len(value)} characters, over {MAX_MATCHER_VALUE}"
+                f"{where}.value",
+                f"{len(value)} characters, over {MAX_MATCHER_VALUE}: match a telling part of "
+                "it with =~ (e.g. .*timeout.*)",
             )
         if op is MatchOp.EQUAL and not value:
             raise InvalidArgumentError(
@@ -127,6 +130,12 @@ class Matcher:
                 f'is empty: give the value {label} must have (or {label}!="" for any value)',
             )
         if op.is_regex:
+            if _ANY_BYTE.search(value):
+                raise InvalidArgumentError(
+                    f"{where}.value",
+                    f"{value[:80]!r} uses \\C (any byte), which Alertmanager's RE2 does not "
+                    "take and which can split a character: use . instead",
+                )
             try:
                 _compile(value)
             except ValueError as exc:
@@ -151,10 +160,20 @@ class Matcher:
 
     @property
     def text(self) -> str:
-        """As typed: ``severity=~critical|page``; a value with spaces or quotes quoted."""
+        """As typed, and as :func:`parse_matcher` reads it back: ``severity=~critical|page``;
+        quoted as amtool quotes (``\\``, ``\"``, ``\n`` escaped) when the value is
+        empty, has spaces, quotes, commas or characters that do not print, or starts
+        with what would read as part of the operator (``~``, ``=``)."""
         value = self.value
-        if not value or value != value.strip() or any(c in value for c in '", '):
-            value = json.dumps(value, ensure_ascii=False)
+        if (
+            not value
+            or value != value.strip()
+            or any(c in value for c in '", ')
+            or value[0] in "~="
+            or not value.isprintable()
+        ):
+            escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+            value = f'"{escaped}"'
         return f"{self.label}{self.op.value}{value}"
 
     def to_proto(self) -> mpb.LabelMatcher:
@@ -172,7 +191,11 @@ def _checked_set(matchers: list[Matcher], field: str) -> list[Matcher]:
             field, "is empty: match at least one alert label (e.g. alertname=HighErrorRate)"
         )
     if len(matchers) > MAX_MATCHERS:
-        raise InvalidArgumentError(field, f"{len(matchers)} matchers, over {MAX_MATCHERS}")
+        raise InvalidArgumentError(
+            field,
+            f"{len(matchers)} matchers, over {MAX_MATCHERS}: join values of one label in one "
+            "=~ (a|b|c), or route the alerts to fewer labels",
+        )
     seen: set[tuple[str, MatchOp, str]] = set()
     for i, matcher in enumerate(matchers):
         key = (matcher.label, matcher.op, matcher.value)
@@ -234,12 +257,35 @@ def parse_matcher(text: str) -> Matcher:
         )
     label, op, value = found.groups()
     if value.startswith('"'):
-        try:
-            value = json.loads(value)
-            if not isinstance(value, str):
-                raise ValueError(value)
-        except ValueError:
-            raise MatcherSyntaxError(
-                f"{text!r}: the quoted value is not closed or has a bad escape"
-            ) from None
+        value = _unquoted(text, value[1:])
+    try:
+        (label + value).encode()
+    except UnicodeEncodeError:
+        raise MatcherSyntaxError(
+            f"{text!r} is not valid text (an undecodable byte?): type it again"
+        ) from None
     return Matcher(label, MatchOp(op), value)
+
+
+def _unquoted(text: str, raw: str) -> str:
+    """A quoted value's text (the opening quote gone) as amtool reads it: ``\\"``,
+    ``\\\\`` and ``\\n`` are escapes; any other backslash is itself (``"db-\\d+"``)."""
+    out: list[str] = []
+    closed = escaped = False
+    for i, char in enumerate(raw):
+        if escaped:
+            escaped = False
+            out.append({"n": "\n", '"': '"', "\\": "\\"}.get(char, "\\" + char))
+        elif char == "\\" and i < len(raw) - 1:
+            escaped = True
+        elif char == '"':
+            if i < len(raw) - 1:
+                raise MatcherSyntaxError(
+                    f'{text!r}: a double quote inside the quoted value: write it \\"'
+                )
+            closed = True
+        else:
+            out.append(char)
+    if not closed:
+        raise MatcherSyntaxError(f"{text!r}: the quoted value has no closing double quote")
+    return "".join(out)

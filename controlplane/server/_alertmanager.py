@@ -11,11 +11,16 @@ Point an Alertmanager receiver at the HTTP listener::
               authorization: {type: Bearer, credentials_file: /etc/alertmanager/cp-token}
 
 Each notification (webhook payload version 4) is one alert group: every trigger whose
-matchers all hold for the group's common labels fires for it (``firing``) or resolves
-it (``resolved``), de-duplicated by the group key, so Alertmanager's repeats apply
-nothing new. The incident is the group's ``incident`` label, else one made from the
-group key; the summary is the group's ``summary`` annotation (else ``description``,
-else the alert name), the URL the first alert's generator URL (else Alertmanager's).
+matchers all hold for the labels of every alert of the group fires for it (``firing``)
+or resolves it (``resolved``), de-duplicated by the group key, so Alertmanager's repeats
+apply nothing new. Each alert's labels, not the group's common ones: a label the alerts
+disagree on is missing from ``commonLabels``, where ``env!~"staging|dev"`` would hold
+for a group of staging and dev alerts, and ``severity=~"critical|page"`` would not hold
+for a group of critical and page ones (for ``=`` the two readings agree).
+
+The incident is the group's ``incident`` label, else one made from the group key; the
+summary is the group's ``summary`` annotation (else ``description``, else the alert
+name), the URL the first alert's generator URL (else Alertmanager's).
 
 The answer is 200 with what each trigger did, also when nothing matched (Alertmanager
 retries a notification that fails: only a server that cannot reach etcd answers 503,
@@ -104,6 +109,7 @@ class AlertReceiver:
             or labels.get("alertname", "")
         )[:500]
         alerts = payload["alerts"]
+        label_sets = [alert["labels"] for alert in alerts] or [labels]
         url = ""
         if alerts and isinstance(alerts[0], dict):
             url = str(alerts[0].get("generatorURL") or "")
@@ -112,7 +118,7 @@ class AlertReceiver:
         with servicer.store.budget(servicer.store.etcd_timeout):
             triggers = await servicer.store.triggers.list()
             for record, _ in sorted(triggers, key=lambda item: str(item[0].get("name"))):
-                if not matches(record, labels):
+                if not all(matches(record, alert_labels) for alert_labels in label_sets):
                     continue
                 try:
                     if payload["status"] == "firing":
@@ -185,7 +191,10 @@ def _payload(body: Any) -> dict[str, Any]:
         **body,
         "commonLabels": _strings(body.get("commonLabels", {}), "commonLabels"),
         "commonAnnotations": _strings(body.get("commonAnnotations", {}), "commonAnnotations"),
-        "alerts": alerts,
+        "alerts": [
+            {**alert, "labels": _strings(alert.get("labels", {}), f"alerts[{i}].labels")}
+            for i, alert in enumerate(alerts)
+        ],
     }
 
 
@@ -203,7 +212,10 @@ def openapi_part() -> tuple[dict[str, Any], dict[str, Any]]:
             "commonLabels": strings,
             "commonAnnotations": strings,
             "externalURL": {"type": "string"},
-            "alerts": {"type": "array", "items": {"type": "object"}},
+            "alerts": {
+                "type": "array",
+                "items": {"type": "object", "properties": {"labels": strings}},
+            },
         },
     }
     done = {

@@ -208,11 +208,42 @@ def build_request(
                 )
         fields[field.name] = value
     message = request_class(route)()
+    _check_enum_numbers(fields, descriptor, "")
     try:
         json_format.ParseDict(fields, message, ignore_unknown_fields=False)
     except json_format.ParseError as exc:
         raise BadRequest(_parse_error(str(exc), name)) from None
     return message
+
+
+_INT32 = range(-(2**31), 2**31)
+
+
+def _check_enum_numbers(fields: Any, descriptor: Any, where: str) -> None:
+    """Refuse an enum given as a number outside int32: protobuf's JSON parser would
+    wrap it around into another value (2**32 + 2 read as 2) instead of refusing it."""
+    if not isinstance(fields, dict):
+        return
+    by_json = {f.json_name: f for f in descriptor.fields}
+    for key, value in fields.items():
+        field = descriptor.fields_by_name.get(key) or by_json.get(key)
+        if field is None:
+            continue  # the parser names it
+        values = value if isinstance(value, list) else [value]
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            values = list(value.values()) if isinstance(value, dict) else []
+            field = field.message_type.fields_by_name["value"]
+        for item in values:
+            if field.enum_type is not None:
+                number = isinstance(item, int) and not isinstance(item, bool)
+                if number and item not in _INT32:
+                    names = ", ".join(v.name for v in field.enum_type.values)
+                    raise BadRequest(
+                        f"{where}{key}: {item} is not a value of {field.enum_type.name}: give "
+                        f"one of {names}"
+                    )
+            elif field.message_type is not None:
+                _check_enum_numbers(item, field.message_type, f"{where}{key}.")
 
 
 def _parse_error(text: str, name: str) -> str:

@@ -64,8 +64,15 @@ def test_the_text_forms() -> None:
     for bad in ("alertname", "=x", "a~x", "!x"):
         with pytest.raises(MatcherSyntaxError, match="is not LABEL=VALUE"):
             parse_matcher(bad)
-    with pytest.raises(MatcherSyntaxError, match="not closed"):
+    with pytest.raises(MatcherSyntaxError, match="no closing double quote"):
         parse_matcher('a="open')
+    with pytest.raises(MatcherSyntaxError, match="a double quote inside"):
+        parse_matcher('a="x"y"')
+    # As amtool reads it: only \", \\ and \n are escapes; another backslash is itself.
+    assert parse_matcher('team=~"db-\\d+"').value == "db-\\d+"
+    assert parse_matcher('t="a\\\\b\\nc"').value == "a\\b\nc"
+    with pytest.raises(MatcherSyntaxError, match="not valid text"):
+        parse_matcher("a=\udcff")  # an undecodable byte of argv
 
 
 _LABELS = st.from_regex(r"[a-zA-Z_][a-zA-Z0-9_]{0,20}", fullmatch=True)
@@ -77,6 +84,13 @@ def test_the_shown_text_reads_back_as_the_same_matcher(label: str, op: MatchOp, 
     matcher = Matcher(label, op, value)
     assert parse_matcher(matcher.text) == matcher
     assert matchers_from_record([matcher.to_record()]) == [matcher]
+
+
+def test_values_that_would_read_back_otherwise_are_quoted() -> None:
+    assert Matcher("a", MatchOp.EQUAL, "~x").text == 'a="~x"'  # not a=~x, a regex
+    assert Matcher("a", MatchOp.NOT_EQUAL, "=x").text == 'a!="=x"'
+    assert Matcher("a", MatchOp.EQUAL, "x\ny").text == 'a="x\\ny"'
+    assert Matcher("a", MatchOp.REGEX, "db-\\d+").text == "a=~db-\\d+"
 
 
 def test_records_of_the_first_triggers_still_read() -> None:
@@ -104,6 +118,10 @@ def test_requests_are_checked_naming_the_matcher_and_the_fix() -> None:
     negative = mpb.LabelMatcher(label="env", value="staging", type=mpb.MATCH_NOT_EQUAL)
     anything = mpb.LabelMatcher(label="s", value=".*", type=mpb.MATCH_REGEX)
     assert "any alert would fire the trigger" in refused(negative, anything)
+    any_byte = mpb.LabelMatcher(label="s", value="a\\Cb", type=mpb.MATCH_REGEX)
+    assert "use . instead" in refused(ok, any_byte)
+    escaped = mpb.LabelMatcher(label="s", value="a\\\\Cb", type=mpb.MATCH_REGEX)
+    assert matchers_from_proto([ok, escaped])[1].holds({"s": "a\\Cb"})
     # One condition that needs a label is enough; the same label twice is fine.
     both = [ok, negative, mpb.LabelMatcher(label="env", value="dev", type=mpb.MATCH_NOT_EQUAL)]
     assert [m.text for m in matchers_from_proto(both)] == [
