@@ -44,7 +44,7 @@ log = structlog.get_logger("controlplane.store")
 
 # Audit records hold a record before and after (each up to 64 KiB); etcd takes 1.5 MiB.
 MAX_AUDIT_BYTES = 512 * 1024
-_BACKFILL_PAGE = 500
+_BACKFILL_KEYS = 10_000
 _HISTORY_PAGE = 512
 """At most this many audit records in one range."""
 _PAGE_BYTES = 2 * 1024 * 1024
@@ -136,7 +136,19 @@ class Audit:
         return entries
 
     async def _read_audit_window(self, lo_key: bytes, hi_key: bytes) -> list[AuditEntry]:
-        """Every audit record in [lo_key, hi_key), in pages bounded in bytes and in count.
+        """Every audit record in [lo_key, hi_key) (see :meth:`_read_raw_window`)."""
+        entries = []
+        for kv in await self._read_raw_window(lo_key, hi_key):
+            try:
+                data = model.decode_record(kv.value)
+                entries.append(AuditEntry.from_record(data, kv.mod_revision))
+            except _PARSE_ERRORS as exc:
+                self._metrics.invalid_records.labels("audit").inc()
+                log.error("record_invalid", key=kv.key.decode(errors="replace"), error=str(exc))
+        return entries
+
+    async def _read_raw_window(self, lo_key: bytes, hi_key: bytes) -> list[Any]:
+        """Every key-value in [lo_key, hi_key), in pages bounded in bytes and in count.
 
         etcd can bound a range only in count, so each page asks for as many records as
         fit :data:`_PAGE_BYTES` at the size of the largest record of the page before (a
@@ -144,7 +156,7 @@ class Audit:
         many as the page before. An answer that is still over what this client accepts
         is asked again for a quarter of the records.
         """
-        entries = []
+        kvs: list[Any] = []
         start = lo_key
         page = _FIRST_PAGE
         while start < hi_key:
@@ -155,13 +167,7 @@ class Audit:
                     raise
                 page = max(1, page // 4)
                 continue
-            for kv in response.kvs:
-                try:
-                    data = model.decode_record(kv.value)
-                    entries.append(AuditEntry.from_record(data, kv.mod_revision))
-                except _PARSE_ERRORS as exc:
-                    self._metrics.invalid_records.labels("audit").inc()
-                    log.error("record_invalid", key=kv.key.decode(errors="replace"), error=str(exc))
+            kvs.extend(response.kvs)
             if not response.more or not response.kvs:
                 break
             start = bytes(response.kvs[-1].key) + b"\0"
@@ -169,7 +175,7 @@ class Audit:
             # before it costs etcd at most a page four times the budget.
             largest = max(len(kv.value) for kv in response.kvs)
             page = max(1, min(_HISTORY_PAGE, 4 * page, _PAGE_BYTES // max(largest, 1)))
-        return entries
+        return kvs
 
     def decode_event(self, event: WatchEvent) -> AuditEntry | None:
         """A watched audit record (None, logged and counted, when it does not parse)."""
@@ -183,43 +189,43 @@ class Audit:
             return None
 
     async def events_between(self, after: int, upto: int) -> list[WatchEvent]:
-        """The audit records written after revision ``after`` up to ``upto``, oldest
-        first: what a watch from ``after + 1`` showed of them, when etcd's history of
-        those revisions is compacted (records retention deleted since are gone). The
-        records of one revision come in their keys' order, where a watch gives them in
-        their transaction's."""
-        start = self._abs(AUDIT)
-        found: list[WatchEvent] = []
-        low, page = after + 1, _BACKFILL_PAGE
-        while low <= upto:
+        """The audit records written after revision ``after`` up to ``upto``: what a
+        watch from ``after + 1`` showed of them, when etcd's history of those revisions
+        is compacted (records retention deleted since are gone). Oldest first; the
+        records of one revision in their keys' order (a watch gives them in their
+        transaction's).
+
+        Their keys first (a keys-only range filtered by mod revision, in pages of keys),
+        then their values as :meth:`_read_raw_window` reads a window: in pages bounded
+        in bytes, so that no answer is over what this client accepts.
+        """
+        base = self._abs(AUDIT)
+        wanted: dict[bytes, int] = {}
+        start = base
+        while True:
             response = await self._etcd.range(
                 start,
-                range_end(start),
-                limit=page,
-                min_mod_revision=low,
+                range_end(base),
+                limit=_BACKFILL_KEYS,
+                keys_only=True,
+                min_mod_revision=after + 1,
                 max_mod_revision=upto,
-                by_mod_revision=True,
             )
-            kvs = list(response.kvs)
-            if response.more:
-                # The page may end inside a revision (a transaction's several records):
-                # its last revision is read whole with the next page.
-                last = kvs[-1].mod_revision
-                kvs = [kv for kv in kvs if kv.mod_revision != last]
-                if not kvs:  # a page of one revision: a larger page
-                    page *= 2
-                    continue
-                low = int(last)
-            else:
-                low = upto + 1
-            found += [
-                WatchEvent(
-                    bytes(kv.key)[len(self.prefix.encode()) :].decode(errors="replace"),
-                    bytes(kv.value),
-                    int(kv.mod_revision),
+            wanted.update((bytes(kv.key), int(kv.mod_revision)) for kv in response.kvs)
+            if not response.more or not response.kvs:
+                break
+            start = bytes(response.kvs[-1].key) + b"\0"
+        if not wanted:
+            return []
+        found: list[WatchEvent] = []
+        skip = len(self.prefix.encode())
+        for kv in await self._read_raw_window(min(wanted), max(wanted) + b"\0"):
+            key = bytes(kv.key)
+            if wanted.get(key) == kv.mod_revision:
+                found.append(
+                    WatchEvent(key[skip:].decode(errors="replace"), bytes(kv.value), wanted[key])
                 )
-                for kv in kvs
-            ]
+        found.sort(key=lambda event: (event.mod_revision, event.path))
         return found
 
     async def oldest_audit_revision(self) -> int | None:

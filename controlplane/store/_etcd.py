@@ -453,13 +453,12 @@ class Etcd:
         revision: int = 0,
         min_mod_revision: int = 0,
         max_mod_revision: int = 0,
-        by_mod_revision: bool = False,
     ) -> Any:
         """A range read (``revision``: as of that revision; 0: now), tried on each endpoint.
 
         ``min_mod_revision``/``max_mod_revision`` keep the keys last changed within
-        them (0: no bound); ``by_mod_revision`` sorts by that revision, oldest first
-        (``limit`` then applies after the sort: etcd reads the whole range for it).
+        them (0: no bound; etcd then reads the whole range, and ``limit`` applies to
+        what is kept).
         """
         request = rpc.RangeRequest(
             key=key,
@@ -471,9 +470,6 @@ class Etcd:
             min_mod_revision=min_mod_revision,
             max_mod_revision=max_mod_revision,
         )
-        if by_mod_revision:
-            request.sort_target = rpc.RangeRequest.MOD
-            request.sort_order = rpc.RangeRequest.ASCEND
         return await self.call("range", "Range", request, idempotent=True)
 
     async def txn(self, compare: Sequence[Any], success: Sequence[Any]) -> Any:

@@ -456,11 +456,13 @@ async def test_changes_made_while_no_one_sent_are_told_after_etcd_compacted_them
         await second.stop(grace=0)
 
 
-@pytest.mark.parametrize("page", [1, 2, 3, 500])
+@pytest.mark.parametrize(("keys", "page_bytes"), [(1, 1), (2, 1), (3, 2**21), (10_000, 2**21)])
 async def test_the_audit_of_compacted_revisions_reads_whole_whatever_the_page(
-    etcd: EmbeddedEtcd, prefix: str, monkeypatch: pytest.MonkeyPatch, page: int
+    etcd: EmbeddedEtcd, prefix: str, monkeypatch: pytest.MonkeyPatch, keys: int, page_bytes: int
 ) -> None:
-    monkeypatch.setattr(controlplane.store._audit, "_BACKFILL_PAGE", page)
+    # Pages of keys, then of values (1 byte: a record a page).
+    monkeypatch.setattr(controlplane.store._audit, "_BACKFILL_KEYS", keys)
+    monkeypatch.setattr(controlplane.store._audit, "_PAGE_BYTES", page_bytes)
     server = ControlServer(server_config(etcd.endpoint, prefix), registry=CollectorRegistry())
     await server.start()
     try:
@@ -484,6 +486,36 @@ async def test_the_audit_of_compacted_revisions_reads_whole_whatever_the_page(
             (bundle_revision + 1, "e"),
         ], names
         assert await server.store.audit_between(upto, upto) == []
+    finally:
+        await server.stop(grace=0)
+
+
+async def test_the_audit_of_compacted_revisions_is_read_in_answers_etcd_can_give(
+    etcd: EmbeddedEtcd, prefix: str
+) -> None:
+    """More audit than one answer may carry (16 MiB): read all the same."""
+    server = ControlServer(server_config(etcd.endpoint, prefix), registry=CollectorRegistry())
+    await server.start()
+    try:
+        assert server.store is not None
+        before = await server.store.revision()
+        big = "x" * 60_000
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = mitigation_pb2_grpc.MitigationServiceStub(channel)
+            for i in range(300):  # each audit record holds the value: about 18 MB
+                await stub.SetFlag(
+                    m.SetFlagRequest(
+                        scope="checkout",
+                        name=f"f{i}",
+                        value=flag_value_to_proto(big + str(i)),
+                        options=opts(),
+                    )
+                )
+        upto = await server.store.revision()
+        found = await server.store.audit_between(before, upto)
+        assert [e.mod_revision for e in found] == list(range(before + 1, upto + 1))
+        entry = server.store.decode_audit(found[-1])
+        assert entry is not None and entry.key.endswith("/f299")
     finally:
         await server.stop(grace=0)
 

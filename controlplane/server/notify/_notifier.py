@@ -296,6 +296,7 @@ class Notifier:
     async def _follow(self, start: int) -> None:
         """Append the audited changes from ``start`` on to the trail."""
         revision = start
+        backfill_delay = 0.5
         while True:
             try:
                 async for seen, events in self.store.watch(revision):
@@ -315,9 +316,17 @@ class Notifier:
                 try:
                     events = await self.store.audit_between(revision - 1, upto)
                 except ControlPlaneError as failed:
-                    log.warning("notify_watch_broken", error=str(failed))
-                    await asyncio.sleep(0.5)
+                    # Tried again (nothing of the gap appended yet), less often each time.
+                    log.error(
+                        "notify_backfill_failed",
+                        revisions=f"{revision} to {upto}",
+                        error=str(failed),
+                        retry_in=backfill_delay,
+                    )
+                    await asyncio.sleep(backfill_delay)
+                    backfill_delay = min(backfill_delay * 2, 30.0)
                     continue
+                backfill_delay = 0.5
                 for event in events:
                     entry = self.store.decode_audit(event)
                     if entry is not None:
