@@ -194,9 +194,7 @@ async def test_an_override_file_applies_above_the_server_and_is_reported_and_aud
         doc = override_doc()
         start = changes.mark()
         write(override_path, doc)
-        written_at = time.monotonic()
-        at, applied = await changes.wait(override_applied, WITHIN, "applying it", start=start)
-        assert at - written_at < WITHIN
+        _, applied = await changes.wait(override_applied, WITHIN, "applying it", start=start)
         assert applied.flags == {
             "new-ui": (True, False),
             "checkout.mode": ("normal", "read-only"),
@@ -243,9 +241,7 @@ async def test_an_override_file_applies_above_the_server_and_is_reported_and_aud
         # The file goes: the server's latest applies again, and the server hears of it.
         start = changes.mark()
         remove(override_path)
-        removed_at = time.monotonic()
-        at, cleared = await changes.wait(override_gone, WITHIN, "removing it", start=start)
-        assert at - removed_at < WITHIN
+        _, cleared = await changes.wait(override_gone, WITHIN, "removing it", start=start)
         assert cleared.flags["checkout.mode"] == ("read-only", "degraded")
         assert agent.override_active is False
         assert agent.value("checkout.mode") == "degraded"
@@ -353,9 +349,7 @@ async def test_an_override_applies_while_the_server_is_unreachable_and_is_report
         # One override comes and goes while no server answers; another one stays.
         first = override_doc(flags={"new-ui": False}, shedding=None, pin=None)
         write(override_path, first)
-        written_at = time.monotonic()
-        at, _ = await changes.wait(override_applied, WITHIN, "applying it")
-        assert at - written_at < WITHIN
+        await changes.wait(override_applied, WITHIN, "applying it")
         assert agent.override_active is True
         assert agent.state == "CONNECTING"
         assert agent.enabled("new-ui", default=True) is False

@@ -29,7 +29,8 @@ def test_an_idle_endpoint_wakes_for_nothing_and_stops_at_once() -> None:
         assert wakes_while_idle([endpoint._thread]) == [0]
         # Asleep, not stuck: a scrape is answered.
         assert "controlplane_demo_total 3.0" in scrape(endpoint)
-        # A client holding its connection open does not hold the stop.
+        # A client holding its connection open does not hold the stop (a thread per
+        # connection, as prometheus-client's own server).
         held = socket.create_connection(("127.0.0.1", endpoint.port), timeout=5)
         started = time.monotonic()
         endpoint.close()
