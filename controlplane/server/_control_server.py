@@ -81,6 +81,9 @@ _SERVER_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.http2.bdp_probe", 0),
 ]
 
+EXPIRY_MIN_GAP = 0.5
+"""Seconds between two looks for expired changes that writes woke (the expiry loop)."""
+
 SERVICE_NAMES = (
     mitigation_pb2.DESCRIPTOR.services_by_name["MitigationService"].full_name,
     agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
@@ -609,14 +612,21 @@ class ControlServer:
             await asyncio.sleep(self.config.metrics_interval)
 
     async def _expiry_loop(self) -> None:
-        """Restore what time-boxed changes replaced, on time (within ``expiry_interval``).
+        """Restore what time-boxed changes replaced, on time.
 
-        Every replica runs it; compare-and-set makes exactly one of them write each
-        restore. At start it catches up on everything that expired while it was down.
+        It sleeps until the next expiry the index holds, or until the hub sees a write
+        (any replica's: it may be an earlier expiry), so an idle server reads nothing;
+        ``expiry_interval`` bounds the sleep, and after a failure it looks again within
+        a second. Every replica runs it; compare-and-set makes exactly one of them write
+        each restore. At start it catches up on everything that expired while it was
+        down.
         """
         assert self.store is not None
         repaired = False
         while True:
+            # Before the reads: a write while they run wakes the next sleep at once.
+            seen = self.hub.revision if self.hub is not None else 0
+            failed = False
             try:
                 with self.store.budget(max(self.config.etcd_timeout, 10.0), caller_deadline=True):
                     if not repaired:
@@ -627,9 +637,18 @@ class ControlServer:
                     upcoming = await self.store.next_expiry()
             except ControlPlaneError as exc:
                 log.warning("expiry_failed", error=exc.message)
-                upcoming = None
-            delay = self.config.expiry_interval
+                upcoming, failed = None, True
+            delay = min(self.config.expiry_interval, 1.0) if failed else self.config.expiry_interval
             if upcoming is not None:
                 until = (upcoming - utcnow()).total_seconds()
                 delay = min(delay, max(until, 0.0) + 0.001)
-            await asyncio.sleep(delay)
+            if self.hub is None or delay <= 0.001:
+                await asyncio.sleep(delay)
+                continue
+            loop = asyncio.get_running_loop()
+            slept_at = loop.time()
+            if await self.hub.wait_for_revision(seen + 1, delay):
+                # Woken by a write: look again, but under a stream of writes no more
+                # often than every EXPIRY_MIN_GAP (nor past the expiry already known).
+                until = min(slept_at + EXPIRY_MIN_GAP, slept_at + delay) - loop.time()
+                await asyncio.sleep(max(until, 0.0))

@@ -261,6 +261,52 @@ async def test_expiry_while_the_server_is_down_is_restored_at_start_once(
     assert len(await audits(raw_etcd, prefix, "flag.expire")) == 1
 
 
+async def test_an_idle_server_reads_nothing_and_restores_another_replicas_change_on_time(
+    etcd: EmbeddedEtcd, raw_etcd: RawEtcd, prefix: str
+) -> None:
+    """No look at the expiry index while nothing is written (no health pings here
+    either); a change written through another replica that then goes away is restored
+    on time, woken by the write, not at the next look (``expiry_interval``, 30 s)."""
+    quiet = ControlServer(
+        server_config(etcd.endpoint, prefix, health_interval=3600.0), registry=CollectorRegistry()
+    )
+    await quiet.start()
+    other = ControlServer(server_config(etcd.endpoint, prefix), registry=CollectorRegistry())
+    await other.start()
+    try:
+
+        def reads() -> float:
+            labels = {"operation": "range", "outcome": "ok"}
+            name = "controlplane_etcd_operation_duration_seconds_count"
+            return quiet.registry.get_sample_value(name, labels) or 0.0
+
+        async def a_still_second() -> bool:
+            before = reads()
+            await asyncio.sleep(1.0)  # the window watched, not a wait for something
+            return reads() == before
+
+        await wait_for(a_still_second, 10, "a second without reads")
+        async with grpc.aio.insecure_channel(other.address) as ch:
+            stub = mitigation_pb2_grpc.MitigationServiceStub(ch)
+            resp = await stub.SetFlag(
+                m.SetFlagRequest(
+                    scope="global", name="y", value=flag(False), options=opts(ttl_ms=1500)
+                )
+            )
+        await other.stop(grace=0)
+        expires_at = resp.flag.meta.expires_at.ToDatetime().replace(tzinfo=utcnow().tzinfo)
+
+        async def gone() -> bool:
+            return await record(raw_etcd, prefix + "flags/global/y") is None
+
+        await wait_for(gone, 10, "the restore by the server left")
+        [expiry] = await audits(raw_etcd, prefix, "flag.expire")
+        assert parse_time(expiry["time"]) - expires_at <= timedelta(seconds=1), expiry["time"]
+    finally:
+        await other.stop(grace=0)
+        await quiet.stop(grace=0)
+
+
 async def test_two_replicas_racing_on_the_same_expiries_write_each_restore_once(
     make_server: Callable[[], Awaitable[ControlServer]], raw_etcd: RawEtcd, prefix: str
 ) -> None:
