@@ -48,6 +48,9 @@ FLUSH_GAP_PER_INSTANCE = 100e-6
 """Seconds between two flushes at the least, per instance (each encodes every instance)."""
 FLUSH_GAP_MAX = 0.25
 LEASE_TTL = 10
+LEASE_REFRESH = LEASE_TTL / 3
+"""Seconds between two keep-alives of the records' lease (not at every flush: at rest a
+flush writes nothing, and a keep-alive twice a second would be etcd's only load)."""
 SEEN_REFRESH = 600.0
 """Seconds between two writes of a service's last contact while its agents stay connected
 (a connected service's last contact is "now" anyway: this bounds what a crash loses)."""
@@ -162,6 +165,7 @@ class Presence:
         self._changed: dict[str, asyncio.Event] = {}
         self._dirty = True
         self._lease = 0
+        self._lease_kept = 0.0  # monotonic time of its last grant or keep-alive
         self._written_chunks = 0
         self._task: asyncio.Task[None] | None = None
         self._flush_now = asyncio.Event()
@@ -520,8 +524,15 @@ class Presence:
                     await self._flush_now.wait()
 
     async def _flush(self) -> None:
-        if not self._lease or await self.store.keep_lease_alive(self._lease) <= 0:
+        started = time.monotonic()
+        if self._lease and started - self._lease_kept >= LEASE_REFRESH:
+            if await self.store.keep_lease_alive(self._lease) > 0:
+                self._lease_kept = started
+            else:
+                self._lease = 0  # expired: the records went with it
+        if not self._lease:
             self._lease = await self.store.grant_lease(LEASE_TTL)
+            self._lease_kept = started
             self._dirty = True
         revision = self._revision()
         if self._dirty or (self._written_chunks and revision != self._flushed_revision):

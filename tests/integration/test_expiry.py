@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any
@@ -261,6 +262,18 @@ async def test_expiry_while_the_server_is_down_is_restored_at_start_once(
     assert len(await audits(raw_etcd, prefix, "flag.expire")) == 1
 
 
+def keep_alives(etcd: EmbeddedEtcd) -> float:
+    """How many lease keep-alive streams etcd has served, from its own metrics."""
+    with urllib.request.urlopen(f"http://{etcd.endpoint}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("grpc_server_started_total{")
+        and 'grpc_method="LeaseKeepAlive"' in line
+    )
+
+
 async def test_an_idle_server_reads_nothing_and_restores_another_replicas_change_on_time(
     etcd: EmbeddedEtcd, raw_etcd: RawEtcd, prefix: str
 ) -> None:
@@ -272,7 +285,6 @@ async def test_an_idle_server_reads_nothing_and_restores_another_replicas_change
     )
     await quiet.start()
     other = ControlServer(server_config(etcd.endpoint, prefix), registry=CollectorRegistry())
-    await other.start()
     try:
 
         def reads() -> float:
@@ -286,6 +298,12 @@ async def test_an_idle_server_reads_nothing_and_restores_another_replicas_change
             return reads() == before
 
         await wait_for(a_still_second, 10, "a second without reads")
+        # Its presence records' lease is kept alive every LEASE_REFRESH (3.3 s), as etcd
+        # itself counts: not at every flush (twice a second).
+        before = await asyncio.to_thread(keep_alives, etcd)
+        await asyncio.sleep(4.0)  # the window watched
+        assert await asyncio.to_thread(keep_alives, etcd) - before <= 2
+        await other.start()
         async with grpc.aio.insecure_channel(other.address) as ch:
             stub = mitigation_pb2_grpc.MitigationServiceStub(ch)
             resp = await stub.SetFlag(
