@@ -11,6 +11,7 @@ gRPC status codes to HTTP ones. Nothing here does I/O.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -211,7 +212,8 @@ def build_request(
     _check_enum_numbers(fields, descriptor, "")
     try:
         json_format.ParseDict(fields, message, ignore_unknown_fields=False)
-    except json_format.ParseError as exc:
+    except (json_format.ParseError, ValueError, TypeError, OverflowError) as exc:
+        # (1e400 for a number: protobuf's parser lets OverflowError out.)
         raise BadRequest(_parse_error(str(exc), name)) from None
     return message
 
@@ -219,9 +221,29 @@ def build_request(
 _INT32 = range(-(2**31), 2**31)
 
 
+def _enum_number_ok(item: Any, names: Any) -> bool:
+    """Whether an enum's JSON is a name, or a whole number within int32 (as a number or
+    as text, as a query string gives it)."""
+    if isinstance(item, bool):
+        return True  # the parser refuses it, naming it
+    if isinstance(item, str):
+        if item in names:
+            return True
+        try:
+            item = int(item)
+        except ValueError:
+            return True  # not a number: the parser names the bad name
+    if isinstance(item, float):
+        if not math.isfinite(item) or not item.is_integer():
+            return False
+        item = int(item)
+    return not isinstance(item, int) or item in _INT32
+
+
 def _check_enum_numbers(fields: Any, descriptor: Any, where: str) -> None:
-    """Refuse an enum given as a number outside int32: protobuf's JSON parser would
-    wrap it around into another value (2**32 + 2 read as 2) instead of refusing it."""
+    """Refuse an enum given as a number outside int32 (or not whole): protobuf's JSON
+    parser would wrap it around into another value (2**32 + 2, or "4294967298", read as
+    2) instead of refusing it."""
     if not isinstance(fields, dict):
         return
     by_json = {f.json_name: f for f in descriptor.fields}
@@ -235,8 +257,7 @@ def _check_enum_numbers(fields: Any, descriptor: Any, where: str) -> None:
             field = field.message_type.fields_by_name["value"]
         for item in values:
             if field.enum_type is not None:
-                number = isinstance(item, int) and not isinstance(item, bool)
-                if number and item not in _INT32:
+                if not _enum_number_ok(item, field.enum_type.values_by_name):
                     names = ", ".join(v.name for v in field.enum_type.values)
                     raise BadRequest(
                         f"{where}{key}: {item} is not a value of {field.enum_type.name}: give "

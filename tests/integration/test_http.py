@@ -282,6 +282,21 @@ async def test_errors_map_to_http_statuses_and_write_nothing(
     assert too_large.status_code == 413
     assert "--max-message-bytes" in error_of(too_large)["message"]
 
+    # An enum as a number beyond int32, as text or not whole, and a number too large for
+    # a float: refused, not wrapped into another tier, not a 500.
+    for tier in (2**32 + 2, "4294967298", 2.5, 4294967298.0):
+        wrapped = await client.put(
+            "/v1/shedding/checkout",
+            json={"percent": 10, "tier": tier, "options": write_options()},
+        )
+        assert wrapped.status_code == 400, (tier, wrapped.text)
+        assert "is not a value of Tier: give one of" in error_of(wrapped)["message"]
+    for raw in (b'{"percent": 1e400}', b'{"percent": 10, "tier": Infinity}'):
+        huge = await client.put(
+            "/v1/shedding/checkout", content=raw, headers={"Content-Type": "application/json"}
+        )
+        assert huge.status_code == 400, (raw, huge.text)
+
     assert await raw_etcd.get_prefix(prefix) == before, "a refused request wrote something"
 
 
