@@ -40,8 +40,9 @@ class ServerConfig:
     maintenance_interval: float = 60.0
     # Longest wait between looks for expired changes when nothing is written: the loop
     # wakes at the next expiry it knows of and at every write the hub sees (another
-    # replica's may add an earlier one), so this only bounds a missed wake-up.
-    expiry_interval: float = 30.0
+    # replica's may add an earlier one), so this only bounds a missed wake-up (a watch
+    # that stalled without failing, a wall clock that jumped).
+    expiry_interval: float = 5.0
     # A mitigation in force without expiry for longer than this is stale (--stale-after):
     # `cpctl status` warns of it (GetStatusResponse.stale).
     stale_after: timedelta = DEFAULT_STALE_AFTER

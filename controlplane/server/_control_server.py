@@ -623,32 +623,41 @@ class ControlServer:
         """
         assert self.store is not None
         repaired = False
+        loop = asyncio.get_running_loop()
         while True:
             # Before the reads: a write while they run wakes the next sleep at once.
             seen = self.hub.revision if self.hub is not None else 0
+            looked_at = loop.time()
             failed = False
+            restored = 0
             try:
                 with self.store.budget(max(self.config.etcd_timeout, 10.0), caller_deadline=True):
                     if not repaired:
                         await self.store.repair_expiry_index()
                         repaired = True
-                    while await self.store.expire_due():
-                        pass
+                    while done := await self.store.expire_due():
+                        restored += done
                     upcoming = await self.store.next_expiry()
             except ControlPlaneError as exc:
                 log.warning("expiry_failed", error=exc.message)
                 upcoming, failed = None, True
-            delay = min(self.config.expiry_interval, 1.0) if failed else self.config.expiry_interval
+            delay = self.config.expiry_interval
+            watching = self.hub is not None and self.hub.ready.is_set()
+            if failed:
+                delay = min(delay, 1.0)
+            elif not watching:
+                delay = min(delay, EXPIRY_MIN_GAP)  # writes cannot wake it: look as it did
             if upcoming is not None:
                 until = (upcoming - utcnow()).total_seconds()
-                delay = min(delay, max(until, 0.0) + 0.001)
+                # Due already and nothing restored (a restore that cannot be written
+                # now): not a busy loop.
+                floor = 0.05 if until <= 0 and not restored else 0.0
+                delay = min(delay, max(until + 0.001, floor))
             if self.hub is None or delay <= 0.001:
                 await asyncio.sleep(delay)
                 continue
-            loop = asyncio.get_running_loop()
-            slept_at = loop.time()
             if await self.hub.wait_for_revision(seen + 1, delay):
-                # Woken by a write: look again, but under a stream of writes no more
-                # often than every EXPIRY_MIN_GAP (nor past the expiry already known).
-                until = min(slept_at + EXPIRY_MIN_GAP, slept_at + delay) - loop.time()
+                # Woken by a write: look again, but under a stream of writes no more often
+                # than every EXPIRY_MIN_GAP from the last look (nor past a known expiry).
+                until = min(looked_at + EXPIRY_MIN_GAP, looked_at + delay) - loop.time()
                 await asyncio.sleep(max(until, 0.0))

@@ -58,15 +58,25 @@ class Expiry:
         self.prefix = records.prefix
 
     async def next_expiry(self) -> datetime | None:
-        """When the earliest time-boxed change expires (None: none is)."""
+        """When the earliest time-boxed change expires (None: none is).
+
+        An index key that is no entry (written by hand: a short or odd stamp, which
+        sorts out of time order, where :meth:`expire_due` would never reach it) is
+        removed here, so that it can neither hide the next expiry nor make it look due
+        forever.
+        """
         start = self._records.abs(EXPIRIES)
-        response = await self._etcd.range(start, range_end(start), limit=1, keys_only=True)
-        if not response.kvs:
-            return None
-        stamp = bytes(response.kvs[0].key)[len(start) :].split(b"/", 1)[0]
-        if not stamp.isdigit():
-            return model.utcnow()  # a bad entry: let expire_due remove it now
-        return datetime.fromtimestamp(int(stamp) / 1e9, UTC)
+        for _ in range(64):
+            response = await self._etcd.range(start, range_end(start), limit=1, keys_only=True)
+            if not response.kvs:
+                return None
+            index_key = bytes(response.kvs[0].key)
+            parsed = parse_expiry_path(index_key.decode(errors="replace")[len(self.prefix) :])
+            if parsed is not None:
+                return datetime.fromtimestamp(parsed[0] / 1e9, UTC)
+            log.error("expiry_index_invalid", key=index_key.decode(errors="replace"))
+            await self._records.txn([], [delete(index_key)])
+        return model.utcnow()  # more bad keys than that: look again at once
 
     async def repair_expiry_index(self) -> int:
         """Recreate missing index entries of time-boxed records; return how many.

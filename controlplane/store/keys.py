@@ -224,8 +224,8 @@ def expiry_at(nanoseconds: int) -> str:
 def parse_expiry_path(path: str) -> tuple[int, str] | None:
     """``(unix ns, record path)`` of an index entry; None when it is not one."""
     stamp, _, record = path.removeprefix(EXPIRIES).partition("/")
-    if not stamp.isdigit():
-        return None
+    if len(stamp) != 20 or not (stamp.isascii() and stamp.isdigit()):
+        return None  # not as expiry_at writes it (it would sort out of time order)
     return int(stamp), record
 
 

@@ -269,8 +269,7 @@ def keep_alives(etcd: EmbeddedEtcd) -> float:
     return sum(
         float(line.rsplit(" ", 1)[1])
         for line in text.splitlines()
-        if line.startswith("grpc_server_started_total{")
-        and 'grpc_method="LeaseKeepAlive"' in line
+        if line.startswith("grpc_server_started_total{") and 'grpc_method="LeaseKeepAlive"' in line
     )
 
 
@@ -369,6 +368,8 @@ async def test_a_bad_index_entry_does_not_stop_expiry_and_missing_entries_are_re
     make_server: Callable[[], Awaitable[ControlServer]], raw_etcd: RawEtcd, prefix: str
 ) -> None:
     await raw_etcd.put(prefix + "expiries/-1/flags/global/x", b"hand-written")
+    # A short stamp sorts after every real one: never due, it must not look due forever.
+    await raw_etcd.put(prefix + "expiries/5/flags/global/z", b"hand-written")
     # A time-boxed record written by hand, with no index entry.
     soon = utcnow() + timedelta(seconds=1)
     record = {
@@ -387,6 +388,8 @@ async def test_a_bad_index_entry_does_not_stop_expiry_and_missing_entries_are_re
 
     await wait_for(restored, 10, "the hand-written time-boxed flag to expire")
     assert await raw_etcd.get(prefix + "expiries/-1/flags/global/x") is None
+    assert await raw_etcd.get(prefix + "expiries/5/flags/global/z") is None
+    assert await raw_etcd.get_prefix(prefix + "expiries/") == {}
 
 
 async def record_of(raw: RawEtcd, key: str) -> dict[str, Any] | None:
