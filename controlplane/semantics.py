@@ -237,6 +237,24 @@ def _type_refusal(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Sibling:
+    """What a bundle does to a flag in another scope than the change checked: sets
+    ``value`` (with ``change_type`` or not), or clears it (``value`` None)."""
+
+    value: FlagValue | None
+    change_type: bool = False
+    all_layers: bool = False
+
+    def after(self, current: Flag | None, now: datetime, name: str) -> FlagValue | None:
+        """The flag's value in force in that scope once the bundle is applied."""
+        if self.value is not None:
+            return self.value
+        left = decide_clear_flag(current, now, name, all_layers=self.all_layers).new
+        kept = prune_expired(left, now)
+        return kept.value if kept is not None else None
+
+
 def check_type_across_scopes(
     name: str,
     scope: str,
@@ -274,14 +292,16 @@ def check_type_across_scopes(
         return f" ({_a(given)} in {scope}, where {holds})"
     if all(o in in_bundle for differing in held.values() for o in differing):
         # Nothing in etcd says which is right: both sides, as the bundle gives them.
-        sides = [(scope, value)] + [(o, others[o]) for o in scopes[:3]]
+        differing = sorted(o for group in held.values() for o in group)
+        sides = [(scope, value)] + [(o, others[o]) for o in differing[:4]]
         listed = " and ".join(
             f"{_shown(v)} ({_a(flag_type(v))}) in {where_}" for where_, v in sides
         )
         raise InvalidArgumentError(
             "value",
-            f"this bundle gives {name} two types: {listed}: give it one type, or say the "
-            f"difference is meant ({_CHANGE_TYPE})",
+            f"this bundle gives {name} {('two', 'three', 'four')[len(held) - 1]} types: "
+            f"{listed}: give it one type, "
+            f"or say the difference is meant ({_CHANGE_TYPE})",
         )
     raise _type_refusal(
         name,

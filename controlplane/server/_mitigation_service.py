@@ -23,7 +23,7 @@ import grpc
 import structlog
 from google.protobuf import json_format
 
-from controlplane import model
+from controlplane import model, semantics
 from controlplane.api.v1 import mitigation_pb2 as mpb
 from controlplane.api.v1 import mitigation_pb2_grpc
 from controlplane.api.v1 import types_pb2 as pb
@@ -138,7 +138,8 @@ class _Servicer:
         Best effort, after the write: a committed write (a rollback, say) must never be
         answered as failed because this could not be found out."""
         try:
-            with self.store.budget(NOTICE_BUDGET):
+            # Its own limit, not etcd's: running out says nothing of etcd's health.
+            with self.store.budget(NOTICE_BUDGET, caller_deadline=True):
                 result.unknown_services.extend(await self.services.unknown_of(services))
         except ControlPlaneError as exc:
             log.warning("unknown_service_check_failed", error=exc.message)
@@ -422,7 +423,7 @@ class _BundleRPCs(_Servicer):
         index: int,
         change: mpb.BundleChange,
         opts: model.WriteOptions,
-        flag_sets: Mapping[str, Mapping[str, tuple[model.FlagValue, bool]]] | None = None,
+        flag_sets: Mapping[str, Mapping[str, semantics.Sibling]] | None = None,
     ) -> Plan:
         """Validate one change of a bundle and plan it; errors name the change and field."""
         kind = change.WhichOneof("change")
@@ -508,15 +509,21 @@ class _BundleRPCs(_Servicer):
                 f"{len(changes)} changes, over the maximum of "
                 f"{model.MAX_BUNDLE_CHANGES} per bundle: split it into several bundles",
             )
-        # What the bundle sets for each flag name, by scope: a first value in one scope
-        # takes the type the bundle gives the flag in the others.
-        flag_sets: dict[str, dict[str, tuple[model.FlagValue, bool]]] = {}
+        # What the bundle does to each flag, by scope: a first value in one scope takes
+        # the type the flag has in the others once the bundle is applied.
+        flag_sets: dict[str, dict[str, semantics.Sibling]] = {}
         for change in changes:
-            if change.WhichOneof("change") == "set_flag":
+            kind = change.WhichOneof("change")
+            if kind == "set_flag":
                 r = change.set_flag
                 with contextlib.suppress(InvalidArgumentError):  # refused in its own plan
                     value = model.flag_value_from_proto(r.value, "value")
-                    flag_sets.setdefault(r.name, {})[r.scope] = (value, r.change_type)
+                    sibling = semantics.Sibling(value, change_type=r.change_type)
+                    flag_sets.setdefault(r.name, {})[r.scope] = sibling
+            elif kind == "clear_flag":
+                c = change.clear_flag
+                cleared = semantics.Sibling(None, all_layers=c.all_layers)
+                flag_sets.setdefault(c.name, {})[c.scope] = cleared
         return [self._bundle_plan(i, c, opts, flag_sets) for i, c in enumerate(changes)]
 
     async def _apply_changes(
@@ -826,9 +833,13 @@ class _ObservationRPCs(_Servicer):
             nacks=nacks,
             sync_clients=await self._sync_clients(service),
         )
-        if not instances:
+        # Never seen (a typo?): best effort, within what is left of the caller's time.
+        # Sync clients leave no last contact: a service of theirs is known.
+        left = context.time_remaining()
+        budget = NOTICE_BUDGET if left is None else min(NOTICE_BUDGET, left - 0.02)
+        if not instances and not response.sync_clients and budget > 0.05:
             try:
-                with self.store.budget(NOTICE_BUDGET):
+                with self.store.budget(budget, caller_deadline=True):
                     unknown = await self.services.unknown(service)
             except ControlPlaneError as exc:
                 log.warning("unknown_service_check_failed", error=exc.message)

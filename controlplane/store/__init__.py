@@ -186,13 +186,11 @@ class Store:
         value: FlagValue,
         *,
         change_type: bool = False,
-        siblings: Mapping[str, tuple[FlagValue, bool]] | None = None,
+        siblings: Mapping[str, semantics.Sibling] | None = None,
     ) -> Plan:
-        """``siblings``: what the same bundle sets for ``name`` in other scopes (their
-        values once it is applied, whatever etcd holds there now), and whether with
-        ``change_type`` (a type that differs from theirs is meant)."""
-        also = {s: v for s, (v, _) in (siblings or {}).items() if s != scope}
-        meant = {s for s, (_, ct) in (siblings or {}).items() if ct and s != scope}
+        """``siblings``: what the same bundle does to ``name`` in other scopes; a first
+        value is checked against the flag's values once the bundle is applied."""
+        also = {s: sib for s, sib in (siblings or {}).items() if s != scope}
 
         async def check(current: Flag | None, now: datetime) -> str:
             # The flag's first value in this scope takes the type it has elsewhere: for a
@@ -204,18 +202,25 @@ class Store:
             else:
                 scopes = [GLOBAL_SCOPE]
             others: dict[str, FlagValue] = {}
+            new_here: set[str] = set()  # set by this bundle where nothing was
+            meant: set[str] = set()  # of those, set with change_type
             for other in scopes:
                 if other == scope:
                     continue
-                if other in also:
-                    others[other] = also[other]
-                    continue
                 found = await self._records.read(flag_key(other, name), remember=False)
-                record = semantics.prune_expired(found.record, now)
-                if record is not None:
-                    others[other] = record.value
+                held = semantics.prune_expired(found.record, now)
+                sibling = also.get(other)
+                after = held.value if held is not None else None
+                if sibling is not None:
+                    after = sibling.after(found.record, now, name)
+                    if sibling.value is not None and held is None:
+                        new_here.add(other)
+                        if sibling.change_type:
+                            meant.add(other)
+                if after is not None:
+                    others[other] = after
             return semantics.check_type_across_scopes(
-                name, scope, value, others, change_type=change_type, in_bundle=also, meant=meant
+                name, scope, value, others, change_type=change_type, in_bundle=new_here, meant=meant
             )
 
         return Plan(

@@ -124,3 +124,23 @@ async def test_two_first_values_of_one_flag_in_a_bundle_agree_on_its_type(
         "flag: {service: checkout, name: other, value: 'x'}",
     )
     assert (await cpctl("bundle", "apply", str(apart))).returncode == 0
+
+    # What the bundle leaves counts: global's kill switch cleared, checkout's string is
+    # no other type than anything in force.
+    assert (await cpctl("flag", "set", "global", "k2", "true", "--reason", "r")).returncode == 0
+    swap = bundle(
+        "clear_flag: {scope: global, name: k2}",
+        "flag: {service: checkout, name: k2, value: 'lite'}",
+    )
+    swapped = await cpctl("bundle", "apply", str(swap))
+    assert swapped.returncode == 0, swapped.stderr
+    # A change_type in one scope that holds a value says nothing of another scope's typo.
+    assert (await cpctl("flag", "set", "global", "m", "off", "--reason", "r")).returncode == 0
+    excused = bundle(
+        "flag: {scope: global, name: m, value: true, change_type: true}",
+        "flag: {service: checkout, name: m, value: 'flase'}",
+    )
+    refused_typo = await cpctl("bundle", "apply", str(excused))
+    assert refused_typo.returncode == 3, refused_typo.stdout
+    assert "changes[1].set_flag.value: m is a boolean flag (scope global)" in refused_typo.stderr
+    assert await raw_etcd.get(prefix + "flags/checkout/m") is None

@@ -131,6 +131,8 @@ async def fleet(workers: ServerProcess) -> AsyncIterator[list[AsyncAgent]]:
             if len({i.server_id for i in listed}) == 2:
                 break
             await asyncio.gather(*(a.close() for a in agents))
+        else:
+            pytest.fail("five fleets in a row all on one worker: the spread is broken")
         await instances(workers.address, AGENTS)  # the others' departures seen
         yield agents
     finally:
