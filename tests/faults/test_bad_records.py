@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import urllib.request
 from pathlib import Path
 
 from controlplane.embedded_etcd import EmbeddedEtcd, free_port
 from tests.faults.harness import CONVERGE_WITHIN, FaultRun, scaled
 from tests.faults.test_server_faults import set_flag, settle
 from tests.helpers.raw_etcd import put_blocking
+from tests.helpers.scrape import scraped_sum
 
 BAD_VALUES: dict[str, bytes] = {
     "flags/checkout/probe": b"{not json",
@@ -21,13 +21,7 @@ BAD_VALUES: dict[str, bytes] = {
 
 
 def invalid_records(metrics_port: int) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("controlplane_invalid_records_total{")
-    )
+    return scraped_sum(f"127.0.0.1:{metrics_port}", "controlplane_invalid_records_total")
 
 
 def test_bad_records_are_skipped_counted_and_healed_under_traffic(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any
@@ -22,6 +21,7 @@ from controlplane.embedded_etcd import EmbeddedEtcd
 from controlplane.model import parse_time, utcnow
 from controlplane.server import ControlServer
 from tests.helpers.raw_etcd import RawEtcd
+from tests.helpers.scrape import scraped_sum
 from tests.integration.conftest import server_config
 
 Stub = mitigation_pb2_grpc.MitigationServiceStub
@@ -264,12 +264,8 @@ async def test_expiry_while_the_server_is_down_is_restored_at_start_once(
 
 def keep_alives(etcd: EmbeddedEtcd) -> float:
     """How many lease keep-alive streams etcd has served, from its own metrics."""
-    with urllib.request.urlopen(f"http://{etcd.endpoint}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("grpc_server_started_total{") and 'grpc_method="LeaseKeepAlive"' in line
+    return scraped_sum(
+        etcd.endpoint, "grpc_server_started_total", having='grpc_method="LeaseKeepAlive"'
     )
 
 

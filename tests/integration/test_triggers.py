@@ -244,18 +244,22 @@ async def test_bad_triggers_and_payloads_are_refused_naming_the_fix(
     assert (await run("trigger", "list")).stdout.strip() == "no triggers"
 
 
+async def paging_trigger(run: Run, tmp_path: Path, *matches: str) -> None:
+    """``cpctl trigger set paging`` for HighErrorRate alerts that also match ``matches``."""
+    bundle = tmp_path / "degrade.yaml"
+    bundle.write_text(BUNDLE)
+    options = [arg for match in ("alertname=HighErrorRate", *matches) for arg in ("--match", match)]
+    made = await run(
+        "trigger", "set", "paging", *options, "--bundle", str(bundle), "--reason", "page-worthy"
+    )
+    assert made.returncode == 0, made.stderr
+
+
 async def test_alertmanagers_four_operators_pick_the_alerts(
     srv: ControlServer, http: httpx.AsyncClient, cpctl: Run, tmp_path: Path
 ) -> None:
-    bundle = tmp_path / "degrade.yaml"
-    bundle.write_text(BUNDLE)
     run = at(cpctl, srv)
-    made = await run(
-        "trigger", "set", "paging", "--match", "alertname=HighErrorRate",
-        "--match", 'severity=~"critical|page"', "--match", "env!=staging",
-        "--match", "team!~db-.*", "--bundle", str(bundle), "--reason", "page-worthy only",
-    )  # fmt: skip
-    assert made.returncode == 0, made.stderr
+    await paging_trigger(run, tmp_path, 'severity=~"critical|page"', "env!=staging", "team!~db-.*")
     listed = await run("trigger", "list")
     assert (
         "alertname=HighErrorRate, severity=~critical|page, env!=staging, team!~db-.*"
@@ -299,14 +303,7 @@ def mixed_group(group: str, *label_sets: dict[str, str]) -> Any:
 async def test_a_group_fires_when_every_alert_of_it_matches(
     srv: ControlServer, http: httpx.AsyncClient, cpctl: Run, tmp_path: Path
 ) -> None:
-    bundle = tmp_path / "degrade.yaml"
-    bundle.write_text(BUNDLE)
-    made = await at(cpctl, srv)(
-        "trigger", "set", "paging", "--match", "alertname=HighErrorRate",
-        "--match", "severity=~critical|page", "--match", "env!~staging|dev",
-        "--bundle", str(bundle), "--reason", "page-worthy only",
-    )  # fmt: skip
-    assert made.returncode == 0, made.stderr
+    await paging_trigger(at(cpctl, srv), tmp_path, "severity=~critical|page", "env!~staging|dev")
     cases = [
         # Every alert critical or page, though they differ: fires.
         ([{"severity": "critical"}, {"severity": "page"}], True),
