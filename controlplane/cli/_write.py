@@ -464,7 +464,9 @@ def describe_wait(result: Mapping[str, Any]) -> str:
             close = list(unknown.get("did_you_mean") or [])
             memory = unknown.get("memory")
             within = f" in the last {format_age(memory)}" if isinstance(memory, timedelta) else ""
-            guess = f": did you mean {' or '.join(close)}?" if close else ""
+            guess = (
+                f": did you mean {' or '.join(close)}?" if close else ": is the service name right?"
+            )
             return (
                 f"{service}: no connected instance to apply it, and no agent of {service} "
                 f"has connected{within}{guess} (`cpctl services` lists the services known)"
