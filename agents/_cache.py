@@ -217,11 +217,6 @@ class _LockFile:
                 os.close(self._fd)
         self._fd = -1
 
-    def forget_in_child(self) -> None:
-        """In a forked child: close its copy of the descriptor (the parent's lock,
-        if held, stays the parent's) and open one of its own next time."""
-        self.close()
-
 
 def _open_lock(path: Path) -> int:
     return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -359,7 +354,9 @@ class CacheWriter:
     def reset_after_fork(self) -> None:
         """A fresh lock in a forked child (the parent's may have been held)."""
         self._lock = threading.Lock()
-        self._lock_file.forget_in_child()
+        # The child's copy of the descriptor closed (the parent's lock, if held, stays
+        # the parent's); the next write opens one of its own.
+        self._lock_file.close()
 
 
 def _identity(path: Path) -> tuple[int, int, int, int]:

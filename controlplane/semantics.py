@@ -206,23 +206,20 @@ def _a(word: str) -> str:
 _CHANGE_TYPE = "change_type; cpctl flag set --change-type; change_type: true in a bundle file"
 
 
-def _shown(value: FlagValue) -> str:
-    """A value as a message quotes it: a string quoted (and cut), others as set."""
-    return (
-        repr(value if len(value) <= 40 else value[:37] + "...")
-        if isinstance(value, str)
-        else model.describe_value(value)
-    )
+def _shown(value: FlagValue, limit: int = 40) -> str:
+    """A value as a message quotes it, cut to ``limit``: a string in quotes, others as
+    they are written."""
+    text = value if isinstance(value, str) else model.describe_value(value)
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return repr(text) if isinstance(value, str) else text
 
 
 def _type_refusal(
     name: str, held: str, value: FlagValue, where: str = "", fix: str = ""
 ) -> InvalidArgumentError:
     given = flag_type(value)
-    text = value if isinstance(value, str) else model.describe_value(value)
-    shown = repr(text if len(text) <= 80 else text[:77] + "...")
-    if not isinstance(value, str):
-        shown = shown[1:-1]
+    shown = _shown(value, 80)
     expected = {
         "boolean": "true or false",
         "number": "a number",
@@ -288,11 +285,11 @@ def check_type_across_scopes(
     if any(other in in_bundle for other in scopes):
         where += " in this bundle" if all(o in in_bundle for o in scopes) else ", with this bundle"
     holds = f"{where} {'holds' if len(scopes) == 1 else 'hold'} {_a(kind)}"
-    if change_type or all(o in meant for differing in held.values() for o in differing):
+    differing = sorted(o for group in held.values() for o in group)
+    if change_type or all(o in meant for o in differing):
         return f" ({_a(given)} in {scope}, where {holds})"
-    if all(o in in_bundle for differing in held.values() for o in differing):
+    if all(o in in_bundle for o in differing):
         # Nothing in etcd says which is right: both sides, as the bundle gives them.
-        differing = sorted(o for group in held.values() for o in group)
         sides = [(scope, value)] + [(o, others[o]) for o in differing[:4]]
         listed = " and ".join(
             f"{_shown(v)} ({_a(flag_type(v))}) in {where_}" for where_, v in sides

@@ -118,7 +118,7 @@ class AlertReceiver:
         with servicer.store.budget(servicer.store.etcd_timeout):
             triggers = await servicer.store.triggers.list()
             for record, _ in sorted(triggers, key=lambda item: str(item[0].get("name"))):
-                if not all(matches(record, alert_labels) for alert_labels in label_sets):
+                if not matches(record, *label_sets):
                     continue
                 try:
                     if payload["status"] == "firing":

@@ -659,5 +659,5 @@ class ControlServer:
             if await self.hub.wait_for_revision(seen + 1, delay):
                 # Woken by a write: look again, but under a stream of writes no more often
                 # than every EXPIRY_MIN_GAP from the last look (nor past a known expiry).
-                until = min(looked_at + EXPIRY_MIN_GAP, looked_at + delay) - loop.time()
+                until = looked_at + min(EXPIRY_MIN_GAP, delay) - loop.time()
                 await asyncio.sleep(max(until, 0.0))

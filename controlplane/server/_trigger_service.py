@@ -129,10 +129,11 @@ def trigger_proto(record: dict[str, Any], mod_revision: int = 0) -> mpb.Trigger:
     return msg
 
 
-def matches(record: dict[str, Any], labels: dict[str, str]) -> bool:
-    """Whether every matcher of a trigger holds for ``labels``."""
+def matches(record: dict[str, Any], *label_sets: dict[str, str]) -> bool:
+    """Whether every matcher of a trigger holds for each of ``label_sets`` (the alerts of
+    a group)."""
     found = model.matchers_from_record(record.get("matchers"))
-    return bool(found) and all(matcher.holds(labels) for matcher in found)
+    return bool(found) and all(m.holds(labels) for labels in label_sets for m in found)
 
 
 class TriggerRPCs:

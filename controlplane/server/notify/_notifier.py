@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import dataclasses
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -49,7 +49,7 @@ from controlplane.server.hub import Hub
 from controlplane.server.notify._config import Destination, NotifyConfig
 from controlplane.server.notify._events import Change, Event, change_of, event_of, next_group
 from controlplane.server.notify._render import request_of
-from controlplane.store import Store
+from controlplane.store import Store, WatchEvent
 from controlplane.store.keys import AUDIT
 
 __all__ = ["Notifier"]
@@ -300,12 +300,7 @@ class Notifier:
         while True:
             try:
                 async for seen, events in self.store.watch(revision):
-                    for event in events:
-                        if not event.path.startswith(AUDIT):
-                            continue
-                        entry = self.store.decode_audit(event)
-                        if entry is not None:
-                            self._trail.append(change_of(entry))
+                    self._append(e for e in events if e.path.startswith(AUDIT))
                     self._latest = max(self._latest, seen)
                     revision = seen + 1
                     self._wake()
@@ -327,10 +322,7 @@ class Notifier:
                     backfill_delay = min(backfill_delay * 2, 30.0)
                     continue
                 backfill_delay = 0.5
-                for event in events:
-                    entry = self.store.decode_audit(event)
-                    if entry is not None:
-                        self._trail.append(change_of(entry))
+                self._append(events)
                 log.warning(
                     "notify_history_compacted",
                     revisions=f"{revision} to {upto}",
@@ -342,6 +334,13 @@ class Notifier:
             except ControlPlaneError as exc:
                 log.warning("notify_watch_broken", error=str(exc))
                 await asyncio.sleep(0.5)
+
+    def _append(self, events: Iterable[WatchEvent]) -> None:
+        """Audit records, as the watch or the audit trail gives them, to the trail."""
+        for event in events:
+            entry = self.store.decode_audit(event)
+            if entry is not None:
+                self._trail.append(change_of(entry))
 
     def _wake(self) -> None:
         appended, self._appended = self._appended, asyncio.Event()
