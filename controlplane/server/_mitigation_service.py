@@ -137,12 +137,20 @@ class _Servicer:
 
         Best effort, after the write: a committed write (a rollback, say) must never be
         answered as failed because this could not be found out."""
+        result.unknown_services.extend(await self._unknown_of(services))
+
+    async def _unknown_of(
+        self, services: Sequence[str], budget: float = NOTICE_BUDGET
+    ) -> list[pb.UnknownService]:
+        """The services of ``services`` no agent has reported; best effort, within
+        ``budget`` of its own (running out says nothing of etcd's health): none when it
+        cannot be found out."""
         try:
-            # Its own limit, not etcd's: running out says nothing of etcd's health.
-            with self.store.budget(NOTICE_BUDGET, caller_deadline=True):
-                result.unknown_services.extend(await self.services.unknown_of(services))
+            with self.store.budget(budget, caller_deadline=True):
+                return await self.services.unknown_of(services)
         except ControlPlaneError as exc:
             log.warning("unknown_service_check_failed", error=exc.message)
+            return []
 
     @staticmethod
     def _options(msg: pb.WriteOptions, *, allow_expiry: bool = True) -> model.WriteOptions:
@@ -838,14 +846,8 @@ class _ObservationRPCs(_Servicer):
         left = context.time_remaining()
         budget = NOTICE_BUDGET if left is None else min(NOTICE_BUDGET, left - 0.02)
         if not instances and not response.sync_clients and budget > 0.05:
-            try:
-                with self.store.budget(budget, caller_deadline=True):
-                    unknown = await self.services.unknown(service)
-            except ControlPlaneError as exc:
-                log.warning("unknown_service_check_failed", error=exc.message)
-            else:
-                if unknown is not None:
-                    response.unknown.CopyFrom(unknown)
+            for unknown in await self._unknown_of([service], budget):
+                response.unknown.CopyFrom(unknown)
         if response.all_applied:
             # When the last instance applied it, from the processes' records (they may
             # trail by a flush; then now, which is when we learnt it).
